@@ -1,0 +1,95 @@
+// klgpu: declarations shared by every kernel. The Rust side prepends the FLAG_/MODE_/MEASURE_/
+// INPUT_ constants (src/kernels.rs) so both sides read the same numbers.
+
+const WG: u32 = 256u;
+
+// Specialized per pipeline (pipeline-overridable constants).
+override MEASURE: u32 = 0u;
+override INPUT: u32 = 0u;
+
+// One dispatch's parameters. Element (row, col) of the window sits at
+// in_x[shift_x + row * row_len + (col - col_begin)].
+struct Params {
+    shift_p: u32,
+    shift_q: u32,
+    row_len: u32,
+    rows: u32,
+    col_begin: u32,
+    col_end: u32,
+    chunk_len: u32,
+    chunks: u32,
+    lanes: u32,
+    out_base: u32,
+    window_id: u32,
+    mode: u32,
+    subgroup_width: u32,
+    out_scale: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+// A compensated sum of the stable main term and of the residual sum (p - q), each as an
+// unevaluated (hi, lo) pair, plus flags (FLAG_INF_RESULT).
+struct Acc {
+    main_hi: f32,
+    main_lo: f32,
+    resid_hi: f32,
+    resid_lo: f32,
+    flags: u32,
+    _pad: u32,
+}
+
+// Per-row statistics. For logits: running max m, s' = sum of exp(x - m) over all but the arg-max
+// (so log-sum-exp = m + log1p(s') with no cancellation), and the arg-max index, for P and Q.
+// For normalized probabilities: p_m = sum of P, q_m = sum of Q.
+struct Lse {
+    p_m: f32,
+    p_s: f32,
+    p_i: u32,
+    q_m: f32,
+    q_s: f32,
+    q_i: u32,
+}
+
+@group(0) @binding(0) var<uniform> prm: Params;
+@group(0) @binding(1) var<storage, read> in_p: array<f32>;
+@group(0) @binding(2) var<storage, read> in_q: array<f32>;
+// binding 3 (partials) is declared by each module with its monoid's type.
+@group(0) @binding(4) var<storage, read_write> status: array<atomic<u32>, 4>;
+@group(0) @binding(5) var<storage, read_write> row_lse: array<Lse>;
+@group(0) @binding(6) var<storage, read_write> out: array<f32>;
+@group(0) @binding(7) var<storage, read_write> row_state: array<Acc>;
+@group(0) @binding(8) var<storage, read_write> agree: array<u32>;
+
+fn pos_inf() -> f32 { return bitcast<f32>(0x7f800000u); }
+fn neg_inf() -> f32 { return bitcast<f32>(0xff800000u); }
+
+fn uses_q() -> bool { return MEASURE != MEASURE_ENTROPY && MEASURE != MEASURE_SUM_P; }
+
+// Records a rejected element: which problem (flag bits) and, for the earliest window that has
+// one, the lowest window-local index. Windows run in order, so a later window never overrides.
+fn report_bad(local: u32, bits: u32) {
+    atomicOr(&status[0], bits);
+    let first_window = atomicMin(&status[1], prm.window_id);
+    if (first_window >= prm.window_id) {
+        atomicMin(&status[2], local);
+    }
+}
+
+// Bit-level checks: immune to a compiler that assumes no NaN.
+fn is_nan_or_inf(x: f32) -> bool { return (bitcast<u32>(x) & 0x7f800000u) == 0x7f800000u; }
+fn is_nan(x: f32) -> bool { return is_nan_or_inf(x) && (bitcast<u32>(x) & 0x007fffffu) != 0u; }
+fn is_neg_nonzero(x: f32) -> bool { return bitcast<u32>(x) > 0x80000000u; }
+
+// Flags for one element of one side (side_shift 0 for P, 3 for Q); 0 when the value is valid.
+fn element_flags(x: f32, side_shift: u32) -> u32 {
+    if (INPUT == INPUT_PROBS) {
+        if (is_nan(x)) { return FLAG_P_NAN << side_shift; }
+        if (is_nan_or_inf(x)) { return FLAG_P_INF << side_shift; }
+        if (is_neg_nonzero(x)) { return FLAG_P_NEG << side_shift; }
+        return 0u;
+    }
+    if (is_nan(x)) { return FLAG_P_NAN << side_shift; }
+    if (bitcast<u32>(x) == 0x7f800000u) { return FLAG_P_INF << side_shift; }
+    return 0u;
+}

@@ -1,0 +1,76 @@
+// The logits pre-pass: per-row log-sum-exp and arg-max of P and Q in one pass, with validation.
+
+@group(0) @binding(3) var<storage, read_write> partials: array<Lse>;
+
+fn side_of(x: f32, col: u32) -> Side {
+    if (x == neg_inf()) { return Side(neg_inf(), 0.0, 0xffffffffu); }
+    return Side(x, 0.0, col);
+}
+
+fn emit_lse(row: u32, chunk: u32, total: Lse) {
+    if ((prm.mode & MODE_PARTIAL) != 0u) {
+        partials[row * prm.chunks + chunk] = total;
+        return;
+    }
+    var t = total;
+    if ((prm.mode & MODE_ACCUMULATE) != 0u) { t = combine_Lse(row_lse[0], t); }
+    row_lse[row] = t;
+    if ((prm.mode & MODE_KEEP) != 0u) { return; }
+    if (t.p_m == neg_inf()) { report_bad(row * prm.row_len, FLAG_P_EMPTY); }
+    if (uses_q()) {
+        if (t.q_m == neg_inf()) { report_bad(row * prm.row_len, FLAG_Q_EMPTY); }
+        agree[prm.out_base + row] = select(0u, 1u, t.p_i == t.q_i);
+    }
+}
+
+@compute @workgroup_size(256)
+fn lse_terms(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>/*SG_PARAMS*/) {
+    let lanes = prm.lanes;
+    let row = wg.y * (WG / lanes) + lid / lanes;
+    let lane = lid % lanes;
+    var st = identity_Lse();
+    if (row < prm.rows) {
+        let c0 = prm.col_begin + wg.x * prm.chunk_len;
+        let c1 = min(c0 + prm.chunk_len, prm.col_end);
+        let base = row * prm.row_len - prm.col_begin;
+        for (var c = c0 + lane; c < c1; c = c + lanes) {
+            let local = base + c;
+            let x = in_p[prm.shift_p + local];
+            var bad = element_flags(x, 0u);
+            var y = neg_inf();
+            if (uses_q()) {
+                y = in_q[prm.shift_q + local];
+                bad = bad | element_flags(y, 3u);
+            }
+            if (bad != 0u) {
+                report_bad(local, bad);
+                continue;
+            }
+            let sp = merge_side(Side(st.p_m, st.p_s, st.p_i), side_of(x, c));
+            let sq = merge_side(Side(st.q_m, st.q_s, st.q_i), side_of(y, c));
+            st = Lse(sp.m, sp.s, sp.i, sq.m, sq.s, sq.i);
+        }
+    }
+    let total = segment_reduce_Lse(st, lid, lanes, SG_VALUE);
+    if (lane == 0u && row < prm.rows) {
+        emit_lse(row, wg.x, total);
+    }
+}
+
+@compute @workgroup_size(256)
+fn combine_lse(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>/*SG_PARAMS*/) {
+    let lanes = prm.lanes;
+    let row = wg.y * (WG / lanes) + lid / lanes;
+    let lane = lid % lanes;
+    var st = identity_Lse();
+    if (row < prm.rows) {
+        let base = row * prm.row_len;
+        for (var c = lane; c < prm.col_end; c = c + lanes) {
+            st = combine_Lse(st, partials[base + c]);
+        }
+    }
+    let total = segment_reduce_Lse(st, lid, lanes, SG_VALUE);
+    if (lane == 0u && row < prm.rows) {
+        emit_lse(row, 0u, total);
+    }
+}

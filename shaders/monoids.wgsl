@@ -1,0 +1,59 @@
+// The two reductions, each a monoid: identity, combine, and a subgroup shuffle.
+
+// ---- compensated sums (Acc) ----
+
+// Knuth's TwoSum: s + e == a + b exactly.
+fn two_sum(a: f32, b: f32) -> vec2<f32> {
+    let s = a + b;
+    let bb = s - a;
+    let e = (a - (s - bb)) + (b - bb);
+    return vec2<f32>(s, e);
+}
+
+// (ah, al) + (bh, bl) as a renormalized pair.
+fn pair_add(ah: f32, al: f32, bh: f32, bl: f32) -> vec2<f32> {
+    let s = two_sum(ah, bh);
+    let lo = s.y + (al + bl);
+    let hi = s.x + lo;
+    return vec2<f32>(hi, lo - (hi - s.x));
+}
+
+fn identity_Acc() -> Acc { return Acc(0.0, 0.0, 0.0, 0.0, 0u, 0u); }
+
+fn combine_Acc(a: Acc, b: Acc) -> Acc {
+    let m = pair_add(a.main_hi, a.main_lo, b.main_hi, b.main_lo);
+    let r = pair_add(a.resid_hi, a.resid_lo, b.resid_hi, b.resid_lo);
+    return Acc(m.x, m.y, r.x, r.y, a.flags | b.flags, 0u);
+}
+
+// Adds one element's main term and residual.
+fn add_term(a: Acc, main: f32, resid: f32) -> Acc {
+    let m = two_sum(a.main_hi, main);
+    let r = two_sum(a.resid_hi, resid);
+    return Acc(m.x, a.main_lo + m.y, r.x, a.resid_lo + r.y, a.flags, 0u);
+}
+
+// ---- log-sum-exp with arg-max (Lse) ----
+
+struct Side { m: f32, s: f32, i: u32 }
+
+fn merge_side(a: Side, b: Side) -> Side {
+    var hi = a;
+    var lo = b;
+    if (b.m > a.m || (b.m == a.m && b.i < a.i)) {
+        hi = b;
+        lo = a;
+    }
+    if (lo.m == neg_inf()) {
+        return Side(hi.m, hi.s + lo.s, hi.i);
+    }
+    return Side(hi.m, hi.s + (1.0 + lo.s) * exp(lo.m - hi.m), hi.i);
+}
+
+fn identity_Lse() -> Lse { return Lse(neg_inf(), 0.0, 0xffffffffu, neg_inf(), 0.0, 0xffffffffu); }
+
+fn combine_Lse(a: Lse, b: Lse) -> Lse {
+    let p = merge_side(Side(a.p_m, a.p_s, a.p_i), Side(b.p_m, b.p_s, b.p_i));
+    let q = merge_side(Side(a.q_m, a.q_s, a.q_i), Side(b.q_m, b.q_s, b.q_i));
+    return Lse(p.m, p.s, p.i, q.m, q.s, q.i);
+}

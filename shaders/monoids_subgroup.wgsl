@@ -1,0 +1,13 @@
+// Subgroup shuffles of the two monoids (only compiled when the adapter has Features::SUBGROUP).
+
+fn shuffle_xor_Acc(a: Acc, mask: u32) -> Acc {
+    return Acc(subgroupShuffleXor(a.main_hi, mask), subgroupShuffleXor(a.main_lo, mask),
+               subgroupShuffleXor(a.resid_hi, mask), subgroupShuffleXor(a.resid_lo, mask),
+               subgroupShuffleXor(a.flags, mask), 0u);
+}
+
+fn shuffle_xor_Lse(a: Lse, mask: u32) -> Lse {
+    return Lse(subgroupShuffleXor(a.p_m, mask), subgroupShuffleXor(a.p_s, mask),
+               subgroupShuffleXor(a.p_i, mask), subgroupShuffleXor(a.q_m, mask),
+               subgroupShuffleXor(a.q_s, mask), subgroupShuffleXor(a.q_i, mask));
+}

@@ -1,0 +1,106 @@
+// Per-element terms of the four measures, written so that f32 stays accurate where the naive
+// formulas cancel (../docs/ARCHITECTURE.md, "Numerics"). No loops: llvmpipe counts them.
+
+const LN2: f32 = 0.6931471805599453;
+const THIRD: f32 = 0.33333334;
+
+// ln(1 + x), accurate to a few ulp. WGSL's log is only good to 2^-21 absolute on [0.5, 2], so
+// on that range use 2·atanh(s), s = x / (2 + x), |s| <= 1/3.
+fn log1p_acc(x: f32) -> f32 {
+    if (x >= -0.5 && x <= 1.0) {
+        let s = x / (2.0 + x);
+        let s2 = s * s;
+        let poly = 1.0 + s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0
+            + s2 * (1.0 / 11.0 + s2 * (1.0 / 13.0 + s2 * (1.0 / 15.0 + s2 * (1.0 / 17.0))))))));
+        return 2.0 * s * poly;
+    }
+    return log(1.0 + x);
+}
+
+// ln(u) for u > 0, accurate near 1 (u - 1 is exact on [0.5, 2]).
+fn ln_acc(u: f32) -> f32 {
+    if (u >= 0.5 && u <= 2.0) {
+        return log1p_acc(u - 1.0);
+    }
+    return log(u);
+}
+
+// e^x - 1 without cancellation for small |x|.
+fn expm1_acc(x: f32) -> f32 {
+    if (abs(x) <= 0.5) {
+        return x * (1.0 + x * (1.0 / 2.0 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0
+            + x * (1.0 / 720.0 + x * (1.0 / 5040.0 + x * (1.0 / 40320.0 + x * (1.0 / 362880.0)))))))));
+    }
+    return exp(x) - 1.0;
+}
+
+// ln(p/q) for p, q > 0 where p/q is outside [1/2, 2]: the ratio if it is representable.
+fn ln_ratio(p: f32, q: f32) -> f32 {
+    let r = p / q;
+    if (r > 0.0 && r < pos_inf()) {
+        return log(r);
+    }
+    return log(p) - log(q);
+}
+
+// x·ln(x/y) − x + y >= 0 for x > 0, y > 0, given sum = x + y... generalized as (sum, diff):
+// with s = diff / sum in [-1/3, 1/3] it is sum·s²·h(s), h(s) = 1 + (s+s²)(1/3 + s²/5 + ...),
+// a sum of non-negative parts; outside that range the direct form has no bad cancellation.
+fn kl_main_sd(x: f32, y: f32, sum: f32, diff: f32) -> f32 {
+    let s = diff / sum;
+    if (abs(s) <= THIRD) {
+        let s2 = s * s;
+        let tail = 1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0 + s2 * (1.0 / 11.0
+            + s2 * (1.0 / 13.0 + s2 * (1.0 / 15.0 + s2 * (1.0 / 17.0)))))));
+        return sum * s2 * (1.0 + (s + s2) * tail);
+    }
+    return x * ln_ratio(x, y) - diff;
+}
+
+// p·ln(p/q) − p + q for p, q > 0.
+fn kl_main(p: f32, q: f32) -> f32 {
+    return kl_main_sd(p, q, p + q, p - q);
+}
+
+// x·ln(x/m) − x + m with m = (x + y)/2; m when x = 0. JS = ½(js_half(p,q) + js_half(q,p)).
+fn js_half(x: f32, y: f32) -> f32 {
+    let m = 0.5 * (x + y);
+    if (x == 0.0) {
+        return m;
+    }
+    // x − m = (x − y)/2 and x + m = x + (x + y)/2, so s = (x − y)/(3x + y) needs no m.
+    return kl_main_sd(x, m, x + m, 0.5 * (x - y));
+}
+
+// φ(r) = r + e^(−r) − 1 >= 0 for |r| <= 1, by its Taylor series (no cancellation).
+fn phi_series(r: f32) -> f32 {
+    let t = 1.0 / 2.0 - r * (1.0 / 6.0 - r * (1.0 / 24.0 - r * (1.0 / 120.0 - r * (1.0 / 720.0
+        - r * (1.0 / 5040.0 - r * (1.0 / 40320.0 - r * (1.0 / 362880.0 - r * (1.0 / 3628800.0
+        - r * (1.0 / 39916800.0 - r * (1.0 / 479001600.0))))))))));
+    return r * r * t;
+}
+
+// x·φ(r) where r = ln(x/y) and y = x·e^(−r): x·ln(x/y) − x + y, for x > 0.
+fn phi_term(x: f32, r: f32, y: f32) -> f32 {
+    if (abs(r) <= 1.0) {
+        return x * phi_series(r);
+    }
+    return x * (r - 1.0) + y;
+}
+
+// ln(x/m), m = (x + y)/2, from d = ln x − ln y, without overflow or cancellation.
+fn ln_ratio_to_mean(d: f32) -> f32 {
+    if (d < -1.0) {
+        return d - log1p_acc(exp(d)) + LN2;
+    }
+    return -log1p_acc(0.5 * expm1_acc(-d));
+}
+
+// JS term from log-space values: x = e^a, y = e^b, d = a − b (any of them may be 0 / ±inf).
+fn js_log_term(x: f32, y: f32, d: f32) -> f32 {
+    let m = 0.5 * (x + y);
+    var t = 0.0;
+    if (x > 0.0) { t += phi_term(x, ln_ratio_to_mean(d), m); } else { t += m; }
+    if (y > 0.0) { t += phi_term(y, ln_ratio_to_mean(-d), m); } else { t += m; }
+    return 0.5 * t;
+}

@@ -1,0 +1,483 @@
+//! [`Engine`]: the adapter, device, compiled pipelines and scratch buffers, created once and
+//! reused by every call.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::cpu;
+use crate::error::{Error, Result};
+use crate::kernels::{self, InputCode, Kernels, Term};
+use crate::launch::{Gpu, Job, Prepass, Readback, ScratchPool};
+use crate::plan::{Plan, PlanLimits};
+use crate::types::{Input, Measure, Options, RowResults};
+
+/// How an [`Engine`] is set up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// Use subgroup operations in the reductions where the adapter has
+    /// `Features::SUBGROUP` (default `true`); `false` forces the shared-memory path.
+    pub subgroups: bool,
+    /// Most bytes of one input uploaded and bound at once (default 128 MiB). Larger inputs
+    /// stream through windows of this size, so device memory stays bounded.
+    pub window_bytes: u64,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            subgroups: true,
+            window_bytes: 128 << 20,
+        }
+    }
+}
+
+/// Computes KL divergence, cross-entropy, entropy and Jensen–Shannon divergence on a GPU.
+///
+/// Create one and reuse it: it owns the device and the compiled pipelines. It is
+/// `Send + Sync`; concurrent calls from several threads are safe.
+///
+/// ```no_run
+/// let engine = klgpu::Engine::new()?;
+/// println!("running on {}", engine.adapter_info().name);
+/// let kl = engine.kl_divergence(&[0.5, 0.5], &[0.9, 0.1])?;
+/// assert!((kl - 0.5 * (0.5f64 / 0.9).ln() - 0.5 * 5f64.ln()).abs() < 1e-6);
+/// # Ok::<(), klgpu::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Engine {
+    gpu: Arc<Gpu>,
+    info: wgpu::AdapterInfo,
+    limits: PlanLimits,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("adapter", &self.info.name)
+            .field("backend", &self.info.backend)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+/// Preference order of adapter types: hardware first, software last.
+fn type_rank(t: wgpu::DeviceType) -> u8 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+/// Backends with full compute support before OpenGL.
+fn backend_rank(b: wgpu::Backend) -> u8 {
+    match b {
+        wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 0,
+        wgpu::Backend::Gl => 1,
+        _ => 2,
+    }
+}
+
+/// Index of the adapter klgpu picks among `infos`: the one named by `wanted`
+/// (`WGPU_ADAPTER_NAME`, case-insensitive substring) or else the best by type and backend.
+pub fn pick_adapter(infos: &[wgpu::AdapterInfo], wanted: Option<&str>) -> Result<usize> {
+    if let Some(name) = wanted {
+        let lower = name.to_lowercase();
+        return infos
+            .iter()
+            .position(|i| i.name.to_lowercase().contains(&lower))
+            .ok_or_else(|| Error::AdapterNotFound {
+                wanted: name.to_string(),
+                available: describe(infos),
+            });
+    }
+    (0..infos.len())
+        .min_by_key(|&i| (type_rank(infos[i].device_type), backend_rank(infos[i].backend), i))
+        .ok_or_else(|| Error::NoAdapter {
+            details: "wgpu enumerated no adapters".into(),
+        })
+}
+
+fn describe(infos: &[wgpu::AdapterInfo]) -> String {
+    if infos.is_empty() {
+        return "none".into();
+    }
+    infos
+        .iter()
+        .map(|i| format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The adapters wgpu sees (honouring `WGPU_BACKEND`), and the index klgpu would pick.
+pub fn list_adapters() -> (Vec<wgpu::AdapterInfo>, Result<usize>) {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    let infos: Vec<_> = adapters.iter().map(|a| a.get_info()).collect();
+    let wanted = std::env::var("WGPU_ADAPTER_NAME").ok();
+    let pick = pick_adapter(&infos, wanted.as_deref());
+    (infos, pick)
+}
+
+impl Engine {
+    /// Opens the best adapter present (see [`Engine::with_options`]). Blocking.
+    pub fn new() -> Result<Engine> {
+        pollster::block_on(Engine::new_async())
+    }
+
+    /// Async twin of [`Engine::new`].
+    pub async fn new_async() -> Result<Engine> {
+        Engine::with_options_async(EngineOptions::default()).await
+    }
+
+    /// Opens an adapter: the one `WGPU_ADAPTER_NAME` names if set, else hardware GPUs first
+    /// (discrete, integrated, virtual), then anything else, then software adapters such as
+    /// lavapipe. `WGPU_BACKEND` restricts the backends searched. The device is requested with
+    /// the adapter's own limits. Blocking.
+    pub fn with_options(options: EngineOptions) -> Result<Engine> {
+        pollster::block_on(Engine::with_options_async(options))
+    }
+
+    /// Async twin of [`Engine::with_options`].
+    pub async fn with_options_async(options: EngineOptions) -> Result<Engine> {
+        let descriptor = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        let backends = descriptor.backends;
+        let instance = wgpu::Instance::new(descriptor);
+        let adapters = instance.enumerate_adapters(backends).await;
+        let infos: Vec<_> = adapters.iter().map(|a| a.get_info()).collect();
+        if infos.is_empty() {
+            return Err(Error::NoAdapter {
+                details: format!("wgpu found none on backends {backends:?}"),
+            });
+        }
+        let wanted = std::env::var("WGPU_ADAPTER_NAME").ok();
+        let adapter = &adapters[pick_adapter(&infos, wanted.as_deref())?];
+        let mut features = wgpu::Features::empty();
+        if options.subgroups && adapter.features().contains(wgpu::Features::SUBGROUP) {
+            features |= wgpu::Features::SUBGROUP;
+        }
+        features |= adapter.features() & wgpu::Features::TIMESTAMP_QUERY;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("klgpu.device"),
+                required_features: features,
+                required_limits: adapter.limits(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::Gpu(format!("requesting a device from {}: {e}", adapter.get_info().name)))?;
+        Engine::build(device, queue, adapter.get_info(), &options)
+    }
+
+    /// Uses a device and queue the caller already has. Pipelines are compiled on first use;
+    /// subgroup operations are used if the device was created with `Features::SUBGROUP`.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Engine> {
+        Engine::from_device_with_options(device, queue, EngineOptions::default())
+    }
+
+    /// [`Engine::from_device`] with options.
+    pub fn from_device_with_options(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        options: EngineOptions,
+    ) -> Result<Engine> {
+        let info = device.adapter_info();
+        Engine::build(device, queue, info, &options)
+    }
+
+    fn build(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        info: wgpu::AdapterInfo,
+        options: &EngineOptions,
+    ) -> Result<Engine> {
+        let device_limits = device.limits();
+        let binding = device_limits
+            .max_storage_buffer_binding_size
+            .min(device_limits.max_buffer_size);
+        let limits = PlanLimits::from_bytes(
+            binding,
+            options.window_bytes,
+            device_limits.max_compute_workgroups_per_dimension,
+        );
+        let subgroups = options.subgroups && device.features().contains(wgpu::Features::SUBGROUP);
+        let subgroup_width = info.subgroup_min_size.clamp(1, crate::plan::WORKGROUP_SIZE);
+        let kernels = Kernels::new(&device);
+        let gpu = Gpu {
+            device,
+            queue,
+            kernels,
+            subgroups: AtomicBool::new(subgroups && subgroup_width > 1),
+            subgroup_width,
+            scratch: ScratchPool::default(),
+        };
+        Ok(Engine {
+            gpu: Arc::new(gpu),
+            info,
+            limits,
+        })
+    }
+
+    /// The adapter that runs the work.
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    /// The wgpu device (shared with the caller when built with [`Engine::from_device`]).
+    pub fn device(&self) -> &wgpu::Device {
+        &self.gpu.device
+    }
+
+    /// The wgpu queue work is submitted to.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.gpu.queue
+    }
+
+    /// Whether reductions currently use subgroup operations.
+    pub fn uses_subgroups(&self) -> bool {
+        self.gpu.subgroups.load(Ordering::Relaxed)
+    }
+
+    /// Most elements of one input processed per window.
+    pub fn window_elems(&self) -> u64 {
+        self.limits.window_elems
+    }
+
+    /// KL(P‖Q) = Σ p·ln(p/q) of two probability vectors, in nats. Blocking.
+    ///
+    /// 0·ln(0/q) = 0; p > 0 = q gives +∞. Inputs are not renormalized (see
+    /// [`Options::normalize`]).
+    ///
+    /// # Errors
+    /// Empty or mismatched input, and NaN, ±∞ or negative elements ([`Error::InvalidValue`]
+    /// names the first one).
+    pub fn kl_divergence(&self, p: &[f32], q: &[f32]) -> Result<f64> {
+        self.divergence(Measure::KullbackLeibler, p, Some(q), &Options::default())
+    }
+
+    /// Async twin of [`Engine::kl_divergence`].
+    pub async fn kl_divergence_async(&self, p: &[f32], q: &[f32]) -> Result<f64> {
+        self.divergence_async(Measure::KullbackLeibler, p, Some(q), &Options::default()).await
+    }
+
+    /// Cross-entropy H(P,Q) = −Σ p·ln q, in nats. Errors as [`Engine::kl_divergence`].
+    pub fn cross_entropy(&self, p: &[f32], q: &[f32]) -> Result<f64> {
+        self.divergence(Measure::CrossEntropy, p, Some(q), &Options::default())
+    }
+
+    /// Async twin of [`Engine::cross_entropy`].
+    pub async fn cross_entropy_async(&self, p: &[f32], q: &[f32]) -> Result<f64> {
+        self.divergence_async(Measure::CrossEntropy, p, Some(q), &Options::default()).await
+    }
+
+    /// Entropy H(P) = −Σ p·ln p, in nats. Errors as [`Engine::kl_divergence`].
+    pub fn entropy(&self, p: &[f32]) -> Result<f64> {
+        self.divergence(Measure::Entropy, p, None, &Options::default())
+    }
+
+    /// Async twin of [`Engine::entropy`].
+    pub async fn entropy_async(&self, p: &[f32]) -> Result<f64> {
+        self.divergence_async(Measure::Entropy, p, None, &Options::default()).await
+    }
+
+    /// Jensen–Shannon divergence ½KL(P‖M) + ½KL(Q‖M), M = (P+Q)/2, in nats; in [0, ln 2]
+    /// for normalized inputs. Errors as [`Engine::kl_divergence`].
+    pub fn js_divergence(&self, p: &[f32], q: &[f32]) -> Result<f64> {
+        self.divergence(Measure::JensenShannon, p, Some(q), &Options::default())
+    }
+
+    /// Async twin of [`Engine::js_divergence`].
+    pub async fn js_divergence_async(&self, p: &[f32], q: &[f32]) -> Result<f64> {
+        self.divergence_async(Measure::JensenShannon, p, Some(q), &Options::default()).await
+    }
+
+    /// Any measure of one distribution (pair) with options: input kind, log base,
+    /// normalization. `q` is ignored by [`Measure::Entropy`]. Blocking.
+    ///
+    /// ```no_run
+    /// use klgpu::{Base, Measure, Options};
+    /// let engine = klgpu::Engine::new()?;
+    /// let bits = Options { base: Base::Two, ..Default::default() };
+    /// let h = engine.divergence(Measure::Entropy, &[0.25; 4], None, &bits)?;
+    /// assert!((h - 2.0).abs() < 1e-6);
+    /// # Ok::<(), klgpu::Error>(())
+    /// ```
+    pub fn divergence(&self, measure: Measure, p: &[f32], q: Option<&[f32]>, opts: &Options) -> Result<f64> {
+        pollster::block_on(self.compute(measure, p, q, p.len().max(1), opts, true)).map(|r| r.values[0])
+    }
+
+    /// Async twin of [`Engine::divergence`].
+    pub async fn divergence_async(
+        &self,
+        measure: Measure,
+        p: &[f32],
+        q: Option<&[f32]>,
+        opts: &Options,
+    ) -> Result<f64> {
+        self.compute(measure, p, q, p.len().max(1), opts, false).await.map(|r| r.values[0])
+    }
+
+    /// Per-row values of any measure over row-major `[rows × cols]` inputs, with top-1
+    /// agreement for two-input logits. Blocking.
+    ///
+    /// ```no_run
+    /// use klgpu::{Input, Measure, Options};
+    /// let engine = klgpu::Engine::new()?;
+    /// let p = [0.0f32, 1.0, 2.0, /* row 2 */ 5.0, 0.0, 0.0];
+    /// let q = [0.0f32, 1.0, 2.0, /* row 2 */ 0.0, 5.0, 0.0];
+    /// let r = engine.rows(Measure::KullbackLeibler, &p, Some(&q), 3, &Options::input(Input::Logits))?;
+    /// assert_eq!(r.values[0], 0.0);
+    /// assert_eq!(r.top1_agree, Some(vec![true, false]));
+    /// # Ok::<(), klgpu::Error>(())
+    /// ```
+    pub fn rows(
+        &self,
+        measure: Measure,
+        p: &[f32],
+        q: Option<&[f32]>,
+        cols: usize,
+        opts: &Options,
+    ) -> Result<RowResults> {
+        pollster::block_on(self.compute(measure, p, q, cols, opts, true))
+    }
+
+    /// Async twin of [`Engine::rows`].
+    pub async fn rows_async(
+        &self,
+        measure: Measure,
+        p: &[f32],
+        q: Option<&[f32]>,
+        cols: usize,
+        opts: &Options,
+    ) -> Result<RowResults> {
+        self.compute(measure, p, q, cols, opts, false).await
+    }
+
+    /// Per-row KL(P‖Q) of `[rows × cols]` inputs read as `input`. Blocking.
+    pub fn kl_divergence_rows(&self, p: &[f32], q: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
+        Ok(self.rows(Measure::KullbackLeibler, p, Some(q), cols, &Options::input(input))?.values)
+    }
+
+    /// Per-row cross-entropy H(P,Q). Blocking.
+    pub fn cross_entropy_rows(&self, p: &[f32], q: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
+        Ok(self.rows(Measure::CrossEntropy, p, Some(q), cols, &Options::input(input))?.values)
+    }
+
+    /// Per-row entropy H(P). Blocking.
+    pub fn entropy_rows(&self, p: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
+        Ok(self.rows(Measure::Entropy, p, None, cols, &Options::input(input))?.values)
+    }
+
+    /// Per-row Jensen–Shannon divergence. Blocking.
+    pub fn js_divergence_rows(&self, p: &[f32], q: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
+        Ok(self.rows(Measure::JensenShannon, p, Some(q), cols, &Options::input(input))?.values)
+    }
+
+    /// Async twin of [`Engine::kl_divergence_rows`].
+    pub async fn kl_divergence_rows_async(&self, p: &[f32], q: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
+        Ok(self.rows_async(Measure::KullbackLeibler, p, Some(q), cols, &Options::input(input)).await?.values)
+    }
+
+    /// Async twin of [`Engine::cross_entropy_rows`].
+    pub async fn cross_entropy_rows_async(&self, p: &[f32], q: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
+        Ok(self.rows_async(Measure::CrossEntropy, p, Some(q), cols, &Options::input(input)).await?.values)
+    }
+
+    /// Async twin of [`Engine::entropy_rows`].
+    pub async fn entropy_rows_async(&self, p: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
+        Ok(self.rows_async(Measure::Entropy, p, None, cols, &Options::input(input)).await?.values)
+    }
+
+    /// Async twin of [`Engine::js_divergence_rows`].
+    pub async fn js_divergence_rows_async(&self, p: &[f32], q: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
+        Ok(self.rows_async(Measure::JensenShannon, p, Some(q), cols, &Options::input(input)).await?.values)
+    }
+
+    /// Validate → plan → launch → check flags → results.
+    async fn compute(
+        &self,
+        measure: Measure,
+        p: &[f32],
+        q: Option<&[f32]>,
+        cols: usize,
+        opts: &Options,
+        blocking: bool,
+    ) -> Result<RowResults> {
+        let q = cpu::check_shapes(measure, p, q, cols)?;
+        let job = job_for(Term::Measure(measure), opts)?;
+        let plan = Plan::new((p.len() / cols) as u64, cols as u64, self.limits);
+        let mut readback = self.gpu.run_host(&job, &plan, p, q, blocking).await?;
+        if readback.status[0] & kernels::FLAG_SUBGROUP_LAYOUT != 0 {
+            // This adapter's subgroups are not runs of consecutive invocations: fall back.
+            self.gpu.subgroups.store(false, Ordering::Relaxed);
+            readback = self.gpu.run_host(&job, &plan, p, q, blocking).await?;
+        }
+        check_status(&readback, || cpu::locate_invalid(measure, opts, p, q, cols))?;
+        Ok(RowResults {
+            values: readback.values.iter().map(|&v| v as f64).collect(),
+            top1_agree: readback.agree,
+        })
+    }
+}
+
+/// The kernels a measure with these options needs.
+pub(crate) fn job_for(term: Term, opts: &Options) -> Result<Job> {
+    let per_nat = opts.base.per_nat()? as f32;
+    let normalize = opts.normalize && opts.input == Input::Probs;
+    let prepass = match opts.input {
+        Input::Logits => Some(Prepass::Lse),
+        Input::Probs if normalize => Some(Prepass::Sums),
+        _ => None,
+    };
+    Ok(Job {
+        term,
+        input: InputCode::of(opts.input, normalize),
+        prepass,
+        per_nat,
+        agree: opts.input == Input::Logits && term.uses_q(),
+    })
+}
+
+/// Turns raised flags into the error the host-side locator finds.
+fn check_status(readback: &Readback, locate: impl FnOnce() -> Option<Error>) -> Result<()> {
+    let flags = readback.status[0] & !kernels::FLAG_SUBGROUP_LAYOUT;
+    if flags == 0 {
+        return Ok(());
+    }
+    Err(locate().unwrap_or_else(|| {
+        Error::Gpu(format!(
+            "the kernel flagged invalid input (flags {flags:#x}) that the host check could not find; \
+             the adapter may flush subnormal numbers to zero"
+        ))
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(name: &str, device_type: wgpu::DeviceType, backend: wgpu::Backend) -> wgpu::AdapterInfo {
+        wgpu::AdapterInfo {
+            name: name.into(),
+            device_type,
+            backend,
+            ..wgpu::AdapterInfo::new(wgpu::DeviceType::Other, wgpu::Backend::Noop)
+        }
+    }
+
+    #[test]
+    fn hardware_before_software_and_vulkan_before_gl() {
+        let infos = [
+            info("llvmpipe", wgpu::DeviceType::Cpu, wgpu::Backend::Vulkan),
+            info("H100 (GL)", wgpu::DeviceType::DiscreteGpu, wgpu::Backend::Gl),
+            info("H100", wgpu::DeviceType::DiscreteGpu, wgpu::Backend::Vulkan),
+        ];
+        assert_eq!(pick_adapter(&infos, None).unwrap(), 2);
+        assert_eq!(pick_adapter(&infos, Some("LLVM")).unwrap(), 0);
+        let err = pick_adapter(&infos, Some("radeon")).unwrap_err();
+        assert!(err.to_string().contains("llvmpipe"), "{err}");
+        assert!(matches!(pick_adapter(&[], None), Err(Error::NoAdapter { .. })));
+    }
+}

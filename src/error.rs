@@ -1,0 +1,126 @@
+//! One error type for the library: every failure is an `Err`, never a panic.
+
+use std::fmt;
+
+/// Which of the two inputs a problem was found in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// The first distribution, P.
+    P,
+    /// The second distribution, Q.
+    Q,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::P => "P",
+            Side::Q => "Q",
+        })
+    }
+}
+
+/// Why an element was rejected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Problem {
+    /// Not a number.
+    NaN,
+    /// A probability below zero.
+    Negative,
+    /// +∞ or −∞ where a finite probability was expected, or +∞ as a log-probability or logit.
+    Infinite,
+    /// The row has no mass: every logit is −∞, or (with normalization) the probabilities sum to 0.
+    EmptyRow,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Problem::NaN => "is NaN",
+            Problem::Negative => "is negative",
+            Problem::Infinite => "is infinite",
+            Problem::EmptyRow => "row has no probability mass (all logits -inf, or a zero sum)",
+        })
+    }
+}
+
+/// Everything that can go wrong in klgpu.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No adapter could be found at all.
+    #[error(
+        "no GPU adapter found ({details}). klgpu needs a Vulkan, Metal or DX12 driver; \
+         on Linux without a GPU install Mesa's software Vulkan driver \
+         (Debian/Ubuntu: `apt-get install mesa-vulkan-drivers`)"
+    )]
+    NoAdapter {
+        /// What was tried.
+        details: String,
+    },
+    /// `WGPU_ADAPTER_NAME` names no adapter that is present.
+    #[error("WGPU_ADAPTER_NAME={wanted:?} matches none of the adapters present: {available}")]
+    AdapterNotFound {
+        /// The requested name (substring, case-insensitive).
+        wanted: String,
+        /// The adapters that exist.
+        available: String,
+    },
+    /// The device could not be created, was lost, or ran out of memory.
+    #[error("GPU error: {0}")]
+    Gpu(String),
+    /// An input was empty.
+    #[error("empty input: a distribution needs at least one element")]
+    EmptyInput,
+    /// P and Q have different lengths.
+    #[error("length mismatch: P has {p_len} elements, Q has {q_len}")]
+    LengthMismatch {
+        /// Elements in P.
+        p_len: usize,
+        /// Elements in Q.
+        q_len: usize,
+    },
+    /// `cols` was zero.
+    #[error("cols must be at least 1")]
+    ZeroColumns,
+    /// The input length is not a whole number of rows.
+    #[error("{side} has {len} elements, which is not a multiple of cols = {cols}")]
+    RaggedRows {
+        /// Which input.
+        side: Side,
+        /// Its length.
+        len: usize,
+        /// The requested row length.
+        cols: usize,
+    },
+    /// An element was rejected.
+    #[error("{side}[{index}] (row {row}, column {col}) = {value}: {problem}")]
+    InvalidValue {
+        /// Which input.
+        side: Side,
+        /// Flat index of the first offending element.
+        index: usize,
+        /// Its row (0 for a single distribution).
+        row: usize,
+        /// Its column.
+        col: usize,
+        /// The value found there.
+        value: f32,
+        /// What is wrong with it.
+        problem: Problem,
+    },
+    /// A GPU buffer argument cannot be used as given.
+    #[error("buffer argument `{name}`: {reason}")]
+    InvalidBuffer {
+        /// The argument's name.
+        name: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A parameter is out of range.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,327 @@
+//! The WGSL kernel family: shader assembly, the shared bind group layout, and the pipeline
+//! cache. One source family (shaders/), specialized per measure and input kind through
+//! pipeline-overridable constants; compiled once per engine, on first use.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::types::{Input, Measure};
+
+// Status flags raised by the kernels (status[0]). Q's element flags are P's shifted by 3.
+pub(crate) const FLAG_P_NAN: u32 = 1;
+pub(crate) const FLAG_P_INF: u32 = 2;
+pub(crate) const FLAG_P_NEG: u32 = 4;
+pub(crate) const FLAG_P_EMPTY: u32 = 64;
+pub(crate) const FLAG_Q_EMPTY: u32 = 128;
+pub(crate) const FLAG_SUBGROUP_LAYOUT: u32 = 256;
+// Dispatch modes (Params::mode).
+pub(crate) const MODE_PARTIAL: u32 = 1;
+pub(crate) const MODE_ACCUMULATE: u32 = 2;
+pub(crate) const MODE_KEEP: u32 = 4;
+pub(crate) const MODE_STATS: u32 = 8;
+
+/// What a terms dispatch sums: one of the four measures, or the plain sums used for
+/// normalization and for the roofline benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Term {
+    Measure(Measure),
+    /// Σp and Σq of a row.
+    Sums,
+    /// Σp alone: one streaming read, the bandwidth roofline.
+    SumP,
+}
+
+impl Term {
+    fn code(self) -> u32 {
+        match self {
+            Term::Measure(Measure::KullbackLeibler) => 0,
+            Term::Measure(Measure::CrossEntropy) => 1,
+            Term::Measure(Measure::Entropy) => 2,
+            Term::Measure(Measure::JensenShannon) => 3,
+            Term::Sums => 4,
+            Term::SumP => 5,
+        }
+    }
+
+    pub(crate) fn uses_q(self) -> bool {
+        match self {
+            Term::Measure(m) => m.uses_q(),
+            Term::Sums => true,
+            Term::SumP => false,
+        }
+    }
+}
+
+/// How the terms kernel reads its inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum InputCode {
+    Probs,
+    LogProbs,
+    Logits,
+    /// Probabilities scaled by the reciprocal row sums found by a `Term::Sums` pre-pass.
+    ProbsNormalized,
+}
+
+impl InputCode {
+    pub(crate) fn of(input: Input, normalize: bool) -> Self {
+        match input {
+            Input::Probs if normalize => InputCode::ProbsNormalized,
+            Input::Probs => InputCode::Probs,
+            Input::LogProbs => InputCode::LogProbs,
+            Input::Logits => InputCode::Logits,
+        }
+    }
+
+    fn code(self) -> u32 {
+        match self {
+            InputCode::Probs => 0,
+            InputCode::LogProbs => 1,
+            InputCode::Logits => 2,
+            InputCode::ProbsNormalized => 3,
+        }
+    }
+}
+
+/// The four entry points.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Stage {
+    Terms,
+    Combine,
+    Lse,
+    CombineLse,
+}
+
+impl Stage {
+    fn entry(self) -> &'static str {
+        match self {
+            Stage::Terms => "terms",
+            Stage::Combine => "combine",
+            Stage::Lse => "lse_terms",
+            Stage::CombineLse => "combine_lse",
+        }
+    }
+
+    fn monoid(self) -> &'static str {
+        match self {
+            Stage::Terms | Stage::Combine => "Acc",
+            Stage::Lse | Stage::CombineLse => "Lse",
+        }
+    }
+}
+
+/// The per-dispatch uniform block; mirrors `Params` in shaders/common.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct Params {
+    pub shift_p: u32,
+    pub shift_q: u32,
+    pub row_len: u32,
+    pub rows: u32,
+    pub col_begin: u32,
+    pub col_end: u32,
+    pub chunk_len: u32,
+    pub chunks: u32,
+    pub lanes: u32,
+    pub out_base: u32,
+    pub window_id: u32,
+    pub mode: u32,
+    pub subgroup_width: u32,
+    pub out_scale: f32,
+    pub _pad: [u32; 2],
+}
+
+/// Size of `Acc` and `Lse` in the shaders (six 4-byte words each).
+pub(crate) const MONOID_BYTES: u64 = 24;
+
+/// Full WGSL source of one module: constants, common header, monoid, reduction, kernels.
+pub(crate) fn shader_source(monoid: &str, subgroups: bool) -> String {
+    let constants = format!(
+        "const FLAG_P_NAN: u32 = {FLAG_P_NAN}u;\nconst FLAG_P_INF: u32 = {FLAG_P_INF}u;\n\
+         const FLAG_P_NEG: u32 = {FLAG_P_NEG}u;\nconst FLAG_P_EMPTY: u32 = {FLAG_P_EMPTY}u;\n\
+         const FLAG_Q_EMPTY: u32 = {FLAG_Q_EMPTY}u;\n\
+         const FLAG_SUBGROUP_LAYOUT: u32 = {FLAG_SUBGROUP_LAYOUT}u;\n\
+         const MODE_PARTIAL: u32 = {MODE_PARTIAL}u;\nconst MODE_ACCUMULATE: u32 = {MODE_ACCUMULATE}u;\n\
+         const MODE_KEEP: u32 = {MODE_KEEP}u;\nconst MODE_STATS: u32 = {MODE_STATS}u;\n\
+         const ACC_INF: u32 = 1u;\n\
+         const MEASURE_KL: u32 = 0u;\nconst MEASURE_CE: u32 = 1u;\nconst MEASURE_ENTROPY: u32 = 2u;\n\
+         const MEASURE_JS: u32 = 3u;\nconst MEASURE_SUM: u32 = 4u;\nconst MEASURE_SUM_P: u32 = 5u;\n\
+         const INPUT_PROBS: u32 = 0u;\nconst INPUT_LOGPROBS: u32 = 1u;\nconst INPUT_LOGITS: u32 = 2u;\n\
+         const INPUT_PROBS_NORM: u32 = 3u;\n"
+    );
+    let stage = if subgroups {
+        include_str!("../shaders/subgroup_stage.wgsl")
+    } else {
+        ""
+    };
+    let reduce = include_str!("../shaders/reduce.wgsl")
+        .replace("//SUBGROUP_STAGE_MONOID", stage)
+        .replace("MONOID", monoid);
+    let kernels = match monoid {
+        "Acc" => concat!(include_str!("../shaders/terms.wgsl"), include_str!("../shaders/kernels_sum.wgsl")),
+        _ => include_str!("../shaders/kernels_lse.wgsl"),
+    };
+    let (sg_params, sg_value) = if subgroups {
+        (
+            ", @builtin(subgroup_size) sg_size: u32, @builtin(subgroup_invocation_id) sg_lane: u32",
+            "vec2<u32>(sg_size, sg_lane)",
+        )
+    } else {
+        ("", "vec2<u32>(0u, 0u)")
+    };
+    let kernels = kernels
+        .replace("/*SG_PARAMS*/", sg_params)
+        .replace("SG_VALUE", sg_value);
+    let shuffles = if subgroups {
+        include_str!("../shaders/monoids_subgroup.wgsl")
+    } else {
+        ""
+    };
+    [
+        constants.as_str(),
+        include_str!("../shaders/common.wgsl"),
+        include_str!("../shaders/monoids.wgsl"),
+        shuffles,
+        &reduce,
+        &kernels,
+    ]
+    .join("\n")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct PipelineKey {
+    stage: Stage,
+    term: u32,
+    input: u32,
+    subgroups: bool,
+}
+
+/// Bind group layout, modules and compiled pipelines of one device.
+pub(crate) struct Kernels {
+    pub layout: wgpu::BindGroupLayout,
+    pipeline_layout: wgpu::PipelineLayout,
+    modules: Mutex<HashMap<(&'static str, bool), wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+}
+
+fn storage(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
+    wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Storage { read_only },
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
+        count: None,
+    }
+}
+
+impl Kernels {
+    pub(crate) fn new(device: &wgpu::Device) -> Kernels {
+        let mut entries = vec![wgpu::BindGroupLayoutEntry {
+            binding: 0,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Uniform,
+                has_dynamic_offset: true,
+                min_binding_size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
+            },
+            count: None,
+        }];
+        entries.push(storage(1, true));
+        entries.push(storage(2, true));
+        entries.extend((3..=8).map(|b| storage(b, false)));
+        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("klgpu.bind_group_layout"),
+            entries: &entries,
+        });
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("klgpu.pipeline_layout"),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        Kernels {
+            layout,
+            pipeline_layout,
+            modules: Mutex::new(HashMap::new()),
+            pipelines: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The pipeline for a stage, compiled on first use and cached.
+    pub(crate) fn pipeline(
+        &self,
+        device: &wgpu::Device,
+        stage: Stage,
+        term: Term,
+        input: InputCode,
+        subgroups: bool,
+    ) -> wgpu::ComputePipeline {
+        let key = PipelineKey {
+            stage,
+            term: term.code(),
+            input: input.code(),
+            subgroups,
+        };
+        let mut pipelines = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = pipelines.get(&key) {
+            return p.clone();
+        }
+        let module = {
+            let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+            modules
+                .entry((stage.monoid(), subgroups))
+                .or_insert_with(|| {
+                    device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                        label: Some(if stage.monoid() == "Acc" { "klgpu.sums" } else { "klgpu.lse" }),
+                        source: wgpu::ShaderSource::Wgsl(
+                            shader_source(stage.monoid(), subgroups).into(),
+                        ),
+                    })
+                })
+                .clone()
+        };
+        let label = format!("klgpu.{}.{:?}.{:?}", stage.entry(), term, input);
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&label),
+            layout: Some(&self.pipeline_layout),
+            module: &module,
+            entry_point: Some(stage.entry()),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &[("MEASURE", key.term as f64), ("INPUT", key.input as f64)],
+                ..Default::default()
+            },
+            cache: None,
+        });
+        pipelines.insert(key, pipeline.clone());
+        pipeline
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_match_the_wgsl_struct_size() {
+        assert_eq!(std::mem::size_of::<Params>(), 64);
+    }
+
+    #[test]
+    fn every_module_variant_parses_and_validates() {
+        for monoid in ["Acc", "Lse"] {
+            for subgroups in [false, true] {
+                let src = shader_source(monoid, subgroups);
+                let module = naga::front::wgsl::parse_str(&src)
+                    .unwrap_or_else(|e| panic!("{monoid}/{subgroups}: {}", e.emit_to_string(&src)));
+                let mut validator = naga::valid::Validator::new(
+                    naga::valid::ValidationFlags::all(),
+                    naga::valid::Capabilities::all(),
+                );
+                validator
+                    .validate(&module)
+                    .unwrap_or_else(|e| panic!("{monoid}/{subgroups}: {}", e.emit_to_string(&src)));
+            }
+        }
+    }
+}

@@ -1,0 +1,550 @@
+//! GPU plumbing: scratch buffers, bind groups, encoding one window's dispatches, uploads and
+//! readback. Everything here assumes a valid [`Plan`] and validated shapes.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::kernels::{self, InputCode, Kernels, MONOID_BYTES, Params, Stage, Term};
+use crate::plan::{Layout, Plan, Window};
+
+/// Bytes per uniform slot: one dispatch's Params at a dynamic offset (every adapter's
+/// `min_uniform_buffer_offset_alignment` is at most 256).
+const PARAM_SLOT: u64 = 256;
+/// Dispatches per window at most: pre-pass, its combine, terms, its combine.
+const SLOTS_PER_WINDOW: u64 = 4;
+/// Status words: flags, first bad window, first bad local index, spare.
+const STATUS_INIT: [u32; 4] = [0, u32::MAX, u32::MAX, 0];
+
+/// A pass over a window that needs per-row statistics first: logits (log-sum-exp) or
+/// normalized probabilities (row sums).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Prepass {
+    Lse,
+    Sums,
+}
+
+/// Everything that defines one computation's kernels, independent of the data.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Job {
+    pub term: Term,
+    pub input: InputCode,
+    pub prepass: Option<Prepass>,
+    /// Factor from nats to the requested base.
+    pub per_nat: f32,
+    /// Whether to write top-1 agreement (two-input logits).
+    pub agree: bool,
+}
+
+/// Which passes a visit of a window runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Passes {
+    Both,
+    Pre,
+    Main,
+}
+
+/// The order windows are visited in. A two-pass job over rows split across windows visits
+/// each row's windows twice: all for the pre-pass, then all for the main pass.
+pub(crate) fn visits(plan: &Plan, job: &Job) -> Vec<(usize, Passes)> {
+    let mut out = Vec::with_capacity(plan.windows.len());
+    let mut i = 0;
+    while i < plan.windows.len() {
+        let w = &plan.windows[i];
+        if job.prepass.is_some() && w.split.is_some() {
+            let end = i + plan.windows[i..]
+                .iter()
+                .position(|w| w.split.is_some_and(|s| s.last))
+                .unwrap_or(0)
+                + 1;
+            out.extend((i..end).map(|k| (k, Passes::Pre)));
+            out.extend((i..end).map(|k| (k, Passes::Main)));
+            i = end;
+        } else {
+            out.push((i, Passes::Both));
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Reusable buffers of one in-flight computation. Grown on demand, kept in a pool.
+pub(crate) struct Scratch {
+    params: wgpu::Buffer,
+    windows: [[Option<wgpu::Buffer>; 2]; 2],
+    partials: wgpu::Buffer,
+    status: wgpu::Buffer,
+    row_lse: wgpu::Buffer,
+    out: wgpu::Buffer,
+    row_state: wgpu::Buffer,
+    agree: wgpu::Buffer,
+    readback: wgpu::Buffer,
+}
+
+fn buffer(device: &wgpu::Device, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: size.max(16).div_ceil(16) * 16,
+        usage,
+        mapped_at_creation: false,
+    })
+}
+
+const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_DST)
+    .union(wgpu::BufferUsages::COPY_SRC);
+
+/// Makes sure `slot` holds a buffer of at least `size` bytes.
+fn ensure(
+    device: &wgpu::Device,
+    slot: &mut wgpu::Buffer,
+    label: &str,
+    size: u64,
+    usage: wgpu::BufferUsages,
+) {
+    if slot.size() < size {
+        *slot = buffer(device, label, size, usage);
+    }
+}
+
+impl Scratch {
+    pub(crate) fn new(device: &wgpu::Device) -> Scratch {
+        let small = |label| buffer(device, label, 256, STORAGE);
+        Scratch {
+            params: buffer(
+                device,
+                "klgpu.params",
+                PARAM_SLOT * SLOTS_PER_WINDOW * 2,
+                wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            ),
+            windows: [[None, None], [None, None]],
+            partials: small("klgpu.partials"),
+            status: small("klgpu.status"),
+            row_lse: small("klgpu.row_lse"),
+            out: small("klgpu.out"),
+            row_state: small("klgpu.row_state"),
+            agree: small("klgpu.agree"),
+            readback: buffer(
+                device,
+                "klgpu.readback",
+                256,
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            ),
+        }
+    }
+
+    /// Grows every buffer to what `plan` needs (host uploads use the window buffers).
+    fn prepare(&mut self, device: &wgpu::Device, plan: &Plan, host_windows: bool, uses_q: bool) {
+        let rows = plan.rows;
+        ensure(device, &mut self.partials, "klgpu.partials", plan.max_partials() * MONOID_BYTES, STORAGE);
+        ensure(device, &mut self.row_lse, "klgpu.row_lse", plan.max_window_rows() as u64 * MONOID_BYTES, STORAGE);
+        ensure(device, &mut self.out, "klgpu.out", rows * 4, STORAGE);
+        ensure(device, &mut self.agree, "klgpu.agree", rows * 4, STORAGE);
+        ensure(
+            device,
+            &mut self.readback,
+            "klgpu.readback",
+            16 + rows * 8,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        );
+        if host_windows {
+            let bytes = plan.max_window_elems() * 4;
+            for side in 0..if uses_q { 2 } else { 1 } {
+                for slot in &mut self.windows[side] {
+                    if slot.as_ref().is_none_or(|b| b.size() < bytes) {
+                        *slot = Some(buffer(device, "klgpu.window", bytes, STORAGE));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A pool of scratch sets, so that concurrent calls never share one and sequential calls
+/// reuse them.
+#[derive(Default)]
+pub(crate) struct ScratchPool(std::sync::Mutex<Vec<Scratch>>);
+
+impl ScratchPool {
+    fn take(&self, device: &wgpu::Device) -> Scratch {
+        let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        pool.pop().unwrap_or_else(|| Scratch::new(device))
+    }
+
+    fn put(&self, scratch: Scratch) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(scratch);
+    }
+}
+
+/// The device side of an engine: what launching needs.
+pub(crate) struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub kernels: Kernels,
+    pub subgroups: std::sync::atomic::AtomicBool,
+    pub subgroup_width: u32,
+    pub scratch: ScratchPool,
+}
+
+/// What a finished computation read back.
+pub(crate) struct Readback {
+    pub status: [u32; 4],
+    pub values: Vec<f32>,
+    pub agree: Option<Vec<bool>>,
+}
+
+/// Where the kernels of one window find their inputs and write their rows.
+pub(crate) struct WindowBindings<'a> {
+    pub p: wgpu::BufferBinding<'a>,
+    pub q: wgpu::BufferBinding<'a>,
+    /// Elements between each input binding's start and the window's first element.
+    pub shifts: (u32, u32),
+    pub out: wgpu::BufferBinding<'a>,
+    pub agree: wgpu::BufferBinding<'a>,
+    /// Index in `out`/`agree` of the window's first row.
+    pub out_base: u32,
+}
+
+/// A binding of `len` 4-byte elements starting at element `first` of `buffer` (at
+/// `base_bytes`), with the offset rounded down to `align`: returns the binding and the shift.
+pub(crate) fn aligned_binding(
+    buffer: &wgpu::Buffer,
+    base_bytes: u64,
+    first: u64,
+    len: u64,
+    align: u64,
+) -> (wgpu::BufferBinding<'_>, u32) {
+    let start = base_bytes + first * 4;
+    let offset = start / align * align;
+    let size = (start - offset + len * 4).div_ceil(4) * 4;
+    (
+        wgpu::BufferBinding {
+            buffer,
+            offset,
+            size: wgpu::BufferSize::new(size.max(4)),
+        },
+        ((start - offset) / 4) as u32,
+    )
+}
+
+impl Gpu {
+    fn subgroups(&self) -> bool {
+        self.subgroups.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Runs `f` inside out-of-memory and validation error scopes, turning either into an Err.
+    pub(crate) fn scoped<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let value = f();
+        let errors = [
+            pollster::block_on(validation.pop()),
+            pollster::block_on(oom.pop()),
+        ];
+        match errors.into_iter().flatten().next() {
+            Some(e) => Err(Error::Gpu(e.to_string())),
+            None => Ok(value),
+        }
+    }
+
+    /// Waits until `index` has finished: inline when `blocking`, else on a helper thread that
+    /// polls the device, so that an async caller's executor is never blocked.
+    pub(crate) async fn wait(&self, index: wgpu::SubmissionIndex, blocking: bool) -> Result<()> {
+        let poll = move |device: &wgpu::Device| {
+            device
+                .poll(wgpu::PollType::Wait {
+                    submission_index: Some(index),
+                    timeout: None,
+                })
+                .map(|_| ())
+                .map_err(|e| Error::Gpu(format!("waiting for the GPU failed: {e}")))
+        };
+        if blocking {
+            return poll(&self.device);
+        }
+        let device = self.device.clone();
+        let (tx, rx) = futures_channel::oneshot::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(poll(&device));
+        });
+        rx.await
+            .map_err(|_| Error::Gpu("the GPU polling thread ended early".into()))?
+    }
+
+    fn params_for(
+        &self,
+        window: &Window,
+        window_id: usize,
+        layout: &Layout,
+        combine_stride: Option<u32>,
+        mode: u32,
+        per_nat: f32,
+    ) -> Params {
+        let (row_len, col_begin, col_end, chunks) = match combine_stride {
+            // The combine kernel's "row" is the window row's partials.
+            Some(stride) => (stride, 0, stride, 1),
+            None => (
+                window.row_len() as u32,
+                window.col_begin as u32,
+                window.col_end as u32,
+                window.terms.chunks,
+            ),
+        };
+        Params {
+            shift_p: 0,
+            shift_q: 0,
+            row_len,
+            rows: window.rows,
+            col_begin,
+            col_end,
+            chunk_len: layout.chunk_len,
+            chunks,
+            lanes: layout.lanes,
+            out_base: 0,
+            window_id: window_id as u32,
+            mode,
+            subgroup_width: if self.subgroups() { self.subgroup_width } else { 1 },
+            out_scale: per_nat,
+            _pad: [0; 2],
+        }
+    }
+
+    pub(crate) fn bind_group(&self, scratch: &Scratch, b: &WindowBindings<'_>) -> wgpu::BindGroup {
+        fn whole(buffer: &wgpu::Buffer) -> wgpu::BindingResource<'_> {
+            wgpu::BindingResource::Buffer(buffer.as_entire_buffer_binding())
+        }
+        let params = wgpu::BufferBinding {
+            buffer: &scratch.params,
+            offset: 0,
+            size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
+        };
+        let resources = [
+            wgpu::BindingResource::Buffer(params),
+            wgpu::BindingResource::Buffer(b.p.clone()),
+            wgpu::BindingResource::Buffer(b.q.clone()),
+            whole(&scratch.partials),
+            whole(&scratch.status),
+            whole(&scratch.row_lse),
+            wgpu::BindingResource::Buffer(b.out.clone()),
+            whole(&scratch.row_state),
+            wgpu::BindingResource::Buffer(b.agree.clone()),
+        ];
+        let entries: Vec<_> = resources
+            .into_iter()
+            .enumerate()
+            .map(|(i, resource)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource,
+            })
+            .collect();
+        self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("klgpu.bind_group"),
+            layout: &self.kernels.layout,
+            entries: &entries,
+        })
+    }
+
+    /// Records one visit of a window: its pre-pass and/or main pass, each a terms dispatch
+    /// plus, when rows are chunked, a combine dispatch. `slot_base` is the byte offset of the
+    /// visit's params slots.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn encode_window(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        scratch: &Scratch,
+        job: &Job,
+        window: &Window,
+        window_id: usize,
+        passes: Passes,
+        bindings: &WindowBindings<'_>,
+        slot_base: u64,
+    ) {
+        let subgroups = self.subgroups();
+        let final_mode = |stats: bool| match window.split {
+            None if stats => kernels::MODE_STATS,
+            None => 0,
+            Some(s) => {
+                let mut m = 0;
+                if !s.first {
+                    m |= kernels::MODE_ACCUMULATE;
+                }
+                if !s.last {
+                    m |= kernels::MODE_KEEP;
+                } else if stats {
+                    m |= kernels::MODE_STATS;
+                }
+                m
+            }
+        };
+        // (stage, term, input, mode, is_combine)
+        let mut dispatches: Vec<(Stage, Term, InputCode, u32, bool)> = Vec::new();
+        let mut add = |terms: Stage, combine: Stage, term: Term, input: InputCode, mode: u32| {
+            if window.combine.is_some() {
+                dispatches.push((terms, term, input, kernels::MODE_PARTIAL, false));
+                dispatches.push((combine, term, input, mode, true));
+            } else {
+                dispatches.push((terms, term, input, mode, false));
+            }
+        };
+        if passes != Passes::Main {
+            match job.prepass {
+                Some(Prepass::Lse) => {
+                    add(Stage::Lse, Stage::CombineLse, job.term, InputCode::Logits, final_mode(false))
+                }
+                Some(Prepass::Sums) => {
+                    add(Stage::Terms, Stage::Combine, Term::Sums, InputCode::Probs, final_mode(true))
+                }
+                None => {}
+            }
+        }
+        if passes != Passes::Pre {
+            add(Stage::Terms, Stage::Combine, job.term, job.input, final_mode(false));
+        }
+        let layout_of = |is_combine: bool| {
+            if is_combine {
+                (window.combine.unwrap_or(window.terms), Some(window.terms.chunks))
+            } else {
+                (window.terms, None)
+            }
+        };
+        let mut bytes = Vec::new();
+        for (k, &(_, _, _, mode, is_combine)) in dispatches.iter().enumerate() {
+            let (layout, stride) = layout_of(is_combine);
+            let mut p = self.params_for(window, window_id, &layout, stride, mode, job.per_nat);
+            p.shift_p = bindings.shifts.0;
+            p.shift_q = bindings.shifts.1;
+            p.out_base = bindings.out_base;
+            bytes.resize(k * PARAM_SLOT as usize, 0);
+            bytes.extend_from_slice(bytemuck::bytes_of(&p));
+        }
+        self.queue.write_buffer(&scratch.params, slot_base, &bytes);
+        let bind_group = self.bind_group(scratch, bindings);
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("klgpu.window"),
+            timestamp_writes: None,
+        });
+        for (k, &(stage, term, input, _, is_combine)) in dispatches.iter().enumerate() {
+            let (layout, _) = layout_of(is_combine);
+            let pipeline = self.kernels.pipeline(&self.device, stage, term, input, subgroups);
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind_group, &[(slot_base + k as u64 * PARAM_SLOT) as u32]);
+            let [x, y, z] = layout.workgroups();
+            pass.dispatch_workgroups(x, y, z);
+        }
+    }
+
+    /// Runs a job over host slices: windows are uploaded into two alternating buffers while
+    /// at most two windows are in flight, then status and per-row values are read back.
+    pub(crate) async fn run_host(
+        self: &Arc<Self>,
+        job: &Job,
+        plan: &Plan,
+        p: &[f32],
+        q: &[f32],
+        blocking: bool,
+    ) -> Result<Readback> {
+        let mut scratch = self.scratch.take(&self.device);
+        let result = self.run_host_with(&mut scratch, job, plan, p, q, blocking).await;
+        if result.is_ok() {
+            self.scratch.put(scratch);
+        }
+        result
+    }
+
+    async fn run_host_with(
+        &self,
+        scratch: &mut Scratch,
+        job: &Job,
+        plan: &Plan,
+        p: &[f32],
+        q: &[f32],
+        blocking: bool,
+    ) -> Result<Readback> {
+        let uses_q = job.term.uses_q();
+        self.scoped(|| {
+            scratch.prepare(&self.device, plan, true, uses_q);
+            self.queue
+                .write_buffer(&scratch.status, 0, bytemuck::cast_slice(&STATUS_INIT));
+        })?;
+        let mut previous: Option<wgpu::SubmissionIndex> = None;
+        for (k, &(wi, passes)) in visits(plan, job).iter().enumerate() {
+            let window = &plan.windows[wi];
+            let slot = k % 2;
+            let submitted = self.scoped(|| {
+                let range = window.elem_start as usize..(window.elem_start + window.elem_len) as usize;
+                let upload = |side: usize, data: &[f32]| {
+                    let buffer = scratch.windows[side][slot].as_ref().expect("prepared window");
+                    self.queue.write_buffer(buffer, 0, bytemuck::cast_slice(&data[range.clone()]));
+                    buffer
+                };
+                let wp = upload(0, p);
+                let wq = if uses_q { upload(1, q) } else { wp };
+                let (out, out_base) = aligned_binding(&scratch.out, 0, window.row_begin, window.rows as u64, 256);
+                let (agree, _) = aligned_binding(&scratch.agree, 0, window.row_begin, window.rows as u64, 256);
+                let bindings = WindowBindings {
+                    p: wp.as_entire_buffer_binding(),
+                    q: wq.as_entire_buffer_binding(),
+                    shifts: (0, 0),
+                    out,
+                    agree,
+                    out_base,
+                };
+                let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("klgpu.host_window"),
+                });
+                let slot_base = slot as u64 * SLOTS_PER_WINDOW * PARAM_SLOT;
+                self.encode_window(&mut encoder, scratch, job, window, wi, passes, &bindings, slot_base);
+                self.queue.submit([encoder.finish()])
+            })?;
+            if let Some(index) = previous.replace(submitted) {
+                self.wait(index, blocking).await?;
+            }
+        }
+        self.read_back(scratch, plan.rows, job.agree, blocking).await
+    }
+
+    /// Copies status, values and agreement into the readback buffer and maps it.
+    pub(crate) async fn read_back(
+        &self,
+        scratch: &Scratch,
+        rows: u64,
+        agree: bool,
+        blocking: bool,
+    ) -> Result<Readback> {
+        let bytes = rows * 4;
+        let index = self.scoped(|| {
+            let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("klgpu.readback"),
+            });
+            encoder.copy_buffer_to_buffer(&scratch.status, 0, &scratch.readback, 0, 16);
+            encoder.copy_buffer_to_buffer(&scratch.out, 0, &scratch.readback, 16, bytes);
+            if agree {
+                encoder.copy_buffer_to_buffer(&scratch.agree, 0, &scratch.readback, 16 + bytes, bytes);
+            }
+            self.queue.submit([encoder.finish()])
+        })?;
+        let total = 16 + if agree { 2 * bytes } else { bytes };
+        let slice = scratch.readback.slice(0..total);
+        let (tx, rx) = futures_channel::oneshot::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait(index, blocking).await?;
+        rx.await
+            .map_err(|_| Error::Gpu("readback was cancelled".into()))?
+            .map_err(|e| Error::Gpu(format!("mapping the readback buffer failed: {e}")))?;
+        let result = {
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| Error::Gpu(format!("reading the readback buffer failed: {e}")))?;
+            let words: &[u32] = bytemuck::cast_slice(&view);
+            let n = rows as usize;
+            Readback {
+                status: [words[0], words[1], words[2], words[3]],
+                values: bytemuck::cast_slice(&words[4..4 + n]).to_vec(),
+                agree: agree.then(|| words[4 + n..4 + 2 * n].iter().map(|&w| w != 0).collect()),
+            }
+        };
+        scratch.readback.unmap();
+        Ok(result)
+    }
+}

@@ -1,0 +1,351 @@
+//! Pure dispatch planning: from a shape and the device's limits to windows and workgroup
+//! layouts. No wgpu types here, so all of it is unit-tested without an adapter.
+//!
+//! Vocabulary:
+//! - a *window* is the part of the input bound to the kernels at once (whole rows, or for rows
+//!   longer than a window, a column range of one row);
+//! - a *segment* is the group of `lanes` consecutive invocations that reduce one row's chunk;
+//!   a 256-invocation workgroup holds `256 / lanes` segments;
+//! - a *chunk* is the column range one segment covers; with more than one chunk per row the
+//!   kernel writes per-chunk partials and a combine dispatch reduces them.
+
+/// Invocations per workgroup of every kernel (the WGSL side hard-codes the same number).
+pub const WORKGROUP_SIZE: u32 = 256;
+/// Upper bound on one invocation's main-loop iterations. llvmpipe silently truncates an
+/// invocation after 65535 loop iterations in total; we stay a factor of 64 below.
+pub const MAX_ITERATIONS: u32 = 1024;
+/// The loop cap of Mesa's llvmpipe (lavapipe), shared by all loops of one invocation.
+pub const LLVMPIPE_LOOP_CAP: u64 = 65535;
+/// Fewest iterations worth giving an invocation before splitting further: below this, the
+/// workgroup's reduction costs more than its loads.
+const MIN_ITERATIONS: u32 = 16;
+/// Enough workgroups to fill a large GPU several times over.
+const TARGET_WORKGROUPS: u64 = 2048;
+/// Window lengths are multiples of this many elements (256 bytes: every adapter's storage
+/// offset alignment is at most 256).
+pub const WINDOW_GRANULE: u64 = 64;
+
+/// The device limits a plan must respect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanLimits {
+    /// Most elements of one input bound at once (binding size, buffer size and memory budget).
+    pub window_elems: u64,
+    /// `max_compute_workgroups_per_dimension`.
+    pub max_workgroups: u32,
+}
+
+impl PlanLimits {
+    /// Limits from byte sizes; the window is a whole number of granules.
+    pub fn from_bytes(max_binding_bytes: u64, budget_bytes: u64, max_workgroups: u32) -> Self {
+        let elems = max_binding_bytes.min(budget_bytes) / 4;
+        PlanLimits {
+            window_elems: (elems / WINDOW_GRANULE * WINDOW_GRANULE).max(WINDOW_GRANULE),
+            max_workgroups,
+        }
+    }
+}
+
+/// How one dispatch maps `[rows × cols]` elements onto invocations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Invocations per row segment (a power of two, 1..=256).
+    pub lanes: u32,
+    /// Columns per chunk; a multiple of `lanes`.
+    pub chunk_len: u32,
+    /// Chunks per row: the x dimension of the dispatch.
+    pub chunks: u32,
+    /// Workgroups along the rows: the y dimension of the dispatch.
+    pub row_groups: u32,
+}
+
+impl Layout {
+    /// Layout for `rows` rows of `cols` columns, splitting rows into chunks when that is needed
+    /// to fill the GPU or to keep the loop short.
+    pub fn new(rows: u32, cols: u64, max_workgroups: u32) -> Layout {
+        let lanes = lanes_for(cols);
+        let per_invocation = cols.div_ceil(lanes as u64);
+        let row_groups = rows.div_ceil(WORKGROUP_SIZE / lanes).max(1);
+        let wanted = TARGET_WORKGROUPS.div_ceil(row_groups as u64);
+        let chunks = wanted
+            .min(per_invocation.div_ceil(MIN_ITERATIONS as u64))
+            .max(per_invocation.div_ceil(MAX_ITERATIONS as u64))
+            .clamp(1, max_workgroups as u64);
+        let iterations = per_invocation.div_ceil(chunks);
+        let chunk_len = iterations * lanes as u64;
+        Layout {
+            lanes,
+            chunk_len: chunk_len as u32,
+            chunks: cols.div_ceil(chunk_len) as u32,
+            row_groups,
+        }
+    }
+
+    /// Layout that covers each row in a single chunk (for the combine dispatch).
+    pub fn single_chunk(rows: u32, cols: u64) -> Layout {
+        let lanes = lanes_for(cols);
+        Layout {
+            lanes,
+            chunk_len: (cols.div_ceil(lanes as u64) * lanes as u64) as u32,
+            chunks: 1,
+            row_groups: rows.div_ceil(WORKGROUP_SIZE / lanes).max(1),
+        }
+    }
+
+    /// Rows handled by one workgroup.
+    pub fn rows_per_workgroup(&self) -> u32 {
+        WORKGROUP_SIZE / self.lanes
+    }
+
+    /// Main-loop iterations of one invocation.
+    pub fn iterations(&self) -> u32 {
+        self.chunk_len / self.lanes
+    }
+
+    /// The dispatch size.
+    pub fn workgroups(&self) -> [u32; 3] {
+        [self.chunks, self.row_groups, 1]
+    }
+}
+
+/// Lanes per row: enough that each gets about `MIN_ITERATIONS` columns, at most a workgroup.
+fn lanes_for(cols: u64) -> u32 {
+    cols.div_ceil(MIN_ITERATIONS as u64)
+        .next_power_of_two()
+        .clamp(1, WORKGROUP_SIZE as u64) as u32
+}
+
+/// Where a window sits in a row that is split across windows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitPart {
+    /// The first window of the row: nothing to accumulate into yet.
+    pub first: bool,
+    /// The last window of the row: the row's result can be finished.
+    pub last: bool,
+}
+
+/// One window: a range of whole rows, or a column range of one row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    /// First row.
+    pub row_begin: u64,
+    /// Rows in the window (1 when split).
+    pub rows: u32,
+    /// First column (0 for whole rows).
+    pub col_begin: u64,
+    /// One past the last column.
+    pub col_end: u64,
+    /// Flat index of the window's first element.
+    pub elem_start: u64,
+    /// Elements in the window.
+    pub elem_len: u64,
+    /// `Some` when the row is longer than a window.
+    pub split: Option<SplitPart>,
+    /// Layout of the per-element (terms) dispatch.
+    pub terms: Layout,
+    /// Layout of the dispatch that combines per-chunk partials, if there is more than one chunk.
+    pub combine: Option<Layout>,
+}
+
+impl Window {
+    /// Elements per row in the window's own indexing (the row stride).
+    pub fn row_len(&self) -> u64 {
+        self.col_end - self.col_begin
+    }
+
+    /// Number of partial results the terms dispatch writes (0 when it finishes rows directly).
+    pub fn partials(&self) -> u64 {
+        if self.combine.is_some() {
+            self.rows as u64 * self.terms.chunks as u64
+        } else {
+            0
+        }
+    }
+}
+
+/// All windows of one computation, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Rows of the input.
+    pub rows: u64,
+    /// Columns of the input.
+    pub cols: u64,
+    /// The windows, in element order.
+    pub windows: Vec<Window>,
+}
+
+impl Plan {
+    /// Plans a `[rows × cols]` computation.
+    pub fn new(rows: u64, cols: u64, limits: PlanLimits) -> Plan {
+        assert!(rows > 0 && cols > 0, "the caller validates shapes first");
+        let cap = limits.window_elems.max(WINDOW_GRANULE);
+        let mut windows = Vec::new();
+        let window = |row_begin: u64, rows: u32, col_begin: u64, col_end: u64, split| {
+            let row_len = col_end - col_begin;
+            let terms = Layout::new(rows, row_len, limits.max_workgroups);
+            let combine =
+                (terms.chunks > 1).then(|| Layout::single_chunk(rows, terms.chunks as u64));
+            Window {
+                row_begin,
+                rows,
+                col_begin,
+                col_end,
+                elem_start: row_begin * cols + col_begin,
+                elem_len: rows as u64 * row_len,
+                split,
+                terms,
+                combine,
+            }
+        };
+        if cols <= cap {
+            let lanes = lanes_for(cols);
+            let row_limit = (limits.max_workgroups as u64) * (WORKGROUP_SIZE / lanes) as u64;
+            let per_window = (cap / cols).min(row_limit).min(u32::MAX as u64).max(1);
+            let mut row = 0;
+            while row < rows {
+                let n = per_window.min(rows - row);
+                windows.push(window(row, n as u32, 0, cols, None));
+                row += n;
+            }
+        } else {
+            let parts = cols.div_ceil(cap);
+            let part_len = cols.div_ceil(parts).div_ceil(WINDOW_GRANULE) * WINDOW_GRANULE;
+            for row in 0..rows {
+                let mut col = 0;
+                while col < cols {
+                    let end = (col + part_len).min(cols);
+                    let split = SplitPart {
+                        first: col == 0,
+                        last: end == cols,
+                    };
+                    windows.push(window(row, 1, col, end, Some(split)));
+                    col = end;
+                }
+            }
+        }
+        Plan {
+            rows,
+            cols,
+            windows,
+        }
+    }
+
+    /// Largest number of partials any window writes.
+    pub fn max_partials(&self) -> u64 {
+        self.windows.iter().map(Window::partials).max().unwrap_or(0)
+    }
+
+    /// Largest number of rows in any window.
+    pub fn max_window_rows(&self) -> u32 {
+        self.windows.iter().map(|w| w.rows).max().unwrap_or(1)
+    }
+
+    /// Largest window, in elements.
+    pub fn max_window_elems(&self) -> u64 {
+        self.windows.iter().map(|w| w.elem_len).max().unwrap_or(0)
+    }
+
+    /// The most loop iterations any invocation runs, counting the main loop and the reduction
+    /// tree, in any dispatch of the plan: what llvmpipe's cap applies to.
+    pub fn max_invocation_iterations(&self) -> u64 {
+        let tree = WORKGROUP_SIZE.ilog2() as u64;
+        self.windows
+            .iter()
+            .flat_map(|w| std::iter::once(w.terms).chain(w.combine))
+            .map(|l| l.iterations() as u64 + tree)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Loop iterations per invocation of the simplest design: one workgroup looping over all `n`
+/// elements. This is what crosses llvmpipe's cap for large inputs.
+pub fn naive_iterations(n: u64) -> u64 {
+    n.div_ceil(WORKGROUP_SIZE as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const LAVAPIPE: PlanLimits = PlanLimits {
+        window_elems: 33_554_432,
+        max_workgroups: 65535,
+    };
+
+    fn covered(plan: &Plan) -> u64 {
+        plan.windows.iter().map(|w| w.elem_len).sum()
+    }
+
+    #[test]
+    fn short_rows_use_one_invocation_per_row() {
+        let plan = Plan::new(1_000_000, 10, LAVAPIPE);
+        assert_eq!(plan.windows.len(), 1);
+        let w = plan.windows[0];
+        assert_eq!(w.terms.lanes, 1);
+        assert_eq!(w.terms.chunks, 1);
+        assert_eq!(w.terms.row_groups, 1_000_000u32.div_ceil(256));
+        assert!(w.combine.is_none());
+    }
+
+    #[test]
+    fn long_rows_are_split_across_workgroups() {
+        let plan = Plan::new(16, 262_144, LAVAPIPE);
+        let w = plan.windows[0];
+        assert_eq!(w.terms.lanes, 256);
+        assert!(w.terms.chunks >= 16, "{w:?}");
+        assert!(w.combine.is_some());
+        assert!(w.terms.iterations() >= MIN_ITERATIONS);
+    }
+
+    #[test]
+    fn inputs_beyond_one_binding_stream_in_windows() {
+        let n = 40_000_000;
+        let plan = Plan::new(1, n, LAVAPIPE);
+        assert_eq!(plan.windows.len(), 2);
+        assert_eq!(covered(&plan), n);
+        assert!(plan.windows.iter().all(|w| w.elem_len <= LAVAPIPE.window_elems));
+        assert_eq!(plan.windows[0].split, Some(SplitPart { first: true, last: false }));
+        assert_eq!(plan.windows[1].split, Some(SplitPart { first: false, last: true }));
+        assert_eq!(plan.windows[1].col_begin % WINDOW_GRANULE, 0);
+    }
+
+    #[test]
+    fn the_naive_plan_would_cross_llvmpipes_loop_cap_and_ours_does_not() {
+        let n = 40_000_000;
+        assert!(naive_iterations(n) > LLVMPIPE_LOOP_CAP);
+        let plan = Plan::new(1, n, LAVAPIPE);
+        assert!(plan.max_invocation_iterations() <= (MAX_ITERATIONS + 8) as u64);
+    }
+
+    proptest! {
+        #[test]
+        fn plans_cover_everything_within_limits(
+            rows in 1u64..5000, cols in 1u64..300_000,
+            window_elems in 64u64..5_000_000, max_workgroups in 64u32..65536,
+        ) {
+            let limits = PlanLimits { window_elems: window_elems / 64 * 64 + 64, max_workgroups };
+            let plan = Plan::new(rows, cols, limits);
+            prop_assert_eq!(covered(&plan), rows * cols);
+            let mut next = 0;
+            for w in &plan.windows {
+                prop_assert_eq!(w.elem_start, next);
+                next += w.elem_len;
+                prop_assert!(w.elem_len <= limits.window_elems);
+                for l in std::iter::once(w.terms).chain(w.combine) {
+                    prop_assert!(l.chunks >= 1 && l.chunks <= max_workgroups);
+                    prop_assert!(l.row_groups <= max_workgroups);
+                    prop_assert!(l.iterations() <= MAX_ITERATIONS);
+                    prop_assert!(l.lanes.is_power_of_two() && l.lanes <= WORKGROUP_SIZE);
+                }
+                prop_assert!(w.terms.chunks as u64 * w.terms.chunk_len as u64 >= w.row_len());
+                prop_assert!((w.terms.chunks as u64 - 1) * (w.terms.chunk_len as u64) < w.row_len());
+                prop_assert!(w.terms.row_groups as u64 * w.terms.rows_per_workgroup() as u64 >= w.rows as u64);
+                if let Some(c) = w.combine {
+                    prop_assert_eq!(c.chunks, 1);
+                    prop_assert!(c.chunk_len >= w.terms.chunks);
+                }
+            }
+        }
+    }
+}

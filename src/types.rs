@@ -1,0 +1,181 @@
+//! The small vocabulary shared by the GPU engine, the CPU reference and the command line.
+
+use crate::error::{Error, Result};
+
+/// The four quantities klgpu computes. Each is a sum over elements of a per-element term
+/// (natural log unless a [`Base`] is chosen):
+///
+/// ```text
+/// KullbackLeibler  KL(P‖Q) = Σ p·log(p/q)        0 where p = 0, +∞ where p > 0 = q
+/// CrossEntropy     H(P,Q)  = −Σ p·log q           0 where p = 0, +∞ where p > 0 = q
+/// Entropy          H(P)    = −Σ p·log p           0 where p = 0
+/// JensenShannon    JS(P,Q) = ½KL(P‖M) + ½KL(Q‖M), M = (P+Q)/2, 0 ≤ JS ≤ log 2
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Measure {
+    /// Kullback–Leibler divergence KL(P‖Q).
+    KullbackLeibler,
+    /// Cross-entropy H(P, Q) = H(P) + KL(P‖Q).
+    CrossEntropy,
+    /// Shannon entropy H(P); Q is not used.
+    Entropy,
+    /// Jensen–Shannon divergence, symmetric and bounded by log 2.
+    JensenShannon,
+}
+
+impl Measure {
+    /// All four, in a fixed order.
+    pub const ALL: [Measure; 4] = [
+        Measure::KullbackLeibler,
+        Measure::CrossEntropy,
+        Measure::Entropy,
+        Measure::JensenShannon,
+    ];
+
+    /// Whether the measure reads a second distribution.
+    pub fn uses_q(self) -> bool {
+        self != Measure::Entropy
+    }
+
+    /// Short name (`kl`, `ce`, `entropy`, `js`), as the command line spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Measure::KullbackLeibler => "kl",
+            Measure::CrossEntropy => "ce",
+            Measure::Entropy => "entropy",
+            Measure::JensenShannon => "js",
+        }
+    }
+}
+
+/// How the numbers in P and Q are to be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Input {
+    /// Probabilities: finite, ≥ 0. Taken as given (not renormalized) unless
+    /// [`Options::normalize`] is set.
+    #[default]
+    Probs,
+    /// Natural-log probabilities; −∞ is a legal value (probability 0). NaN and +∞ are errors.
+    LogProbs,
+    /// Raw scores; each row is passed through a numerically stable softmax inside the kernel
+    /// (never materialized). −∞ masks an entry; a row must have at least one finite logit.
+    Logits,
+}
+
+impl Input {
+    /// Short name (`probs`, `log-probs`, `logits`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Input::Probs => "probs",
+            Input::LogProbs => "log-probs",
+            Input::Logits => "logits",
+        }
+    }
+}
+
+/// Logarithm base of the results.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub enum Base {
+    /// Natural log: nats.
+    #[default]
+    E,
+    /// Base 2: bits.
+    Two,
+    /// Base 10: hartleys.
+    Ten,
+    /// Any other base b > 0, b ≠ 1.
+    Other(f64),
+}
+
+impl Base {
+    /// The factor that turns nats into this base: 1 / ln(b).
+    pub fn per_nat(self) -> Result<f64> {
+        let b = match self {
+            Base::E => return Ok(1.0),
+            Base::Two => 2.0,
+            Base::Ten => 10.0,
+            Base::Other(b) => b,
+        };
+        if !(b.is_finite() && b > 0.0 && b != 1.0) {
+            return Err(Error::InvalidArgument(format!(
+                "log base must be finite, > 0 and != 1, got {b}"
+            )));
+        }
+        Ok(1.0 / b.ln())
+    }
+}
+
+/// How per-row results are combined into one number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Reduction {
+    /// Keep one value per row.
+    #[default]
+    None,
+    /// Sum over rows.
+    Sum,
+    /// Mean over rows: the sum divided by the number of rows. This is PyTorch's
+    /// `reduction="batchmean"`, not a mean over all elements.
+    MeanOverRows,
+}
+
+impl Reduction {
+    /// Reduces per-row values in f64 with compensated summation; `None` for [`Reduction::None`].
+    ///
+    /// ```
+    /// use klgpu::Reduction;
+    /// assert_eq!(Reduction::MeanOverRows.apply(&[1.0, 2.0, 6.0]), Some(3.0));
+    /// assert_eq!(Reduction::None.apply(&[1.0]), None);
+    /// ```
+    pub fn apply(self, rows: &[f64]) -> Option<f64> {
+        let sum = || crate::cpu::compensated_sum(rows.iter().copied());
+        match self {
+            Reduction::None => None,
+            Reduction::Sum => Some(sum()),
+            Reduction::MeanOverRows => Some(sum() / rows.len() as f64),
+        }
+    }
+}
+
+/// Options shared by every computation.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct Options {
+    /// How to read the inputs.
+    pub input: Input,
+    /// Log base of the results.
+    pub base: Base,
+    /// Divide each row of probabilities by its sum first (costs one extra pass over the data).
+    /// Only meaningful for [`Input::Probs`]; log-probabilities are normalized by reading them as
+    /// [`Input::Logits`].
+    pub normalize: bool,
+}
+
+impl Options {
+    /// Options for the given input kind, natural log, no normalization.
+    pub fn input(input: Input) -> Self {
+        Options {
+            input,
+            ..Default::default()
+        }
+    }
+}
+
+/// Per-row results of a batched computation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowResults {
+    /// One value per row.
+    pub values: Vec<f64>,
+    /// For [`Input::Logits`] with two inputs: whether P's and Q's arg-max agree in each row
+    /// (llama.cpp's "same top p"); ties go to the lowest index.
+    pub top1_agree: Option<Vec<bool>>,
+}
+
+impl RowResults {
+    /// Fraction of rows whose arg-max agrees, if known.
+    pub fn top1_agreement(&self) -> Option<f64> {
+        let agree = self.top1_agree.as_ref()?;
+        if agree.is_empty() {
+            return None;
+        }
+        Some(agree.iter().filter(|&&a| a).count() as f64 / agree.len() as f64)
+    }
+}
