@@ -45,12 +45,26 @@ pub fn divergence(measure: Measure, p: &[f32], q: Option<&[f32]>, opts: &Options
 
 /// Per-row KL(P‖Q) of row-major `[rows × cols]` inputs.
 pub fn kl_divergence_rows(p: &[f32], q: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
-    Ok(rows(Measure::KullbackLeibler, p, Some(q), cols, &Options::input(input))?.values)
+    Ok(rows(
+        Measure::KullbackLeibler,
+        p,
+        Some(q),
+        cols,
+        &Options::input(input),
+    )?
+    .values)
 }
 
 /// Per-row cross-entropy H(P,Q).
 pub fn cross_entropy_rows(p: &[f32], q: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
-    Ok(rows(Measure::CrossEntropy, p, Some(q), cols, &Options::input(input))?.values)
+    Ok(rows(
+        Measure::CrossEntropy,
+        p,
+        Some(q),
+        cols,
+        &Options::input(input),
+    )?
+    .values)
 }
 
 /// Per-row entropy H(P).
@@ -60,7 +74,14 @@ pub fn entropy_rows(p: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
 
 /// Per-row Jensen–Shannon divergence.
 pub fn js_divergence_rows(p: &[f32], q: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
-    Ok(rows(Measure::JensenShannon, p, Some(q), cols, &Options::input(input))?.values)
+    Ok(rows(
+        Measure::JensenShannon,
+        p,
+        Some(q),
+        cols,
+        &Options::input(input),
+    )?
+    .values)
 }
 
 /// Per-row values of any measure, with top-1 agreement for two-input logits.
@@ -232,9 +253,11 @@ fn row_value(measure: Measure, opts: &Options, p: &[f32], q: &[f32]) -> f64 {
                     .map(|(&a, &b)| prob_term(measure, a as f64 * sp, b as f64 * sq)),
             )
         }
-        Input::LogProbs => {
-            compensated_sum(p.iter().zip(q).map(|(&a, &b)| log_term(measure, a as f64, b as f64)))
-        }
+        Input::LogProbs => compensated_sum(
+            p.iter()
+                .zip(q)
+                .map(|(&a, &b)| log_term(measure, a as f64, b as f64)),
+        ),
         Input::Logits => {
             let (lp, lq) = (log_sum_exp(p), log_sum_exp(q));
             compensated_sum(
@@ -246,14 +269,31 @@ fn row_value(measure: Measure, opts: &Options, p: &[f32], q: &[f32]) -> f64 {
     }
 }
 
+/// ln(a/b) for a, b > 0 (widened f32, so a/b neither overflows nor underflows): through
+/// ln_1p((a−b)/b) near 1, where a − b is exact and ln(a/b) would lose digits.
+fn ln_ratio(a: f64, b: f64) -> f64 {
+    let r = a / b;
+    if (0.5..=2.0).contains(&r) {
+        ((a - b) / b).ln_1p()
+    } else {
+        r.ln()
+    }
+}
+
 /// The per-element term for probabilities p, q.
 fn prob_term(measure: Measure, p: f64, q: f64) -> f64 {
-    // x·ln(x/m) with m = (x+y)/2, written as x·ln1p((x−y)/(x+y)) so it does not cancel.
-    let js_half = |x: f64, y: f64| if x == 0.0 { 0.0 } else { x * ((x - y) / (x + y)).ln_1p() };
+    // x·ln(x/m) with m = (x+y)/2: x·ln_ratio(2x, x+y).
+    let js_half = |x: f64, y: f64| {
+        if x == 0.0 {
+            0.0
+        } else {
+            x * ln_ratio(2.0 * x, x + y)
+        }
+    };
     match measure {
         Measure::KullbackLeibler | Measure::CrossEntropy if p > 0.0 && q == 0.0 => f64::INFINITY,
         _ if p == 0.0 && measure != Measure::JensenShannon => 0.0,
-        Measure::KullbackLeibler => p * ((p - q) / q).ln_1p(),
+        Measure::KullbackLeibler => p * ln_ratio(p, q),
         Measure::CrossEntropy => -p * q.ln(),
         Measure::Entropy => -p * p.ln(),
         Measure::JensenShannon => 0.5 * (js_half(p, q) + js_half(q, p)),
@@ -336,8 +376,14 @@ mod tests {
     #[test]
     fn conventions_at_zero() {
         assert_eq!(kl_divergence(&[0.0, 1.0], &[0.0, 1.0]).unwrap(), 0.0);
-        assert_eq!(kl_divergence(&[0.5, 0.5], &[1.0, 0.0]).unwrap(), f64::INFINITY);
-        assert_eq!(cross_entropy(&[0.5, 0.5], &[1.0, 0.0]).unwrap(), f64::INFINITY);
+        assert_eq!(
+            kl_divergence(&[0.5, 0.5], &[1.0, 0.0]).unwrap(),
+            f64::INFINITY
+        );
+        assert_eq!(
+            cross_entropy(&[0.5, 0.5], &[1.0, 0.0]).unwrap(),
+            f64::INFINITY
+        );
         assert_eq!(kl_divergence(&[0.0, 1.0], &[0.5, 0.5]).unwrap(), 2f64.ln());
     }
 
@@ -363,17 +409,42 @@ mod tests {
         let err = kl_divergence(&[0.5, 0.5, f32::NAN], &[0.5, -1.0, 0.5]).unwrap_err();
         assert!(matches!(
             err,
-            Error::InvalidValue { side: Side::Q, index: 1, problem: Problem::Negative, .. }
+            Error::InvalidValue {
+                side: Side::Q,
+                index: 1,
+                problem: Problem::Negative,
+                ..
+            }
         ));
-        let err = kl_divergence_rows(&[0.0, 0.0, f32::NEG_INFINITY, f32::NEG_INFINITY], &[0.0; 4], 2, Input::Logits)
-            .unwrap_err();
+        let err = kl_divergence_rows(
+            &[0.0, 0.0, f32::NEG_INFINITY, f32::NEG_INFINITY],
+            &[0.0; 4],
+            2,
+            Input::Logits,
+        )
+        .unwrap_err();
         assert!(matches!(
             err,
-            Error::InvalidValue { side: Side::P, row: 1, col: 0, problem: Problem::EmptyRow, .. }
+            Error::InvalidValue {
+                side: Side::P,
+                row: 1,
+                col: 0,
+                problem: Problem::EmptyRow,
+                ..
+            }
         ));
         assert!(matches!(kl_divergence(&[], &[]), Err(Error::EmptyInput)));
-        assert!(matches!(kl_divergence(&[1.0], &[0.5, 0.5]), Err(Error::LengthMismatch { .. })));
-        assert!(matches!(kl_divergence_rows(&[1.0; 3], &[1.0; 3], 2, Input::Probs), Err(Error::RaggedRows { .. })));
-        assert!(matches!(kl_divergence_rows(&[1.0; 3], &[1.0; 3], 0, Input::Probs), Err(Error::ZeroColumns)));
+        assert!(matches!(
+            kl_divergence(&[1.0], &[0.5, 0.5]),
+            Err(Error::LengthMismatch { .. })
+        ));
+        assert!(matches!(
+            kl_divergence_rows(&[1.0; 3], &[1.0; 3], 2, Input::Probs),
+            Err(Error::RaggedRows { .. })
+        ));
+        assert!(matches!(
+            kl_divergence_rows(&[1.0; 3], &[1.0; 3], 0, Input::Probs),
+            Err(Error::ZeroColumns)
+        ));
     }
 }

@@ -94,7 +94,13 @@ pub fn pick_adapter(infos: &[wgpu::AdapterInfo], wanted: Option<&str>) -> Result
             });
     }
     (0..infos.len())
-        .min_by_key(|&i| (type_rank(infos[i].device_type), backend_rank(infos[i].backend), i))
+        .min_by_key(|&i| {
+            (
+                type_rank(infos[i].device_type),
+                backend_rank(infos[i].backend),
+                i,
+            )
+        })
         .ok_or_else(|| Error::NoAdapter {
             details: "wgpu enumerated no adapters".into(),
         })
@@ -113,7 +119,8 @@ fn describe(infos: &[wgpu::AdapterInfo]) -> String {
 
 /// The adapters wgpu sees (honouring `WGPU_BACKEND`), and the index klgpu would pick.
 pub fn list_adapters() -> (Vec<wgpu::AdapterInfo>, Result<usize>) {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
     let infos: Vec<_> = adapters.iter().map(|a| a.get_info()).collect();
     let wanted = std::env::var("WGPU_ADAPTER_NAME").ok();
@@ -167,7 +174,12 @@ impl Engine {
                 ..Default::default()
             })
             .await
-            .map_err(|e| Error::Gpu(format!("requesting a device from {}: {e}", adapter.get_info().name)))?;
+            .map_err(|e| {
+                Error::Gpu(format!(
+                    "requesting a device from {}: {e}",
+                    adapter.get_info().name
+                ))
+            })?;
         Engine::build(device, queue, adapter.get_info(), &options)
     }
 
@@ -259,7 +271,8 @@ impl Engine {
 
     /// Async twin of [`Engine::kl_divergence`].
     pub async fn kl_divergence_async(&self, p: &[f32], q: &[f32]) -> Result<f64> {
-        self.divergence_async(Measure::KullbackLeibler, p, Some(q), &Options::default()).await
+        self.divergence_async(Measure::KullbackLeibler, p, Some(q), &Options::default())
+            .await
     }
 
     /// Cross-entropy H(P,Q) = −Σ p·ln q, in nats. Errors as [`Engine::kl_divergence`].
@@ -269,7 +282,8 @@ impl Engine {
 
     /// Async twin of [`Engine::cross_entropy`].
     pub async fn cross_entropy_async(&self, p: &[f32], q: &[f32]) -> Result<f64> {
-        self.divergence_async(Measure::CrossEntropy, p, Some(q), &Options::default()).await
+        self.divergence_async(Measure::CrossEntropy, p, Some(q), &Options::default())
+            .await
     }
 
     /// Entropy H(P) = −Σ p·ln p, in nats. Errors as [`Engine::kl_divergence`].
@@ -279,7 +293,8 @@ impl Engine {
 
     /// Async twin of [`Engine::entropy`].
     pub async fn entropy_async(&self, p: &[f32]) -> Result<f64> {
-        self.divergence_async(Measure::Entropy, p, None, &Options::default()).await
+        self.divergence_async(Measure::Entropy, p, None, &Options::default())
+            .await
     }
 
     /// Jensen–Shannon divergence ½KL(P‖M) + ½KL(Q‖M), M = (P+Q)/2, in nats; in [0, ln 2]
@@ -290,7 +305,8 @@ impl Engine {
 
     /// Async twin of [`Engine::js_divergence`].
     pub async fn js_divergence_async(&self, p: &[f32], q: &[f32]) -> Result<f64> {
-        self.divergence_async(Measure::JensenShannon, p, Some(q), &Options::default()).await
+        self.divergence_async(Measure::JensenShannon, p, Some(q), &Options::default())
+            .await
     }
 
     /// Any measure of one distribution (pair) with options: input kind, log base,
@@ -304,8 +320,15 @@ impl Engine {
     /// assert!((h - 2.0).abs() < 1e-6);
     /// # Ok::<(), klgpu::Error>(())
     /// ```
-    pub fn divergence(&self, measure: Measure, p: &[f32], q: Option<&[f32]>, opts: &Options) -> Result<f64> {
-        pollster::block_on(self.compute(measure, p, q, p.len().max(1), opts, true)).map(|r| r.values[0])
+    pub fn divergence(
+        &self,
+        measure: Measure,
+        p: &[f32],
+        q: Option<&[f32]>,
+        opts: &Options,
+    ) -> Result<f64> {
+        pollster::block_on(self.compute(measure, p, q, p.len().max(1), opts, true))
+            .map(|r| r.values[0])
     }
 
     /// Async twin of [`Engine::divergence`].
@@ -316,7 +339,9 @@ impl Engine {
         q: Option<&[f32]>,
         opts: &Options,
     ) -> Result<f64> {
-        self.compute(measure, p, q, p.len().max(1), opts, false).await.map(|r| r.values[0])
+        self.compute(measure, p, q, p.len().max(1), opts, false)
+            .await
+            .map(|r| r.values[0])
     }
 
     /// Per-row values of any measure over row-major `[rows × cols]` inputs, with top-1
@@ -356,43 +381,140 @@ impl Engine {
     }
 
     /// Per-row KL(P‖Q) of `[rows × cols]` inputs read as `input`. Blocking.
-    pub fn kl_divergence_rows(&self, p: &[f32], q: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
-        Ok(self.rows(Measure::KullbackLeibler, p, Some(q), cols, &Options::input(input))?.values)
+    pub fn kl_divergence_rows(
+        &self,
+        p: &[f32],
+        q: &[f32],
+        cols: usize,
+        input: Input,
+    ) -> Result<Vec<f64>> {
+        Ok(self
+            .rows(
+                Measure::KullbackLeibler,
+                p,
+                Some(q),
+                cols,
+                &Options::input(input),
+            )?
+            .values)
     }
 
     /// Per-row cross-entropy H(P,Q). Blocking.
-    pub fn cross_entropy_rows(&self, p: &[f32], q: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
-        Ok(self.rows(Measure::CrossEntropy, p, Some(q), cols, &Options::input(input))?.values)
+    pub fn cross_entropy_rows(
+        &self,
+        p: &[f32],
+        q: &[f32],
+        cols: usize,
+        input: Input,
+    ) -> Result<Vec<f64>> {
+        Ok(self
+            .rows(
+                Measure::CrossEntropy,
+                p,
+                Some(q),
+                cols,
+                &Options::input(input),
+            )?
+            .values)
     }
 
     /// Per-row entropy H(P). Blocking.
     pub fn entropy_rows(&self, p: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
-        Ok(self.rows(Measure::Entropy, p, None, cols, &Options::input(input))?.values)
+        Ok(self
+            .rows(Measure::Entropy, p, None, cols, &Options::input(input))?
+            .values)
     }
 
     /// Per-row Jensen–Shannon divergence. Blocking.
-    pub fn js_divergence_rows(&self, p: &[f32], q: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
-        Ok(self.rows(Measure::JensenShannon, p, Some(q), cols, &Options::input(input))?.values)
+    pub fn js_divergence_rows(
+        &self,
+        p: &[f32],
+        q: &[f32],
+        cols: usize,
+        input: Input,
+    ) -> Result<Vec<f64>> {
+        Ok(self
+            .rows(
+                Measure::JensenShannon,
+                p,
+                Some(q),
+                cols,
+                &Options::input(input),
+            )?
+            .values)
     }
 
     /// Async twin of [`Engine::kl_divergence_rows`].
-    pub async fn kl_divergence_rows_async(&self, p: &[f32], q: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
-        Ok(self.rows_async(Measure::KullbackLeibler, p, Some(q), cols, &Options::input(input)).await?.values)
+    pub async fn kl_divergence_rows_async(
+        &self,
+        p: &[f32],
+        q: &[f32],
+        cols: usize,
+        input: Input,
+    ) -> Result<Vec<f64>> {
+        Ok(self
+            .rows_async(
+                Measure::KullbackLeibler,
+                p,
+                Some(q),
+                cols,
+                &Options::input(input),
+            )
+            .await?
+            .values)
     }
 
     /// Async twin of [`Engine::cross_entropy_rows`].
-    pub async fn cross_entropy_rows_async(&self, p: &[f32], q: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
-        Ok(self.rows_async(Measure::CrossEntropy, p, Some(q), cols, &Options::input(input)).await?.values)
+    pub async fn cross_entropy_rows_async(
+        &self,
+        p: &[f32],
+        q: &[f32],
+        cols: usize,
+        input: Input,
+    ) -> Result<Vec<f64>> {
+        Ok(self
+            .rows_async(
+                Measure::CrossEntropy,
+                p,
+                Some(q),
+                cols,
+                &Options::input(input),
+            )
+            .await?
+            .values)
     }
 
     /// Async twin of [`Engine::entropy_rows`].
-    pub async fn entropy_rows_async(&self, p: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
-        Ok(self.rows_async(Measure::Entropy, p, None, cols, &Options::input(input)).await?.values)
+    pub async fn entropy_rows_async(
+        &self,
+        p: &[f32],
+        cols: usize,
+        input: Input,
+    ) -> Result<Vec<f64>> {
+        Ok(self
+            .rows_async(Measure::Entropy, p, None, cols, &Options::input(input))
+            .await?
+            .values)
     }
 
     /// Async twin of [`Engine::js_divergence_rows`].
-    pub async fn js_divergence_rows_async(&self, p: &[f32], q: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
-        Ok(self.rows_async(Measure::JensenShannon, p, Some(q), cols, &Options::input(input)).await?.values)
+    pub async fn js_divergence_rows_async(
+        &self,
+        p: &[f32],
+        q: &[f32],
+        cols: usize,
+        input: Input,
+    ) -> Result<Vec<f64>> {
+        Ok(self
+            .rows_async(
+                Measure::JensenShannon,
+                p,
+                Some(q),
+                cols,
+                &Options::input(input),
+            )
+            .await?
+            .values)
     }
 
     /// Validate → plan → launch → check flags → results.
@@ -458,7 +580,11 @@ fn check_status(readback: &Readback, locate: impl FnOnce() -> Option<Error>) -> 
 mod tests {
     use super::*;
 
-    fn info(name: &str, device_type: wgpu::DeviceType, backend: wgpu::Backend) -> wgpu::AdapterInfo {
+    fn info(
+        name: &str,
+        device_type: wgpu::DeviceType,
+        backend: wgpu::Backend,
+    ) -> wgpu::AdapterInfo {
         wgpu::AdapterInfo {
             name: name.into(),
             device_type,
@@ -471,13 +597,20 @@ mod tests {
     fn hardware_before_software_and_vulkan_before_gl() {
         let infos = [
             info("llvmpipe", wgpu::DeviceType::Cpu, wgpu::Backend::Vulkan),
-            info("H100 (GL)", wgpu::DeviceType::DiscreteGpu, wgpu::Backend::Gl),
+            info(
+                "H100 (GL)",
+                wgpu::DeviceType::DiscreteGpu,
+                wgpu::Backend::Gl,
+            ),
             info("H100", wgpu::DeviceType::DiscreteGpu, wgpu::Backend::Vulkan),
         ];
         assert_eq!(pick_adapter(&infos, None).unwrap(), 2);
         assert_eq!(pick_adapter(&infos, Some("LLVM")).unwrap(), 0);
         let err = pick_adapter(&infos, Some("radeon")).unwrap_err();
         assert!(err.to_string().contains("llvmpipe"), "{err}");
-        assert!(matches!(pick_adapter(&[], None), Err(Error::NoAdapter { .. })));
+        assert!(matches!(
+            pick_adapter(&[], None),
+            Err(Error::NoAdapter { .. })
+        ));
     }
 }

@@ -157,7 +157,10 @@ pub(crate) fn shader_source(monoid: &str, subgroups: bool) -> String {
         .replace("//SUBGROUP_STAGE_MONOID", stage)
         .replace("MONOID", monoid);
     let kernels = match monoid {
-        "Acc" => concat!(include_str!("../shaders/terms.wgsl"), include_str!("../shaders/kernels_sum.wgsl")),
+        "Acc" => concat!(
+            include_str!("../shaders/terms.wgsl"),
+            include_str!("../shaders/kernels_sum.wgsl")
+        ),
         _ => include_str!("../shaders/kernels_lse.wgsl"),
     };
     let (sg_params, sg_value) = if subgroups {
@@ -273,7 +276,11 @@ impl Kernels {
                 .entry((stage.monoid(), subgroups))
                 .or_insert_with(|| {
                     device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                        label: Some(if stage.monoid() == "Acc" { "klgpu.sums" } else { "klgpu.lse" }),
+                        label: Some(if stage.monoid() == "Acc" {
+                            "klgpu.sums"
+                        } else {
+                            "klgpu.lse"
+                        }),
                         source: wgpu::ShaderSource::Wgsl(
                             shader_source(stage.monoid(), subgroups).into(),
                         ),

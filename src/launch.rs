@@ -51,10 +51,11 @@ pub(crate) fn visits(plan: &Plan, job: &Job) -> Vec<(usize, Passes)> {
     while i < plan.windows.len() {
         let w = &plan.windows[i];
         if job.prepass.is_some() && w.split.is_some() {
-            let end = i + plan.windows[i..]
-                .iter()
-                .position(|w| w.split.is_some_and(|s| s.last))
-                .unwrap_or(0)
+            let end = i
+                + plan.windows[i..]
+                    .iter()
+                    .position(|w| w.split.is_some_and(|s| s.last))
+                    .unwrap_or(0)
                 + 1;
             out.extend((i..end).map(|k| (k, Passes::Pre)));
             out.extend((i..end).map(|k| (k, Passes::Main)));
@@ -80,7 +81,12 @@ pub(crate) struct Scratch {
     readback: wgpu::Buffer,
 }
 
-fn buffer(device: &wgpu::Device, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+fn buffer(
+    device: &wgpu::Device,
+    label: &str,
+    size: u64,
+    usage: wgpu::BufferUsages,
+) -> wgpu::Buffer {
     device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
         size: size.max(16).div_ceil(16) * 16,
@@ -135,8 +141,20 @@ impl Scratch {
     /// Grows every buffer to what `plan` needs (host uploads use the window buffers).
     fn prepare(&mut self, device: &wgpu::Device, plan: &Plan, host_windows: bool, uses_q: bool) {
         let rows = plan.rows;
-        ensure(device, &mut self.partials, "klgpu.partials", plan.max_partials() * MONOID_BYTES, STORAGE);
-        ensure(device, &mut self.row_lse, "klgpu.row_lse", plan.max_window_rows() as u64 * MONOID_BYTES, STORAGE);
+        ensure(
+            device,
+            &mut self.partials,
+            "klgpu.partials",
+            plan.max_partials() * MONOID_BYTES,
+            STORAGE,
+        );
+        ensure(
+            device,
+            &mut self.row_lse,
+            "klgpu.row_lse",
+            plan.max_window_rows() as u64 * MONOID_BYTES,
+            STORAGE,
+        );
         ensure(device, &mut self.out, "klgpu.out", rows * 4, STORAGE);
         ensure(device, &mut self.agree, "klgpu.agree", rows * 4, STORAGE);
         ensure(
@@ -171,7 +189,10 @@ impl ScratchPool {
     }
 
     fn put(&self, scratch: Scratch) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(scratch);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(scratch);
     }
 }
 
@@ -302,7 +323,11 @@ impl Gpu {
             out_base: 0,
             window_id: window_id as u32,
             mode,
-            subgroup_width: if self.subgroups() { self.subgroup_width } else { 1 },
+            subgroup_width: if self.subgroups() {
+                self.subgroup_width
+            } else {
+                1
+            },
             out_scale: per_nat,
             _pad: [0; 2],
         }
@@ -387,21 +412,38 @@ impl Gpu {
         };
         if passes != Passes::Main {
             match job.prepass {
-                Some(Prepass::Lse) => {
-                    add(Stage::Lse, Stage::CombineLse, job.term, InputCode::Logits, final_mode(false))
-                }
-                Some(Prepass::Sums) => {
-                    add(Stage::Terms, Stage::Combine, Term::Sums, InputCode::Probs, final_mode(true))
-                }
+                Some(Prepass::Lse) => add(
+                    Stage::Lse,
+                    Stage::CombineLse,
+                    job.term,
+                    InputCode::Logits,
+                    final_mode(false),
+                ),
+                Some(Prepass::Sums) => add(
+                    Stage::Terms,
+                    Stage::Combine,
+                    Term::Sums,
+                    InputCode::Probs,
+                    final_mode(true),
+                ),
                 None => {}
             }
         }
         if passes != Passes::Pre {
-            add(Stage::Terms, Stage::Combine, job.term, job.input, final_mode(false));
+            add(
+                Stage::Terms,
+                Stage::Combine,
+                job.term,
+                job.input,
+                final_mode(false),
+            );
         }
         let layout_of = |is_combine: bool| {
             if is_combine {
-                (window.combine.unwrap_or(window.terms), Some(window.terms.chunks))
+                (
+                    window.combine.unwrap_or(window.terms),
+                    Some(window.terms.chunks),
+                )
             } else {
                 (window.terms, None)
             }
@@ -424,9 +466,15 @@ impl Gpu {
         });
         for (k, &(stage, term, input, _, is_combine)) in dispatches.iter().enumerate() {
             let (layout, _) = layout_of(is_combine);
-            let pipeline = self.kernels.pipeline(&self.device, stage, term, input, subgroups);
+            let pipeline = self
+                .kernels
+                .pipeline(&self.device, stage, term, input, subgroups);
             pass.set_pipeline(&pipeline);
-            pass.set_bind_group(0, &bind_group, &[(slot_base + k as u64 * PARAM_SLOT) as u32]);
+            pass.set_bind_group(
+                0,
+                &bind_group,
+                &[(slot_base + k as u64 * PARAM_SLOT) as u32],
+            );
             let [x, y, z] = layout.workgroups();
             pass.dispatch_workgroups(x, y, z);
         }
@@ -443,7 +491,9 @@ impl Gpu {
         blocking: bool,
     ) -> Result<Readback> {
         let mut scratch = self.scratch.take(&self.device);
-        let result = self.run_host_with(&mut scratch, job, plan, p, q, blocking).await;
+        let result = self
+            .run_host_with(&mut scratch, job, plan, p, q, blocking)
+            .await;
         if result.is_ok() {
             self.scratch.put(scratch);
         }
@@ -470,16 +520,22 @@ impl Gpu {
             let window = &plan.windows[wi];
             let slot = k % 2;
             let submitted = self.scoped(|| {
-                let range = window.elem_start as usize..(window.elem_start + window.elem_len) as usize;
+                let range =
+                    window.elem_start as usize..(window.elem_start + window.elem_len) as usize;
                 let upload = |side: usize, data: &[f32]| {
-                    let buffer = scratch.windows[side][slot].as_ref().expect("prepared window");
-                    self.queue.write_buffer(buffer, 0, bytemuck::cast_slice(&data[range.clone()]));
+                    let buffer = scratch.windows[side][slot]
+                        .as_ref()
+                        .expect("prepared window");
+                    self.queue
+                        .write_buffer(buffer, 0, bytemuck::cast_slice(&data[range.clone()]));
                     buffer
                 };
                 let wp = upload(0, p);
                 let wq = if uses_q { upload(1, q) } else { wp };
-                let (out, out_base) = aligned_binding(&scratch.out, 0, window.row_begin, window.rows as u64, 256);
-                let (agree, _) = aligned_binding(&scratch.agree, 0, window.row_begin, window.rows as u64, 256);
+                let (out, out_base) =
+                    aligned_binding(&scratch.out, 0, window.row_begin, window.rows as u64, 256);
+                let (agree, _) =
+                    aligned_binding(&scratch.agree, 0, window.row_begin, window.rows as u64, 256);
                 let bindings = WindowBindings {
                     p: wp.as_entire_buffer_binding(),
                     q: wq.as_entire_buffer_binding(),
@@ -488,18 +544,30 @@ impl Gpu {
                     agree,
                     out_base,
                 };
-                let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("klgpu.host_window"),
-                });
+                let mut encoder =
+                    self.device
+                        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                            label: Some("klgpu.host_window"),
+                        });
                 let slot_base = slot as u64 * SLOTS_PER_WINDOW * PARAM_SLOT;
-                self.encode_window(&mut encoder, scratch, job, window, wi, passes, &bindings, slot_base);
+                self.encode_window(
+                    &mut encoder,
+                    scratch,
+                    job,
+                    window,
+                    wi,
+                    passes,
+                    &bindings,
+                    slot_base,
+                );
                 self.queue.submit([encoder.finish()])
             })?;
             if let Some(index) = previous.replace(submitted) {
                 self.wait(index, blocking).await?;
             }
         }
-        self.read_back(scratch, plan.rows, job.agree, blocking).await
+        self.read_back(scratch, plan.rows, job.agree, blocking)
+            .await
     }
 
     /// Copies status, values and agreement into the readback buffer and maps it.
@@ -512,13 +580,21 @@ impl Gpu {
     ) -> Result<Readback> {
         let bytes = rows * 4;
         let index = self.scoped(|| {
-            let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("klgpu.readback"),
-            });
+            let mut encoder = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("klgpu.readback"),
+                });
             encoder.copy_buffer_to_buffer(&scratch.status, 0, &scratch.readback, 0, 16);
             encoder.copy_buffer_to_buffer(&scratch.out, 0, &scratch.readback, 16, bytes);
             if agree {
-                encoder.copy_buffer_to_buffer(&scratch.agree, 0, &scratch.readback, 16 + bytes, bytes);
+                encoder.copy_buffer_to_buffer(
+                    &scratch.agree,
+                    0,
+                    &scratch.readback,
+                    16 + bytes,
+                    bytes,
+                );
             }
             self.queue.submit([encoder.finish()])
         })?;

@@ -304,9 +304,25 @@ mod tests {
         let plan = Plan::new(1, n, LAVAPIPE);
         assert_eq!(plan.windows.len(), 2);
         assert_eq!(covered(&plan), n);
-        assert!(plan.windows.iter().all(|w| w.elem_len <= LAVAPIPE.window_elems));
-        assert_eq!(plan.windows[0].split, Some(SplitPart { first: true, last: false }));
-        assert_eq!(plan.windows[1].split, Some(SplitPart { first: false, last: true }));
+        assert!(
+            plan.windows
+                .iter()
+                .all(|w| w.elem_len <= LAVAPIPE.window_elems)
+        );
+        assert_eq!(
+            plan.windows[0].split,
+            Some(SplitPart {
+                first: true,
+                last: false
+            })
+        );
+        assert_eq!(
+            plan.windows[1].split,
+            Some(SplitPart {
+                first: false,
+                last: true
+            })
+        );
         assert_eq!(plan.windows[1].col_begin % WINDOW_GRANULE, 0);
     }
 

@@ -1,0 +1,134 @@
+//! Shared helpers for the GPU tests: one engine per test binary, seeded data generators,
+//! and the precision bar.
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use klgpu::{Engine, EngineOptions};
+use rand::prelude::*;
+use rand_distr::Gamma;
+
+/// The engine every test shares (tests run on parallel threads: this also exercises
+/// concurrent use). No adapter is a hard failure, never a skip.
+pub fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        Engine::new()
+            .unwrap_or_else(|e| panic!("klgpu tests need a GPU adapter (lavapipe counts): {e}"))
+    })
+}
+
+/// An engine with tiny windows (4 KiB per input): streaming paths on small data.
+pub fn small_window_engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        Engine::with_options(EngineOptions {
+            window_bytes: 4096,
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("klgpu tests need a GPU adapter: {e}"))
+    })
+}
+
+/// The shared-memory reduction path, whatever the adapter supports.
+pub fn shared_memory_engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        Engine::with_options(EngineOptions {
+            subgroups: false,
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("klgpu tests need a GPU adapter: {e}"))
+    })
+}
+
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+/// `rows` Dirichlet(α) rows of length `cols`, normalized in f64 and rounded to f32.
+pub fn dirichlet(rng: &mut StdRng, rows: usize, cols: usize, alpha: f64) -> Vec<f32> {
+    let gamma = Gamma::new(alpha, 1.0).expect("alpha > 0");
+    let mut out = Vec::with_capacity(rows * cols);
+    let mut row = vec![0f64; cols];
+    for _ in 0..rows {
+        // Very small α underflows Gamma samples to 0; keep at least one positive entry.
+        for x in row.iter_mut() {
+            *x = rng.sample(gamma);
+        }
+        if row.iter().all(|&x| x == 0.0) {
+            row[0] = 1.0;
+        }
+        let sum: f64 = row.iter().sum();
+        out.extend(row.iter().map(|&x| (x / sum) as f32));
+    }
+    out
+}
+
+/// A distribution with `zero_fraction` of its entries exactly 0.
+pub fn sparse(rng: &mut StdRng, n: usize, zero_fraction: f64) -> Vec<f32> {
+    let mut v: Vec<f64> = (0..n)
+        .map(|_| {
+            if rng.random::<f64>() < zero_fraction {
+                0.0
+            } else {
+                rng.random::<f64>() + 1e-3
+            }
+        })
+        .collect();
+    if v.iter().all(|&x| x == 0.0) {
+        v[0] = 1.0;
+    }
+    let sum: f64 = v.iter().sum();
+    v.iter().map(|&x| (x / sum) as f32).collect()
+}
+
+/// Q = P·exp(δ·z), renormalized in f64: KL(P‖Q) ≈ δ²·Var(z)/2.
+pub fn perturbed(rng: &mut StdRng, p: &[f32], delta: f64) -> Vec<f32> {
+    let q: Vec<f64> = p
+        .iter()
+        .map(|&x| x as f64 * (delta * (rng.random::<f64>() * 2.0 - 1.0)).exp())
+        .collect();
+    let sum: f64 = q.iter().sum();
+    q.iter().map(|&x| (x / sum) as f32).collect()
+}
+
+/// Standard-normal-ish logits scaled to `scale`.
+pub fn logits(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let u: f32 = rng.random::<f32>() + rng.random::<f32>() + rng.random::<f32>() - 1.5;
+            u * 2.0 * scale
+        })
+        .collect()
+}
+
+/// The precision bar of the issues: relative 1e-5, or absolute 1e-11 where |exact| < 1e-6.
+/// Infinities must match exactly.
+pub fn assert_close(gpu: f64, exact: f64, what: &str) {
+    if exact.is_infinite() || gpu.is_infinite() {
+        assert_eq!(gpu, exact, "{what}: gpu {gpu} vs exact {exact}");
+        return;
+    }
+    let err = (gpu - exact).abs();
+    if exact.abs() < 1e-6 {
+        assert!(
+            err <= 1e-11,
+            "{what}: gpu {gpu:e} vs exact {exact:e}, abs err {err:e} > 1e-11"
+        );
+    } else {
+        let rel = err / exact.abs();
+        assert!(
+            rel <= 1e-5,
+            "{what}: gpu {gpu:e} vs exact {exact:e}, rel err {rel:e} > 1e-5"
+        );
+    }
+}
+
+/// Element-wise [`assert_close`] over rows; prints the first failing row.
+pub fn assert_rows_close(gpu: &[f64], exact: &[f64], what: &str) {
+    assert_eq!(gpu.len(), exact.len(), "{what}: row count");
+    for (i, (&g, &e)) in gpu.iter().zip(exact).enumerate() {
+        assert_close(g, e, &format!("{what}, row {i}"));
+    }
+}

@@ -1,0 +1,378 @@
+//! [core]: single distributions on the GPU against the f64 reference, properties, edges and
+//! errors. Runs on whatever adapter `Engine::new` picks (lavapipe in CI).
+
+mod common;
+
+use common::*;
+use klgpu::{Base, Error, Measure, Options, Problem, Side, cpu};
+use proptest::prelude::*;
+
+fn q_for(m: Measure, q: &[f32]) -> Option<&[f32]> {
+    m.uses_q().then_some(q)
+}
+
+/// All four measures on the GPU against the reference.
+fn check_all(p: &[f32], q: &[f32], what: &str) {
+    for m in Measure::ALL {
+        let opts = Options::default();
+        let gpu = engine().divergence(m, p, q_for(m, q), &opts).unwrap();
+        let exact = cpu::divergence(m, p, q_for(m, q), &opts).unwrap();
+        assert_close(gpu, exact, &format!("{what} {m:?}"));
+    }
+}
+
+#[test]
+fn sizes_around_workgroup_and_dispatch_boundaries() {
+    let mut r = rng(1);
+    for n in [1usize, 2, 255, 256, 257, 65535, 65537, 1_000_000] {
+        for alpha in [0.01, 1.0, 100.0] {
+            let p = dirichlet(&mut r, 1, n, alpha);
+            let q = dirichlet(&mut r, 1, n, alpha);
+            check_all(&p, &q, &format!("N={n} alpha={alpha}"));
+        }
+    }
+}
+
+#[test]
+fn forty_million_elements_stream_through_windows() {
+    // Larger than lavapipe's 128 MiB binding (33,554,432 f32) and than one default window;
+    // a naive one-workgroup loop would also cross llvmpipe's 65535-iteration cap.
+    let n = 40_000_000;
+    assert!(n as u64 > engine().window_elems());
+    let mut r = rng(2);
+    let p = dirichlet(&mut r, 1, n, 1.0);
+    let q = perturbed(&mut r, &p, 0.5);
+    check_all(&p, &q, "N=4e7");
+}
+
+#[test]
+fn ninety_percent_zeros() {
+    let mut r = rng(3);
+    for n in [1000, 300_000] {
+        let p = sparse(&mut r, n, 0.9);
+        let q = sparse(&mut r, n, 0.9);
+        // Q has zeros where P has mass: KL and CE are +∞, JS finite.
+        check_all(&p, &q, &format!("sparse N={n}"));
+        let q_full = dirichlet(&mut r, 1, n, 1.0);
+        check_all(&p, &q_full, &format!("sparse P, dense Q, N={n}"));
+    }
+}
+
+#[test]
+fn near_identical_pairs_with_kl_about_1e_minus_9() {
+    let mut r = rng(4);
+    for n in [1000, 1_000_000] {
+        let p = dirichlet(&mut r, 1, n, 1.0);
+        let q = perturbed(&mut r, &p, 7e-5);
+        let exact = cpu::kl_divergence(&p, &q).unwrap();
+        assert!(exact > 1e-10 && exact < 1e-8, "test data: KL = {exact:e}");
+        check_all(&p, &q, &format!("near-identical N={n}"));
+    }
+}
+
+#[test]
+fn identical_inputs_give_exactly_zero() {
+    let mut r = rng(5);
+    let p = dirichlet(&mut r, 1, 100_000, 0.5);
+    let e = engine();
+    assert_eq!(e.kl_divergence(&p, &p).unwrap(), 0.0);
+    assert_eq!(e.js_divergence(&p, &p).unwrap(), 0.0);
+    let ce = e.cross_entropy(&p, &p).unwrap();
+    assert_close(ce, e.entropy(&p).unwrap(), "H(P,P) = H(P)");
+}
+
+#[test]
+fn the_lectures_properties_hold() {
+    let mut r = rng(6);
+    let e = engine();
+    for _ in 0..5 {
+        let p = dirichlet(&mut r, 1, 5000, 0.3);
+        let q = dirichlet(&mut r, 1, 5000, 0.3);
+        let kl_pq = e.kl_divergence(&p, &q).unwrap();
+        let kl_qp = e.kl_divergence(&q, &p).unwrap();
+        assert!(kl_pq > 0.0 && kl_qp > 0.0);
+        assert!(
+            (kl_pq - kl_qp).abs() > 1e-3 * kl_pq,
+            "KL is not symmetric: {kl_pq} {kl_qp}"
+        );
+        let ce = e.cross_entropy(&p, &q).unwrap();
+        let h = e.entropy(&p).unwrap();
+        assert!(
+            (ce - (h + kl_pq)).abs() <= 1e-5 * ce,
+            "H(P,Q) = H(P) + KL(P‖Q): {ce} vs {h} + {kl_pq}"
+        );
+        let js_pq = e.js_divergence(&p, &q).unwrap();
+        let js_qp = e.js_divergence(&q, &p).unwrap();
+        assert!(
+            (js_pq - js_qp).abs() <= 1e-6 * js_pq,
+            "JS symmetric: {js_pq} {js_qp}"
+        );
+        assert!(js_pq > 0.0 && js_pq <= std::f64::consts::LN_2);
+    }
+    // Disjoint supports reach the bound ln 2.
+    let js = e
+        .js_divergence(&[0.5, 0.5, 0.0, 0.0], &[0.0, 0.0, 0.5, 0.5])
+        .unwrap();
+    assert_close(js, std::f64::consts::LN_2, "JS of disjoint supports");
+}
+
+#[test]
+fn zero_and_infinity_conventions() {
+    let e = engine();
+    // scipy.special.rel_entr: 0·log(0/q) = 0, also for q = 0.
+    assert_eq!(e.kl_divergence(&[0.0, 1.0], &[0.0, 1.0]).unwrap(), 0.0);
+    assert_close(
+        e.kl_divergence(&[0.0, 1.0], &[0.5, 0.5]).unwrap(),
+        2f64.ln(),
+        "KL with p = 0",
+    );
+    assert_eq!(
+        e.kl_divergence(&[0.5, 0.5], &[1.0, 0.0]).unwrap(),
+        f64::INFINITY
+    );
+    assert_eq!(
+        e.cross_entropy(&[0.5, 0.5], &[1.0, 0.0]).unwrap(),
+        f64::INFINITY
+    );
+    assert_close(
+        e.js_divergence(&[0.5, 0.5], &[1.0, 0.0]).unwrap(),
+        cpu::js_divergence(&[0.5, 0.5], &[1.0, 0.0]).unwrap(),
+        "JS stays finite",
+    );
+    assert_eq!(e.entropy(&[1.0, 0.0, 0.0]).unwrap(), 0.0);
+    // -0.0 is zero, not negative.
+    assert_eq!(
+        e.kl_divergence(&[-0.0, 1.0], &[0.5, 0.5]).unwrap(),
+        2f64.ln() as f32 as f64
+    );
+}
+
+#[test]
+fn log_bases() {
+    let e = engine();
+    let p = [0.25f32; 4];
+    let bits = Options {
+        base: Base::Two,
+        ..Default::default()
+    };
+    assert_close(
+        e.divergence(Measure::Entropy, &p, None, &bits).unwrap(),
+        2.0,
+        "entropy in bits",
+    );
+    let tens = Options {
+        base: Base::Ten,
+        ..Default::default()
+    };
+    assert_close(
+        e.divergence(Measure::Entropy, &p, None, &tens).unwrap(),
+        4f64.log10(),
+        "entropy in hartleys",
+    );
+    let bad = Options {
+        base: Base::Other(1.0),
+        ..Default::default()
+    };
+    assert!(matches!(
+        e.divergence(Measure::Entropy, &p, None, &bad),
+        Err(Error::InvalidArgument(_))
+    ));
+}
+
+#[test]
+fn explicit_normalization() {
+    let e = engine();
+    let p = [1.0f32, 2.0, 7.0];
+    let q = [3.0f32, 3.0, 4.0];
+    let norm = Options {
+        normalize: true,
+        ..Default::default()
+    };
+    let expected = cpu::kl_divergence(&[0.1, 0.2, 0.7], &[0.3, 0.3, 0.4]).unwrap();
+    let got = e
+        .divergence(Measure::KullbackLeibler, &p, Some(&q), &norm)
+        .unwrap();
+    assert_close(got, expected, "normalized KL");
+    assert_close(
+        got,
+        cpu::divergence(Measure::KullbackLeibler, &p, Some(&q), &norm).unwrap(),
+        "vs reference",
+    );
+    // Without it, inputs are taken as given.
+    let raw = e.kl_divergence(&p, &q).unwrap();
+    assert_close(raw, cpu::kl_divergence(&p, &q).unwrap(), "unnormalized KL");
+    assert!((raw - got).abs() > 0.1);
+    // A zero sum cannot be normalized.
+    let err = e
+        .divergence(Measure::KullbackLeibler, &[0.0, 0.0], Some(&q[..2]), &norm)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidValue {
+                side: Side::P,
+                problem: Problem::EmptyRow,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_input_names_the_first_offender() {
+    let e = engine();
+    let mut p = vec![0.001f32; 1000];
+    let mut q = vec![0.001f32; 1000];
+    let cases: [(Side, usize, f32, Problem); 6] = [
+        (Side::P, 700, f32::NAN, Problem::NaN),
+        (Side::Q, 3, f32::NAN, Problem::NaN),
+        (Side::P, 999, -1e-9, Problem::Negative),
+        (Side::Q, 0, -2.0, Problem::Negative),
+        (Side::P, 512, f32::INFINITY, Problem::Infinite),
+        (Side::Q, 77, f32::NEG_INFINITY, Problem::Infinite),
+    ];
+    for (side, index, value, problem) in cases {
+        let target = if side == Side::P { &mut p } else { &mut q };
+        let old = std::mem::replace(&mut target[index], value);
+        for m in [
+            Measure::KullbackLeibler,
+            Measure::CrossEntropy,
+            Measure::JensenShannon,
+        ] {
+            let err = e
+                .divergence(m, &p, Some(&q), &Options::default())
+                .unwrap_err();
+            match err {
+                Error::InvalidValue {
+                    side: s,
+                    index: i,
+                    problem: pr,
+                    value: v,
+                    ..
+                } => {
+                    assert_eq!((s, i, pr), (side, index, problem), "{m:?}");
+                    assert!(v.is_nan() && value.is_nan() || v == value);
+                }
+                other => panic!("{m:?}: expected InvalidValue, got {other}"),
+            }
+            let msg = e
+                .divergence(m, &p, Some(&q), &Options::default())
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains(&format!("{side}[{index}]")), "{msg}");
+            assert_eq!(
+                cpu::divergence(m, &p, Some(&q), &Options::default())
+                    .unwrap_err()
+                    .to_string(),
+                msg
+            );
+        }
+        let target = if side == Side::P { &mut p } else { &mut q };
+        target[index] = old;
+    }
+    // Two offenders: the lower index wins, whichever side it is on.
+    p[600] = f32::NAN;
+    q[200] = -1.0;
+    let err = e.kl_divergence(&p, &q).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidValue {
+                side: Side::Q,
+                index: 200,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // Entropy ignores Q entirely.
+    assert!(e.entropy(&q).is_err());
+    assert!(matches!(
+        e.entropy(&p),
+        Err(Error::InvalidValue { index: 600, .. })
+    ));
+}
+
+#[test]
+fn bad_input_in_a_later_window_is_found() {
+    let e = small_window_engine();
+    let mut p = vec![0.0001f32; 10_000];
+    let q = vec![0.0001f32; 10_000];
+    p[9_000] = -0.5;
+    p[9_500] = f32::NAN;
+    let err = e.kl_divergence(&p, &q).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidValue {
+                side: Side::P,
+                index: 9000,
+                problem: Problem::Negative,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn shapes_are_checked() {
+    let e = engine();
+    assert!(matches!(e.kl_divergence(&[], &[]), Err(Error::EmptyInput)));
+    assert!(matches!(e.entropy(&[]), Err(Error::EmptyInput)));
+    let err = e.kl_divergence(&[0.5, 0.5], &[1.0]).unwrap_err();
+    assert!(matches!(err, Error::LengthMismatch { p_len: 2, q_len: 1 }));
+    assert!(err.to_string().contains("P has 2 elements, Q has 1"));
+}
+
+#[test]
+fn small_windows_and_the_shared_memory_path_agree_with_the_reference() {
+    let mut r = rng(7);
+    let p = dirichlet(&mut r, 1, 100_003, 0.5);
+    let q = perturbed(&mut r, &p, 0.3);
+    for e in [small_window_engine(), shared_memory_engine()] {
+        for m in Measure::ALL {
+            let opts = Options::default();
+            let gpu = e.divergence(m, &p, q_for(m, &q), &opts).unwrap();
+            let exact = cpu::divergence(m, &p, q_for(m, &q), &opts).unwrap();
+            assert_close(
+                gpu,
+                exact,
+                &format!("{m:?} subgroups={}", e.uses_subgroups()),
+            );
+        }
+    }
+    assert!(!shared_memory_engine().uses_subgroups());
+}
+
+#[test]
+fn async_twins_match_blocking_calls() {
+    let e = engine();
+    let p = [0.2f32, 0.3, 0.5];
+    let q = [0.5f32, 0.3, 0.2];
+    let blocking = e.kl_divergence(&p, &q).unwrap();
+    let asynchronous = pollster::block_on(e.kl_divergence_async(&p, &q)).unwrap();
+    assert_eq!(blocking, asynchronous);
+    assert_eq!(
+        e.entropy(&p).unwrap(),
+        pollster::block_on(e.entropy_async(&p)).unwrap()
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn gpu_matches_reference_on_random_inputs(
+        n in 1usize..5000,
+        seed in any::<u64>(),
+        alpha in prop::sample::select(vec![0.02, 0.3, 1.0, 20.0]),
+        zeros in 0.0f64..0.5,
+    ) {
+        let mut r = rng(seed);
+        let p = if zeros > 0.25 { sparse(&mut r, n, zeros) } else { dirichlet(&mut r, 1, n, alpha) };
+        let q = dirichlet(&mut r, 1, n, alpha);
+        check_all(&p, &q, &format!("proptest n={n} seed={seed}"));
+    }
+}
