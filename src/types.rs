@@ -170,6 +170,18 @@ pub struct RowResults {
 }
 
 impl RowResults {
+    /// The rows reduced to one number (`None` for [`Reduction::None`]).
+    ///
+    /// ```
+    /// use klgpu::{Reduction, RowResults};
+    /// let r = RowResults { values: vec![0.5, 1.5], top1_agree: None };
+    /// assert_eq!(r.reduce(Reduction::Sum), Some(2.0));
+    /// assert_eq!(r.reduce(Reduction::MeanOverRows), Some(1.0));
+    /// ```
+    pub fn reduce(&self, reduction: Reduction) -> Option<f64> {
+        reduction.apply(&self.values)
+    }
+
     /// Fraction of rows whose arg-max agrees, if known.
     pub fn top1_agreement(&self) -> Option<f64> {
         let agree = self.top1_agree.as_ref()?;

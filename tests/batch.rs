@@ -1,0 +1,466 @@
+//! [batch]: per-row results for probabilities, log-probabilities and logits, against the f64
+//! reference, on both shape extremes, plus closed forms and errors that name row and column.
+
+mod common;
+
+use common::*;
+use klgpu::{Error, Input, Measure, Options, Problem, Reduction, Side, cpu};
+
+fn as_input(probs: &[f32], input: Input) -> Vec<f32> {
+    match input {
+        Input::Probs => probs.to_vec(),
+        // ln p; for logits add a per-row-irrelevant offset so they are not normalized.
+        Input::LogProbs => probs.iter().map(|&x| x.ln()).collect(),
+        Input::Logits => probs.iter().map(|&x| x.ln() + 3.0).collect(),
+    }
+}
+
+/// All four measures, per row, GPU against the reference.
+fn check_rows(engine: &klgpu::Engine, p: &[f32], q: &[f32], cols: usize, input: Input, what: &str) {
+    for m in Measure::ALL {
+        let opts = Options::input(input);
+        let qq = m.uses_q().then_some(q);
+        let gpu = engine.rows(m, p, qq, cols, &opts).unwrap();
+        let exact = cpu::rows(m, p, qq, cols, &opts).unwrap();
+        assert_rows_close(
+            &gpu.values,
+            &exact.values,
+            &format!("{what} {m:?} {input:?}"),
+        );
+        assert_eq!(gpu.top1_agree, exact.top1_agree, "{what} {m:?} top-1");
+    }
+}
+
+#[test]
+fn many_short_rows() {
+    let mut r = rng(10);
+    let (rows, cols) = (1_000_000, 10);
+    let p = dirichlet(&mut r, rows, cols, 1.0);
+    let q = dirichlet(&mut r, rows, cols, 1.0);
+    for input in [Input::Probs, Input::LogProbs, Input::Logits] {
+        check_rows(
+            engine(),
+            &as_input(&p, input),
+            &as_input(&q, input),
+            cols,
+            input,
+            "1e6 x 10",
+        );
+    }
+}
+
+#[test]
+fn few_huge_rows() {
+    let mut r = rng(11);
+    let (rows, cols) = (16, 262_144);
+    let p = dirichlet(&mut r, rows, cols, 0.5);
+    let q = perturbed(&mut r, &p, 0.2);
+    for input in [Input::Probs, Input::LogProbs, Input::Logits] {
+        check_rows(
+            engine(),
+            &as_input(&p, input),
+            &as_input(&q, input),
+            cols,
+            input,
+            "16 x 262144",
+        );
+    }
+}
+
+#[test]
+fn middle_shapes_and_ragged_tails() {
+    let mut r = rng(12);
+    for (rows, cols) in [
+        (3, 1),
+        (1000, 7),
+        (257, 100),
+        (33, 1000),
+        (5, 4097),
+        (2, 70_001),
+    ] {
+        let p = dirichlet(&mut r, rows, cols, 0.3);
+        let q = dirichlet(&mut r, rows, cols, 0.3);
+        for input in [Input::Probs, Input::LogProbs, Input::Logits] {
+            let what = format!("{rows} x {cols}");
+            check_rows(
+                engine(),
+                &as_input(&p, input),
+                &as_input(&q, input),
+                cols,
+                input,
+                &what,
+            );
+        }
+    }
+}
+
+#[test]
+fn wide_logits_spanning_plus_minus_fifty() {
+    let mut r = rng(13);
+    for cols in [1000, 32_000, 262_144] {
+        let rows = (2_000_000 / cols).clamp(2, 64);
+        let p = logits(&mut r, rows * cols, 50.0);
+        let q: Vec<f32> = p
+            .iter()
+            .zip(logits(&mut r, rows * cols, 2.0))
+            .map(|(a, b)| a + b)
+            .collect();
+        check_rows(
+            engine(),
+            &p,
+            &q,
+            cols,
+            Input::Logits,
+            &format!("logits ±50, cols={cols}"),
+        );
+    }
+}
+
+#[test]
+fn close_model_outputs_keep_their_digits() {
+    // The design note's case: per-row KL ≈ 1e-5 between two models' logits, where a naive
+    // Σ p·(log p − log q) in f32 is off by up to 20 %.
+    let mut r = rng(14);
+    let (rows, cols) = (16, 50_000);
+    let p = logits(&mut r, rows * cols, 5.0);
+    let q: Vec<f32> = p
+        .iter()
+        .zip(logits(&mut r, rows * cols, 0.004))
+        .map(|(a, b)| a + b)
+        .collect();
+    let exact = cpu::kl_divergence_rows(&p, &q, cols, Input::Logits).unwrap();
+    assert!(
+        exact.iter().all(|&k| k > 1e-7 && k < 1e-4),
+        "test data: {exact:?}"
+    );
+    check_rows(engine(), &p, &q, cols, Input::Logits, "close logits");
+}
+
+#[test]
+fn closed_forms_for_logits() {
+    let e = engine();
+    let mut r = rng(15);
+    let cols = 5000;
+    let x = logits(&mut r, 4 * cols, 10.0);
+    // Equal logits: KL and JS exactly 0.
+    assert!(
+        e.kl_divergence_rows(&x, &x, cols, Input::Logits)
+            .unwrap()
+            .iter()
+            .all(|&v| v == 0.0)
+    );
+    assert!(
+        e.js_divergence_rows(&x, &x, cols, Input::Logits)
+            .unwrap()
+            .iter()
+            .all(|&v| v == 0.0)
+    );
+    // Constant logits are uniform: KL(uniform‖uniform) = 0 and H = ln(cols).
+    let flat = vec![7.0f32; 2 * cols];
+    let h = e.entropy_rows(&flat, cols, Input::Logits).unwrap();
+    for v in h {
+        assert_close(v, (cols as f64).ln(), "entropy of flat logits");
+    }
+    // Adding a constant to a row of logits changes nothing.
+    let y = logits(&mut r, 4 * cols, 10.0);
+    let shifted: Vec<f32> = y
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| v + (i / cols) as f32 * 1000.0 - 1500.0)
+        .collect();
+    let a = e.kl_divergence_rows(&x, &y, cols, Input::Logits).unwrap();
+    let b = e
+        .kl_divergence_rows(&x, &shifted, cols, Input::Logits)
+        .unwrap();
+    for (va, vb) in a.iter().zip(&b) {
+        assert!(
+            (va - vb).abs() <= 1e-4 * va,
+            "shift invariance: {va} vs {vb}"
+        );
+    }
+    // Logits that are log-probabilities give the LogProbs answer.
+    let p = dirichlet(&mut r, 4, cols, 1.0);
+    let q = dirichlet(&mut r, 4, cols, 1.0);
+    let (lp, lq) = (as_input(&p, Input::LogProbs), as_input(&q, Input::LogProbs));
+    let via_logits = e.kl_divergence_rows(&lp, &lq, cols, Input::Logits).unwrap();
+    let via_logprobs = e
+        .kl_divergence_rows(&lp, &lq, cols, Input::LogProbs)
+        .unwrap();
+    let via_probs = e.kl_divergence_rows(&p, &q, cols, Input::Probs).unwrap();
+    for i in 0..4 {
+        assert!((via_logits[i] - via_logprobs[i]).abs() <= 1e-4 * via_probs[i]);
+        assert!((via_logprobs[i] - via_probs[i]).abs() <= 1e-4 * via_probs[i]);
+    }
+}
+
+#[test]
+fn minus_infinity_masks_entries() {
+    let e = engine();
+    let ninf = f32::NEG_INFINITY;
+    // Log-probabilities: −∞ is p = 0 and contributes 0, not NaN (PyTorch gives NaN here).
+    let lp = [0.5f32.ln(), 0.5f32.ln(), ninf];
+    let lq = [0.25f32.ln(), 0.25f32.ln(), 0.5f32.ln()];
+    for m in Measure::ALL {
+        let gpu = e
+            .divergence(m, &lp, Some(&lq), &Options::input(Input::LogProbs))
+            .unwrap();
+        let exact = cpu::divergence(m, &lp, Some(&lq), &Options::input(Input::LogProbs)).unwrap();
+        assert!(!gpu.is_nan());
+        assert_close(gpu, exact, &format!("{m:?} with -inf log-prob"));
+    }
+    // Masked vocabulary in logits: masked in both is ignored; masked only in Q where P has mass
+    // makes that row infinite.
+    let x = [1.0f32, 2.0, ninf, 0.5, /* row 1 */ 1.0, 2.0, 3.0, 0.5];
+    let y = [1.5f32, 2.0, ninf, 0.0, /* row 1 */ 1.5, 2.0, ninf, 0.0];
+    let kl = e.kl_divergence_rows(&x, &y, 4, Input::Logits).unwrap();
+    assert_close(
+        kl[0],
+        cpu::kl_divergence_rows(&x, &y, 4, Input::Logits).unwrap()[0],
+        "masked row",
+    );
+    assert_eq!(kl[1], f64::INFINITY);
+    let js = e.js_divergence_rows(&x, &y, 4, Input::Logits).unwrap();
+    assert!(js.iter().all(|v| v.is_finite()));
+    check_rows(e, &x, &y, 4, Input::Logits, "masked logits");
+}
+
+#[test]
+fn an_infinite_row_stays_in_its_row() {
+    let e = engine();
+    let p = [0.5f32, 0.5, 0.5, 0.5, 0.5, 0.5];
+    let q = [0.5f32, 0.5, 1.0, 0.0, 0.25, 0.75];
+    let kl = e.kl_divergence_rows(&p, &q, 2, Input::Probs).unwrap();
+    assert_eq!(kl[0], 0.0);
+    assert_eq!(kl[1], f64::INFINITY);
+    assert_close(
+        kl[2],
+        cpu::kl_divergence_rows(&p, &q, 2, Input::Probs).unwrap()[2],
+        "finite row",
+    );
+    let ce = e.cross_entropy_rows(&p, &q, 2, Input::Probs).unwrap();
+    assert!(ce[0].is_finite() && ce[1].is_infinite() && ce[2].is_finite());
+}
+
+#[test]
+fn top1_agreement_for_logits() {
+    let e = engine();
+    let x = [
+        0.0f32, 3.0, 1.0, /* */ 5.0, 5.0, 1.0, /* */ 0.0, 1.0, 2.0,
+    ];
+    let y = [
+        0.0f32, 2.0, 1.0, /* */ 5.0, 5.0, 9.0, /* */ 2.0, 1.0, 0.0,
+    ];
+    let r = e
+        .rows(
+            Measure::KullbackLeibler,
+            &x,
+            Some(&y),
+            3,
+            &Options::input(Input::Logits),
+        )
+        .unwrap();
+    assert_eq!(r.top1_agree, Some(vec![true, false, false]));
+    assert_close(r.top1_agreement().unwrap(), 1.0 / 3.0, "agreement fraction");
+    // Ties go to the lowest index on both sides.
+    let r = e
+        .rows(
+            Measure::KullbackLeibler,
+            &[1.0, 1.0],
+            Some(&[1.0, 1.0]),
+            2,
+            &Options::input(Input::Logits),
+        )
+        .unwrap();
+    assert_eq!(r.top1_agree, Some(vec![true]));
+    // Probabilities carry no agreement.
+    let r = e
+        .rows(
+            Measure::KullbackLeibler,
+            &[0.5, 0.5],
+            Some(&[0.5, 0.5]),
+            2,
+            &Options::default(),
+        )
+        .unwrap();
+    assert_eq!(r.top1_agree, None);
+}
+
+#[test]
+fn reductions_over_rows() {
+    let e = engine();
+    let mut r = rng(16);
+    let (rows, cols) = (100, 50);
+    let p = dirichlet(&mut r, rows, cols, 1.0);
+    let q = dirichlet(&mut r, rows, cols, 1.0);
+    let per_row = e
+        .rows(
+            Measure::KullbackLeibler,
+            &p,
+            Some(&q),
+            cols,
+            &Options::default(),
+        )
+        .unwrap();
+    let exact = cpu::kl_divergence_rows(&p, &q, cols, Input::Probs).unwrap();
+    let sum: f64 = exact.iter().sum();
+    assert_close(
+        per_row.reduce(Reduction::Sum).unwrap(),
+        sum,
+        "sum over rows",
+    );
+    assert_close(
+        per_row.reduce(Reduction::MeanOverRows).unwrap(),
+        sum / rows as f64,
+        "batchmean",
+    );
+    assert_eq!(per_row.reduce(Reduction::None), None);
+}
+
+#[test]
+fn bad_batches_name_row_and_column() {
+    let e = engine();
+    assert!(matches!(
+        e.kl_divergence_rows(&[0.5; 4], &[0.5; 4], 0, Input::Probs),
+        Err(Error::ZeroColumns)
+    ));
+    let err = e
+        .kl_divergence_rows(&[0.5; 5], &[0.5; 5], 2, Input::Probs)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::RaggedRows {
+                len: 5,
+                cols: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let mut p = vec![0.25f32; 400];
+    let q = vec![0.25f32; 400];
+    p[4 * 37 + 2] = -0.25;
+    let err = e.kl_divergence_rows(&p, &q, 4, Input::Probs).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidValue {
+                side: Side::P,
+                row: 37,
+                col: 2,
+                problem: Problem::Negative,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("row 37, column 2"), "{err}");
+    // Logits: NaN and +∞ are errors, a row of −∞ has no distribution.
+    let mut x = vec![0.0f32; 300];
+    x[123] = f32::NAN;
+    let err = e
+        .kl_divergence_rows(&x, &vec![0.0; 300], 10, Input::Logits)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidValue {
+                row: 12,
+                col: 3,
+                problem: Problem::NaN,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let mut y = vec![0.0f32; 300];
+    y[50..60].fill(f32::NEG_INFINITY);
+    let err = e
+        .kl_divergence_rows(&vec![0.0; 300], &y, 10, Input::Logits)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidValue {
+                side: Side::Q,
+                row: 5,
+                col: 0,
+                problem: Problem::EmptyRow,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let mut lp = vec![-1.0f32; 300];
+    lp[299] = f32::INFINITY;
+    let err = e.entropy_rows(&lp, 10, Input::LogProbs).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidValue {
+                row: 29,
+                col: 9,
+                problem: Problem::Infinite,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn rows_longer_than_a_window_and_blocks_of_rows() {
+    // 4 KiB windows: 1024 elements. Rows of 3000 are split across windows (logits and
+    // normalization then visit each window twice); rows of 100 come in blocks.
+    let e = small_window_engine();
+    let mut r = rng(17);
+    for (rows, cols) in [(3, 3000), (50, 100)] {
+        let p = dirichlet(&mut r, rows, cols, 0.5);
+        let q = perturbed(&mut r, &p, 0.5);
+        for input in [Input::Probs, Input::LogProbs, Input::Logits] {
+            check_rows(
+                e,
+                &as_input(&p, input),
+                &as_input(&q, input),
+                cols,
+                input,
+                &format!("small windows {rows}x{cols}"),
+            );
+        }
+        let scaled: Vec<f32> = p.iter().map(|&x| x * 3.0).collect();
+        let norm = Options {
+            normalize: true,
+            ..Default::default()
+        };
+        let gpu = e
+            .rows(Measure::KullbackLeibler, &scaled, Some(&q), cols, &norm)
+            .unwrap();
+        let exact = cpu::rows(Measure::KullbackLeibler, &scaled, Some(&q), cols, &norm).unwrap();
+        assert_rows_close(&gpu.values, &exact.values, "normalized, small windows");
+    }
+    let mut x = vec![0.0f32; 3 * 3000];
+    x[2 * 3000 + 2500] = f32::NAN;
+    let err = e
+        .kl_divergence_rows(&x, &vec![0.0; 9000], 3000, Input::Logits)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidValue {
+                row: 2,
+                col: 2500,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn async_row_twins() {
+    let e = engine();
+    let p = [0.2f32, 0.8, 0.6, 0.4];
+    let q = [0.5f32, 0.5, 0.5, 0.5];
+    let a = pollster::block_on(e.kl_divergence_rows_async(&p, &q, 2, Input::Probs)).unwrap();
+    assert_eq!(a, e.kl_divergence_rows(&p, &q, 2, Input::Probs).unwrap());
+}
