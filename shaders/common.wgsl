@@ -24,8 +24,8 @@ struct Params {
     mode: u32,
     subgroup_width: u32,
     out_scale: f32,
-    _pad0: u32,
-    _pad1: u32,
+    agree_base: u32,
+    grad_base: u32,
 }
 
 // A compensated sum of the stable main term and of the residual sum (p - q), each as an
@@ -58,8 +58,10 @@ struct Lse {
 @group(0) @binding(4) var<storage, read_write> status: array<atomic<u32>, 4>;
 @group(0) @binding(5) var<storage, read_write> row_lse: array<Lse>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
-@group(0) @binding(7) var<storage, read_write> row_state: array<Acc>;
-@group(0) @binding(8) var<storage, read_write> agree: array<u32>;
+@group(0) @binding(7) var<storage, read_write> agree: array<u32>;
+// Eight storage bindings at most: WebGPU's default max_storage_buffers_per_shader_stage.
+// The running state of a row split across windows lives in partials[chunks], one past the
+// window's partials.
 
 fn pos_inf() -> f32 { return bitcast<f32>(0x7f800000u); }
 fn neg_inf() -> f32 { return bitcast<f32>(0xff800000u); }
@@ -81,15 +83,22 @@ fn is_nan_or_inf(x: f32) -> bool { return (bitcast<u32>(x) & 0x7f800000u) == 0x7
 fn is_nan(x: f32) -> bool { return is_nan_or_inf(x) && (bitcast<u32>(x) & 0x007fffffu) != 0u; }
 fn is_neg_nonzero(x: f32) -> bool { return bitcast<u32>(x) > 0x80000000u; }
 
-// Flags for one element of one side (side_shift 0 for P, 3 for Q); 0 when the value is valid.
-fn element_flags(x: f32, side_shift: u32) -> u32 {
-    if (INPUT == INPUT_PROBS) {
-        if (is_nan(x)) { return FLAG_P_NAN << side_shift; }
-        if (is_nan_or_inf(x)) { return FLAG_P_INF << side_shift; }
-        if (is_neg_nonzero(x)) { return FLAG_P_NEG << side_shift; }
-        return 0u;
-    }
+// Flags for one probability (side_shift 0 for P, 3 for Q); 0 when the value is valid.
+fn prob_flags(x: f32, side_shift: u32) -> u32 {
+    if (is_nan(x)) { return FLAG_P_NAN << side_shift; }
+    if (is_nan_or_inf(x)) { return FLAG_P_INF << side_shift; }
+    if (is_neg_nonzero(x)) { return FLAG_P_NEG << side_shift; }
+    return 0u;
+}
+
+// Flags for one log-probability or logit: NaN and +inf are invalid, -inf is p = 0.
+fn log_flags(x: f32, side_shift: u32) -> u32 {
     if (is_nan(x)) { return FLAG_P_NAN << side_shift; }
     if (bitcast<u32>(x) == 0x7f800000u) { return FLAG_P_INF << side_shift; }
     return 0u;
+}
+
+fn element_flags(x: f32, side_shift: u32) -> u32 {
+    if (INPUT == INPUT_PROBS || INPUT == INPUT_PROBS_NORM) { return prob_flags(x, side_shift); }
+    return log_flags(x, side_shift);
 }

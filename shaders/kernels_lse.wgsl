@@ -19,7 +19,7 @@ fn emit_lse(row: u32, chunk: u32, total: Lse) {
     if (t.p_m == neg_inf()) { report_bad(row * prm.row_len, FLAG_P_EMPTY); }
     if (uses_q()) {
         if (t.q_m == neg_inf()) { report_bad(row * prm.row_len, FLAG_Q_EMPTY); }
-        agree[prm.out_base + row] = select(0u, 1u, t.p_i == t.q_i);
+        agree[prm.agree_base + row] = select(0u, 1u, t.p_i == t.q_i);
     }
 }
 

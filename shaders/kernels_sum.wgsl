@@ -67,6 +67,7 @@ fn element(acc: Acc, x: f32, y: f32, local: u32, ctx: RowCtx) -> Acc {
         }
         return log_term(acc, a, b, exp(a), exp(b), (x - y) - ctx.shift);
     }
+    if (MEASURE == MEASURE_SUM_P) { return add_term(acc, x, 0.0); }
     var bad = element_flags(x, 0u);
     if (uses_q()) { bad = bad | element_flags(y, 3u); }
     if (bad != 0u) {
@@ -92,10 +93,14 @@ fn emit_acc(row: u32, chunk: u32, total: Acc) {
         return;
     }
     var t = total;
-    if ((prm.mode & MODE_ACCUMULATE) != 0u) { t = combine_Acc(row_state[0], t); }
+    if ((prm.mode & MODE_ACCUMULATE) != 0u) { t = combine_Acc(partials[prm.chunks], t); }
     if ((prm.mode & MODE_KEEP) != 0u) {
-        row_state[0] = t;
+        partials[prm.chunks] = t;
         return;
+    }
+    if ((prm.mode & MODE_MINUS_ONE) != 0u) {
+        let r = pair_add(t.resid_hi, t.resid_lo, -1.0, 0.0);
+        t = Acc(t.main_hi, t.main_lo, r.x, r.y, t.flags, 0u);
     }
     if ((prm.mode & MODE_STATS) != 0u) {
         let sp = t.main_hi + t.main_lo;
@@ -148,5 +153,51 @@ fn combine(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg:
     let total = segment_reduce_Acc(acc, lid, lanes, SG_VALUE);
     if (lane == 0u && row < prm.rows) {
         emit_acc(row, 0u, total);
+    }
+}
+
+// The loss kernel of KL(P‖softmax(z)): per-row KL and its gradient softmax(z) − p with
+// respect to the logits z, in one pass (after the log-sum-exp pass over z). Bindings: in_p
+// holds z (so the log-sum-exp pass reads it as P), in_q the target probabilities p.
+@group(0) @binding(8) var<storage, read_write> grad: array<f32>;
+
+@compute @workgroup_size(256)
+fn kl_grad(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>/*SG_PARAMS*/) {
+    let lanes = prm.lanes;
+    let row = wg.y * (WG / lanes) + lid / lanes;
+    let lane = lid % lanes;
+    var acc = identity_Acc();
+    if (row < prm.rows) {
+        let s = row_lse[row];
+        let zm = s.p_m;
+        let zl = log1p_acc(s.p_s);
+        let c0 = prm.col_begin + wg.x * prm.chunk_len;
+        let c1 = min(c0 + prm.chunk_len, prm.col_end);
+        let base = row * prm.row_len - prm.col_begin;
+        for (var c = c0 + lane; c < c1; c = c + lanes) {
+            let local = base + c;
+            let z = in_p[prm.shift_p + local];
+            let t = in_q[prm.shift_q + local];
+            let bad = prob_flags(t, 3u);
+            if (bad != 0u) {
+                report_bad(local, bad);
+                continue;
+            }
+            let lq = (z - zm) - zl;
+            let q = exp(lq);
+            grad[prm.grad_base + local] = (q - t) * prm.out_scale;
+            if (t > 0.0) {
+                if (z == neg_inf()) {
+                    acc = with_inf(acc);
+                } else {
+                    // Σ t·φ(r) + Σ t − 1, with r = ln t − ln q; the −1 is added at the end.
+                    acc = add_term(acc, phi_term(t, ln_acc(t) - lq, q), t);
+                }
+            }
+        }
+    }
+    let total = segment_reduce_Acc(acc, lid, lanes, SG_VALUE);
+    if (lane == 0u && row < prm.rows) {
+        emit_acc(row, wg.x, total);
     }
 }

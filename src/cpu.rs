@@ -141,7 +141,7 @@ pub(crate) fn check_shapes<'a>(
             q_len: q.len(),
         });
     }
-    if p.len() % cols != 0 {
+    if !p.len().is_multiple_of(cols) {
         return Err(Error::RaggedRows {
             side: Side::P,
             len: p.len(),

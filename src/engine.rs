@@ -47,7 +47,11 @@ impl Default for EngineOptions {
 pub struct Engine {
     gpu: Arc<Gpu>,
     info: wgpu::AdapterInfo,
+    /// Windows of host uploads: bounded by the binding size and the memory budget.
     limits: PlanLimits,
+    /// Windows bound straight from the caller's buffers: bounded by the binding size alone
+    /// (less one alignment, since a window's binding starts up to 255 bytes early).
+    device_limits: PlanLimits,
 }
 
 impl std::fmt::Debug for Engine {
@@ -180,7 +184,28 @@ impl Engine {
                     adapter.get_info().name
                 ))
             })?;
-        Engine::build(device, queue, adapter.get_info(), &options)
+        let engine = Engine::build(device, queue, adapter.get_info(), &options)?;
+        // Our own device (a caller's keeps its own handlers): device loss and errors nobody
+        // scoped become a stored fault that later calls return, not wgpu's default panic.
+        let lost = engine.gpu.fault.clone();
+        engine
+            .gpu
+            .device
+            .set_device_lost_callback(move |reason, message| {
+                let mut slot = lost.lock().unwrap_or_else(|p| p.into_inner());
+                slot.get_or_insert_with(|| {
+                    format!("the GPU device was lost ({reason:?}): {message}")
+                });
+            });
+        let fault = engine.gpu.fault.clone();
+        engine
+            .gpu
+            .device
+            .on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                let mut slot = fault.lock().unwrap_or_else(|p| p.into_inner());
+                slot.get_or_insert_with(|| format!("GPU error outside klgpu's error scopes: {e}"));
+            }));
+        Ok(engine)
     }
 
     /// Uses a device and queue the caller already has. Pipelines are compiled on first use;
@@ -205,31 +230,50 @@ impl Engine {
         info: wgpu::AdapterInfo,
         options: &EngineOptions,
     ) -> Result<Engine> {
-        let device_limits = device.limits();
-        let binding = device_limits
-            .max_storage_buffer_binding_size
-            .min(device_limits.max_buffer_size);
+        let hw = device.limits();
+        let binding = hw.max_storage_buffer_binding_size.min(hw.max_buffer_size);
         let limits = PlanLimits::from_bytes(
             binding,
             options.window_bytes,
-            device_limits.max_compute_workgroups_per_dimension,
+            hw.max_compute_workgroups_per_dimension,
+        );
+        let device_limits = PlanLimits::from_bytes(
+            binding.saturating_sub(256).min(4 << 30),
+            u64::MAX,
+            hw.max_compute_workgroups_per_dimension,
         );
         let subgroups = options.subgroups && device.features().contains(wgpu::Features::SUBGROUP);
         let subgroup_width = info.subgroup_min_size.clamp(1, crate::plan::WORKGROUP_SIZE);
         let kernels = Kernels::new(&device);
+        let fault: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
         let gpu = Gpu {
             device,
             queue,
             kernels,
             subgroups: AtomicBool::new(subgroups && subgroup_width > 1),
             subgroup_width,
+            storage_align: hw.min_storage_buffer_offset_alignment as u64,
+            fault,
             scratch: ScratchPool::default(),
         };
         Ok(Engine {
             gpu: Arc::new(gpu),
             info,
             limits,
+            device_limits,
         })
+    }
+
+    pub(crate) fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    pub(crate) fn device_plan_limits(&self) -> PlanLimits {
+        self.device_limits
+    }
+
+    pub(crate) fn disable_subgroups(&self) {
+        self.gpu.subgroups.store(false, Ordering::Relaxed);
     }
 
     /// The adapter that runs the work.
@@ -559,6 +603,7 @@ pub(crate) fn job_for(term: Term, opts: &Options) -> Result<Job> {
         prepass,
         per_nat,
         agree: opts.input == Input::Logits && term.uses_q(),
+        grad: false,
     })
 }
 

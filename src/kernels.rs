@@ -19,6 +19,8 @@ pub(crate) const MODE_PARTIAL: u32 = 1;
 pub(crate) const MODE_ACCUMULATE: u32 = 2;
 pub(crate) const MODE_KEEP: u32 = 4;
 pub(crate) const MODE_STATS: u32 = 8;
+/// Subtract 1 from the residual when finishing (the loss kernel's Σt − 1).
+pub(crate) const MODE_MINUS_ONE: u32 = 16;
 
 /// What a terms dispatch sums: one of the four measures, or the plain sums used for
 /// normalization and for the roofline benchmark.
@@ -89,6 +91,8 @@ pub(crate) enum Stage {
     Combine,
     Lse,
     CombineLse,
+    /// The loss kernel: KL(P‖softmax(z)) and its gradient.
+    Grad,
 }
 
 impl Stage {
@@ -98,12 +102,13 @@ impl Stage {
             Stage::Combine => "combine",
             Stage::Lse => "lse_terms",
             Stage::CombineLse => "combine_lse",
+            Stage::Grad => "kl_grad",
         }
     }
 
     fn monoid(self) -> &'static str {
         match self {
-            Stage::Terms | Stage::Combine => "Acc",
+            Stage::Terms | Stage::Combine | Stage::Grad => "Acc",
             Stage::Lse | Stage::CombineLse => "Lse",
         }
     }
@@ -127,7 +132,8 @@ pub(crate) struct Params {
     pub mode: u32,
     pub subgroup_width: u32,
     pub out_scale: f32,
-    pub _pad: [u32; 2],
+    pub agree_base: u32,
+    pub grad_base: u32,
 }
 
 /// Size of `Acc` and `Lse` in the shaders (six 4-byte words each).
@@ -142,6 +148,7 @@ pub(crate) fn shader_source(monoid: &str, subgroups: bool) -> String {
          const FLAG_SUBGROUP_LAYOUT: u32 = {FLAG_SUBGROUP_LAYOUT}u;\n\
          const MODE_PARTIAL: u32 = {MODE_PARTIAL}u;\nconst MODE_ACCUMULATE: u32 = {MODE_ACCUMULATE}u;\n\
          const MODE_KEEP: u32 = {MODE_KEEP}u;\nconst MODE_STATS: u32 = {MODE_STATS}u;\n\
+         const MODE_MINUS_ONE: u32 = {MODE_MINUS_ONE}u;\n\
          const ACC_INF: u32 = 1u;\n\
          const MEASURE_KL: u32 = 0u;\nconst MEASURE_CE: u32 = 1u;\nconst MEASURE_ENTROPY: u32 = 2u;\n\
          const MEASURE_JS: u32 = 3u;\nconst MEASURE_SUM: u32 = 4u;\nconst MEASURE_SUM_P: u32 = 5u;\n\

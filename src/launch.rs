@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::kernels::{self, InputCode, Kernels, MONOID_BYTES, Params, Stage, Term};
 use crate::plan::{Layout, Plan, Window};
+use crate::types::Measure;
 
 /// Bytes per uniform slot: one dispatch's Params at a dynamic offset (every adapter's
 /// `min_uniform_buffer_offset_alignment` is at most 256).
@@ -33,6 +34,8 @@ pub(crate) struct Job {
     pub per_nat: f32,
     /// Whether to write top-1 agreement (two-input logits).
     pub agree: bool,
+    /// The loss kernel: in_p holds logits z, in_q target probabilities; writes the gradient.
+    pub grad: bool,
 }
 
 /// Which passes a visit of a window runs.
@@ -76,8 +79,9 @@ pub(crate) struct Scratch {
     status: wgpu::Buffer,
     row_lse: wgpu::Buffer,
     out: wgpu::Buffer,
-    row_state: wgpu::Buffer,
     agree: wgpu::Buffer,
+    /// Bound where no gradient is written.
+    no_grad: wgpu::Buffer,
     readback: wgpu::Buffer,
 }
 
@@ -127,8 +131,8 @@ impl Scratch {
             status: small("klgpu.status"),
             row_lse: small("klgpu.row_lse"),
             out: small("klgpu.out"),
-            row_state: small("klgpu.row_state"),
             agree: small("klgpu.agree"),
+            no_grad: small("klgpu.no_grad"),
             readback: buffer(
                 device,
                 "klgpu.readback",
@@ -145,7 +149,7 @@ impl Scratch {
             device,
             &mut self.partials,
             "klgpu.partials",
-            plan.max_partials() * MONOID_BYTES,
+            (plan.max_partials() + 2) * MONOID_BYTES,
             STORAGE,
         );
         ensure(
@@ -183,12 +187,12 @@ impl Scratch {
 pub(crate) struct ScratchPool(std::sync::Mutex<Vec<Scratch>>);
 
 impl ScratchPool {
-    fn take(&self, device: &wgpu::Device) -> Scratch {
+    pub(crate) fn take(&self, device: &wgpu::Device) -> Scratch {
         let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
         pool.pop().unwrap_or_else(|| Scratch::new(device))
     }
 
-    fn put(&self, scratch: Scratch) {
+    pub(crate) fn put(&self, scratch: Scratch) {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -203,6 +207,11 @@ pub(crate) struct Gpu {
     pub kernels: Kernels,
     pub subgroups: std::sync::atomic::AtomicBool,
     pub subgroup_width: u32,
+    /// `min_storage_buffer_offset_alignment` of the device.
+    pub storage_align: u64,
+    /// Set by the device-lost callback and, for devices klgpu created, by the uncaptured-error
+    /// handler: every later call fails with it instead of panicking or hanging.
+    pub fault: Arc<std::sync::Mutex<Option<String>>>,
     pub scratch: ScratchPool,
 }
 
@@ -213,6 +222,16 @@ pub(crate) struct Readback {
     pub agree: Option<Vec<bool>>,
 }
 
+/// A range of f32 elements in a GPU buffer, already validated.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GpuSlice<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    /// Byte offset of element 0 (a multiple of 4).
+    pub offset: u64,
+    /// Number of f32 elements.
+    pub elems: u64,
+}
+
 /// Where the kernels of one window find their inputs and write their rows.
 pub(crate) struct WindowBindings<'a> {
     pub p: wgpu::BufferBinding<'a>,
@@ -221,8 +240,12 @@ pub(crate) struct WindowBindings<'a> {
     pub shifts: (u32, u32),
     pub out: wgpu::BufferBinding<'a>,
     pub agree: wgpu::BufferBinding<'a>,
-    /// Index in `out`/`agree` of the window's first row.
+    /// Index in `out` of the window's first row.
     pub out_base: u32,
+    /// Index in `agree` of the window's first row.
+    pub agree_base: u32,
+    /// The gradient output of the loss kernel, and the shift of the window's first element.
+    pub grad: Option<(wgpu::BufferBinding<'a>, u32)>,
 }
 
 /// A binding of `len` 4-byte elements starting at element `first` of `buffer` (at
@@ -254,9 +277,15 @@ impl Gpu {
 
     /// Runs `f` inside out-of-memory and validation error scopes, turning either into an Err.
     pub(crate) fn scoped<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        if let Some(fault) = self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Err(Error::Gpu(fault));
+        }
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let value = f();
+        if let Some(fault) = self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Err(Error::Gpu(fault));
+        }
         let errors = [
             pollster::block_on(validation.pop()),
             pollster::block_on(oom.pop()),
@@ -301,8 +330,9 @@ impl Gpu {
         per_nat: f32,
     ) -> Params {
         let (row_len, col_begin, col_end, chunks) = match combine_stride {
-            // The combine kernel's "row" is the window row's partials.
-            Some(stride) => (stride, 0, stride, 1),
+            // The combine kernel's "row" is the window row's partials; `chunks` keeps pointing
+            // one past them, where a split row's running state lives.
+            Some(stride) => (stride, 0, stride, stride),
             None => (
                 window.row_len() as u32,
                 window.col_begin as u32,
@@ -329,7 +359,8 @@ impl Gpu {
                 1
             },
             out_scale: per_nat,
-            _pad: [0; 2],
+            agree_base: 0,
+            grad_base: 0,
         }
     }
 
@@ -350,8 +381,11 @@ impl Gpu {
             whole(&scratch.status),
             whole(&scratch.row_lse),
             wgpu::BindingResource::Buffer(b.out.clone()),
-            whole(&scratch.row_state),
             wgpu::BindingResource::Buffer(b.agree.clone()),
+            match &b.grad {
+                Some((binding, _)) => wgpu::BindingResource::Buffer(binding.clone()),
+                None => whole(&scratch.no_grad),
+            },
         ];
         let entries: Vec<_> = resources
             .into_iter()
@@ -412,13 +446,21 @@ impl Gpu {
         };
         if passes != Passes::Main {
             match job.prepass {
-                Some(Prepass::Lse) => add(
-                    Stage::Lse,
-                    Stage::CombineLse,
-                    job.term,
-                    InputCode::Logits,
-                    final_mode(false),
-                ),
+                Some(Prepass::Lse) => {
+                    // The loss kernel's pre-pass reads only the logits (bound as P).
+                    let term = if job.grad {
+                        Term::Measure(Measure::Entropy)
+                    } else {
+                        job.term
+                    };
+                    add(
+                        Stage::Lse,
+                        Stage::CombineLse,
+                        term,
+                        InputCode::Logits,
+                        final_mode(false),
+                    )
+                }
                 Some(Prepass::Sums) => add(
                     Stage::Terms,
                     Stage::Combine,
@@ -430,13 +472,15 @@ impl Gpu {
             }
         }
         if passes != Passes::Pre {
-            add(
-                Stage::Terms,
-                Stage::Combine,
-                job.term,
-                job.input,
-                final_mode(false),
-            );
+            let (stage, mut mode) = if job.grad {
+                (Stage::Grad, final_mode(false))
+            } else {
+                (Stage::Terms, final_mode(false))
+            };
+            if job.grad && mode & kernels::MODE_KEEP == 0 {
+                mode |= kernels::MODE_MINUS_ONE;
+            }
+            add(stage, Stage::Combine, job.term, job.input, mode);
         }
         let layout_of = |is_combine: bool| {
             if is_combine {
@@ -455,6 +499,8 @@ impl Gpu {
             p.shift_p = bindings.shifts.0;
             p.shift_q = bindings.shifts.1;
             p.out_base = bindings.out_base;
+            p.agree_base = bindings.agree_base;
+            p.grad_base = bindings.grad.as_ref().map_or(0, |g| g.1);
             bytes.resize(k * PARAM_SLOT as usize, 0);
             bytes.extend_from_slice(bytemuck::bytes_of(&p));
         }
@@ -534,7 +580,7 @@ impl Gpu {
                 let wq = if uses_q { upload(1, q) } else { wp };
                 let (out, out_base) =
                     aligned_binding(&scratch.out, 0, window.row_begin, window.rows as u64, 256);
-                let (agree, _) =
+                let (agree, agree_base) =
                     aligned_binding(&scratch.agree, 0, window.row_begin, window.rows as u64, 256);
                 let bindings = WindowBindings {
                     p: wp.as_entire_buffer_binding(),
@@ -543,6 +589,8 @@ impl Gpu {
                     out,
                     agree,
                     out_base,
+                    agree_base,
+                    grad: None,
                 };
                 let mut encoder =
                     self.device
@@ -568,6 +616,127 @@ impl Gpu {
         }
         self.read_back(scratch, plan.rows, job.agree, blocking)
             .await
+    }
+
+    /// Records a whole job over inputs that already live on the GPU into `encoder`: every
+    /// window is a binding range of the caller's buffers, so nothing is copied. Per-row values
+    /// go to `out` (or the scratch's own output).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn encode_device(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        scratch: &mut Scratch,
+        job: &Job,
+        plan: &Plan,
+        p: &GpuSlice<'_>,
+        q: &GpuSlice<'_>,
+        out: Option<&GpuSlice<'_>>,
+        grad: Option<&GpuSlice<'_>>,
+    ) {
+        let visits = visits(plan, job);
+        scratch.prepare(&self.device, plan, false, job.term.uses_q());
+        ensure(
+            &self.device,
+            &mut scratch.params,
+            "klgpu.params",
+            visits.len() as u64 * SLOTS_PER_WINDOW * PARAM_SLOT,
+            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        );
+        self.queue
+            .write_buffer(&scratch.status, 0, bytemuck::cast_slice(&STATUS_INIT));
+        let align = self.storage_align;
+        for (k, &(wi, passes)) in visits.iter().enumerate() {
+            let w = &plan.windows[wi];
+            let (pb, shift_p) =
+                aligned_binding(p.buffer, p.offset, w.elem_start, w.elem_len, align);
+            let (qb, shift_q) =
+                aligned_binding(q.buffer, q.offset, w.elem_start, w.elem_len, align);
+            let (out_buffer, out_offset) = match out {
+                Some(o) => (o.buffer, o.offset),
+                None => (&scratch.out, 0),
+            };
+            let (ob, out_base) =
+                aligned_binding(out_buffer, out_offset, w.row_begin, w.rows as u64, align);
+            let (ab, agree_base) =
+                aligned_binding(&scratch.agree, 0, w.row_begin, w.rows as u64, 256);
+            let bindings = WindowBindings {
+                p: pb,
+                q: qb,
+                shifts: (shift_p, shift_q),
+                out: ob,
+                agree: ab,
+                out_base,
+                agree_base,
+                grad: grad
+                    .map(|g| aligned_binding(g.buffer, g.offset, w.elem_start, w.elem_len, align)),
+            };
+            let slot_base = k as u64 * SLOTS_PER_WINDOW * PARAM_SLOT;
+            self.encode_window(encoder, scratch, job, w, wi, passes, &bindings, slot_base);
+        }
+    }
+
+    /// Reads `len` f32 values at element `first` of a GPU slice (for error messages).
+    pub(crate) async fn read_elements(
+        &self,
+        slice: &GpuSlice<'_>,
+        first: u64,
+        len: u64,
+        blocking: bool,
+    ) -> Result<Vec<f32>> {
+        let bytes = len * 4;
+        let staging = buffer(
+            &self.device,
+            "klgpu.read_elements",
+            bytes,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        );
+        let index = self.scoped(|| {
+            let mut encoder = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("klgpu.read_elements"),
+                });
+            encoder.copy_buffer_to_buffer(
+                slice.buffer,
+                slice.offset + first * 4,
+                &staging,
+                0,
+                bytes,
+            );
+            self.queue.submit([encoder.finish()])
+        })?;
+        self.map_read(&staging, bytes, index, blocking, |bytes| {
+            bytemuck::cast_slice::<u8, f32>(bytes).to_vec()
+        })
+        .await
+    }
+
+    /// Maps `buffer[..bytes]` once `index` is done and hands the bytes to `read`.
+    async fn map_read<T>(
+        &self,
+        buffer: &wgpu::Buffer,
+        bytes: u64,
+        index: wgpu::SubmissionIndex,
+        blocking: bool,
+        read: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T> {
+        let slice = buffer.slice(0..bytes);
+        let (tx, rx) = futures_channel::oneshot::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait(index, blocking).await?;
+        rx.await
+            .map_err(|_| Error::Gpu("a readback was cancelled (device lost?)".into()))?
+            .map_err(|e| Error::Gpu(format!("mapping a readback buffer failed: {e}")))?;
+        let value = {
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| Error::Gpu(format!("reading a readback buffer failed: {e}")))?;
+            read(&view)
+        };
+        buffer.unmap();
+        Ok(value)
     }
 
     /// Copies status, values and agreement into the readback buffer and maps it.
@@ -599,28 +768,15 @@ impl Gpu {
             self.queue.submit([encoder.finish()])
         })?;
         let total = 16 + if agree { 2 * bytes } else { bytes };
-        let slice = scratch.readback.slice(0..total);
-        let (tx, rx) = futures_channel::oneshot::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        self.wait(index, blocking).await?;
-        rx.await
-            .map_err(|_| Error::Gpu("readback was cancelled".into()))?
-            .map_err(|e| Error::Gpu(format!("mapping the readback buffer failed: {e}")))?;
-        let result = {
-            let view = slice
-                .get_mapped_range()
-                .map_err(|e| Error::Gpu(format!("reading the readback buffer failed: {e}")))?;
-            let words: &[u32] = bytemuck::cast_slice(&view);
-            let n = rows as usize;
+        let n = rows as usize;
+        self.map_read(&scratch.readback, total, index, blocking, |raw| {
+            let words: &[u32] = bytemuck::cast_slice(raw);
             Readback {
                 status: [words[0], words[1], words[2], words[3]],
                 values: bytemuck::cast_slice(&words[4..4 + n]).to_vec(),
                 agree: agree.then(|| words[4 + n..4 + 2 * n].iter().map(|&w| w != 0).collect()),
             }
-        };
-        scratch.readback.unmap();
-        Ok(result)
+        })
+        .await
     }
 }

@@ -32,6 +32,7 @@
 //! for how this is achieved and tested.
 #![deny(missing_docs)]
 
+mod buffers;
 pub mod cpu;
 mod engine;
 mod error;
@@ -40,6 +41,7 @@ mod launch;
 pub mod plan;
 mod types;
 
+pub use buffers::Workspace;
 pub use engine::{Engine, EngineOptions, list_adapters, pick_adapter};
 pub use error::{Error, Problem, Result, Side};
 pub use types::{Base, Input, Measure, Options, Reduction, RowResults};

@@ -1,0 +1,827 @@
+//! Data that already lives on the GPU: the caller's buffers, recording into the caller's
+//! command encoder, the KL loss with its gradient, and a readback helper.
+//!
+//! Inputs are `wgpu::BufferSlice`s of f32 storage buffers: their offset and length give the
+//! elements. Nothing is copied to the host; only status words and results come back.
+
+use crate::cpu;
+use crate::engine::{Engine, job_for};
+use crate::error::{Error, Problem, Result, Side};
+use crate::kernels::{self, InputCode, Term};
+use crate::launch::{GpuSlice, Job, Prepass, Readback, Scratch};
+use crate::plan::Plan;
+use crate::types::{Input, Measure, Options};
+
+/// Checks that a slice can be bound as f32 storage and describes it.
+fn gpu_slice<'a>(name: &'static str, slice: &wgpu::BufferSlice<'a>) -> Result<GpuSlice<'a>> {
+    let invalid = |reason: String| Error::InvalidBuffer { name, reason };
+    let buffer = slice.buffer();
+    if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+        return Err(invalid(format!(
+            "the buffer was created without BufferUsages::STORAGE (usage: {:?})",
+            buffer.usage()
+        )));
+    }
+    if slice.offset() % 4 != 0 {
+        return Err(invalid(format!(
+            "offset {} is not a multiple of 4 bytes",
+            slice.offset()
+        )));
+    }
+    if slice.size() % 4 != 0 {
+        return Err(invalid(format!(
+            "size {} bytes is not a whole number of f32",
+            slice.size()
+        )));
+    }
+    Ok(GpuSlice {
+        buffer,
+        offset: slice.offset(),
+        elems: slice.size() / 4,
+    })
+}
+
+/// An owned copy of a [`GpuSlice`], kept by a [`Workspace`] until its recording is checked.
+#[derive(Clone, Debug)]
+struct OwnedSlice {
+    buffer: wgpu::Buffer,
+    offset: u64,
+    elems: u64,
+}
+
+impl OwnedSlice {
+    fn of(s: &GpuSlice<'_>) -> Self {
+        OwnedSlice {
+            buffer: s.buffer.clone(),
+            offset: s.offset,
+            elems: s.elems,
+        }
+    }
+
+    fn view(&self) -> GpuSlice<'_> {
+        GpuSlice {
+            buffer: &self.buffer,
+            offset: self.offset,
+            elems: self.elems,
+        }
+    }
+}
+
+/// What is needed to turn raised flags into an error naming the element.
+#[derive(Clone, Debug)]
+struct Locator {
+    plan: Plan,
+    cols: u64,
+    /// The slices bound as P and Q, and how each is validated.
+    p: (OwnedSlice, Input),
+    q: (OwnedSlice, Input),
+    uses_q: bool,
+    /// The loss kernel binds the logits as P and the target as Q; users call the target P.
+    swap_sides: bool,
+}
+
+/// Reusable scratch buffers for recording work into your own command encoders.
+///
+/// One recording at a time: record, submit the encoder, then [`Workspace::check`] (which
+/// reports bad input found by the kernels) before recording into it again. Keep one workspace
+/// per concurrent stream of work.
+pub struct Workspace {
+    scratch: Scratch,
+    pending: Option<Locator>,
+}
+
+impl std::fmt::Debug for Workspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workspace")
+            .field("pending", &self.pending.is_some())
+            .finish()
+    }
+}
+
+impl Workspace {
+    /// Waits for the recorded work and reports whether its inputs were valid. Call after
+    /// submitting the encoder. Blocking.
+    pub fn check(&mut self, engine: &Engine) -> Result<()> {
+        pollster::block_on(self.check_inner(engine, true))
+    }
+
+    /// Async twin of [`Workspace::check`].
+    pub async fn check_async(&mut self, engine: &Engine) -> Result<()> {
+        self.check_inner(engine, false).await
+    }
+
+    async fn check_inner(&mut self, engine: &Engine, blocking: bool) -> Result<()> {
+        let Some(locator) = self.pending.take() else {
+            return Ok(());
+        };
+        let readback = engine
+            .gpu()
+            .read_back(&self.scratch, 0, false, blocking)
+            .await?;
+        engine.raise(&readback, &locator, blocking).await
+    }
+}
+
+impl Engine {
+    /// KL(P‖Q) of two f32 storage-buffer slices of probabilities. Blocking; the data stays on
+    /// the GPU.
+    ///
+    /// # Errors
+    /// As [`Engine::kl_divergence`], plus [`Error::InvalidBuffer`] for a slice that is not
+    /// whole f32s at a 4-byte offset or whose buffer lacks `BufferUsages::STORAGE`.
+    pub fn kl_divergence_buffers(
+        &self,
+        p: wgpu::BufferSlice<'_>,
+        q: wgpu::BufferSlice<'_>,
+    ) -> Result<f64> {
+        self.divergence_buffers(Measure::KullbackLeibler, p, Some(q), &Options::default())
+    }
+
+    /// Async twin of [`Engine::kl_divergence_buffers`].
+    pub async fn kl_divergence_buffers_async(
+        &self,
+        p: wgpu::BufferSlice<'_>,
+        q: wgpu::BufferSlice<'_>,
+    ) -> Result<f64> {
+        self.divergence_buffers_async(Measure::KullbackLeibler, p, Some(q), &Options::default())
+            .await
+    }
+
+    /// Cross-entropy of two GPU slices. Blocking.
+    pub fn cross_entropy_buffers(
+        &self,
+        p: wgpu::BufferSlice<'_>,
+        q: wgpu::BufferSlice<'_>,
+    ) -> Result<f64> {
+        self.divergence_buffers(Measure::CrossEntropy, p, Some(q), &Options::default())
+    }
+
+    /// Async twin of [`Engine::cross_entropy_buffers`].
+    pub async fn cross_entropy_buffers_async(
+        &self,
+        p: wgpu::BufferSlice<'_>,
+        q: wgpu::BufferSlice<'_>,
+    ) -> Result<f64> {
+        self.divergence_buffers_async(Measure::CrossEntropy, p, Some(q), &Options::default())
+            .await
+    }
+
+    /// Entropy of a GPU slice. Blocking.
+    pub fn entropy_buffers(&self, p: wgpu::BufferSlice<'_>) -> Result<f64> {
+        self.divergence_buffers(Measure::Entropy, p, None, &Options::default())
+    }
+
+    /// Async twin of [`Engine::entropy_buffers`].
+    pub async fn entropy_buffers_async(&self, p: wgpu::BufferSlice<'_>) -> Result<f64> {
+        self.divergence_buffers_async(Measure::Entropy, p, None, &Options::default())
+            .await
+    }
+
+    /// Jensen–Shannon divergence of two GPU slices. Blocking.
+    pub fn js_divergence_buffers(
+        &self,
+        p: wgpu::BufferSlice<'_>,
+        q: wgpu::BufferSlice<'_>,
+    ) -> Result<f64> {
+        self.divergence_buffers(Measure::JensenShannon, p, Some(q), &Options::default())
+    }
+
+    /// Async twin of [`Engine::js_divergence_buffers`].
+    pub async fn js_divergence_buffers_async(
+        &self,
+        p: wgpu::BufferSlice<'_>,
+        q: wgpu::BufferSlice<'_>,
+    ) -> Result<f64> {
+        self.divergence_buffers_async(Measure::JensenShannon, p, Some(q), &Options::default())
+            .await
+    }
+
+    /// Any measure of one distribution (pair) held in GPU slices, with options. Blocking.
+    pub fn divergence_buffers(
+        &self,
+        measure: Measure,
+        p: wgpu::BufferSlice<'_>,
+        q: Option<wgpu::BufferSlice<'_>>,
+        opts: &Options,
+    ) -> Result<f64> {
+        pollster::block_on(self.divergence_buffers_inner(measure, p, q, opts, true))
+    }
+
+    /// Async twin of [`Engine::divergence_buffers`].
+    pub async fn divergence_buffers_async(
+        &self,
+        measure: Measure,
+        p: wgpu::BufferSlice<'_>,
+        q: Option<wgpu::BufferSlice<'_>>,
+        opts: &Options,
+    ) -> Result<f64> {
+        self.divergence_buffers_inner(measure, p, q, opts, false)
+            .await
+    }
+
+    async fn divergence_buffers_inner(
+        &self,
+        measure: Measure,
+        p: wgpu::BufferSlice<'_>,
+        q: Option<wgpu::BufferSlice<'_>>,
+        opts: &Options,
+        blocking: bool,
+    ) -> Result<f64> {
+        let (p, q) = self.inputs(measure, &p, q.as_ref())?;
+        let cols = p.elems.max(1);
+        let job = job_for(Term::Measure(measure), opts)?;
+        let readback = self
+            .run_buffers(&job, opts.input, &p, &q, cols, None, None, blocking)
+            .await?;
+        Ok(readback.values[0] as f64)
+    }
+
+    /// Per-row values of `[rows × cols]` GPU inputs written as f32 into `out` (one per row,
+    /// in the requested base). Blocking until the results are in `out`.
+    pub fn rows_buffers(
+        &self,
+        measure: Measure,
+        p: wgpu::BufferSlice<'_>,
+        q: Option<wgpu::BufferSlice<'_>>,
+        cols: usize,
+        opts: &Options,
+        out: wgpu::BufferSlice<'_>,
+    ) -> Result<()> {
+        pollster::block_on(self.rows_buffers_inner(measure, p, q, cols, opts, out, true))
+    }
+
+    /// Async twin of [`Engine::rows_buffers`].
+    pub async fn rows_buffers_async(
+        &self,
+        measure: Measure,
+        p: wgpu::BufferSlice<'_>,
+        q: Option<wgpu::BufferSlice<'_>>,
+        cols: usize,
+        opts: &Options,
+        out: wgpu::BufferSlice<'_>,
+    ) -> Result<()> {
+        self.rows_buffers_inner(measure, p, q, cols, opts, out, false)
+            .await
+    }
+
+    /// Per-row KL(P‖Q) of GPU inputs into `out`. Blocking.
+    pub fn kl_divergence_rows_buffers(
+        &self,
+        p: wgpu::BufferSlice<'_>,
+        q: wgpu::BufferSlice<'_>,
+        cols: usize,
+        input: Input,
+        out: wgpu::BufferSlice<'_>,
+    ) -> Result<()> {
+        self.rows_buffers(
+            Measure::KullbackLeibler,
+            p,
+            Some(q),
+            cols,
+            &Options::input(input),
+            out,
+        )
+    }
+
+    /// Per-row cross-entropy of GPU inputs into `out`. Blocking.
+    pub fn cross_entropy_rows_buffers(
+        &self,
+        p: wgpu::BufferSlice<'_>,
+        q: wgpu::BufferSlice<'_>,
+        cols: usize,
+        input: Input,
+        out: wgpu::BufferSlice<'_>,
+    ) -> Result<()> {
+        self.rows_buffers(
+            Measure::CrossEntropy,
+            p,
+            Some(q),
+            cols,
+            &Options::input(input),
+            out,
+        )
+    }
+
+    /// Per-row entropy of a GPU input into `out`. Blocking.
+    pub fn entropy_rows_buffers(
+        &self,
+        p: wgpu::BufferSlice<'_>,
+        cols: usize,
+        input: Input,
+        out: wgpu::BufferSlice<'_>,
+    ) -> Result<()> {
+        self.rows_buffers(Measure::Entropy, p, None, cols, &Options::input(input), out)
+    }
+
+    /// Per-row Jensen–Shannon divergence of GPU inputs into `out`. Blocking.
+    pub fn js_divergence_rows_buffers(
+        &self,
+        p: wgpu::BufferSlice<'_>,
+        q: wgpu::BufferSlice<'_>,
+        cols: usize,
+        input: Input,
+        out: wgpu::BufferSlice<'_>,
+    ) -> Result<()> {
+        self.rows_buffers(
+            Measure::JensenShannon,
+            p,
+            Some(q),
+            cols,
+            &Options::input(input),
+            out,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn rows_buffers_inner(
+        &self,
+        measure: Measure,
+        p: wgpu::BufferSlice<'_>,
+        q: Option<wgpu::BufferSlice<'_>>,
+        cols: usize,
+        opts: &Options,
+        out: wgpu::BufferSlice<'_>,
+        blocking: bool,
+    ) -> Result<()> {
+        let (p, q) = self.inputs(measure, &p, q.as_ref())?;
+        let rows = shape(&p, cols)?;
+        let out = output("out", &out, rows)?;
+        let job = job_for(Term::Measure(measure), opts)?;
+        self.run_buffers(
+            &job,
+            opts.input,
+            &p,
+            &q,
+            cols as u64,
+            Some(&out),
+            None,
+            blocking,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// A workspace for recording into your own command encoders (see [`Engine::record_rows`]).
+    pub fn workspace(&self) -> Workspace {
+        Workspace {
+            scratch: Scratch::new(&self.gpu().device),
+            pending: None,
+        }
+    }
+
+    /// Records a per-row computation into `encoder`, writing one f32 per row into `out`; no
+    /// submission, no wait. Submit the encoder when you like (on this engine's queue), read
+    /// `out` when you want it ([`Engine::read_f32`]), and call [`Workspace::check`] to learn
+    /// whether the inputs were valid.
+    ///
+    /// Parameters are staged with `Queue::write_buffer`, so they reach the GPU with the next
+    /// submission on this engine's queue.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_rows(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        workspace: &mut Workspace,
+        measure: Measure,
+        p: wgpu::BufferSlice<'_>,
+        q: Option<wgpu::BufferSlice<'_>>,
+        cols: usize,
+        opts: &Options,
+        out: wgpu::BufferSlice<'_>,
+    ) -> Result<()> {
+        let (p, q) = self.inputs(measure, &p, q.as_ref())?;
+        let rows = shape(&p, cols)?;
+        let out = output("out", &out, rows)?;
+        let job = job_for(Term::Measure(measure), opts)?;
+        let locator = self.locator(&job, opts.input, &p, &q, cols as u64);
+        self.record(encoder, workspace, &job, &p, &q, &out, None, locator)
+    }
+
+    /// KL(P‖softmax(z)) per row, with its gradient with respect to the logits,
+    /// ∂/∂z KL(P‖softmax(z)) = softmax(z) − p, in one fused pass (after the log-sum-exp pass
+    /// over z). `target` holds probabilities P, `logits` the scores z, both `[rows × cols]`;
+    /// the gradient (f32, same shape) goes to `grad`. Returns the per-row losses. Blocking.
+    ///
+    /// Minimizing this is minimizing the cross-entropy H(P, softmax(z)): the two differ by
+    /// H(P), which does not depend on z.
+    pub fn kl_loss_and_grad_buffers(
+        &self,
+        target: wgpu::BufferSlice<'_>,
+        logits: wgpu::BufferSlice<'_>,
+        cols: usize,
+        grad: wgpu::BufferSlice<'_>,
+    ) -> Result<Vec<f64>> {
+        pollster::block_on(self.loss_and_grad_inner(target, logits, cols, grad, true))
+    }
+
+    /// Async twin of [`Engine::kl_loss_and_grad_buffers`].
+    pub async fn kl_loss_and_grad_buffers_async(
+        &self,
+        target: wgpu::BufferSlice<'_>,
+        logits: wgpu::BufferSlice<'_>,
+        cols: usize,
+        grad: wgpu::BufferSlice<'_>,
+    ) -> Result<Vec<f64>> {
+        self.loss_and_grad_inner(target, logits, cols, grad, false)
+            .await
+    }
+
+    async fn loss_and_grad_inner(
+        &self,
+        target: wgpu::BufferSlice<'_>,
+        logits: wgpu::BufferSlice<'_>,
+        cols: usize,
+        grad: wgpu::BufferSlice<'_>,
+        blocking: bool,
+    ) -> Result<Vec<f64>> {
+        let (z, t, grad, cols) = self.loss_inputs(&target, &logits, cols, &grad)?;
+        let readback = self
+            .run_buffers(
+                &loss_job(),
+                Input::Logits,
+                &z,
+                &t,
+                cols,
+                None,
+                Some(&grad),
+                blocking,
+            )
+            .await?;
+        Ok(readback.values.iter().map(|&v| v as f64).collect())
+    }
+
+    /// Records [`Engine::kl_loss_and_grad_buffers`] into `encoder`: per-row losses into `loss`
+    /// (f32), the gradient into `grad`. See [`Engine::record_rows`] for the protocol.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_kl_loss_and_grad(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        workspace: &mut Workspace,
+        target: wgpu::BufferSlice<'_>,
+        logits: wgpu::BufferSlice<'_>,
+        cols: usize,
+        loss: wgpu::BufferSlice<'_>,
+        grad: wgpu::BufferSlice<'_>,
+    ) -> Result<()> {
+        let (z, t, grad, cols) = self.loss_inputs(&target, &logits, cols, &grad)?;
+        let loss = output("loss", &loss, z.elems / cols)?;
+        let job = loss_job();
+        let locator = self.locator(&job, Input::Logits, &z, &t, cols);
+        self.record(
+            encoder,
+            workspace,
+            &job,
+            &z,
+            &t,
+            &loss,
+            Some(&grad),
+            locator,
+        )
+    }
+
+    /// Copies an f32 slice of a GPU buffer (with `BufferUsages::COPY_SRC`) to the host.
+    /// Blocking.
+    pub fn read_f32(&self, slice: wgpu::BufferSlice<'_>) -> Result<Vec<f32>> {
+        pollster::block_on(self.read_f32_async(slice))
+    }
+
+    /// Async twin of [`Engine::read_f32`].
+    pub async fn read_f32_async(&self, slice: wgpu::BufferSlice<'_>) -> Result<Vec<f32>> {
+        let buffer = slice.buffer();
+        if !buffer.usage().contains(wgpu::BufferUsages::COPY_SRC) {
+            return Err(Error::InvalidBuffer {
+                name: "slice",
+                reason: "the buffer was created without BufferUsages::COPY_SRC".into(),
+            });
+        }
+        if slice.offset() % 4 != 0 || slice.size() % 4 != 0 {
+            return Err(Error::InvalidBuffer {
+                name: "slice",
+                reason: "offset and size must be multiples of 4 bytes".into(),
+            });
+        }
+        let view = GpuSlice {
+            buffer,
+            offset: slice.offset(),
+            elems: slice.size() / 4,
+        };
+        self.gpu().read_elements(&view, 0, view.elems, false).await
+    }
+
+    /// Σx of an f32 GPU slice, in f64 precision (compensated): the plain streaming reduction
+    /// the benchmarks use as the adapter's read-bandwidth roofline. Values are not validated.
+    pub fn sum_buffers(&self, p: wgpu::BufferSlice<'_>) -> Result<f64> {
+        let (p, q) = self.inputs(Measure::Entropy, &p, None)?;
+        let job = Job {
+            term: Term::SumP,
+            ..job_for(Term::SumP, &Options::default())?
+        };
+        let rb = pollster::block_on(self.run_buffers(
+            &job,
+            Input::Probs,
+            &p,
+            &q,
+            p.elems,
+            None,
+            None,
+            true,
+        ))?;
+        Ok(rb.values[0] as f64)
+    }
+
+    /// A storage buffer of `len` f32 elements, usable as input, output or gradient, and
+    /// copyable both ways.
+    ///
+    /// # Errors
+    /// [`Error::Gpu`] when the device cannot allocate it (too large, out of memory).
+    pub fn create_f32_buffer(&self, label: &str, len: u64) -> Result<wgpu::Buffer> {
+        let gpu = self.gpu();
+        gpu.scoped(|| {
+            gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: len.saturating_mul(4),
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_DST
+                    | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        })
+    }
+
+    fn inputs<'a>(
+        &self,
+        measure: Measure,
+        p: &wgpu::BufferSlice<'a>,
+        q: Option<&wgpu::BufferSlice<'a>>,
+    ) -> Result<(GpuSlice<'a>, GpuSlice<'a>)> {
+        let p = gpu_slice("p", p)?;
+        let q = match (measure.uses_q(), q) {
+            (true, Some(q)) => gpu_slice("q", q)?,
+            (true, None) => {
+                return Err(Error::InvalidArgument(format!(
+                    "{} needs a second distribution Q",
+                    measure.name()
+                )));
+            }
+            (false, _) => p,
+        };
+        if p.elems == 0 || q.elems == 0 {
+            return Err(Error::EmptyInput);
+        }
+        if p.elems != q.elems {
+            return Err(Error::LengthMismatch {
+                p_len: p.elems as usize,
+                q_len: q.elems as usize,
+            });
+        }
+        Ok((p, q))
+    }
+
+    fn loss_inputs<'a>(
+        &self,
+        target: &wgpu::BufferSlice<'a>,
+        logits: &wgpu::BufferSlice<'a>,
+        cols: usize,
+        grad: &wgpu::BufferSlice<'a>,
+    ) -> Result<(GpuSlice<'a>, GpuSlice<'a>, GpuSlice<'a>, u64)> {
+        let t = gpu_slice("target", target)?;
+        let z = gpu_slice("logits", logits)?;
+        if t.elems == 0 {
+            return Err(Error::EmptyInput);
+        }
+        if t.elems != z.elems {
+            return Err(Error::LengthMismatch {
+                p_len: t.elems as usize,
+                q_len: z.elems as usize,
+            });
+        }
+        shape(&t, cols)?;
+        let grad = gpu_slice("grad", grad)?;
+        if grad.elems < t.elems {
+            return Err(Error::InvalidBuffer {
+                name: "grad",
+                reason: format!("holds {} f32, the gradient needs {}", grad.elems, t.elems),
+            });
+        }
+        Ok((z, t, grad, cols as u64))
+    }
+
+    fn locator(
+        &self,
+        job: &Job,
+        input: Input,
+        p: &GpuSlice<'_>,
+        q: &GpuSlice<'_>,
+        cols: u64,
+    ) -> Locator {
+        let plan = Plan::new(p.elems / cols, cols, self.device_plan_limits());
+        let (p_input, q_input) = if job.grad {
+            (Input::Logits, Input::Probs)
+        } else {
+            (input, input)
+        };
+        Locator {
+            plan,
+            cols,
+            p: (OwnedSlice::of(p), p_input),
+            q: (OwnedSlice::of(q), q_input),
+            uses_q: job.term.uses_q() || job.grad,
+            swap_sides: job.grad,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        workspace: &mut Workspace,
+        job: &Job,
+        p: &GpuSlice<'_>,
+        q: &GpuSlice<'_>,
+        out: &GpuSlice<'_>,
+        grad: Option<&GpuSlice<'_>>,
+        locator: Locator,
+    ) -> Result<()> {
+        if workspace.pending.is_some() {
+            return Err(Error::InvalidArgument(
+                "this workspace holds a recording that was not checked yet: call Workspace::check \
+                 after submitting it, or use another workspace"
+                    .into(),
+            ));
+        }
+        let gpu = self.gpu();
+        gpu.scoped(|| {
+            gpu.encode_device(
+                encoder,
+                &mut workspace.scratch,
+                job,
+                &locator.plan,
+                p,
+                q,
+                Some(out),
+                grad,
+            )
+        })?;
+        workspace.pending = Some(locator);
+        Ok(())
+    }
+
+    /// Encodes, submits and reads back a job over GPU inputs; falls back from subgroups if the
+    /// adapter's layout check fails; turns raised flags into errors.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_buffers(
+        &self,
+        job: &Job,
+        input: Input,
+        p: &GpuSlice<'_>,
+        q: &GpuSlice<'_>,
+        cols: u64,
+        out: Option<&GpuSlice<'_>>,
+        grad: Option<&GpuSlice<'_>>,
+        blocking: bool,
+    ) -> Result<Readback> {
+        let locator = self.locator(job, input, p, q, cols);
+        let gpu = self.gpu();
+        let mut scratch = gpu.scratch.take(&gpu.device);
+        let mut readback;
+        loop {
+            let index = gpu.scoped(|| {
+                let mut encoder =
+                    gpu.device
+                        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                            label: Some("klgpu.buffers"),
+                        });
+                gpu.encode_device(
+                    &mut encoder,
+                    &mut scratch,
+                    job,
+                    &locator.plan,
+                    p,
+                    q,
+                    out,
+                    grad,
+                );
+                gpu.queue.submit([encoder.finish()])
+            })?;
+            gpu.wait(index, blocking).await?;
+            let rows = if out.is_some() { 0 } else { locator.plan.rows };
+            readback = gpu.read_back(&scratch, rows, false, blocking).await?;
+            if readback.status[0] & kernels::FLAG_SUBGROUP_LAYOUT == 0 || !self.uses_subgroups() {
+                break;
+            }
+            self.disable_subgroups();
+        }
+        gpu.scratch.put(scratch);
+        self.raise(&readback, &locator, blocking).await?;
+        Ok(readback)
+    }
+
+    /// Ok, or the error for the element the kernel flagged, read back from the GPU.
+    async fn raise(&self, readback: &Readback, loc: &Locator, blocking: bool) -> Result<()> {
+        let flags = readback.status[0] & !kernels::FLAG_SUBGROUP_LAYOUT;
+        if flags == 0 {
+            return Ok(());
+        }
+        let lost = || {
+            Error::Gpu(format!(
+                "the kernel flagged invalid input (flags {flags:#x}) at an unknown position"
+            ))
+        };
+        let window = loc
+            .plan
+            .windows
+            .get(readback.status[1] as usize)
+            .ok_or_else(lost)?;
+        let index = window.elem_start + readback.status[2] as u64;
+        if index >= loc.p.0.elems {
+            return Err(lost());
+        }
+        let gpu = self.gpu();
+        let pv = gpu
+            .read_elements(&loc.p.0.view(), index, 1, blocking)
+            .await?[0];
+        let qv = gpu
+            .read_elements(&loc.q.0.view(), index, 1, blocking)
+            .await?[0];
+        let (row, col) = ((index / loc.cols) as usize, (index % loc.cols) as usize);
+        let side = |s: Side| match (s, loc.swap_sides) {
+            (Side::P, true) => Side::Q,
+            (Side::Q, true) => Side::P,
+            (s, false) => s,
+        };
+        let element = |s: Side, value: f32, problem: Problem| Error::InvalidValue {
+            side: side(s),
+            index: index as usize,
+            row,
+            col,
+            value,
+            problem,
+        };
+        // Report the user's P before Q at the same index.
+        let mut found = vec![];
+        if let Some(problem) = cpu::element_problem(loc.p.1, pv) {
+            found.push(element(Side::P, pv, problem));
+        }
+        if let Some(problem) = cpu::element_problem(loc.q.1, qv).filter(|_| loc.uses_q) {
+            found.push(element(Side::Q, qv, problem));
+        }
+        if loc.swap_sides {
+            found.reverse();
+        }
+        if let Some(err) = found.into_iter().next() {
+            return Err(err);
+        }
+        let empty_side = if flags & kernels::FLAG_P_EMPTY != 0 {
+            Side::P
+        } else {
+            Side::Q
+        };
+        let value = if empty_side == Side::P { pv } else { qv };
+        Err(Error::InvalidValue {
+            side: side(empty_side),
+            index: row * loc.cols as usize,
+            row,
+            col: 0,
+            value,
+            problem: Problem::EmptyRow,
+        })
+    }
+}
+
+/// The job of the loss kernel.
+fn loss_job() -> Job {
+    Job {
+        term: Term::Measure(Measure::KullbackLeibler),
+        input: InputCode::Logits,
+        prepass: Some(Prepass::Lse),
+        per_nat: 1.0,
+        agree: false,
+        grad: true,
+    }
+}
+
+/// Rows of a slice with `cols` columns.
+fn shape(p: &GpuSlice<'_>, cols: usize) -> Result<u64> {
+    if cols == 0 {
+        return Err(Error::ZeroColumns);
+    }
+    if !p.elems.is_multiple_of(cols as u64) {
+        return Err(Error::RaggedRows {
+            side: Side::P,
+            len: p.elems as usize,
+            cols,
+        });
+    }
+    Ok(p.elems / cols as u64)
+}
+
+/// Checks an output slice that must hold `rows` f32.
+fn output<'a>(name: &'static str, out: &wgpu::BufferSlice<'a>, rows: u64) -> Result<GpuSlice<'a>> {
+    let out = gpu_slice(name, out)?;
+    if out.elems < rows {
+        return Err(Error::InvalidBuffer {
+            name,
+            reason: format!("holds {} f32, the result needs {rows}", out.elems),
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,445 @@
+//! [apps]: the caller's device, buffers and command encoders; async; threads; the loss
+//! gradient; faults.
+
+mod common;
+
+use common::*;
+use klgpu::wgpu::{self, util::DeviceExt};
+use klgpu::{Engine, Error, Input, Measure, Options, Problem, Side, cpu};
+
+fn upload(engine: &Engine, label: &str, data: &[f32]) -> wgpu::Buffer {
+    engine
+        .device()
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: bytemuck::cast_slice(data),
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+        })
+}
+
+/// An app's own device and queue, the way an app creates them.
+fn app_device() -> (wgpu::Device, wgpu::Queue) {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter =
+        pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
+            .expect("tests need a GPU adapter (lavapipe counts)");
+    pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor::default())).expect("device")
+}
+
+#[test]
+fn engine_on_the_callers_device_reads_the_callers_buffers() {
+    let (device, queue) = app_device();
+    let engine = Engine::from_device(device.clone(), queue.clone()).unwrap();
+    let mut r = rng(20);
+    let p = dirichlet(&mut r, 1, 10_000, 0.5);
+    let q = dirichlet(&mut r, 1, 10_000, 0.5);
+    // Pad both with junk so the slices start at offsets that are not binding-aligned.
+    let mut padded_p = vec![f32::NAN; 3];
+    padded_p.extend(&p);
+    padded_p.extend([f32::NAN; 5]);
+    let mut padded_q = vec![-1.0f32; 7];
+    padded_q.extend(&q);
+    let pb = upload(&engine, "p", &padded_p);
+    let qb = upload(&engine, "q", &padded_q);
+    let (ps, qs) = (pb.slice(12..12 + 40_000), qb.slice(28..28 + 40_000));
+    for m in Measure::ALL {
+        let got = engine
+            .divergence_buffers(m, ps, m.uses_q().then_some(qs), &Options::default())
+            .unwrap();
+        let exact =
+            cpu::divergence(m, &p, m.uses_q().then_some(&q[..]), &Options::default()).unwrap();
+        assert_close(got, exact, &format!("{m:?} on caller buffers"));
+    }
+    assert_close(
+        engine.kl_divergence_buffers(ps, qs).unwrap(),
+        cpu::kl_divergence(&p, &q).unwrap(),
+        "named",
+    );
+    assert_close(
+        engine.entropy_buffers(ps).unwrap(),
+        cpu::entropy(&p).unwrap(),
+        "entropy",
+    );
+}
+
+#[test]
+fn bad_buffer_arguments_are_errors_not_panics() {
+    let e = engine();
+    let good = upload(e, "good", &[0.5, 0.5, 0.25, 0.75]);
+    let no_storage = e.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("uniform"),
+        size: 16,
+        usage: wgpu::BufferUsages::UNIFORM,
+        mapped_at_creation: false,
+    });
+    let err = e
+        .kl_divergence_buffers(no_storage.slice(..), good.slice(..))
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidBuffer { name: "p", .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("STORAGE"), "{err}");
+    let err = e
+        .kl_divergence_buffers(good.slice(2..10), good.slice(8..16))
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidBuffer { name: "p", .. })
+            && err.to_string().contains("offset 2"),
+        "{err}"
+    );
+    let err = e
+        .kl_divergence_buffers(good.slice(0..6), good.slice(8..14))
+        .unwrap_err();
+    assert!(err.to_string().contains("whole number of f32"), "{err}");
+    let err = e
+        .kl_divergence_buffers(good.slice(0..8), good.slice(0..12))
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::LengthMismatch { p_len: 2, q_len: 3 }),
+        "{err}"
+    );
+    let out = upload(e, "out", &[0.0]);
+    let err = e
+        .kl_divergence_rows_buffers(
+            good.slice(..),
+            good.slice(..),
+            1,
+            Input::Probs,
+            out.slice(..),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidBuffer { name: "out", .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_values_in_gpu_buffers_are_located() {
+    let e = engine();
+    let mut p = vec![0.01f32; 3000];
+    let q = vec![0.01f32; 3000];
+    p[2345] = f32::NAN;
+    let (pb, qb) = (upload(e, "p", &p), upload(e, "q", &q));
+    let err = e
+        .kl_divergence_rows_buffers(
+            pb.slice(..),
+            qb.slice(..),
+            100,
+            Input::Probs,
+            upload(e, "out", &[0.0; 30]).slice(..),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidValue {
+                side: Side::P,
+                index: 2345,
+                row: 23,
+                col: 45,
+                problem: Problem::NaN,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let mut y = vec![0.0f32; 3000];
+    y[1000..1100].fill(f32::NEG_INFINITY);
+    let err = e
+        .rows_buffers(
+            Measure::KullbackLeibler,
+            qb.slice(..),
+            Some(upload(e, "y", &y).slice(..)),
+            100,
+            &Options::input(Input::Logits),
+            upload(e, "out", &[0.0; 30]).slice(..),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidValue {
+                side: Side::Q,
+                row: 10,
+                col: 0,
+                problem: Problem::EmptyRow,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn per_row_results_land_in_the_callers_buffer() {
+    let e = engine();
+    let mut r = rng(21);
+    let (rows, cols) = (300, 1000);
+    let x = logits(&mut r, rows * cols, 8.0);
+    let y = logits(&mut r, rows * cols, 8.0);
+    let (xb, yb) = (upload(e, "x", &x), upload(e, "y", &y));
+    let out = upload(e, "out", &vec![f32::NAN; rows + 10]);
+    for m in Measure::ALL {
+        let opts = Options::input(Input::Logits);
+        e.rows_buffers(
+            m,
+            xb.slice(..),
+            m.uses_q().then(|| yb.slice(..)),
+            cols,
+            &opts,
+            out.slice(40..),
+        )
+        .unwrap();
+        let got: Vec<f64> = e
+            .read_f32(out.slice(..))
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let exact = cpu::rows(m, &x, m.uses_q().then_some(&y[..]), cols, &opts)
+            .unwrap()
+            .values;
+        assert_rows_close(
+            &got[10..10 + rows],
+            &exact,
+            &format!("{m:?} rows into out[10..]"),
+        );
+        assert!(
+            got[..10].iter().all(|v| v.is_nan()),
+            "nothing written before the slice"
+        );
+    }
+}
+
+#[test]
+fn recording_into_the_callers_encoder_chains_with_its_passes() {
+    let e = engine();
+    let mut r = rng(22);
+    let (rows, cols) = (64, 5000);
+    let p = dirichlet(&mut r, rows, cols, 1.0);
+    let q = dirichlet(&mut r, rows, cols, 1.0);
+    let (pb, qb) = (upload(e, "p", &p), upload(e, "q", &q));
+    let out = upload(e, "out", &vec![0.0; rows]);
+    let copy = upload(e, "copy", &vec![0.0; rows]);
+    let mut ws = e.workspace();
+    let mut encoder = e.device().create_command_encoder(&Default::default());
+    e.record_rows(
+        &mut encoder,
+        &mut ws,
+        Measure::JensenShannon,
+        pb.slice(..),
+        Some(qb.slice(..)),
+        cols,
+        &Options::default(),
+        out.slice(..),
+    )
+    .unwrap();
+    // The app's own work after ours, in the same encoder.
+    encoder.copy_buffer_to_buffer(&out, 0, &copy, 0, rows as u64 * 4);
+    // A second recording needs the first one checked.
+    let err = e
+        .record_rows(
+            &mut encoder,
+            &mut ws,
+            Measure::Entropy,
+            pb.slice(..),
+            None,
+            cols,
+            &Options::default(),
+            out.slice(..),
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    e.queue().submit([encoder.finish()]);
+    ws.check(e).unwrap();
+    let got: Vec<f64> = e
+        .read_f32(copy.slice(..))
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    assert_rows_close(
+        &got,
+        &cpu::js_divergence_rows(&p, &q, cols, Input::Probs).unwrap(),
+        "recorded JS",
+    );
+    // The workspace is reusable once checked; bad input is reported by check().
+    let mut bad = p.clone();
+    bad[7 * cols + 3] = -0.5;
+    let bb = upload(e, "bad", &bad);
+    let mut encoder = e.device().create_command_encoder(&Default::default());
+    e.record_rows(
+        &mut encoder,
+        &mut ws,
+        Measure::KullbackLeibler,
+        bb.slice(..),
+        Some(qb.slice(..)),
+        cols,
+        &Options::default(),
+        out.slice(..),
+    )
+    .unwrap();
+    e.queue().submit([encoder.finish()]);
+    let err = pollster::block_on(ws.check_async(e)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidValue {
+                row: 7,
+                col: 3,
+                problem: Problem::Negative,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn async_twins_on_buffers() {
+    let e = engine();
+    let (pb, qb) = (upload(e, "p", &[0.2, 0.8]), upload(e, "q", &[0.5, 0.5]));
+    let blocking = e.kl_divergence_buffers(pb.slice(..), qb.slice(..)).unwrap();
+    let asynchronous =
+        pollster::block_on(e.kl_divergence_buffers_async(pb.slice(..), qb.slice(..))).unwrap();
+    assert_eq!(blocking, asynchronous);
+    let v = pollster::block_on(e.read_f32_async(pb.slice(..))).unwrap();
+    assert_eq!(v, vec![0.2, 0.8]);
+}
+
+#[test]
+fn engine_is_send_and_sync_and_correct_under_concurrency() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Engine>();
+    let e = engine();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8u64)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut r = rng(100 + t);
+                    for i in 0..5 {
+                        let n = 1000 + 7919 * (t as usize + i);
+                        let p = dirichlet(&mut r, 1, n, 0.5);
+                        let q = dirichlet(&mut r, 1, n, 0.5);
+                        let got = e.kl_divergence(&p, &q).unwrap();
+                        assert_close(
+                            got,
+                            cpu::kl_divergence(&p, &q).unwrap(),
+                            &format!("thread {t} call {i}"),
+                        );
+                        let pb = upload(e, "p", &p);
+                        let qb = upload(e, "q", &q);
+                        let got = e.js_divergence_buffers(pb.slice(..), qb.slice(..)).unwrap();
+                        assert_close(
+                            got,
+                            cpu::js_divergence(&p, &q).unwrap(),
+                            &format!("thread {t} buffers {i}"),
+                        );
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("no thread panicked");
+        }
+    });
+}
+
+#[test]
+fn loss_and_gradient_in_one_pass() {
+    let e = engine();
+    let mut r = rng(23);
+    let (rows, cols) = (20, 3000);
+    let target = dirichlet(&mut r, rows, cols, 0.5);
+    let z = logits(&mut r, rows * cols, 3.0);
+    let (tb, zb) = (upload(e, "target", &target), upload(e, "z", &z));
+    let grad = upload(e, "grad", &vec![f32::NAN; rows * cols]);
+    let loss = e
+        .kl_loss_and_grad_buffers(tb.slice(..), zb.slice(..), cols, grad.slice(..))
+        .unwrap();
+    let g = e.read_f32(grad.slice(..)).unwrap();
+    for row in 0..rows {
+        let zr = &z[row * cols..(row + 1) * cols];
+        let tr = &target[row * cols..(row + 1) * cols];
+        let max = zr.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+        let sum: f64 = zr.iter().map(|&v| (v as f64 - max).exp()).sum();
+        let q: Vec<f64> = zr.iter().map(|&v| (v as f64 - max).exp() / sum).collect();
+        let direct: f64 = tr
+            .iter()
+            .zip(&q)
+            .filter(|(t, _)| **t > 0.0)
+            .map(|(&t, &qi)| t as f64 * (t as f64 / qi).ln())
+            .sum();
+        assert_close(loss[row], direct, &format!("loss row {row}"));
+        for c in 0..cols {
+            let expected = q[c] - tr[c] as f64;
+            let got = g[row * cols + c] as f64;
+            assert!(
+                (got - expected).abs() <= 1e-6 * (1.0 + expected.abs()),
+                "grad[{row},{c}] = {got}, expected {expected}"
+            );
+        }
+    }
+    // Recording form, and a bad target named as P.
+    let mut bad = target.clone();
+    bad[5 * cols + 9] = f32::NAN;
+    let bb = upload(e, "bad", &bad);
+    let loss_out = upload(e, "loss", &vec![0.0; rows]);
+    let mut ws = e.workspace();
+    let mut encoder = e.device().create_command_encoder(&Default::default());
+    e.record_kl_loss_and_grad(
+        &mut encoder,
+        &mut ws,
+        bb.slice(..),
+        zb.slice(..),
+        cols,
+        loss_out.slice(..),
+        grad.slice(..),
+    )
+    .unwrap();
+    e.queue().submit([encoder.finish()]);
+    let err = ws.check(e).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidValue {
+                side: Side::P,
+                row: 5,
+                col: 9,
+                problem: Problem::NaN,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_impossible_allocation_is_an_error_and_the_engine_survives() {
+    let e = engine();
+    // Far beyond max_buffer_size: the device refuses it (lavapipe's 2 GiB buffer limit means
+    // a genuine out-of-memory cannot be provoked here; both error scopes are captured).
+    let err = e.create_f32_buffer("huge", 1 << 40).unwrap_err();
+    assert!(matches!(err, Error::Gpu(_)), "{err}");
+    assert_close(
+        e.kl_divergence(&[0.5, 0.5], &[0.25, 0.75]).unwrap(),
+        cpu::kl_divergence(&[0.5, 0.5], &[0.25, 0.75]).unwrap(),
+        "after",
+    );
+}
+
+#[test]
+fn a_lost_device_gives_errors_not_panics_or_hangs() {
+    let e = Engine::new().unwrap();
+    assert!(e.entropy(&[0.5, 0.5]).is_ok());
+    e.device().destroy();
+    let err = e.entropy(&[0.5, 0.5]).unwrap_err();
+    assert!(matches!(err, Error::Gpu(_)), "{err}");
+    let err = e.kl_divergence(&[0.5, 0.5], &[0.25, 0.75]).unwrap_err();
+    assert!(matches!(err, Error::Gpu(_)), "{err}");
+}
