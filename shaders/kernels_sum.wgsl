@@ -44,7 +44,12 @@ fn log_term(acc: Acc, a: f32, b: f32, p: f32, q: f32, d: f32) -> Acc {
         if (a == ninf && b == ninf) { return acc; }
         return add_term(acc, js_log_term(p, q, d), 0.0);
     }
-    if (a == ninf) { return acc; }
+    if (a == ninf) {
+        // p = 0. With logits the residual Σ(p − q) is 0 over the whole row, so the KL of the
+        // entries with p > 0 carries Q's mass here: kl_main(0, q) = q.
+        if (MEASURE == MEASURE_KL && INPUT == INPUT_LOGITS) { return add_term(acc, q, 0.0); }
+        return acc;
+    }
     if (MEASURE == MEASURE_ENTROPY) { return add_term(acc, -p * a, 0.0); }
     if (b == ninf) { return with_inf(acc); }
     if (MEASURE == MEASURE_CE) { return add_term(acc, -p * b, 0.0); }
@@ -186,13 +191,14 @@ fn kl_grad(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg:
             let lq = (z - zm) - zl;
             let q = exp(lq);
             grad[prm.grad_base + local] = (q - t) * prm.out_scale;
-            if (t > 0.0) {
-                if (z == neg_inf()) {
-                    acc = with_inf(acc);
-                } else {
-                    // Σ t·φ(r) + Σ t − 1, with r = ln t − ln q; the −1 is added at the end.
-                    acc = add_term(acc, phi_term(t, ln_acc(t) - lq, q), t);
-                }
+            // KL = Σ_{t>0} t·φ(r) + Σ_{t>0} t + Σ_{t=0} q − 1 with r = ln t − ln q (since
+            // Σ q = 1); the −1 is added when the row is finished.
+            if (t == 0.0) {
+                acc = add_term(acc, q, 0.0);
+            } else if (z == neg_inf()) {
+                acc = with_inf(acc);
+            } else {
+                acc = add_term(acc, phi_term(t, ln_acc(t) - lq, q), t);
             }
         }
     }
