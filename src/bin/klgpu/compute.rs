@@ -1,0 +1,247 @@
+//! The `kl`, `ce`, `js` and `entropy` commands: open and check the inputs, pick the backend,
+//! stream, reduce, summarize, write and print.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use klgpu::{Engine, Input, Measure, Options, Reduction, RowResults};
+
+use crate::error::CliError;
+use crate::output::{self, AdapterDesc, Report};
+use crate::progress::Progress;
+use crate::source::{Source, TensorChoice};
+use crate::stats;
+use crate::stream::{self, Compute, Layout};
+
+/// Which implementation computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// The GPU if wgpu finds an adapter, else the CPU reference (with a note).
+    Auto,
+    /// The GPU; no adapter is an error.
+    Gpu,
+    /// The f64 CPU reference, `klgpu::cpu`.
+    Cpu,
+}
+
+/// An opened backend.
+pub enum Backend {
+    /// A GPU engine (boxed: it is much larger than the other variant).
+    Gpu(Box<Engine>),
+    /// The f64 reference.
+    Cpu,
+}
+
+impl Backend {
+    /// Opens the backend asked for. `auto` falls back to the CPU only when there is no
+    /// adapter at all; other failures are errors (exit code 1).
+    pub fn open(choice: BackendChoice, quiet: bool) -> Result<Backend, CliError> {
+        match choice {
+            BackendChoice::Cpu => Ok(Backend::Cpu),
+            BackendChoice::Gpu => Engine::new()
+                .map(|e| Backend::Gpu(Box::new(e)))
+                .map_err(|e| CliError::runtime(e.to_string())),
+            BackendChoice::Auto => match Engine::new() {
+                Ok(e) => Ok(Backend::Gpu(Box::new(e))),
+                Err(klgpu::Error::NoAdapter { .. }) => {
+                    if !quiet {
+                        eprintln!(
+                            "klgpu: note: no GPU adapter found; computing with the f64 CPU \
+                             reference (--backend cpu)"
+                        );
+                    }
+                    Ok(Backend::Cpu)
+                }
+                Err(e) => Err(CliError::runtime(e.to_string())),
+            },
+        }
+    }
+
+    /// The adapter as reported.
+    pub fn adapter(&self) -> AdapterDesc {
+        match self {
+            Backend::Gpu(e) => AdapterDesc::from_info(e.adapter_info()),
+            Backend::Cpu => AdapterDesc::cpu_reference(),
+        }
+    }
+}
+
+impl Compute for Backend {
+    fn rows(
+        &self,
+        measure: Measure,
+        p: &[f32],
+        q: Option<&[f32]>,
+        cols: usize,
+        opts: &Options,
+    ) -> klgpu::Result<RowResults> {
+        match self {
+            Backend::Gpu(engine) => engine.rows(measure, p, q, cols, opts),
+            Backend::Cpu => klgpu::cpu::rows(measure, p, q, cols, opts),
+        }
+    }
+}
+
+/// A fully parsed `kl`/`ce`/`js`/`entropy` invocation.
+#[derive(Clone, Debug)]
+pub struct MeasureRun {
+    /// What to compute.
+    pub measure: Measure,
+    /// P's file.
+    pub p: PathBuf,
+    /// Q's file (two-input measures).
+    pub q: Option<PathBuf>,
+    /// How to read the inputs, base and normalization.
+    pub opts: Options,
+    /// The base as given (`e`, `2`, `10`).
+    pub base_name: &'static str,
+    /// How to combine per-row values of a 2-D input.
+    pub reduction: Reduction,
+    /// The reduction as given (`none`, `sum`, `mean-rows`).
+    pub reduction_name: &'static str,
+    /// Where to write per-row values.
+    pub out: Option<PathBuf>,
+    /// Print one JSON object instead of the human-readable report.
+    pub json: bool,
+    /// Which implementation to use.
+    pub backend: BackendChoice,
+    /// P's safetensors tensor (and Q's unless `tensor_q` is given).
+    pub tensor: Option<String>,
+    /// Q's safetensors tensor.
+    pub tensor_q: Option<String>,
+    /// No notes, no progress bar.
+    pub quiet: bool,
+    /// Bytes of f32 per input and block.
+    pub block_bytes: u64,
+}
+
+/// Runs one measure command.
+pub fn run(cmd: &MeasureRun) -> Result<(), CliError> {
+    // Inputs first: bad files fail fast, before any device is created.
+    let p = Source::open(
+        &cmd.p,
+        &TensorChoice {
+            name: cmd.tensor.clone(),
+            flag: cmd.tensor.as_ref().map(|_| "--tensor"),
+        },
+    )?;
+    let q = match &cmd.q {
+        Some(path) => Some(Source::open(
+            path,
+            &TensorChoice {
+                name: cmd.tensor_q.clone().or_else(|| cmd.tensor.clone()),
+                flag: cmd.tensor_q.as_ref().map(|_| "--tensor-q"),
+            },
+        )?),
+        None => None,
+    };
+    if let Some(q) = &q
+        && q.shape != p.shape
+    {
+        return Err(CliError::input(format!(
+            "shapes differ: {} has shape {:?}, {} has shape {:?}",
+            p.label, p.shape, q.label, q.shape
+        )));
+    }
+    let one_d = p.shape.len() == 1;
+    let layout = Layout {
+        rows: if one_d { 1 } else { p.shape[0] },
+        cols: p.shape[p.shape.len() - 1],
+        one_d,
+    };
+    if let Some(out) = &cmd.out {
+        output::check_out_path(out)?;
+    }
+    if cmd.opts.normalize && cmd.opts.input != Input::Probs && !cmd.quiet {
+        eprintln!(
+            "klgpu: note: --normalize applies to --input probs only; {} are normalized by \
+             construction",
+            cmd.opts.input.name()
+        );
+    }
+    let backend = Backend::open(cmd.backend, cmd.quiet)?;
+    let p_label = p.label.clone();
+    let q_label = q.as_ref().map(|q| q.label.clone());
+
+    let start = Instant::now();
+    let progress = Progress::new(cmd.quiet);
+    let block_elems = usize::try_from(cmd.block_bytes / 4)
+        .unwrap_or(usize::MAX)
+        .max(1);
+    let result = stream::run(
+        &backend,
+        cmd.measure,
+        p,
+        q,
+        layout,
+        cmd.opts,
+        block_elems,
+        &progress,
+    );
+    progress.finish();
+    let outcome = result?;
+    let elapsed_s = start.elapsed().as_secs_f64();
+
+    let value = if one_d {
+        outcome.values.first().copied()
+    } else {
+        cmd.reduction.apply(&outcome.values)
+    };
+    let summary = if one_d {
+        None
+    } else {
+        stats::summarize(&outcome.values)
+    };
+    let top1 = outcome.top1.as_ref().and_then(|agree| {
+        (!agree.is_empty())
+            .then(|| agree.iter().filter(|&&a| a).count() as f64 / agree.len() as f64)
+    });
+    if let Some(out) = &cmd.out {
+        output::write_rows_atomically(out, &outcome.values)?;
+    }
+    let report = Report {
+        measure: cmd.measure,
+        input: cmd.opts.input,
+        base: cmd.base_name,
+        unit: unit_name(cmd.base_name),
+        rows: layout.rows,
+        cols: layout.cols,
+        one_d,
+        reduction: cmd.reduction_name,
+        value,
+        summary,
+        top1_applies: cmd.opts.input == Input::Logits,
+        top1,
+        adapter: backend.adapter(),
+        elapsed_s,
+        p_label,
+        q_label,
+        out: cmd.out.clone(),
+    };
+    let text = if cmd.json {
+        format!("{}\n", report.to_json())
+    } else {
+        report.human()
+    };
+    print_stdout(&text)
+}
+
+/// The unit of a log base.
+fn unit_name(base: &str) -> &'static str {
+    match base {
+        "2" => "bits",
+        "10" => "hartleys",
+        _ => "nats",
+    }
+}
+
+/// Writes to stdout; a closed pipe is not worth a panic.
+pub fn print_stdout(text: &str) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(CliError::runtime(format!("writing to stdout: {e}"))),
+    }
+}

@@ -1,0 +1,164 @@
+//! The command line's one error type. Every failure becomes one `klgpu: error: …` line on
+//! stderr and an exit code: 2 for bad input (files, shapes, values, arguments), 1 for
+//! everything else (no adapter, GPU errors, I/O while writing results).
+
+use std::fmt;
+
+use klgpu::{Error, Problem};
+
+/// Exit code for bad input: unreadable or malformed files, invalid values, bad arguments.
+/// clap uses the same code for usage errors.
+pub const EXIT_INPUT: i32 = 2;
+/// Exit code for everything else.
+pub const EXIT_RUNTIME: i32 = 1;
+
+/// A failure with the message to print and the exit code to return.
+#[derive(Debug)]
+pub struct CliError {
+    /// What went wrong, without the `klgpu: error: ` prefix; one line.
+    pub message: String,
+    /// The process exit code.
+    pub code: i32,
+}
+
+impl CliError {
+    /// Bad input: exit code 2.
+    pub fn input(message: impl Into<String>) -> Self {
+        CliError {
+            message: message.into(),
+            code: EXIT_INPUT,
+        }
+    }
+
+    /// Any other failure: exit code 1.
+    pub fn runtime(message: impl Into<String>) -> Self {
+        CliError {
+            message: message.into(),
+            code: EXIT_RUNTIME,
+        }
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Keep it to one line whatever the source message holds.
+        f.write_str(&self.message.replace('\n', " "))
+    }
+}
+
+/// Where a library call's data came from, so that a library error can name the file, the
+/// row and the column the user knows (not the block-relative ones the library sees).
+#[derive(Clone, Copy, Debug)]
+pub struct Origin<'a> {
+    /// How P is named in messages (its path, plus `[tensor]` for safetensors).
+    pub p_label: &'a str,
+    /// How Q is named in messages.
+    pub q_label: &'a str,
+    /// Row of the file where the block starts.
+    pub first_row: usize,
+    /// Column of the file where the block starts (non-zero only for pieces of long rows).
+    pub first_col: usize,
+    /// The input is 1-D: positions are printed as `index N`, not as row and column.
+    pub one_d: bool,
+}
+
+impl Origin<'_> {
+    /// Maps a library error to a CLI error with file-level positions.
+    pub fn map(&self, err: Error) -> CliError {
+        match err {
+            Error::InvalidValue {
+                side,
+                row,
+                col,
+                value,
+                problem,
+                ..
+            } => {
+                let label = match side {
+                    klgpu::Side::P => self.p_label,
+                    klgpu::Side::Q => self.q_label,
+                };
+                invalid_value(
+                    label,
+                    self.one_d,
+                    self.first_row + row,
+                    self.first_col + col,
+                    value,
+                    problem,
+                )
+            }
+            Error::EmptyInput
+            | Error::LengthMismatch { .. }
+            | Error::RaggedRows { .. }
+            | Error::ZeroColumns
+            | Error::InvalidArgument(_) => CliError::input(err.to_string()),
+            other => CliError::runtime(other.to_string()),
+        }
+    }
+}
+
+/// The message for a rejected element: `FILE: row R, column C: value V is NaN`.
+pub fn invalid_value(
+    label: &str,
+    one_d: bool,
+    row: usize,
+    col: usize,
+    value: f32,
+    problem: Problem,
+) -> CliError {
+    let msg = match (problem, one_d) {
+        (Problem::EmptyRow, true) => format!("{label}: {problem}"),
+        (Problem::EmptyRow, false) => format!("{label}: row {row}: {problem}"),
+        (_, true) => format!("{label}: index {col}: value {value} {problem}"),
+        (_, false) => format!("{label}: row {row}, column {col}: value {value} {problem}"),
+    };
+    CliError::input(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_values_name_file_row_and_column_with_offsets() {
+        let origin = Origin {
+            p_label: "P.npy",
+            q_label: "Q.npy",
+            first_row: 10,
+            first_col: 0,
+            one_d: false,
+        };
+        let err = origin.map(Error::InvalidValue {
+            side: klgpu::Side::Q,
+            index: 17,
+            row: 0,
+            col: 17,
+            value: f32::NAN,
+            problem: Problem::NaN,
+        });
+        assert_eq!(err.code, EXIT_INPUT);
+        assert_eq!(err.message, "Q.npy: row 10, column 17: value NaN is NaN");
+        let err = origin.map(Error::Gpu("lost".into()));
+        assert_eq!(err.code, EXIT_RUNTIME);
+    }
+
+    #[test]
+    fn one_d_positions_are_indices() {
+        let origin = Origin {
+            p_label: "p.npy",
+            q_label: "q.npy",
+            first_row: 0,
+            first_col: 4096,
+            one_d: true,
+        };
+        let err = origin.map(Error::InvalidValue {
+            side: klgpu::Side::P,
+            index: 3,
+            row: 0,
+            col: 3,
+            value: -1.0,
+            problem: Problem::Negative,
+        });
+        assert_eq!(err.message, "p.npy: index 4099: value -1 is negative");
+    }
+}

@@ -1,0 +1,305 @@
+//! Input files: `.npy` arrays and named safetensors tensors, opened lazily so that inputs
+//! larger than memory can be streamed. Opening reads and checks only the header; elements are
+//! read later in ranges ([`Source::read_f32`]), converted to f32 on the way.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+use crate::error::CliError;
+use crate::npy;
+
+/// Element types that can be read (all converted to f32; f64 is rounded).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    /// IEEE binary16.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary64, rounded to f32 when read.
+    F64,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::F32 => 4,
+            Dtype::F64 => 8,
+        }
+    }
+}
+
+/// Which safetensors tensor to take from a file.
+#[derive(Clone, Debug, Default)]
+pub struct TensorChoice {
+    /// The tensor's name, if one was given.
+    pub name: Option<String>,
+    /// Which option gave it (`--tensor` or `--tensor-q`), for messages; `None` when the name
+    /// was only inherited (Q falls back to `--tensor`) and so does not apply to `.npy` files.
+    pub flag: Option<&'static str>,
+}
+
+/// An opened input: where its elements are, their type and its shape.
+#[derive(Debug)]
+pub struct Source {
+    /// How the input is named in messages: the path as given, plus `[tensor]` for safetensors.
+    pub label: String,
+    file: File,
+    data_offset: u64,
+    dtype: Dtype,
+    /// 1 or 2 dimensions, none zero.
+    pub shape: Vec<usize>,
+    /// Reused buffer for raw bytes.
+    scratch: Vec<u8>,
+}
+
+/// Bytes converted per read call: bounds the scratch buffer whatever the block size.
+const READ_CHUNK: usize = 4 << 20;
+
+/// Most bytes of a safetensors JSON header (the safetensors crate's own limit).
+const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+
+impl Source {
+    /// Opens `path` as `.npy` (recognised by its magic) or else as safetensors, and checks its
+    /// header. Every error names the file and is "bad input" (exit code 2).
+    pub fn open(path: &Path, tensor: &TensorChoice) -> Result<Source, CliError> {
+        let shown = path.display().to_string();
+        let fail = |msg: String| CliError::input(format!("{shown}: {msg}"));
+        if path.is_dir() {
+            return Err(fail("is a directory, not a file".into()));
+        }
+        let mut file = File::open(path).map_err(|e| fail(format!("cannot open: {e}")))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| fail(format!("cannot read: {e}")))?
+            .len();
+        let mut magic = [0u8; 6];
+        let n = read_up_to(&mut file, &mut magic).map_err(|e| fail(format!("cannot read: {e}")))?;
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| fail(format!("cannot read: {e}")))?;
+        let (label, dtype, shape, data_offset) = if n == 6 && &magic == npy::MAGIC {
+            if let (Some(_), Some(flag)) = (&tensor.name, tensor.flag) {
+                return Err(fail(format!(
+                    "{flag} applies to safetensors files, and this is a .npy file"
+                )));
+            }
+            let header = npy::read_header(&mut file).map_err(fail)?;
+            let dtype = match header.dtype {
+                npy::NpyDtype::F16 => Dtype::F16,
+                npy::NpyDtype::F32 => Dtype::F32,
+                npy::NpyDtype::F64 => Dtype::F64,
+            };
+            (shown.clone(), dtype, header.shape, header.data_offset)
+        } else {
+            let (name, dtype, shape, offset) =
+                open_safetensors(&mut file, file_len, tensor.name.as_deref()).map_err(fail)?;
+            (format!("{shown}[{name}]"), dtype, shape, offset)
+        };
+        let elems = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| fail(format!("shape {shape:?} is too large")))?;
+        let need = (elems as u64)
+            .checked_mul(dtype.size() as u64)
+            .and_then(|b| b.checked_add(data_offset))
+            .ok_or_else(|| fail(format!("shape {shape:?} is too large")))?;
+        if file_len < need {
+            return Err(fail(format!(
+                "file is truncated: shape {shape:?} needs {need} bytes, the file has {file_len}"
+            )));
+        }
+        Ok(Source {
+            label,
+            file,
+            data_offset,
+            dtype,
+            shape,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Reads elements `start .. start + count` into `out` (replacing its contents) as f32.
+    pub fn read_f32(
+        &mut self,
+        start: usize,
+        count: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<(), CliError> {
+        out.clear();
+        out.reserve_exact(count);
+        let size = self.dtype.size();
+        let offset = self.data_offset + (start as u64) * (size as u64);
+        let fail = |e: std::io::Error| CliError::input(format!("{}: read failed: {e}", self.label));
+        self.file.seek(SeekFrom::Start(offset)).map_err(fail)?;
+        let per_chunk = (READ_CHUNK / size).max(1);
+        let mut left = count;
+        while left > 0 {
+            let n = left.min(per_chunk);
+            self.scratch.resize(n * size, 0);
+            self.file.read_exact(&mut self.scratch).map_err(fail)?;
+            convert(self.dtype, &self.scratch, out);
+            left -= n;
+        }
+        Ok(())
+    }
+}
+
+/// Appends the little-endian elements in `raw` to `out` as f32.
+fn convert(dtype: Dtype, raw: &[u8], out: &mut Vec<f32>) {
+    match dtype {
+        Dtype::F32 => out.extend(
+            raw.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        ),
+        Dtype::F64 => {
+            out.extend(raw.chunks_exact(8).map(|c| {
+                f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
+            }))
+        }
+        Dtype::F16 => out.extend(
+            raw.chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
+        Dtype::BF16 => out.extend(
+            raw.chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
+    }
+}
+
+/// Reads as many bytes as are there, up to `buf.len()`.
+fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Parses a safetensors header (with the `safetensors` crate, reading only the header bytes)
+/// and picks a tensor: the one named, or the only one. Returns its name, dtype, shape and the
+/// file offset of its data.
+fn open_safetensors(
+    file: &mut File,
+    file_len: u64,
+    wanted: Option<&str>,
+) -> Result<(String, Dtype, Vec<usize>, u64), String> {
+    let not_ours = |why: String| format!("not a .npy file, nor a safetensors file ({why})");
+    let mut len_bytes = [0u8; 8];
+    if read_up_to(file, &mut len_bytes).map_err(|e| format!("cannot read: {e}"))? < 8 {
+        return Err(not_ours("too short".into()));
+    }
+    let n = u64::from_le_bytes(len_bytes);
+    if n > MAX_SAFETENSORS_HEADER || n.saturating_add(8) > file_len {
+        return Err(not_ours(format!("header length {n} does not fit the file")));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let metadata: safetensors::tensor::Metadata =
+        serde_json::from_slice(&header).map_err(|e| not_ours(format!("bad header: {e}")))?;
+    let data_start = 8 + n;
+    if data_start + metadata.data_len() as u64 > file_len {
+        return Err(format!(
+            "safetensors file is truncated: its header describes {} bytes of data, the file \
+             has {}",
+            metadata.data_len(),
+            file_len - data_start
+        ));
+    }
+    let mut names = metadata.offset_keys();
+    names.sort();
+    let list = |names: &[String]| {
+        let shown: Vec<&str> = names.iter().take(20).map(String::as_str).collect();
+        let more = if names.len() > 20 { ", …" } else { "" };
+        format!("{}{more}", shown.join(", "))
+    };
+    let name = match wanted {
+        Some(w) => {
+            if metadata.info(w).is_none() {
+                return Err(format!(
+                    "no tensor named '{w}'; the file holds: {}",
+                    list(&names)
+                ));
+            }
+            w.to_string()
+        }
+        None => match names.as_slice() {
+            [only] => only.clone(),
+            [] => return Err("the safetensors file holds no tensors".into()),
+            _ => {
+                return Err(format!(
+                    "the file holds {} tensors ({}): choose one with --tensor",
+                    names.len(),
+                    list(&names)
+                ));
+            }
+        },
+    };
+    let info = metadata
+        .info(&name)
+        .ok_or_else(|| format!("no tensor named '{name}'"))?;
+    let dtype = match info.dtype {
+        safetensors::Dtype::F32 => Dtype::F32,
+        safetensors::Dtype::F64 => Dtype::F64,
+        safetensors::Dtype::F16 => Dtype::F16,
+        safetensors::Dtype::BF16 => Dtype::BF16,
+        other => {
+            return Err(format!(
+                "tensor '{name}' has dtype {other:?}; klgpu reads F16, BF16, F32 and F64"
+            ));
+        }
+    };
+    let shape = info.shape.clone();
+    match shape.len() {
+        1 | 2 => {}
+        0 => {
+            return Err(format!("tensor '{name}' is a 0-D scalar; need 1-D or 2-D"));
+        }
+        d => {
+            return Err(format!(
+                "tensor '{name}' is {d}-D (shape {shape:?}): klgpu reads a 1-D tensor (one \
+                 distribution) or a 2-D tensor (one distribution per row); reshape to (rows, \
+                 cols) first"
+            ));
+        }
+    }
+    if shape.contains(&0) {
+        return Err(format!(
+            "tensor '{name}' is empty (shape {shape:?}): a distribution needs at least one \
+             element"
+        ));
+    }
+    Ok((name, dtype, shape, data_start + info.data_offsets.0 as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn converts_every_dtype() {
+        let mut out = Vec::new();
+        convert(Dtype::F64, &0.1f64.to_le_bytes(), &mut out);
+        convert(
+            Dtype::F16,
+            &half::f16::from_f32(0.5).to_le_bytes(),
+            &mut out,
+        );
+        convert(
+            Dtype::BF16,
+            &half::bf16::from_f32(-2.0).to_le_bytes(),
+            &mut out,
+        );
+        convert(Dtype::F32, &f32::NAN.to_le_bytes(), &mut out);
+        assert_eq!(out[..3], [0.1f32, 0.5, -2.0]);
+        assert!(out[3].is_nan());
+    }
+}

@@ -1,0 +1,153 @@
+//! Summary statistics of per-row values: the numbers llama.cpp's `--kl-divergence` reports
+//! (mean ± standard error, median, upper percentiles, min, max). Pure functions, no I/O.
+//!
+//! Infinities (a row with p > 0 where q = 0 has KL = +∞) are kept, not dropped:
+//! - `mean` is +∞ as soon as one row is +∞ (NaN if both +∞ and −∞ occur), and then
+//!   `stderr` is NaN, as numpy's `std` of such data is;
+//! - percentiles and min/max see the infinite rows as the largest values, so the upper
+//!   percentiles become +∞ only once the interpolation reaches an infinite row: a percentile
+//!   that falls between a finite value and +∞ is +∞, one that lands exactly on a finite value
+//!   stays finite.
+//!
+//! NaN rows are not expected (the library rejects NaN inputs); they would sort above +∞ and
+//! make the mean NaN.
+
+/// Statistics of a non-empty set of values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    /// Number of values.
+    pub count: usize,
+    /// Arithmetic mean (compensated sum / count).
+    pub mean: f64,
+    /// Standard error of the mean, √(s²/n) with the unbiased sample variance s²; `None` for
+    /// a single value, where it is undefined.
+    pub stderr: Option<f64>,
+    /// 50th percentile.
+    pub median: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p99_9: f64,
+    /// Smallest value.
+    pub min: f64,
+    /// Largest value.
+    pub max: f64,
+}
+
+/// Summarizes `values`; `None` when there are none.
+pub fn summarize(values: &[f64]) -> Option<Summary> {
+    if values.is_empty() {
+        return None;
+    }
+    let n = values.len();
+    let mean = klgpu::cpu::compensated_sum(values.iter().copied()) / n as f64;
+    let stderr = (n > 1).then(|| {
+        if !mean.is_finite() {
+            return f64::NAN;
+        }
+        let ss = klgpu::cpu::compensated_sum(values.iter().map(|&x| (x - mean) * (x - mean)));
+        (ss / (n - 1) as f64 / n as f64).sqrt()
+    });
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    Some(Summary {
+        count: n,
+        mean,
+        stderr,
+        median: percentile_sorted(&sorted, 50.0),
+        p90: percentile_sorted(&sorted, 90.0),
+        p95: percentile_sorted(&sorted, 95.0),
+        p99: percentile_sorted(&sorted, 99.0),
+        p99_9: percentile_sorted(&sorted, 99.9),
+        min: sorted[0],
+        max: sorted[n - 1],
+    })
+}
+
+/// The `pct`-th percentile (0–100) of ascending `sorted` values, interpolated linearly between
+/// the two nearest ranks like numpy's default (`method="linear"`): rank h = (n−1)·pct/100.
+/// Panics on an empty slice (callers check).
+pub fn percentile_sorted(sorted: &[f64], pct: f64) -> f64 {
+    let n = sorted.len();
+    let h = (n - 1) as f64 * (pct / 100.0).clamp(0.0, 1.0);
+    let lo = h.floor() as usize;
+    let hi = (lo + 1).min(n - 1);
+    let frac = h - lo as f64;
+    let (a, b) = (sorted[lo], sorted[hi]);
+    if frac == 0.0 || a == b {
+        return a;
+    }
+    if a.is_infinite() || b.is_infinite() {
+        // Between a finite value and ±∞ the line is at ±∞; between −∞ and +∞ it is undefined.
+        return if a.is_infinite() && b.is_infinite() {
+            f64::NAN
+        } else if a.is_infinite() {
+            a
+        } else {
+            b
+        };
+    }
+    a + (b - a) * frac
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_is_none() {
+        assert_eq!(summarize(&[]), None);
+    }
+
+    #[test]
+    fn one_value() {
+        let s = summarize(&[0.25]).unwrap();
+        assert_eq!(s.count, 1);
+        assert_eq!(s.mean, 0.25);
+        assert_eq!(s.stderr, None);
+        for v in [s.median, s.p90, s.p95, s.p99, s.p99_9, s.min, s.max] {
+            assert_eq!(v, 0.25);
+        }
+    }
+
+    #[test]
+    fn matches_numpy() {
+        // numpy: x = np.arange(1, 11, dtype=float)
+        let x: Vec<f64> = (1..=10).rev().map(f64::from).collect();
+        let s = summarize(&x).unwrap();
+        assert_eq!(s.mean, 5.5);
+        // x.std(ddof=1) / sqrt(10) = 0.9574271077563381
+        assert!((s.stderr.unwrap() - 0.957_427_107_756_338_1).abs() < 1e-15);
+        assert_eq!(s.median, 5.5); // np.percentile(x, 50)
+        assert!((s.p90 - 9.1).abs() < 1e-12); // np.percentile(x, 90) = 9.1
+        assert!((s.p95 - 9.55).abs() < 1e-12);
+        assert!((s.p99 - 9.91).abs() < 1e-12);
+        assert!((s.p99_9 - 9.991).abs() < 1e-12);
+        assert_eq!((s.min, s.max), (1.0, 10.0));
+    }
+
+    #[test]
+    fn infinities() {
+        let inf = f64::INFINITY;
+        // One infinite row among 11: the mean is infinite, the median is not.
+        let mut x: Vec<f64> = (0..10).map(f64::from).collect();
+        x.push(inf);
+        let s = summarize(&x).unwrap();
+        assert_eq!(s.mean, inf);
+        assert!(s.stderr.unwrap().is_nan());
+        assert_eq!(s.median, 5.0);
+        // h = 10·0.9 = 9 exactly: lands on the finite 9.0.
+        assert_eq!(s.p90, 9.0);
+        // h = 9.5: between 9 and +∞.
+        assert_eq!(s.p95, inf);
+        assert_eq!(s.max, inf);
+        assert_eq!(s.min, 0.0);
+        assert!(percentile_sorted(&[-inf, inf], 50.0).is_nan());
+        assert_eq!(percentile_sorted(&[-inf, 1.0], 50.0), -inf);
+        assert_eq!(percentile_sorted(&[inf, inf], 50.0), inf);
+    }
+}

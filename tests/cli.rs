@@ -1,0 +1,1008 @@
+//! End-to-end tests of the `klgpu` binary: fixtures are written by the tests into a temporary
+//! directory (.npy by a tiny writer here, safetensors by the `safetensors` crate), the binary
+//! runs on them, and its results are compared with the library's f64 reference.
+//!
+//! Mesa may print `error: XDG_RUNTIME_DIR is invalid or not set in the environment.` when the
+//! GPU instance is created: that is not klgpu's. Every stderr line of ours starts with
+//! `klgpu:`, and the helpers below check that nothing else (a panic, say) is printed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use klgpu::{Input, Measure, Options};
+use safetensors::Dtype;
+use safetensors::tensor::TensorView;
+use serde_json::Value;
+
+// ---------------------------------------------------------------------------------------
+// Fixtures
+
+/// A seeded generator (SplitMix64), so the tests need no RNG crate API.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn normal(&mut self) -> f64 {
+        let u = 1.0 - self.next();
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * self.next()).cos()
+    }
+}
+
+/// `rows` probability rows of length `cols`, each normalized in f64.
+fn probs(seed: u64, rows: usize, cols: usize) -> Vec<f32> {
+    let mut rng = Rng(seed);
+    let mut out = Vec::with_capacity(rows * cols);
+    for _ in 0..rows {
+        let row: Vec<f64> = (0..cols).map(|_| rng.next() + 1e-3).collect();
+        let sum: f64 = row.iter().sum();
+        out.extend(row.iter().map(|x| (x / sum) as f32));
+    }
+    out
+}
+
+/// Gaussian logits with standard deviation `scale`.
+fn logits(seed: u64, n: usize, scale: f64) -> Vec<f32> {
+    let mut rng = Rng(seed);
+    (0..n).map(|_| (scale * rng.normal()) as f32).collect()
+}
+
+/// `base` plus small noise: a second model's logits.
+fn perturbed(base: &[f32], seed: u64) -> Vec<f32> {
+    let mut rng = Rng(seed);
+    base.iter()
+        .map(|&x| x + (0.3 * rng.normal()) as f32)
+        .collect()
+}
+
+fn f32_bytes(data: &[f32]) -> Vec<u8> {
+    data.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// A `.npy` file with any header fields and raw data.
+fn npy_raw(path: &Path, descr: &str, fortran: bool, shape: &[usize], data: &[u8]) {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape = if shape.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let fortran = if fortran { "True" } else { "False" };
+    let dict = format!("{{'descr': '{descr}', 'fortran_order': {fortran}, 'shape': {shape}, }}");
+    let mut header = dict.into_bytes();
+    let total = (10 + header.len() + 1).div_ceil(64) * 64;
+    header.resize(total - 11, b' ');
+    header.push(b'\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header);
+    out.extend(data);
+    std::fs::write(path, out).unwrap();
+}
+
+fn npy_f32(path: &Path, shape: &[usize], data: &[f32]) {
+    npy_raw(path, "<f4", false, shape, &f32_bytes(data));
+}
+
+fn npy_f64(path: &Path, shape: &[usize], data: &[f64]) {
+    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+    npy_raw(path, "<f8", false, shape, &bytes);
+}
+
+/// Reads a 1-D f64 `.npy` file (as klgpu writes it).
+fn read_npy_f64(path: &Path) -> Vec<f64> {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..6], b"\x93NUMPY");
+    let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(&bytes[10..10 + len]).unwrap();
+    assert!(header.contains("'descr': '<f8'"), "{header}");
+    bytes[10 + len..]
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// A safetensors file holding the named tensors.
+fn safetensors_file(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, dtype, shape, data)| {
+            (
+                name.to_string(),
+                TensorView::new(*dtype, shape.clone(), data).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Running the binary
+
+struct Run {
+    code: i32,
+    stdout: String,
+    /// Our stderr lines (those starting with `klgpu:`).
+    ours: Vec<String>,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        assert_eq!(self.code, 0, "exit code; stderr: {:?}", self.ours);
+        serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|e| panic!("not one JSON object ({e}): {}", self.stdout))
+    }
+}
+
+fn klgpu_env(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_klgpu"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run klgpu");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let mut ours = Vec::new();
+    for line in stderr.lines() {
+        if line.starts_with("klgpu:") {
+            ours.push(line.to_string());
+        } else {
+            // Anything else must be Mesa's window-system noise, never a panic of ours.
+            assert!(
+                line.contains("XDG_RUNTIME_DIR") || line.trim().is_empty(),
+                "unexpected stderr line {line:?} in:\n{stderr}"
+            );
+        }
+    }
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        ours,
+    }
+}
+
+fn klgpu(args: &[&str]) -> Run {
+    klgpu_env(args, &[])
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Close within 1e-5 relative (1e-11 absolute for values below 1e-6).
+fn assert_close(got: f64, want: f64, what: &str) {
+    let ok = if want == f64::INFINITY {
+        got == want
+    } else {
+        (got - want).abs() <= 1e-5 * want.abs() || (want.abs() < 1e-6 && (got - want).abs() < 1e-11)
+    };
+    assert!(ok, "{what}: got {got}, want {want}");
+}
+
+fn reference(
+    measure: Measure,
+    p: &[f32],
+    q: Option<&[f32]>,
+    cols: usize,
+    opts: Options,
+) -> klgpu::RowResults {
+    klgpu::cpu::rows(measure, p, q, cols, &opts).unwrap()
+}
+
+fn as_f64(v: &Value) -> f64 {
+    match v {
+        Value::String(s) if s == "inf" => f64::INFINITY,
+        Value::String(s) if s == "-inf" => f64::NEG_INFINITY,
+        Value::String(s) if s == "nan" => f64::NAN,
+        _ => v.as_f64().unwrap_or_else(|| panic!("not a number: {v}")),
+    }
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+// ---------------------------------------------------------------------------------------
+// Results
+
+#[test]
+fn json_schema_and_values_match_the_reference() {
+    let dir = tmp();
+    let (rows, cols) = (37, 100);
+    let p = probs(1, rows, cols);
+    let q = probs(2, rows, cols);
+    let (pp, qp) = (dir.path().join("P.npy"), dir.path().join("Q.npy"));
+    npy_f32(&pp, &[rows, cols], &p);
+    npy_f32(&qp, &[rows, cols], &q);
+    let r = reference(
+        Measure::KullbackLeibler,
+        &p,
+        Some(&q),
+        cols,
+        Options::default(),
+    );
+    let mean = klgpu::Reduction::MeanOverRows.apply(&r.values).unwrap();
+
+    let j = klgpu(&["kl", s(&pp), s(&qp), "--json", "--reduction", "mean-rows"]).json();
+    let obj = j.as_object().unwrap();
+    for key in [
+        "measure",
+        "input",
+        "base",
+        "rows",
+        "cols",
+        "reduction",
+        "value",
+        "summary",
+        "adapter",
+        "elapsed_s",
+    ] {
+        assert!(obj.contains_key(key), "missing {key}: {j}");
+    }
+    assert_eq!(obj.len(), 10, "{j}");
+    assert_eq!(j["measure"], "kl");
+    assert_eq!(j["input"], "probs");
+    assert_eq!(j["base"], "e");
+    assert_eq!(j["rows"], rows);
+    assert_eq!(j["cols"], cols);
+    assert_eq!(j["reduction"], "mean-rows");
+    assert!(j["elapsed_s"].is_f64());
+    assert_close(as_f64(&j["value"]), mean, "mean-rows value");
+    let sum = j["summary"].as_object().unwrap();
+    for key in [
+        "mean", "stderr", "median", "p90", "p95", "p99", "p99_9", "min", "max",
+    ] {
+        assert!(sum[key].is_f64(), "summary.{key}: {j}");
+    }
+    assert!(
+        !sum.contains_key("top1_agreement"),
+        "probs have no top-1: {j}"
+    );
+    assert_close(as_f64(&sum["mean"]), mean, "summary.mean");
+    let min = r.values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = r.values.iter().copied().fold(0.0, f64::max);
+    assert_close(as_f64(&sum["min"]), min, "min");
+    assert_close(as_f64(&sum["max"]), max, "max");
+    let mut sorted = r.values.clone();
+    sorted.sort_by(f64::total_cmp);
+    assert_close(
+        as_f64(&sum["median"]),
+        sorted[18],
+        "median (37 rows: the 19th)",
+    );
+    for key in ["name", "backend", "device_type"] {
+        assert!(j["adapter"][key].is_string(), "adapter.{key}: {j}");
+    }
+    assert_ne!(j["adapter"]["name"], "cpu-reference");
+
+    // 1-D: value is the result, summary null; other measures and bases.
+    let (p1, q1) = (dir.path().join("p1.npy"), dir.path().join("q1.npy"));
+    npy_f32(&p1, &[cols], &p[..cols]);
+    npy_f32(&q1, &[cols], &q[..cols]);
+    for (cmd, measure) in [
+        ("kl", Measure::KullbackLeibler),
+        ("ce", Measure::CrossEntropy),
+        ("js", Measure::JensenShannon),
+        ("entropy", Measure::Entropy),
+    ] {
+        let mut args = vec![cmd, s(&p1)];
+        if measure.uses_q() {
+            args.push(s(&q1));
+        }
+        args.extend(["--json", "--base", "2"]);
+        let j = klgpu(&args).json();
+        let opts = Options {
+            base: klgpu::Base::Two,
+            ..Default::default()
+        };
+        let want = klgpu::cpu::divergence(measure, &p[..cols], Some(&q[..cols]), &opts).unwrap();
+        assert_close(as_f64(&j["value"]), want, cmd);
+        assert_eq!(j["summary"], Value::Null);
+        assert_eq!(
+            (j["rows"].as_u64(), j["cols"].as_u64()),
+            (Some(1), Some(cols as u64))
+        );
+        assert_eq!(j["base"], "2");
+    }
+}
+
+#[test]
+fn human_report_and_uniform_entropy_in_bits() {
+    let dir = tmp();
+    let p = dir.path().join("uniform.npy");
+    npy_f32(&p, &[256], &[1.0 / 256.0; 256]);
+    let r = klgpu(&["entropy", s(&p), "--base", "2"]);
+    assert_eq!(r.code, 0, "{:?}", r.ours);
+    let first = r.stdout.lines().next().unwrap_or_default();
+    let value = first
+        .strip_prefix("H(P) = ")
+        .and_then(|rest| rest.strip_suffix(" bits"))
+        .unwrap_or_else(|| panic!("{}", r.stdout));
+    assert_close(value.parse().unwrap(), 8.0, "entropy of 256 equal outcomes");
+    assert!(r.stdout.contains("P: "), "{}", r.stdout);
+    assert!(r.ours.is_empty(), "{:?}", r.ours);
+}
+
+#[test]
+fn per_row_output_file_and_top1_agreement() {
+    let dir = tmp();
+    let (rows, cols) = (50, 300);
+    let p = logits(3, rows * cols, 2.0);
+    let q = perturbed(&p, 4);
+    let (pp, qp) = (dir.path().join("p.npy"), dir.path().join("q.npy"));
+    npy_f32(&pp, &[rows, cols], &p);
+    npy_f32(&qp, &[rows, cols], &q);
+    let out = dir.path().join("rows.npy");
+    std::fs::write(&out, b"old contents").unwrap();
+    let j = klgpu(&[
+        "kl",
+        s(&pp),
+        s(&qp),
+        "--input",
+        "logits",
+        "--json",
+        "--out",
+        s(&out),
+        "--quiet",
+    ])
+    .json();
+    let want = reference(
+        Measure::KullbackLeibler,
+        &p,
+        Some(&q),
+        cols,
+        Options::input(Input::Logits),
+    );
+    let got = read_npy_f64(&out);
+    assert_eq!(got.len(), rows);
+    for (i, (&g, &w)) in got.iter().zip(&want.values).enumerate() {
+        assert_close(g, w, &format!("row {i}"));
+    }
+    assert_eq!(j["value"], Value::Null, "reduction none: {j}");
+    assert_close(
+        as_f64(&j["summary"]["top1_agreement"]),
+        want.top1_agreement().unwrap(),
+        "top-1 agreement",
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn reductions_and_infinite_rows() {
+    let dir = tmp();
+    let (rows, cols) = (9, 64);
+    let p = probs(5, rows, cols);
+    let mut q = probs(6, rows, cols);
+    let (pp, qp) = (dir.path().join("p.npy"), dir.path().join("q.npy"));
+    npy_f32(&pp, &[rows, cols], &p);
+    npy_f32(&qp, &[rows, cols], &q);
+    let r = reference(
+        Measure::CrossEntropy,
+        &p,
+        Some(&q),
+        cols,
+        Options::default(),
+    );
+    for (red, want) in [
+        ("sum", klgpu::Reduction::Sum.apply(&r.values).unwrap()),
+        (
+            "mean-rows",
+            klgpu::Reduction::MeanOverRows.apply(&r.values).unwrap(),
+        ),
+    ] {
+        let j = klgpu(&["ce", s(&pp), s(&qp), "--json", "--reduction", red]).json();
+        assert_close(as_f64(&j["value"]), want, red);
+    }
+
+    // Row 4 of Q gets a zero where P is positive: KL of that row is +inf.
+    q[4 * cols + 7] = 0.0;
+    npy_f32(&qp, &[rows, cols], &q);
+    let j = klgpu(&["kl", s(&pp), s(&qp), "--json", "--reduction", "sum"]).json();
+    assert_eq!(j["value"], "inf", "{j}");
+    assert_eq!(j["summary"]["mean"], "inf");
+    assert_eq!(j["summary"]["max"], "inf");
+    assert_eq!(j["summary"]["stderr"], "nan");
+    assert!(
+        j["summary"]["median"].is_f64(),
+        "one infinite row of 9 leaves the median: {j}"
+    );
+    let human = klgpu(&["kl", s(&pp), s(&qp)]);
+    assert!(human.stdout.contains("inf"), "{}", human.stdout);
+}
+
+/// `--input` name, P, Q, input kind, `--normalize`.
+type StreamCase<'a> = (&'a str, &'a [f32], &'a [f32], Input, bool);
+
+#[test]
+fn streaming_many_blocks_gives_the_one_block_answer() {
+    let dir = tmp();
+    // 2-D logits: 3 rows per block, and rows cut in pieces (70-element blocks).
+    let (rows, cols) = (40, 200);
+    let p = logits(7, rows * cols, 3.0);
+    let q = perturbed(&p, 8);
+    let (pp, qp) = (dir.path().join("p.npy"), dir.path().join("q.npy"));
+    npy_f32(&pp, &[rows, cols], &p);
+    npy_f32(&qp, &[rows, cols], &q);
+    let want = reference(
+        Measure::KullbackLeibler,
+        &p,
+        Some(&q),
+        cols,
+        Options::input(Input::Logits),
+    );
+    let one = klgpu(&[
+        "kl",
+        s(&pp),
+        s(&qp),
+        "--input",
+        "logits",
+        "--json",
+        "--reduction",
+        "sum",
+    ])
+    .json();
+    assert_close(
+        as_f64(&one["value"]),
+        klgpu::Reduction::Sum.apply(&want.values).unwrap(),
+        "one block",
+    );
+    for block in [4 * cols * 3, 280] {
+        let out = dir.path().join(format!("rows-{block}.npy"));
+        let bb = block.to_string();
+        let j = klgpu(&[
+            "kl",
+            s(&pp),
+            s(&qp),
+            "--input",
+            "logits",
+            "--json",
+            "--reduction",
+            "sum",
+            "--block-bytes",
+            &bb,
+            "--out",
+            s(&out),
+        ])
+        .json();
+        assert_close(
+            as_f64(&j["value"]),
+            as_f64(&one["value"]),
+            &format!("block {block}"),
+        );
+        assert_eq!(
+            j["summary"]["top1_agreement"], one["summary"]["top1_agreement"],
+            "block {block}"
+        );
+        for (i, (&g, &w)) in read_npy_f64(&out).iter().zip(&want.values).enumerate() {
+            assert_close(g, w, &format!("block {block}, row {i}"));
+        }
+    }
+
+    // A 1-D input of 20,000 elements in 1,000-element pieces, for every input kind.
+    let n = 20_000;
+    let lp = logits(9, n, 2.0);
+    let lq = perturbed(&lp, 10);
+    let pr = probs(11, 1, n);
+    let qr = probs(12, 1, n);
+    let unnormalized: Vec<f32> = pr.iter().map(|x| x * 3.0).collect();
+    let log_p: Vec<f32> = pr.iter().map(|x| x.ln()).collect();
+    let log_q: Vec<f32> = qr.iter().map(|x| x.ln()).collect();
+    let cases: [StreamCase; 4] = [
+        ("logits", &lp, &lq, Input::Logits, false),
+        ("probs", &pr, &qr, Input::Probs, false),
+        ("probs", &unnormalized, &qr, Input::Probs, true),
+        ("log-probs", &log_p, &log_q, Input::LogProbs, false),
+    ];
+    for (k, (input, a, b, kind, normalize)) in cases.into_iter().enumerate() {
+        let (pa, qa) = (
+            dir.path().join(format!("a{k}.npy")),
+            dir.path().join(format!("b{k}.npy")),
+        );
+        npy_f32(&pa, &[n], a);
+        npy_f32(&qa, &[n], b);
+        for (cmd, measure) in [
+            ("kl", Measure::KullbackLeibler),
+            ("js", Measure::JensenShannon),
+        ] {
+            let opts = Options {
+                input: kind,
+                normalize,
+                ..Default::default()
+            };
+            let want = klgpu::cpu::divergence(measure, a, Some(b), &opts).unwrap();
+            let mut args = vec![
+                cmd,
+                s(&pa),
+                s(&qa),
+                "--json",
+                "--input",
+                input,
+                "--block-bytes",
+                "4000",
+            ];
+            if normalize {
+                args.push("--normalize");
+            }
+            let j = klgpu(&args).json();
+            assert_close(
+                as_f64(&j["value"]),
+                want,
+                &format!("1-D {input} {cmd} normalize={normalize}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn f64_f16_and_bf16_inputs() {
+    let dir = tmp();
+    let (rows, cols) = (6, 50);
+    // f64 .npy: read and rounded to f32.
+    let p64: Vec<f64> = probs(13, rows, cols)
+        .iter()
+        .map(|&x| x as f64 * (1.0 + 1e-9))
+        .collect();
+    let q64: Vec<f64> = probs(14, rows, cols).iter().map(|&x| x as f64).collect();
+    let (pp, qp) = (dir.path().join("p64.npy"), dir.path().join("q64.npy"));
+    npy_f64(&pp, &[rows, cols], &p64);
+    npy_f64(&qp, &[rows, cols], &q64);
+    let p32: Vec<f32> = p64.iter().map(|&x| x as f32).collect();
+    let q32: Vec<f32> = q64.iter().map(|&x| x as f32).collect();
+    let want = reference(
+        Measure::JensenShannon,
+        &p32,
+        Some(&q32),
+        cols,
+        Options::default(),
+    );
+    let j = klgpu(&["js", s(&pp), s(&qp), "--json", "--reduction", "sum"]).json();
+    assert_close(
+        as_f64(&j["value"]),
+        klgpu::Reduction::Sum.apply(&want.values).unwrap(),
+        "f64 npy",
+    );
+
+    // f16 and bf16 tensors in one safetensors file, with --tensor / --tensor-q.
+    let lp = logits(15, rows * cols, 2.0);
+    let lq = perturbed(&lp, 16);
+    let h: Vec<half::f16> = lp.iter().map(|&x| half::f16::from_f32(x)).collect();
+    let b: Vec<half::bf16> = lq.iter().map(|&x| half::bf16::from_f32(x)).collect();
+    let st = dir.path().join("model.safetensors");
+    safetensors_file(
+        &st,
+        &[
+            (
+                "p_f16",
+                Dtype::F16,
+                vec![rows, cols],
+                h.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ),
+            (
+                "q_bf16",
+                Dtype::BF16,
+                vec![rows, cols],
+                b.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ),
+            ("p_f32", Dtype::F32, vec![rows, cols], f32_bytes(&lp)),
+        ],
+    );
+    let hp: Vec<f32> = h.iter().map(|x| x.to_f32()).collect();
+    let bq: Vec<f32> = b.iter().map(|x| x.to_f32()).collect();
+    let want = reference(
+        Measure::KullbackLeibler,
+        &hp,
+        Some(&bq),
+        cols,
+        Options::input(Input::Logits),
+    );
+    let j = klgpu(&[
+        "kl",
+        s(&st),
+        s(&st),
+        "--tensor",
+        "p_f16",
+        "--tensor-q",
+        "q_bf16",
+        "--input",
+        "logits",
+        "--json",
+        "--reduction",
+        "mean-rows",
+    ])
+    .json();
+    assert_close(
+        as_f64(&j["value"]),
+        klgpu::Reduction::MeanOverRows.apply(&want.values).unwrap(),
+        "f16 vs bf16",
+    );
+    // A safetensors P against a .npy Q: --tensor applies to P only.
+    let qn = dir.path().join("q.npy");
+    npy_f32(&qn, &[rows, cols], &bq);
+    let j2 = klgpu(&[
+        "kl",
+        s(&st),
+        s(&qn),
+        "--tensor",
+        "p_f16",
+        "--input",
+        "logits",
+        "--json",
+        "--reduction",
+        "mean-rows",
+    ])
+    .json();
+    assert_close(
+        as_f64(&j2["value"]),
+        as_f64(&j["value"]),
+        "safetensors vs npy",
+    );
+}
+
+#[test]
+fn cpu_backend_is_the_reference() {
+    let dir = tmp();
+    let (rows, cols) = (5, 40);
+    let p = probs(17, rows, cols);
+    let q = probs(18, rows, cols);
+    let (pp, qp) = (dir.path().join("p.npy"), dir.path().join("q.npy"));
+    npy_f32(&pp, &[rows, cols], &p);
+    npy_f32(&qp, &[rows, cols], &q);
+    let j = klgpu(&[
+        "kl",
+        s(&pp),
+        s(&qp),
+        "--json",
+        "--backend",
+        "cpu",
+        "--reduction",
+        "sum",
+    ])
+    .json();
+    let want = reference(
+        Measure::KullbackLeibler,
+        &p,
+        Some(&q),
+        cols,
+        Options::default(),
+    );
+    assert_eq!(
+        as_f64(&j["value"]),
+        klgpu::Reduction::Sum.apply(&want.values).unwrap()
+    );
+    assert_eq!(j["adapter"]["name"], "cpu-reference");
+}
+
+#[test]
+fn no_adapter() {
+    let dir = tmp();
+    let p = dir.path().join("p.npy");
+    npy_f32(&p, &[4], &[0.25; 4]);
+    // WGPU_BACKEND=metal on Linux: wgpu finds nothing.
+    let env = [("WGPU_BACKEND", "metal")];
+    if !cfg!(target_os = "linux") {
+        return;
+    }
+    let r = klgpu_env(&["entropy", s(&p), "--backend", "gpu"], &env);
+    assert_eq!(r.code, 1, "{:?}", r.ours);
+    assert_eq!(r.ours.len(), 1, "{:?}", r.ours);
+    assert!(
+        r.ours[0].starts_with("klgpu: error: no GPU adapter"),
+        "{:?}",
+        r.ours
+    );
+    let r = klgpu_env(&["entropy", s(&p), "--json"], &env);
+    assert_eq!(r.code, 0, "{:?}", r.ours);
+    assert_eq!(r.ours.len(), 1, "a note about the fallback: {:?}", r.ours);
+    assert!(r.ours[0].starts_with("klgpu: note:"), "{:?}", r.ours);
+    let j = r.json();
+    assert_eq!(j["adapter"]["name"], "cpu-reference");
+    assert_close(as_f64(&j["value"]), 4f64.ln(), "entropy");
+    let r = klgpu_env(&["entropy", s(&p), "--json", "--quiet"], &env);
+    assert!(r.ours.is_empty(), "{:?}", r.ours);
+}
+
+#[test]
+fn adapters_and_demo() {
+    let r = klgpu(&["adapters", "--json"]);
+    let j = r.json();
+    let picked = j["picked"].as_u64().expect("an adapter is picked");
+    assert!(j["adapters"][picked as usize]["picked"].as_bool().unwrap());
+    let human = klgpu(&["adapters"]);
+    assert!(human.stdout.contains('*'), "{}", human.stdout);
+
+    let j = klgpu(&["demo", "--rows", "8", "--cols", "1000", "--json"]).json();
+    let measures = j["measures"].as_array().unwrap();
+    assert_eq!(measures.len(), 4);
+    for m in measures {
+        assert!(as_f64(&m["max_rel_diff"]) < 1e-5, "{m}");
+        assert_close(as_f64(&m["gpu_mean"]), as_f64(&m["cpu_mean"]), "demo mean");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad input: exit code 2, one `klgpu:` line naming the file, no output file.
+
+/// Runs a failing command with `--out`, and checks the contract.
+fn expect_bad(dir: &Path, mut args: Vec<String>, needles: &[&str]) -> String {
+    let out: PathBuf = dir.join("must-not-exist.npy");
+    args.extend(["--out".to_string(), s(&out).to_string()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = klgpu(&refs);
+    assert_eq!(r.code, 2, "{args:?}: {:?}", r.ours);
+    assert_eq!(r.ours.len(), 1, "{args:?}: {:?}", r.ours);
+    let line = &r.ours[0];
+    assert!(line.starts_with("klgpu: error: "), "{line}");
+    for needle in needles {
+        assert!(line.contains(needle), "{line:?} lacks {needle:?}");
+    }
+    assert!(r.stdout.is_empty(), "{}", r.stdout);
+    assert!(!out.exists(), "{args:?} left an output file");
+    let tmp: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(tmp.is_empty(), "{tmp:?}");
+    line.clone()
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
+/// File name, how to write it, what the message must say.
+type BadFile = (&'static str, Box<dyn Fn(&Path)>, &'static [&'static str]);
+
+#[test]
+fn bad_files_and_shapes() {
+    let dir = tmp();
+    let d = dir.path();
+    let good = d.join("good.npy");
+    npy_f32(&good, &[2, 3], &[0.2, 0.3, 0.5, 0.1, 0.1, 0.8]);
+    let g = s(&good);
+    let cases: Vec<BadFile> = vec![
+        (
+            "ints.npy",
+            Box::new(|p| npy_raw(p, "<i4", false, &[2, 3], &[0; 24])),
+            &["integer"],
+        ),
+        (
+            "complex.npy",
+            Box::new(|p| npy_raw(p, "<c8", false, &[2, 3], &[0; 48])),
+            &["complex"],
+        ),
+        (
+            "big.npy",
+            Box::new(|p| npy_raw(p, ">f4", false, &[2, 3], &[0; 24])),
+            &["big-endian"],
+        ),
+        (
+            "fortran.npy",
+            Box::new(|p| npy_raw(p, "<f4", true, &[2, 3], &[0; 24])),
+            &["Fortran"],
+        ),
+        (
+            "cube.npy",
+            Box::new(|p| npy_raw(p, "<f4", false, &[1, 2, 3], &[0; 24])),
+            &["3-D"],
+        ),
+        (
+            "short.npy",
+            Box::new(|p| npy_raw(p, "<f4", false, &[2, 3], &[0; 20])),
+            &["truncated"],
+        ),
+        (
+            "wide.npy",
+            Box::new(|p| npy_f32(p, &[2, 4], &[0.25; 8])),
+            &["shapes differ", "[2, 4]"],
+        ),
+        (
+            "text.npy",
+            Box::new(|p| std::fs::write(p, "hello, world").unwrap()),
+            &["not a .npy"],
+        ),
+    ];
+    for (name, make, needles) in cases {
+        let path = d.join(name);
+        make(&path);
+        let mut want = vec![name];
+        want.extend(needles);
+        expect_bad(d, strings(&["kl", g, s(&path)]), &want);
+    }
+    let missing = d.join("missing.npy");
+    expect_bad(
+        d,
+        strings(&["kl", s(&missing), g]),
+        &["missing.npy", "cannot open"],
+    );
+    expect_bad(d, strings(&["entropy", s(d)]), &["directory"]);
+
+    // Safetensors: absent tensor, several tensors and none chosen, integer dtype.
+    let st = d.join("m.safetensors");
+    safetensors_file(
+        &st,
+        &[
+            (
+                "a",
+                Dtype::F32,
+                vec![2, 3],
+                f32_bytes(&[0.2, 0.3, 0.5, 0.1, 0.1, 0.8]),
+            ),
+            ("ids", Dtype::I64, vec![2], vec![0; 16]),
+        ],
+    );
+    expect_bad(
+        d,
+        strings(&["kl", s(&st), g, "--tensor", "nope"]),
+        &["m.safetensors", "nope", "a, ids"],
+    );
+    expect_bad(
+        d,
+        strings(&["entropy", s(&st)]),
+        &["m.safetensors", "--tensor"],
+    );
+    expect_bad(
+        d,
+        strings(&["entropy", s(&st), "--tensor", "ids"]),
+        &["m.safetensors", "I64"],
+    );
+    expect_bad(
+        d,
+        strings(&["entropy", g, "--tensor", "a"]),
+        &["good.npy", "--tensor"],
+    );
+    let bytes = std::fs::read(&st).unwrap();
+    let cut = d.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() - 4]).unwrap();
+    expect_bad(
+        d,
+        strings(&["entropy", s(&cut), "--tensor", "a"]),
+        &["cut.safetensors", "truncated"],
+    );
+}
+
+#[test]
+fn bad_values_name_file_row_and_column() {
+    let dir = tmp();
+    let d = dir.path();
+    let (rows, cols) = (8, 20);
+    let good = probs(19, rows, cols);
+    let (gp, bp) = (d.join("Q.npy"), d.join("P.npy"));
+    npy_f32(&gp, &[rows, cols], &good);
+
+    let mut bad = good.clone();
+    bad[3 * cols + 17] = f32::NAN;
+    npy_f32(&bp, &[rows, cols], &bad);
+    let line = expect_bad(d, strings(&["kl", s(&bp), s(&gp)]), &[]);
+    assert!(
+        line.ends_with("P.npy: row 3, column 17: value NaN is NaN"),
+        "{line}"
+    );
+    // Same with 2 rows per block: the block offset is added back.
+    let line = expect_bad(
+        d,
+        strings(&["kl", s(&bp), s(&gp), "--block-bytes", "160"]),
+        &[],
+    );
+    assert!(
+        line.ends_with("P.npy: row 3, column 17: value NaN is NaN"),
+        "{line}"
+    );
+    // And on the CPU backend.
+    let line = expect_bad(d, strings(&["kl", s(&bp), s(&gp), "--backend", "cpu"]), &[]);
+    assert!(
+        line.ends_with("P.npy: row 3, column 17: value NaN is NaN"),
+        "{line}"
+    );
+
+    // A negative probability in Q, in the last block: named after Q's file.
+    let mut neg = good.clone();
+    neg[6 * cols + 2] = -0.5;
+    let np = d.join("neg.npy");
+    npy_f32(&np, &[rows, cols], &neg);
+    let line = expect_bad(
+        d,
+        strings(&["js", s(&gp), s(&np), "--block-bytes", "240"]),
+        &[],
+    );
+    assert!(
+        line.ends_with("neg.npy: row 6, column 2: value -0.5 is negative"),
+        "{line}"
+    );
+
+    // 1-D logits cut in pieces: +inf found by the first (log-sum-exp) pass, and a row of -inf.
+    let n = 5000;
+    let mut l = logits(20, n, 1.0);
+    l[3210] = f32::INFINITY;
+    let (lp, lq) = (d.join("lp.npy"), d.join("lq.npy"));
+    npy_f32(&lp, &[n], &l);
+    npy_f32(&lq, &[n], &logits(21, n, 1.0));
+    let line = expect_bad(
+        d,
+        strings(&[
+            "kl",
+            s(&lq),
+            s(&lp),
+            "--input",
+            "logits",
+            "--block-bytes",
+            "4000",
+        ]),
+        &[],
+    );
+    assert!(
+        line.ends_with("lp.npy: index 3210: value inf is infinite"),
+        "{line}"
+    );
+    npy_f32(&lp, &[n], &vec![f32::NEG_INFINITY; n]);
+    expect_bad(
+        d,
+        strings(&[
+            "entropy",
+            s(&lp),
+            "--input",
+            "logits",
+            "--block-bytes",
+            "4000",
+        ]),
+        &["lp.npy", "no probability mass"],
+    );
+    // 1-D probabilities cut in pieces without a first pass: the piece offset is added back.
+    let mut p1 = probs(22, 1, n);
+    p1[4321] = -1.0;
+    npy_f32(&lp, &[n], &p1);
+    let line = expect_bad(
+        d,
+        strings(&["entropy", s(&lp), "--block-bytes", "4000"]),
+        &[],
+    );
+    assert!(
+        line.ends_with("lp.npy: index 4321: value -1 is negative"),
+        "{line}"
+    );
+}
+
+#[test]
+fn failure_keeps_an_existing_output_file() {
+    let dir = tmp();
+    let p = dir.path().join("p.npy");
+    npy_f32(&p, &[3], &[0.5, f32::NAN, 0.5]);
+    let out = dir.path().join("out.npy");
+    std::fs::write(&out, b"precious").unwrap();
+    let r = klgpu(&["entropy", s(&p), "--out", s(&out)]);
+    assert_eq!(r.code, 2, "{:?}", r.ours);
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+}
+
+#[test]
+fn usage_errors_are_ours_and_exit_2() {
+    for args in [
+        &["kl", "a.npy"][..],
+        &["kl", "a.npy", "b.npy", "--base", "3"],
+        &["kl", "a.npy", "b.npy", "--block-bytes", "0"],
+        &["entropy", "a.npy", "--tensor-q", "x"],
+    ] {
+        let r = klgpu(args);
+        assert_eq!(r.code, 2, "{args:?}");
+        assert!(r.ours[0].starts_with("klgpu: error: "), "{:?}", r.ours);
+    }
+    let dir = tmp();
+    let p = dir.path().join("p.npy");
+    npy_f32(&p, &[2], &[0.5, 0.5]);
+    let out = dir.path().join("no/such/dir/out.npy");
+    let r = klgpu(&["entropy", s(&p), "--out", s(&out)]);
+    assert_eq!(r.code, 2, "{:?}", r.ours);
+    assert_eq!(r.ours.len(), 1, "{:?}", r.ours);
+    assert!(r.ours[0].contains("does not exist"), "{:?}", r.ours);
+}
