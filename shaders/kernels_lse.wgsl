@@ -7,6 +7,23 @@ fn side_of(x: f32, col: u32) -> Side {
     return Side(x, 0.0, col);
 }
 
+// One logit pair (column c) into the running state; invalid values are reported and skipped.
+fn lse_element(st: Lse, x: f32, y_in: f32, local: u32, c: u32, unused: u32) -> Lse {
+    var bad = element_flags(x, 0u);
+    var y = neg_inf();
+    if (uses_q()) {
+        y = y_in;
+        bad = bad | element_flags(y, 3u);
+    }
+    if (bad != 0u) {
+        report_bad(local, bad);
+        return st;
+    }
+    let sp = merge_side(Side(st.p_m, st.p_s, st.p_i), side_of(x, c));
+    let sq = merge_side(Side(st.q_m, st.q_s, st.q_i), side_of(y, c));
+    return Lse(sp.m, sp.s, sp.i, sq.m, sq.s, sq.i);
+}
+
 fn emit_lse(row: u32, chunk: u32, total: Lse) {
     if ((prm.mode & MODE_PARTIAL) != 0u) {
         partials[row * prm.chunks + chunk] = total;
@@ -33,23 +50,7 @@ fn lse_terms(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
         let c0 = prm.col_begin + wg.x * prm.chunk_len;
         let c1 = min(c0 + prm.chunk_len, prm.col_end);
         let base = row * prm.row_len - prm.col_begin;
-        for (var c = c0 + lane; c < c1; c = c + lanes) {
-            let local = base + c;
-            let x = in_p[prm.shift_p + local];
-            var bad = element_flags(x, 0u);
-            var y = neg_inf();
-            if (uses_q()) {
-                y = in_q[prm.shift_q + local];
-                bad = bad | element_flags(y, 3u);
-            }
-            if (bad != 0u) {
-                report_bad(local, bad);
-                continue;
-            }
-            let sp = merge_side(Side(st.p_m, st.p_s, st.p_i), side_of(x, c));
-            let sq = merge_side(Side(st.q_m, st.q_s, st.q_i), side_of(y, c));
-            st = Lse(sp.m, sp.s, sp.i, sq.m, sq.s, sq.i);
-        }
+        //LOOP_LSE
     }
     let total = segment_reduce_Lse(st, lid, lanes, SG_VALUE);
     if (lane == 0u && row < prm.rows) {

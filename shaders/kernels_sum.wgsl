@@ -56,7 +56,7 @@ fn log_term(acc: Acc, a: f32, b: f32, p: f32, q: f32, d: f32) -> Acc {
     return add_term(acc, phi_term(p, d, q), select(p - q, 0.0, INPUT == INPUT_LOGITS));
 }
 
-fn element(acc: Acc, x: f32, y: f32, local: u32, ctx: RowCtx) -> Acc {
+fn element(acc: Acc, x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Acc {
     if (INPUT == INPUT_LOGITS) {
         // Validated by the log-sum-exp pass. a = x − lse(x) = (x − m) − log1p(s').
         let a = (x - ctx.pm) - ctx.pl;
@@ -129,13 +129,7 @@ fn terms(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: v
         let c0 = prm.col_begin + wg.x * prm.chunk_len;
         let c1 = min(c0 + prm.chunk_len, prm.col_end);
         let base = row * prm.row_len - prm.col_begin;
-        for (var c = c0 + lane; c < c1; c = c + lanes) {
-            let local = base + c;
-            let x = in_p[prm.shift_p + local];
-            var y = x;
-            if (uses_q()) { y = in_q[prm.shift_q + local]; }
-            acc = element(acc, x, y, local, ctx);
-        }
+        //LOOP_TERMS
     }
     let total = segment_reduce_Acc(acc, lid, lanes, SG_VALUE);
     if (lane == 0u && row < prm.rows) {
@@ -181,8 +175,8 @@ fn kl_grad(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg:
         let base = row * prm.row_len - prm.col_begin;
         for (var c = c0 + lane; c < c1; c = c + lanes) {
             let local = base + c;
-            let z = in_p[prm.shift_p + local];
-            let t = in_q[prm.shift_q + local];
+            let z = load_p(prm.shift_p + local);
+            let t = load_q(prm.shift_q + local);
             let bad = prob_flags(t, 3u);
             if (bad != 0u) {
                 report_bad(local, bad);

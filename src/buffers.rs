@@ -507,14 +507,12 @@ impl Engine {
         self.gpu().read_elements(&view, 0, view.elems, false).await
     }
 
-    /// Σx of an f32 GPU slice, in f64 precision (compensated): the plain streaming reduction
-    /// the benchmarks use as the adapter's read-bandwidth roofline. Values are not validated.
+    /// Σx of an f32 GPU slice (compensated): the plain streaming reduction the benchmarks use
+    /// as the adapter's read-bandwidth roofline. It shares the kernel, loads and workgroup
+    /// plan of the measures, minus their math. Values are not validated.
     pub fn sum_buffers(&self, p: wgpu::BufferSlice<'_>) -> Result<f64> {
         let (p, q) = self.inputs(Measure::Entropy, &p, None)?;
-        let job = Job {
-            term: Term::SumP,
-            ..job_for(Term::SumP, &Options::default())?
-        };
+        let job = job_for(Term::SumP, &Options::default())?;
         let rb = pollster::block_on(self.run_buffers(
             &job,
             Input::Probs,
@@ -526,6 +524,24 @@ impl Engine {
             true,
         ))?;
         Ok(rb.values[0] as f64)
+    }
+
+    /// Records per-row sums of `[rows × cols]` f32 into `out` (the roofline reduction, for
+    /// timing next to [`Engine::record_rows`]).
+    pub fn record_sum_rows(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        workspace: &mut Workspace,
+        p: wgpu::BufferSlice<'_>,
+        cols: usize,
+        out: wgpu::BufferSlice<'_>,
+    ) -> Result<()> {
+        let (p, q) = self.inputs(Measure::Entropy, &p, None)?;
+        let rows = shape(&p, cols)?;
+        let out = output("out", &out, rows)?;
+        let job = job_for(Term::SumP, &Options::default())?;
+        let locator = self.locator(&job, Input::Probs, &p, &q, cols as u64);
+        self.record(encoder, workspace, &job, &p, &q, &out, None, locator)
     }
 
     /// A storage buffer of `len` f32 elements, usable as input, output or gradient, and
@@ -613,7 +629,7 @@ impl Engine {
         q: &GpuSlice<'_>,
         cols: u64,
     ) -> Locator {
-        let plan = Plan::new(p.elems / cols, cols, self.device_plan_limits());
+        let plan = Plan::new(p.elems / cols, cols, self.plan_limits(job, true));
         let (p_input, q_input) = if job.grad {
             (Input::Logits, Input::Probs)
         } else {

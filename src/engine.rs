@@ -11,6 +11,29 @@ use crate::launch::{Gpu, Job, Prepass, Readback, ScratchPool};
 use crate::plan::{Plan, PlanLimits};
 use crate::types::{Input, Measure, Options, RowResults};
 
+/// Knobs of the dispatch planner. The defaults were measured on lavapipe and on an H200
+/// (BENCHMARKS.md); other adapters may prefer others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// Fewest loop iterations per invocation: fewer lanes per row and fewer chunks when higher.
+    pub min_iterations: u32,
+    /// Workgroups to aim for in one dispatch.
+    pub target_workgroups: u32,
+    /// Window size (bytes per input) for two-pass jobs (logits, normalization): small enough
+    /// that the second pass finds the window still in the GPU's L2 cache.
+    pub two_pass_window_bytes: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            min_iterations: crate::plan::MIN_ITERATIONS,
+            target_workgroups: crate::plan::TARGET_WORKGROUPS,
+            two_pass_window_bytes: 16 << 20,
+        }
+    }
+}
+
 /// How an [`Engine`] is set up.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EngineOptions {
@@ -20,6 +43,8 @@ pub struct EngineOptions {
     /// Most bytes of one input uploaded and bound at once (default 128 MiB). Larger inputs
     /// stream through windows of this size, so device memory stays bounded.
     pub window_bytes: u64,
+    /// Planner knobs.
+    pub tuning: Tuning,
 }
 
 impl Default for EngineOptions {
@@ -27,6 +52,7 @@ impl Default for EngineOptions {
         EngineOptions {
             subgroups: true,
             window_bytes: 128 << 20,
+            tuning: Tuning::default(),
         }
     }
 }
@@ -52,6 +78,8 @@ pub struct Engine {
     /// Windows bound straight from the caller's buffers: bounded by the binding size alone
     /// (less one alignment, since a window's binding starts up to 255 bytes early).
     device_limits: PlanLimits,
+    /// Window cap of jobs with a pre-pass, so the main pass reads the window from L2.
+    two_pass_window_elems: u64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -242,6 +270,12 @@ impl Engine {
             u64::MAX,
             hw.max_compute_workgroups_per_dimension,
         );
+        let tune = |l: PlanLimits| PlanLimits {
+            min_iterations: options.tuning.min_iterations,
+            target_workgroups: options.tuning.target_workgroups,
+            ..l
+        };
+        let (limits, device_limits) = (tune(limits), tune(device_limits));
         let subgroups = options.subgroups && device.features().contains(wgpu::Features::SUBGROUP);
         let subgroup_width = info.subgroup_min_size.clamp(1, crate::plan::WORKGROUP_SIZE);
         let kernels = Kernels::new(&device);
@@ -261,6 +295,7 @@ impl Engine {
             info,
             limits,
             device_limits,
+            two_pass_window_elems: options.tuning.two_pass_window_bytes / 4,
         })
     }
 
@@ -268,8 +303,18 @@ impl Engine {
         &self.gpu
     }
 
-    pub(crate) fn device_plan_limits(&self) -> PlanLimits {
-        self.device_limits
+    /// Plan limits for a job: over host data (`device == false`) or the caller's buffers.
+    pub(crate) fn plan_limits(&self, job: &Job, device: bool) -> PlanLimits {
+        let limits = if device {
+            self.device_limits
+        } else {
+            self.limits
+        };
+        if job.prepass.is_some() {
+            limits.with_window_cap(self.two_pass_window_elems)
+        } else {
+            limits
+        }
     }
 
     pub(crate) fn disable_subgroups(&self) {
@@ -573,7 +618,11 @@ impl Engine {
     ) -> Result<RowResults> {
         let q = cpu::check_shapes(measure, p, q, cols)?;
         let job = job_for(Term::Measure(measure), opts)?;
-        let plan = Plan::new((p.len() / cols) as u64, cols as u64, self.limits);
+        let plan = Plan::new(
+            (p.len() / cols) as u64,
+            cols as u64,
+            self.plan_limits(&job, false),
+        );
         let mut readback = self.gpu.run_host(&job, &plan, p, q, blocking).await?;
         if readback.status[0] & kernels::FLAG_SUBGROUP_LAYOUT != 0 {
             // This adapter's subgroups are not runs of consecutive invocations: fall back.

@@ -139,8 +139,30 @@ pub(crate) struct Params {
 /// Size of `Acc` and `Lse` in the shaders (six 4-byte words each).
 pub(crate) const MONOID_BYTES: u64 = 24;
 
+/// One of the two loops in shaders/loops.wgsl, for the terms (`Acc`) or log-sum-exp kernel.
+fn element_loop(monoid: &str, vec4: bool) -> String {
+    let loops = include_str!("../shaders/loops.wgsl");
+    let (start, end) = if vec4 {
+        (loops.find("//---- LOOP_VEC4").unwrap_or(0), loops.len())
+    } else {
+        let s = loops.find("//---- LOOP_SCALAR").unwrap_or(0);
+        (s, loops.find("//---- LOOP_VEC4").unwrap_or(loops.len()))
+    };
+    let body = &loops[start..end];
+    let body = &body[body.find('\n').map_or(0, |i| i + 1)..];
+    let (acc, element, ctx) = if monoid == "Acc" {
+        ("acc", "element", "ctx")
+    } else {
+        ("st", "lse_element", "0u")
+    };
+    body.replace("ACC", acc)
+        .replace("ELEMENT", element)
+        .replace("CTX", ctx)
+}
+
 /// Full WGSL source of one module: constants, common header, monoid, reduction, kernels.
-pub(crate) fn shader_source(monoid: &str, subgroups: bool) -> String {
+/// `vec4` selects 16-byte input loads (the terms and log-sum-exp loops only).
+pub(crate) fn shader_source(monoid: &str, subgroups: bool, vec4: bool) -> String {
     let constants = format!(
         "const FLAG_P_NAN: u32 = {FLAG_P_NAN}u;\nconst FLAG_P_INF: u32 = {FLAG_P_INF}u;\n\
          const FLAG_P_NEG: u32 = {FLAG_P_NEG}u;\nconst FLAG_P_EMPTY: u32 = {FLAG_P_EMPTY}u;\n\
@@ -180,15 +202,35 @@ pub(crate) fn shader_source(monoid: &str, subgroups: bool) -> String {
     };
     let kernels = kernels
         .replace("/*SG_PARAMS*/", sg_params)
-        .replace("SG_VALUE", sg_value);
+        .replace("SG_VALUE", sg_value)
+        .replace("//LOOP_TERMS", &element_loop("Acc", vec4))
+        .replace("//LOOP_LSE", &element_loop("Lse", vec4));
     let shuffles = if subgroups {
         include_str!("../shaders/monoids_subgroup.wgsl")
     } else {
         ""
     };
+    let common = include_str!("../shaders/common.wgsl")
+        .replace("INPUT_ELEM", if vec4 { "vec4<f32>" } else { "f32" })
+        .replace(
+            "LOAD_P",
+            if vec4 {
+                "in_p[i / 4u][i % 4u]"
+            } else {
+                "in_p[i]"
+            },
+        )
+        .replace(
+            "LOAD_Q",
+            if vec4 {
+                "in_q[i / 4u][i % 4u]"
+            } else {
+                "in_q[i]"
+            },
+        );
     [
         constants.as_str(),
-        include_str!("../shaders/common.wgsl"),
+        &common,
         include_str!("../shaders/monoids.wgsl"),
         shuffles,
         &reduce,
@@ -203,13 +245,14 @@ struct PipelineKey {
     term: u32,
     input: u32,
     subgroups: bool,
+    vec4: bool,
 }
 
 /// Bind group layout, modules and compiled pipelines of one device.
 pub(crate) struct Kernels {
     pub layout: wgpu::BindGroupLayout,
     pipeline_layout: wgpu::PipelineLayout,
-    modules: Mutex<HashMap<(&'static str, bool), wgpu::ShaderModule>>,
+    modules: Mutex<HashMap<(&'static str, bool, bool), wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
 }
 
@@ -266,12 +309,16 @@ impl Kernels {
         term: Term,
         input: InputCode,
         subgroups: bool,
+        vec4: bool,
     ) -> wgpu::ComputePipeline {
+        // Only the element loops have a wide variant.
+        let vec4 = vec4 && matches!(stage, Stage::Terms | Stage::Lse);
         let key = PipelineKey {
             stage,
             term: term.code(),
             input: input.code(),
             subgroups,
+            vec4,
         };
         let mut pipelines = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = pipelines.get(&key) {
@@ -280,7 +327,7 @@ impl Kernels {
         let module = {
             let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
             modules
-                .entry((stage.monoid(), subgroups))
+                .entry((stage.monoid(), subgroups, vec4))
                 .or_insert_with(|| {
                     device.create_shader_module(wgpu::ShaderModuleDescriptor {
                         label: Some(if stage.monoid() == "Acc" {
@@ -289,13 +336,14 @@ impl Kernels {
                             "klgpu.lse"
                         }),
                         source: wgpu::ShaderSource::Wgsl(
-                            shader_source(stage.monoid(), subgroups).into(),
+                            shader_source(stage.monoid(), subgroups, vec4).into(),
                         ),
                     })
                 })
                 .clone()
         };
-        let label = format!("klgpu.{}.{:?}.{:?}", stage.entry(), term, input);
+        let width = if vec4 { "vec4" } else { "f32" };
+        let label = format!("klgpu.{}.{:?}.{:?}.{width}", stage.entry(), term, input);
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&label),
             layout: Some(&self.pipeline_layout),
@@ -323,9 +371,16 @@ mod tests {
 
     #[test]
     fn every_module_variant_parses_and_validates() {
-        for monoid in ["Acc", "Lse"] {
-            for subgroups in [false, true] {
-                let src = shader_source(monoid, subgroups);
+        for (monoid, subgroups, vec4) in [
+            ("Acc", false, false),
+            ("Acc", true, false),
+            ("Acc", false, true),
+            ("Acc", true, true),
+            ("Lse", false, false),
+            ("Lse", true, true),
+        ] {
+            {
+                let src = shader_source(monoid, subgroups, vec4);
                 let module = naga::front::wgsl::parse_str(&src)
                     .unwrap_or_else(|e| panic!("{monoid}/{subgroups}: {}", e.emit_to_string(&src)));
                 let mut validator = naga::valid::Validator::new(

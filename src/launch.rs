@@ -246,6 +246,8 @@ pub(crate) struct WindowBindings<'a> {
     pub agree_base: u32,
     /// The gradient output of the loss kernel, and the shift of the window's first element.
     pub grad: Option<(wgpu::BufferBinding<'a>, u32)>,
+    /// 16-byte loads (see `wide_loads`).
+    pub vec4: bool,
 }
 
 /// A binding of `len` 4-byte elements starting at element `first` of `buffer` (at
@@ -260,6 +262,13 @@ pub(crate) fn aligned_binding(
     let start = base_bytes + first * 4;
     let offset = start / align * align;
     let size = (start - offset + len * 4).div_ceil(4) * 4;
+    // Whole vec4s when the buffer has room: the wide-load kernels read the last one entire.
+    let size16 = size.div_ceil(16) * 16;
+    let size = if offset + size16 <= buffer.size() {
+        size16
+    } else {
+        size
+    };
     (
         wgpu::BufferBinding {
             buffer,
@@ -268,6 +277,27 @@ pub(crate) fn aligned_binding(
         },
         ((start - offset) / 4) as u32,
     )
+}
+
+/// Whether a window can use 16-byte loads: every row starts on a vec4 and both input bindings
+/// start on one and end on a whole vec4.
+fn wide_loads(
+    window: &Window,
+    p: &wgpu::BufferBinding<'_>,
+    q: &wgpu::BufferBinding<'_>,
+    shifts: (u32, u32),
+) -> bool {
+    let whole = |b: &wgpu::BufferBinding<'_>| {
+        b.size
+            .map_or(b.buffer.size() - b.offset, |s| s.get())
+            .is_multiple_of(16)
+    };
+    (window.rows == 1 || window.row_len().is_multiple_of(4))
+        && window.col_begin.is_multiple_of(4)
+        && shifts.0.is_multiple_of(4)
+        && shifts.1.is_multiple_of(4)
+        && whole(p)
+        && whole(q)
 }
 
 impl Gpu {
@@ -512,9 +542,9 @@ impl Gpu {
         });
         for (k, &(stage, term, input, _, is_combine)) in dispatches.iter().enumerate() {
             let (layout, _) = layout_of(is_combine);
-            let pipeline = self
-                .kernels
-                .pipeline(&self.device, stage, term, input, subgroups);
+            let pipeline =
+                self.kernels
+                    .pipeline(&self.device, stage, term, input, subgroups, bindings.vec4);
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(
                 0,
@@ -591,6 +621,11 @@ impl Gpu {
                     out_base,
                     agree_base,
                     grad: None,
+                    vec4: false,
+                };
+                let bindings = WindowBindings {
+                    vec4: wide_loads(window, &bindings.p, &bindings.q, bindings.shifts),
+                    ..bindings
                 };
                 let mut encoder =
                     self.device
@@ -669,6 +704,11 @@ impl Gpu {
                 agree_base,
                 grad: grad
                     .map(|g| aligned_binding(g.buffer, g.offset, w.elem_start, w.elem_len, align)),
+                vec4: false,
+            };
+            let bindings = WindowBindings {
+                vec4: wide_loads(w, &bindings.p, &bindings.q, bindings.shifts),
+                ..bindings
             };
             let slot_base = k as u64 * SLOTS_PER_WINDOW * PARAM_SLOT;
             self.encode_window(encoder, scratch, job, w, wi, passes, &bindings, slot_base);

@@ -42,7 +42,7 @@ pub mod plan;
 mod types;
 
 pub use buffers::Workspace;
-pub use engine::{Engine, EngineOptions, list_adapters, pick_adapter};
+pub use engine::{Engine, EngineOptions, Tuning, list_adapters, pick_adapter};
 pub use error::{Error, Problem, Result, Side};
 pub use types::{Base, Input, Measure, Options, Reduction, RowResults};
 /// The wgpu version klgpu is built on, so callers pass matching devices and buffers.

@@ -16,31 +16,47 @@ pub const WORKGROUP_SIZE: u32 = 256;
 pub const MAX_ITERATIONS: u32 = 1024;
 /// The loop cap of Mesa's llvmpipe (lavapipe), shared by all loops of one invocation.
 pub const LLVMPIPE_LOOP_CAP: u64 = 65535;
-/// Fewest iterations worth giving an invocation before splitting further: below this, the
-/// workgroup's reduction costs more than its loads.
-const MIN_ITERATIONS: u32 = 16;
-/// Enough workgroups to fill a large GPU several times over.
-const TARGET_WORKGROUPS: u64 = 2048;
+/// Default fewest iterations worth giving an invocation before splitting further: below
+/// this, the workgroup's reduction costs more than its loads.
+pub const MIN_ITERATIONS: u32 = 16;
+/// Default workgroup count to aim for: enough to fill a large GPU several times over.
+pub const TARGET_WORKGROUPS: u32 = 2048;
 /// Window lengths are multiples of this many elements (256 bytes: every adapter's storage
 /// offset alignment is at most 256).
 pub const WINDOW_GRANULE: u64 = 64;
 
-/// The device limits a plan must respect.
+/// The device limits a plan must respect, and the planner's tuning.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PlanLimits {
     /// Most elements of one input bound at once (binding size, buffer size and memory budget).
     pub window_elems: u64,
     /// `max_compute_workgroups_per_dimension`.
     pub max_workgroups: u32,
+    /// Fewest main-loop iterations per invocation (decides lanes per row and chunking).
+    pub min_iterations: u32,
+    /// Workgroups to aim for per dispatch.
+    pub target_workgroups: u32,
 }
 
 impl PlanLimits {
-    /// Limits from byte sizes; the window is a whole number of granules.
+    /// Limits from byte sizes with the default tuning; the window is a whole number of
+    /// granules.
     pub fn from_bytes(max_binding_bytes: u64, budget_bytes: u64, max_workgroups: u32) -> Self {
         let elems = max_binding_bytes.min(budget_bytes) / 4;
         PlanLimits {
             window_elems: (elems / WINDOW_GRANULE * WINDOW_GRANULE).max(WINDOW_GRANULE),
             max_workgroups,
+            min_iterations: MIN_ITERATIONS,
+            target_workgroups: TARGET_WORKGROUPS,
+        }
+    }
+
+    /// The same limits with windows of at most `elems` elements.
+    pub fn with_window_cap(self, elems: u64) -> Self {
+        let cap = (elems / WINDOW_GRANULE * WINDOW_GRANULE).max(WINDOW_GRANULE);
+        PlanLimits {
+            window_elems: self.window_elems.min(cap),
+            ..self
         }
     }
 }
@@ -61,16 +77,18 @@ pub struct Layout {
 impl Layout {
     /// Layout for `rows` rows of `cols` columns, splitting rows into chunks when that is needed
     /// to fill the GPU or to keep the loop short.
-    pub fn new(rows: u32, cols: u64, max_workgroups: u32) -> Layout {
-        let lanes = lanes_for(cols);
+    pub fn new(rows: u32, cols: u64, limits: &PlanLimits) -> Layout {
+        let min_iterations = limits.min_iterations.clamp(1, MAX_ITERATIONS) as u64;
+        let lanes = lanes_for(cols, min_iterations);
         let per_invocation = cols.div_ceil(lanes as u64);
         let row_groups = rows.div_ceil(WORKGROUP_SIZE / lanes).max(1);
-        let wanted = TARGET_WORKGROUPS.div_ceil(row_groups as u64);
+        let wanted = (limits.target_workgroups.max(1) as u64).div_ceil(row_groups as u64);
         let chunks = wanted
-            .min(per_invocation.div_ceil(MIN_ITERATIONS as u64))
+            .min(per_invocation.div_ceil(min_iterations))
             .max(per_invocation.div_ceil(MAX_ITERATIONS as u64))
-            .clamp(1, max_workgroups as u64);
-        let iterations = per_invocation.div_ceil(chunks);
+            .clamp(1, limits.max_workgroups as u64);
+        // A multiple of 4 so that chunks start on a vec4 for the wide-load kernels.
+        let iterations = per_invocation.div_ceil(chunks).next_multiple_of(4);
         let chunk_len = iterations * lanes as u64;
         Layout {
             lanes,
@@ -82,7 +100,7 @@ impl Layout {
 
     /// Layout that covers each row in a single chunk (for the combine dispatch).
     pub fn single_chunk(rows: u32, cols: u64) -> Layout {
-        let lanes = lanes_for(cols);
+        let lanes = lanes_for(cols, MIN_ITERATIONS as u64);
         Layout {
             lanes,
             chunk_len: (cols.div_ceil(lanes as u64) * lanes as u64) as u32,
@@ -107,9 +125,9 @@ impl Layout {
     }
 }
 
-/// Lanes per row: enough that each gets about `MIN_ITERATIONS` columns, at most a workgroup.
-fn lanes_for(cols: u64) -> u32 {
-    cols.div_ceil(MIN_ITERATIONS as u64)
+/// Lanes per row: enough that each gets about `min_iterations` columns, at most a workgroup.
+fn lanes_for(cols: u64, min_iterations: u64) -> u32 {
+    cols.div_ceil(min_iterations)
         .next_power_of_two()
         .clamp(1, WORKGROUP_SIZE as u64) as u32
 }
@@ -181,7 +199,7 @@ impl Plan {
         let mut windows = Vec::new();
         let window = |row_begin: u64, rows: u32, col_begin: u64, col_end: u64, split| {
             let row_len = col_end - col_begin;
-            let terms = Layout::new(rows, row_len, limits.max_workgroups);
+            let terms = Layout::new(rows, row_len, &limits);
             let combine =
                 (terms.chunks > 1).then(|| Layout::single_chunk(rows, terms.chunks as u64));
             Window {
@@ -197,7 +215,7 @@ impl Plan {
             }
         };
         if cols <= cap {
-            let lanes = lanes_for(cols);
+            let lanes = lanes_for(cols, limits.min_iterations.clamp(1, MAX_ITERATIONS) as u64);
             let row_limit = (limits.max_workgroups as u64) * (WORKGROUP_SIZE / lanes) as u64;
             let per_window = (cap / cols).min(row_limit).min(u32::MAX as u64).max(1);
             let mut row = 0;
@@ -271,6 +289,8 @@ mod tests {
     const LAVAPIPE: PlanLimits = PlanLimits {
         window_elems: 33_554_432,
         max_workgroups: 65535,
+        min_iterations: MIN_ITERATIONS,
+        target_workgroups: TARGET_WORKGROUPS,
     };
 
     fn covered(plan: &Plan) -> u64 {
@@ -339,8 +359,14 @@ mod tests {
         fn plans_cover_everything_within_limits(
             rows in 1u64..5000, cols in 1u64..300_000,
             window_elems in 64u64..5_000_000, max_workgroups in 64u32..65536,
+            min_iterations in 1u32..2000, target_workgroups in 1u32..100_000,
         ) {
-            let limits = PlanLimits { window_elems: window_elems / 64 * 64 + 64, max_workgroups };
+            let limits = PlanLimits {
+                window_elems: window_elems / 64 * 64 + 64,
+                max_workgroups,
+                min_iterations,
+                target_workgroups,
+            };
             let plan = Plan::new(rows, cols, limits);
             prop_assert_eq!(covered(&plan), rows * cols);
             let mut next = 0;
@@ -355,6 +381,7 @@ mod tests {
                     prop_assert!(l.lanes.is_power_of_two() && l.lanes <= WORKGROUP_SIZE);
                 }
                 prop_assert!(w.terms.chunks as u64 * w.terms.chunk_len as u64 >= w.row_len());
+                prop_assert_eq!(w.terms.chunk_len % (4 * w.terms.lanes), 0);
                 prop_assert!((w.terms.chunks as u64 - 1) * (w.terms.chunk_len as u64) < w.row_len());
                 prop_assert!(w.terms.row_groups as u64 * w.terms.rows_per_workgroup() as u64 >= w.rows as u64);
                 if let Some(c) = w.combine {

@@ -1,0 +1,582 @@
+//! klgpu's benchmark driver: roofline, single distributions, batches, per-call overhead and
+//! the CPU reference, in one run on one adapter. Prints a table; `--json FILE` writes every
+//! number. `scripts/peers.py` runs this next to NumPy, SciPy and PyTorch.
+//!
+//! Timing: GPU timestamps (TIMESTAMP_QUERY, empty timestamped passes around the recorded work)
+//! where the adapter has them, wall clock otherwise; the median of repeated runs after a
+//! warm-up. Throughput counts input bytes (4 per f32 element of each input).
+//!
+//! ```text
+//! cargo run --release --example bench -- [--quick] [--json FILE] [--max-n N] [--no-cpu]
+//! ```
+
+use std::time::{Duration, Instant};
+
+use klgpu::wgpu::{self, util::DeviceExt};
+use klgpu::{Engine, EngineOptions, Input, Measure, Options, Tuning, cpu};
+
+struct Args {
+    quick: bool,
+    json: Option<String>,
+    max_n: u64,
+    cpu: bool,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        quick: false,
+        json: None,
+        max_n: 100_000_000,
+        cpu: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => args.quick = true,
+            "--no-cpu" => args.cpu = false,
+            "--json" => args.json = it.next(),
+            "--max-n" => args.max_n = it.next().and_then(|v| v.parse().ok()).unwrap_or(args.max_n),
+            "--bench" => {} // passed by `cargo bench`
+            other => eprintln!("bench: ignoring unknown argument {other}"),
+        }
+    }
+    if args.quick {
+        args.max_n = args.max_n.min(10_000_000);
+    }
+    args
+}
+
+/// xorshift64*: fast, seeded, good enough for benchmark data.
+struct Rng(u64);
+impl Rng {
+    fn next_f32(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        ((self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f32 + 0.5) / (1u64 << 24) as f32
+    }
+}
+
+/// Rows of probabilities (uniform draws, normalized per row) or of logits (spread ±8).
+fn data(rng: &mut Rng, rows: usize, cols: usize, input: Input) -> Vec<f32> {
+    let mut v: Vec<f32> = (0..rows * cols).map(|_| rng.next_f32()).collect();
+    match input {
+        Input::Logits => v.iter_mut().for_each(|x| *x = (*x - 0.5) * 16.0),
+        _ => {
+            for row in v.chunks_mut(cols) {
+                let s: f64 = row.iter().map(|&x| x as f64).sum();
+                row.iter_mut().for_each(|x| *x = (*x as f64 / s) as f32);
+            }
+        }
+    }
+    v
+}
+
+/// Times recorded GPU work with timestamp queries, or the wall clock of submit-and-wait.
+struct Timer {
+    queries: Option<(wgpu::QuerySet, wgpu::Buffer, wgpu::Buffer, f64)>,
+}
+
+impl Timer {
+    fn new(engine: &Engine) -> Timer {
+        let device = engine.device();
+        let queries = device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+            .then(|| {
+                let set = device.create_query_set(&wgpu::QuerySetDescriptor {
+                    label: Some("bench.timestamps"),
+                    ty: wgpu::QueryType::Timestamp,
+                    count: 2,
+                });
+                let resolve = device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("bench.resolve"),
+                    size: 16,
+                    usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                });
+                let read = device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("bench.read"),
+                    size: 16,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                (
+                    set,
+                    resolve,
+                    read,
+                    engine.queue().get_timestamp_period() as f64,
+                )
+            });
+        Timer { queries }
+    }
+
+    fn kind(&self) -> &'static str {
+        if self.queries.is_some() {
+            "gpu-timestamps"
+        } else {
+            "wall"
+        }
+    }
+
+    /// Seconds the GPU spent on what `record` records.
+    fn time(&self, engine: &Engine, record: &mut dyn FnMut(&mut wgpu::CommandEncoder)) -> f64 {
+        let device = engine.device();
+        let mut encoder = device.create_command_encoder(&Default::default());
+        let stamp = |encoder: &mut wgpu::CommandEncoder, set: &wgpu::QuerySet, index: u32| {
+            encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("bench.stamp"),
+                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                    query_set: set,
+                    beginning_of_pass_write_index: Some(index),
+                    end_of_pass_write_index: None,
+                }),
+            });
+        };
+        let start = Instant::now();
+        if let Some((set, _, _, _)) = &self.queries {
+            stamp(&mut encoder, set, 0);
+        }
+        record(&mut encoder);
+        if let Some((set, resolve, read, _)) = &self.queries {
+            stamp(&mut encoder, set, 1);
+            encoder.resolve_query_set(set, 0..2, resolve, 0);
+            encoder.copy_buffer_to_buffer(resolve, 0, read, 0, 16);
+        }
+        engine.queue().submit([encoder.finish()]);
+        let Some((_, _, read, period)) = &self.queries else {
+            device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .expect("poll");
+            return start.elapsed().as_secs_f64();
+        };
+        read.slice(..).map_async(wgpu::MapMode::Read, |_| {});
+        device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .expect("poll");
+        let ticks: Vec<u64> = {
+            let view = read.slice(..).get_mapped_range().expect("mapped");
+            bytemuck::cast_slice(&view).to_vec()
+        };
+        read.unmap();
+        ticks[1].saturating_sub(ticks[0]) as f64 * period * 1e-9
+    }
+}
+
+/// Median seconds of `run`, after a warm-up long enough for the GPU's clocks to ramp up (a
+/// GPU idling at its lowest clock runs several times slower), repeated within a time budget.
+fn median(budget: Duration, mut run: impl FnMut() -> f64) -> f64 {
+    let warm = Instant::now();
+    let mut runs = 0;
+    while runs < 2 || (warm.elapsed() < budget / 3 && runs < 200) {
+        run();
+        runs += 1;
+    }
+    let start = Instant::now();
+    let mut times = vec![];
+    while times.len() < 3 || (start.elapsed() < budget && times.len() < 50) {
+        times.push(run());
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+struct Row {
+    workload: String,
+    path: &'static str,
+    timer: &'static str,
+    bytes: f64,
+    seconds: f64,
+}
+
+impl Row {
+    fn gbps(&self) -> f64 {
+        self.bytes / self.seconds / 1e9
+    }
+}
+
+struct Workload {
+    name: String,
+    measure: Measure,
+    input: Input,
+    rows: usize,
+    cols: usize,
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = parse_args();
+    let engine = Engine::new()?;
+    let info = engine.adapter_info().clone();
+    let timer = Timer::new(&engine);
+    let budget = Duration::from_millis(if args.quick { 300 } else { 1500 });
+    println!(
+        "adapter: {} ({:?}, {:?}), driver: {} {}; subgroups: {}; timer: {}",
+        info.name,
+        info.backend,
+        info.device_type,
+        info.driver,
+        info.driver_info,
+        engine.uses_subgroups(),
+        timer.kind()
+    );
+    let device = engine.device();
+    let upload = |label: &str, v: &[f32]| {
+        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: bytemuck::cast_slice(v),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        })
+    };
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rows_out: Vec<Row> = vec![];
+
+    // Roofline: the plain streaming sum over as many bytes as the largest two-input workload.
+    let roof_n = (2 * args.max_n).min(if args.quick { 1 << 25 } else { 1 << 28 }) as usize;
+    let roof_data = data(&mut rng, 1, roof_n, Input::Logits);
+    let roof_buf = upload("roofline", &roof_data);
+    drop(roof_data);
+    let out = engine.create_f32_buffer("bench.out", 1 << 22)?;
+    let mut ws = engine.workspace();
+    let roof_s = median(budget, || {
+        let s = timer.time(&engine, &mut |enc| {
+            engine
+                .record_sum_rows(enc, &mut ws, roof_buf.slice(..), roof_n, out.slice(..))
+                .expect("record");
+        });
+        ws.check(&engine).expect("valid input");
+        s
+    });
+    drop(roof_buf);
+    let roof = Row {
+        workload: format!("roofline: sum of {roof_n} f32"),
+        path: "gpu-device",
+        timer: timer.kind(),
+        bytes: roof_n as f64 * 4.0,
+        seconds: roof_s,
+    };
+    let roof_gbps = roof.gbps();
+    rows_out.push(roof);
+
+    let mut workloads = vec![];
+    let mut n = 1000u64;
+    while n <= args.max_n {
+        workloads.push(Workload {
+            name: format!("KL probs N={n:.0e}"),
+            measure: Measure::KullbackLeibler,
+            input: Input::Probs,
+            rows: 1,
+            cols: n as usize,
+        });
+        n *= 10;
+    }
+    let mid = args.max_n.min(10_000_000) as usize;
+    for m in [
+        Measure::CrossEntropy,
+        Measure::Entropy,
+        Measure::JensenShannon,
+    ] {
+        workloads.push(Workload {
+            name: format!("{} probs N={mid:.0e}", m.name()),
+            measure: m,
+            input: Input::Probs,
+            rows: 1,
+            cols: mid,
+        });
+    }
+    let batch = |rows: usize, cols: usize, input: Input| Workload {
+        name: format!("KL {} {rows}x{cols}", input.name()),
+        measure: Measure::KullbackLeibler,
+        input,
+        rows,
+        cols,
+    };
+    if args.quick {
+        workloads.push(batch(100_000, 10, Input::Probs));
+        workloads.push(batch(256, 32_000, Input::Logits));
+        workloads.push(batch(16, 262_144, Input::Logits));
+    } else {
+        workloads.push(batch(1_000_000, 10, Input::Probs));
+        workloads.push(batch(4096, 32_000, Input::Logits));
+        workloads.push(batch(16, 262_144, Input::Logits));
+    }
+
+    for w in &workloads {
+        let len = w.rows * w.cols;
+        let p = data(&mut rng, w.rows, w.cols, w.input);
+        let q = data(&mut rng, w.rows, w.cols, w.input);
+        let inputs = if w.measure.uses_q() { 2.0 } else { 1.0 };
+        let bytes = inputs * len as f64 * 4.0;
+        let opts = Options::input(w.input);
+        let qq = w.measure.uses_q().then_some(&q[..]);
+        let (pb, qb) = (upload("p", &p), upload("q", &q));
+        let out = engine.create_f32_buffer("bench.rows", w.rows as u64)?;
+        let mut ws = engine.workspace();
+        let s = median(budget, || {
+            let s = timer.time(&engine, &mut |enc| {
+                let qs = w.measure.uses_q().then(|| qb.slice(..));
+                engine
+                    .record_rows(
+                        enc,
+                        &mut ws,
+                        w.measure,
+                        pb.slice(..),
+                        qs,
+                        w.cols,
+                        &opts,
+                        out.slice(..),
+                    )
+                    .expect("record");
+            });
+            ws.check(&engine).expect("valid input");
+            s
+        });
+        rows_out.push(Row {
+            workload: w.name.clone(),
+            path: "gpu-device",
+            timer: timer.kind(),
+            bytes,
+            seconds: s,
+        });
+        let s = median(budget, || {
+            let t = Instant::now();
+            engine.rows(w.measure, &p, qq, w.cols, &opts).expect("gpu");
+            t.elapsed().as_secs_f64()
+        });
+        rows_out.push(Row {
+            workload: w.name.clone(),
+            path: "gpu-host",
+            timer: "wall",
+            bytes,
+            seconds: s,
+        });
+        if args.cpu {
+            let s = median(budget / 2, || {
+                let t = Instant::now();
+                cpu::rows(w.measure, &p, qq, w.cols, &opts).expect("cpu");
+                t.elapsed().as_secs_f64()
+            });
+            rows_out.push(Row {
+                workload: w.name.clone(),
+                path: "cpu-reference",
+                timer: "wall",
+                bytes,
+                seconds: s,
+            });
+        }
+    }
+
+    // Planner variants on GPU data: the numbers behind the defaults in klgpu::Tuning.
+    let mut variants: Vec<(String, String, f64)> = vec![];
+    let tuned = |t: Tuning| {
+        Engine::with_options(EngineOptions {
+            tuning: t,
+            ..Default::default()
+        })
+    };
+    let variant_cases: Vec<(Workload, Vec<(String, Tuning)>)> = {
+        let d = Tuning::default();
+        let big = args.max_n.min(100_000_000) as usize;
+        let (short_rows, logit_rows) = if args.quick {
+            (100_000, 256)
+        } else {
+            (1_000_000, 4096)
+        };
+        vec![
+            (
+                Workload {
+                    name: format!("KL probs N={big:.0e}"),
+                    measure: Measure::KullbackLeibler,
+                    input: Input::Probs,
+                    rows: 1,
+                    cols: big,
+                },
+                [1024u32, 2048, 4096, 8192, 16384]
+                    .iter()
+                    .map(|&t| {
+                        (
+                            format!("target_workgroups={t}"),
+                            Tuning {
+                                target_workgroups: t,
+                                ..d
+                            },
+                        )
+                    })
+                    .collect(),
+            ),
+            (
+                Workload {
+                    name: format!("KL probs {short_rows}x10"),
+                    measure: Measure::KullbackLeibler,
+                    input: Input::Probs,
+                    rows: short_rows,
+                    cols: 10,
+                },
+                [1u32, 2, 4, 16]
+                    .iter()
+                    .map(|&m| {
+                        (
+                            format!("min_iterations={m}"),
+                            Tuning {
+                                min_iterations: m,
+                                ..d
+                            },
+                        )
+                    })
+                    .collect(),
+            ),
+            (
+                Workload {
+                    name: format!("KL logits {logit_rows}x32000"),
+                    measure: Measure::KullbackLeibler,
+                    input: Input::Logits,
+                    rows: logit_rows,
+                    cols: 32000,
+                },
+                [4u64, 16, 64, 4096]
+                    .iter()
+                    .map(|&mb| {
+                        (
+                            format!("two_pass_window={mb}MiB"),
+                            Tuning {
+                                two_pass_window_bytes: mb << 20,
+                                ..d
+                            },
+                        )
+                    })
+                    .collect(),
+            ),
+        ]
+    };
+    for (w, tunings) in &variant_cases {
+        let p = data(&mut rng, w.rows, w.cols, w.input);
+        let q = data(&mut rng, w.rows, w.cols, w.input);
+        let bytes = 2.0 * (w.rows * w.cols) as f64 * 4.0;
+        for (label, t) in tunings {
+            let e = tuned(*t)?;
+            let timer = Timer::new(&e);
+            let (pb, qb) = (
+                e.device()
+                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: Some("p"),
+                        contents: bytemuck::cast_slice(&p),
+                        usage: wgpu::BufferUsages::STORAGE,
+                    }),
+                e.device()
+                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: Some("q"),
+                        contents: bytemuck::cast_slice(&q),
+                        usage: wgpu::BufferUsages::STORAGE,
+                    }),
+            );
+            let out = e.create_f32_buffer("bench.rows", w.rows as u64)?;
+            let mut ws = e.workspace();
+            let opts = Options::input(w.input);
+            let s = median(budget / 2, || {
+                let s = timer.time(&e, &mut |enc| {
+                    e.record_rows(
+                        enc,
+                        &mut ws,
+                        w.measure,
+                        pb.slice(..),
+                        Some(qb.slice(..)),
+                        w.cols,
+                        &opts,
+                        out.slice(..),
+                    )
+                    .expect("record");
+                });
+                ws.check(&e).expect("valid input");
+                s
+            });
+            variants.push((w.name.clone(), label.clone(), bytes / s / 1e9));
+        }
+    }
+
+    // Per-call overhead: a blocking N = 1000 call on GPU data against an empty submit and
+    // a 4-byte readback.
+    let small_p = upload("small p", &data(&mut rng, 1, 1000, Input::Probs));
+    let small_q = upload("small q", &data(&mut rng, 1, 1000, Input::Probs));
+    let call = median(budget, || {
+        let t = Instant::now();
+        engine
+            .kl_divergence_buffers(small_p.slice(..), small_q.slice(..))
+            .expect("call");
+        t.elapsed().as_secs_f64()
+    });
+    let read_buf = engine.create_f32_buffer("bench.rt", 1)?;
+    let round_trip = median(budget, || {
+        let t = Instant::now();
+        engine
+            .queue()
+            .submit([device.create_command_encoder(&Default::default()).finish()]);
+        engine.read_f32(read_buf.slice(..)).expect("readback");
+        t.elapsed().as_secs_f64()
+    });
+
+    println!(
+        "\n{:<34} {:<14} {:<15} {:>12} {:>10} {:>9}",
+        "workload", "path", "timer", "time", "GB/s", "of roof"
+    );
+    for r in &rows_out {
+        let eff = if r.path.starts_with("gpu-device") {
+            format!("{:.0} %", 100.0 * r.gbps() / roof_gbps)
+        } else {
+            String::new()
+        };
+        println!(
+            "{:<34} {:<14} {:<15} {:>9.3} ms {:>10.2} {:>9}",
+            r.workload,
+            r.path,
+            r.timer,
+            r.seconds * 1e3,
+            r.gbps(),
+            eff
+        );
+    }
+    println!(
+        "\n{:<34} {:<26} {:>10} {:>9}",
+        "planner variant", "tuning", "GB/s", "of roof"
+    );
+    for (w, label, gbps) in &variants {
+        println!(
+            "{:<34} {:<26} {:>10.2} {:>7.0} %",
+            w,
+            label,
+            gbps,
+            100.0 * gbps / roof_gbps
+        );
+    }
+    println!(
+        "\nper-call overhead, N = 1000 on GPU data: {:.1} µs; empty submit + 4-byte readback: {:.1} µs; ratio {:.2}",
+        call * 1e6,
+        round_trip * 1e6,
+        call / round_trip
+    );
+
+    if let Some(path) = args.json {
+        let records: Vec<_> = rows_out
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "workload": r.workload, "path": r.path, "timer": r.timer, "bytes": r.bytes,
+                    "seconds": r.seconds, "gbps": r.gbps(),
+                    "of_roofline": r.path.starts_with("gpu-device").then(|| r.gbps() / roof_gbps),
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "adapter": { "name": info.name, "backend": format!("{:?}", info.backend),
+                         "device_type": format!("{:?}", info.device_type), "driver": info.driver,
+                         "driver_info": info.driver_info },
+            "subgroups": engine.uses_subgroups(),
+            "timer": timer.kind(),
+            "roofline_gbps": roof_gbps,
+            "overhead": { "call_n1000_s": call, "empty_round_trip_s": round_trip },
+            "results": records,
+            "variants": variants.iter().map(|(w, l, g)| serde_json::json!({"workload": w, "tuning": l, "gbps": g})).collect::<Vec<_>>(),
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
+        println!("wrote {path}");
+    }
+    Ok(())
+}

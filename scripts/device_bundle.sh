@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Builds what scripts/device_run.sh runs on a lent GPU machine into .device/ (git-ignored):
+# the benchmark driver and the GPU test executables, stripped to fit the tool's 64 MiB.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .device
+cargo build --release --example bench
+cp target/release/examples/bench .device/bench
+cargo test --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    t = m.get("target", {})
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and t.get("kind") == ["test"] \
+            and t.get("name") in ("core", "batch", "apps"):
+        shutil.copy(m["executable"], ".device/" + t["name"])
+'
+strip .device/*
+ls -la .device

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One short, prepared run on a lent NVIDIA machine (the `device` tool): find out whether wgpu
+# gets a Vulkan adapter for the GPU, run klgpu's tests and benchmark there, then the peers.
+# Expects the binaries built here in .device/ (scripts/device_bundle.sh) and the Vulkan loader
+# packages in .gl/ (see the device tool's README). Writes logs and JSON under $OUT.
+set -u
+OUT="${OUT:-/tmp/klgpu-out}"
+mkdir -p "$OUT"
+section() { printf '\n==== %s (t=%ss)\n' "$1" "$SECONDS"; }
+
+section machine
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
+uname -r; ldd --version 2>&1 | head -1; nproc
+
+section "vulkan loader and driver"
+if ! ldconfig -p | grep -q 'libvulkan.so.1'; then
+    echo "no libvulkan.so.1: unpacking the carried loader packages"
+    for f in .gl/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+fi
+ldconfig -p | grep -E 'libvulkan|libEGL_nvidia|libGLX_nvidia' | head
+for d in /usr/share/vulkan/icd.d /etc/vulkan/icd.d /usr/local/nvidia/share/vulkan/icd.d; do
+    [ -d "$d" ] && { echo "$d:"; ls "$d"; }
+done
+if ! ls /usr/share/vulkan/icd.d/nvidia* /etc/vulkan/icd.d/nvidia* >/dev/null 2>&1 &&
+    [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
+    export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+    export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+    echo "VK_DRIVER_FILES=$VK_DRIVER_FILES"
+fi
+export XDG_RUNTIME_DIR=/tmp
+
+section "wgpu adapters (quick bench decides)"
+timeout 120 .device/bench --quick --no-cpu --max-n 1000000 > "$OUT/probe.txt" 2>&1
+head -3 "$OUT/probe.txt"
+if ! grep -q "DiscreteGpu\|IntegratedGpu" "$OUT/probe.txt"; then
+    echo "wgpu found no hardware Vulkan adapter; trying the GL backend (EGL)"
+    WGPU_BACKEND=gl timeout 60 .device/bench --quick --no-cpu --max-n 100000 2>&1 | head -3
+fi
+
+section "tests on this adapter"
+for t in core batch apps; do
+    timeout 150 ".device/$t" --test-threads 4 > "$OUT/test-$t.txt" 2>&1
+    echo "$t: exit $? — $(grep -E '^test result' "$OUT/test-$t.txt")"
+    grep -E 'panicked|FAILED' "$OUT/test-$t.txt" | head -8
+done
+
+section "benchmark"
+timeout 240 .device/bench --json "$OUT/bench.json" --no-cpu 2>&1 | tee "$OUT/bench.txt" | grep -v XDG
+
+section "peers"
+PYTHONUNBUFFERED=1 timeout 200 python3 scripts/peers.py --klgpu-json "$OUT/bench.json" --json "$OUT/peers.json" 2>&1 | tee "$OUT/peers.txt"
+section done

@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""klgpu against its peers, in one run on one machine, printed as one table.
+
+Runs NumPy (f32 expression), SciPy (rel_entr(...).sum()), and where CUDA is present PyTorch
+(F.kl_div(..., reduction="sum") on probabilities, and a logits -> log_softmax -> kl_div
+pipeline) on the same workloads as klgpu's benchmark driver (examples/bench.rs), whose JSON it
+reads or runs. First it finds out which adapter wgpu uses and says so: if the machine has an
+NVIDIA GPU but wgpu only sees a software adapter, the klgpu column is lavapipe's.
+
+    python3 scripts/peers.py --bench target/release/examples/bench [--quick] [--json OUT.json]
+    python3 scripts/peers.py --klgpu-json bench.json   # reuse a finished bench run
+
+Finishes in well under 5 minutes (sizes shrink with --quick).
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def median_time(fn, budget=1.0, min_reps=3, max_reps=30):
+    fn()  # warm-up
+    times, start = [], time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < budget and len(times) < max_reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def cuda_time(torch, fn, reps=20):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def sci(n):
+    """1e7, as Rust's {:.0e} writes it (the bench's workload names)."""
+    m, e = f"{n:.0e}".split("e")
+    return f"{m}e{int(e)}"
+
+
+def probs(rng, rows, cols):
+    x = rng.random((rows, cols), dtype=np.float32) + np.float32(1e-6)
+    return (x / x.sum(axis=1, keepdims=True, dtype=np.float64)).astype(np.float32)
+
+
+def logits(rng, rows, cols):
+    return ((rng.random((rows, cols), dtype=np.float32) - 0.5) * 16).astype(np.float32)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bench", help="path of klgpu's bench binary (examples/bench)")
+    ap.add_argument("--klgpu-json", help="a finished bench --json file instead of running it")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", help="write the table as JSON here")
+    args = ap.parse_args()
+
+    # 1. klgpu, which also tells us the adapter.
+    if args.klgpu_json:
+        kl = json.load(open(args.klgpu_json))
+    else:
+        if not args.bench:
+            sys.exit("peers.py: give --bench or --klgpu-json")
+        out = "/tmp/klgpu-bench.json"
+        cmd = [args.bench, "--json", out, "--no-cpu"] + (["--quick"] if args.quick else [])
+        print("running", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, timeout=240)
+        kl = json.load(open(out))
+    adapter = kl["adapter"]
+    has_nvidia = shutil.which("nvidia-smi") is not None
+    print(f"\nwgpu adapter: {adapter['name']} ({adapter['backend']}, {adapter['device_type']})")
+    if has_nvidia and adapter["device_type"] == "Cpu":
+        print("NOTE: this machine has an NVIDIA GPU but wgpu found no Vulkan adapter for it;"
+              " klgpu's numbers below are lavapipe's (CPU).")
+    elif adapter["device_type"] != "Cpu":
+        print("wgpu has a hardware adapter: klgpu ran on the GPU.")
+    klgpu = {(r["workload"], r["path"]): r for r in kl["results"]}
+
+    # 2. The peers.
+    try:
+        import torch
+        import torch.nn.functional as F
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        torch, cuda = None, False
+    try:
+        from scipy.special import rel_entr
+    except ImportError:
+        rel_entr = None
+    if cuda:
+        print(f"PyTorch {torch.__version__} on {torch.cuda.get_device_name(0)}")
+    else:
+        print("PyTorch with CUDA: not available on this machine")
+
+    rng = np.random.default_rng(0)
+    big = 10_000_000 if args.quick else 100_000_000
+    rows = []
+
+    def row(name, klgpu_name, nbytes, numpy_s=None, scipy_s=None, torch_s=None, torch_label=""):
+        k = klgpu.get((klgpu_name, "gpu-device"))
+        kh = klgpu.get((klgpu_name, "gpu-host"))
+        rows.append({
+            "workload": name, "bytes": nbytes,
+            "numpy_f32_s": numpy_s, "scipy_s": scipy_s, "torch_cuda_s": torch_s, "torch_op": torch_label,
+            "klgpu_device_s": k["seconds"] if k else None,
+            "klgpu_host_s": kh["seconds"] if kh else None,
+        })
+
+    for n in [10_000_000, big] if big != 10_000_000 else [10_000_000]:
+        p, q = probs(rng, 1, n)[0], probs(rng, 1, n)[0]
+        numpy_s = median_time(lambda: np.sum(p * np.log(p / q)))
+        scipy_s = median_time(lambda: rel_entr(p, q).sum()) if rel_entr else None
+        torch_s = None
+        if cuda:
+            pt, qt = torch.from_numpy(p).cuda(), torch.from_numpy(q).cuda()
+            lq = qt.log()
+            torch_s = cuda_time(torch, lambda: F.kl_div(lq, pt, reduction="sum"))
+            del pt, qt, lq
+        row(f"KL probs N={sci(n)}", f"KL probs N={sci(n)}", 8 * n, numpy_s, scipy_s, torch_s, "kl_div(q.log(), p, sum)")
+        del p, q
+
+    shapes = [(100_000, 10, "probs"), (256, 32_000, "logits"), (16, 262_144, "logits")] if args.quick else \
+        [(1_000_000, 10, "probs"), (4096, 32_000, "logits"), (16, 262_144, "logits")]
+    for r_, c_, kind in shapes:
+        name = f"KL {'probs' if kind == 'probs' else 'logits'} {r_}x{c_}"
+        if kind == "probs":
+            p, q = probs(rng, r_, c_), probs(rng, r_, c_)
+            numpy_s = median_time(lambda: np.sum(p * np.log(p / q), axis=1))
+            scipy_s = median_time(lambda: rel_entr(p, q).sum(axis=1)) if rel_entr else None
+            torch_s = None
+            if cuda:
+                pt, qt = torch.from_numpy(p).cuda(), torch.from_numpy(q).cuda()
+                torch_s = cuda_time(torch, lambda: F.kl_div(qt.log(), pt, reduction="none").sum(-1))
+            label = "kl_div(q.log(), p).sum(-1)"
+        else:
+            zp, zq = logits(rng, r_, c_), logits(rng, r_, c_)
+
+            def np_logits():
+                lp = zp - zp.max(axis=1, keepdims=True)
+                lp -= np.log(np.exp(lp).sum(axis=1, keepdims=True))
+                lq = zq - zq.max(axis=1, keepdims=True)
+                lq -= np.log(np.exp(lq).sum(axis=1, keepdims=True))
+                return (np.exp(lp) * (lp - lq)).sum(axis=1)
+            numpy_s = median_time(np_logits, budget=0.5, min_reps=1, max_reps=3)
+            scipy_s = None
+            torch_s = None
+            if cuda:
+                pt, qt = torch.from_numpy(zp).cuda(), torch.from_numpy(zq).cuda()
+                torch_s = cuda_time(torch, lambda: F.kl_div(F.log_softmax(qt, -1), F.log_softmax(pt, -1),
+                                                             log_target=True, reduction="none").sum(-1))
+            label = "kl_div(log_softmax(zq), log_softmax(zp), log_target).sum(-1)"
+        row(name, name, 8 * r_ * c_, numpy_s, scipy_s, torch_s, label)
+        if cuda:
+            del pt, qt
+            torch.cuda.empty_cache()
+
+    # 3. One table.
+    def fmt(s):
+        return "      —     " if s is None else f"{s * 1e3:9.3f} ms"
+    print(f"\n{'workload':<26} {'NumPy f32':>12} {'SciPy':>12} {'PyTorch CUDA':>12} {'klgpu GPU':>12} {'klgpu+upload':>12} {'vs PyTorch':>10}")
+    for r in rows:
+        speed = ""
+        if r["torch_cuda_s"] and r["klgpu_device_s"]:
+            speed = f"{r['torch_cuda_s'] / r['klgpu_device_s']:.2f}x"
+        print(f"{r['workload']:<26} {fmt(r['numpy_f32_s'])} {fmt(r['scipy_s'])} {fmt(r['torch_cuda_s'])} "
+              f"{fmt(r['klgpu_device_s'])} {fmt(r['klgpu_host_s'])} {speed:>10}")
+    print(f"\nklgpu roofline (plain streaming sum, same adapter): {kl['roofline_gbps']:.1f} GB/s; timer: {kl['timer']}")
+    if args.json:
+        json.dump({"adapter": adapter, "rows": rows, "klgpu": kl}, open(args.json, "w"), indent=2)
+
+
+if __name__ == "__main__":
+    main()
