@@ -111,27 +111,44 @@ def main():
     big = 10_000_000 if args.quick else 100_000_000
     rows = []
 
-    def row(name, klgpu_name, nbytes, numpy_s=None, scipy_s=None, torch_s=None, torch_label=""):
+    def row(name, klgpu_name, nbytes, numpy_s=None, scipy_s=None, torch_s=None, torch_label="", torch_given_log_s=None):
         k = klgpu.get((klgpu_name, "gpu-device"))
         kh = klgpu.get((klgpu_name, "gpu-host"))
         rows.append({
             "workload": name, "bytes": nbytes,
             "numpy_f32_s": numpy_s, "scipy_s": scipy_s, "torch_cuda_s": torch_s, "torch_op": torch_label,
+            "torch_given_log_q_s": torch_given_log_s,
             "klgpu_device_s": k["seconds"] if k else None,
             "klgpu_host_s": kh["seconds"] if kh else None,
         })
+
+    # The adapter's streaming bandwidth as PyTorch sees it: a read-only sum and a copy.
+    bandwidth = {}
+    if cuda:
+        x = torch.rand(1 << 29, device="cuda")  # 2 GiB
+        y = torch.empty_like(x)
+        s_sum = cuda_time(torch, lambda: x.sum())
+        s_copy = cuda_time(torch, lambda: y.copy_(x))
+        bandwidth = {"torch_sum_read_gbps": x.numel() * 4 / s_sum / 1e9,
+                     "torch_copy_read_write_gbps": 2 * x.numel() * 4 / s_copy / 1e9}
+        print(f"streaming bandwidth (PyTorch): sum reads {bandwidth['torch_sum_read_gbps']:.0f} GB/s, "
+              f"copy moves {bandwidth['torch_copy_read_write_gbps']:.0f} GB/s (read + write)")
+        del x, y
+        torch.cuda.empty_cache()
 
     for n in [10_000_000, big] if big != 10_000_000 else [10_000_000]:
         p, q = probs(rng, 1, n)[0], probs(rng, 1, n)[0]
         numpy_s = median_time(lambda: np.sum(p * np.log(p / q)))
         scipy_s = median_time(lambda: rel_entr(p, q).sum()) if rel_entr else None
-        torch_s = None
+        torch_s = torch_given_log_s = None
         if cuda:
             pt, qt = torch.from_numpy(p).cuda(), torch.from_numpy(q).cuda()
             lq = qt.log()
-            torch_s = cuda_time(torch, lambda: F.kl_div(lq, pt, reduction="sum"))
+            torch_s = cuda_time(torch, lambda: F.kl_div(qt.log(), pt, reduction="sum"))
+            torch_given_log_s = cuda_time(torch, lambda: F.kl_div(lq, pt, reduction="sum"))
             del pt, qt, lq
-        row(f"KL probs N={sci(n)}", f"KL probs N={sci(n)}", 8 * n, numpy_s, scipy_s, torch_s, "kl_div(q.log(), p, sum)")
+        row(f"KL probs N={sci(n)}", f"KL probs N={sci(n)}", 8 * n, numpy_s, scipy_s, torch_s,
+            "kl_div(q.log(), p, sum)", torch_given_log_s)
         del p, q
 
     shapes = [(100_000, 10, "probs"), (256, 32_000, "logits"), (16, 262_144, "logits")] if args.quick else \
@@ -172,16 +189,19 @@ def main():
     # 3. One table.
     def fmt(s):
         return "      —     " if s is None else f"{s * 1e3:9.3f} ms"
-    print(f"\n{'workload':<26} {'NumPy f32':>12} {'SciPy':>12} {'PyTorch CUDA':>12} {'klgpu GPU':>12} {'klgpu+upload':>12} {'vs PyTorch':>10}")
+    print(f"\n{'workload':<26} {'NumPy f32':>12} {'SciPy':>12} {'PyTorch CUDA':>12} {'PT, log q given':>15} "
+          f"{'klgpu GPU':>12} {'klgpu+upload':>12} {'vs PyTorch':>10} {'klgpu GB/s':>10}")
     for r in rows:
-        speed = ""
+        speed = gbps = ""
         if r["torch_cuda_s"] and r["klgpu_device_s"]:
             speed = f"{r['torch_cuda_s'] / r['klgpu_device_s']:.2f}x"
+        if r["klgpu_device_s"]:
+            gbps = f"{r['bytes'] / r['klgpu_device_s'] / 1e9:.0f}"
         print(f"{r['workload']:<26} {fmt(r['numpy_f32_s'])} {fmt(r['scipy_s'])} {fmt(r['torch_cuda_s'])} "
-              f"{fmt(r['klgpu_device_s'])} {fmt(r['klgpu_host_s'])} {speed:>10}")
+              f"{fmt(r['torch_given_log_q_s']):>15} {fmt(r['klgpu_device_s'])} {fmt(r['klgpu_host_s'])} {speed:>10} {gbps:>10}")
     print(f"\nklgpu roofline (plain streaming sum, same adapter): {kl['roofline_gbps']:.1f} GB/s; timer: {kl['timer']}")
     if args.json:
-        json.dump({"adapter": adapter, "rows": rows, "klgpu": kl}, open(args.json, "w"), indent=2)
+        json.dump({"adapter": adapter, "rows": rows, "bandwidth": bandwidth, "klgpu": kl}, open(args.json, "w"), indent=2)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ fn side_of(x: f32, col: u32) -> Side {
     return Side(x, 0.0, col);
 }
 
-// One logit pair (column c) into the running state; invalid values are reported and skipped.
-fn lse_element(st: Lse, x: f32, y_in: f32, local: u32, c: u32, unused: u32) -> Lse {
+// One logit pair (column c) as a state of its own; invalid values are reported and skipped.
+fn lse_element(x: f32, y_in: f32, local: u32, c: u32, unused: u32) -> Lse {
     var bad = element_flags(x, 0u);
     var y = neg_inf();
     if (uses_q()) {
@@ -17,10 +17,10 @@ fn lse_element(st: Lse, x: f32, y_in: f32, local: u32, c: u32, unused: u32) -> L
     }
     if (bad != 0u) {
         report_bad(local, bad);
-        return st;
+        return identity_Lse();
     }
-    let sp = merge_side(Side(st.p_m, st.p_s, st.p_i), side_of(x, c));
-    let sq = merge_side(Side(st.q_m, st.q_s, st.q_i), side_of(y, c));
+    let sp = side_of(x, c);
+    let sq = side_of(y, c);
     return Lse(sp.m, sp.s, sp.i, sq.m, sq.s, sq.i);
 }
 

@@ -23,66 +23,84 @@ fn row_ctx(row: u32) -> RowCtx {
     return RowCtx(1.0, 0.0, 1.0, 0.0, 0.0);
 }
 
-fn with_inf(a: Acc) -> Acc { return Acc(a.main_hi, a.main_lo, a.resid_hi, a.resid_lo, a.flags | ACC_INF, 0u); }
+// One element's contribution: the stable main term, the residual (p − q) and flags. The
+// measures differ only in these pure term functions; accumulation is shared.
+struct Term { main: f32, resid: f32, flags: u32 }
 
-fn prob_term(acc: Acc, p: f32, q: f32) -> Acc {
-    if (MEASURE == MEASURE_SUM) { return add_term(acc, p, q); }
-    if (MEASURE == MEASURE_SUM_P) { return add_term(acc, p, 0.0); }
-    if (MEASURE == MEASURE_JS) { return add_term(acc, 0.5 * (js_half(p, q) + js_half(q, p)), 0.0); }
-    if (p == 0.0) { return acc; }
-    if (MEASURE == MEASURE_ENTROPY) { return add_term(acc, -p * ln_acc(p), 0.0); }
-    if (q == 0.0) { return with_inf(acc); }
-    if (MEASURE == MEASURE_CE) { return add_term(acc, -p * ln_acc(q), 0.0); }
-    return add_term(acc, kl_main(p, q), p - q);
+fn term(main: f32, resid: f32) -> Term { return Term(main, resid, 0u); }
+fn no_term() -> Term { return Term(0.0, 0.0, 0u); }
+fn inf_term() -> Term { return Term(0.0, 0.0, ACC_INF); }
+
+// Terms of a few neighbouring elements, added plainly before one compensated add: the main
+// parts are non-negative (no cancellation) and few.
+fn sum_terms(a: Term, b: Term) -> Term { return Term(a.main + b.main, a.resid + b.resid, a.flags | b.flags); }
+
+fn fold_term(acc: Acc, t: Term) -> Acc {
+    let a = add_term(acc, t.main, t.resid);
+    return Acc(a.main_hi, a.main_lo, a.resid_hi, a.resid_lo, a.flags | t.flags, 0u);
 }
 
-// a = ln p, b = ln q; `shift` is subtracted from a − b (logits: the difference of the rows'
-// log-sum-exps, so that the common shift never enters the cancelling part).
-fn log_term(acc: Acc, a: f32, b: f32, p: f32, q: f32, d: f32) -> Acc {
+fn with_inf(a: Acc) -> Acc { return Acc(a.main_hi, a.main_lo, a.resid_hi, a.resid_lo, a.flags | ACC_INF, 0u); }
+
+fn prob_term(p: f32, q: f32) -> Term {
+    if (MEASURE == MEASURE_SUM) { return term(p, q); }
+    if (MEASURE == MEASURE_SUM_P) { return term(p, 0.0); }
+    if (MEASURE == MEASURE_JS) { return term(0.5 * (js_half(p, q) + js_half(q, p)), 0.0); }
+    if (p == 0.0) { return no_term(); }
+    if (MEASURE == MEASURE_ENTROPY) { return term(-p * ln_acc(p), 0.0); }
+    if (q == 0.0) { return inf_term(); }
+    if (MEASURE == MEASURE_CE) { return term(-p * ln_acc(q), 0.0); }
+    return term(kl_main(p, q), p - q);
+}
+
+// a = ln p, b = ln q, d = a − b computed so that a common shift (logits: the difference of the
+// rows' log-sum-exps) never enters the cancelling part.
+fn log_term(a: f32, b: f32, p: f32, q: f32, d: f32) -> Term {
     let ninf = neg_inf();
     if (MEASURE == MEASURE_JS) {
-        if (a == ninf && b == ninf) { return acc; }
-        return add_term(acc, js_log_term(p, q, d), 0.0);
+        if (a == ninf && b == ninf) { return no_term(); }
+        return term(js_log_term(p, q, d), 0.0);
     }
     if (a == ninf) {
         // p = 0. With logits the residual Σ(p − q) is 0 over the whole row, so the KL of the
         // entries with p > 0 carries Q's mass here: kl_main(0, q) = q.
-        if (MEASURE == MEASURE_KL && INPUT == INPUT_LOGITS) { return add_term(acc, q, 0.0); }
-        return acc;
+        if (MEASURE == MEASURE_KL && INPUT == INPUT_LOGITS) { return term(q, 0.0); }
+        return no_term();
     }
-    if (MEASURE == MEASURE_ENTROPY) { return add_term(acc, -p * a, 0.0); }
-    if (b == ninf) { return with_inf(acc); }
-    if (MEASURE == MEASURE_CE) { return add_term(acc, -p * b, 0.0); }
-    return add_term(acc, phi_term(p, d, q), select(p - q, 0.0, INPUT == INPUT_LOGITS));
+    if (MEASURE == MEASURE_ENTROPY) { return term(-p * a, 0.0); }
+    if (b == ninf) { return inf_term(); }
+    if (MEASURE == MEASURE_CE) { return term(-p * b, 0.0); }
+    return term(phi_term(p, d, q), select(p - q, 0.0, INPUT == INPUT_LOGITS));
 }
 
-fn element(acc: Acc, x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Acc {
+fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
     if (INPUT == INPUT_LOGITS) {
         // Validated by the log-sum-exp pass. a = x − lse(x) = (x − m) − log1p(s').
         let a = (x - ctx.pm) - ctx.pl;
         let b = (y - ctx.qm) - ctx.ql;
         if (MEASURE == MEASURE_CE) {
-            if (x == neg_inf()) { return acc; }
-            if (y == neg_inf()) { return with_inf(acc); }
-            return add_term(acc, exp(a) * ((ctx.qm - y) + ctx.ql), 0.0);
+            if (x == neg_inf()) { return no_term(); }
+            if (y == neg_inf()) { return inf_term(); }
+            return term(exp(a) * ((ctx.qm - y) + ctx.ql), 0.0);
         }
         if (MEASURE == MEASURE_ENTROPY) {
-            if (x == neg_inf()) { return acc; }
-            return add_term(acc, exp(a) * ((ctx.pm - x) + ctx.pl), 0.0);
+            if (x == neg_inf()) { return no_term(); }
+            return term(exp(a) * ((ctx.pm - x) + ctx.pl), 0.0);
         }
-        return log_term(acc, a, b, exp(a), exp(b), (x - y) - ctx.shift);
+        return log_term(a, b, exp(a), exp(b), (x - y) - ctx.shift);
     }
-    if (MEASURE == MEASURE_SUM_P) { return add_term(acc, x, 0.0); }
+    if (MEASURE == MEASURE_SUM_P) { return term(x, 0.0); }
+    if (MEASURE == MEASURE_SUM_PQ) { return term(x, y); }
     var bad = element_flags(x, 0u);
     if (uses_q()) { bad = bad | element_flags(y, 3u); }
     if (bad != 0u) {
         report_bad(local, bad);
-        return acc;
+        return no_term();
     }
     if (INPUT == INPUT_LOGPROBS) {
-        return log_term(acc, x, y, exp(x), exp(y), x - y);
+        return log_term(x, y, exp(x), exp(y), x - y);
     }
-    return prob_term(acc, x * ctx.pm, y * ctx.qm);
+    return prob_term(x * ctx.pm, y * ctx.qm);
 }
 
 fn finish_acc(a: Acc) -> f32 {

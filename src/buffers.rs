@@ -8,7 +8,7 @@ use crate::cpu;
 use crate::engine::{Engine, job_for};
 use crate::error::{Error, Problem, Result, Side};
 use crate::kernels::{self, InputCode, Term};
-use crate::launch::{GpuSlice, Job, Prepass, Readback, Scratch};
+use crate::launch::{GpuSlice, Job, Prepass, Readback, Scratch, encode_read_back};
 use crate::plan::Plan;
 use crate::types::{Input, Measure, Options};
 
@@ -526,20 +526,29 @@ impl Engine {
         Ok(rb.values[0] as f64)
     }
 
-    /// Records per-row sums of `[rows × cols]` f32 into `out` (the roofline reduction, for
-    /// timing next to [`Engine::record_rows`]).
+    /// Records per-row plain sums Σp (+ Σq) of `[rows × cols]` f32 into `out`: the roofline
+    /// of a kernel over the same inputs, shape and workgroup plan, minus its math. Values are
+    /// not validated.
+    #[allow(clippy::too_many_arguments)]
     pub fn record_sum_rows(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         workspace: &mut Workspace,
         p: wgpu::BufferSlice<'_>,
+        q: Option<wgpu::BufferSlice<'_>>,
         cols: usize,
         out: wgpu::BufferSlice<'_>,
     ) -> Result<()> {
-        let (p, q) = self.inputs(Measure::Entropy, &p, None)?;
+        let term = if q.is_some() { Term::SumPQ } else { Term::SumP };
+        let measure = if q.is_some() {
+            Measure::KullbackLeibler
+        } else {
+            Measure::Entropy
+        };
+        let (p, q) = self.inputs(measure, &p, q.as_ref())?;
         let rows = shape(&p, cols)?;
         let out = output("out", &out, rows)?;
-        let job = job_for(Term::SumP, &Options::default())?;
+        let job = job_for(term, &Options::default())?;
         let locator = self.locator(&job, Input::Probs, &p, &q, cols as u64);
         self.record(encoder, workspace, &job, &p, &q, &out, None, locator)
     }
@@ -699,6 +708,8 @@ impl Engine {
         let gpu = self.gpu();
         let mut scratch = gpu.scratch.take(&gpu.device);
         let mut readback;
+        // One submission: the work and the copies of its results, then one wait.
+        let rows = if out.is_some() { 0 } else { locator.plan.rows };
         loop {
             let index = gpu.scoped(|| {
                 let mut encoder =
@@ -716,11 +727,12 @@ impl Engine {
                     out,
                     grad,
                 );
+                encode_read_back(&mut encoder, &scratch, rows, false);
                 gpu.queue.submit([encoder.finish()])
             })?;
-            gpu.wait(index, blocking).await?;
-            let rows = if out.is_some() { 0 } else { locator.plan.rows };
-            readback = gpu.read_back(&scratch, rows, false, blocking).await?;
+            readback = gpu
+                .finish_read_back(&scratch, rows, false, index, blocking)
+                .await?;
             if readback.status[0] & kernels::FLAG_SUBGROUP_LAYOUT == 0 || !self.uses_subgroups() {
                 break;
             }

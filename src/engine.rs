@@ -11,7 +11,7 @@ use crate::launch::{Gpu, Job, Prepass, Readback, ScratchPool};
 use crate::plan::{Plan, PlanLimits};
 use crate::types::{Input, Measure, Options, RowResults};
 
-/// Knobs of the dispatch planner. The defaults were measured on lavapipe and on an H200
+/// Knobs of the dispatch planner. The defaults were measured on an H200 and lavapipe
 /// (BENCHMARKS.md); other adapters may prefer others.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tuning {
@@ -19,8 +19,9 @@ pub struct Tuning {
     pub min_iterations: u32,
     /// Workgroups to aim for in one dispatch.
     pub target_workgroups: u32,
-    /// Window size (bytes per input) for two-pass jobs (logits, normalization): small enough
-    /// that the second pass finds the window still in the GPU's L2 cache.
+    /// Window cap (bytes per input) for two-pass jobs (logits, normalization). Windows small
+    /// enough for the second pass to re-read them from L2 lost on an H200 (the dispatch gaps
+    /// cost more than the re-read), so by default there is no extra cap.
     pub two_pass_window_bytes: u64,
 }
 
@@ -29,7 +30,7 @@ impl Default for Tuning {
         Tuning {
             min_iterations: crate::plan::MIN_ITERATIONS,
             target_workgroups: crate::plan::TARGET_WORKGROUPS,
-            two_pass_window_bytes: 16 << 20,
+            two_pass_window_bytes: u64::MAX,
         }
     }
 }

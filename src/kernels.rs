@@ -29,8 +29,10 @@ pub(crate) enum Term {
     Measure(Measure),
     /// Σp and Σq of a row.
     Sums,
-    /// Σp alone: one streaming read, the bandwidth roofline.
+    /// Σp alone, not validated: one streaming read, the bandwidth roofline.
     SumP,
+    /// Σp + Σq, not validated: the roofline of a two-input kernel over the same bytes.
+    SumPQ,
 }
 
 impl Term {
@@ -42,13 +44,14 @@ impl Term {
             Term::Measure(Measure::JensenShannon) => 3,
             Term::Sums => 4,
             Term::SumP => 5,
+            Term::SumPQ => 6,
         }
     }
 
     pub(crate) fn uses_q(self) -> bool {
         match self {
             Term::Measure(m) => m.uses_q(),
-            Term::Sums => true,
+            Term::Sums | Term::SumPQ => true,
             Term::SumP => false,
         }
     }
@@ -150,13 +153,15 @@ fn element_loop(monoid: &str, vec4: bool) -> String {
     };
     let body = &loops[start..end];
     let body = &body[body.find('\n').map_or(0, |i| i + 1)..];
-    let (acc, element, ctx) = if monoid == "Acc" {
-        ("acc", "element", "ctx")
+    let [acc, element, combine, fold, ctx] = if monoid == "Acc" {
+        ["acc", "element", "sum_terms", "fold_term", "ctx"]
     } else {
-        ("st", "lse_element", "0u")
+        ["st", "lse_element", "combine_Lse", "combine_Lse", "0u"]
     };
     body.replace("ACC", acc)
         .replace("ELEMENT", element)
+        .replace("COMBINE", combine)
+        .replace("FOLD", fold)
         .replace("CTX", ctx)
 }
 
@@ -174,6 +179,7 @@ pub(crate) fn shader_source(monoid: &str, subgroups: bool, vec4: bool) -> String
          const ACC_INF: u32 = 1u;\n\
          const MEASURE_KL: u32 = 0u;\nconst MEASURE_CE: u32 = 1u;\nconst MEASURE_ENTROPY: u32 = 2u;\n\
          const MEASURE_JS: u32 = 3u;\nconst MEASURE_SUM: u32 = 4u;\nconst MEASURE_SUM_P: u32 = 5u;\n\
+         const MEASURE_SUM_PQ: u32 = 6u;\n\
          const INPUT_PROBS: u32 = 0u;\nconst INPUT_LOGPROBS: u32 = 1u;\nconst INPUT_LOGITS: u32 = 2u;\n\
          const INPUT_PROBS_NORM: u32 = 3u;\n"
     );

@@ -222,6 +222,24 @@ pub(crate) struct Readback {
     pub agree: Option<Vec<bool>>,
 }
 
+/// Records the copies of status, per-row values and agreement into the readback buffer, so
+/// that they can ride in the same submission as the work.
+pub(crate) fn encode_read_back(
+    encoder: &mut wgpu::CommandEncoder,
+    scratch: &Scratch,
+    rows: u64,
+    agree: bool,
+) {
+    let bytes = rows * 4;
+    encoder.copy_buffer_to_buffer(&scratch.status, 0, &scratch.readback, 0, 16);
+    if bytes > 0 {
+        encoder.copy_buffer_to_buffer(&scratch.out, 0, &scratch.readback, 16, bytes);
+    }
+    if agree && bytes > 0 {
+        encoder.copy_buffer_to_buffer(&scratch.agree, 0, &scratch.readback, 16 + bytes, bytes);
+    }
+}
+
 /// A range of f32 elements in a GPU buffer, already validated.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct GpuSlice<'a> {
@@ -592,8 +610,10 @@ impl Gpu {
                 .write_buffer(&scratch.status, 0, bytemuck::cast_slice(&STATUS_INIT));
         })?;
         let mut previous: Option<wgpu::SubmissionIndex> = None;
-        for (k, &(wi, passes)) in visits(plan, job).iter().enumerate() {
+        let visits = visits(plan, job);
+        for (k, &(wi, passes)) in visits.iter().enumerate() {
             let window = &plan.windows[wi];
+            let last = k + 1 == visits.len();
             let slot = k % 2;
             let submitted = self.scoped(|| {
                 let range =
@@ -643,14 +663,22 @@ impl Gpu {
                     &bindings,
                     slot_base,
                 );
+                if last {
+                    // The results ride in the last window's submission.
+                    encode_read_back(&mut encoder, scratch, plan.rows, job.agree);
+                }
                 self.queue.submit([encoder.finish()])
             })?;
+            if last {
+                return self
+                    .finish_read_back(scratch, plan.rows, job.agree, submitted, blocking)
+                    .await;
+            }
             if let Some(index) = previous.replace(submitted) {
                 self.wait(index, blocking).await?;
             }
         }
-        self.read_back(scratch, plan.rows, job.agree, blocking)
-            .await
+        Err(Error::Gpu("a plan without windows".into()))
     }
 
     /// Records a whole job over inputs that already live on the GPU into `encoder`: every
@@ -787,26 +815,30 @@ impl Gpu {
         agree: bool,
         blocking: bool,
     ) -> Result<Readback> {
-        let bytes = rows * 4;
         let index = self.scoped(|| {
             let mut encoder = self
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("klgpu.readback"),
                 });
-            encoder.copy_buffer_to_buffer(&scratch.status, 0, &scratch.readback, 0, 16);
-            encoder.copy_buffer_to_buffer(&scratch.out, 0, &scratch.readback, 16, bytes);
-            if agree {
-                encoder.copy_buffer_to_buffer(
-                    &scratch.agree,
-                    0,
-                    &scratch.readback,
-                    16 + bytes,
-                    bytes,
-                );
-            }
+            encode_read_back(&mut encoder, scratch, rows, agree);
             self.queue.submit([encoder.finish()])
         })?;
+        self.finish_read_back(scratch, rows, agree, index, blocking)
+            .await
+    }
+
+    /// Maps the readback buffer once submission `index` (which holds `encode_read_back`'s
+    /// copies) is done, and decodes it.
+    pub(crate) async fn finish_read_back(
+        &self,
+        scratch: &Scratch,
+        rows: u64,
+        agree: bool,
+        index: wgpu::SubmissionIndex,
+        blocking: bool,
+    ) -> Result<Readback> {
+        let bytes = rows * 4;
         let total = 16 + if agree { 2 * bytes } else { bytes };
         let n = rows as usize;
         self.map_read(&scratch.readback, total, index, blocking, |raw| {
