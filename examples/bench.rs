@@ -163,6 +163,44 @@ impl Timer {
     }
 }
 
+/// GPU seconds per call of `record`, with `k` calls back to back in one submission (each with
+/// its own workspace), so that the GPU stays busy long enough to keep its clocks up.
+fn time_calls(
+    timer: &Timer,
+    engine: &Engine,
+    pool: &mut Vec<klgpu::Workspace>,
+    k: usize,
+    record: &mut dyn FnMut(&mut wgpu::CommandEncoder, &mut klgpu::Workspace),
+) -> f64 {
+    while pool.len() < k {
+        pool.push(engine.workspace());
+    }
+    let s = timer.time(engine, &mut |enc| {
+        for ws in pool[..k].iter_mut() {
+            record(enc, ws);
+        }
+    });
+    for ws in pool[..k].iter_mut() {
+        ws.check(engine).expect("valid input");
+    }
+    s / k as f64
+}
+
+/// Median GPU seconds per call of steady back-to-back work: samples of about 2 ms each.
+fn measure_gpu(
+    budget: Duration,
+    timer: &Timer,
+    engine: &Engine,
+    record: &mut dyn FnMut(&mut wgpu::CommandEncoder, &mut klgpu::Workspace),
+) -> f64 {
+    let mut pool = vec![];
+    let single = (0..3)
+        .map(|_| time_calls(timer, engine, &mut pool, 1, record))
+        .fold(f64::MAX, f64::min);
+    let k = ((2e-3 / single.max(1e-7)).ceil() as usize).clamp(1, 64);
+    median(budget, || time_calls(timer, engine, &mut pool, k, record))
+}
+
 /// Median seconds of `run`, after a warm-up long enough for the GPU's clocks to ramp up (a
 /// GPU idling at its lowest clock runs several times slower), repeated within a time budget.
 fn median(budget: Duration, mut run: impl FnMut() -> f64) -> f64 {
@@ -238,22 +276,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let roof_buf = upload("roofline", &roof_data);
     drop(roof_data);
     let out = engine.create_f32_buffer("bench.out", 1 << 22)?;
-    let mut ws = engine.workspace();
-    let roof_s = median(budget, || {
-        let s = timer.time(&engine, &mut |enc| {
-            engine
-                .record_sum_rows(
-                    enc,
-                    &mut ws,
-                    roof_buf.slice(..),
-                    None,
-                    roof_n,
-                    out.slice(..),
-                )
-                .expect("record");
-        });
-        ws.check(&engine).expect("valid input");
-        s
+    let roof_s = measure_gpu(budget, &timer, &engine, &mut |enc, ws| {
+        engine
+            .record_sum_rows(enc, ws, roof_buf.slice(..), None, roof_n, out.slice(..))
+            .expect("record");
     });
     drop(roof_buf);
     let roof = Row {
@@ -329,35 +355,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let opts = Options::input(w.input);
         let (pb, qb) = (upload("p", p), upload("q", q));
         let out = engine.create_f32_buffer("bench.rows", w.rows as u64)?;
-        let mut ws = engine.workspace();
         let qs = || w.measure.uses_q().then(|| qb.slice(..));
-        let s = median(budget, || {
-            let s = timer.time(&engine, &mut |enc| {
-                engine
-                    .record_rows(
-                        enc,
-                        &mut ws,
-                        w.measure,
-                        pb.slice(..),
-                        qs(),
-                        w.cols,
-                        &opts,
-                        out.slice(..),
-                    )
-                    .expect("record");
-            });
-            ws.check(&engine).expect("valid input");
-            s
+        let s = measure_gpu(budget, &timer, &engine, &mut |enc, ws| {
+            engine
+                .record_rows(
+                    enc,
+                    ws,
+                    w.measure,
+                    pb.slice(..),
+                    qs(),
+                    w.cols,
+                    &opts,
+                    out.slice(..),
+                )
+                .expect("record");
         });
         // This workload's own roofline: a plain sum over the same inputs and plan.
-        let roof = median(budget, || {
-            let s = timer.time(&engine, &mut |enc| {
-                engine
-                    .record_sum_rows(enc, &mut ws, pb.slice(..), qs(), w.cols, out.slice(..))
-                    .expect("record");
-            });
-            ws.check(&engine).expect("valid input");
-            s
+        let roof = measure_gpu(budget, &timer, &engine, &mut |enc, ws| {
+            engine
+                .record_sum_rows(enc, ws, pb.slice(..), qs(), w.cols, out.slice(..))
+                .expect("record");
         });
         rows_out.push(Row {
             workload: w.name.clone(),
@@ -370,22 +387,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     // The roofline again: how stable the numbers are.
     let roof_buf = upload("roofline", &data(&mut rng, 1, roof_n, Input::Logits));
-    let mut ws = engine.workspace();
-    let again = median(budget, || {
-        let s = timer.time(&engine, &mut |enc| {
-            engine
-                .record_sum_rows(
-                    enc,
-                    &mut ws,
-                    roof_buf.slice(..),
-                    None,
-                    roof_n,
-                    out.slice(..),
-                )
-                .expect("record");
-        });
-        ws.check(&engine).expect("valid input");
-        s
+    let again = measure_gpu(budget, &timer, &engine, &mut |enc, ws| {
+        engine
+            .record_sum_rows(enc, ws, roof_buf.slice(..), None, roof_n, out.slice(..))
+            .expect("record");
     });
     drop(roof_buf);
     rows_out.push(Row {
@@ -538,24 +543,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     }),
             );
             let out = e.create_f32_buffer("bench.rows", w.rows as u64)?;
-            let mut ws = e.workspace();
             let opts = Options::input(w.input);
-            let s = median(budget / 2, || {
-                let s = timer.time(&e, &mut |enc| {
-                    e.record_rows(
-                        enc,
-                        &mut ws,
-                        w.measure,
-                        pb.slice(..),
-                        Some(qb.slice(..)),
-                        w.cols,
-                        &opts,
-                        out.slice(..),
-                    )
-                    .expect("record");
-                });
-                ws.check(&e).expect("valid input");
-                s
+            let s = measure_gpu(budget / 2, &timer, &e, &mut |enc, ws| {
+                e.record_rows(
+                    enc,
+                    ws,
+                    w.measure,
+                    pb.slice(..),
+                    Some(qb.slice(..)),
+                    w.cols,
+                    &opts,
+                    out.slice(..),
+                )
+                .expect("record");
             });
             variants.push((w.name.clone(), label.clone(), bytes / s / 1e9));
         }
