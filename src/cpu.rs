@@ -98,11 +98,24 @@ pub fn rows(
         return Err(err);
     }
     let per_nat = opts.base.per_nat()?;
-    let values = p
-        .chunks(cols)
-        .zip(q.chunks(cols))
-        .map(|(pr, qr)| row_value(measure, opts, pr, qr) * per_nat)
-        .collect();
+    // Many rows: blocks of rows on all cores. One long row: row_value splits it instead.
+    let rows = p.len() / cols;
+    let values = if rows > 1 && p.len() >= PARALLEL_MIN {
+        parallel_blocks(rows, |range| {
+            range
+                .map(|r| {
+                    let span = r * cols..(r + 1) * cols;
+                    row_value(measure, opts, &p[span.clone()], &q[span]) * per_nat
+                })
+                .collect::<Vec<_>>()
+        })
+        .concat()
+    } else {
+        p.chunks(cols)
+            .zip(q.chunks(cols))
+            .map(|(pr, qr)| row_value(measure, opts, pr, qr) * per_nat)
+            .collect()
+    };
     let top1_agree = (opts.input == Input::Logits && measure.uses_q()).then(|| {
         p.chunks(cols)
             .zip(q.chunks(cols))
@@ -237,35 +250,81 @@ fn log_sum_exp(row: &[f32]) -> f64 {
     max + sum.ln()
 }
 
-/// One row's value in nats.
-fn row_value(measure: Measure, opts: &Options, p: &[f32], q: &[f32]) -> f64 {
+/// Inputs at least this long use every core (below it, threads cost more than they save).
+const PARALLEL_MIN: usize = 1 << 18;
+
+/// Runs `work` on `n` items split into contiguous blocks, one per available core, and returns
+/// the blocks' results in order.
+fn parallel_blocks<T: Send>(n: usize, work: impl Fn(std::ops::Range<usize>) -> T + Sync) -> Vec<T> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(n)
+        .max(1);
+    let block = n.div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let work = &work;
+                scope.spawn(move || work(t * block..((t + 1) * block).min(n)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    })
+}
+
+/// What a row's terms need besides the element pair: normalization factors or log-sum-exps.
+#[derive(Clone, Copy)]
+enum RowContext {
+    Probs { sp: f64, sq: f64 },
+    LogProbs,
+    Logits { lp: f64, lq: f64 },
+}
+
+fn row_context(opts: &Options, p: &[f32], q: &[f32]) -> RowContext {
     match opts.input {
-        Input::Probs => {
-            let (sp, sq) = if opts.normalize {
-                let sum = |r: &[f32]| compensated_sum(r.iter().map(|&x| x as f64));
-                (1.0 / sum(p), 1.0 / sum(q))
-            } else {
-                (1.0, 1.0)
-            };
-            compensated_sum(
-                p.iter()
-                    .zip(q)
-                    .map(|(&a, &b)| prob_term(measure, a as f64 * sp, b as f64 * sq)),
-            )
+        Input::Probs if opts.normalize => {
+            let sum = |r: &[f32]| compensated_sum(r.iter().map(|&x| x as f64));
+            RowContext::Probs {
+                sp: 1.0 / sum(p),
+                sq: 1.0 / sum(q),
+            }
         }
-        Input::LogProbs => compensated_sum(
-            p.iter()
-                .zip(q)
-                .map(|(&a, &b)| log_term(measure, a as f64, b as f64)),
-        ),
-        Input::Logits => {
-            let (lp, lq) = (log_sum_exp(p), log_sum_exp(q));
-            compensated_sum(
-                p.iter()
-                    .zip(q)
-                    .map(|(&a, &b)| log_term(measure, a as f64 - lp, b as f64 - lq)),
-            )
-        }
+        Input::Probs => RowContext::Probs { sp: 1.0, sq: 1.0 },
+        Input::LogProbs => RowContext::LogProbs,
+        Input::Logits => RowContext::Logits {
+            lp: log_sum_exp(p),
+            lq: log_sum_exp(q),
+        },
+    }
+}
+
+/// One element pair's term in nats.
+fn term(measure: Measure, ctx: RowContext, a: f32, b: f32) -> f64 {
+    match ctx {
+        RowContext::Probs { sp, sq } => prob_term(measure, a as f64 * sp, b as f64 * sq),
+        RowContext::LogProbs => log_term(measure, a as f64, b as f64),
+        RowContext::Logits { lp, lq } => log_term(measure, a as f64 - lp, b as f64 - lq),
+    }
+}
+
+/// One row's value in nats: compensated sum of its terms (on all cores for a long row).
+fn row_value(measure: Measure, opts: &Options, p: &[f32], q: &[f32]) -> f64 {
+    let ctx = row_context(opts, p, q);
+    let sum = |range: std::ops::Range<usize>| {
+        compensated_sum(
+            p[range.clone()]
+                .iter()
+                .zip(&q[range])
+                .map(|(&a, &b)| term(measure, ctx, a, b)),
+        )
+    };
+    if p.len() >= PARALLEL_MIN {
+        compensated_sum(parallel_blocks(p.len(), sum))
+    } else {
+        sum(0..p.len())
     }
 }
 

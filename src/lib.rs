@@ -47,3 +47,8 @@ pub use error::{Error, Problem, Result, Side};
 pub use types::{Base, Input, Measure, Options, Reduction, RowResults};
 /// The wgpu version klgpu is built on, so callers pass matching devices and buffers.
 pub use wgpu;
+
+/// Compiles the README's examples as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
