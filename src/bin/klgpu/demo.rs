@@ -190,7 +190,7 @@ pub fn run(demo: &Demo) -> Result<(), CliError> {
             );
         }
         s += "\nGPU s: one batched call from host memory (upload, kernels, readback) after a \
-              warm-up; CPU: the f64 reference (klgpu::cpu), one thread.\n";
+              warm-up; CPU: the f64 reference (klgpu::cpu) on all cores.\n";
         s
     };
     print_stdout(&text)
