@@ -4,7 +4,6 @@
 //! Inputs are `wgpu::BufferSlice`s of f32 storage buffers: their offset and length give the
 //! elements. Nothing is copied to the host; only status words and results come back.
 
-use crate::cpu;
 use crate::engine::{Engine, job_for};
 use crate::error::{Error, Problem, Result, Side};
 use crate::kernels::{self, InputCode, Term};
@@ -786,10 +785,10 @@ impl Engine {
         };
         // Report the user's P before Q at the same index.
         let mut found = vec![];
-        if let Some(problem) = cpu::element_problem(loc.p.1, pv) {
+        if let Some(problem) = loc.p.1.problem(pv) {
             found.push(element(Side::P, pv, problem));
         }
-        if let Some(problem) = cpu::element_problem(loc.q.1, qv).filter(|_| loc.uses_q) {
+        if let Some(problem) = loc.q.1.problem(qv).filter(|_| loc.uses_q) {
             found.push(element(Side::Q, qv, problem));
         }
         if loc.swap_sides {

@@ -164,19 +164,6 @@ pub(crate) fn check_shapes<'a>(
     Ok(q)
 }
 
-/// What is wrong with one element, if anything, for the given input kind.
-pub(crate) fn element_problem(input: Input, x: f32) -> Option<Problem> {
-    if x.is_nan() {
-        return Some(Problem::NaN);
-    }
-    match input {
-        Input::Probs if x.is_infinite() => Some(Problem::Infinite),
-        Input::Probs if x < 0.0 => Some(Problem::Negative),
-        Input::LogProbs | Input::Logits if x == f32::INFINITY => Some(Problem::Infinite),
-        _ => None,
-    }
-}
-
 /// Whether a whole row carries no probability mass where the measure needs some.
 fn row_is_empty(opts: &Options, row: &[f32]) -> bool {
     match opts.input {
@@ -204,7 +191,7 @@ pub(crate) fn locate_invalid(
         let range = row * cols..(row + 1) * cols;
         for index in range.clone() {
             for &(side, data) in sides {
-                if let Some(problem) = element_problem(opts.input, data[index]) {
+                if let Some(problem) = opts.input.problem(data[index]) {
                     return Some(Error::InvalidValue {
                         side,
                         index,

@@ -63,6 +63,28 @@ pub enum Input {
 }
 
 impl Input {
+    /// What is wrong with one element read as this kind of input, if anything: NaN always;
+    /// ±∞ or a negative value for probabilities; +∞ for log-probabilities and logits (−∞ is
+    /// a legal p = 0). These are the rules the kernels check.
+    ///
+    /// ```
+    /// use klgpu::{Input, Problem};
+    /// assert_eq!(Input::Probs.problem(-0.5), Some(Problem::Negative));
+    /// assert_eq!(Input::Logits.problem(f32::NEG_INFINITY), None);
+    /// ```
+    pub fn problem(self, x: f32) -> Option<crate::Problem> {
+        use crate::Problem;
+        if x.is_nan() {
+            return Some(Problem::NaN);
+        }
+        match self {
+            Input::Probs if x.is_infinite() => Some(Problem::Infinite),
+            Input::Probs if x < 0.0 => Some(Problem::Negative),
+            Input::LogProbs | Input::Logits if x == f32::INFINITY => Some(Problem::Infinite),
+            _ => None,
+        }
+    }
+
     /// Short name (`probs`, `log-probs`, `logits`).
     pub fn name(self) -> &'static str {
         match self {

@@ -338,19 +338,6 @@ impl RowScan {
     }
 }
 
-/// The library's element rules, for the first pass (which the library does not see).
-fn element_problem(input: Input, x: f32) -> Option<Problem> {
-    if x.is_nan() {
-        return Some(Problem::NaN);
-    }
-    match input {
-        Input::Probs if x.is_infinite() => Some(Problem::Infinite),
-        Input::Probs if x < 0.0 => Some(Problem::Negative),
-        Input::LogProbs | Input::Logits if x == f32::INFINITY => Some(Problem::Infinite),
-        _ => None,
-    }
-}
-
 impl Reader {
     fn send(&self, block: Block) -> Result<(), Halt> {
         self.tx.send(Ok(block)).map_err(|_| Halt::Closed)
@@ -519,7 +506,7 @@ fn scan_one(
     scan: &mut RowScan,
     label: &str,
 ) -> Result<(), CliError> {
-    if let Some(problem) = element_problem(input, x) {
+    if let Some(problem) = input.problem(x) {
         return Err(invalid_value(label, one_d, row, col, x, problem));
     }
     match kind {
