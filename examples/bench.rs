@@ -272,13 +272,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Planner variants on GPU data: the numbers behind the defaults in klgpu::Tuning.
     let mut variants: Vec<(String, String, f64)> = vec![];
-    let tuned = |t: Tuning| {
-        Engine::with_options(EngineOptions {
-            tuning: t,
-            ..Default::default()
-        })
+    let options = |t: Tuning| EngineOptions {
+        tuning: t,
+        ..Default::default()
     };
-    let variant_cases: Vec<(Workload, Vec<(String, Tuning)>)> = {
+    let variant_cases: Vec<(Workload, Vec<(String, EngineOptions, bool)>)> = {
         let d = Tuning::default();
         let big = args.max_n.min(100_000_000) as usize;
         let (short_rows, logit_rows) = if args.quick {
@@ -306,6 +304,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                             },
                         )
                     })
+                    .map(|(l, t)| (l, options(t), false))
+                    .chain([
+                        // Close distributions (the model-comparison case): every term takes
+                        // the series branch, no divergence.
+                        ("near-identical Q".to_string(), options(d), true),
+                        // The shared-memory reduction instead of subgroup shuffles.
+                        (
+                            "subgroups off".to_string(),
+                            EngineOptions {
+                                subgroups: false,
+                                ..options(d)
+                            },
+                            false,
+                        ),
+                    ])
                     .collect(),
             ),
             (
@@ -327,6 +340,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                             },
                         )
                     })
+                    .map(|(l, t)| (l, options(t), false))
                     .collect(),
             ),
             (
@@ -348,6 +362,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                             },
                         )
                     })
+                    .map(|(l, t)| (l, options(t), false))
                     .collect(),
             ),
         ]
@@ -356,8 +371,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let p = data(&mut rng, w.rows, w.cols, w.input);
         let q = data(&mut rng, w.rows, w.cols, w.input);
         let bytes = 2.0 * (w.rows * w.cols) as f64 * 4.0;
-        for (label, t) in tunings {
-            let e = tuned(*t)?;
+        // Q close to P: ratios within 1 ± 5e-4.
+        let close: Vec<f32> = p
+            .iter()
+            .map(|&x| x * (1.0 + 1e-3 * (rng.next_f32() - 0.5)))
+            .collect();
+        for (label, opts, near) in tunings {
+            let q = if *near { &close } else { &q };
+            let e = Engine::with_options(opts.clone())?;
             let timer = Timer::new(&e);
             let (pb, qb) = (
                 e.device()
