@@ -39,8 +39,9 @@ if ! grep -q "DiscreteGpu\|IntegratedGpu" "$OUT/probe.txt"; then
 fi
 
 section "tests on this adapter"
-[ -n "${SKIP_TESTS:-}" ] && echo "skipped (SKIP_TESTS)"
-for t in ${SKIP_TESTS:+}${SKIP_TESTS:-core batch apps}; do
+tests="core batch apps"
+[ -n "${SKIP_TESTS:-}" ] && { tests=""; echo "skipped (SKIP_TESTS)"; }
+for t in $tests; do
     timeout 150 ".device/$t" --test-threads 4 > "$OUT/test-$t.txt" 2>&1
     echo "$t: exit $? — $(grep -E '^test result' "$OUT/test-$t.txt")"
     grep -E 'panicked|FAILED' "$OUT/test-$t.txt" | head -8
