@@ -66,6 +66,9 @@ impl Row {
     }
 }
 
+/// A planner variant: its label, the engine options, and whether Q is near-identical to P.
+type Variant = (String, EngineOptions, bool);
+
 struct Workload {
     name: String,
     measure: Measure,
@@ -276,7 +279,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         tuning: t,
         ..Default::default()
     };
-    let variant_cases: Vec<(Workload, Vec<(String, EngineOptions, bool)>)> = {
+    let variant_cases: Vec<(Workload, Vec<Variant>)> = {
         let d = Tuning::default();
         let big = args.max_n.min(100_000_000) as usize;
         let (short_rows, logit_rows) = if args.quick {
@@ -390,7 +393,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 e.device()
                     .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                         label: Some("q"),
-                        contents: bytemuck::cast_slice(&q),
+                        contents: bytemuck::cast_slice(q),
                         usage: wgpu::BufferUsages::STORAGE,
                     }),
             );
