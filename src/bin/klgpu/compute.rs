@@ -12,7 +12,7 @@ use crate::output::{self, AdapterDesc, Report};
 use crate::progress::Progress;
 use crate::source::{Source, TensorChoice};
 use crate::stats;
-use crate::stream::{self, Compute, Layout};
+use crate::stream::{self, Layout};
 
 /// Which implementation computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,10 +65,9 @@ impl Backend {
             Backend::Cpu => AdapterDesc::cpu_reference(),
         }
     }
-}
 
-impl Compute for Backend {
-    fn rows(
+    /// Per-row values of `[rows × cols]` inputs (see `klgpu::Engine::rows`).
+    pub fn rows(
         &self,
         measure: Measure,
         p: &[f32],

@@ -20,8 +20,9 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::thread;
 use std::time::Duration;
 
-use klgpu::{Input, Measure, Options, Problem, RowResults};
+use klgpu::{Input, Measure, Options, Problem};
 
+use crate::compute::Backend;
 use crate::error::{CliError, Origin, invalid_value};
 use crate::progress::Progress;
 use crate::source::Source;
@@ -30,19 +31,6 @@ use crate::source::Source;
 /// Measured on lavapipe with two 4 GiB inputs: peak RSS 440 MB (64 MiB blocks: 786 MB), same
 /// speed; on a discrete GPU 8 Mi elements per dispatch already amortize the launch costs.
 pub const DEFAULT_BLOCK_BYTES: u64 = 32 << 20;
-
-/// The computation to run, on either backend.
-pub trait Compute {
-    /// Per-row values of `[rows × cols]` inputs (see `klgpu::Engine::rows`).
-    fn rows(
-        &self,
-        measure: Measure,
-        p: &[f32],
-        q: Option<&[f32]>,
-        cols: usize,
-        opts: &Options,
-    ) -> klgpu::Result<RowResults>;
-}
 
 /// The logical shape shared by P and Q.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,7 +131,7 @@ pub struct Outcome {
 /// Runs `measure` over the inputs, block by block, on `compute`.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
-    compute: &dyn Compute,
+    compute: &Backend,
     measure: Measure,
     p: Source,
     q: Option<Source>,
@@ -185,7 +173,7 @@ pub fn run(
 
 /// Receives blocks and computes them.
 fn consume(
-    compute: &dyn Compute,
+    compute: &Backend,
     measure: Measure,
     rx: &Receiver<Result<Block, CliError>>,
     layout: Layout,
