@@ -74,6 +74,7 @@ fn log_term(a: f32, b: f32, p: f32, q: f32, d: f32) -> Term {
 }
 
 fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
+    if (MEASURE == MEASURE_KL_GRAD) { return grad_term(x, y, local, ctx); }
     if (INPUT == INPUT_LOGITS) {
         // Validated by the log-sum-exp pass. a = x − lse(x) = (x − m) − log1p(s').
         let a = (x - ctx.pm) - ctx.pl;
@@ -173,49 +174,23 @@ fn combine(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg:
     }
 }
 
-// The loss kernel of KL(P‖softmax(z)): per-row KL and its gradient softmax(z) − p with
-// respect to the logits z, in one pass (after the log-sum-exp pass over z). Bindings: in_p
-// holds z (so the log-sum-exp pass reads it as P), in_q the target probabilities p.
+// The loss term of KL(P‖softmax(z)), with its gradient softmax(z) − p written as a side
+// effect: one pass after the log-sum-exp pass over z. Bindings: in_p holds z (so the
+// log-sum-exp pass reads it as P and ctx carries its statistics), in_q the target p.
 @group(0) @binding(8) var<storage, read_write> grad: array<f32>;
 
-@compute @workgroup_size(256)
-fn kl_grad(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>/*SG_PARAMS*/) {
-    let lanes = prm.lanes;
-    let row = wg.y * (WG / lanes) + lid / lanes;
-    let lane = lid % lanes;
-    var acc = identity_Acc();
-    if (row < prm.rows) {
-        let s = row_lse[row];
-        let zm = s.p_m;
-        let zl = log1p_acc(s.p_s);
-        let c0 = prm.col_begin + wg.x * prm.chunk_len;
-        let c1 = min(c0 + prm.chunk_len, prm.col_end);
-        let base = row * prm.row_len - prm.col_begin;
-        for (var c = c0 + lane; c < c1; c = c + lanes) {
-            let local = base + c;
-            let z = load_p(prm.shift_p + local);
-            let t = load_q(prm.shift_q + local);
-            let bad = prob_flags(t, 3u);
-            if (bad != 0u) {
-                report_bad(local, bad);
-                continue;
-            }
-            let lq = (z - zm) - zl;
-            let q = exp(lq);
-            grad[prm.grad_base + local] = (q - t) * prm.out_scale;
-            // KL = Σ_{t>0} t·φ(r) + Σ_{t>0} t + Σ_{t=0} q − 1 with r = ln t − ln q (since
-            // Σ q = 1); the −1 is added when the row is finished.
-            if (t == 0.0) {
-                acc = add_term(acc, q, 0.0);
-            } else if (z == neg_inf()) {
-                acc = with_inf(acc);
-            } else {
-                acc = add_term(acc, phi_term(t, ln_acc(t) - lq, q), t);
-            }
-        }
+fn grad_term(z: f32, t: f32, local: u32, ctx: RowCtx) -> Term {
+    let bad = prob_flags(t, 3u);
+    if (bad != 0u) {
+        report_bad(local, bad);
+        return no_term();
     }
-    let total = segment_reduce_Acc(acc, lid, lanes, SG_VALUE);
-    if (lane == 0u && row < prm.rows) {
-        emit_acc(row, wg.x, total);
-    }
+    let lq = (z - ctx.pm) - ctx.pl;
+    let q = exp(lq);
+    grad[prm.grad_base + local] = (q - t) * prm.out_scale;
+    // KL = Σ_{t>0} t·φ(r) + Σ_{t>0} t + Σ_{t=0} q − 1 with r = ln t − ln q (since Σ q = 1);
+    // the −1 is added when the row is finished (MODE_MINUS_ONE).
+    if (t == 0.0) { return term(q, 0.0); }
+    if (z == neg_inf()) { return inf_term(); }
+    return term(phi_term(t, ln_acc(t) - lq, q), t);
 }

@@ -638,7 +638,8 @@ impl Engine {
         cols: u64,
     ) -> Locator {
         let plan = Plan::new(p.elems / cols, cols, self.plan_limits(job, true));
-        let (p_input, q_input) = if job.grad {
+        let loss = job.term == Term::KlGrad;
+        let (p_input, q_input) = if loss {
             (Input::Logits, Input::Probs)
         } else {
             (input, input)
@@ -648,8 +649,8 @@ impl Engine {
             cols,
             p: (OwnedSlice::of(p), p_input),
             q: (OwnedSlice::of(q), q_input),
-            uses_q: job.term.uses_q() || job.grad,
-            swap_sides: job.grad,
+            uses_q: job.term.uses_q(),
+            swap_sides: loss,
         }
     }
 
@@ -817,12 +818,11 @@ impl Engine {
 /// The job of the loss kernel.
 fn loss_job() -> Job {
     Job {
-        term: Term::Measure(Measure::KullbackLeibler),
+        term: Term::KlGrad,
         input: InputCode::Logits,
         prepass: Some(Prepass::Lse),
         per_nat: 1.0,
         agree: false,
-        grad: true,
     }
 }
 

@@ -653,7 +653,6 @@ pub(crate) fn job_for(term: Term, opts: &Options) -> Result<Job> {
         prepass,
         per_nat,
         agree: opts.input == Input::Logits && term.uses_q(),
-        grad: false,
     })
 }
 

@@ -33,6 +33,8 @@ pub(crate) enum Term {
     SumP,
     /// Σp + Σq, not validated: the roofline of a two-input kernel over the same bytes.
     SumPQ,
+    /// The loss KL(P‖softmax(z)) with z bound as P and the target as Q; writes the gradient.
+    KlGrad,
 }
 
 impl Term {
@@ -45,13 +47,14 @@ impl Term {
             Term::Sums => 4,
             Term::SumP => 5,
             Term::SumPQ => 6,
+            Term::KlGrad => 7,
         }
     }
 
     pub(crate) fn uses_q(self) -> bool {
         match self {
             Term::Measure(m) => m.uses_q(),
-            Term::Sums | Term::SumPQ => true,
+            Term::Sums | Term::SumPQ | Term::KlGrad => true,
             Term::SumP => false,
         }
     }
@@ -94,8 +97,6 @@ pub(crate) enum Stage {
     Combine,
     Lse,
     CombineLse,
-    /// The loss kernel: KL(P‖softmax(z)) and its gradient.
-    Grad,
 }
 
 impl Stage {
@@ -105,13 +106,12 @@ impl Stage {
             Stage::Combine => "combine",
             Stage::Lse => "lse_terms",
             Stage::CombineLse => "combine_lse",
-            Stage::Grad => "kl_grad",
         }
     }
 
     fn monoid(self) -> &'static str {
         match self {
-            Stage::Terms | Stage::Combine | Stage::Grad => "Acc",
+            Stage::Terms | Stage::Combine => "Acc",
             Stage::Lse | Stage::CombineLse => "Lse",
         }
     }
@@ -179,7 +179,7 @@ pub(crate) fn shader_source(monoid: &str, subgroups: bool, vec4: bool) -> String
          const ACC_INF: u32 = 1u;\n\
          const MEASURE_KL: u32 = 0u;\nconst MEASURE_CE: u32 = 1u;\nconst MEASURE_ENTROPY: u32 = 2u;\n\
          const MEASURE_JS: u32 = 3u;\nconst MEASURE_SUM: u32 = 4u;\nconst MEASURE_SUM_P: u32 = 5u;\n\
-         const MEASURE_SUM_PQ: u32 = 6u;\n\
+         const MEASURE_SUM_PQ: u32 = 6u;\nconst MEASURE_KL_GRAD: u32 = 7u;\n\
          const INPUT_PROBS: u32 = 0u;\nconst INPUT_LOGPROBS: u32 = 1u;\nconst INPUT_LOGITS: u32 = 2u;\n\
          const INPUT_PROBS_NORM: u32 = 3u;\n"
     );

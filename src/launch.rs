@@ -34,8 +34,6 @@ pub(crate) struct Job {
     pub per_nat: f32,
     /// Whether to write top-1 agreement (two-input logits).
     pub agree: bool,
-    /// The loss kernel: in_p holds logits z, in_q target probabilities; writes the gradient.
-    pub grad: bool,
 }
 
 /// Which passes a visit of a window runs.
@@ -496,7 +494,7 @@ impl Gpu {
             match job.prepass {
                 Some(Prepass::Lse) => {
                     // The loss kernel's pre-pass reads only the logits (bound as P).
-                    let term = if job.grad {
+                    let term = if job.term == Term::KlGrad {
                         Term::Measure(Measure::Entropy)
                     } else {
                         job.term
@@ -520,15 +518,11 @@ impl Gpu {
             }
         }
         if passes != Passes::Pre {
-            let (stage, mut mode) = if job.grad {
-                (Stage::Grad, final_mode(false))
-            } else {
-                (Stage::Terms, final_mode(false))
-            };
-            if job.grad && mode & kernels::MODE_KEEP == 0 {
+            let mut mode = final_mode(false);
+            if job.term == Term::KlGrad && mode & kernels::MODE_KEEP == 0 {
                 mode |= kernels::MODE_MINUS_ONE;
             }
-            add(stage, Stage::Combine, job.term, job.input, mode);
+            add(Stage::Terms, Stage::Combine, job.term, job.input, mode);
         }
         let layout_of = |is_combine: bool| {
             if is_combine {

@@ -370,6 +370,33 @@ fn loss_and_gradient_in_one_pass() {
         .kl_loss_and_grad_buffers(tb.slice(..), zb.slice(..), cols, grad.slice(..))
         .unwrap();
     let g = e.read_f32(grad.slice(..)).unwrap();
+    // The same through the scalar-load path: slices one element into padded buffers.
+    let pad = |v: &[f32]| [&[0.5f32][..], v].concat();
+    let (tb1, zb1) = (
+        upload(e, "target+1", &pad(&target)),
+        upload(e, "z+1", &pad(&z)),
+    );
+    let grad1 = upload(e, "grad+1", &vec![f32::NAN; rows * cols + 1]);
+    let n = (rows * cols * 4) as u64;
+    let loss1 = e
+        .kl_loss_and_grad_buffers(
+            tb1.slice(4..4 + n),
+            zb1.slice(4..4 + n),
+            cols,
+            grad1.slice(4..4 + n),
+        )
+        .unwrap();
+    let g1 = e.read_f32(grad1.slice(4..4 + n)).unwrap();
+    for row in 0..rows {
+        assert!(
+            (loss1[row] - loss[row]).abs() <= 1e-6 * loss[row],
+            "scalar path loss row {row}"
+        );
+    }
+    assert!(
+        g1.iter().zip(&g).all(|(a, b)| (a - b).abs() <= 1e-7),
+        "scalar path gradient"
+    );
     for row in 0..rows {
         let zr = &z[row * cols..(row + 1) * cols];
         let tr = &target[row * cols..(row + 1) * cols];
