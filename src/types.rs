@@ -74,15 +74,26 @@ impl Input {
     /// ```
     pub fn problem(self, x: f32) -> Option<crate::Problem> {
         use crate::Problem;
-        if x.is_nan() {
-            return Some(Problem::NaN);
+        if self.is_valid(x) {
+            None
+        } else if x.is_nan() {
+            Some(Problem::NaN)
+        } else if x.is_infinite() {
+            Some(Problem::Infinite)
+        } else {
+            Some(Problem::Negative)
         }
-        match self {
-            Input::Probs if x.is_infinite() => Some(Problem::Infinite),
-            Input::Probs if x < 0.0 => Some(Problem::Negative),
-            Input::LogProbs | Input::Logits if x == f32::INFINITY => Some(Problem::Infinite),
-            _ => None,
-        }
+    }
+
+    /// [`Input::problem`] as one comparison pair (NaN fails both), so a loop over elements
+    /// can check every element without branches.
+    #[inline(always)]
+    pub(crate) fn is_valid(self, x: f32) -> bool {
+        let lowest = match self {
+            Input::Probs => 0.0,
+            Input::LogProbs | Input::Logits => f32::NEG_INFINITY,
+        };
+        x >= lowest && x < f32::INFINITY
     }
 
     /// Short name (`probs`, `log-probs`, `logits`).
