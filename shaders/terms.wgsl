@@ -2,7 +2,7 @@
 // formulas cancel (../docs/ARCHITECTURE.md, "Numerics"). No loops: llvmpipe counts them.
 
 const LN2: f32 = 0.6931471805599453;
-const THIRD: f32 = 0.33333334;
+const SQRT2: f32 = 1.4142135623730951;
 
 // ln(1 + x), accurate to a few ulp. WGSL's log is only good to 2^-21 absolute on [0.5, 2], so
 // on that range use 2·atanh(s), s = x / (2 + x), |s| <= 1/3.
@@ -17,12 +17,14 @@ fn log1p_acc(x: f32) -> f32 {
     return log(1.0 + x);
 }
 
-// ln(u) for u > 0, accurate near 1 (u - 1 is exact on [0.5, 2]).
+// ln(u) for u > 0, accurate near 1 (u - 1 is exact on [0.5, 2]) and for subnormal u, which
+// llvmpipe's log reads as if its exponent were −126.
 fn ln_acc(u: f32) -> f32 {
     if (u >= 0.5 && u <= 2.0) {
         return log1p_acc(u - 1.0);
     }
-    return log(u);
+    let tiny = u < 1.17549435e-38;
+    return log(select(u, u * 16777216.0, tiny)) - select(0.0, 24.0 * LN2, tiny);
 }
 
 // e^x - 1 without cancellation for small |x|.
@@ -34,27 +36,37 @@ fn expm1_acc(x: f32) -> f32 {
     return exp(x) - 1.0;
 }
 
-// ln(p/q) for p, q > 0 where p/q is outside [1/2, 2]: the ratio if it is representable.
-fn ln_ratio(p: f32, q: f32) -> f32 {
-    let r = p / q;
-    if (r > 0.0 && r < pos_inf()) {
-        return log(r);
-    }
-    return log(p) - log(q);
+// x = m·2^e with m in [1, 2), for x > 0 finite (subnormals scaled up first), by bit operations.
+struct Split { m: f32, e: i32 }
+
+fn split(x: f32) -> Split {
+    let tiny = x < 1.17549435e-38;
+    let bits = bitcast<u32>(select(x, x * 16777216.0, tiny));
+    let e = i32(bits >> 23u) - select(127, 151, tiny);
+    return Split(bitcast<f32>((bits & 0x007fffffu) | 0x3f800000u), e);
 }
 
-// x·ln(x/y) − x + y >= 0 for x > 0, y > 0, given sum = x + y... generalized as (sum, diff):
-// with s = diff / sum in [-1/3, 1/3] it is sum·s²·h(s), h(s) = 1 + (s+s²)(1/3 + s²/5 + ...),
-// a sum of non-negative parts; outside that range the direct form has no bad cancellation.
+// x·ln(x/y) − x + y >= 0 for x > 0, y > 0, given sum = x + y and the exact diff = x − y,
+// without branches (random data would take both sides of one in most warps). With
+// x/y = 2^k·(a/b), a/b in [√½, √2), a and b exact, and s = (a − b)/(a + b) (|s| <= 0.172):
+// ln(x/y) = k·ln 2 + 2·atanh(s). Near x = y (k = 0) s is diff/sum and the value is
+// sum·s²·h(s), h(s) = 1 + (s + s²)·T(s²), a sum of non-negative parts; elsewhere
+// |ln(x/y)| >= ln √2 and the direct form loses at most about 3 bits to cancellation.
 fn kl_main_sd(x: f32, y: f32, sum: f32, diff: f32) -> f32 {
-    let s = diff / sum;
-    if (abs(s) <= THIRD) {
-        let s2 = s * s;
-        let tail = 1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0 + s2 * (1.0 / 11.0
-            + s2 * (1.0 / 13.0 + s2 * (1.0 / 15.0 + s2 * (1.0 / 17.0)))))));
-        return sum * s2 * (1.0 + (s + s2) * tail);
-    }
-    return x * ln_ratio(x, y) - diff;
+    let sx = split(x);
+    let sy = split(y);
+    let high = sx.m > SQRT2 * sy.m;
+    let low = SQRT2 * sx.m < sy.m;
+    let a = select(sx.m, 2.0 * sx.m, low);
+    let b = select(sy.m, 2.0 * sy.m, high);
+    let k = (sx.e - sy.e) + select(0, 1, high) - select(0, 1, low);
+    let near = k == 0;
+    let s = select(a - b, diff, near) / select(a + b, sum, near);
+    let z = s * s;
+    let t = 1.0 / 3.0 + z * (1.0 / 5.0 + z * (1.0 / 7.0 + z * (1.0 / 9.0 + z * (1.0 / 11.0))));
+    let series = sum * z * (1.0 + (s + z) * t);
+    let direct = x * (f32(k) * LN2 + 2.0 * s * (1.0 + z * t)) - diff;
+    return select(direct, series, near);
 }
 
 // p·ln(p/q) − p + q for p, q > 0.

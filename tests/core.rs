@@ -71,6 +71,54 @@ fn near_identical_pairs_with_kl_about_1e_minus_9() {
 }
 
 #[test]
+fn every_term_regime_row_by_row() {
+    // Two-element distributions [a, 1 − a] against [b, 1 − b], one per row, with a/b on both
+    // sides of the kernel's range reduction (√2, 1/√2, powers of two), next to 1 by one ulp,
+    // far apart, and subnormal.
+    let sqrt2 = std::f32::consts::SQRT_2;
+    let ratios = [
+        1.0,
+        1.0 + f32::EPSILON,
+        1.0 - f32::EPSILON / 2.0,
+        sqrt2 * (1.0 + 1e-6),
+        sqrt2 * (1.0 - 1e-6),
+        (1.0 / sqrt2) * (1.0 + 1e-6),
+        (1.0 / sqrt2) * (1.0 - 1e-6),
+        1.5,
+        0.6,
+        2.0,
+        0.5,
+        3.0,
+        1e-3,
+        1e3,
+        2f32.powi(100),
+        2f32.powi(-100),
+    ];
+    let bases = [1e-40f32, f32::MIN_POSITIVE, 1e-30, 1e-3, 0.3, 0.6, 0.9];
+    let (mut p, mut q) = (vec![], vec![]);
+    for &a in &bases {
+        for &ratio in &ratios {
+            let b = a / ratio;
+            if b > 0.0 && b < 1.0 {
+                for (x, y) in [(a, b), (b, a)] {
+                    p.extend([x, 1.0 - x]);
+                    q.extend([y, 1.0 - y]);
+                }
+            }
+        }
+    }
+    for m in Measure::ALL {
+        let opts = Options::default();
+        let gpu = engine().rows(m, &p, q_for(m, &q), 2, &opts).unwrap();
+        let exact = cpu::rows(m, &p, q_for(m, &q), 2, &opts).unwrap();
+        for (i, (&g, &e)) in gpu.values.iter().zip(&exact.values).enumerate() {
+            let (a, b) = (p[2 * i], q[2 * i]);
+            assert_close(g, e, &format!("{m:?}, row {i}: a = {a:e}, b = {b:e}"));
+        }
+    }
+}
+
+#[test]
 fn identical_inputs_give_exactly_zero() {
     let mut r = rng(5);
     let p = dirichlet(&mut r, 1, 100_000, 0.5);
