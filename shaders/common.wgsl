@@ -91,6 +91,8 @@ fn is_neg_nonzero(x: f32) -> bool { return bitcast<u32>(x) > 0x80000000u; }
 
 // Flags for one probability (side_shift 0 for P, 3 for Q); 0 when the value is valid.
 fn prob_flags(x: f32, side_shift: u32) -> u32 {
+    let bits = bitcast<u32>(x);
+    if (bits < 0x7f800000u || bits == 0x80000000u) { return 0u; } // finite, >= 0 (or −0)
     if (is_nan(x)) { return FLAG_P_NAN << side_shift; }
     if (is_nan_or_inf(x)) { return FLAG_P_INF << side_shift; }
     if (is_neg_nonzero(x)) { return FLAG_P_NEG << side_shift; }
@@ -99,6 +101,8 @@ fn prob_flags(x: f32, side_shift: u32) -> u32 {
 
 // Flags for one log-probability or logit: NaN and +inf are invalid, -inf is p = 0.
 fn log_flags(x: f32, side_shift: u32) -> u32 {
+    let bits = bitcast<u32>(x);
+    if ((bits & 0x7fffffffu) < 0x7f800000u || bits == 0xff800000u) { return 0u; } // finite, −inf
     if (is_nan(x)) { return FLAG_P_NAN << side_shift; }
     if (bitcast<u32>(x) == 0x7f800000u) { return FLAG_P_INF << side_shift; }
     return 0u;

@@ -35,8 +35,17 @@ fn inf_term() -> Term { return Term(0.0, 0.0, ACC_INF); }
 // parts are non-negative (no cancellation) and few.
 fn sum_terms(a: Term, b: Term) -> Term { return Term(a.main + b.main, a.resid + b.resid, a.flags | b.flags); }
 
+// Whether the term function ever writes a residual. CE, entropy, JS and KL of logits do not,
+// and skip its compensated add (MEASURE and INPUT are constants: the branch is folded when
+// the pipeline is created).
+fn has_resid() -> bool {
+    return MEASURE == MEASURE_SUM || MEASURE == MEASURE_SUM_PQ || MEASURE == MEASURE_KL_GRAD
+        || (MEASURE == MEASURE_KL && INPUT != INPUT_LOGITS);
+}
+
 fn fold_term(acc: Acc, t: Term) -> Acc {
-    let a = add_term(acc, t.main, t.resid);
+    var a = add_main(acc, t.main);
+    if (has_resid()) { a = add_resid(a, t.resid); }
     return Acc(a.main_hi, a.main_lo, a.resid_hi, a.resid_lo, a.flags | t.flags, 0u);
 }
 

@@ -26,11 +26,15 @@ fn combine_Acc(a: Acc, b: Acc) -> Acc {
     return Acc(m.x, m.y, r.x, r.y, a.flags | b.flags, 0u);
 }
 
-// Adds one element's main term and residual.
-fn add_term(a: Acc, main: f32, resid: f32) -> Acc {
+// Adds one element's main term, or its residual.
+fn add_main(a: Acc, main: f32) -> Acc {
     let m = two_sum(a.main_hi, main);
+    return Acc(m.x, a.main_lo + m.y, a.resid_hi, a.resid_lo, a.flags, 0u);
+}
+
+fn add_resid(a: Acc, resid: f32) -> Acc {
     let r = two_sum(a.resid_hi, resid);
-    return Acc(m.x, a.main_lo + m.y, r.x, a.resid_lo + r.y, a.flags, 0u);
+    return Acc(a.main_hi, a.main_lo, r.x, a.resid_lo + r.y, a.flags, 0u);
 }
 
 // ---- log-sum-exp with arg-max (Lse) ----
