@@ -350,7 +350,7 @@ fn row_value(measure: Measure, opts: &Options, p: &[f32], q: &[f32]) -> RowSum {
 
 /// Terms are computed a block at a time into a buffer, by a loop simple enough for the compiler
 /// to vectorize (see `math`), then added into independent compensated accumulators.
-const BLOCK: usize = 256;
+const BLOCK: usize = 64;
 const LANES: usize = 8;
 
 /// Σ term(a, b) over pairs, compensated, with every element checked against `input`'s rules.
@@ -403,13 +403,12 @@ fn sum_terms_portable(
             neumaier_add(&mut sums[lane], &mut errors[lane], t);
         }
     }
-    let total = compensated_sum(sums);
     RowSum {
-        // An infinite term leaves NaN in its lane's error term; the sum alone is the answer.
-        value: if total.is_finite() {
+        // An infinite term leaves NaN in its lane's error term; the sums alone are the answer.
+        value: if sums.iter().all(|s| s.is_finite()) {
             compensated_sum(sums.into_iter().chain(errors))
         } else {
-            total
+            sums.iter().sum()
         },
         saw_invalid,
     }
