@@ -114,12 +114,14 @@ def main():
     def row(name, klgpu_name, nbytes, numpy_s=None, scipy_s=None, torch_s=None, torch_label="", torch_given_log_s=None):
         k = klgpu.get((klgpu_name, "gpu-device"))
         kh = klgpu.get((klgpu_name, "gpu-host"))
+        kc = klgpu.get((klgpu_name, "cpu-reference"))
         rows.append({
             "workload": name, "bytes": nbytes,
             "numpy_f32_s": numpy_s, "scipy_s": scipy_s, "torch_cuda_s": torch_s, "torch_op": torch_label,
             "torch_given_log_q_s": torch_given_log_s,
             "klgpu_device_s": k["seconds"] if k else None,
             "klgpu_host_s": kh["seconds"] if kh else None,
+            "klgpu_cpu_reference_s": kc["seconds"] if kc else None,
         })
 
     # The adapter's streaming bandwidth as PyTorch sees it: a read-only sum and a copy.
@@ -190,7 +192,7 @@ def main():
     def fmt(s):
         return "      —     " if s is None else f"{s * 1e3:9.3f} ms"
     print(f"\n{'workload':<26} {'NumPy f32':>12} {'SciPy':>12} {'PyTorch CUDA':>12} {'PT, log q given':>15} "
-          f"{'klgpu GPU':>12} {'klgpu+upload':>12} {'vs PyTorch':>10} {'klgpu GB/s':>10}")
+          f"{'klgpu GPU':>12} {'klgpu+upload':>12} {'vs PyTorch':>10} {'klgpu GB/s':>10} {'klgpu CPU f64':>13}")
     for r in rows:
         speed = gbps = ""
         if r["torch_cuda_s"] and r["klgpu_device_s"]:
@@ -198,7 +200,14 @@ def main():
         if r["klgpu_device_s"]:
             gbps = f"{r['bytes'] / r['klgpu_device_s'] / 1e9:.0f}"
         print(f"{r['workload']:<26} {fmt(r['numpy_f32_s'])} {fmt(r['scipy_s'])} {fmt(r['torch_cuda_s'])} "
-              f"{fmt(r['torch_given_log_q_s']):>15} {fmt(r['klgpu_device_s'])} {fmt(r['klgpu_host_s'])} {speed:>10} {gbps:>10}")
+              f"{fmt(r['torch_given_log_q_s']):>15} {fmt(r['klgpu_device_s'])} {fmt(r['klgpu_host_s'])} {speed:>10} {gbps:>10} "
+              f"{fmt(r['klgpu_cpu_reference_s']):>13}")
+    # The [bench] target for the f64 reference: within 1.5x of NumPy's f32 expression at 1e7.
+    ref = next((r for r in rows if r["workload"] == "KL probs N=1e7"), None)
+    if ref and ref["klgpu_cpu_reference_s"] and ref["numpy_f32_s"]:
+        ratio = ref["klgpu_cpu_reference_s"] / ref["numpy_f32_s"]
+        print(f"\nCPU reference (f64) at N=1e7: {ref['klgpu_cpu_reference_s'] * 1e3:.1f} ms, "
+              f"{ratio:.2f}x NumPy's f32 np.sum(p*np.log(p/q)) (target <= 1.5x)")
     print(f"\nklgpu roofline (plain streaming sum, same adapter): {kl['roofline_gbps']:.1f} GB/s; timer: {kl['timer']}")
     if args.json:
         json.dump({"adapter": adapter, "rows": rows, "bandwidth": bandwidth, "klgpu": kl}, open(args.json, "w"), indent=2)
