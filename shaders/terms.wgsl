@@ -3,6 +3,8 @@
 
 const LN2: f32 = 0.6931471805599453;
 const SQRT2: f32 = 1.4142135623730951;
+const MIN_NORMAL: f32 = 1.17549435e-38;
+const TWO_24: f32 = 16777216.0; // scales any subnormal to a normal number
 
 // ln(1 + x), accurate to a few ulp. WGSL's log is only good to 2^-21 absolute on [0.5, 2], so
 // on that range use 2·atanh(s), s = x / (2 + x), |s| <= 1/3.
@@ -23,8 +25,8 @@ fn ln_acc(u: f32) -> f32 {
     if (u >= 0.5 && u <= 2.0) {
         return log1p_acc(u - 1.0);
     }
-    let tiny = u < 1.17549435e-38;
-    return log(select(u, u * 16777216.0, tiny)) - select(0.0, 24.0 * LN2, tiny);
+    let tiny = u < MIN_NORMAL;
+    return log(select(u, u * TWO_24, tiny)) - select(0.0, 24.0 * LN2, tiny);
 }
 
 // e^x - 1 without cancellation for small |x|.
@@ -40,8 +42,8 @@ fn expm1_acc(x: f32) -> f32 {
 struct Split { m: f32, e: i32 }
 
 fn split(x: f32) -> Split {
-    let tiny = x < 1.17549435e-38;
-    let bits = bitcast<u32>(select(x, x * 16777216.0, tiny));
+    let tiny = x < MIN_NORMAL;
+    let bits = bitcast<u32>(select(x, x * TWO_24, tiny));
     let e = i32(bits >> 23u) - select(127, 151, tiny);
     return Split(bitcast<f32>((bits & 0x007fffffu) | 0x3f800000u), e);
 }
