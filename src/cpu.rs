@@ -283,21 +283,27 @@ enum RowContext {
     Logs { lp: f64, lq: f64 },
 }
 
-fn row_context(opts: &Options, p: &[f32], q: &[f32]) -> RowContext {
+/// The context of one row; a one-input measure gets P for Q, so its scale is not computed
+/// twice.
+fn row_context(measure: Measure, opts: &Options, p: &[f32], q: &[f32]) -> RowContext {
+    let both = |f: fn(&[f32]) -> f64| {
+        let of_p = f(p);
+        (of_p, if measure.uses_q() { f(q) } else { of_p })
+    };
     match opts.input {
         Input::Probs if opts.normalize => {
-            let sum = |r: &[f32]| compensated_sum(r.iter().map(|&x| x as f64));
+            let (sum_p, sum_q) = both(|r| sum_terms(r, r, Input::Probs, |x, _| x as f64).value);
             RowContext::Probs {
-                sp: 1.0 / sum(p),
-                sq: 1.0 / sum(q),
+                sp: 1.0 / sum_p,
+                sq: 1.0 / sum_q,
             }
         }
         Input::Probs => RowContext::Probs { sp: 1.0, sq: 1.0 },
         Input::LogProbs => RowContext::Logs { lp: 0.0, lq: 0.0 },
-        Input::Logits => RowContext::Logs {
-            lp: log_sum_exp(p),
-            lq: log_sum_exp(q),
-        },
+        Input::Logits => {
+            let (lp, lq) = both(log_sum_exp);
+            RowContext::Logs { lp, lq }
+        }
     }
 }
 
@@ -311,7 +317,7 @@ struct RowSum {
 
 /// One row's value: compensated sum of its terms (on all cores for a long row).
 fn row_value(measure: Measure, opts: &Options, p: &[f32], q: &[f32]) -> RowSum {
-    let ctx = row_context(opts, p, q);
+    let ctx = row_context(measure, opts, p, q);
     // One loop per measure and context kind, with neither left to branch on per element, so
     // each loop vectorizes.
     let sum = |range: std::ops::Range<usize>| {
