@@ -281,6 +281,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let variant_cases: Vec<(Workload, Vec<Variant>)> = {
         let d = Tuning::default();
+        // Around each kind's default (klgpu::plan::default_target_workgroups).
+        let workgroup_targets: &[u32] = if info.device_type == wgpu::DeviceType::Cpu {
+            &[4, 8, 16, 32, 128, 4096]
+        } else {
+            &[1024, 2048, 4096, 8192, 16384]
+        };
         let big = args.max_n.min(100_000_000) as usize;
         let (short_rows, logit_rows) = if args.quick {
             (100_000, 256)
@@ -296,13 +302,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     rows: 1,
                     cols: big,
                 },
-                [1024u32, 2048, 4096, 8192, 16384]
+                workgroup_targets
                     .iter()
                     .map(|&t| {
                         (
                             format!("target_workgroups={t}"),
                             Tuning {
-                                target_workgroups: t,
+                                target_workgroups: Some(t),
                                 ..d
                             },
                         )

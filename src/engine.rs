@@ -17,8 +17,10 @@ use crate::types::{Input, Measure, Options, RowResults};
 pub struct Tuning {
     /// Fewest loop iterations per invocation: fewer lanes per row and fewer chunks when higher.
     pub min_iterations: u32,
-    /// Workgroups to aim for in one dispatch.
-    pub target_workgroups: u32,
+    /// Workgroups to aim for in one dispatch; `None` (the default) picks one for the adapter
+    /// ([`plan::default_target_workgroups`](crate::plan::default_target_workgroups): 4096 on
+    /// GPUs, a few per host thread on CPU adapters such as lavapipe).
+    pub target_workgroups: Option<u32>,
     /// Window cap (bytes per input) for two-pass jobs (logits, normalization). Windows small
     /// enough for the second pass to re-read them from L2 lost on an H200 (the dispatch gaps
     /// cost more than the re-read), so by default there is no extra cap.
@@ -29,7 +31,7 @@ impl Default for Tuning {
     fn default() -> Self {
         Tuning {
             min_iterations: crate::plan::MIN_ITERATIONS,
-            target_workgroups: crate::plan::TARGET_WORKGROUPS,
+            target_workgroups: None,
             two_pass_window_bytes: u64::MAX,
         }
     }
@@ -271,9 +273,16 @@ impl Engine {
             u64::MAX,
             hw.max_compute_workgroups_per_dimension,
         );
+        let host_threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        let target_workgroups = options.tuning.target_workgroups.unwrap_or_else(|| {
+            crate::plan::default_target_workgroups(
+                info.device_type == wgpu::DeviceType::Cpu,
+                host_threads,
+            )
+        });
         let tune = |l: PlanLimits| PlanLimits {
             min_iterations: options.tuning.min_iterations,
-            target_workgroups: options.tuning.target_workgroups,
+            target_workgroups,
             ..l
         };
         let (limits, device_limits) = (tune(limits), tune(device_limits));
