@@ -84,31 +84,35 @@ fn report_bad(local: u32, bits: u32) {
     }
 }
 
-// Bit-level checks: immune to a compiler that assumes no NaN.
-fn is_nan_or_inf(x: f32) -> bool { return (bitcast<u32>(x) & 0x7f800000u) == 0x7f800000u; }
-fn is_nan(x: f32) -> bool { return is_nan_or_inf(x) && (bitcast<u32>(x) & 0x007fffffu) != 0u; }
-fn is_neg_nonzero(x: f32) -> bool { return bitcast<u32>(x) > 0x80000000u; }
+// An invocation's earliest rejected element, noted without branches or atomics inside the
+// element loop and reported once after it: llvmpipe runs both sides of every divergent branch
+// and loops over the lanes of a masked atomic, which together cost as much as the loop itself.
+// Only the position is reported; the host reads the value there and says what is wrong with it.
+const NONE_SEEN: u32 = 0xffffffffu;
+var<private> seen_first: u32 = NONE_SEEN;
 
-// Flags for one probability (side_shift 0 for P, 3 for Q); 0 when the value is valid.
-fn prob_flags(x: f32, side_shift: u32) -> u32 {
-    let bits = bitcast<u32>(x);
-    if (bits < 0x7f800000u || bits == 0x80000000u) { return 0u; } // finite, >= 0 (or −0)
-    if (is_nan(x)) { return FLAG_P_NAN << side_shift; }
-    if (is_nan_or_inf(x)) { return FLAG_P_INF << side_shift; }
-    if (is_neg_nonzero(x)) { return FLAG_P_NEG << side_shift; }
-    return 0u;
+fn note_bad(local: u32, bad: bool) {
+    seen_first = min(seen_first, select(NONE_SEEN, local, bad));
 }
 
-// Flags for one log-probability or logit: NaN and +inf are invalid, -inf is p = 0.
-fn log_flags(x: f32, side_shift: u32) -> u32 {
-    let bits = bitcast<u32>(x);
-    if ((bits & 0x7fffffffu) < 0x7f800000u || bits == 0xff800000u) { return 0u; } // finite, −inf
-    if (is_nan(x)) { return FLAG_P_NAN << side_shift; }
-    if (bitcast<u32>(x) == 0x7f800000u) { return FLAG_P_INF << side_shift; }
-    return 0u;
+fn report_seen() {
+    if (seen_first != NONE_SEEN) { report_bad(seen_first, FLAG_INVALID); }
 }
 
-fn element_flags(x: f32, side_shift: u32) -> u32 {
-    if (INPUT == INPUT_PROBS || INPUT == INPUT_PROBS_NORM) { return prob_flags(x, side_shift); }
-    return log_flags(x, side_shift);
+// Whether one input value is invalid, by bit tests (immune to a compiler that assumes no NaN):
+// a probability must be finite and >= 0 (−0 included); a log-probability or logit must not be
+// NaN or +inf (−inf is p = 0).
+fn is_bad_prob(x: f32) -> bool {
+    let bits = bitcast<u32>(x);
+    return bits >= 0x7f800000u && bits != 0x80000000u;
+}
+
+fn is_bad_log(x: f32) -> bool {
+    let bits = bitcast<u32>(x);
+    return (bits & 0x7fffffffu) > 0x7f800000u || bits == 0x7f800000u;
+}
+
+fn is_bad(x: f32) -> bool {
+    if (INPUT == INPUT_PROBS || INPUT == INPUT_PROBS_NORM) { return is_bad_prob(x); }
+    return is_bad_log(x);
 }

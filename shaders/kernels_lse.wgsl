@@ -7,18 +7,12 @@ fn side_of(x: f32, col: u32) -> Side {
     return Side(x, 0.0, col);
 }
 
-// One logit pair (column c) as a state of its own; invalid values are reported and skipped.
+// One logit pair (column c) as a state of its own. An invalid value is noted; the state it
+// gives is never used, as the call fails naming it.
 fn lse_element(x: f32, y_in: f32, local: u32, c: u32, unused: u32) -> Lse {
-    var bad = element_flags(x, 0u);
     var y = neg_inf();
-    if (uses_q()) {
-        y = y_in;
-        bad = bad | element_flags(y, 3u);
-    }
-    if (bad != 0u) {
-        report_bad(local, bad);
-        return identity_Lse();
-    }
+    if (uses_q()) { y = y_in; }
+    note_bad(local, is_bad(x) || is_bad(y));
     let sp = side_of(x, c);
     let sq = side_of(y, c);
     return Lse(sp.m, sp.s, sp.i, sq.m, sq.s, sq.i);
@@ -52,6 +46,7 @@ fn lse_terms(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
         let base = row * prm.row_len - prm.col_begin;
         //LOOP_LSE
     }
+    report_seen();
     let total = segment_reduce_Lse(st, lid, lanes, SG_VALUE);
     if (lane == 0u && row < prm.rows) {
         emit_lse(row, wg.x, total);

@@ -28,7 +28,6 @@ fn row_ctx(row: u32) -> RowCtx {
 struct Term { main: f32, resid: f32, flags: u32 }
 
 fn term(main: f32, resid: f32) -> Term { return Term(main, resid, 0u); }
-fn no_term() -> Term { return Term(0.0, 0.0, 0u); }
 fn inf_term() -> Term { return Term(0.0, 0.0, ACC_INF); }
 
 // Terms of a few neighbouring elements, added plainly before one compensated add: the main
@@ -51,35 +50,40 @@ fn fold_term(acc: Acc, t: Term) -> Acc {
 
 fn with_inf(a: Acc) -> Acc { return Acc(a.main_hi, a.main_lo, a.resid_hi, a.resid_lo, a.flags | ACC_INF, 0u); }
 
+// Without branches on the values (llvmpipe runs both sides of every divergent branch; GPUs
+// lose nothing): each case is computed and the right one selected. ln_acc(0) is finite, so
+// 0·ln 0 comes out 0 by itself.
 fn prob_term(p: f32, q: f32) -> Term {
     if (MEASURE == MEASURE_SUM) { return term(p, q); }
     if (MEASURE == MEASURE_SUM_P) { return term(p, 0.0); }
     if (MEASURE == MEASURE_JS) { return term(0.5 * (js_half(p, q) + js_half(q, p)), 0.0); }
-    if (p == 0.0) { return no_term(); }
     if (MEASURE == MEASURE_ENTROPY) { return term(-p * ln_acc(p), 0.0); }
-    if (q == 0.0) { return inf_term(); }
-    if (MEASURE == MEASURE_CE) { return term(-p * ln_acc(q), 0.0); }
-    return term(kl_main(p, q), p - q);
+    let inf = p > 0.0 && q == 0.0;
+    let flags = select(0u, ACC_INF, inf);
+    if (MEASURE == MEASURE_CE) { return Term(select(-p * ln_acc(q), 0.0, inf), 0.0, flags); }
+    let live = p > 0.0 && q > 0.0;
+    return Term(select(0.0, kl_main(p, q), live), select(0.0, p - q, live), flags);
 }
 
 // a = ln p, b = ln q, d = a − b computed so that a common shift (logits: the difference of the
 // rows' log-sum-exps) never enters the cancelling part.
 fn log_term(a: f32, b: f32, p: f32, q: f32, d: f32) -> Term {
     let ninf = neg_inf();
+    let p_zero = a == ninf;
     if (MEASURE == MEASURE_JS) {
-        if (a == ninf && b == ninf) { return no_term(); }
-        return term(js_log_term(p, q, d), 0.0);
+        return term(select(js_log_term(p, q, d), 0.0, p_zero && b == ninf), 0.0);
     }
-    if (a == ninf) {
-        // p = 0. With logits the residual Σ(p − q) is 0 over the whole row, so the KL of the
-        // entries with p > 0 carries Q's mass here: kl_main(0, q) = q.
-        if (MEASURE == MEASURE_KL && INPUT == INPUT_LOGITS) { return term(q, 0.0); }
-        return no_term();
-    }
-    if (MEASURE == MEASURE_ENTROPY) { return term(-p * a, 0.0); }
-    if (b == ninf) { return inf_term(); }
-    if (MEASURE == MEASURE_CE) { return term(-p * b, 0.0); }
-    return term(phi_term(p, d, q), select(p - q, 0.0, INPUT == INPUT_LOGITS));
+    if (MEASURE == MEASURE_ENTROPY) { return term(select(-p * a, 0.0, p_zero), 0.0); }
+    let inf = !p_zero && b == ninf;
+    let flags = select(0u, ACC_INF, inf);
+    if (MEASURE == MEASURE_CE) { return Term(select(-p * b, 0.0, p_zero || inf), 0.0, flags); }
+    // p = 0: with logits the residual Σ(p − q) is 0 over the whole row, so the KL of the
+    // entries with p > 0 carries Q's mass here: kl_main(0, q) = q.
+    var at_zero = 0.0;
+    if (INPUT == INPUT_LOGITS) { at_zero = q; }
+    let main = select(select(phi_term(p, d, q), at_zero, p_zero), 0.0, inf);
+    let resid = select(p - q, 0.0, INPUT == INPUT_LOGITS || p_zero || inf);
+    return Term(main, resid, flags);
 }
 
 fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
@@ -88,25 +92,21 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
         // Validated by the log-sum-exp pass. a = x − lse(x) = (x − m) − log1p(s').
         let a = (x - ctx.pm) - ctx.pl;
         let b = (y - ctx.qm) - ctx.ql;
+        let p_zero = x == neg_inf();
         if (MEASURE == MEASURE_CE) {
-            if (x == neg_inf()) { return no_term(); }
-            if (y == neg_inf()) { return inf_term(); }
-            return term(exp(a) * ((ctx.qm - y) + ctx.ql), 0.0);
+            let inf = !p_zero && y == neg_inf();
+            let main = exp(a) * ((ctx.qm - y) + ctx.ql);
+            return Term(select(main, 0.0, p_zero || inf), 0.0, select(0u, ACC_INF, inf));
         }
         if (MEASURE == MEASURE_ENTROPY) {
-            if (x == neg_inf()) { return no_term(); }
-            return term(exp(a) * ((ctx.pm - x) + ctx.pl), 0.0);
+            return term(select(exp(a) * ((ctx.pm - x) + ctx.pl), 0.0, p_zero), 0.0);
         }
         return log_term(a, b, exp(a), exp(b), (x - y) - ctx.shift);
     }
     if (MEASURE == MEASURE_SUM_P) { return term(x, 0.0); }
     if (MEASURE == MEASURE_SUM_PQ) { return term(x, y); }
-    var bad = element_flags(x, 0u);
-    if (uses_q()) { bad = bad | element_flags(y, 3u); }
-    if (bad != 0u) {
-        report_bad(local, bad);
-        return no_term();
-    }
+    // An invalid element's term is never used: the call fails, naming the element.
+    note_bad(local, is_bad(x) || (uses_q() && is_bad(y)));
     if (INPUT == INPUT_LOGPROBS) {
         return log_term(x, y, exp(x), exp(y), x - y);
     }
@@ -159,6 +159,7 @@ fn terms(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: v
         let base = row * prm.row_len - prm.col_begin;
         //LOOP_TERMS
     }
+    report_seen();
     let total = segment_reduce_Acc(acc, lid, lanes, SG_VALUE);
     if (lane == 0u && row < prm.rows) {
         emit_acc(row, wg.x, total);
@@ -189,11 +190,7 @@ fn combine(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg:
 @group(0) @binding(8) var<storage, read_write> grad: array<f32>;
 
 fn grad_term(z: f32, t: f32, local: u32, ctx: RowCtx) -> Term {
-    let bad = prob_flags(t, 3u);
-    if (bad != 0u) {
-        report_bad(local, bad);
-        return no_term();
-    }
+    note_bad(local, is_bad_prob(t));
     let lq = (z - ctx.pm) - ctx.pl;
     let q = exp(lq);
     grad[prm.grad_base + local] = (q - t) * prm.out_scale;

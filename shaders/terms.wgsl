@@ -19,16 +19,6 @@ fn log1p_acc(x: f32) -> f32 {
     return log(1.0 + x);
 }
 
-// ln(u) for u > 0, accurate near 1 (u - 1 is exact on [0.5, 2]) and for subnormal u, which
-// llvmpipe's log reads as if its exponent were −126.
-fn ln_acc(u: f32) -> f32 {
-    if (u >= 0.5 && u <= 2.0) {
-        return log1p_acc(u - 1.0);
-    }
-    let tiny = u < MIN_NORMAL;
-    return log(select(u, u * TWO_24, tiny)) - select(0.0, 24.0 * LN2, tiny);
-}
-
 // e^x - 1 without cancellation for small |x|.
 fn expm1_acc(x: f32) -> f32 {
     if (abs(x) <= 0.5) {
@@ -48,6 +38,25 @@ fn split(x: f32) -> Split {
     return Split(bitcast<f32>((bits & 0x007fffffu) | 0x3f800000u), e);
 }
 
+// T(z) with atanh(s) = s·(1 + z·T(z)), z = s², to f32 precision for |s| <= 0.172: the first
+// term left out, z⁵/11 relative, is below 2^-28.
+fn atanh_tail(z: f32) -> f32 {
+    return 1.0 / 3.0 + z * (1.0 / 5.0 + z * (1.0 / 7.0 + z * (1.0 / 9.0)));
+}
+
+// ln(u) for u > 0 finite, to a few ulp everywhere (relative near 1, subnormals included) and
+// without branches: u = 2^k·a with a in [√½, √2) and ln u = k·ln 2 + 2·atanh(s),
+// s = (a − 1)/(a + 1), a − 1 exact. WGSL's log is only good to 2^-21 absolute near 1, and
+// llvmpipe's reads a subnormal as if its exponent were −126.
+fn ln_acc(u: f32) -> f32 {
+    let su = split(u);
+    let high = su.m > SQRT2;
+    let a = select(su.m, 0.5 * su.m, high);
+    let k = su.e + select(0, 1, high);
+    let s = (a - 1.0) / (a + 1.0);
+    return f32(k) * LN2 + 2.0 * s * (1.0 + s * s * atanh_tail(s * s));
+}
+
 // x·ln(x/y) − x + y >= 0 for x > 0, y > 0, given sum = x + y and the exact diff = x − y,
 // without branches (random data would take both sides of one in most warps). With
 // x/y = 2^k·(a/b), a/b in [√½, √2), a and b exact, and s = (a − b)/(a + b) (|s| <= 0.172):
@@ -65,7 +74,7 @@ fn kl_main_sd(x: f32, y: f32, sum: f32, diff: f32) -> f32 {
     let near = k == 0;
     let s = select(a - b, diff, near) / select(a + b, sum, near);
     let z = s * s;
-    let t = 1.0 / 3.0 + z * (1.0 / 5.0 + z * (1.0 / 7.0 + z * (1.0 / 9.0 + z * (1.0 / 11.0))));
+    let t = atanh_tail(z);
     let series = sum * z * (1.0 + (s + z) * t);
     let direct = x * (f32(k) * LN2 + 2.0 * s * (1.0 + z * t)) - diff;
     return select(direct, series, near);
@@ -79,11 +88,8 @@ fn kl_main(p: f32, q: f32) -> f32 {
 // x·ln(x/m) − x + m with m = (x + y)/2; m when x = 0. JS = ½(js_half(p,q) + js_half(q,p)).
 fn js_half(x: f32, y: f32) -> f32 {
     let m = 0.5 * (x + y);
-    if (x == 0.0) {
-        return m;
-    }
     // x − m = (x − y)/2 and x + m = x + (x + y)/2, so s = (x − y)/(3x + y) needs no m.
-    return kl_main_sd(x, m, x + m, 0.5 * (x - y));
+    return select(kl_main_sd(x, m, x + m, 0.5 * (x - y)), m, x == 0.0);
 }
 
 // φ(r) = r + e^(−r) − 1 >= 0 for |r| <= 1, by its Taylor series (no cancellation).
@@ -96,10 +102,7 @@ fn phi_series(r: f32) -> f32 {
 
 // x·φ(r) where r = ln(x/y) and y = x·e^(−r): x·ln(x/y) − x + y, for x > 0.
 fn phi_term(x: f32, r: f32, y: f32) -> f32 {
-    if (abs(r) <= 1.0) {
-        return x * phi_series(r);
-    }
-    return x * (r - 1.0) + y;
+    return select(x * (r - 1.0) + y, x * phi_series(r), abs(r) <= 1.0);
 }
 
 // ln(x/m), m = (x + y)/2, from d = ln x − ln y, without overflow or cancellation.

@@ -7,10 +7,9 @@ use std::sync::Mutex;
 
 use crate::types::{Input, Measure};
 
-// Status flags raised by the kernels (status[0]). Q's element flags are P's shifted by 3.
-pub(crate) const FLAG_P_NAN: u32 = 1;
-pub(crate) const FLAG_P_INF: u32 = 2;
-pub(crate) const FLAG_P_NEG: u32 = 4;
+// Status flags raised by the kernels (status[0]). An invalid element raises FLAG_INVALID and
+// records its position; the host reads the value there to say what is wrong with it.
+pub(crate) const FLAG_INVALID: u32 = 1;
 pub(crate) const FLAG_P_EMPTY: u32 = 64;
 pub(crate) const FLAG_Q_EMPTY: u32 = 128;
 pub(crate) const FLAG_SUBGROUP_LAYOUT: u32 = 256;
@@ -169,8 +168,7 @@ fn element_loop(monoid: &str, vec4: bool) -> String {
 /// `vec4` selects 16-byte input loads (the terms and log-sum-exp loops only).
 pub(crate) fn shader_source(monoid: &str, subgroups: bool, vec4: bool) -> String {
     let constants = format!(
-        "const FLAG_P_NAN: u32 = {FLAG_P_NAN}u;\nconst FLAG_P_INF: u32 = {FLAG_P_INF}u;\n\
-         const FLAG_P_NEG: u32 = {FLAG_P_NEG}u;\nconst FLAG_P_EMPTY: u32 = {FLAG_P_EMPTY}u;\n\
+        "const FLAG_INVALID: u32 = {FLAG_INVALID}u;\nconst FLAG_P_EMPTY: u32 = {FLAG_P_EMPTY}u;\n\
          const FLAG_Q_EMPTY: u32 = {FLAG_Q_EMPTY}u;\n\
          const FLAG_SUBGROUP_LAYOUT: u32 = {FLAG_SUBGROUP_LAYOUT}u;\n\
          const MODE_PARTIAL: u32 = {MODE_PARTIAL}u;\nconst MODE_ACCUMULATE: u32 = {MODE_ACCUMULATE}u;\n\

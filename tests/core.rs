@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use klgpu::{Base, Error, Measure, Options, Problem, Side, cpu};
+use klgpu::{Base, Error, Input, Measure, Options, Problem, Side, cpu};
 use proptest::prelude::*;
 
 fn q_for(m: Measure, q: &[f32]) -> Option<&[f32]> {
@@ -115,6 +115,45 @@ fn every_term_regime_row_by_row() {
             let (a, b) = (p[2 * i], q[2 * i]);
             assert_close(g, e, &format!("{m:?}, row {i}: a = {a:e}, b = {b:e}"));
         }
+    }
+}
+
+#[test]
+fn the_kernels_log_is_good_to_a_few_ulp() {
+    // Cross-entropy of [1, 0] against [u, 1 − u] is −ln u: one log per row, against f64. u runs
+    // over every binade from subnormal to 1, each reduction boundary (√½, √2 times a power of
+    // two) and the ulps next to 1, where −ln u ≈ 1 − u must stay accurate relative to itself.
+    let sqrt2 = std::f32::consts::SQRT_2;
+    let mut us = vec![];
+    for e in -149..0 {
+        let edges = [sqrt2 * (1.0 - 1e-6), sqrt2 * (1.0 + 1e-6)];
+        for f in [1.0f32, 1.1, 1.25, 1.5, 1.75, 1.999]
+            .into_iter()
+            .chain(edges)
+        {
+            us.push(f * 2f32.powi(e));
+        }
+    }
+    for k in 1..64 {
+        us.push(1.0 - k as f32 * f32::EPSILON / 2.0);
+    }
+    us.retain(|&u| u > 0.0 && u < 1.0);
+    let (mut p, mut q) = (vec![], vec![]);
+    for &u in &us {
+        p.extend([1.0, 0.0]);
+        q.extend([u, 1.0 - u]);
+    }
+    let ce = engine()
+        .cross_entropy_rows(&p, &q, 2, Input::Probs)
+        .unwrap();
+    for (&u, &got) in us.iter().zip(&ce) {
+        let exact = -(u as f64).ln();
+        // A few f32 ulp (2^-23 ≈ 1.2e-7 relative each).
+        assert!(
+            (got - exact).abs() <= 6e-7 * exact,
+            "−ln({u:e}) = {exact:e}, kernel {got:e}, {:.1e} relative",
+            (got - exact).abs() / exact
+        );
     }
 }
 
