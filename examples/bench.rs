@@ -281,18 +281,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let variant_cases: Vec<(Workload, Vec<Variant>)> = {
         let d = Tuning::default();
-        // Around each kind's default (klgpu::plan::default_target_workgroups).
-        let workgroup_targets: &[u32] = if info.device_type == wgpu::DeviceType::Cpu {
-            &[4, 8, 16, 32, 128, 4096]
-        } else {
-            &[1024, 2048, 4096, 8192, 16384]
-        };
         let big = args.max_n.min(100_000_000) as usize;
         let (short_rows, logit_rows) = if args.quick {
             (100_000, 256)
         } else {
             (1_000_000, 4096)
         };
+        // Around each kind's defaults (klgpu::plan::PlanLimits::for_adapter). Rows short enough
+        // for one lane each on a GPU; on a CPU adapter, rows where the lanes per row change.
+        let (workgroup_targets, min_it_shape, min_it_values): (&[u32], _, &[u32]) =
+            if info.device_type == wgpu::DeviceType::Cpu {
+                (
+                    &[4, 8, 16, 32, 128, 4096],
+                    (1000, 1000),
+                    &[16, 64, 256, 1024],
+                )
+            } else {
+                (
+                    &[1024, 2048, 4096, 8192, 16384],
+                    (short_rows, 10),
+                    &[1, 2, 4, 16],
+                )
+            };
         vec![
             (
                 Workload {
@@ -332,19 +342,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ),
             (
                 Workload {
-                    name: format!("KL probs {short_rows}x10"),
+                    name: format!("KL probs {}x{}", min_it_shape.0, min_it_shape.1),
                     measure: Measure::KullbackLeibler,
                     input: Input::Probs,
-                    rows: short_rows,
-                    cols: 10,
+                    rows: min_it_shape.0,
+                    cols: min_it_shape.1,
                 },
-                [1u32, 2, 4, 16]
+                min_it_values
                     .iter()
                     .map(|&m| {
                         (
                             format!("min_iterations={m}"),
                             Tuning {
-                                min_iterations: m,
+                                min_iterations: Some(m),
                                 ..d
                             },
                         )

@@ -15,11 +15,12 @@ use crate::types::{Input, Measure, Options, RowResults};
 /// (BENCHMARKS.md); other adapters may prefer others.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tuning {
-    /// Fewest loop iterations per invocation: fewer lanes per row and fewer chunks when higher.
-    pub min_iterations: u32,
-    /// Workgroups to aim for in one dispatch; `None` (the default) picks one for the adapter
-    /// ([`plan::default_target_workgroups`](crate::plan::default_target_workgroups): 4096 on
-    /// GPUs, a few per host thread on CPU adapters such as lavapipe).
+    /// Fewest loop iterations per invocation: fewer lanes per row and fewer chunks when
+    /// higher. `None` (the default) picks one for the adapter
+    /// ([`PlanLimits::for_adapter`](crate::plan::PlanLimits::for_adapter)).
+    pub min_iterations: Option<u32>,
+    /// Workgroups to aim for in one dispatch. `None` (the default) picks a number for the
+    /// adapter: 4096 on GPUs, a few per host thread on CPU adapters such as lavapipe.
     pub target_workgroups: Option<u32>,
     /// Window cap (bytes per input) for two-pass jobs (logits, normalization). Windows small
     /// enough for the second pass to re-read them from L2 lost on an H200 (the dispatch gaps
@@ -30,7 +31,7 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
-            min_iterations: crate::plan::MIN_ITERATIONS,
+            min_iterations: None,
             target_workgroups: None,
             two_pass_window_bytes: u64::MAX,
         }
@@ -273,17 +274,18 @@ impl Engine {
             u64::MAX,
             hw.max_compute_workgroups_per_dimension,
         );
+        let cpu_adapter = info.device_type == wgpu::DeviceType::Cpu;
         let host_threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-        let target_workgroups = options.tuning.target_workgroups.unwrap_or_else(|| {
-            crate::plan::default_target_workgroups(
-                info.device_type == wgpu::DeviceType::Cpu,
-                host_threads,
-            )
-        });
-        let tune = |l: PlanLimits| PlanLimits {
-            min_iterations: options.tuning.min_iterations,
-            target_workgroups,
-            ..l
+        let tune = |l: PlanLimits| {
+            let l = l.for_adapter(cpu_adapter, host_threads);
+            PlanLimits {
+                min_iterations: options.tuning.min_iterations.unwrap_or(l.min_iterations),
+                target_workgroups: options
+                    .tuning
+                    .target_workgroups
+                    .unwrap_or(l.target_workgroups),
+                ..l
+            }
         };
         let (limits, device_limits) = (tune(limits), tune(device_limits));
         let subgroups = options.subgroups && device.features().contains(wgpu::Features::SUBGROUP);

@@ -56,14 +56,16 @@ fn few_huge_rows() {
     let p = dirichlet(&mut r, rows, cols, 0.5);
     let q = perturbed(&mut r, &p, 0.2);
     for input in [Input::Probs, Input::LogProbs, Input::Logits] {
-        check_rows(
-            engine(),
-            &as_input(&p, input),
-            &as_input(&q, input),
-            cols,
-            input,
-            "16 x 262144",
-        );
+        for e in both_plans() {
+            check_rows(
+                e,
+                &as_input(&p, input),
+                &as_input(&q, input),
+                cols,
+                input,
+                "16 x 262144",
+            );
+        }
     }
 }
 
@@ -82,14 +84,16 @@ fn middle_shapes_and_ragged_tails() {
         let q = dirichlet(&mut r, rows, cols, 0.3);
         for input in [Input::Probs, Input::LogProbs, Input::Logits] {
             let what = format!("{rows} x {cols}");
-            check_rows(
-                engine(),
-                &as_input(&p, input),
-                &as_input(&q, input),
-                cols,
-                input,
-                &what,
-            );
+            for e in both_plans() {
+                check_rows(
+                    e,
+                    &as_input(&p, input),
+                    &as_input(&q, input),
+                    cols,
+                    input,
+                    &what,
+                );
+            }
         }
     }
 }

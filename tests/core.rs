@@ -13,9 +13,13 @@ fn q_for(m: Measure, q: &[f32]) -> Option<&[f32]> {
 
 /// All four measures on the GPU against the reference.
 fn check_all(p: &[f32], q: &[f32], what: &str) {
+    check_all_on(engine(), p, q, what);
+}
+
+fn check_all_on(e: &klgpu::Engine, p: &[f32], q: &[f32], what: &str) {
     for m in Measure::ALL {
         let opts = Options::default();
-        let gpu = engine().divergence(m, p, q_for(m, q), &opts).unwrap();
+        let gpu = e.divergence(m, p, q_for(m, q), &opts).unwrap();
         let exact = cpu::divergence(m, p, q_for(m, q), &opts).unwrap();
         assert_close(gpu, exact, &format!("{what} {m:?}"));
     }
@@ -28,7 +32,9 @@ fn sizes_around_workgroup_and_dispatch_boundaries() {
         for alpha in [0.01, 1.0, 100.0] {
             let p = dirichlet(&mut r, 1, n, alpha);
             let q = dirichlet(&mut r, 1, n, alpha);
-            check_all(&p, &q, &format!("N={n} alpha={alpha}"));
+            for e in both_plans() {
+                check_all_on(e, &p, &q, &format!("N={n} alpha={alpha}"));
+            }
         }
     }
 }
@@ -418,7 +424,11 @@ fn small_windows_and_the_shared_memory_path_agree_with_the_reference() {
     let mut r = rng(7);
     let p = dirichlet(&mut r, 1, 100_003, 0.5);
     let q = perturbed(&mut r, &p, 0.3);
-    for e in [small_window_engine(), shared_memory_engine()] {
+    for e in [
+        small_window_engine(),
+        shared_memory_engine(),
+        gpu_plan_engine(),
+    ] {
         for m in Measure::ALL {
             let opts = Options::default();
             let gpu = e.divergence(m, &p, q_for(m, &q), &opts).unwrap();

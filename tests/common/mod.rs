@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use klgpu::{Engine, EngineOptions};
+use klgpu::{Engine, EngineOptions, Tuning, plan};
 use rand::prelude::*;
 use rand_distr::Gamma;
 
@@ -28,6 +28,28 @@ pub fn small_window_engine() -> &'static Engine {
         })
         .unwrap_or_else(|e| panic!("klgpu tests need a GPU adapter: {e}"))
     })
+}
+
+/// The plan a GPU gets (many short workgroups, rows split into chunks and combined), whatever
+/// the adapter: on a CPU adapter the default plan is a few long workgroups instead.
+pub fn gpu_plan_engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        Engine::with_options(EngineOptions {
+            tuning: Tuning {
+                min_iterations: Some(plan::MIN_ITERATIONS),
+                target_workgroups: Some(plan::TARGET_WORKGROUPS),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("klgpu tests need a GPU adapter: {e}"))
+    })
+}
+
+/// Both plans: the adapter's default and a GPU's.
+pub fn both_plans() -> [&'static Engine; 2] {
+    [engine(), gpu_plan_engine()]
 }
 
 /// The shared-memory reduction path, whatever the adapter supports.
