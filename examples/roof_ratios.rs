@@ -1,0 +1,108 @@
+//! Each kernel against its own roofline, interleaved: a quick A/B tool for kernel and planner
+//! changes (about a minute on lavapipe).
+//!
+//! `examples/bench` times a kernel and its roofline in separate blocks; on a noisy machine
+//! (lavapipe shares two cores with everything else) the two blocks can land in different
+//! states. Here every round times one call of the kernel and then one of its roofline (a plain
+//! sum over the same inputs and plan), and each keeps its best round, so both see the same
+//! conditions. To compare two builds, run their binaries alternately a few times.
+//!
+//! ```text
+//! cargo run --release --example roof_ratios -- [--rounds R] [--workgroups W]
+//!     [--min-iterations M] [CASE,CASE,...]
+//! ```
+//! Cases: KL CE H JS (N = 4·10^6), KL10 (400,000 × 10), KL1k (1000 × 1000), logits
+//! (64 × 32,000), long (8 × 262,144 logits). `--workgroups` and `--min-iterations` override
+//! the planner's defaults for the adapter (`klgpu::Tuning`).
+
+#[path = "../benches/support/mod.rs"]
+mod support;
+use support::{Rng, Timer, data, time_calls};
+
+use klgpu::wgpu::{self, util::DeviceExt};
+use klgpu::{Engine, EngineOptions, Input, Measure, Options};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut options = EngineOptions::default();
+    let mut rounds = 10;
+    let mut only: Vec<String> = vec![];
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || -> Result<u32, Box<dyn std::error::Error>> {
+            Ok(args.next().ok_or(format!("{a} needs a value"))?.parse()?)
+        };
+        match a.as_str() {
+            "--rounds" => rounds = value()?,
+            "--workgroups" => options.tuning.target_workgroups = Some(value()?),
+            "--min-iterations" => options.tuning.min_iterations = Some(value()?),
+            cases => only = cases.split(',').map(str::to_string).collect(),
+        }
+    }
+    let engine = Engine::with_options(options)?;
+    println!("adapter: {}", engine.adapter_info().name);
+    let timer = Timer::new(&engine);
+    let upload = |v: &[f32]| {
+        engine
+            .device()
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("roof_ratios.input"),
+                contents: bytemuck::cast_slice(v),
+                usage: wgpu::BufferUsages::STORAGE,
+            })
+    };
+    let n = 4_000_000;
+    let kl = Measure::KullbackLeibler;
+    let cases = [
+        ("KL", kl, Input::Probs, 1, n),
+        ("CE", Measure::CrossEntropy, Input::Probs, 1, n),
+        ("H", Measure::Entropy, Input::Probs, 1, n),
+        ("JS", Measure::JensenShannon, Input::Probs, 1, n),
+        ("KL10", kl, Input::Probs, n / 10, 10),
+        ("KL1k", kl, Input::Probs, 1000, 1000),
+        ("logits", kl, Input::Logits, 64, 32_000),
+        ("long", kl, Input::Logits, 8, 262_144),
+    ];
+    let out = engine.create_f32_buffer("roof_ratios.out", 1 << 20)?;
+    let mut rng = Rng(42);
+    for (name, measure, input, rows, cols) in cases {
+        if !only.is_empty() && !only.iter().any(|c| c == name) {
+            continue;
+        }
+        let p = upload(&data(&mut rng, rows, cols, input));
+        let q = upload(&data(&mut rng, rows, cols, input));
+        let q_slice = || measure.uses_q().then(|| q.slice(..));
+        let opts = Options::input(input);
+        let mut pool = vec![];
+        let (mut kernel, mut roof) = (f64::MAX, f64::MAX);
+        for _ in 0..rounds {
+            let k = time_calls(&timer, &engine, &mut pool, 1, &mut |enc, ws| {
+                engine
+                    .record_rows(
+                        enc,
+                        ws,
+                        measure,
+                        p.slice(..),
+                        q_slice(),
+                        cols,
+                        &opts,
+                        out.slice(..),
+                    )
+                    .expect("record the kernel");
+            });
+            let r = time_calls(&timer, &engine, &mut pool, 1, &mut |enc, ws| {
+                engine
+                    .record_sum_rows(enc, ws, p.slice(..), q_slice(), cols, out.slice(..))
+                    .expect("record the roofline");
+            });
+            kernel = kernel.min(k);
+            roof = roof.min(r);
+        }
+        println!(
+            "{name:8} kernel {:8.2} ms  roof {:8.2} ms  of roof {:5.1} %",
+            kernel * 1e3,
+            roof * 1e3,
+            100.0 * roof / kernel
+        );
+    }
+    Ok(())
+}
