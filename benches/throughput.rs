@@ -11,11 +11,11 @@
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use klgpu::wgpu::{self, util::DeviceExt};
+use klgpu::wgpu;
 use klgpu::{Engine, Input, Measure, Options, cpu};
 
 mod support;
-use support::{Rng, Timer, data, time_calls};
+use support::{Rng, Timer, data, time_calls, upload};
 
 struct Case {
     name: String,
@@ -80,21 +80,12 @@ fn throughput(c: &mut Criterion) {
         info.name, info.backend, info.device_type
     );
     let timer = Timer::new(&engine);
-    let upload = |v: &[f32]| {
-        engine
-            .device()
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("bench"),
-                contents: bytemuck::cast_slice(v),
-                usage: wgpu::BufferUsages::STORAGE,
-            })
-    };
     let mut rng = Rng(42);
     let (cases, max_n) = cases(software);
 
     // Roofline: Σx over as many bytes as the largest two-input case reads.
     let roof_n = 2 * max_n;
-    let roof = upload(&data(&mut rng, 1, roof_n, Input::Logits));
+    let roof = upload(&engine, "bench", &data(&mut rng, 1, roof_n, Input::Logits));
     let out = engine.create_f32_buffer("out", 1 << 22).expect("out");
     let mut group = c.benchmark_group("roofline");
     group.throughput(Throughput::Bytes(roof_n as u64 * 4));
@@ -116,7 +107,7 @@ fn throughput(c: &mut Criterion) {
     for case in &cases {
         let p = data(&mut rng, case.rows, case.cols, case.input);
         let q = data(&mut rng, case.rows, case.cols, case.input);
-        let (pb, qb) = (upload(&p), upload(&q));
+        let (pb, qb) = (upload(&engine, "bench", &p), upload(&engine, "bench", &q));
         let rows_out = engine
             .create_f32_buffer("rows", case.rows as u64)
             .expect("rows");

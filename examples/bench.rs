@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 #[path = "../benches/support/mod.rs"]
 mod support;
-use support::{Rng, Timer, data, measure_gpu, median};
+use support::{Rng, Timer, data, measure_gpu, median, upload};
 
-use klgpu::wgpu::{self, util::DeviceExt};
+use klgpu::wgpu;
 use klgpu::{Engine, EngineOptions, Input, Measure, Options, Tuning, cpu};
 
 struct Args {
@@ -93,21 +93,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         engine.uses_subgroups(),
         timer.kind()
     );
-    let device = engine.device();
-    let upload = |label: &str, v: &[f32]| {
-        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(label),
-            contents: bytemuck::cast_slice(v),
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-        })
-    };
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut rows_out: Vec<Row> = vec![];
 
     // Roofline: the plain streaming sum over as many bytes as the largest two-input workload.
     let roof_n = (2 * args.max_n).min(if args.quick { 1 << 25 } else { 1 << 28 }) as usize;
     let roof_data = data(&mut rng, 1, roof_n, Input::Logits);
-    let roof_buf = upload("roofline", &roof_data);
+    let roof_buf = upload(&engine, "roofline", &roof_data);
     drop(roof_data);
     let out = engine.create_f32_buffer("bench.out", 1 << 22)?;
     let roof_s = measure_gpu(budget, &timer, &engine, &mut |enc, ws| {
@@ -187,7 +179,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     for (w, (p, q)) in workloads.iter().zip(&inputs) {
         let opts = Options::input(w.input);
-        let (pb, qb) = (upload("p", p), upload("q", q));
+        let (pb, qb) = (upload(&engine, "p", p), upload(&engine, "q", q));
         let out = engine.create_f32_buffer("bench.rows", w.rows as u64)?;
         let qs = || w.measure.uses_q().then(|| qb.slice(..));
         let s = measure_gpu(budget, &timer, &engine, &mut |enc, ws| {
@@ -220,7 +212,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
     }
     // The roofline again: how stable the numbers are.
-    let roof_buf = upload("roofline", &data(&mut rng, 1, roof_n, Input::Logits));
+    let roof_buf = upload(
+        &engine,
+        "roofline",
+        &data(&mut rng, 1, roof_n, Input::Logits),
+    );
     let again = measure_gpu(budget, &timer, &engine, &mut |enc, ws| {
         engine
             .record_sum_rows(enc, ws, roof_buf.slice(..), None, roof_n, out.slice(..))
@@ -399,20 +395,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let q = if *near { &close } else { &q };
             let e = Engine::with_options(opts.clone())?;
             let timer = Timer::new(&e);
-            let (pb, qb) = (
-                e.device()
-                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                        label: Some("p"),
-                        contents: bytemuck::cast_slice(&p),
-                        usage: wgpu::BufferUsages::STORAGE,
-                    }),
-                e.device()
-                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                        label: Some("q"),
-                        contents: bytemuck::cast_slice(q),
-                        usage: wgpu::BufferUsages::STORAGE,
-                    }),
-            );
+            let (pb, qb) = (upload(&e, "p", &p), upload(&e, "q", q));
             let out = e.create_f32_buffer("bench.rows", w.rows as u64)?;
             let opts = Options::input(w.input);
             let s = measure_gpu(budget / 2, &timer, &e, &mut |enc, ws| {
@@ -434,8 +417,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Per-call overhead: a blocking N = 1000 call on GPU data against an empty submit and
     // a 4-byte readback.
-    let small_p = upload("small p", &data(&mut rng, 1, 1000, Input::Probs));
-    let small_q = upload("small q", &data(&mut rng, 1, 1000, Input::Probs));
+    let small_p = upload(&engine, "small p", &data(&mut rng, 1, 1000, Input::Probs));
+    let small_q = upload(&engine, "small q", &data(&mut rng, 1, 1000, Input::Probs));
     let read_buf = engine.create_f32_buffer("bench.rt", 1)?;
     // Interleaved, so both see the same clocks and thread-pool state: timed one after the
     // other, lavapipe's drift between the two blocks moved the ratio from 1.5 to 2.4.
@@ -448,9 +431,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .expect("call");
         calls.push(t.elapsed().as_secs_f64());
         let t = Instant::now();
-        engine
-            .queue()
-            .submit([device.create_command_encoder(&Default::default()).finish()]);
+        engine.queue().submit([engine
+            .device()
+            .create_command_encoder(&Default::default())
+            .finish()]);
         engine.read_f32(read_buf.slice(..)).expect("readback");
         round_trips.push(t.elapsed().as_secs_f64());
     }

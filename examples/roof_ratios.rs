@@ -17,9 +17,8 @@
 
 #[path = "../benches/support/mod.rs"]
 mod support;
-use support::{Rng, Timer, data, time_calls};
+use support::{Rng, Timer, data, time_calls, upload};
 
-use klgpu::wgpu::{self, util::DeviceExt};
 use klgpu::{Engine, EngineOptions, Input, Measure, Options};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -41,15 +40,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let engine = Engine::with_options(options)?;
     println!("adapter: {}", engine.adapter_info().name);
     let timer = Timer::new(&engine);
-    let upload = |v: &[f32]| {
-        engine
-            .device()
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("roof_ratios.input"),
-                contents: bytemuck::cast_slice(v),
-                usage: wgpu::BufferUsages::STORAGE,
-            })
-    };
     let n = 4_000_000;
     let kl = Measure::KullbackLeibler;
     let cases = [
@@ -68,8 +58,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if !only.is_empty() && !only.iter().any(|c| c == name) {
             continue;
         }
-        let p = upload(&data(&mut rng, rows, cols, input));
-        let q = upload(&data(&mut rng, rows, cols, input));
+        let p = upload(
+            &engine,
+            "roof_ratios.input",
+            &data(&mut rng, rows, cols, input),
+        );
+        let q = upload(
+            &engine,
+            "roof_ratios.input",
+            &data(&mut rng, rows, cols, input),
+        );
         let q_slice = || measure.uses_q().then(|| q.slice(..));
         let opts = Options::input(input);
         let mut pool = vec![];

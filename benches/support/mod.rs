@@ -33,6 +33,18 @@ pub fn data(rng: &mut Rng, rows: usize, cols: usize, input: Input) -> Vec<f32> {
     v
 }
 
+/// A storage buffer holding `data` on the engine's device.
+pub fn upload(engine: &Engine, label: &str, data: &[f32]) -> wgpu::Buffer {
+    use wgpu::util::DeviceExt;
+    engine
+        .device()
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: bytemuck::cast_slice(data),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        })
+}
+
 /// Times recorded GPU work with timestamp queries, or the wall clock of submit-and-wait.
 pub struct Timer {
     queries: Option<(wgpu::QuerySet, wgpu::Buffer, wgpu::Buffer, f64)>,
