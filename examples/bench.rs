@@ -4,7 +4,8 @@
 //!
 //! Timing: GPU timestamps (TIMESTAMP_QUERY, empty timestamped passes around the recorded work)
 //! where the adapter has them, wall clock otherwise; the median of repeated runs after a
-//! warm-up. Throughput counts input bytes (4 per f32 element of each input).
+//! warm-up. A workload and its own roofline are sampled in turn, so both see the same machine
+//! state. Throughput counts input bytes (4 per f32 element of each input).
 //!
 //! ```text
 //! cargo run --release --example bench -- [--quick] [--json FILE] [--max-n N] [--no-cpu]
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 #[path = "../benches/support/mod.rs"]
 mod support;
-use support::{Rng, Timer, data, measure_gpu, median, upload};
+use support::{Rng, Timer, data, measure_gpu, measure_gpu_pair, median, upload};
 
 use klgpu::wgpu;
 use klgpu::{Engine, EngineOptions, Input, Measure, Options, Tuning, cpu};
@@ -182,26 +183,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (pb, qb) = (upload(&engine, "p", p), upload(&engine, "q", q));
         let out = engine.create_f32_buffer("bench.rows", w.rows as u64)?;
         let qs = || w.measure.uses_q().then(|| qb.slice(..));
-        let s = measure_gpu(budget, &timer, &engine, &mut |enc, ws| {
-            engine
-                .record_rows(
-                    enc,
-                    ws,
-                    w.measure,
-                    pb.slice(..),
-                    qs(),
-                    w.cols,
-                    &opts,
-                    out.slice(..),
-                )
-                .expect("record");
-        });
-        // This workload's own roofline: a plain sum over the same inputs and plan.
-        let roof = measure_gpu(budget, &timer, &engine, &mut |enc, ws| {
-            engine
-                .record_sum_rows(enc, ws, pb.slice(..), qs(), w.cols, out.slice(..))
-                .expect("record");
-        });
+        // With this workload's own roofline (a plain sum over the same inputs and plan),
+        // sampled in turn.
+        let (s, roof) = measure_gpu_pair(
+            budget,
+            &timer,
+            &engine,
+            &mut |enc, ws| {
+                engine
+                    .record_rows(
+                        enc,
+                        ws,
+                        w.measure,
+                        pb.slice(..),
+                        qs(),
+                        w.cols,
+                        &opts,
+                        out.slice(..),
+                    )
+                    .expect("record");
+            },
+            &mut |enc, ws| {
+                engine
+                    .record_sum_rows(enc, ws, pb.slice(..), qs(), w.cols, out.slice(..))
+                    .expect("record");
+            },
+        );
         rows_out.push(Row {
             workload: w.name.clone(),
             path: "gpu-device",

@@ -159,24 +159,61 @@ pub fn time_calls(
     s / k as f64
 }
 
+/// Recorded GPU work, as the timing helpers take it.
+pub type Record<'a> = &'a mut dyn FnMut(&mut wgpu::CommandEncoder, &mut klgpu::Workspace);
+
+/// Calls of `record` per sample for samples of about 2 ms of back-to-back work.
+fn calls_per_sample(
+    timer: &Timer,
+    engine: &Engine,
+    pool: &mut Vec<klgpu::Workspace>,
+    record: Record,
+) -> usize {
+    let single = (0..3)
+        .map(|_| time_calls(timer, engine, pool, 1, record))
+        .fold(f64::MAX, f64::min);
+    ((2e-3 / single.max(1e-7)).ceil() as usize).clamp(1, 64)
+}
+
 /// Median GPU seconds per call of steady back-to-back work: samples of about 2 ms each.
-pub fn measure_gpu(
+pub fn measure_gpu(budget: Duration, timer: &Timer, engine: &Engine, record: Record) -> f64 {
+    let mut pool = vec![];
+    let k = calls_per_sample(timer, engine, &mut pool, record);
+    median(budget, || time_calls(timer, engine, &mut pool, k, record))
+}
+
+/// Median GPU seconds per call of `a` and of `b`, their samples interleaved so that both see
+/// the same machine state (a kernel and its roofline: on lavapipe, which shares the CPU with
+/// everything else, separate blocks of samples can land in different states).
+pub fn measure_gpu_pair(
     budget: Duration,
     timer: &Timer,
     engine: &Engine,
-    record: &mut dyn FnMut(&mut wgpu::CommandEncoder, &mut klgpu::Workspace),
-) -> f64 {
+    a: Record,
+    b: Record,
+) -> (f64, f64) {
     let mut pool = vec![];
-    let single = (0..3)
-        .map(|_| time_calls(timer, engine, &mut pool, 1, record))
-        .fold(f64::MAX, f64::min);
-    let k = ((2e-3 / single.max(1e-7)).ceil() as usize).clamp(1, 64);
-    median(budget, || time_calls(timer, engine, &mut pool, k, record))
+    let (ka, kb) = (
+        calls_per_sample(timer, engine, &mut pool, a),
+        calls_per_sample(timer, engine, &mut pool, b),
+    );
+    let (times_a, times_b) = samples(budget, || {
+        (
+            time_calls(timer, engine, &mut pool, ka, a),
+            time_calls(timer, engine, &mut pool, kb, b),
+        )
+    });
+    (middle(times_a), middle(times_b))
 }
 
 /// Median seconds of `run`, after a warm-up long enough for the GPU's clocks to ramp up (a
 /// GPU idling at its lowest clock runs several times slower), repeated within a time budget.
 pub fn median(budget: Duration, mut run: impl FnMut() -> f64) -> f64 {
+    middle(samples(budget, || (run(), 0.0)).0)
+}
+
+/// Pairs of timings from `run`, after the warm-up, within the budget.
+fn samples(budget: Duration, mut run: impl FnMut() -> (f64, f64)) -> (Vec<f64>, Vec<f64>) {
     let warm = Instant::now();
     let mut runs = 0;
     while runs < 2 || (warm.elapsed() < budget / 3 && runs < 200) {
@@ -188,6 +225,11 @@ pub fn median(budget: Duration, mut run: impl FnMut() -> f64) -> f64 {
     while times.len() < 3 || (start.elapsed() < budget && times.len() < 50) {
         times.push(run());
     }
+    times.into_iter().unzip()
+}
+
+/// The median.
+fn middle(mut times: Vec<f64>) -> f64 {
     times.sort_by(f64::total_cmp);
     times[times.len() / 2]
 }
