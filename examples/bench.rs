@@ -306,6 +306,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     &[1, 2, 4, 16],
                 )
             };
+        let min_iterations = |values: &[u32]| -> Vec<Variant> {
+            values
+                .iter()
+                .map(|&m| {
+                    let tuning = Tuning {
+                        min_iterations: Some(m),
+                        ..d
+                    };
+                    (format!("min_iterations={m}"), options(tuning), false)
+                })
+                .collect()
+        };
         vec![
             (
                 Workload {
@@ -351,19 +363,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     rows: min_it_shape.0,
                     cols: min_it_shape.1,
                 },
-                min_it_values
-                    .iter()
-                    .map(|&m| {
-                        (
-                            format!("min_iterations={m}"),
-                            Tuning {
-                                min_iterations: Some(m),
-                                ..d
-                            },
-                        )
-                    })
-                    .map(|(l, t)| (l, options(t), false))
-                    .collect(),
+                min_iterations(min_it_values),
+            ),
+            (
+                // One long row: how short a loop a GPU's invocations may have (at 16, an
+                // H200 gives each invocation 4 vec4 loads at N = 1e7).
+                Workload {
+                    name: format!("KL probs N={mid:.0e}"),
+                    measure: Measure::KullbackLeibler,
+                    input: Input::Probs,
+                    rows: 1,
+                    cols: mid,
+                },
+                min_iterations(&[16, 64, 256, 1024]),
             ),
             (
                 Workload {
