@@ -48,8 +48,6 @@ fn fold_term(acc: Acc, t: Term) -> Acc {
     return Acc(a.main_hi, a.main_lo, a.resid_hi, a.resid_lo, a.flags | t.flags, 0u);
 }
 
-fn with_inf(a: Acc) -> Acc { return Acc(a.main_hi, a.main_lo, a.resid_hi, a.resid_lo, a.flags | ACC_INF, 0u); }
-
 // Without branches on the values (llvmpipe runs both sides of every divergent branch; GPUs
 // lose nothing): each case is computed and the right one selected. ln_acc(0) is finite, so
 // 0·ln 0 comes out 0 by itself.
