@@ -51,7 +51,7 @@ section "benchmark"
 timeout 240 .device/bench --json "$OUT/bench.json" --no-cpu 2>&1 | tee "$OUT/bench.txt" | grep -v XDG
 
 section "own-roof ratios, interleaved"
-timeout 60 .device/roof_ratios --rounds 20 2>&1 | tee "$OUT/roof_ratios.txt" | grep -v XDG
+timeout 45 .device/roof_ratios --rounds 10 2>&1 | tee "$OUT/roof_ratios.txt" | grep -v XDG
 
 section "peers"
 PYTHONUNBUFFERED=1 timeout 200 python3 scripts/peers.py --klgpu-json "$OUT/bench.json" --json "$OUT/peers.json" 2>&1 | tee "$OUT/peers.txt"
