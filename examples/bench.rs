@@ -255,6 +255,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             roof_seconds: None,
         });
     }
+    // Host-data windows (klgpu::plan::default_window_bytes): one long row and the logits batch.
+    let mut variants: Vec<(String, String, f64)> = vec![];
+    for (w, (p, q)) in workloads.iter().zip(&inputs) {
+        if w.name != format!("KL probs N={mid:.0e}") && w.input != Input::Logits {
+            continue;
+        }
+        for mb in [4u64, 16, 32, 128] {
+            let e = Engine::with_options(EngineOptions {
+                window_bytes: Some(mb << 20),
+                ..Default::default()
+            })?;
+            let opts = Options::input(w.input);
+            let s = median(budget / 2, || {
+                let t = Instant::now();
+                e.rows(w.measure, p, Some(q), w.cols, &opts).expect("gpu");
+                t.elapsed().as_secs_f64()
+            });
+            let label = format!("host window={mb}MiB");
+            variants.push((w.name.clone(), label, bytes_of(w) / s / 1e9));
+        }
+    }
     if args.cpu {
         for (w, (p, q)) in workloads.iter().zip(&inputs) {
             let opts = Options::input(w.input);
@@ -277,7 +298,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     drop(inputs);
 
     // Planner variants on GPU data: the numbers behind the defaults in klgpu::Tuning.
-    let mut variants: Vec<(String, String, f64)> = vec![];
     let options = |t: Tuning| EngineOptions {
         tuning: t,
         ..Default::default()

@@ -44,9 +44,11 @@ pub struct EngineOptions {
     /// Use subgroup operations in the reductions where the adapter has
     /// `Features::SUBGROUP` (default `true`); `false` forces the shared-memory path.
     pub subgroups: bool,
-    /// Most bytes of one input uploaded and bound at once (default 128 MiB). Larger inputs
-    /// stream through windows of this size, so device memory stays bounded.
-    pub window_bytes: u64,
+    /// Most bytes of one input uploaded and bound at once from host memory. Larger inputs
+    /// stream through windows of this size, so device memory stays bounded. `None` (the
+    /// default) picks one for the adapter ([`plan::default_window_bytes`](crate::plan::default_window_bytes):
+    /// 128 MiB on GPUs, 4 MiB on CPU adapters).
+    pub window_bytes: Option<u64>,
     /// Planner knobs.
     pub tuning: Tuning,
 }
@@ -55,7 +57,7 @@ impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
             subgroups: true,
-            window_bytes: 128 << 20,
+            window_bytes: None,
             tuning: Tuning::default(),
         }
     }
@@ -263,10 +265,14 @@ impl Engine {
         options: &EngineOptions,
     ) -> Result<Engine> {
         let hw = device.limits();
+        let cpu_adapter = info.device_type == wgpu::DeviceType::Cpu;
         let binding = hw.max_storage_buffer_binding_size.min(hw.max_buffer_size);
+        let window_bytes = options
+            .window_bytes
+            .unwrap_or_else(|| crate::plan::default_window_bytes(cpu_adapter));
         let limits = PlanLimits::from_bytes(
             binding,
-            options.window_bytes,
+            window_bytes,
             hw.max_compute_workgroups_per_dimension,
         );
         let device_limits = PlanLimits::from_bytes(
@@ -274,7 +280,6 @@ impl Engine {
             u64::MAX,
             hw.max_compute_workgroups_per_dimension,
         );
-        let cpu_adapter = info.device_type == wgpu::DeviceType::Cpu;
         let host_threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
         let tune = |l: PlanLimits| {
             let l = l.for_adapter(cpu_adapter, host_threads);

@@ -24,6 +24,12 @@ pub(crate) enum Prepass {
     Sums,
 }
 
+/// Host data is uploaded in pieces of this many elements (1 MiB). wgpu stages every
+/// `write_buffer` in a fresh host-visible buffer; a large one gets an allocation of its own
+/// whose pages fault in again on every call, while small ones come out of blocks the allocator
+/// keeps (lavapipe, KL over 10^7 from host slices: 98 → 77 ms).
+const UPLOAD_PIECE_ELEMS: usize = 1 << 18;
+
 /// Everything that defines one computation's kernels, independent of the data.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Job {
@@ -616,8 +622,11 @@ impl Gpu {
                     let buffer = scratch.windows[side][slot]
                         .as_ref()
                         .expect("prepared window");
-                    self.queue
-                        .write_buffer(buffer, 0, bytemuck::cast_slice(&data[range.clone()]));
+                    for (k, piece) in data[range.clone()].chunks(UPLOAD_PIECE_ELEMS).enumerate() {
+                        let offset = (k * UPLOAD_PIECE_ELEMS * 4) as u64;
+                        self.queue
+                            .write_buffer(buffer, offset, bytemuck::cast_slice(piece));
+                    }
                     buffer
                 };
                 let wp = upload(0, p);

@@ -23,7 +23,7 @@ pub fn small_window_engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE.get_or_init(|| {
         Engine::with_options(EngineOptions {
-            window_bytes: 4096,
+            window_bytes: Some(4096),
             ..Default::default()
         })
         .unwrap_or_else(|e| panic!("klgpu tests need a GPU adapter: {e}"))
