@@ -9,11 +9,11 @@
 //!
 //! ```text
 //! cargo run --release --example roof_ratios -- [--rounds R] [--workgroups W]
-//!     [--min-iterations M] [CASE,CASE,...]
+//!     [--min-iterations M] [--blocked-lanes 0|1] [CASE,CASE,...]
 //! ```
 //! Cases: KL CE H JS (N = 4·10^6), KL10 (400,000 × 10), KL1k (1000 × 1000), logits
-//! (64 × 32,000), long (8 × 262,144 logits). `--workgroups` and `--min-iterations` override
-//! the planner's defaults for the adapter (`klgpu::Tuning`).
+//! (64 × 32,000), long (8 × 262,144 logits). `--workgroups`, `--min-iterations` and
+//! `--blocked-lanes` override the planner's defaults for the adapter (`klgpu::Tuning`).
 
 #[path = "../benches/support/mod.rs"]
 mod support;
@@ -34,6 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--rounds" => rounds = value()?,
             "--workgroups" => options.tuning.target_workgroups = Some(value()?),
             "--min-iterations" => options.tuning.min_iterations = Some(value()?),
+            "--blocked-lanes" => options.tuning.blocked_lanes = Some(value()? != 0),
             cases => only = cases.split(',').map(str::to_string).collect(),
         }
     }

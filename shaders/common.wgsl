@@ -26,6 +26,12 @@ struct Params {
     out_scale: f32,
     agree_base: u32,
     grad_base: u32,
+    // Columns per lane when each lane walks a contiguous block of its chunk; 0 when the lanes
+    // interleave (see loops.wgsl).
+    lane_span: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 // A compensated sum of the stable main term and of the residual sum (p - q), each as an

@@ -22,6 +22,11 @@ pub struct Tuning {
     /// Workgroups to aim for in one dispatch. `None` (the default) picks a number for the
     /// adapter: 4096 on GPUs, a few per host thread on CPU adapters such as lavapipe.
     pub target_workgroups: Option<u32>,
+    /// Whether each invocation walks a contiguous block of its row segment (`Some(true)`)
+    /// or every n-th element from its own offset (`Some(false)`). `None` (the default) picks
+    /// for the adapter: interleaved on GPUs, whose warps then read coalesced memory; blocked on
+    /// CPU adapters, whose SIMD lanes then each read a stream.
+    pub blocked_lanes: Option<bool>,
     /// Window cap (bytes per input) for two-pass jobs (logits, normalization). Windows small
     /// enough for the second pass to re-read them from L2 lost on an H200 (the dispatch gaps
     /// cost more than the re-read), so by default there is no extra cap.
@@ -33,6 +38,7 @@ impl Default for Tuning {
         Tuning {
             min_iterations: None,
             target_workgroups: None,
+            blocked_lanes: None,
             two_pass_window_bytes: u64::MAX,
         }
     }
@@ -289,6 +295,7 @@ impl Engine {
                     .tuning
                     .target_workgroups
                     .unwrap_or(l.target_workgroups),
+                blocked_lanes: options.tuning.blocked_lanes.unwrap_or(l.blocked_lanes),
                 ..l
             }
         };

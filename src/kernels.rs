@@ -136,6 +136,9 @@ pub(crate) struct Params {
     pub out_scale: f32,
     pub agree_base: u32,
     pub grad_base: u32,
+    /// Columns per lane when each lane walks a contiguous block; 0 when lanes interleave.
+    pub lane_span: u32,
+    pub _pad: [u32; 3],
 }
 
 /// Size of `Acc` and `Lse` in the shaders (six 4-byte words each).
@@ -370,7 +373,7 @@ mod tests {
 
     #[test]
     fn params_match_the_wgsl_struct_size() {
-        assert_eq!(std::mem::size_of::<Params>(), 64);
+        assert_eq!(std::mem::size_of::<Params>(), 80);
     }
 
     #[test]

@@ -413,6 +413,8 @@ impl Gpu {
             out_scale: per_nat,
             agree_base: 0,
             grad_base: 0,
+            lane_span: layout.lane_span(),
+            _pad: [0; 3],
         }
     }
 

@@ -30,26 +30,38 @@ pub fn small_window_engine() -> &'static Engine {
     })
 }
 
-/// The plan a GPU gets (many short workgroups, rows split into chunks and combined), whatever
-/// the adapter: on a CPU adapter the default plan is a few long workgroups instead.
+/// The plan a GPU gets (many short workgroups, rows split into chunks and combined, lanes
+/// interleaved), whatever the adapter: on a CPU adapter the default plan is a few long
+/// workgroups with blocked lanes instead.
 pub fn gpu_plan_engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
-    ENGINE.get_or_init(|| {
-        Engine::with_options(EngineOptions {
-            tuning: Tuning {
-                min_iterations: Some(plan::MIN_ITERATIONS),
-                target_workgroups: Some(plan::TARGET_WORKGROUPS),
-                ..Default::default()
-            },
-            ..Default::default()
-        })
-        .unwrap_or_else(|e| panic!("klgpu tests need a GPU adapter: {e}"))
-    })
+    ENGINE.get_or_init(|| short_loop_engine(false))
 }
 
-/// Both plans: the adapter's default and a GPU's.
-pub fn both_plans() -> [&'static Engine; 2] {
-    [engine(), gpu_plan_engine()]
+/// The GPU plan's short loops with a CPU adapter's blocked lanes, so that rows are spread over
+/// many lanes each walking a block of its chunk (the default CPU plan's tiny test windows give
+/// one lane per row).
+pub fn blocked_lanes_engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| short_loop_engine(true))
+}
+
+fn short_loop_engine(blocked_lanes: bool) -> Engine {
+    Engine::with_options(EngineOptions {
+        tuning: Tuning {
+            min_iterations: Some(plan::MIN_ITERATIONS),
+            target_workgroups: Some(plan::TARGET_WORKGROUPS),
+            blocked_lanes: Some(blocked_lanes),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("klgpu tests need a GPU adapter: {e}"))
+}
+
+/// Every plan: the adapter's default, a GPU's, and a GPU's with blocked lanes.
+pub fn all_plans() -> [&'static Engine; 3] {
+    [engine(), gpu_plan_engine(), blocked_lanes_engine()]
 }
 
 /// The shared-memory reduction path, whatever the adapter supports.
