@@ -1,4 +1,7 @@
-// The one reduction, instantiated per monoid (MONOID is replaced by Acc or Lse).
+// The one reduction, instantiated per monoid (MONOID is replaced by Acc or Lse), in two forms:
+// the tree below, and (ONE_LANE, for dispatches with one lane per segment) none at all, so
+// that such a module has no barrier: llvmpipe runs every shader that has one as coroutines,
+// which cost as much as the loads for rows of 10, and a GPU keeps the shared memory free.
 // Reduces each segment of `lanes` consecutive invocations; every lane gets its segment's result.
 // With subgroups, a butterfly of shuffles covers the first `subgroup_width` lanes (the adapter's
 // minimum subgroup size, passed as a uniform so that the barrier loop stays uniform), and
@@ -26,4 +29,8 @@ fn segment_reduce_MONOID(value: MONOID, lid: u32, lanes: u32, sg: vec2<u32>) -> 
     let result = scratch_MONOID[first];
     workgroupBarrier();
     return result;
+}
+//---- ONE_LANE
+fn segment_reduce_MONOID(value: MONOID, lid: u32, lanes: u32, sg: vec2<u32>) -> MONOID {
+    return value;
 }

@@ -167,9 +167,33 @@ fn element_loop(monoid: &str, vec4: bool) -> String {
         .replace("CTX", ctx)
 }
 
+/// How a kernel reduces the lanes of each segment. Each is a module of its own: a barrier
+/// anywhere in a shader costs llvmpipe coroutines for every invocation, taken or not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum SegmentReduce {
+    /// One lane per segment: nothing to reduce, no barrier, no shared memory.
+    OneLane,
+    /// A tree in shared memory.
+    SharedMemory,
+    /// A subgroup butterfly, then the tree for what is left.
+    Subgroups,
+}
+
+impl SegmentReduce {
+    /// The variant for a dispatch with `lanes` lanes per segment.
+    pub(crate) fn for_lanes(lanes: u32, subgroups: bool) -> SegmentReduce {
+        match (lanes, subgroups) {
+            (1, _) => SegmentReduce::OneLane,
+            (_, false) => SegmentReduce::SharedMemory,
+            (_, true) => SegmentReduce::Subgroups,
+        }
+    }
+}
+
 /// Full WGSL source of one module: constants, common header, monoid, reduction, kernels.
 /// `vec4` selects 16-byte input loads (the terms and log-sum-exp loops only).
-pub(crate) fn shader_source(monoid: &str, subgroups: bool, vec4: bool) -> String {
+pub(crate) fn shader_source(monoid: &str, reduce: SegmentReduce, vec4: bool) -> String {
+    let subgroups = reduce == SegmentReduce::Subgroups;
     let constants = format!(
         "const FLAG_INVALID: u32 = {FLAG_INVALID}u;\nconst FLAG_P_EMPTY: u32 = {FLAG_P_EMPTY}u;\n\
          const FLAG_Q_EMPTY: u32 = {FLAG_Q_EMPTY}u;\n\
@@ -189,7 +213,16 @@ pub(crate) fn shader_source(monoid: &str, subgroups: bool, vec4: bool) -> String
     } else {
         ""
     };
-    let reduce = include_str!("../shaders/reduce.wgsl")
+    let reduce_src = include_str!("../shaders/reduce.wgsl");
+    let one_lane = reduce_src
+        .find("//---- ONE_LANE")
+        .unwrap_or(reduce_src.len());
+    let reduce = if reduce == SegmentReduce::OneLane {
+        &reduce_src[one_lane..]
+    } else {
+        &reduce_src[..one_lane]
+    };
+    let reduce = reduce
         .replace("//SUBGROUP_STAGE_MONOID", stage)
         .replace("MONOID", monoid);
     let kernels = match monoid {
@@ -251,7 +284,7 @@ struct PipelineKey {
     stage: Stage,
     term: u32,
     input: u32,
-    subgroups: bool,
+    reduce: SegmentReduce,
     vec4: bool,
 }
 
@@ -259,7 +292,7 @@ struct PipelineKey {
 pub(crate) struct Kernels {
     pub layout: wgpu::BindGroupLayout,
     pipeline_layout: wgpu::PipelineLayout,
-    modules: Mutex<HashMap<(&'static str, bool, bool), wgpu::ShaderModule>>,
+    modules: Mutex<HashMap<(&'static str, SegmentReduce, bool), wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
 }
 
@@ -315,7 +348,7 @@ impl Kernels {
         stage: Stage,
         term: Term,
         input: InputCode,
-        subgroups: bool,
+        reduce: SegmentReduce,
         vec4: bool,
     ) -> wgpu::ComputePipeline {
         // Only the element loops have a wide variant.
@@ -324,7 +357,7 @@ impl Kernels {
             stage,
             term: term.code(),
             input: input.code(),
-            subgroups,
+            reduce,
             vec4,
         };
         let mut pipelines = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
@@ -334,7 +367,7 @@ impl Kernels {
         let module = {
             let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
             modules
-                .entry((stage.monoid(), subgroups, vec4))
+                .entry((stage.monoid(), reduce, vec4))
                 .or_insert_with(|| {
                     device.create_shader_module(wgpu::ShaderModuleDescriptor {
                         label: Some(if stage.monoid() == "Acc" {
@@ -343,7 +376,7 @@ impl Kernels {
                             "klgpu.lse"
                         }),
                         source: wgpu::ShaderSource::Wgsl(
-                            shader_source(stage.monoid(), subgroups, vec4).into(),
+                            shader_source(stage.monoid(), reduce, vec4).into(),
                         ),
                     })
                 })
@@ -378,25 +411,26 @@ mod tests {
 
     #[test]
     fn every_module_variant_parses_and_validates() {
-        for (monoid, subgroups, vec4) in [
-            ("Acc", false, false),
-            ("Acc", true, false),
-            ("Acc", false, true),
-            ("Acc", true, true),
-            ("Lse", false, false),
-            ("Lse", true, true),
-        ] {
-            {
-                let src = shader_source(monoid, subgroups, vec4);
-                let module = naga::front::wgsl::parse_str(&src)
-                    .unwrap_or_else(|e| panic!("{monoid}/{subgroups}: {}", e.emit_to_string(&src)));
-                let mut validator = naga::valid::Validator::new(
-                    naga::valid::ValidationFlags::all(),
-                    naga::valid::Capabilities::all(),
-                );
-                validator
-                    .validate(&module)
-                    .unwrap_or_else(|e| panic!("{monoid}/{subgroups}: {}", e.emit_to_string(&src)));
+        use SegmentReduce::*;
+        for monoid in ["Acc", "Lse"] {
+            for reduce in [OneLane, SharedMemory, Subgroups] {
+                for vec4 in [false, true] {
+                    let src = shader_source(monoid, reduce, vec4);
+                    let what = format!("{monoid}/{reduce:?}/vec4={vec4}");
+                    let module = naga::front::wgsl::parse_str(&src)
+                        .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
+                    let mut validator = naga::valid::Validator::new(
+                        naga::valid::ValidationFlags::all(),
+                        naga::valid::Capabilities::all(),
+                    );
+                    validator
+                        .validate(&module)
+                        .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
+                    // The point of the one-lane variant: no barrier, no shared memory.
+                    let one_lane = reduce == OneLane;
+                    assert_eq!(src.contains("workgroupBarrier"), !one_lane, "{what}");
+                    assert_eq!(src.contains("var<workgroup>"), !one_lane, "{what}");
+                }
             }
         }
     }

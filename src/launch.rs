@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::kernels::{self, InputCode, Kernels, MONOID_BYTES, Params, Stage, Term};
+use crate::kernels::{self, InputCode, Kernels, MONOID_BYTES, Params, SegmentReduce, Stage, Term};
 use crate::plan::{Layout, Plan, Window};
 use crate::types::Measure;
 
@@ -562,9 +562,10 @@ impl Gpu {
         });
         for (k, &(stage, term, input, _, is_combine)) in dispatches.iter().enumerate() {
             let (layout, _) = layout_of(is_combine);
+            let reduce = SegmentReduce::for_lanes(layout.lanes, subgroups);
             let pipeline =
                 self.kernels
-                    .pipeline(&self.device, stage, term, input, subgroups, bindings.vec4);
+                    .pipeline(&self.device, stage, term, input, reduce, bindings.vec4);
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(
                 0,
