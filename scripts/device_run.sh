@@ -52,6 +52,8 @@ timeout 240 .device/bench --json "$OUT/bench.json" --no-cpu 2>&1 | tee "$OUT/ben
 
 section "own-roof ratios, interleaved"
 timeout 45 .device/roof_ratios --rounds 10 2>&1 | tee "$OUT/roof_ratios.txt" | grep -v XDG
+echo "-- the same with a CPU adapter's blocked lanes (GPUs default to interleaved)"
+timeout 20 .device/roof_ratios --rounds 5 --blocked-lanes 1 KL,KL1k,long 2>&1 | tee "$OUT/roof_ratios_blocked.txt" | grep -v XDG
 
 section "peers"
 PYTHONUNBUFFERED=1 timeout 200 python3 scripts/peers.py --klgpu-json "$OUT/bench.json" --json "$OUT/peers.json" 2>&1 | tee "$OUT/peers.txt"
