@@ -8,10 +8,13 @@
 // every load of a lane touch a new page with no stream for the prefetcher to follow.
 //
 // LOOP_SCALAR: one f32 of P (and Q) per iteration.
-// LOOP_VEC4: one vec4 per iteration. The chunk start, the chunk length, the span and
-// (shift + local) are multiples of 4 (the host checks); elements past the lane's end are
-// masked. The four elements are combined among themselves first, then folded into the running
-// state once.
+// LOOP_VEC4: one vec4 per iteration, for rows of any length and start. The segment's columns
+// that share a vec4 of the input with a neighbouring row or chunk (at most three at each end)
+// go one at a time through the vec4 array, like LOOP_SCALAR; the whole vec4s between them are
+// spread over the lanes like LOOP_SCALAR's elements (span / 4 of them per blocked lane), their
+// four elements combined among themselves first and folded into the running state once. The
+// host checks that P and Q sit at the same offset modulo 4 and that both bindings end on a
+// whole vec4.
 // ELEMENT(x, y, local, c, CTX) gives one element's value, COMBINE joins two values, and
 // FOLD(ACC, value) adds one into the running state.
 
@@ -27,17 +30,33 @@
             ACC = FOLD(ACC, ELEMENT(x, y, local, c, CTX));
         }
 //---- LOOP_VEC4
+        // [a0, a1): the columns of whole vec4s; the e-th of the others is column c0 + e
+        // before them, or a1 + (e − before) after them.
+        let a0 = min(c0 + (4u - (prm.shift_p + base + c0) % 4u) % 4u, c1);
+        let a1 = a0 + (c1 - a0) / 4u * 4u;
+        let before = a0 - c0;
+        for (var e = lane; e < before + (c1 - a1); e = e + lanes) {
+            let c = select(a1 + e - before, c0 + e, e < before);
+            let local = base + c;
+            let x = in_p[(prm.shift_p + local) / 4u][(prm.shift_p + local) % 4u];
+            var y = x;
+            if (uses_q()) { y = in_q[(prm.shift_q + local) / 4u][(prm.shift_q + local) % 4u]; }
+            ACC = FOLD(ACC, ELEMENT(x, y, local, c, CTX));
+        }
+        let whole = (a1 - a0) / 4u;
         let blocked = prm.lane_span != 0u;
-        let lane_begin = c0 + select(4u * lane, lane * prm.lane_span, blocked);
-        let lane_end = select(c1, min(c1, lane_begin + prm.lane_span), blocked);
-        for (var c = lane_begin; c < lane_end; c = c + select(4u * lanes, 4u, blocked)) {
+        let span4 = prm.lane_span / 4u;
+        let first = select(lane, lane * span4, blocked);
+        let end = select(whole, min(whole, first + span4), blocked);
+        for (var i = first; i < end; i = i + select(lanes, 1u, blocked)) {
+            let c = a0 + 4u * i;
             let local = base + c;
             let x = in_p[(prm.shift_p + local) / 4u];
             var y = x;
             if (uses_q()) { y = in_q[(prm.shift_q + local) / 4u]; }
             var v = ELEMENT(x.x, y.x, local, c, CTX);
-            if (c + 1u < lane_end) { v = COMBINE(v, ELEMENT(x.y, y.y, local + 1u, c + 1u, CTX)); }
-            if (c + 2u < lane_end) { v = COMBINE(v, ELEMENT(x.z, y.z, local + 2u, c + 2u, CTX)); }
-            if (c + 3u < lane_end) { v = COMBINE(v, ELEMENT(x.w, y.w, local + 3u, c + 3u, CTX)); }
+            v = COMBINE(v, ELEMENT(x.y, y.y, local + 1u, c + 1u, CTX));
+            v = COMBINE(v, ELEMENT(x.z, y.z, local + 2u, c + 2u, CTX));
+            v = COMBINE(v, ELEMENT(x.w, y.w, local + 3u, c + 3u, CTX));
             ACC = FOLD(ACC, v);
         }

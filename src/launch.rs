@@ -301,10 +301,11 @@ pub(crate) fn aligned_binding(
     )
 }
 
-/// Whether a window can use 16-byte loads: every row starts on a vec4 and both input bindings
-/// start on one and end on a whole vec4.
+/// Whether a window can use 16-byte loads: P and Q sit at the same offset modulo 4 (so one
+/// vec4 index holds the same columns of both) and both bindings end on a whole vec4. Rows may
+/// have any length and start: the kernels take the columns that share a vec4 with a
+/// neighbour one at a time.
 fn wide_loads(
-    window: &Window,
     p: &wgpu::BufferBinding<'_>,
     q: &wgpu::BufferBinding<'_>,
     shifts: (u32, u32),
@@ -314,12 +315,7 @@ fn wide_loads(
             .map_or(b.buffer.size() - b.offset, |s| s.get())
             .is_multiple_of(16)
     };
-    (window.rows == 1 || window.row_len().is_multiple_of(4))
-        && window.col_begin.is_multiple_of(4)
-        && shifts.0.is_multiple_of(4)
-        && shifts.1.is_multiple_of(4)
-        && whole(p)
-        && whole(q)
+    shifts.0 % 4 == shifts.1 % 4 && whole(p) && whole(q)
 }
 
 impl Gpu {
@@ -650,7 +646,7 @@ impl Gpu {
                     vec4: false,
                 };
                 let bindings = WindowBindings {
-                    vec4: wide_loads(window, &bindings.p, &bindings.q, bindings.shifts),
+                    vec4: wide_loads(&bindings.p, &bindings.q, bindings.shifts),
                     ..bindings
                 };
                 let mut encoder =
@@ -741,7 +737,7 @@ impl Gpu {
                 vec4: false,
             };
             let bindings = WindowBindings {
-                vec4: wide_loads(w, &bindings.p, &bindings.q, bindings.shifts),
+                vec4: wide_loads(&bindings.p, &bindings.q, bindings.shifts),
                 ..bindings
             };
             let slot_base = k as u64 * SLOTS_PER_WINDOW * PARAM_SLOT;

@@ -19,6 +19,12 @@ fn upload(engine: &Engine, label: &str, data: &[f32]) -> wgpu::Buffer {
         })
 }
 
+/// The whole of an f32 buffer, widened for comparison with the reference.
+fn read_f64(engine: &Engine, buffer: &wgpu::Buffer) -> Vec<f64> {
+    let values = engine.read_f32(buffer.slice(..)).unwrap();
+    values.iter().map(|&v| v as f64).collect()
+}
+
 /// An app's own device and queue, the way an app creates them.
 fn app_device() -> (wgpu::Device, wgpu::Queue) {
     let instance =
@@ -175,6 +181,61 @@ fn bad_values_in_gpu_buffers_are_located() {
     );
 }
 
+/// Rows whose length is not a multiple of 4, read from caller buffers at every pair of
+/// offsets modulo 4: at equal offsets the kernels use vec4 loads with the columns that share a
+/// vec4 with the neighbouring row taken one at a time; at unequal ones, scalar loads.
+#[test]
+fn odd_rows_at_every_offset_phase() {
+    let mut r = rng(22);
+    let (rows, cols) = (300, 1013);
+    for input in [Input::Probs, Input::Logits] {
+        let (p, q) = match input {
+            Input::Logits => (
+                logits(&mut r, rows * cols, 8.0),
+                logits(&mut r, rows * cols, 8.0),
+            ),
+            _ => (
+                dirichlet(&mut r, rows, cols, 0.5),
+                dirichlet(&mut r, rows, cols, 0.5),
+            ),
+        };
+        let opts = Options::input(input);
+        for (pad_p, pad_q) in [(0, 0), (1, 1), (3, 3), (1, 2), (3, 0)] {
+            for e in all_plans() {
+                let padded = |pad: usize, data: &[f32]| {
+                    let mut v = vec![f32::NAN; pad];
+                    v.extend(data);
+                    upload(e, "padded", &v)
+                };
+                let (pb, qb) = (padded(pad_p, &p), padded(pad_q, &q));
+                let out = upload(e, "out", &vec![f32::NAN; rows]);
+                for m in Measure::ALL {
+                    let p_bytes = 4 * pad_p as u64;
+                    let q_bytes = 4 * pad_q as u64;
+                    e.rows_buffers(
+                        m,
+                        pb.slice(p_bytes..),
+                        m.uses_q().then(|| qb.slice(q_bytes..)),
+                        cols,
+                        &opts,
+                        out.slice(..),
+                    )
+                    .unwrap();
+                    let got = read_f64(e, &out);
+                    let exact = cpu::rows(m, &p, m.uses_q().then_some(&q[..]), cols, &opts)
+                        .unwrap()
+                        .values;
+                    assert_rows_close(
+                        &got,
+                        &exact,
+                        &format!("{m:?} {input:?} offsets {pad_p}, {pad_q}"),
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn per_row_results_land_in_the_callers_buffer() {
     let e = engine();
@@ -195,12 +256,7 @@ fn per_row_results_land_in_the_callers_buffer() {
             out.slice(40..),
         )
         .unwrap();
-        let got: Vec<f64> = e
-            .read_f32(out.slice(..))
-            .unwrap()
-            .iter()
-            .map(|&v| v as f64)
-            .collect();
+        let got = read_f64(e, &out);
         let exact = cpu::rows(m, &x, m.uses_q().then_some(&y[..]), cols, &opts)
             .unwrap()
             .values;
@@ -257,12 +313,7 @@ fn recording_into_the_callers_encoder_chains_with_its_passes() {
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
     e.queue().submit([encoder.finish()]);
     ws.check(e).unwrap();
-    let got: Vec<f64> = e
-        .read_f32(copy.slice(..))
-        .unwrap()
-        .iter()
-        .map(|&v| v as f64)
-        .collect();
+    let got = read_f64(e, &copy);
     assert_rows_close(
         &got,
         &cpu::js_divergence_rows(&p, &q, cols, Input::Probs).unwrap(),
@@ -370,7 +421,8 @@ fn loss_and_gradient_in_one_pass() {
         .kl_loss_and_grad_buffers(tb.slice(..), zb.slice(..), cols, grad.slice(..))
         .unwrap();
     let g = e.read_f32(grad.slice(..)).unwrap();
-    // The same through the scalar-load path: slices one element into padded buffers.
+    // The same through the scalar-load path: slices that start one element into their buffers
+    // and end at the buffer's end, off a whole vec4.
     let pad = |v: &[f32]| [&[0.5f32][..], v].concat();
     let (tb1, zb1) = (
         upload(e, "target+1", &pad(&target)),
