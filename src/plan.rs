@@ -141,7 +141,8 @@ impl Layout {
             .min(per_invocation.div_ceil(min_iterations))
             .max(per_invocation.div_ceil(MAX_ITERATIONS as u64))
             .clamp(1, limits.max_workgroups as u64);
-        // A multiple of 4 so that chunks start on a vec4 for the wide-load kernels.
+        // A multiple of 4: in rows that start on a vec4 every chunk does too, and the wide-load
+        // kernels take none of its columns one at a time.
         let iterations = per_invocation.div_ceil(chunks).next_multiple_of(4);
         let chunk_len = iterations * lanes as u64;
         Layout {
@@ -175,8 +176,9 @@ impl Layout {
         self.chunk_len / self.lanes
     }
 
-    /// Columns of one lane's block when lanes are blocked (a multiple of 4, so vec4 loads stay
-    /// aligned), 0 when they interleave: what the kernels' loops read from their parameters.
+    /// Columns of one lane's block when lanes are blocked (a multiple of 4: the wide-load loop
+    /// gives each lane span / 4 whole vec4s), 0 when they interleave: what the kernels' loops
+    /// read from their parameters.
     pub fn lane_span(&self) -> u32 {
         if self.blocked { self.iterations() } else { 0 }
     }
