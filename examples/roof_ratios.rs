@@ -12,8 +12,9 @@
 //!     [--min-iterations M] [--blocked-lanes 0|1] [CASE,CASE,...]
 //! ```
 //! Cases: KL CE H JS (N = 4·10^6), KL10 (400,000 × 10), KL1k (1000 × 1000), logits
-//! (64 × 32,000), long (8 × 262,144 logits). `--workgroups`, `--min-iterations` and
-//! `--blocked-lanes` override the planner's defaults for the adapter (`klgpu::Tuning`).
+//! (64 × 32,000), JSlogits (the same, JS), long (8 × 262,144 logits). `--workgroups`,
+//! `--min-iterations` and `--blocked-lanes` override the planner's defaults for the adapter
+//! (`klgpu::Tuning`).
 
 #[path = "../benches/support/mod.rs"]
 mod support;
@@ -51,6 +52,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("KL10", kl, Input::Probs, n / 10, 10),
         ("KL1k", kl, Input::Probs, 1000, 1000),
         ("logits", kl, Input::Logits, 64, 32_000),
+        (
+            "JSlogits",
+            Measure::JensenShannon,
+            Input::Logits,
+            64,
+            32_000,
+        ),
         ("long", kl, Input::Logits, 8, 262_144),
     ];
     let out = engine.create_f32_buffer("roof_ratios.out", 1 << 20)?;

@@ -19,13 +19,11 @@ fn log1p_acc(x: f32) -> f32 {
     return log(1.0 + x);
 }
 
-// e^x - 1 without cancellation for small |x|.
+// e^x - 1 without cancellation for small |x|, without branches.
 fn expm1_acc(x: f32) -> f32 {
-    if (abs(x) <= 0.5) {
-        return x * (1.0 + x * (1.0 / 2.0 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0
-            + x * (1.0 / 720.0 + x * (1.0 / 5040.0 + x * (1.0 / 40320.0 + x * (1.0 / 362880.0)))))))));
-    }
-    return exp(x) - 1.0;
+    let series = x * (1.0 + x * (1.0 / 2.0 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0
+        + x * (1.0 / 720.0 + x * (1.0 / 5040.0 + x * (1.0 / 40320.0 + x * (1.0 / 362880.0)))))))));
+    return select(exp(x) - 1.0, series, abs(x) <= 0.5);
 }
 
 // x = m·2^e with m in [1, 2), for x > 0 finite (subnormals scaled up first), by bit operations.
@@ -105,19 +103,15 @@ fn phi_term(x: f32, r: f32, y: f32) -> f32 {
     return select(x * (r - 1.0) + y, x * phi_series(r), abs(r) <= 1.0);
 }
 
-// ln(x/m), m = (x + y)/2, from d = ln x − ln y, without overflow or cancellation.
-fn ln_ratio_to_mean(d: f32) -> f32 {
-    if (d < -1.0) {
-        return d - log1p_acc(exp(d)) + LN2;
-    }
-    return -log1p_acc(0.5 * expm1_acc(-d));
-}
-
 // JS term from log-space values: x = e^a, y = e^b, d = a − b (any of them may be 0 / ±inf).
+// With g = −ln((1 + e^(−|d|))/2) >= 0, ln(x/m) = g + min(d, 0) and ln(y/m) = g + min(−d, 0)
+// (m = (x + y)/2): one exp and one log for both halves, no overflow, no branch. g comes from
+// expm1 and log1p (whose argument stays in [−½, 0]), so it is accurate for small |d|, and
+// adding min(±d, 0) cancels at most one bit.
 fn js_log_term(x: f32, y: f32, d: f32) -> f32 {
     let m = 0.5 * (x + y);
-    var t = 0.0;
-    if (x > 0.0) { t += phi_term(x, ln_ratio_to_mean(d), m); } else { t += m; }
-    if (y > 0.0) { t += phi_term(y, ln_ratio_to_mean(-d), m); } else { t += m; }
-    return 0.5 * t;
+    let g = -log1p_acc(0.5 * expm1_acc(-abs(d)));
+    let tx = select(m, phi_term(x, g + min(d, 0.0), m), x > 0.0);
+    let ty = select(m, phi_term(y, g + min(-d, 0.0), m), y > 0.0);
+    return 0.5 * (tx + ty);
 }
