@@ -3,8 +3,7 @@
 @group(0) @binding(3) var<storage, read_write> partials: array<Lse>;
 
 fn side_of(x: f32, col: u32) -> Side {
-    if (x == neg_inf()) { return Side(neg_inf(), 0.0, 0xffffffffu); }
-    return Side(x, 0.0, col);
+    return Side(x, 0.0, select(col, 0xffffffffu, x == neg_inf()));
 }
 
 // One logit pair (column c) as a state of its own. An invalid value is noted; the state it

@@ -28,7 +28,6 @@ fn row_ctx(row: u32) -> RowCtx {
 struct Term { main: f32, resid: f32, flags: u32 }
 
 fn term(main: f32, resid: f32) -> Term { return Term(main, resid, 0u); }
-fn inf_term() -> Term { return Term(0.0, 0.0, ACC_INF); }
 
 // Terms of a few neighbouring elements, added plainly before one compensated add: the main
 // parts are non-negative (no cancellation) and few.
@@ -194,7 +193,9 @@ fn grad_term(z: f32, t: f32, local: u32, ctx: RowCtx) -> Term {
     grad[prm.grad_base + local] = (q - t) * prm.out_scale;
     // KL = Σ_{t>0} t·φ(r) + Σ_{t>0} t + Σ_{t=0} q − 1 with r = ln t − ln q (since Σ q = 1);
     // the −1 is added when the row is finished (MODE_MINUS_ONE).
-    if (t == 0.0) { return term(q, 0.0); }
-    if (z == neg_inf()) { return inf_term(); }
-    return term(phi_term(t, ln_acc(t) - lq, q), t);
+    // Selected, not branched on: one-hot and sparse targets mix both cases in every warp.
+    let t_zero = t == 0.0;
+    let inf = !t_zero && z == neg_inf();
+    let main = select(select(phi_term(t, ln_acc(t) - lq, q), 0.0, inf), q, t_zero);
+    return Term(main, select(t, 0.0, t_zero || inf), select(0u, ACC_INF, inf));
 }
