@@ -1,12 +1,16 @@
-// The one reduction, instantiated per monoid (MONOID is replaced by Acc or Lse), in two forms:
-// the tree below, and (ONE_LANE, for dispatches with one lane per segment) none at all, so
-// that such a module has no barrier: llvmpipe runs every shader that has one as coroutines,
-// which cost as much as the loads for rows of 10, and a GPU keeps the shared memory free.
-// Reduces each segment of `lanes` consecutive invocations; every lane gets its segment's result.
-// With subgroups, a butterfly of shuffles covers the first `subgroup_width` lanes (the adapter's
-// minimum subgroup size, passed as a uniform so that the barrier loop stays uniform), and
-// shared memory the rest.
+// The one reduction, instantiated per monoid (MONOID is replaced by Acc or Lse), in three
+// forms. Each reduces the segments of `lanes` consecutive invocations; every lane gets its
+// segment's result.
+// TREE: with subgroups, a butterfly of shuffles covers the first `subgroup_width` lanes (the
+// adapter's minimum subgroup size, passed as a uniform so that the barrier loop stays uniform),
+// and shared memory the rest.
+// SUBGROUP_ONLY: segments no wider than a subgroup (the host checks), by the butterfly alone.
+// ONE_LANE: one lane per segment, nothing to reduce.
+// The last two have no barrier and no shared memory: llvmpipe runs every shader that has a
+// barrier as coroutines, taken or not, which for rows of 10 cost as much as the loads, and a
+// GPU keeps its shared memory for occupancy.
 
+//---- TREE
 var<workgroup> scratch_MONOID: array<MONOID, WG>;
 
 fn segment_reduce_MONOID(value: MONOID, lid: u32, lanes: u32, sg: vec2<u32>) -> MONOID {
@@ -29,6 +33,13 @@ fn segment_reduce_MONOID(value: MONOID, lid: u32, lanes: u32, sg: vec2<u32>) -> 
     let result = scratch_MONOID[first];
     workgroupBarrier();
     return result;
+}
+//---- SUBGROUP_ONLY
+fn segment_reduce_MONOID(value: MONOID, lid: u32, lanes: u32, sg: vec2<u32>) -> MONOID {
+    var v = value;
+    let width = lanes;
+    //SUBGROUP_STAGE_MONOID
+    return v;
 }
 //---- ONE_LANE
 fn segment_reduce_MONOID(value: MONOID, lid: u32, lanes: u32, sg: vec2<u32>) -> MONOID {

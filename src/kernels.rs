@@ -144,17 +144,19 @@ pub(crate) struct Params {
 /// Size of `Acc` and `Lse` in the shaders (six 4-byte words each).
 pub(crate) const MONOID_BYTES: u64 = 24;
 
+/// The lines after `//---- NAME` in a WGSL file, up to the next such marker: the files hold
+/// the alternative forms of one piece side by side.
+fn section<'a>(source: &'a str, name: &str) -> &'a str {
+    let marker = format!("//---- {name}\n");
+    let start = source.find(&marker).map_or(0, |i| i + marker.len());
+    let rest = &source[start..];
+    &rest[..rest.find("//---- ").unwrap_or(rest.len())]
+}
+
 /// One of the two loops in shaders/loops.wgsl, for the terms (`Acc`) or log-sum-exp kernel.
 fn element_loop(monoid: &str, vec4: bool) -> String {
     let loops = include_str!("../shaders/loops.wgsl");
-    let (start, end) = if vec4 {
-        (loops.find("//---- LOOP_VEC4").unwrap_or(0), loops.len())
-    } else {
-        let s = loops.find("//---- LOOP_SCALAR").unwrap_or(0);
-        (s, loops.find("//---- LOOP_VEC4").unwrap_or(loops.len()))
-    };
-    let body = &loops[start..end];
-    let body = &body[body.find('\n').map_or(0, |i| i + 1)..];
+    let body = section(loops, if vec4 { "LOOP_VEC4" } else { "LOOP_SCALAR" });
     let [acc, element, combine, fold, ctx] = if monoid == "Acc" {
         ["acc", "element", "sum_terms", "fold_term", "ctx"]
     } else {
@@ -173,6 +175,9 @@ fn element_loop(monoid: &str, vec4: bool) -> String {
 pub(crate) enum SegmentReduce {
     /// One lane per segment: nothing to reduce, no barrier, no shared memory.
     OneLane,
+    /// Segments no wider than a subgroup: a subgroup butterfly alone, no barrier, no shared
+    /// memory.
+    SubgroupOnly,
     /// A tree in shared memory.
     SharedMemory,
     /// A subgroup butterfly, then the tree for what is left.
@@ -180,20 +185,27 @@ pub(crate) enum SegmentReduce {
 }
 
 impl SegmentReduce {
-    /// The variant for a dispatch with `lanes` lanes per segment.
-    pub(crate) fn for_lanes(lanes: u32, subgroups: bool) -> SegmentReduce {
-        match (lanes, subgroups) {
-            (1, _) => SegmentReduce::OneLane,
-            (_, false) => SegmentReduce::SharedMemory,
-            (_, true) => SegmentReduce::Subgroups,
+    /// The variant for a dispatch with `lanes` lanes per segment; `subgroup_width` is the
+    /// adapter's smallest subgroup when subgroups are in use, else `None`.
+    pub(crate) fn for_lanes(lanes: u32, subgroup_width: Option<u32>) -> SegmentReduce {
+        match subgroup_width {
+            _ if lanes == 1 => SegmentReduce::OneLane,
+            Some(width) if lanes <= width => SegmentReduce::SubgroupOnly,
+            Some(_) => SegmentReduce::Subgroups,
+            None => SegmentReduce::SharedMemory,
         }
+    }
+
+    /// Whether the module uses subgroup operations.
+    fn subgroups(self) -> bool {
+        matches!(self, SegmentReduce::SubgroupOnly | SegmentReduce::Subgroups)
     }
 }
 
 /// Full WGSL source of one module: constants, common header, monoid, reduction, kernels.
 /// `vec4` selects 16-byte input loads (the terms and log-sum-exp loops only).
 pub(crate) fn shader_source(monoid: &str, reduce: SegmentReduce, vec4: bool) -> String {
-    let subgroups = reduce == SegmentReduce::Subgroups;
+    let subgroups = reduce.subgroups();
     let constants = format!(
         "const FLAG_INVALID: u32 = {FLAG_INVALID}u;\nconst FLAG_P_EMPTY: u32 = {FLAG_P_EMPTY}u;\n\
          const FLAG_Q_EMPTY: u32 = {FLAG_Q_EMPTY}u;\n\
@@ -213,18 +225,16 @@ pub(crate) fn shader_source(monoid: &str, reduce: SegmentReduce, vec4: bool) -> 
     } else {
         ""
     };
-    let reduce_src = include_str!("../shaders/reduce.wgsl");
-    let one_lane = reduce_src
-        .find("//---- ONE_LANE")
-        .unwrap_or(reduce_src.len());
-    let reduce = if reduce == SegmentReduce::OneLane {
-        &reduce_src[one_lane..]
-    } else {
-        &reduce_src[..one_lane]
-    };
-    let reduce = reduce
-        .replace("//SUBGROUP_STAGE_MONOID", stage)
-        .replace("MONOID", monoid);
+    let reduce = section(
+        include_str!("../shaders/reduce.wgsl"),
+        match reduce {
+            SegmentReduce::OneLane => "ONE_LANE",
+            SegmentReduce::SubgroupOnly => "SUBGROUP_ONLY",
+            SegmentReduce::SharedMemory | SegmentReduce::Subgroups => "TREE",
+        },
+    )
+    .replace("//SUBGROUP_STAGE_MONOID", stage)
+    .replace("MONOID", monoid);
     let kernels = match monoid {
         "Acc" => concat!(
             include_str!("../shaders/terms.wgsl"),
@@ -413,7 +423,7 @@ mod tests {
     fn every_module_variant_parses_and_validates() {
         use SegmentReduce::*;
         for monoid in ["Acc", "Lse"] {
-            for reduce in [OneLane, SharedMemory, Subgroups] {
+            for reduce in [OneLane, SubgroupOnly, SharedMemory, Subgroups] {
                 for vec4 in [false, true] {
                     let src = shader_source(monoid, reduce, vec4);
                     let what = format!("{monoid}/{reduce:?}/vec4={vec4}");
@@ -426,10 +436,16 @@ mod tests {
                     validator
                         .validate(&module)
                         .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
-                    // The point of the one-lane variant: no barrier, no shared memory.
-                    let one_lane = reduce == OneLane;
-                    assert_eq!(src.contains("workgroupBarrier"), !one_lane, "{what}");
-                    assert_eq!(src.contains("var<workgroup>"), !one_lane, "{what}");
+                    // The point of the one-lane and subgroup-only variants: no barrier, no
+                    // shared memory.
+                    let tree = matches!(reduce, SharedMemory | Subgroups);
+                    assert_eq!(src.contains("workgroupBarrier"), tree, "{what}");
+                    assert_eq!(src.contains("var<workgroup>"), tree, "{what}");
+                    assert_eq!(
+                        src.contains("subgroupShuffleXor"),
+                        reduce.subgroups(),
+                        "{what}"
+                    );
                 }
             }
         }

@@ -558,7 +558,8 @@ impl Gpu {
         });
         for (k, &(stage, term, input, _, is_combine)) in dispatches.iter().enumerate() {
             let (layout, _) = layout_of(is_combine);
-            let reduce = SegmentReduce::for_lanes(layout.lanes, subgroups);
+            let reduce =
+                SegmentReduce::for_lanes(layout.lanes, subgroups.then_some(self.subgroup_width));
             let pipeline =
                 self.kernels
                     .pipeline(&self.device, stage, term, input, reduce, bindings.vec4);
