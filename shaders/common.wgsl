@@ -59,7 +59,8 @@ struct Lse {
 
 @group(0) @binding(0) var<uniform> prm: Params;
 // INPUT_ELEM is f32, or vec4<f32> in the wide-load variant (16-byte loads: what it takes to
-// keep enough bytes in flight for HBM; used when the window is 16-byte aligned).
+// keep enough bytes in flight for HBM; used when P and Q sit at the same offset modulo 4 and
+// their bindings end on a whole vec4).
 @group(0) @binding(1) var<storage, read> in_p: array<INPUT_ELEM>;
 @group(0) @binding(2) var<storage, read> in_q: array<INPUT_ELEM>;
 // binding 3 (partials) is declared by each module with its monoid's type.

@@ -10,7 +10,7 @@
 // LOOP_SCALAR: one f32 of P (and Q) per iteration.
 // LOOP_VEC4: one vec4 per iteration, for rows of any length and start. The segment's columns
 // that share a vec4 of the input with a neighbouring row or chunk (at most three at each end)
-// go one at a time through the vec4 array, like LOOP_SCALAR; the whole vec4s between them are
+// go one at a time (load_p, load_q), like LOOP_SCALAR; the whole vec4s between them are
 // spread over the lanes like LOOP_SCALAR's elements (span / 4 of them per blocked lane), their
 // four elements combined among themselves first and folded into the running state once. The
 // host checks that P and Q sit at the same offset modulo 4 and that both bindings end on a
@@ -24,9 +24,9 @@
         let lane_end = select(c1, min(c1, lane_begin + prm.lane_span), blocked);
         for (var c = lane_begin; c < lane_end; c = c + select(lanes, 1u, blocked)) {
             let local = base + c;
-            let x = in_p[prm.shift_p + local];
+            let x = load_p(prm.shift_p + local);
             var y = x;
-            if (uses_q()) { y = in_q[prm.shift_q + local]; }
+            if (uses_q()) { y = load_q(prm.shift_q + local); }
             ACC = FOLD(ACC, ELEMENT(x, y, local, c, CTX));
         }
 //---- LOOP_VEC4
@@ -38,9 +38,9 @@
         for (var e = lane; e < before + (c1 - a1); e = e + lanes) {
             let c = select(a1 + e - before, c0 + e, e < before);
             let local = base + c;
-            let x = in_p[(prm.shift_p + local) / 4u][(prm.shift_p + local) % 4u];
+            let x = load_p(prm.shift_p + local);
             var y = x;
-            if (uses_q()) { y = in_q[(prm.shift_q + local) / 4u][(prm.shift_q + local) % 4u]; }
+            if (uses_q()) { y = load_q(prm.shift_q + local); }
             ACC = FOLD(ACC, ELEMENT(x, y, local, c, CTX));
         }
         let whole = (a1 - a0) / 4u;

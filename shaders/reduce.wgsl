@@ -14,9 +14,6 @@
 var<workgroup> scratch_MONOID: array<MONOID, WG>;
 
 fn segment_reduce_MONOID(value: MONOID, lid: u32, lanes: u32, sg: vec2<u32>) -> MONOID {
-    // One lane per segment: nothing to reduce (lanes is uniform, so no barrier is skipped by
-    // some invocations and not others).
-    if (lanes == 1u) { return value; }
     var v = value;
     let width = min(lanes, prm.subgroup_width);
     //SUBGROUP_STAGE_MONOID
