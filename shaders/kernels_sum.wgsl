@@ -49,16 +49,18 @@ fn fold_term(acc: Acc, t: Term) -> Acc {
 
 // Without branches on the values (llvmpipe runs both sides of every divergent branch; GPUs
 // lose nothing): each case is computed and the right one selected. ln_acc(0) is finite, so
-// 0·ln 0 comes out 0 by itself.
-fn prob_term(p: f32, q: f32) -> Term {
+// 0·ln 0 comes out 0 by itself. Which entries are 0 is read from the inputs' bits before any
+// scaling: an adapter that flushes subnormals compares them (and any product that lands
+// among them) equal to 0, and a subnormal q must not make KL or CE infinite.
+fn prob_term(p: f32, q: f32, p_zero: bool, q_zero: bool) -> Term {
     if (MEASURE == MEASURE_SUM) { return term(p, q); }
     if (MEASURE == MEASURE_SUM_P) { return term(p, 0.0); }
     if (MEASURE == MEASURE_JS) { return term(0.5 * (js_half(p, q) + js_half(q, p)), 0.0); }
     if (MEASURE == MEASURE_ENTROPY) { return term(-p * ln_acc(p), 0.0); }
-    let inf = p > 0.0 && q == 0.0;
+    let inf = !p_zero && q_zero;
     let flags = select(0u, ACC_INF, inf);
     if (MEASURE == MEASURE_CE) { return Term(select(-p * ln_acc(q), 0.0, inf), 0.0, flags); }
-    let live = p > 0.0 && q > 0.0;
+    let live = !p_zero && !q_zero;
     return Term(select(0.0, kl_main(p, q), live), select(0.0, p - q, live), flags);
 }
 
@@ -107,7 +109,10 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
     if (INPUT == INPUT_LOGPROBS) {
         return log_term(x, y, exp(x), exp(y), x - y);
     }
-    return prob_term(x * ctx.pm, y * ctx.qm);
+    if (INPUT == INPUT_PROBS_NORM) {
+        return prob_term(x * ctx.pm, y * ctx.qm, is_zero(x), is_zero(y));
+    }
+    return prob_term(x, y, is_zero(x), is_zero(y));
 }
 
 fn finish_acc(a: Acc) -> f32 {
@@ -194,7 +199,7 @@ fn grad_term(z: f32, t: f32, local: u32, ctx: RowCtx) -> Term {
     // KL = Σ_{t>0} t·φ(r) + Σ_{t>0} t + Σ_{t=0} q − 1 with r = ln t − ln q (since Σ q = 1);
     // the −1 is added when the row is finished (MODE_MINUS_ONE).
     // Selected, not branched on: one-hot and sparse targets mix both cases in every warp.
-    let t_zero = t == 0.0;
+    let t_zero = is_zero(t);
     let inf = !t_zero && z == neg_inf();
     let main = select(select(phi_term(t, ln_acc(t) - lq, q), 0.0, inf), q, t_zero);
     return Term(main, select(t, 0.0, t_zero || inf), select(0u, ACC_INF, inf));

@@ -3,8 +3,6 @@
 
 const LN2: f32 = 0.6931471805599453;
 const SQRT2: f32 = 1.4142135623730951;
-const MIN_NORMAL: f32 = 1.17549435e-38;
-const TWO_24: f32 = 16777216.0; // scales any subnormal to a normal number
 
 // ln(1 + x), accurate to a few ulp. WGSL's log is only good to 2^-21 absolute on [0.5, 2], so
 // on that range use 2·atanh(s), s = x / (2 + x), |s| <= 1/3.
@@ -26,15 +24,22 @@ fn expm1_acc(x: f32) -> f32 {
     return select(exp(x) - 1.0, series, abs(x) <= 0.5);
 }
 
-// x = m·2^e with m in [1, 2), for x > 0 finite (subnormals scaled up first), by bit operations.
+// x = m·2^e with m in [1, 2), for x > 0 finite (sign ignored), by bit operations. A
+// subnormal's bits are its significand n, x = n·2^-149, and f32(n) is exact and normal: no
+// float operation touches x itself, so adapters that flush subnormals to zero (NVIDIA's
+// Vulkan driver does) still see its true value. ±0 gives e = −276: a finite ln 0.
 struct Split { m: f32, e: i32 }
 
 fn split(x: f32) -> Split {
-    let tiny = x < MIN_NORMAL;
-    let bits = bitcast<u32>(select(x, x * TWO_24, tiny));
-    let e = i32(bits >> 23u) - select(127, 151, tiny);
-    return Split(bitcast<f32>((bits & 0x007fffffu) | 0x3f800000u), e);
+    let bits = bitcast<u32>(x) & 0x7fffffffu;
+    let tiny = bits < 0x00800000u;
+    let b = select(bits, bitcast<u32>(f32(bits)), tiny);
+    let e = i32(b >> 23u) - select(127, 276, tiny);
+    return Split(bitcast<f32>((b & 0x007fffffu) | 0x3f800000u), e);
 }
+
+// Whether x is ±0, by its bits: an adapter that flushes subnormals compares them equal to 0.
+fn is_zero(x: f32) -> bool { return (bitcast<u32>(x) & 0x7fffffffu) == 0u; }
 
 // T(z) with atanh(s) = s·(1 + z·T(z)), z = s², to f32 precision for |s| <= 0.172: the first
 // term left out, z⁵/11 relative, is below 2^-28.
@@ -70,7 +75,10 @@ fn kl_main_sd(x: f32, y: f32, sum: f32, diff: f32) -> f32 {
     let b = select(sy.m, 2.0 * sy.m, high);
     let k = (sx.e - sy.e) + select(0, 1, high) - select(0, 1, low);
     let near = k == 0;
-    let s = select(a - b, diff, near) / select(a + b, sum, near);
+    // Where x and y are both subnormal, an adapter that flushes them makes sum = diff = 0:
+    // take s from the exact a and b (the value is then 0 either way, not 0/0).
+    let by_sd = near && sum != 0.0;
+    let s = select(a - b, diff, by_sd) / select(a + b, sum, by_sd);
     let z = s * s;
     let t = atanh_tail(z);
     let series = sum * z * (1.0 + (s + z) * t);
@@ -87,7 +95,7 @@ fn kl_main(p: f32, q: f32) -> f32 {
 fn js_half(x: f32, y: f32) -> f32 {
     let m = 0.5 * (x + y);
     // x − m = (x − y)/2 and x + m = x + (x + y)/2, so s = (x − y)/(3x + y) needs no m.
-    return select(kl_main_sd(x, m, x + m, 0.5 * (x - y)), m, x == 0.0);
+    return select(kl_main_sd(x, m, x + m, 0.5 * (x - y)), m, is_zero(x));
 }
 
 // φ(r) = r + e^(−r) − 1 >= 0 for |r| <= 1, by its Taylor series (no cancellation).
