@@ -9,22 +9,25 @@
 //!
 //! ```text
 //! cargo run --release --example roof_ratios -- [--rounds R] [--workgroups W]
-//!     [--min-iterations M] [--blocked-lanes 0|1] [CASE,CASE,...]
+//!     [--min-iterations M] [--blocked-lanes 0|1] [--scale S] [CASE,CASE,...]
 //! ```
 //! Cases: KL CE H JS (N = 4·10^6), KL10 (400,000 × 10), KL1k (1000 × 1000), logits
 //! (64 × 32,000), JSlogits (the same, JS), long (8 × 262,144 logits). `--workgroups`,
 //! `--min-iterations` and `--blocked-lanes` override the planner's defaults for the adapter
-//! (`klgpu::Tuning`).
+//! (`klgpu::Tuning`). `--scale S` multiplies every case's size (rows, or N for the single
+//! distributions) by S: the defaults suit lavapipe; on a data-centre GPU they are a few
+//! microseconds of work, and `--scale 25` makes them bandwidth-bound.
 
 #[path = "../benches/support/mod.rs"]
 mod support;
-use support::{Rng, Timer, data, time_calls, upload};
+use support::{Rng, Timer, calls_per_sample, data, time_calls, upload};
 
 use klgpu::{Engine, EngineOptions, Input, Measure, Options};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut options = EngineOptions::default();
     let mut rounds = 10;
+    let mut scale = 1;
     let mut only: Vec<String> = vec![];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -36,6 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--workgroups" => options.tuning.target_workgroups = Some(value()?),
             "--min-iterations" => options.tuning.min_iterations = Some(value()?),
             "--blocked-lanes" => options.tuning.blocked_lanes = Some(value()? != 0),
+            "--scale" => scale = value()? as usize,
             cases => only = cases.split(',').map(str::to_string).collect(),
         }
     }
@@ -61,12 +65,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ),
         ("long", kl, Input::Logits, 8, 262_144),
     ];
-    let out = engine.create_f32_buffer("roof_ratios.out", 1 << 20)?;
     let mut rng = Rng(42);
     for (name, measure, input, rows, cols) in cases {
         if !only.is_empty() && !only.iter().any(|c| c == name) {
             continue;
         }
+        let (rows, cols) = if rows == 1 {
+            (1, cols * scale)
+        } else {
+            (rows * scale, cols)
+        };
+        let out = engine.create_f32_buffer("roof_ratios.out", rows as u64)?;
         let p = upload(
             &engine,
             "roof_ratios.input",
@@ -80,34 +89,42 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let q_slice = || measure.uses_q().then(|| q.slice(..));
         let opts = Options::input(input);
         let mut pool = vec![];
+        let mut record_kernel = |enc: &mut wgpu::CommandEncoder, ws: &mut klgpu::Workspace| {
+            engine
+                .record_rows(
+                    enc,
+                    ws,
+                    measure,
+                    p.slice(..),
+                    q_slice(),
+                    cols,
+                    &opts,
+                    out.slice(..),
+                )
+                .expect("record the kernel");
+        };
+        let mut record_roof = |enc: &mut wgpu::CommandEncoder, ws: &mut klgpu::Workspace| {
+            engine
+                .record_sum_rows(enc, ws, p.slice(..), q_slice(), cols, out.slice(..))
+                .expect("record the roofline");
+        };
+        // Samples of about 2 ms of back-to-back calls: one call at a time lets a GPU drop its
+        // clocks between submissions (on lavapipe a call alone takes longer than that).
+        let calls = calls_per_sample(&timer, &engine, &mut pool, &mut record_roof);
         let (mut kernel, mut roof) = (f64::MAX, f64::MAX);
         for _ in 0..rounds {
-            let k = time_calls(&timer, &engine, &mut pool, 1, &mut |enc, ws| {
-                engine
-                    .record_rows(
-                        enc,
-                        ws,
-                        measure,
-                        p.slice(..),
-                        q_slice(),
-                        cols,
-                        &opts,
-                        out.slice(..),
-                    )
-                    .expect("record the kernel");
-            });
-            let r = time_calls(&timer, &engine, &mut pool, 1, &mut |enc, ws| {
-                engine
-                    .record_sum_rows(enc, ws, p.slice(..), q_slice(), cols, out.slice(..))
-                    .expect("record the roofline");
-            });
+            let k = time_calls(&timer, &engine, &mut pool, calls, &mut record_kernel);
+            let r = time_calls(&timer, &engine, &mut pool, calls, &mut record_roof);
             kernel = kernel.min(k);
             roof = roof.min(r);
         }
+        let gb = (rows * cols * 4 * if measure.uses_q() { 2 } else { 1 }) as f64 / 1e9;
         println!(
-            "{name:8} kernel {:8.2} ms  roof {:8.2} ms  of roof {:5.1} %",
+            "{name:8} kernel {:8.3} ms {:7.1} GB/s  roof {:8.3} ms {:7.1} GB/s  of roof {:5.1} %",
             kernel * 1e3,
+            gb / kernel,
             roof * 1e3,
+            gb / roof,
             100.0 * roof / kernel
         );
     }

@@ -163,7 +163,7 @@ pub fn time_calls(
 pub type Record<'a> = &'a mut dyn FnMut(&mut wgpu::CommandEncoder, &mut klgpu::Workspace);
 
 /// Calls of `record` per sample for samples of about 2 ms of back-to-back work.
-fn calls_per_sample(
+pub fn calls_per_sample(
     timer: &Timer,
     engine: &Engine,
     pool: &mut Vec<klgpu::Workspace>,
