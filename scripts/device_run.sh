@@ -3,7 +3,12 @@
 # gets a Vulkan adapter for the GPU, run klgpu's tests and benchmark there, then the peers.
 # Expects the binaries built here in .device/ (scripts/device_bundle.sh) and the Vulkan loader
 # packages in .gl/ (see the device tool's README). Writes logs and JSON under $OUT.
+# PARTS picks what runs after the adapter probe (default: all of tests bench roof probe peers);
+# SKIP_TESTS=1 drops the tests.
 set -u
+PARTS="${PARTS:-tests bench roof probe peers}"
+[ -n "${SKIP_TESTS:-}" ] && PARTS="${PARTS/tests/}"
+part() { [[ " $PARTS " == *" $1 "* ]]; }
 OUT="${OUT:-/tmp/klgpu-out}"
 mkdir -p "$OUT"
 section() { printf '\n==== %s (t=%ss)\n' "$1" "$SECONDS"; }
@@ -40,21 +45,34 @@ fi
 
 section "tests on this adapter"
 tests="core batch apps"
-[ -n "${SKIP_TESTS:-}" ] && { tests=""; echo "skipped (SKIP_TESTS)"; }
+part tests || { tests=""; echo "skipped (PARTS=$PARTS)"; }
 for t in $tests; do
     timeout 100 ".device/$t" --test-threads 4 > "$OUT/test-$t.txt" 2>&1
     echo "$t: exit $? — $(grep -E '^test result' "$OUT/test-$t.txt")"
-    grep -E 'panicked|FAILED' "$OUT/test-$t.txt" | head -8
+    grep -E -A1 'panicked' "$OUT/test-$t.txt" | head -12
 done
 
+if part bench; then
 section "benchmark"
 timeout 240 .device/bench --json "$OUT/bench.json" --no-cpu 2>&1 | tee "$OUT/bench.txt" | grep -v XDG
+fi
 
+if part roof; then
 section "own-roof ratios, interleaved, sizes x25 (bandwidth-bound on a data-centre GPU)"
 timeout 60 .device/roof_ratios --rounds 10 --scale 25 2>&1 | tee "$OUT/roof_ratios.txt" | grep -v XDG
 echo "-- the same with a CPU adapter's blocked lanes (GPUs default to interleaved)"
 timeout 30 .device/roof_ratios --rounds 5 --scale 25 --blocked-lanes 1 KL,KL1k,long 2>&1 | tee "$OUT/roof_ratios_blocked.txt" | grep -v XDG
+fi
 
+if part probe; then
+section "probe: would logits gain from re-reading rows from L2? (examples/l2_reread.rs)"
+timeout 60 .device/l2_reread 2>&1 | tee "$OUT/l2_reread.txt" | grep -v XDG
+fi
+
+if part peers; then
 section "peers"
-PYTHONUNBUFFERED=1 timeout 200 python3 scripts/peers.py --klgpu-json "$OUT/bench.json" --json "$OUT/peers.json" 2>&1 | tee "$OUT/peers.txt"
+klgpu=(--klgpu-json "$OUT/bench.json")
+[ -f "$OUT/bench.json" ] || klgpu=(--bench .device/bench)
+PYTHONUNBUFFERED=1 timeout 200 python3 scripts/peers.py "${klgpu[@]}" --json "$OUT/peers.json" 2>&1 | tee "$OUT/peers.txt"
+fi
 section done
