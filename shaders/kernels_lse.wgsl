@@ -17,6 +17,31 @@ fn lse_element(x: f32, y_in: f32, local: u32, c: u32, unused: u32) -> Lse {
     return Lse(sp.m, sp.s, sp.i, sq.m, sq.s, sq.i);
 }
 
+// Four neighbouring columns of one side as one state: their max, the first column that holds
+// it and Σ exp(x − max) over the other three, from four independent exps. Merging them one
+// by one took an exp and a data-dependent swap per column, which a GPU's warps diverge on.
+fn side4(x: vec4<f32>, c: u32) -> Side {
+    let m = max(max(x.x, x.y), max(x.z, x.w));
+    let j = select(select(select(3u, 2u, x.z == m), 1u, x.y == m), 0u, x.x == m);
+    let others = select(vec4<f32>(0.0), exp(x - vec4<f32>(m)), vec4<u32>(0u, 1u, 2u, 3u) != vec4<u32>(j));
+    // All four −inf (p = 0): no mass and no arg-max, as side_of gives (x − m is NaN there).
+    let empty = m == neg_inf();
+    return Side(m, select((others.x + others.y) + (others.z + others.w), 0.0, empty),
+        select(c + j, 0xffffffffu, empty));
+}
+
+fn lse_element4(x: vec4<f32>, y_in: vec4<f32>, local: u32, c: u32, unused: u32) -> Lse {
+    var y = vec4<f32>(neg_inf());
+    if (uses_q()) { y = y_in; }
+    note_bad(local, is_bad(x.x) || is_bad(y.x));
+    note_bad(local + 1u, is_bad(x.y) || is_bad(y.y));
+    note_bad(local + 2u, is_bad(x.z) || is_bad(y.z));
+    note_bad(local + 3u, is_bad(x.w) || is_bad(y.w));
+    let sp = side4(x, c);
+    let sq = side4(y, c);
+    return Lse(sp.m, sp.s, sp.i, sq.m, sq.s, sq.i);
+}
+
 fn emit_lse(row: u32, chunk: u32, total: Lse) {
     if ((prm.mode & MODE_PARTIAL) != 0u) {
         partials[row * prm.chunks + chunk] = total;

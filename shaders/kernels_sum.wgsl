@@ -29,9 +29,6 @@ struct Term { main: f32, resid: f32, flags: u32 }
 
 fn term(main: f32, resid: f32) -> Term { return Term(main, resid, 0u); }
 
-// Terms of a few neighbouring elements, added plainly before one compensated add: the main
-// parts are non-negative (no cancellation) and few.
-fn sum_terms(a: Term, b: Term) -> Term { return Term(a.main + b.main, a.resid + b.resid, a.flags | b.flags); }
 
 // Whether the term function ever writes a residual. CE, entropy, JS and KL of logits do not,
 // and skip its compensated add (MEASURE and INPUT are constants: the branch is folded when
@@ -113,6 +110,17 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
         return prob_term(x * ctx.pm, y * ctx.qm, is_zero(x), is_zero(y));
     }
     return prob_term(x, y, is_zero(x), is_zero(y));
+}
+
+// The terms of the four elements of a vec4, added plainly before one compensated add: the
+// main parts are non-negative (no cancellation) and few.
+fn element4(x: vec4<f32>, y: vec4<f32>, local: u32, c: u32, ctx: RowCtx) -> Term {
+    let t0 = element(x.x, y.x, local, c, ctx);
+    let t1 = element(x.y, y.y, local + 1u, c + 1u, ctx);
+    let t2 = element(x.z, y.z, local + 2u, c + 2u, ctx);
+    let t3 = element(x.w, y.w, local + 3u, c + 3u, ctx);
+    return Term((t0.main + t1.main) + (t2.main + t3.main),
+        (t0.resid + t1.resid) + (t2.resid + t3.resid), t0.flags | t1.flags | t2.flags | t3.flags);
 }
 
 fn finish_acc(a: Acc) -> f32 {

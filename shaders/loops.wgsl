@@ -12,11 +12,11 @@
 // that share a vec4 of the input with a neighbouring row or chunk (at most three at each end)
 // go one at a time (load_p, load_q), like LOOP_SCALAR; the whole vec4s between them are
 // spread over the lanes like LOOP_SCALAR's elements (span / 4 of them per blocked lane), their
-// four elements combined among themselves first and folded into the running state once. The
+// four elements made into one value first (ELEMENT4) and folded into the running state once. The
 // host checks that P and Q sit at the same offset modulo 4 and that both bindings end on a
 // whole vec4.
-// ELEMENT(x, y, local, c, CTX) gives one element's value, COMBINE joins two values, and
-// FOLD(ACC, value) adds one into the running state.
+// ELEMENT(x, y, local, c, CTX) gives one element's value, ELEMENT4 the value of the four
+// elements of a vec4 from column c on, and FOLD(ACC, value) adds one into the running state.
 
 //---- LOOP_SCALAR
         let blocked = prm.lane_span != 0u;
@@ -54,9 +54,5 @@
             let x = in_p[(prm.shift_p + local) / 4u];
             var y = x;
             if (uses_q()) { y = in_q[(prm.shift_q + local) / 4u]; }
-            var v = ELEMENT(x.x, y.x, local, c, CTX);
-            v = COMBINE(v, ELEMENT(x.y, y.y, local + 1u, c + 1u, CTX));
-            v = COMBINE(v, ELEMENT(x.z, y.z, local + 2u, c + 2u, CTX));
-            v = COMBINE(v, ELEMENT(x.w, y.w, local + 3u, c + 3u, CTX));
-            ACC = FOLD(ACC, v);
+            ACC = FOLD(ACC, ELEMENT4(x, y, local, c, CTX));
         }

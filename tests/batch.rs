@@ -244,6 +244,47 @@ fn an_infinite_row_stays_in_its_row() {
 }
 
 #[test]
+fn arg_max_ties_and_empty_vec4s_in_wide_rows() {
+    // The log-sum-exp pass takes a vec4 of logits at a time: ties must still go to the lowest
+    // column, within one vec4 and across two, and a vec4 of −∞ (p = 0 four times) must add no
+    // mass. Row r ties P's maximum at columns a < b; Q's maximum sits at a or at b.
+    let (rows, cols) = (16, 64);
+    let mut r = rng(31);
+    let mut p = logits(&mut r, rows * cols, 1.0);
+    let mut q = logits(&mut r, rows * cols, 1.0);
+    for row in 0..rows {
+        let (a, b) = if row % 2 == 0 {
+            (8 + row % 3, 11)
+        } else {
+            (6, 9 + row % 5)
+        };
+        let at = |c: usize| row * cols + c;
+        p[at(a)] = 10.0;
+        p[at(b)] = 10.0;
+        q[at(if row % 4 < 2 { a } else { b })] = 10.0;
+        if row % 3 == 0 {
+            p[at(16)..at(20)].fill(f32::NEG_INFINITY);
+        }
+    }
+    for e in all_plans() {
+        check_rows(e, &p, &q, cols, Input::Logits, "ties");
+        let agree = e
+            .rows(
+                Measure::KullbackLeibler,
+                &p,
+                Some(&q),
+                cols,
+                &Options::input(Input::Logits),
+            )
+            .unwrap()
+            .top1_agree
+            .unwrap();
+        let want: Vec<bool> = (0..rows).map(|row| row % 4 < 2).collect();
+        assert_eq!(agree, want, "ties go to the lowest column");
+    }
+}
+
+#[test]
 fn top1_agreement_for_logits() {
     let e = engine();
     let x = [
