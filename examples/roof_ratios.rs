@@ -13,11 +13,11 @@
 //! ```
 //! Cases: KL CE H JS (N = 4·10^6), KL10 (400,000 × 10), KL1k (1000 × 1000), logits
 //! (64 × 32,000), JSlogits, CElogits, Hlogits (the same, JS, cross-entropy, entropy), long
-//! (8 × 262,144 logits). `--workgroups`, `--min-iterations` and `--blocked-lanes` override
-//! the planner's defaults for the adapter (`klgpu::Tuning`). `--scale S` multiplies every
-//! case's size (rows, or N for the single distributions) by S: the defaults suit lavapipe; on
-//! a data-centre GPU they are a few microseconds of work, and `--scale 25` makes them
-//! bandwidth-bound.
+//! (8 × 262,144 logits); named cases run in the order given. `--workgroups`,
+//! `--min-iterations` and `--blocked-lanes` override the planner's defaults for the adapter
+//! (`klgpu::Tuning`). `--scale S` multiplies every case's size (rows, or N for the single
+//! distributions) by S: the defaults suit lavapipe; on a data-centre GPU they are a few
+//! microseconds of work, and `--scale 25` makes them bandwidth-bound.
 
 #[path = "../benches/support/mod.rs"]
 mod support;
@@ -69,10 +69,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("long", kl, Input::Logits, 8, 262_144),
     ];
     let mut rng = Rng(42);
-    for (name, measure, input, rows, cols) in cases {
-        if !only.is_empty() && !only.iter().any(|c| c == name) {
-            continue;
-        }
+    // The cases named, in the order given (a name may repeat), or all of them.
+    let chosen: Vec<_> = if only.is_empty() {
+        cases.to_vec()
+    } else {
+        only.iter()
+            .map(|n| {
+                cases
+                    .iter()
+                    .find(|c| c.0 == n)
+                    .copied()
+                    .ok_or(format!("no case {n}"))
+            })
+            .collect::<Result<_, _>>()?
+    };
+    for (name, measure, input, rows, cols) in chosen {
         let (rows, cols) = if rows == 1 {
             (1, cols * scale)
         } else {
