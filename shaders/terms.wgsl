@@ -4,16 +4,19 @@
 const LN2: f32 = 0.6931471805599453;
 const SQRT2: f32 = 1.4142135623730951;
 
-// ln(1 + x), accurate to a few ulp. WGSL's log is only good to 2^-21 absolute on [0.5, 2], so
-// on that range use 2·atanh(s), s = x / (2 + x), |s| <= 1/3.
+// ln(1 + x) for x in [−0.5, 1], to a few ulp: 2·atanh(s), s = x / (2 + x), |s| <= 1/3 (WGSL's
+// log is only good to 2^-21 absolute on [0.5, 2]).
+fn log1p_near(x: f32) -> f32 {
+    let s = x / (2.0 + x);
+    let s2 = s * s;
+    let poly = 1.0 + s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0
+        + s2 * (1.0 / 11.0 + s2 * (1.0 / 13.0 + s2 * (1.0 / 15.0 + s2 * (1.0 / 17.0))))))));
+    return 2.0 * s * poly;
+}
+
+// ln(1 + x), accurate to a few ulp.
 fn log1p_acc(x: f32) -> f32 {
-    if (x >= -0.5 && x <= 1.0) {
-        let s = x / (2.0 + x);
-        let s2 = s * s;
-        let poly = 1.0 + s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0
-            + s2 * (1.0 / 11.0 + s2 * (1.0 / 13.0 + s2 * (1.0 / 15.0 + s2 * (1.0 / 17.0))))))));
-        return 2.0 * s * poly;
-    }
+    if (x >= -0.5 && x <= 1.0) { return log1p_near(x); }
     return log(1.0 + x);
 }
 
@@ -91,11 +94,27 @@ fn kl_main(p: f32, q: f32) -> f32 {
     return kl_main_sd(p, q, p + q, p - q);
 }
 
-// x·ln(x/m) − x + m with m = (x + y)/2; m when x = 0. JS = ½(js_half(p,q) + js_half(q,p)).
-fn js_half(x: f32, y: f32) -> f32 {
-    let m = 0.5 * (x + y);
-    // x − m = (x − y)/2 and x + m = x + (x + y)/2, so s = (x − y)/(3x + y) needs no m.
-    return select(kl_main_sd(x, m, x + m, 0.5 * (x - y)), m, is_zero(x));
+// The JS term of probabilities p and q. With t = p + q and r = (p − q)/t in [−1, 1],
+// p = (t/2)(1 + r), q = (t/2)(1 − r) and m = t/2, so
+//   ½·(p·ln(p/m) + q·ln(q/m)) = (t/4)·h(r),  h(r) = (1 + r)·ln(1 + r) + (1 − r)·ln(1 − r),
+// even and >= 0. Near p = q (|r| <= ½: p − q does not cancel) h is its series
+// Σ r^2k / (k(2k − 1)), no cancellation; elsewhere the logs, the larger side's from log1p(|r|)
+// and the smaller's from ln(2·min(p, q)/t) (relative, so nothing is lost as it goes to 0),
+// which cancel at most 2 bits. One reciprocal and two logs instead of the three ratio logs of
+// two KL(·‖m) halves.
+fn js_prob(p: f32, q: f32) -> f32 {
+    let t = p + q;
+    let inv = 1.0 / t;
+    let r = abs(p - q) * inv;
+    let z = r * r;
+    // Terms to z^10: the first left out, z^11/231 with z <= 1/4, is below 2^-27 of h.
+    let series = z * (1.0 + z * (1.0 / 6.0 + z * (1.0 / 15.0 + z * (1.0 / 28.0 + z * (1.0 / 45.0
+        + z * (1.0 / 66.0 + z * (1.0 / 91.0 + z * (1.0 / 120.0 + z * (1.0 / 153.0
+        + z * (1.0 / 190.0))))))))));
+    let small = 2.0 * min(p, q) * inv;
+    let logs = (1.0 + r) * log1p_near(r) + small * ln_acc(small);
+    // t = 0 (p = q = 0, or both subnormal on an adapter that flushes them): no mass, 0.
+    return select(0.25 * t * select(logs, series, r <= 0.5), 0.0, t == 0.0);
 }
 
 // φ(r) = r + e^(−r) − 1 >= 0 for |r| <= 1, by its Taylor series (no cancellation).
