@@ -3,10 +3,11 @@
 # gets a Vulkan adapter for the GPU, run klgpu's tests and benchmark there, then the peers.
 # Expects the binaries built here in .device/ (scripts/device_bundle.sh) and the Vulkan loader
 # packages in .gl/ (see the device tool's README). Writes logs and JSON under $OUT.
-# PARTS picks what runs after the adapter probe (default: all of tests bench roof probe peers);
+# PARTS picks what runs after the adapter probe (default: all of tests bench roof ab diag probe
+# peers; ab needs a .device/roof_ratios_base from another build);
 # SKIP_TESTS=1 drops the tests.
 set -u
-PARTS="${PARTS:-tests bench roof probe peers}"
+PARTS="${PARTS:-tests bench roof ab diag probe peers}"
 [ -n "${SKIP_TESTS:-}" ] && PARTS="${PARTS/tests/}"
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 OUT="${OUT:-/tmp/klgpu-out}"
@@ -62,6 +63,22 @@ section "own-roof ratios, interleaved, sizes x25 (bandwidth-bound on a data-cent
 timeout 60 .device/roof_ratios --rounds 10 --scale 25 2>&1 | tee "$OUT/roof_ratios.txt" | grep -v XDG
 echo "-- the same with a CPU adapter's blocked lanes (GPUs default to interleaved)"
 timeout 30 .device/roof_ratios --rounds 5 --scale 25 --blocked-lanes 1 KL,KL1k,long 2>&1 | tee "$OUT/roof_ratios_blocked.txt" | grep -v XDG
+fi
+
+if part ab && [ -x .device/roof_ratios_base ]; then
+section "A/B: this build against .device/roof_ratios_base (an earlier build), alternating"
+for i in 1 2; do
+    for b in roof_ratios_base roof_ratios; do
+        echo "-- $b"
+        timeout 40 ".device/$b" --rounds 5 --scale 25 ${AB_CASES:-JS,logits,CElogits,JSlogits,long} 2>&1 | grep -v XDG
+    done
+done 2>&1 | tee "$OUT/ab.txt"
+fi
+
+if part diag; then
+section "diagnostics: entropy (one input) at 1e8 after other cases, first, and at 2e8"
+timeout 40 .device/roof_ratios --rounds 5 --scale 25 H,KL,H,CE 2>&1 | grep -v XDG
+timeout 30 .device/roof_ratios --rounds 5 --scale 50 H 2>&1 | grep -v XDG
 fi
 
 if part probe; then
