@@ -100,18 +100,18 @@ fn kl_main(p: f32, q: f32) -> f32 {
 // even and >= 0. Near p = q (|r| <= ½: p − q does not cancel) h is its series
 // Σ r^2k / (k(2k − 1)), no cancellation; elsewhere the logs, the larger side's from log1p(|r|)
 // and the smaller's from ln(2·min(p, q)/t) (relative, so nothing is lost as it goes to 0),
-// which cancel at most 2 bits. One reciprocal and two logs instead of the three ratio logs of
-// two KL(·‖m) halves.
+// which cancel at most 2 bits. Two logs instead of the three ratio logs of two KL(·‖m)
+// halves.
 fn js_prob(p: f32, q: f32) -> f32 {
     let t = p + q;
-    let inv = 1.0 / t;
-    let r = abs(p - q) * inv;
+    // Divisions, not one reciprocal: 1/t overflows where t is subnormal.
+    let r = abs(p - q) / t;
     let z = r * r;
     // Terms to z^10: the first left out, z^11/231 with z <= 1/4, is below 2^-27 of h.
     let series = z * (1.0 + z * (1.0 / 6.0 + z * (1.0 / 15.0 + z * (1.0 / 28.0 + z * (1.0 / 45.0
         + z * (1.0 / 66.0 + z * (1.0 / 91.0 + z * (1.0 / 120.0 + z * (1.0 / 153.0
         + z * (1.0 / 190.0))))))))));
-    let small = 2.0 * min(p, q) * inv;
+    let small = 2.0 * min(p, q) / t;
     let logs = (1.0 + r) * log1p_near(r) + small * ln_acc(small);
     // t = 0 (p = q = 0, or both subnormal on an adapter that flushes them): no mass, 0.
     return select(0.25 * t * select(logs, series, r <= 0.5), 0.0, t == 0.0);
