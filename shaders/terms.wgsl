@@ -63,35 +63,27 @@ fn ln_acc(u: f32) -> f32 {
     return f32(k) * LN2 + 2.0 * s * (1.0 + s * s * atanh_tail(s * s));
 }
 
-// x·ln(x/y) − x + y >= 0 for x > 0, y > 0, given sum = x + y and the exact diff = x − y,
-// without branches (random data would take both sides of one in most warps). With
-// x/y = 2^k·(a/b), a/b in [√½, √2), a and b exact, and s = (a − b)/(a + b) (|s| <= 0.172):
-// ln(x/y) = k·ln 2 + 2·atanh(s). Near x = y (k = 0) s is diff/sum and the value is
-// sum·s²·h(s), h(s) = 1 + (s + s²)·T(s²), a sum of non-negative parts; elsewhere
-// |ln(x/y)| >= ln √2 and the direct form loses at most about 3 bits to cancellation.
-fn kl_main_sd(x: f32, y: f32, sum: f32, diff: f32) -> f32 {
-    let sx = split(x);
-    let sy = split(y);
-    let high = sx.m > SQRT2 * sy.m;
-    let low = SQRT2 * sx.m < sy.m;
-    let a = select(sx.m, 2.0 * sx.m, low);
-    let b = select(sy.m, 2.0 * sy.m, high);
-    let k = (sx.e - sy.e) + select(0, 1, high) - select(0, 1, low);
-    let near = k == 0;
-    // Where x and y are both subnormal, an adapter that flushes them makes sum = diff = 0:
-    // take s from the exact a and b (the value is then 0 either way, not 0/0).
-    let by_sd = near && sum != 0.0;
-    let s = select(a - b, diff, by_sd) / select(a + b, sum, by_sd);
+// p·ln(p/q) − p + q >= 0 for p, q > 0, without branches (random data would take both sides
+// of one in most warps). With p/q = 2^k·(a/b), a/b in [√½, √2), a and b exact, and
+// s = (a − b)/(a + b) (|s| <= 0.172, a − b exact): ln(p/q) = k·ln 2 + 2·atanh(s). Near p = q
+// (k = 0) s = (p − q)/(p + q) and the value is (p + q)·s²·h(s), h(s) = 1 + (s + s²)·T(s²), a
+// sum of non-negative parts; elsewhere |ln(p/q)| >= ln √2 and the direct form loses at most
+// about 3 bits to cancellation. s never divides p − q by p + q, which an adapter that flushes
+// subnormals makes 0/0 where both are subnormal.
+fn kl_main(p: f32, q: f32) -> f32 {
+    let sp = split(p);
+    let sq = split(q);
+    let high = sp.m > SQRT2 * sq.m;
+    let low = SQRT2 * sp.m < sq.m;
+    let a = select(sp.m, 2.0 * sp.m, low);
+    let b = select(sq.m, 2.0 * sq.m, high);
+    let k = (sp.e - sq.e) + select(0, 1, high) - select(0, 1, low);
+    let s = (a - b) / (a + b);
     let z = s * s;
     let t = atanh_tail(z);
-    let series = sum * z * (1.0 + (s + z) * t);
-    let direct = x * (f32(k) * LN2 + 2.0 * s * (1.0 + z * t)) - diff;
-    return select(direct, series, near);
-}
-
-// p·ln(p/q) − p + q for p, q > 0.
-fn kl_main(p: f32, q: f32) -> f32 {
-    return kl_main_sd(p, q, p + q, p - q);
+    let series = (p + q) * z * (1.0 + (s + z) * t);
+    let direct = p * (f32(k) * LN2 + 2.0 * s * (1.0 + z * t)) - (p - q);
+    return select(direct, series, k == 0);
 }
 
 // The JS term of probabilities p and q. With t = p + q and r = (p − q)/t in [−1, 1],
