@@ -45,20 +45,21 @@ fn fold_term(acc: Acc, t: Term) -> Acc {
 }
 
 // Without branches on the values (llvmpipe runs both sides of every divergent branch; GPUs
-// lose nothing): each case is computed and the right one selected. ln_acc(0) is finite, so
-// 0·ln 0 comes out 0 by itself. Which entries are 0 is read from the inputs' bits before any
-// scaling: an adapter that flushes subnormals compares them (and any product that lands
-// among them) equal to 0, and a subnormal q must not make KL or CE infinite.
-fn prob_term(p: f32, q: f32, p_zero: bool, q_zero: bool) -> Term {
+// lose nothing): each case is computed and the right one selected. The log of 0's split is
+// finite, so 0·ln 0 comes out 0 by itself. Which entries are 0 is read from the inputs' bits
+// before any scaling: an adapter that flushes subnormals compares them (and any product that
+// lands among them) equal to 0, and a subnormal q must not make KL or CE infinite. For the
+// same reason the logarithms come from the splits sp and sq of p and q, taken before scaling.
+fn prob_term(p: f32, q: f32, p_zero: bool, q_zero: bool, sp: Split, sq: Split) -> Term {
     if (MEASURE == MEASURE_SUM) { return term(p, q); }
     if (MEASURE == MEASURE_SUM_P) { return term(p, 0.0); }
     if (MEASURE == MEASURE_JS) { return term(js_prob(p, q), 0.0); }
-    if (MEASURE == MEASURE_ENTROPY) { return term(-p * ln_acc(p), 0.0); }
+    if (MEASURE == MEASURE_ENTROPY) { return term(-p * ln_split(sp), 0.0); }
     let inf = !p_zero && q_zero;
     let flags = select(0u, ACC_INF, inf);
-    if (MEASURE == MEASURE_CE) { return Term(select(-p * ln_acc(q), 0.0, inf), 0.0, flags); }
+    if (MEASURE == MEASURE_CE) { return Term(select(-p * ln_split(sq), 0.0, inf), 0.0, flags); }
     let live = !p_zero && !q_zero;
-    return Term(select(0.0, kl_main(p, q), live), select(0.0, p - q, live), flags);
+    return Term(select(0.0, kl_main(p, q, sp, sq), live), select(0.0, p - q, live), flags);
 }
 
 // a = ln p, b = ln q, d = a − b computed so that a common shift (logits: the difference of the
@@ -74,7 +75,7 @@ fn log_term(a: f32, b: f32, p: f32, q: f32, d: f32) -> Term {
     let flags = select(0u, ACC_INF, inf);
     if (MEASURE == MEASURE_CE) { return Term(select(-p * b, 0.0, p_zero || inf), 0.0, flags); }
     // p = 0: with logits the residual Σ(p − q) is 0 over the whole row, so the KL of the
-    // entries with p > 0 carries Q's mass here: kl_main(0, q) = q.
+    // entries with p > 0 carries Q's mass here: the KL term at p = 0 is q.
     var at_zero = 0.0;
     if (INPUT == INPUT_LOGITS) { at_zero = q; }
     let main = select(select(phi_term(p, d, q), at_zero, p_zero), 0.0, inf);
@@ -107,9 +108,11 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
         return log_term(x, y, exp(x), exp(y), x - y);
     }
     if (INPUT == INPUT_PROBS_NORM) {
-        return prob_term(x * ctx.pm, y * ctx.qm, is_zero(x), is_zero(y));
+        let sp = split_scaled(x, ctx.pm);
+        let sq = split_scaled(y, ctx.qm);
+        return prob_term(x * ctx.pm, y * ctx.qm, is_zero(x), is_zero(y), sp, sq);
     }
-    return prob_term(x, y, is_zero(x), is_zero(y));
+    return prob_term(x, y, is_zero(x), is_zero(y), split(x), split(y));
 }
 
 // The terms of the four elements of a vec4, added plainly before one compensated add: the

@@ -41,6 +41,17 @@ fn split(x: f32) -> Split {
     return Split(bitcast<f32>((b & 0x007fffffu) | 0x3f800000u), e);
 }
 
+// The split of x·scale (x >= 0, scale > 0 finite) without forming the product, which an
+// adapter that flushes subnormals reads as 0 wherever it lands below 2^-126: a normalized
+// probability q = y/Σq must keep its logarithm however small it is.
+fn split_scaled(x: f32, scale: f32) -> Split {
+    let a = split(x);
+    let b = split(scale);
+    let m = a.m * b.m;
+    let big = m >= 2.0;
+    return Split(select(m, 0.5 * m, big), a.e + b.e + select(0, 1, big));
+}
+
 // Whether x is ±0, by its bits: an adapter that flushes subnormals compares them equal to 0.
 fn is_zero(x: f32) -> bool { return (bitcast<u32>(x) & 0x7fffffffu) == 0u; }
 
@@ -51,17 +62,18 @@ fn atanh_tail(z: f32) -> f32 {
 }
 
 // ln(u) for u > 0 finite, to a few ulp everywhere (relative near 1, subnormals included) and
-// without branches: u = 2^k·a with a in [√½, √2) and ln u = k·ln 2 + 2·atanh(s),
-// s = (a − 1)/(a + 1), a − 1 exact. WGSL's log is only good to 2^-21 absolute near 1, and
-// llvmpipe's reads a subnormal as if its exponent were −126.
-fn ln_acc(u: f32) -> f32 {
-    let su = split(u);
+// without branches, from u's split: u = 2^k·a with a in [√½, √2) and ln u = k·ln 2 +
+// 2·atanh(s), s = (a − 1)/(a + 1), a − 1 exact. WGSL's log is only good to 2^-21 absolute
+// near 1, llvmpipe's reads a subnormal as if its exponent were −126, and NVIDIA's flushes it.
+fn ln_split(su: Split) -> f32 {
     let high = su.m > SQRT2;
     let a = select(su.m, 0.5 * su.m, high);
     let k = su.e + select(0, 1, high);
     let s = (a - 1.0) / (a + 1.0);
     return f32(k) * LN2 + 2.0 * s * (1.0 + s * s * atanh_tail(s * s));
 }
+
+fn ln_acc(u: f32) -> f32 { return ln_split(split(u)); }
 
 // p·ln(p/q) − p + q >= 0 for p, q > 0, without branches (random data would take both sides
 // of one in most warps). With p/q = 2^k·(a/b), a/b in [√½, √2), a and b exact, and
@@ -70,9 +82,8 @@ fn ln_acc(u: f32) -> f32 {
 // sum of non-negative parts; elsewhere |ln(p/q)| >= ln √2 and the direct form loses at most
 // about 3 bits to cancellation. s never divides p − q by p + q, which an adapter that flushes
 // subnormals makes 0/0 where both are subnormal.
-fn kl_main(p: f32, q: f32) -> f32 {
-    let sp = split(p);
-    let sq = split(q);
+// sp and sq are the splits of p and q.
+fn kl_main(p: f32, q: f32, sp: Split, sq: Split) -> f32 {
     let high = sp.m > SQRT2 * sq.m;
     let low = SQRT2 * sp.m < sq.m;
     let a = select(sp.m, 2.0 * sp.m, low);

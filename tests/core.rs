@@ -273,6 +273,27 @@ fn log_bases() {
 }
 
 #[test]
+fn normalized_entries_below_the_normal_range_keep_their_logarithm() {
+    // Q = [3e-30, 1e9] normalizes to [3e-39, 1]: a subnormal that an adapter flushing
+    // subnormals would read as 0 if the kernel formed it before taking its logarithm. KL and CE
+    // weigh it by p = ½ (−ln q ≈ 88.7), so a flushed q would move them by tens of nats.
+    let p = [1.0f32, 1.0, 2.0, 2.0];
+    let q = [3e-30f32, 1e9, 1e9, 3e-30];
+    let norm = Options {
+        normalize: true,
+        ..Default::default()
+    };
+    for e in all_plans() {
+        for m in Measure::ALL {
+            let qq = m.uses_q().then_some(&q[..]);
+            let got = e.rows(m, &p, qq, 2, &norm).unwrap().values;
+            let want = cpu::rows(m, &p, qq, 2, &norm).unwrap().values;
+            assert_rows_close(&got, &want, &format!("{m:?} normalized"));
+        }
+    }
+}
+
+#[test]
 fn explicit_normalization() {
     let e = engine();
     let p = [1.0f32, 2.0, 7.0];
