@@ -5,22 +5,23 @@
 
 fn is_prob_input() -> bool { return INPUT == INPUT_PROBS || INPUT == INPUT_PROBS_NORM; }
 
-// Per-row constants: for logits the log-sum-exp parts of P and Q, for normalized
-// probabilities the reciprocal row sums.
-struct RowCtx { pm: f32, pl: f32, qm: f32, ql: f32, shift: f32 }
+// Per-row constants: for logits the log-sum-exp parts of P and Q; for normalized
+// probabilities the reciprocal row sums as splits (p_inv, q_inv): 1/Σ overflows f32 where Σ is
+// below about 3e-39, and those rows still normalize.
+struct RowCtx { pm: f32, pl: f32, qm: f32, ql: f32, shift: f32, p_inv: Split, q_inv: Split }
 
 fn row_ctx(row: u32) -> RowCtx {
     if (INPUT == INPUT_LOGITS) {
         let s = row_lse[row];
         let pl = log1p_acc(s.p_s);
         let ql = log1p_acc(s.q_s);
-        return RowCtx(s.p_m, pl, s.q_m, ql, (s.p_m - s.q_m) + (pl - ql));
+        return RowCtx(s.p_m, pl, s.q_m, ql, (s.p_m - s.q_m) + (pl - ql), ONE, ONE);
     }
     if (INPUT == INPUT_PROBS_NORM) {
         let s = row_lse[row];
-        return RowCtx(1.0 / s.p_m, 0.0, 1.0 / s.q_m, 0.0, 0.0);
+        return RowCtx(0.0, 0.0, 0.0, 0.0, 0.0, inverse_split(s.p_m), inverse_split(s.q_m));
     }
-    return RowCtx(1.0, 0.0, 1.0, 0.0, 0.0);
+    return RowCtx(0.0, 0.0, 0.0, 0.0, 0.0, ONE, ONE);
 }
 
 // One element's contribution: the stable main term, the residual (p − q) and flags. The
@@ -30,12 +31,14 @@ struct Term { main: f32, resid: f32, flags: u32 }
 fn term(main: f32, resid: f32) -> Term { return Term(main, resid, 0u); }
 
 
-// Whether the term function ever writes a residual. CE, entropy, JS and KL of logits do not,
-// and skip its compensated add (MEASURE and INPUT are constants: the branch is folded when
-// the pipeline is created).
+// Whether the residual Σ(p − q) enters the result. CE, entropy and JS have none; nor has KL of
+// inputs the kernel normalizes (logits, normalized probabilities): both sides sum to 1, so the
+// residual is 0, and summing the f32 roundings of p and q instead would leave ~1e-8 of noise
+// (negative KL for equal rows). These skip its compensated add (MEASURE and INPUT are
+// constants: the branch is folded when the pipeline is created).
 fn has_resid() -> bool {
     return MEASURE == MEASURE_SUM || MEASURE == MEASURE_SUM_PQ || MEASURE == MEASURE_KL_GRAD
-        || (MEASURE == MEASURE_KL && INPUT != INPUT_LOGITS);
+        || (MEASURE == MEASURE_KL && INPUT != INPUT_LOGITS && INPUT != INPUT_PROBS_NORM);
 }
 
 fn fold_term(acc: Acc, t: Term) -> Acc {
@@ -59,7 +62,10 @@ fn prob_term(p: f32, q: f32, p_zero: bool, q_zero: bool, sp: Split, sq: Split) -
     let flags = select(0u, ACC_INF, inf);
     if (MEASURE == MEASURE_CE) { return Term(select(-p * ln_split(sq), 0.0, inf), 0.0, flags); }
     let live = !p_zero && !q_zero;
-    return Term(select(0.0, kl_main(p, q, sp, sq), live), select(0.0, p - q, live), flags);
+    // p = 0 adds p·ln(p/q) − p + q = q to the main sum and −q to the residual: both are left
+    // out, except that normalized inputs have no residual sum and keep q here (as logits do).
+    let at_zero = select(0.0, q, p_zero && INPUT == INPUT_PROBS_NORM);
+    return Term(select(at_zero, kl_main(p, q, sp, sq), live), select(0.0, p - q, live), flags);
 }
 
 // a = ln p, b = ln q, d = a − b computed so that a common shift (logits: the difference of the
@@ -108,9 +114,10 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
         return log_term(x, y, exp(x), exp(y), x - y);
     }
     if (INPUT == INPUT_PROBS_NORM) {
-        let sp = split_scaled(x, ctx.pm);
-        let sq = split_scaled(y, ctx.qm);
-        return prob_term(x * ctx.pm, y * ctx.qm, is_zero(x), is_zero(y), sp, sq);
+        // p = x/Σp from the splits alone: no float operation sees a subnormal x or 1/Σp.
+        let sp = split_mul(split(x), ctx.p_inv);
+        let sq = split_mul(split(y), ctx.q_inv);
+        return prob_term(ldexp(sp.m, sp.e), ldexp(sq.m, sq.e), is_zero(x), is_zero(y), sp, sq);
     }
     return prob_term(x, y, is_zero(x), is_zero(y), split(x), split(y));
 }

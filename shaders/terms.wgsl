@@ -41,15 +41,23 @@ fn split(x: f32) -> Split {
     return Split(bitcast<f32>((b & 0x007fffffu) | 0x3f800000u), e);
 }
 
-// The split of x·scale (x >= 0, scale > 0 finite) without forming the product, which an
-// adapter that flushes subnormals reads as 0 wherever it lands below 2^-126: a normalized
-// probability q = y/Σq must keep its logarithm however small it is.
-fn split_scaled(x: f32, scale: f32) -> Split {
-    let a = split(x);
-    let b = split(scale);
+const ONE: Split = Split(1.0, 0);
+
+// The split of the product of two numbers from their splits, without forming it: an adapter
+// that flushes subnormals reads a product below 2^-126 as 0, and a normalized probability
+// q = y/Σq must keep its logarithm however small it is.
+fn split_mul(a: Split, b: Split) -> Split {
     let m = a.m * b.m;
     let big = m >= 2.0;
     return Split(select(m, 0.5 * m, big), a.e + b.e + select(0, 1, big));
+}
+
+// 1/x as a split, for x > 0 finite (subnormal included): 2^(−e)/m never overflows.
+fn inverse_split(x: f32) -> Split {
+    let sx = split(x);
+    let r = 2.0 / sx.m;
+    let big = r >= 2.0;
+    return Split(select(r, 0.5 * r, big), select(-1, 0, big) - sx.e);
 }
 
 // Whether x is ±0, by its bits: an adapter that flushes subnormals compares them equal to 0.

@@ -273,12 +273,17 @@ fn log_bases() {
 }
 
 #[test]
-fn normalized_entries_below_the_normal_range_keep_their_logarithm() {
+fn normalized_rows_at_the_edges_of_f32() {
     // Q = [3e-30, 1e9] normalizes to [3e-39, 1]: a subnormal that an adapter flushing
     // subnormals would read as 0 if the kernel formed it before taking its logarithm. KL and CE
-    // weigh it by p = ½ (−ln q ≈ 88.7), so a flushed q would move them by tens of nats.
-    let p = [1.0f32, 1.0, 2.0, 2.0];
-    let q = [3e-30f32, 1e9, 1e9, 3e-30];
+    // weigh it by p = ½ (−ln q ≈ 88.7), so a flushed q would move them by tens of nats. Rows
+    // 3 and 4 sum to less than 3e-39, whose reciprocal overflows f32; rows 5 and 6 hold zeros.
+    let p = [
+        1.0f32, 1.0, 2.0, 2.0, 1e-40, 2e-40, 0.25, 0.75, 0.0, 3.0, 5.0, 0.0,
+    ];
+    let q = [
+        3e-30f32, 1e9, 1e9, 3e-30, 0.5, 0.5, 1e-40, 3e-40, 2.0, 2.0, 0.0, 1.0,
+    ];
     let norm = Options {
         normalize: true,
         ..Default::default()
