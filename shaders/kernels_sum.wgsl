@@ -62,10 +62,17 @@ fn prob_term(p: f32, q: f32, p_zero: bool, q_zero: bool, sp: Split, sq: Split) -
     let flags = select(0u, ACC_INF, inf);
     if (MEASURE == MEASURE_CE) { return Term(select(-p * ln_split(sq), 0.0, inf), 0.0, flags); }
     let live = !p_zero && !q_zero;
-    // p = 0 adds p·ln(p/q) − p + q = q to the main sum and −q to the residual: both are left
-    // out, except that normalized inputs have no residual sum and keep q here (as logits do).
-    let at_zero = select(0.0, q, p_zero && INPUT == INPUT_PROBS_NORM);
-    return Term(select(at_zero, kl_main(p, q, sp, sq), live), select(0.0, p - q, live), flags);
+    let kl = kl_parts(p, q, sp, sq);
+    if (INPUT == INPUT_PROBS_NORM) {
+        // No residual sum (both sides sum to 1): every term is p·ln(p/q) − p + q, and p = 0
+        // gives q, as with logits.
+        let main = select(kl.plogr - (p - q), kl.series, kl.near);
+        return Term(select(select(0.0, q, p_zero), main, live), 0.0, flags);
+    }
+    // Near p = q the series leaves p − q to the residual; elsewhere p·ln(p/q) is whole. p = 0
+    // adds nothing.
+    let main = select(kl.plogr, kl.series, kl.near);
+    return Term(select(0.0, main, live), select(0.0, p - q, live && kl.near), flags);
 }
 
 // a = ln p, b = ln q, d = a − b computed so that a common shift (logits: the difference of the

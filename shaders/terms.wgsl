@@ -83,15 +83,18 @@ fn ln_split(su: Split) -> f32 {
 
 fn ln_acc(u: f32) -> f32 { return ln_split(split(u)); }
 
-// p·ln(p/q) − p + q >= 0 for p, q > 0, without branches (random data would take both sides
+// The KL term of p, q > 0 in two forms, without branches (random data would take both sides
 // of one in most warps). With p/q = 2^k·(a/b), a/b in [√½, √2), a and b exact, and
 // s = (a − b)/(a + b) (|s| <= 0.172, a − b exact): ln(p/q) = k·ln 2 + 2·atanh(s). Near p = q
-// (k = 0) s = (p − q)/(p + q) and the value is (p + q)·s²·h(s), h(s) = 1 + (s + s²)·T(s²), a
-// sum of non-negative parts; elsewhere |ln(p/q)| >= ln √2 and the direct form loses at most
-// about 3 bits to cancellation. s never divides p − q by p + q, which an adapter that flushes
-// subnormals makes 0/0 where both are subnormal.
-// sp and sq are the splits of p and q.
-fn kl_main(p: f32, q: f32, sp: Split, sq: Split) -> f32 {
+// (k = 0) s = (p − q)/(p + q) and p·ln(p/q) − p + q = (p + q)·s²·h(s), h(s) = 1 + (s + s²)·T(s²),
+// a sum of non-negative parts (`series`; the caller adds p − q to the residual). Elsewhere
+// |ln(p/q)| >= ln √2 and `plogr` = p·ln(p/q) needs nothing added: no −p + q that a q far above
+// p (1e38 against 1e-20) would make the sum cancel. s never divides p − q by p + q, which an
+// adapter that flushes subnormals makes 0/0 where both are subnormal. sp and sq are the
+// splits of p and q.
+struct KlParts { series: f32, plogr: f32, near: bool }
+
+fn kl_parts(p: f32, q: f32, sp: Split, sq: Split) -> KlParts {
     let high = sp.m > SQRT2 * sq.m;
     let low = SQRT2 * sp.m < sq.m;
     let a = select(sp.m, 2.0 * sp.m, low);
@@ -101,8 +104,7 @@ fn kl_main(p: f32, q: f32, sp: Split, sq: Split) -> f32 {
     let z = s * s;
     let t = atanh_tail(z);
     let series = (p + q) * z * (1.0 + (s + z) * t);
-    let direct = p * (f32(k) * LN2 + 2.0 * s * (1.0 + z * t)) - (p - q);
-    return select(direct, series, k == 0);
+    return KlParts(series, p * (f32(k) * LN2 + 2.0 * s * (1.0 + z * t)), k == 0);
 }
 
 // The JS term of probabilities p and q. With t = p + q and r = (p − q)/t in [−1, 1],

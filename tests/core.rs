@@ -273,6 +273,22 @@ fn log_bases() {
 }
 
 #[test]
+fn unnormalized_rows_where_q_dwarfs_p() {
+    // KL = Σ p·ln(p/q) is about 0.49 here, while Σ q is near f32's limit: a decomposition
+    // p·ln(p/q) − p + q plus a residual Σ(p − q) would cancel ±1.8e38 to nothing.
+    let p = [5.615601e-20f32, 0.0073107723, 0.0];
+    let q = [1.8223944e38f32, 3.122928e-32, 3.839289e36];
+    for e in all_plans() {
+        let got = e.kl_divergence(&p, &q).unwrap();
+        assert_close(
+            got,
+            cpu::kl_divergence(&p, &q).unwrap(),
+            "KL with q up to 1.8e38",
+        );
+    }
+}
+
+#[test]
 fn normalized_rows_at_the_edges_of_f32() {
     // Q = [3e-30, 1e9] normalizes to [3e-39, 1]: a subnormal that an adapter flushing
     // subnormals would read as 0 if the kernel formed it before taking its logarithm. KL and CE
