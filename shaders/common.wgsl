@@ -79,6 +79,9 @@ fn load_q(i: u32) -> f32 { return LOAD_Q; }
 fn pos_inf() -> f32 { return bitcast<f32>(0x7f800000u); }
 fn neg_inf() -> f32 { return bitcast<f32>(0xff800000u); }
 
+// Whether x is neither ±∞ nor NaN, by its bits (immune to a compiler that assumes no NaN).
+fn is_finite(x: f32) -> bool { return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u; }
+
 fn uses_q() -> bool { return MEASURE != MEASURE_ENTROPY && MEASURE != MEASURE_SUM_P; }
 
 // Records a rejected element: which problem (flag bits) and, for the earliest window that has

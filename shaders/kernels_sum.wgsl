@@ -170,7 +170,22 @@ fn emit_acc(row: u32, chunk: u32, total: Acc) {
         if (uses_q() && sq == 0.0) { report_bad(row * prm.row_len, FLAG_Q_EMPTY); }
         return;
     }
-    out[prm.out_base + row] = finish_acc(t);
+    // A non-finite result that no p > 0, q = 0 explains, or a row sum that normalization could
+    // not form, overflowed f32 (values near f32::MAX): the row reads NaN, never a number, and
+    // the call fails; the host finds the row by that NaN (an invalid element elsewhere keeps
+    // its recorded position).
+    var v = finish_acc(t);
+    var overflow = (t.flags & ACC_INF) == 0u && !is_finite(v);
+    if (INPUT == INPUT_PROBS_NORM && MEASURE != MEASURE_SUM && MEASURE != MEASURE_SUM_P
+        && MEASURE != MEASURE_SUM_PQ) {
+        let sums = row_lse[row];
+        overflow = overflow || !is_finite(sums.p_m) || (uses_q() && !is_finite(sums.q_m));
+    }
+    if (overflow) {
+        atomicOr(&status[0], FLAG_OVERFLOW);
+        v = bitcast<f32>(0x7fc00000u);
+    }
+    out[prm.out_base + row] = v;
 }
 
 @compute @workgroup_size(256)

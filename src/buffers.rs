@@ -77,6 +77,8 @@ struct Locator {
     uses_q: bool,
     /// The loss kernel binds the logits as P and the target as Q; users call the target P.
     swap_sides: bool,
+    /// The caller's output slice (recordings), where a row that overflowed f32 reads NaN.
+    out: Option<OwnedSlice>,
 }
 
 /// Reusable scratch buffers for recording work into your own command encoders.
@@ -651,6 +653,7 @@ impl Engine {
             q: (OwnedSlice::of(q), q_input),
             uses_q: job.term.uses_q(),
             swap_sides: loss,
+            out: None,
         }
     }
 
@@ -686,7 +689,10 @@ impl Engine {
                 grad,
             )
         })?;
-        workspace.pending = Some(locator);
+        workspace.pending = Some(Locator {
+            out: Some(OwnedSlice::of(out)),
+            ..locator
+        });
         Ok(())
     }
 
@@ -704,7 +710,10 @@ impl Engine {
         grad: Option<&GpuSlice<'_>>,
         blocking: bool,
     ) -> Result<Readback> {
-        let locator = self.locator(job, input, p, q, cols);
+        let locator = Locator {
+            out: out.map(OwnedSlice::of),
+            ..self.locator(job, input, p, q, cols)
+        };
         let gpu = self.gpu();
         let mut scratch = gpu.scratch.take(&gpu.device);
         let mut readback;
@@ -748,6 +757,21 @@ impl Engine {
         let flags = readback.status[0] & !kernels::FLAG_SUBGROUP_LAYOUT;
         if flags == 0 {
             return Ok(());
+        }
+        if flags == kernels::FLAG_OVERFLOW {
+            // No element is to blame: the row is the first whose result reads NaN.
+            let values = match &loc.out {
+                Some(out) => {
+                    let rows = loc.plan.rows;
+                    self.gpu()
+                        .read_elements(&out.view(), 0, rows, blocking)
+                        .await?
+                }
+                None => readback.values.clone(),
+            };
+            if let Some(row) = crate::engine::first_nan(&values) {
+                return Err(Error::Overflow { row });
+            }
         }
         let lost = || {
             Error::Gpu(format!(

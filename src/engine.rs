@@ -679,11 +679,17 @@ pub(crate) fn job_for(term: Term, opts: &Options) -> Result<Job> {
     })
 }
 
-/// Turns raised flags into the error the host-side locator finds.
+/// Turns raised flags into the error the host-side locator finds, or for a row that left f32's
+/// range (which no value explains), [`Error::Overflow`] naming the first row that reads NaN.
 fn check_status(readback: &Readback, locate: impl FnOnce() -> Option<Error>) -> Result<()> {
     let flags = readback.status[0] & !kernels::FLAG_SUBGROUP_LAYOUT;
     if flags == 0 {
         return Ok(());
+    }
+    if flags == kernels::FLAG_OVERFLOW
+        && let Some(row) = first_nan(&readback.values)
+    {
+        return Err(Error::Overflow { row });
     }
     Err(locate().unwrap_or_else(|| {
         Error::Gpu(format!(
@@ -691,6 +697,11 @@ fn check_status(readback: &Readback, locate: impl FnOnce() -> Option<Error>) -> 
              the adapter may flush subnormal numbers to zero"
         ))
     }))
+}
+
+/// The first row whose value is NaN: the kernels' mark for a row that overflowed f32.
+pub(crate) fn first_nan(values: &[f32]) -> Option<usize> {
+    values.iter().position(|v| v.is_nan())
 }
 
 #[cfg(test)]

@@ -109,6 +109,17 @@ pub enum Error {
         /// What is wrong with it.
         problem: Problem,
     },
+    /// A row's result, or (with normalization) its sum, is beyond f32's range: the kernels
+    /// compute in f32, and values near `f32::MAX` (or sums of them) overflow. The f64 CPU
+    /// reference ([`crate::cpu`]) computes such rows.
+    #[error(
+        "row {row}: the result exceeds the range of f32 arithmetic (values near f32::MAX, or \
+         a row sum beyond it); scale the row down or use the f64 CPU reference"
+    )]
+    Overflow {
+        /// The first such row.
+        row: usize,
+    },
     /// A GPU buffer argument cannot be used as given.
     #[error("buffer argument `{name}`: {reason}")]
     InvalidBuffer {

@@ -13,6 +13,8 @@ pub(crate) const FLAG_INVALID: u32 = 1;
 pub(crate) const FLAG_P_EMPTY: u32 = 64;
 pub(crate) const FLAG_Q_EMPTY: u32 = 128;
 pub(crate) const FLAG_SUBGROUP_LAYOUT: u32 = 256;
+// A row's result or row sum left f32's range: recorded at the row's first element.
+pub(crate) const FLAG_OVERFLOW: u32 = 512;
 // Dispatch modes (Params::mode).
 pub(crate) const MODE_PARTIAL: u32 = 1;
 pub(crate) const MODE_ACCUMULATE: u32 = 2;
@@ -210,6 +212,7 @@ pub(crate) fn shader_source(monoid: &str, reduce: SegmentReduce, vec4: bool) -> 
         "const FLAG_INVALID: u32 = {FLAG_INVALID}u;\nconst FLAG_P_EMPTY: u32 = {FLAG_P_EMPTY}u;\n\
          const FLAG_Q_EMPTY: u32 = {FLAG_Q_EMPTY}u;\n\
          const FLAG_SUBGROUP_LAYOUT: u32 = {FLAG_SUBGROUP_LAYOUT}u;\n\
+         const FLAG_OVERFLOW: u32 = {FLAG_OVERFLOW}u;\n\
          const MODE_PARTIAL: u32 = {MODE_PARTIAL}u;\nconst MODE_ACCUMULATE: u32 = {MODE_ACCUMULATE}u;\n\
          const MODE_KEEP: u32 = {MODE_KEEP}u;\nconst MODE_STATS: u32 = {MODE_STATS}u;\n\
          const MODE_MINUS_ONE: u32 = {MODE_MINUS_ONE}u;\n\

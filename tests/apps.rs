@@ -4,20 +4,8 @@
 mod common;
 
 use common::*;
-use klgpu::wgpu::{self, util::DeviceExt};
+use klgpu::wgpu;
 use klgpu::{Engine, Error, Input, Measure, Options, Problem, Side, cpu};
-
-fn upload(engine: &Engine, label: &str, data: &[f32]) -> wgpu::Buffer {
-    engine
-        .device()
-        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(label),
-            contents: bytemuck::cast_slice(data),
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_SRC
-                | wgpu::BufferUsages::COPY_DST,
-        })
-}
 
 /// The whole of an f32 buffer, widened for comparison with the reference.
 fn read_f64(engine: &Engine, buffer: &wgpu::Buffer) -> Vec<f64> {

@@ -273,6 +273,104 @@ fn log_bases() {
 }
 
 #[test]
+fn rows_beyond_f32_range_are_errors_naming_the_row() {
+    // The kernels compute in f32: a term or a row sum past f32::MAX must fail the call and
+    // name the row, on host slices and on GPU buffers alike, never come back as ±∞ or NaN.
+    // A legitimate +∞ (p > 0 where q = 0) stays a value.
+    let norm = Options {
+        normalize: true,
+        ..Default::default()
+    };
+    let logprobs = Options::input(Input::LogProbs);
+    type Case<'a> = (Measure, [f32; 6], [f32; 6], &'a Options, usize);
+    let cases: [Case; 4] = [
+        // −p·ln p for p = 3e38 is −2.6e40.
+        (
+            Measure::Entropy,
+            [0.5, 0.5, 0.5, 0.5, 3e38, 3e38],
+            [0.5; 6],
+            &Options::default(),
+            2,
+        ),
+        // The row sum 4e38 cannot be formed.
+        (
+            Measure::KullbackLeibler,
+            [0.5, 0.5, 2e38, 2e38, 0.5, 0.5],
+            [0.5; 6],
+            &norm,
+            1,
+        ),
+        // e^100 as a probability.
+        (
+            Measure::CrossEntropy,
+            [-0.7, -0.7, -0.7, -0.7, 100.0, -0.7],
+            [-0.7; 6],
+            &logprobs,
+            2,
+        ),
+        // p + q past f32::MAX.
+        (
+            Measure::JensenShannon,
+            [3e38, 0.5, 0.5, 0.5, 0.5, 0.5],
+            [3e38, 0.5, 0.5, 0.5, 0.5, 0.5],
+            &Options::default(),
+            0,
+        ),
+    ];
+    for e in all_plans() {
+        for (m, p, q, opts, row) in &cases {
+            let qq = m.uses_q().then_some(&q[..]);
+            match e.rows(*m, p, qq, 2, opts) {
+                Err(Error::Overflow { row: r }) => assert_eq!(r, *row, "{m:?}"),
+                other => panic!("{m:?}: expected Overflow {{ row: {row} }}, got {other:?}"),
+            }
+            let pb = upload(e, "p", p);
+            let qb = upload(e, "q", q);
+            let out = e.create_f32_buffer("out", 3).unwrap();
+            let got = e.rows_buffers(
+                *m,
+                pb.slice(..),
+                m.uses_q().then(|| qb.slice(..)),
+                2,
+                opts,
+                out.slice(..),
+            );
+            match got {
+                Err(Error::Overflow { row: r }) => assert_eq!(r, *row, "{m:?} on buffers"),
+                other => {
+                    panic!("{m:?} on buffers: expected Overflow {{ row: {row} }}, got {other:?}")
+                }
+            }
+        }
+    }
+    let inf = engine().kl_divergence(&[0.5, 0.5], &[1.0, 0.0]).unwrap();
+    assert_eq!(inf, f64::INFINITY);
+    // An invalid element is named even where an earlier row overflowed.
+    let p = [3e38f32, 3e38, 0.5, 0.5, f32::NAN, 0.5];
+    for e in all_plans() {
+        let host = e.entropy_rows(&p, 2, Input::Probs).unwrap_err();
+        let pb = upload(e, "p", &p);
+        let out = e.create_f32_buffer("out", 3).unwrap();
+        let gpu = e
+            .entropy_rows_buffers(pb.slice(..), 2, Input::Probs, out.slice(..))
+            .unwrap_err();
+        for err in [host, gpu] {
+            assert!(
+                matches!(
+                    err,
+                    Error::InvalidValue {
+                        index: 4,
+                        problem: Problem::NaN,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+        }
+    }
+}
+
+#[test]
 fn unnormalized_rows_where_q_dwarfs_p() {
     // KL = Σ p·ln(p/q) is about 0.49 here, while Σ q is near f32's limit: a decomposition
     // p·ln(p/q) − p + q plus a residual Σ(p − q) would cancel ±1.8e38 to nothing.

@@ -4,6 +4,7 @@
 
 use std::sync::OnceLock;
 
+use klgpu::wgpu::{self, util::DeviceExt};
 use klgpu::{Engine, EngineOptions, Tuning, plan};
 use rand::prelude::*;
 use rand_distr::Gamma;
@@ -165,4 +166,17 @@ pub fn assert_rows_close(gpu: &[f64], exact: &[f64], what: &str) {
     for (i, (&g, &e)) in gpu.iter().zip(exact).enumerate() {
         assert_close(g, e, &format!("{what}, row {i}"));
     }
+}
+
+/// A storage buffer on `engine`'s device holding `data` (copyable both ways).
+pub fn upload(engine: &Engine, label: &str, data: &[f32]) -> wgpu::Buffer {
+    engine
+        .device()
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: bytemuck::cast_slice(data),
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+        })
 }

@@ -87,6 +87,22 @@ impl Origin<'_> {
                     problem,
                 )
             }
+            Error::Overflow { row } => {
+                let files = if self.q_label.is_empty() || self.q_label == self.p_label {
+                    self.p_label.to_string()
+                } else {
+                    format!("{} / {}", self.p_label, self.q_label)
+                };
+                let at = if self.one_d {
+                    String::new()
+                } else {
+                    format!("row {}: ", self.first_row + row)
+                };
+                CliError::input(format!(
+                    "{files}: {at}the result exceeds the range of f32 arithmetic (values near \
+                     f32::MAX, or a row sum beyond it); scale the inputs down"
+                ))
+            }
             Error::EmptyInput
             | Error::LengthMismatch { .. }
             | Error::RaggedRows { .. }
@@ -140,6 +156,14 @@ mod tests {
         assert_eq!(err.message, "Q.npy: row 10, column 17: value NaN is NaN");
         let err = origin.map(Error::Gpu("lost".into()));
         assert_eq!(err.code, EXIT_RUNTIME);
+        let err = origin.map(Error::Overflow { row: 2 });
+        assert_eq!(err.code, EXIT_INPUT);
+        assert!(
+            err.message
+                .starts_with("P.npy / Q.npy: row 12: the result exceeds the range of f32"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]
