@@ -6,9 +6,8 @@
 fn is_prob_input() -> bool { return INPUT == INPUT_PROBS || INPUT == INPUT_PROBS_NORM; }
 
 // Per-row constants: for logits the log-sum-exp parts of P and Q; for normalized
-// probabilities the reciprocal row sums as splits (p_inv, q_inv): 1/Σ overflows f32 where Σ is
-// below about 3e-39, and those rows still normalize.
-struct RowCtx { pm: f32, pl: f32, qm: f32, ql: f32, shift: f32, p_inv: Split, q_inv: Split }
+// probabilities the splits of the row sums (p_sum, q_sum), which each element divides by.
+struct RowCtx { pm: f32, pl: f32, qm: f32, ql: f32, shift: f32, p_sum: Split, q_sum: Split }
 
 fn row_ctx(row: u32) -> RowCtx {
     if (INPUT == INPUT_LOGITS) {
@@ -19,7 +18,7 @@ fn row_ctx(row: u32) -> RowCtx {
     }
     if (INPUT == INPUT_PROBS_NORM) {
         let s = row_lse[row];
-        return RowCtx(0.0, 0.0, 0.0, 0.0, 0.0, inverse_split(s.p_m), inverse_split(s.q_m));
+        return RowCtx(0.0, 0.0, 0.0, 0.0, 0.0, split(s.p_m), split(s.q_m));
     }
     return RowCtx(0.0, 0.0, 0.0, 0.0, 0.0, ONE, ONE);
 }
@@ -122,8 +121,8 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
     }
     if (INPUT == INPUT_PROBS_NORM) {
         // p = x/Σp from the splits alone: no float operation sees a subnormal x or 1/Σp.
-        let sp = split_mul(split(x), ctx.p_inv);
-        let sq = split_mul(split(y), ctx.q_inv);
+        let sp = split_div(split(x), ctx.p_sum);
+        let sq = split_div(split(y), ctx.q_sum);
         return prob_term(ldexp(sp.m, sp.e), ldexp(sq.m, sq.e), is_zero(x), is_zero(y), sp, sq);
     }
     return prob_term(x, y, is_zero(x), is_zero(y), split(x), split(y));

@@ -43,21 +43,14 @@ fn split(x: f32) -> Split {
 
 const ONE: Split = Split(1.0, 0);
 
-// The split of the product of two numbers from their splits, without forming it: an adapter
-// that flushes subnormals reads a product below 2^-126 as 0, and a normalized probability
-// q = y/Σq must keep its logarithm however small it is.
-fn split_mul(a: Split, b: Split) -> Split {
-    let m = a.m * b.m;
-    let big = m >= 2.0;
-    return Split(select(m, 0.5 * m, big), a.e + b.e + select(0, 1, big));
-}
-
-// 1/x as a split, for x > 0 finite (subnormal included): 2^(−e)/m never overflows.
-fn inverse_split(x: f32) -> Split {
-    let sx = split(x);
-    let r = 2.0 / sx.m;
-    let big = r >= 2.0;
-    return Split(select(r, 0.5 * r, big), select(-1, 0, big) - sx.e);
+// The split of a/b from the splits of a and b, without forming the quotient: an adapter
+// that flushes subnormals reads a quotient below 2^-126 as 0, and a normalized probability
+// q = y/Σq must keep its logarithm however small it is (and Σ may itself be subnormal, or
+// so small that 1/Σ overflows). One rounding: y/y is exactly 1.
+fn split_div(a: Split, b: Split) -> Split {
+    let m = a.m / b.m;
+    let small = m < 1.0;
+    return Split(select(m, 2.0 * m, small), a.e - b.e - select(0, 1, small));
 }
 
 // Whether x is ±0, by its bits: an adapter that flushes subnormals compares them equal to 0.

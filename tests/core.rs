@@ -410,6 +410,16 @@ fn normalized_rows_at_the_edges_of_f32() {
             assert_rows_close(&got, &want, &format!("{m:?} normalized"));
         }
     }
+    // A one-element row normalizes to exactly 1: entropy and cross-entropy exactly 0.
+    let one = [0.000_258_774_5f32, 5.0, 3e-41];
+    let other = [0.002_264_046f32, 7.0, 1e-39];
+    for e in all_plans() {
+        for m in [Measure::Entropy, Measure::CrossEntropy] {
+            let qq = m.uses_q().then_some(&other[..]);
+            let got = e.rows(m, &one, qq, 1, &norm).unwrap().values;
+            assert_eq!(got, vec![0.0; 3], "{m:?} of one-element rows");
+        }
+    }
 }
 
 #[test]
