@@ -29,7 +29,8 @@ struct Params {
     // Columns per lane when each lane walks a contiguous block of its chunk; 0 when the lanes
     // interleave (see loops.wgsl).
     lane_span: u32,
-    _pad0: u32,
+    // Always 0: see opaque().
+    zero: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -78,6 +79,11 @@ fn load_q(i: u32) -> f32 { return LOAD_Q; }
 
 fn pos_inf() -> f32 { return bitcast<f32>(0x7f800000u); }
 fn neg_inf() -> f32 { return bitcast<f32>(0xff800000u); }
+
+// x, hidden from the compiler's algebra. Compilers may rewrite float expressions as if they were
+// exact: Mesa's NIR (lavapipe) turned TwoSum's (a + b) − a into b, so every compensated sum
+// silently lost its error term. A select on a uniform the compiler cannot know stops that.
+fn opaque(x: f32) -> f32 { return select(x, 0.0, prm.zero != 0u); }
 
 // Whether x is neither ±∞ nor NaN, by its bits (immune to a compiler that assumes no NaN).
 fn is_finite(x: f32) -> bool { return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u; }

@@ -4,8 +4,8 @@
 
 // Knuth's TwoSum: s + e == a + b exactly.
 fn two_sum(a: f32, b: f32) -> vec2<f32> {
-    let s = a + b;
-    let bb = s - a;
+    let s = opaque(a + b);
+    let bb = opaque(s - a);
     let e = (a - (s - bb)) + (b - bb);
     return vec2<f32>(s, e);
 }
@@ -14,7 +14,7 @@ fn two_sum(a: f32, b: f32) -> vec2<f32> {
 fn pair_add(ah: f32, al: f32, bh: f32, bl: f32) -> vec2<f32> {
     let s = two_sum(ah, bh);
     let lo = s.y + (al + bl);
-    let hi = s.x + lo;
+    let hi = opaque(s.x + lo);
     return vec2<f32>(hi, lo - (hi - s.x));
 }
 

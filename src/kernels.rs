@@ -140,7 +140,10 @@ pub(crate) struct Params {
     pub grad_base: u32,
     /// Columns per lane when each lane walks a contiguous block; 0 when lanes interleave.
     pub lane_span: u32,
-    pub _pad: [u32; 3],
+    /// Always 0. The shaders select on it to keep a compiler from simplifying TwoSum's error
+    /// term away (Mesa's NIR turns (a + b) − a into b; see `opaque` in common.wgsl).
+    pub zero: u32,
+    pub _pad: [u32; 2],
 }
 
 /// Size of `Acc` and `Lse` in the shaders (six 4-byte words each).

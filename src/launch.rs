@@ -410,7 +410,8 @@ impl Gpu {
             agree_base: 0,
             grad_base: 0,
             lane_span: layout.lane_span(),
-            _pad: [0; 3],
+            zero: 0,
+            _pad: [0; 2],
         }
     }
 

@@ -371,6 +371,22 @@ fn rows_beyond_f32_range_are_errors_naming_the_row() {
 }
 
 #[test]
+fn compensated_sums_survive_the_shader_compiler() {
+    // Mesa's NIR simplified TwoSum's (a + b) − a to b, so every compensated sum on lavapipe
+    // was a plain one. These sums are exact only with the error terms kept.
+    for e in all_plans() {
+        for (values, sum) in [
+            (vec![1.0f32, 1e8, -1e8], 1.0),
+            (vec![1e8, 1.0, -1e8], 1.0),
+            (vec![16_777_216.0, 1.0, 1.0, 1.0, 1.0, -16_777_216.0], 4.0),
+        ] {
+            let b = upload(e, "values", &values);
+            assert_eq!(e.sum_buffers(b.slice(..)).unwrap(), sum, "{values:?}");
+        }
+    }
+}
+
+#[test]
 fn unnormalized_rows_where_q_dwarfs_p() {
     // KL = Σ p·ln(p/q) is about 0.49 here, while Σ q is near f32's limit: a decomposition
     // p·ln(p/q) − p + q plus a residual Σ(p − q) would cancel ±1.8e38 to nothing.
