@@ -7,20 +7,39 @@ fn is_prob_input() -> bool { return INPUT == INPUT_PROBS || INPUT == INPUT_PROBS
 
 // Per-row constants: for logits the log-sum-exp parts of P and Q; for normalized
 // probabilities the splits of the row sums (p_sum, q_sum), which each element divides by.
-struct RowCtx { pm: f32, pl: f32, qm: f32, ql: f32, shift: f32, p_sum: Split, q_sum: Split }
+// For logits also the shift lse_p − lse_q as shift_hi + shift_lo, the rounding of
+// p_m − q_m kept in shift_lo (see logit_diff).
+struct RowCtx {
+    pm: f32, pl: f32, qm: f32, ql: f32, shift_hi: f32, shift_lo: f32, p_sum: Split, q_sum: Split,
+}
 
 fn row_ctx(row: u32) -> RowCtx {
     if (INPUT == INPUT_LOGITS) {
         let s = row_lse[row];
         let pl = log1p_acc(s.p_s);
         let ql = log1p_acc(s.q_s);
-        return RowCtx(s.p_m, pl, s.q_m, ql, (s.p_m - s.q_m) + (pl - ql), ONE, ONE);
+        let m = two_sum(s.p_m, -s.q_m);
+        return RowCtx(s.p_m, pl, s.q_m, ql, m.x, m.y + (pl - ql), ONE, ONE);
     }
     if (INPUT == INPUT_PROBS_NORM) {
         let s = row_lse[row];
-        return RowCtx(0.0, 0.0, 0.0, 0.0, 0.0, split(s.p_m), split(s.q_m));
+        return RowCtx(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, split(s.p_m), split(s.q_m));
     }
-    return RowCtx(0.0, 0.0, 0.0, 0.0, 0.0, ONE, ONE);
+    return RowCtx(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ONE, ONE);
+}
+
+// d = ln p − ln q of logits x, y: (x − y) − (lse_p − lse_q). Two models' logits may differ by
+// a common offset (lse_p − lse_q = 100, say) while d is 1e-3: then x − y rounds by
+// 2^-24·100, a thousandth of d, and the terms carry it. So x − y is taken exactly as s + e
+// (TwoSum), and the offset as shift_hi + shift_lo: s − shift_hi cancels exactly, and only
+// the small parts e − shift_lo are left to round. A rounding of the log-sum-exps themselves
+// moves every d of the row alike, which KL does not feel to first order.
+// A −∞ logit (p or q = 0) makes d ±∞, which the terms select on; TwoSum's error term would be
+// NaN there.
+fn logit_diff(x: f32, y: f32, ctx: RowCtx) -> f32 {
+    let xy = two_sum(x, -y);
+    let d = xy.x - ctx.shift_hi;
+    return select(d + (xy.y - ctx.shift_lo), d, !is_finite(xy.x));
 }
 
 // One element's contribution: the stable main term, the residual (p − q) and flags. The
@@ -110,7 +129,7 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
         if (MEASURE == MEASURE_ENTROPY) {
             return term(select(exp(a) * ((ctx.pm - x) + ctx.pl), 0.0, p_zero), 0.0);
         }
-        return log_term(a, b, exp(a), exp(b), (x - y) - ctx.shift);
+        return log_term(a, b, exp(a), exp(b), logit_diff(x, y, ctx));
     }
     if (MEASURE == MEASURE_SUM_P) { return term(x, 0.0); }
     if (MEASURE == MEASURE_SUM_PQ) { return term(x, y); }

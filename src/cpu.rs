@@ -235,8 +235,9 @@ fn argmax(row: &[f32]) -> usize {
     best
 }
 
-/// log Σ exp(x) in f64 (NaN for a row of −∞ only, which the caller reports).
-fn log_sum_exp(row: &[f32]) -> f64 {
+/// log Σ exp(x) in f64 as (max, log Σ exp(x − max)), kept apart: logits near 1e30 would
+/// swallow the second part if added (NaN for a row of −∞ only, which the caller reports).
+fn log_sum_exp(row: &[f32]) -> (f64, f64) {
     let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
     let sum = sum_terms(
         row,
@@ -246,7 +247,7 @@ fn log_sum_exp(row: &[f32]) -> f64 {
         |x, _| math::exp(x as f64 - max),
     )
     .value;
-    max + sum.ln()
+    (max, sum.ln())
 }
 
 /// Inputs at least this long use every core (below it, threads cost more than they save).
@@ -279,8 +280,17 @@ fn parallel_blocks<T: Send>(n: usize, work: impl Fn(std::ops::Range<usize>) -> T
 /// log-probabilities: x − 0 is x, −∞ included).
 #[derive(Clone, Copy)]
 enum RowContext {
-    Probs { sp: f64, sq: f64 },
-    Logs { lp: f64, lq: f64 },
+    Probs {
+        sp: f64,
+        sq: f64,
+    },
+    /// Each side's log-sum-exp as (max, log Σ exp(x − max)): ln p = (x − max) − log Σ.
+    Logs {
+        mp: f64,
+        lp: f64,
+        mq: f64,
+        lq: f64,
+    },
 }
 
 /// The context of one row; a one-input measure gets P for Q, so its scale is not computed
@@ -299,10 +309,20 @@ fn row_context(measure: Measure, opts: &Options, p: &[f32], q: &[f32]) -> RowCon
             }
         }
         Input::Probs => RowContext::Probs { sp: 1.0, sq: 1.0 },
-        Input::LogProbs => RowContext::Logs { lp: 0.0, lq: 0.0 },
+        Input::LogProbs => RowContext::Logs {
+            mp: 0.0,
+            lp: 0.0,
+            mq: 0.0,
+            lq: 0.0,
+        },
         Input::Logits => {
-            let (lp, lq) = both(log_sum_exp);
-            RowContext::Logs { lp, lq }
+            let (mp, lp) = log_sum_exp(p);
+            let (mq, lq) = if measure.uses_q() {
+                log_sum_exp(q)
+            } else {
+                (mp, lp)
+            };
+            RowContext::Logs { mp, lp, mq, lq }
         }
     }
 }
@@ -329,8 +349,8 @@ fn row_value(measure: Measure, opts: &Options, p: &[f32], q: &[f32]) -> RowSum {
                         ($measure, RowContext::Probs { sp, sq }) => sum_terms(p, q, input, #[inline(always)] |a, b| {
                             prob_term($measure, a as f64 * sp, b as f64 * sq)
                         }),
-                        ($measure, RowContext::Logs { lp, lq }) => sum_terms(p, q, input, #[inline(always)] |a, b| {
-                            log_term($measure, a as f64 - lp, b as f64 - lq)
+                        ($measure, RowContext::Logs { mp, lp, mq, lq }) => sum_terms(p, q, input, #[inline(always)] |a, b| {
+                            log_term($measure, (a as f64 - mp) - lp, (b as f64 - mq) - lq)
                         }),
                     )*
                 }

@@ -131,6 +131,45 @@ fn close_model_outputs_keep_their_digits() {
 }
 
 #[test]
+fn close_models_whose_logits_differ_by_a_constant() {
+    // Softmax ignores a common offset, but f32 does not: with Q's logits = P's + C + noise,
+    // x − y rounds by 2^-24·C, which for C = 100 was 3e-5 of the KL. Rows: C = 0, 12, 100,
+    // 1e4, 1e6, 1e30, each with noise 1e-2 (KL ≈ 4e-6) and 1e-3.
+    let cols = 1000;
+    let mut r = rng(17);
+    let base = logits(&mut r, cols, 5.0);
+    let noise = logits(&mut r, cols, 0.5);
+    let (mut p, mut q) = (vec![], vec![]);
+    let offsets = [0.0f64, 12.0, 100.0, 1e4, 1e6, 1e30];
+    for &c in &offsets {
+        for delta in [1e-2f64, 1e-3] {
+            p.extend_from_slice(&base);
+            q.extend(
+                base.iter()
+                    .zip(&noise)
+                    .map(|(&z, &n)| (z as f64 + c + delta * n as f64) as f32),
+            );
+        }
+    }
+    for e in all_plans() {
+        for m in [Measure::KullbackLeibler, Measure::JensenShannon] {
+            let opts = Options::input(Input::Logits);
+            let gpu = e.rows(m, &p, Some(&q), cols, &opts).unwrap().values;
+            let exact = cpu::rows(m, &p, Some(&q), cols, &opts).unwrap().values;
+            assert_rows_close(&gpu, &exact, &format!("{m:?} with offset logits"));
+        }
+    }
+    // At C = 1e30 every q logit is the same f32: KL(P‖uniform) = ln N − H(P), in f64 here.
+    let z: Vec<f64> = base.iter().map(|&x| x as f64).collect();
+    let max = z.iter().cloned().fold(f64::MIN, f64::max);
+    let lse = max + z.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+    let entropy: f64 = z.iter().map(|x| -(x - lse).exp() * (x - lse)).sum();
+    let row = 2 * (offsets.len() - 1);
+    let kl = cpu::kl_divergence_rows(&p, &q, cols, Input::Logits).unwrap()[row];
+    assert_close(kl, (cols as f64).ln() - entropy, "reference at C = 1e30");
+}
+
+#[test]
 fn closed_forms_for_logits() {
     let e = engine();
     let mut r = rng(15);
