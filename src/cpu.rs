@@ -120,6 +120,17 @@ pub fn rows(
     {
         return Err(err);
     }
+    // No element to blame, yet no number, or +∞ with no p > 0 where q = 0 to explain it: f64
+    // overflowed (log-probabilities above ~709).
+    if let Some(row) = sums.iter().enumerate().position(|(r, s)| {
+        let span = r * cols..(r + 1) * cols;
+        s.value.is_nan()
+            || s.value == f64::NEG_INFINITY
+            || (s.value == f64::INFINITY
+                && !has_infinite_term(measure, opts.input, &p[span.clone()], &q[span]))
+    }) {
+        return Err(Error::Overflow { row });
+    }
     let values = sums.iter().map(|s| s.value * per_nat).collect();
     let top1_agree = (opts.input == Input::Logits && measure.uses_q()).then(|| {
         p.chunks(cols)
@@ -128,6 +139,17 @@ pub fn rows(
             .collect()
     });
     Ok(RowResults { values, top1_agree })
+}
+
+/// Whether a row has an element whose term is +∞ by rule: p > 0 where q = 0 (KL and CE).
+fn has_infinite_term(measure: Measure, input: Input, p: &[f32], q: &[f32]) -> bool {
+    let zero = |x: f32| match input {
+        Input::Probs => x == 0.0,
+        Input::LogProbs | Input::Logits => x == f32::NEG_INFINITY,
+    };
+    measure.uses_q()
+        && measure != Measure::JensenShannon
+        && p.iter().zip(q).any(|(&a, &b)| !zero(a) && zero(b))
 }
 
 /// Checks lengths and returns the slice to use as Q (P itself for one-input measures).
@@ -559,6 +581,21 @@ mod tests {
             f64::INFINITY
         );
         assert_eq!(kl_divergence(&[0.0, 1.0], &[0.5, 0.5]).unwrap(), 2f64.ln());
+    }
+
+    #[test]
+    fn rows_beyond_f64_are_overflow_errors() {
+        // e^800 overflows f64: row 1 has no number, and no element is invalid.
+        let p = [-0.7f32, -0.7, 800.0, -0.7];
+        let q = [-0.7f32; 4];
+        for m in Measure::ALL {
+            let qq = m.uses_q().then_some(&q[..]);
+            let got = rows(m, &p, qq, 2, &Options::input(Input::LogProbs));
+            assert!(
+                matches!(got, Err(Error::Overflow { row: 1 })),
+                "{m:?}: {got:?}"
+            );
+        }
     }
 
     #[test]

@@ -111,7 +111,8 @@ pub enum Error {
     },
     /// A row's result, or (with normalization) its sum, is beyond f32's range: the kernels
     /// compute in f32, and values near `f32::MAX` (or sums of them) overflow. The f64 CPU
-    /// reference ([`crate::cpu`]) computes such rows.
+    /// reference ([`crate::cpu`]) computes such rows, and reports this error only where f64
+    /// overflows too (log-probabilities above about 709).
     #[error(
         "row {row}: the result exceeds the range of f32 arithmetic (values near f32::MAX, or \
          a row sum beyond it); scale the row down or use the f64 CPU reference"
