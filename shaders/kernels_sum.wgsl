@@ -105,13 +105,18 @@ fn log_term(a: f32, b: f32, p: f32, q: f32, d: f32) -> Term {
     let inf = !p_zero && b == ninf;
     let flags = select(0u, ACC_INF, inf);
     if (MEASURE == MEASURE_CE) { return Term(select(-p * b, 0.0, p_zero || inf), 0.0, flags); }
-    // p = 0: with logits the residual Σ(p − q) is 0 over the whole row, so the KL of the
-    // entries with p > 0 carries Q's mass here: the KL term at p = 0 is q.
-    var at_zero = 0.0;
-    if (INPUT == INPUT_LOGITS) { at_zero = q; }
-    let main = select(select(phi_term(p, d, q), at_zero, p_zero), 0.0, inf);
-    let resid = select(p - q, 0.0, INPUT == INPUT_LOGITS || p_zero || inf);
-    return Term(main, resid, flags);
+    if (INPUT == INPUT_LOGITS) {
+        // No residual: Σ(p − q) is 0 over the row, so every term is p·φ(d) = p·ln(p/q) − p + q,
+        // and p = 0 carries Q's mass, q.
+        return Term(select(select(phi_term(p, d, q), q, p_zero), 0.0, inf), 0.0, flags);
+    }
+    // Log-probabilities need not sum to 1: near p = q (|d| <= 1) the non-negative p·φ(d) with
+    // p − q to the residual; elsewhere p·d whole, so a q far above p puts no ±q into two sums
+    // that cancel (q = 3.9 against p = 1.4e-3 lost 1e-5 of KL that way). p = 0 adds nothing.
+    let near = abs(d) <= 1.0;
+    let main = select(p * d, p * phi_series(d), near);
+    let live = !p_zero && !inf;
+    return Term(select(0.0, main, live), select(0.0, p - q, live && near), flags);
 }
 
 fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
