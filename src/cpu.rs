@@ -120,18 +120,21 @@ pub fn rows(
     {
         return Err(err);
     }
-    // No element to blame, yet no number, or +∞ with no p > 0 where q = 0 to explain it: f64
-    // overflowed (log-probabilities above ~709).
-    if let Some(row) = sums.iter().enumerate().position(|(r, s)| {
-        let span = r * cols..(r + 1) * cols;
-        s.value.is_nan()
-            || s.value == f64::NEG_INFINITY
-            || (s.value == f64::INFINITY
-                && !has_infinite_term(measure, opts.input, &p[span.clone()], &q[span]))
-    }) {
-        return Err(Error::Overflow { row });
+    // A row that is not a number: +∞ if some p > 0 sits where q = 0 (KL and CE are infinite
+    // by rule, whatever else overflowed, as on the GPU); otherwise f64 overflowed
+    // (log-probabilities above ~709) and no element is to blame.
+    let mut values = Vec::with_capacity(sums.len());
+    for (r, s) in sums.iter().enumerate() {
+        let mut value = s.value;
+        if !value.is_finite() {
+            let span = r * cols..(r + 1) * cols;
+            if !has_infinite_term(measure, opts.input, &p[span.clone()], &q[span]) {
+                return Err(Error::Overflow { row: r });
+            }
+            value = f64::INFINITY;
+        }
+        values.push(value * per_nat);
     }
-    let values = sums.iter().map(|s| s.value * per_nat).collect();
     let top1_agree = (opts.input == Input::Logits && measure.uses_q()).then(|| {
         p.chunks(cols)
             .zip(q.chunks(cols))
@@ -385,7 +388,7 @@ fn row_value(measure: Measure, opts: &Options, p: &[f32], q: &[f32]) -> RowSum {
             Measure::JensenShannon
         )
     };
-    if p.len() >= PARALLEL_MIN {
+    let row = if p.len() >= PARALLEL_MIN {
         let parts = parallel_blocks(p.len(), sum);
         RowSum {
             value: compensated_sum(parts.iter().map(|s| s.value)),
@@ -393,6 +396,14 @@ fn row_value(measure: Measure, opts: &Options, p: &[f32], q: &[f32]) -> RowSum {
         }
     } else {
         sum(0..p.len())
+    };
+    // A row that sums to 0 cannot be normalized (1/0 scaled its terms into a number that
+    // means nothing): let the locator name it.
+    let unnormalizable =
+        matches!(ctx, RowContext::Probs { sp, sq } if !(sp.is_finite() && sq.is_finite()));
+    RowSum {
+        saw_invalid: row.saw_invalid || unnormalizable,
+        ..row
     }
 }
 

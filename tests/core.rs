@@ -370,6 +370,102 @@ fn rows_beyond_f32_range_are_errors_naming_the_row() {
     }
 }
 
+/// One value of a differential fuzz: zeros, subnormals, values near f32::MAX, ordinary ones;
+/// for logs, −∞, ±1e38, ±100 and offsets.
+fn edge_value(r: &mut rand::rngs::StdRng, input: Input) -> f32 {
+    let k: f64 = r.random();
+    let u: f64 = r.random();
+    match input {
+        Input::Probs => match k {
+            k if k < 0.1 => 0.0,
+            k if k < 0.2 => (u * 1e-38) as f32,
+            k if k < 0.25 => (u * 1e-44) as f32,
+            k if k < 0.3 => (u * 3e38) as f32,
+            k if k < 0.35 => 1.0,
+            _ => 10f64.powf(-40.0 * u) as f32,
+        },
+        _ => match k {
+            k if k < 0.1 => f32::NEG_INFINITY,
+            k if k < 0.2 => (u * 2e38 - 1e38) as f32,
+            k if k < 0.3 => (u * 200.0 - 100.0) as f32,
+            k if k < 0.35 => -1e30,
+            _ => (u * 20.0 - 10.0) as f32,
+        },
+    }
+}
+
+#[test]
+fn edge_values_match_the_reference_or_fail_naming_the_row() {
+    // Every measure, input and plan on rows of edge values, against the f64 reference: the
+    // GPU's value must be the reference's, or the call must fail as the reference does, or
+    // (only where the row holds a value that f32 arithmetic cannot carry) be Overflow for
+    // that row. Normalized rows carry one f32 rounding per element: 2e-7 absolute there.
+    let mut r = rng(2026);
+    for trial in 0..150 {
+        let input = [Input::Probs, Input::LogProbs, Input::Logits][trial % 3];
+        let cols = [1usize, 3, 17, 64, 300][trial / 3 % 5];
+        let rows = 1 + trial % 4;
+        let p: Vec<f32> = (0..rows * cols)
+            .map(|_| edge_value(&mut r, input))
+            .collect();
+        let q: Vec<f32> = (0..rows * cols)
+            .map(|_| edge_value(&mut r, input))
+            .collect();
+        let e = all_plans()[trial % 3];
+        for normalize in [false, true] {
+            if normalize && input != Input::Probs {
+                continue;
+            }
+            let opts = Options {
+                input,
+                normalize,
+                ..Default::default()
+            };
+            for m in Measure::ALL {
+                let qq = m.uses_q().then_some(&q[..]);
+                let what = format!("trial {trial}, {m:?} {input:?} normalize={normalize}");
+                match (
+                    e.rows(m, &p, qq, cols, &opts),
+                    cpu::rows(m, &p, qq, cols, &opts),
+                ) {
+                    (Ok(g), Ok(c)) => {
+                        for (i, (&gv, &cv)) in g.values.iter().zip(&c.values).enumerate() {
+                            if normalize && gv.is_finite() && (gv - cv).abs() <= 2e-7 {
+                                continue;
+                            }
+                            assert_close(
+                                gv,
+                                cv,
+                                &format!(
+                                    "{what}, row {i}: p {:?} q {:?}",
+                                    &p[i * cols..(i + 1) * cols],
+                                    &q[i * cols..(i + 1) * cols]
+                                ),
+                            );
+                        }
+                    }
+                    (Err(Error::Overflow { row }), _) => {
+                        let span = row * cols..(row + 1) * cols;
+                        // e^x or a difference of logs past f32::MAX, or a huge probability.
+                        let beyond = |x: &f32| match input {
+                            Input::Probs => *x > 1e30,
+                            _ => *x > 80.0 || (x.is_finite() && *x <= -1e30),
+                        };
+                        assert!(
+                            p[span.clone()].iter().any(beyond) || q[span].iter().any(beyond),
+                            "{what}: Overflow in row {row}, which holds no value near f32's limits: p {:?} q {:?}",
+                            &p[row * cols..(row + 1) * cols],
+                            &q[row * cols..(row + 1) * cols]
+                        );
+                    }
+                    (Err(ge), Err(ce)) => assert_eq!(ge.to_string(), ce.to_string(), "{what}"),
+                    (g, c) => panic!("{what}: GPU {g:?}, reference {c:?}"),
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn compensated_sums_survive_the_shader_compiler() {
     // Mesa's NIR simplified TwoSum's (a + b) − a to b, so every compensated sum on lavapipe
