@@ -92,4 +92,9 @@ klgpu=(--klgpu-json "$OUT/bench.json")
 [ -f "$OUT/bench.json" ] || klgpu=(--bench .device/bench)
 PYTHONUNBUFFERED=1 timeout 200 python3 scripts/peers.py "${klgpu[@]}" --json "$OUT/peers.json" 2>&1 | tee "$OUT/peers.txt"
 fi
+section "summary (repeated here: the device tool returns only the output's tail)"
+for t in core batch apps; do
+    [ -f "$OUT/test-$t.txt" ] && echo "$t: $(grep -E '^test result' "$OUT/test-$t.txt")"
+done
+[ -f "$OUT/bench.txt" ] && grep -E "^roofline:|KL probs N=1e8 |KL logits 4096" "$OUT/bench.txt" | grep gpu-device
 section done
