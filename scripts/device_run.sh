@@ -47,10 +47,12 @@ fi
 section "tests on this adapter"
 tests="core batch apps"
 part tests || { tests=""; echo "skipped (PARTS=$PARTS)"; }
+# One file for all three: the device tool returns at most eight files.
 for t in $tests; do
-    timeout 100 ".device/$t" --test-threads 4 > "$OUT/test-$t.txt" 2>&1
-    echo "$t: exit $? — $(grep -E '^test result' "$OUT/test-$t.txt")"
-    grep -E -A1 'panicked' "$OUT/test-$t.txt" | head -12
+    timeout 100 ".device/$t" --test-threads 4 > "/tmp/test-$t.txt" 2>&1
+    echo "$t: exit $? — $(grep -E '^test result' "/tmp/test-$t.txt")"
+    grep -E -A1 'panicked' "/tmp/test-$t.txt" | head -12
+    { echo "==== $t"; cat "/tmp/test-$t.txt"; } >> "$OUT/tests.txt"
 done
 
 if part bench; then
@@ -94,7 +96,7 @@ PYTHONUNBUFFERED=1 timeout 200 python3 scripts/peers.py "${klgpu[@]}" --json "$O
 fi
 section "summary (repeated here: the device tool returns only the output's tail)"
 for t in core batch apps; do
-    [ -f "$OUT/test-$t.txt" ] && echo "$t: $(grep -E '^test result' "$OUT/test-$t.txt")"
+    [ -f "/tmp/test-$t.txt" ] && echo "$t: $(grep -E '^test result' "/tmp/test-$t.txt")"
 done
 [ -f "$OUT/bench.txt" ] && grep -E "^roofline:|KL probs N=1e8 |KL logits 4096" "$OUT/bench.txt" | grep gpu-device
 section done
