@@ -88,6 +88,9 @@ fn opaque(x: f32) -> f32 { return select(x, 0.0, prm.zero != 0u); }
 // Whether x is neither ±∞ nor NaN, by its bits (immune to a compiler that assumes no NaN).
 fn is_finite(x: f32) -> bool { return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u; }
 
+// Whether x is ±0, by its bits: an adapter that flushes subnormals compares them equal to 0.
+fn is_zero(x: f32) -> bool { return (bitcast<u32>(x) & 0x7fffffffu) == 0u; }
+
 fn uses_q() -> bool { return MEASURE != MEASURE_ENTROPY && MEASURE != MEASURE_SUM_P; }
 
 // Records a rejected element: which problem (flag bits) and, for the earliest window that has

@@ -53,9 +53,6 @@ fn split_div(a: Split, b: Split) -> Split {
     return Split(select(m, 2.0 * m, small), a.e - b.e - select(0, 1, small));
 }
 
-// Whether x is ±0, by its bits: an adapter that flushes subnormals compares them equal to 0.
-fn is_zero(x: f32) -> bool { return (bitcast<u32>(x) & 0x7fffffffu) == 0u; }
-
 // T(z) with atanh(s) = s·(1 + z·T(z)), z = s², to f32 precision for |s| <= 0.172: the first
 // term left out, z⁵/11 relative, is below 2^-28.
 fn atanh_tail(z: f32) -> f32 {

@@ -760,16 +760,18 @@ impl Engine {
         }
         if flags == kernels::FLAG_OVERFLOW {
             // No element is to blame: the row is the first whose result reads NaN.
+            let read;
             let values = match &loc.out {
                 Some(out) => {
-                    let rows = loc.plan.rows;
-                    self.gpu()
-                        .read_elements(&out.view(), 0, rows, blocking)
-                        .await?
+                    read = self
+                        .gpu()
+                        .read_elements(&out.view(), 0, loc.plan.rows, blocking)
+                        .await?;
+                    &read
                 }
-                None => readback.values.clone(),
+                None => &readback.values,
             };
-            if let Some(row) = crate::engine::first_nan(&values) {
+            if let Some(row) = crate::engine::first_nan(values) {
                 return Err(Error::Overflow { row });
             }
         }

@@ -321,13 +321,15 @@ enum RowContext {
 /// The context of one row; a one-input measure gets P for Q, so its scale is not computed
 /// twice.
 fn row_context(measure: Measure, opts: &Options, p: &[f32], q: &[f32]) -> RowContext {
-    let both = |f: fn(&[f32]) -> f64| {
+    fn both<T: Copy>(measure: Measure, p: &[f32], q: &[f32], f: fn(&[f32]) -> T) -> (T, T) {
         let of_p = f(p);
         (of_p, if measure.uses_q() { f(q) } else { of_p })
-    };
+    }
     match opts.input {
         Input::Probs if opts.normalize => {
-            let (sum_p, sum_q) = both(|r| sum_terms(r, r, Input::Probs, |x, _| x as f64).value);
+            let (sum_p, sum_q) = both(measure, p, q, |r| {
+                sum_terms(r, r, Input::Probs, |x, _| x as f64).value
+            });
             RowContext::Probs {
                 sp: 1.0 / sum_p,
                 sq: 1.0 / sum_q,
@@ -341,12 +343,7 @@ fn row_context(measure: Measure, opts: &Options, p: &[f32], q: &[f32]) -> RowCon
             lq: 0.0,
         },
         Input::Logits => {
-            let (mp, lp) = log_sum_exp(p);
-            let (mq, lq) = if measure.uses_q() {
-                log_sum_exp(q)
-            } else {
-                (mp, lp)
-            };
+            let ((mp, lp), (mq, lq)) = both(measure, p, q, log_sum_exp);
             RowContext::Logs { mp, lp, mq, lq }
         }
     }

@@ -13,7 +13,8 @@ pub(crate) const FLAG_INVALID: u32 = 1;
 pub(crate) const FLAG_P_EMPTY: u32 = 64;
 pub(crate) const FLAG_Q_EMPTY: u32 = 128;
 pub(crate) const FLAG_SUBGROUP_LAYOUT: u32 = 256;
-// A row's result or row sum left f32's range: recorded at the row's first element.
+// A row's result or normalizing sum left f32's range. No position is recorded (an invalid
+// element elsewhere keeps its record); the row reads NaN, which is how the host finds it.
 pub(crate) const FLAG_OVERFLOW: u32 = 512;
 // Dispatch modes (Params::mode).
 pub(crate) const MODE_PARTIAL: u32 = 1;
