@@ -91,7 +91,12 @@ fn is_finite(x: f32) -> bool { return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800
 // Whether x is ±0, by its bits: an adapter that flushes subnormals compares them equal to 0.
 fn is_zero(x: f32) -> bool { return (bitcast<u32>(x) & 0x7fffffffu) == 0u; }
 
-fn uses_q() -> bool { return MEASURE != MEASURE_ENTROPY && MEASURE != MEASURE_SUM_P; }
+fn uses_q() -> bool {
+    return MEASURE != MEASURE_ENTROPY && MEASURE != MEASURE_SUM_P && MEASURE != MEASURE_ROOF_P;
+}
+
+// The roofline's sums: plain f32, no validation.
+fn is_roof() -> bool { return MEASURE == MEASURE_ROOF_P || MEASURE == MEASURE_ROOF_PQ; }
 
 // Records a rejected element: which problem (flag bits) and, for the earliest window that has
 // one, the lowest window-local index. Windows run in order, so a later window never overrides.

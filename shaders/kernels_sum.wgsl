@@ -55,11 +55,13 @@ fn term(main: f32, resid: f32) -> Term { return Term(main, resid, 0u); }
 // (negative KL for equal rows). These skip its compensated add (MEASURE and INPUT are
 // constants: the branch is folded when the pipeline is created).
 fn has_resid() -> bool {
-    return MEASURE == MEASURE_SUM || MEASURE == MEASURE_SUM_PQ || MEASURE == MEASURE_KL_GRAD
+    return MEASURE == MEASURE_SUM || MEASURE == MEASURE_ROOF_PQ || MEASURE == MEASURE_KL_GRAD
         || (MEASURE == MEASURE_KL && INPUT != INPUT_LOGITS && INPUT != INPUT_PROBS_NORM);
 }
 
 fn fold_term(acc: Acc, t: Term) -> Acc {
+    // The roofline reads what a plain streaming sum reads: no compensation to slow it down.
+    if (is_roof()) { return Acc(acc.main_hi + t.main, 0.0, acc.resid_hi + t.resid, 0.0, 0u, 0u); }
     var a = add_main(acc, t.main);
     if (has_resid()) { a = add_resid(a, t.resid); }
     return Acc(a.main_hi, a.main_lo, a.resid_hi, a.resid_lo, a.flags | t.flags, 0u);
@@ -136,8 +138,8 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
         }
         return log_term(a, b, exp(a), exp(b), logit_diff(x, y, ctx));
     }
-    if (MEASURE == MEASURE_SUM_P) { return term(x, 0.0); }
-    if (MEASURE == MEASURE_SUM_PQ) { return term(x, y); }
+    if (MEASURE == MEASURE_SUM_P || MEASURE == MEASURE_ROOF_P) { return term(x, 0.0); }
+    if (MEASURE == MEASURE_ROOF_PQ) { return term(x, y); }
     // An invalid element's term is never used: the call fails, naming the element.
     note_bad(local, is_bad(x) || (uses_q() && is_bad(y)));
     if (INPUT == INPUT_LOGPROBS) {
@@ -200,7 +202,7 @@ fn emit_acc(row: u32, chunk: u32, total: Acc) {
     var v = finish_acc(t);
     var overflow = (t.flags & ACC_INF) == 0u && !is_finite(v);
     if (INPUT == INPUT_PROBS_NORM && MEASURE != MEASURE_SUM && MEASURE != MEASURE_SUM_P
-        && MEASURE != MEASURE_SUM_PQ) {
+        && !is_roof()) {
         let sums = row_lse[row];
         overflow = overflow || !is_finite(sums.p_m) || (uses_q() && !is_finite(sums.q_m));
     }

@@ -508,9 +508,9 @@ impl Engine {
         self.gpu().read_elements(&view, 0, view.elems, false).await
     }
 
-    /// Σx of an f32 GPU slice (compensated): the plain streaming reduction the benchmarks use
-    /// as the adapter's read-bandwidth roofline. It shares the kernel, loads and workgroup
-    /// plan of the measures, minus their math. Values are not validated.
+    /// Σx of an f32 GPU slice, compensated (TwoSum pairs, as the measures sum their terms),
+    /// through the kernel, loads and workgroup plan of the measures. Values are not
+    /// validated.
     pub fn sum_buffers(&self, p: wgpu::BufferSlice<'_>) -> Result<f64> {
         let (p, q) = self.inputs(Measure::Entropy, &p, None)?;
         let job = job_for(Term::SumP, &Options::default())?;
@@ -528,8 +528,9 @@ impl Engine {
     }
 
     /// Records per-row plain sums Σp (+ Σq) of `[rows × cols]` f32 into `out`: the roofline
-    /// of a kernel over the same inputs, shape and workgroup plan, minus its math. Values are
-    /// not validated.
+    /// of a kernel over the same inputs, shape and workgroup plan, minus its math. Each
+    /// invocation adds in plain f32 (no compensation, which costs a CPU adapter 6–10 %), so
+    /// the roof is what a plain streaming reduction reads. Values are not validated.
     #[allow(clippy::too_many_arguments)]
     pub fn record_sum_rows(
         &self,
@@ -540,7 +541,11 @@ impl Engine {
         cols: usize,
         out: wgpu::BufferSlice<'_>,
     ) -> Result<()> {
-        let term = if q.is_some() { Term::SumPQ } else { Term::SumP };
+        let term = if q.is_some() {
+            Term::RoofPQ
+        } else {
+            Term::RoofP
+        };
         let measure = if q.is_some() {
             Measure::KullbackLeibler
         } else {

@@ -31,10 +31,12 @@ pub(crate) enum Term {
     Measure(Measure),
     /// Σp and Σq of a row.
     Sums,
-    /// Σp alone, not validated: one streaming read, the bandwidth roofline.
+    /// Σp alone, compensated, not validated.
     SumP,
-    /// Σp + Σq, not validated: the roofline of a two-input kernel over the same bytes.
-    SumPQ,
+    /// Σp as a plain f32 sum, not validated: one streaming read, the bandwidth roofline.
+    RoofP,
+    /// Σp + Σq the same way: the roofline of a two-input kernel over the same bytes.
+    RoofPQ,
     /// The loss KL(P‖softmax(z)) with z bound as P and the target as Q; writes the gradient.
     KlGrad,
 }
@@ -48,16 +50,17 @@ impl Term {
             Term::Measure(Measure::JensenShannon) => 3,
             Term::Sums => 4,
             Term::SumP => 5,
-            Term::SumPQ => 6,
+            Term::RoofPQ => 6,
             Term::KlGrad => 7,
+            Term::RoofP => 8,
         }
     }
 
     pub(crate) fn uses_q(self) -> bool {
         match self {
             Term::Measure(m) => m.uses_q(),
-            Term::Sums | Term::SumPQ | Term::KlGrad => true,
-            Term::SumP => false,
+            Term::Sums | Term::RoofPQ | Term::KlGrad => true,
+            Term::SumP | Term::RoofP => false,
         }
     }
 }
@@ -223,7 +226,8 @@ pub(crate) fn shader_source(monoid: &str, reduce: SegmentReduce, vec4: bool) -> 
          const ACC_INF: u32 = 1u;\n\
          const MEASURE_KL: u32 = 0u;\nconst MEASURE_CE: u32 = 1u;\nconst MEASURE_ENTROPY: u32 = 2u;\n\
          const MEASURE_JS: u32 = 3u;\nconst MEASURE_SUM: u32 = 4u;\nconst MEASURE_SUM_P: u32 = 5u;\n\
-         const MEASURE_SUM_PQ: u32 = 6u;\nconst MEASURE_KL_GRAD: u32 = 7u;\n\
+         const MEASURE_ROOF_PQ: u32 = 6u;\nconst MEASURE_KL_GRAD: u32 = 7u;\n\
+         const MEASURE_ROOF_P: u32 = 8u;\n\
          const INPUT_PROBS: u32 = 0u;\nconst INPUT_LOGPROBS: u32 = 1u;\nconst INPUT_LOGITS: u32 = 2u;\n\
          const INPUT_PROBS_NORM: u32 = 3u;\n"
     );
