@@ -42,6 +42,10 @@ fn lse_element4(x: vec4<f32>, y_in: vec4<f32>, local: u32, c: u32, unused: u32) 
     return Lse(sp.m, sp.s, sp.i, sq.m, sq.s, sq.i);
 }
 
+fn fold4_lse(st: Lse, x: vec4<f32>, y: vec4<f32>, local: u32, c: u32, unused: u32) -> Lse {
+    return combine_Lse(st, lse_element4(x, y, local, c, unused));
+}
+
 fn emit_lse(row: u32, chunk: u32, total: Lse) {
     if ((prm.mode & MODE_PARTIAL) != 0u) {
         partials[row * prm.chunks + chunk] = total;

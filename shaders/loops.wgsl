@@ -11,12 +11,12 @@
 // LOOP_VEC4: one vec4 per iteration, for rows of any length and start. The segment's columns
 // that share a vec4 of the input with a neighbouring row or chunk (at most three at each end)
 // go one at a time (load_p, load_q), like LOOP_SCALAR; the whole vec4s between them are
-// spread over the lanes like LOOP_SCALAR's elements (span / 4 of them per blocked lane), their
-// four elements made into one value first (ELEMENT4) and folded into the running state once. The
+// spread over the lanes like LOOP_SCALAR's elements (span / 4 of them per blocked lane). The
 // host checks that P and Q sit at the same offset modulo 4 and that both bindings end on a
 // whole vec4.
-// ELEMENT(x, y, local, c, CTX) gives one element's value, ELEMENT4 the value of the four
-// elements of a vec4 from column c on, and FOLD(ACC, value) adds one into the running state.
+// ELEMENT(x, y, local, c, CTX) gives one element's value and FOLD(ACC, value) adds it into the
+// running state; FOLD4(ACC, x, y, local, c, CTX) adds the four elements of a vec4 from column
+// c on.
 
 //---- LOOP_SCALAR
         let blocked = prm.lane_span != 0u;
@@ -54,5 +54,5 @@
             let x = in_p[(prm.shift_p + local) / 4u];
             var y = x;
             if (uses_q()) { y = in_q[(prm.shift_q + local) / 4u]; }
-            ACC = FOLD(ACC, ELEMENT4(x, y, local, c, CTX));
+            ACC = FOLD4(ACC, x, y, local, c, CTX);
         }

@@ -27,6 +27,18 @@ fn expm1_acc(x: f32) -> f32 {
     return select(exp(x) - 1.0, series, abs(x) <= 0.5);
 }
 
+// e^x to about 1 ulp: x = k·ln 2 + r with ln 2 in two parts (Cody–Waite, k·LN2_HI exact),
+// |r| <= ln(2)/2, and e^r by its Taylor series to r^8. WGSL's exp may be off by 3 + 2|x| ulp
+// (it scales x by log2(e) first).
+fn exp_acc(x: f32) -> f32 {
+    let k = round(x * 1.4426950408889634);
+    let r = (x - k * 0.693145751953125) - k * 1.4286067653302226e-6;
+    let er = 1.0 + r * (1.0 + r * (1.0 / 2.0 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0
+        + r * (1.0 / 720.0 + r * (1.0 / 5040.0 + r * (1.0 / 40320.0))))))));
+    // Below −104, e^x is 0 in f32 (and −∞ would make r NaN).
+    return select(ldexp(er, i32(clamp(k, -300.0, 300.0))), 0.0, x < -104.0);
+}
+
 // x = m·2^e with m in [1, 2), for x > 0 finite (sign ignored), by bit operations. A
 // subnormal's bits are its significand n, x = n·2^-149, and f32(n) is exact and normal: no
 // float operation touches x itself, so adapters that flush subnormals to zero (NVIDIA's

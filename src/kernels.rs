@@ -166,13 +166,13 @@ fn section<'a>(source: &'a str, name: &str) -> &'a str {
 fn element_loop(monoid: &str, vec4: bool) -> String {
     let loops = include_str!("../shaders/loops.wgsl");
     let body = section(loops, if vec4 { "LOOP_VEC4" } else { "LOOP_SCALAR" });
-    let [acc, element, element4, fold, ctx] = if monoid == "Acc" {
-        ["acc", "element", "element4", "fold_term", "ctx"]
+    let [acc, element, fold4, fold, ctx] = if monoid == "Acc" {
+        ["acc", "element", "fold4_term", "fold_term", "ctx"]
     } else {
-        ["st", "lse_element", "lse_element4", "combine_Lse", "0u"]
+        ["st", "lse_element", "fold4_lse", "combine_Lse", "0u"]
     };
     body.replace("ACC", acc)
-        .replace("ELEMENT4", element4)
+        .replace("FOLD4", fold4)
         .replace("ELEMENT", element)
         .replace("FOLD", fold)
         .replace("CTX", ctx)
