@@ -76,11 +76,28 @@ fn atanh_tail(z: f32) -> f32 {
 // 2·atanh(s), s = (a − 1)/(a + 1), a − 1 exact. WGSL's log is only good to 2^-21 absolute
 // near 1, llvmpipe's reads a subnormal as if its exponent were −126, and NVIDIA's flushes it.
 fn ln_split(su: Split) -> f32 {
+    let l = ln_reduced(su);
+    return l.x * LN2 + l.y;
+}
+
+// (k, 2·atanh(s)) with ln u = k·ln 2 + 2·atanh(s), from u's split (see ln_split).
+fn ln_reduced(su: Split) -> vec2<f32> {
     let high = su.m > SQRT2;
     let a = select(su.m, 0.5 * su.m, high);
-    let k = su.e + select(0, 1, high);
     let s = (a - 1.0) / (a + 1.0);
-    return f32(k) * LN2 + 2.0 * s * (1.0 + s * s * atanh_tail(s * s));
+    return vec2<f32>(f32(su.e + select(0, 1, high)), 2.0 * s * (1.0 + s * s * atanh_tail(s * s)));
+}
+
+// ln 2 in two parts: LN2_HI has 15 significant bits, so k·LN2_HI is exact for every exponent k
+// of an f32 (|k| <= 276 even for the split of 0).
+const LN2_HI: f32 = 0.693145751953125;
+const LN2_LO: f32 = 1.4286068203094172e-6;
+
+// ln u as hi + lo with hi = k·LN2_HI exact, for callers that cancel it against other exact
+// parts (the loss term's ln t − ln q).
+fn ln_parts(su: Split) -> vec2<f32> {
+    let l = ln_reduced(su);
+    return vec2<f32>(l.x * LN2_HI, l.x * LN2_LO + l.y);
 }
 
 fn ln_acc(u: f32) -> f32 { return ln_split(split(u)); }

@@ -494,6 +494,47 @@ fn loss_and_gradient_in_one_pass() {
 }
 
 #[test]
+fn loss_of_targets_close_to_the_model() {
+    // A target within 1e-4…1e-2 of softmax(z): the loss is ~1e-9…1e-5 while ln t and z − max
+    // are ~10. Their difference r = ln t − ln q must not round with them (it did: 2e-5 of the
+    // loss on rows of 1000).
+    let mut r = rng(29);
+    for (k, e) in all_plans().into_iter().enumerate() {
+        for (cols, scale, delta) in [(33, 1.0f32, 1e-2), (1000, 5.0, 1e-3), (4099, 20.0, 1e-4)] {
+            let rows = 8;
+            let z = logits(&mut r, rows * cols, scale);
+            let mut target = vec![];
+            let mut exact = vec![];
+            for zr in z.chunks(cols) {
+                let max = zr.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+                let sum: f64 = zr.iter().map(|&v| (v as f64 - max).exp()).sum();
+                let lq: Vec<f64> = zr.iter().map(|&v| v as f64 - max - sum.ln()).collect();
+                let q: Vec<f32> = lq.iter().map(|&l| l.exp() as f32).collect();
+                let t = perturbed(&mut r, &q, delta);
+                exact.push(
+                    t.iter()
+                        .zip(&lq)
+                        .filter(|(t, _)| **t > 0.0)
+                        .map(|(&t, &l)| t as f64 * ((t as f64).ln() - l))
+                        .sum(),
+                );
+                target.extend(t);
+            }
+            let (tb, zb) = (upload(e, "target", &target), upload(e, "z", &z));
+            let grad = upload(e, "grad", &vec![0.0; rows * cols]);
+            let loss = e
+                .kl_loss_and_grad_buffers(tb.slice(..), zb.slice(..), cols, grad.slice(..))
+                .unwrap();
+            assert_rows_close(
+                &loss,
+                &exact,
+                &format!("plan {k}, {rows} × {cols}, δ {delta}"),
+            );
+        }
+    }
+}
+
+#[test]
 fn an_impossible_allocation_is_an_error_and_the_engine_survives() {
     let e = engine();
     // Far beyond max_buffer_size: the device refuses it (lavapipe's 2 GiB buffer limit means
