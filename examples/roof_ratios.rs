@@ -1,11 +1,12 @@
 //! Each kernel against its own roofline, interleaved: a quick A/B tool for kernel and planner
-//! changes (about a minute on lavapipe).
+//! changes (seconds on lavapipe and on a GPU).
 //!
 //! `examples/bench` times a kernel and its roofline in separate blocks; on a noisy machine
 //! (lavapipe shares two cores with everything else) the two blocks can land in different
 //! states. Here every round times one call of the kernel and then one of its roofline (a plain
-//! sum over the same inputs and plan), and each keeps its best round, so both see the same
-//! conditions. To compare two builds, run their binaries alternately a few times.
+//! sum over the same inputs and plan) for every case in turn, and each keeps its best round,
+//! so both see the same conditions and each case's samples spread over the whole run. To
+//! compare two builds, run their binaries alternately a few times.
 //!
 //! ```text
 //! cargo run --release --example roof_ratios -- [--rounds R] [--workgroups W]
@@ -83,65 +84,63 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             })
             .collect::<Result<_, _>>()?
     };
+    // Every case's data first; then rounds that visit every case in turn, so that each case's
+    // samples spread over the whole run. lavapipe has phases of a second or so in which its
+    // two worker threads share one core (everything takes twice as long); timing one case
+    // after another put a whole case into such a phase now and then.
+    let mut states = vec![];
     for (name, measure, input, rows, cols) in chosen {
         let (rows, cols) = if rows == 1 {
             (1, cols * scale)
         } else {
             (rows * scale, cols)
         };
-        let out = engine.create_f32_buffer("roof_ratios.out", rows as u64)?;
-        let p = upload(
-            &engine,
-            "roof_ratios.input",
-            &data(&mut rng, rows, cols, input),
-        );
-        let q = upload(
-            &engine,
-            "roof_ratios.input",
-            &data(&mut rng, rows, cols, input),
-        );
-        let q_slice = || measure.uses_q().then(|| q.slice(..));
-        let opts = Options::input(input);
-        let mut pool = vec![];
-        let mut record_kernel = |enc: &mut wgpu::CommandEncoder, ws: &mut klgpu::Workspace| {
-            engine
-                .record_rows(
-                    enc,
-                    ws,
-                    measure,
-                    p.slice(..),
-                    q_slice(),
-                    cols,
-                    &opts,
-                    out.slice(..),
-                )
-                .expect("record the kernel");
-        };
-        let mut record_roof = |enc: &mut wgpu::CommandEncoder, ws: &mut klgpu::Workspace| {
-            engine
-                .record_sum_rows(enc, ws, p.slice(..), q_slice(), cols, out.slice(..))
-                .expect("record the roofline");
+        let case = Case {
+            name,
+            measure,
+            opts: Options::input(input),
+            rows,
+            cols,
+            out: engine.create_f32_buffer("roof_ratios.out", rows as u64)?,
+            p: upload(&engine, "roof_ratios.p", &data(&mut rng, rows, cols, input)),
+            q: upload(&engine, "roof_ratios.q", &data(&mut rng, rows, cols, input)),
         };
         // Samples of about 2 ms of back-to-back calls: one call at a time lets a GPU drop its
         // clocks between submissions (on lavapipe a call alone takes longer than that).
-        let calls = calls_per_sample(&timer, &engine, &mut pool, &mut record_roof);
-        // Warm up for a third of a second first: a GPU that idled while the host made this
-        // case's data starts at low clocks and needs that long to raise them.
-        let warm = std::time::Instant::now();
-        while warm.elapsed().as_secs_f64() < 0.3 {
-            time_calls(&timer, &engine, &mut pool, calls, &mut record_kernel);
-            time_calls(&timer, &engine, &mut pool, calls, &mut record_roof);
+        let mut pool = vec![];
+        let calls = calls_per_sample(&timer, &engine, &mut pool, &mut |e, w| {
+            case.roof(&engine, e, w)
+        });
+        states.push((case, pool, calls, f64::MAX, f64::MAX));
+    }
+    // Warm up for a third of a second: a GPU that idled while the host made the data starts at
+    // low clocks and needs that long to raise them.
+    let warm = std::time::Instant::now();
+    while warm.elapsed().as_secs_f64() < 0.3 {
+        for (case, pool, calls, _, _) in states.iter_mut() {
+            time_calls(&timer, &engine, pool, *calls, &mut |e, w| {
+                case.kernel(&engine, e, w)
+            });
         }
-        let (mut kernel, mut roof) = (f64::MAX, f64::MAX);
-        for _ in 0..rounds {
-            let k = time_calls(&timer, &engine, &mut pool, calls, &mut record_kernel);
-            let r = time_calls(&timer, &engine, &mut pool, calls, &mut record_roof);
-            kernel = kernel.min(k);
-            roof = roof.min(r);
+    }
+    for _ in 0..rounds {
+        for (case, pool, calls, kernel, roof) in states.iter_mut() {
+            let k = time_calls(&timer, &engine, pool, *calls, &mut |e, w| {
+                case.kernel(&engine, e, w)
+            });
+            let r = time_calls(&timer, &engine, pool, *calls, &mut |e, w| {
+                case.roof(&engine, e, w)
+            });
+            *kernel = kernel.min(k);
+            *roof = roof.min(r);
         }
-        let gb = (rows * cols * 4 * if measure.uses_q() { 2 } else { 1 }) as f64 / 1e9;
+    }
+    for (case, _, _, kernel, roof) in &states {
+        let gb =
+            (case.rows * case.cols * 4 * if case.measure.uses_q() { 2 } else { 1 }) as f64 / 1e9;
         println!(
-            "{name:8} kernel {:8.3} ms {:7.1} GB/s  roof {:8.3} ms {:7.1} GB/s  of roof {:5.1} %",
+            "{:8} kernel {:8.3} ms {:7.1} GB/s  roof {:8.3} ms {:7.1} GB/s  of roof {:5.1} %",
+            case.name,
             kernel * 1e3,
             gb / kernel,
             roof * 1e3,
@@ -150,4 +149,51 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     Ok(())
+}
+
+/// One workload: its inputs on the GPU and the two things timed over them.
+struct Case {
+    name: &'static str,
+    measure: Measure,
+    opts: Options,
+    rows: usize,
+    cols: usize,
+    out: wgpu::Buffer,
+    p: wgpu::Buffer,
+    q: wgpu::Buffer,
+}
+
+impl Case {
+    fn q(&self) -> Option<wgpu::BufferSlice<'_>> {
+        self.measure.uses_q().then(|| self.q.slice(..))
+    }
+
+    fn kernel(&self, engine: &Engine, enc: &mut wgpu::CommandEncoder, ws: &mut klgpu::Workspace) {
+        engine
+            .record_rows(
+                enc,
+                ws,
+                self.measure,
+                self.p.slice(..),
+                self.q(),
+                self.cols,
+                &self.opts,
+                self.out.slice(..),
+            )
+            .expect("record the kernel");
+    }
+
+    /// The roofline: a plain sum over the same inputs and plan.
+    fn roof(&self, engine: &Engine, enc: &mut wgpu::CommandEncoder, ws: &mut klgpu::Workspace) {
+        engine
+            .record_sum_rows(
+                enc,
+                ws,
+                self.p.slice(..),
+                self.q(),
+                self.cols,
+                self.out.slice(..),
+            )
+            .expect("record the roofline");
+    }
 }

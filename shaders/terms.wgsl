@@ -76,8 +76,11 @@ fn atanh_tail(z: f32) -> f32 {
 // 2·atanh(s), s = (a − 1)/(a + 1), a − 1 exact. WGSL's log is only good to 2^-21 absolute
 // near 1, llvmpipe's reads a subnormal as if its exponent were −126, and NVIDIA's flushes it.
 fn ln_split(su: Split) -> f32 {
-    let l = ln_reduced(su);
-    return l.x * LN2 + l.y;
+    let high = su.m > SQRT2;
+    let a = select(su.m, 0.5 * su.m, high);
+    let k = su.e + select(0, 1, high);
+    let s = (a - 1.0) / (a + 1.0);
+    return f32(k) * LN2 + 2.0 * s * (1.0 + s * s * atanh_tail(s * s));
 }
 
 // (k, 2·atanh(s)) with ln u = k·ln 2 + 2·atanh(s), from u's split (see ln_split).
