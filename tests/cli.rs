@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use klgpu::{Input, Measure, Options};
+use klgpu::{Base, Input, Measure, Options};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 use serde_json::Value;
@@ -540,6 +540,66 @@ fn streaming_many_blocks_gives_the_one_block_answer() {
                 want,
                 &format!("1-D {input} {cmd} normalize={normalize}"),
             );
+        }
+    }
+}
+
+#[test]
+fn long_rows_of_close_logits_keep_their_digits() {
+    // One row of 20,000 logits in 1,000-element pieces, Q = P + 7 + 1e-3·noise (KL ≈ 5e-7),
+    // with a piece masked (−∞) in both; then the same with a piece masked in P alone (which
+    // puts Q's mass there into KL). The pieces are logits rows of their own, put together by
+    // the chain rule; as log-probabilities x − lse rounded to f32 they carried ~5e-7 per
+    // element into ln p − ln q (KL 8e-7 relative off here, negative for closer rows).
+    let dir = tmp();
+    let n = 20_000;
+    let mut p = logits(13, n, 3.0);
+    let noise = logits(14, n, 1e-3);
+    let mut q: Vec<f32> = p.iter().zip(&noise).map(|(&x, &e)| x + 7.0 + e).collect();
+    p[5000..6000].fill(f32::NEG_INFINITY);
+    q[5000..6000].fill(f32::NEG_INFINITY);
+    let mut p_masked = p.clone();
+    p_masked[2000..3000].fill(f32::NEG_INFINITY);
+    for (k, p) in [p, p_masked].iter().enumerate() {
+        let (pp, qp) = (
+            dir.path().join(format!("p{k}.npy")),
+            dir.path().join("q.npy"),
+        );
+        npy_f32(&pp, &[n], p);
+        npy_f32(&qp, &[n], &q);
+        for (cmd, measure, base) in [
+            ("kl", Measure::KullbackLeibler, Base::E),
+            ("kl", Measure::KullbackLeibler, Base::Two),
+            ("ce", Measure::CrossEntropy, Base::E),
+            ("entropy", Measure::Entropy, Base::Ten),
+            ("js", Measure::JensenShannon, Base::E),
+        ] {
+            let opts = Options {
+                input: Input::Logits,
+                base,
+                ..Default::default()
+            };
+            let qq = measure.uses_q().then_some(&q[..]);
+            let want = klgpu::cpu::divergence(measure, p, qq, &opts).unwrap();
+            let base_arg = match base {
+                Base::Two => "2",
+                Base::Ten => "10",
+                _ => "e",
+            };
+            let mut args = vec![cmd, s(&pp)];
+            if measure.uses_q() {
+                args.push(s(&qp));
+            }
+            args.extend(["--json", "--input", "logits", "--base", base_arg]);
+            args.extend(["--block-bytes", "4000"]);
+            for backend in ["gpu", "cpu"] {
+                let mut a = args.clone();
+                a.extend(["--backend", backend]);
+                let got = as_f64(&klgpu(&a).json()["value"]);
+                let what = format!("case {k}, {cmd} base {base_arg} on the {backend}");
+                assert!(got >= 0.0, "{what}: {got}");
+                assert_close(got, want, &what);
+            }
         }
     }
 }

@@ -34,8 +34,10 @@ Large inputs are streamed: a reader thread reads row blocks (32 MiB of f32 per i
 GPU computes the previous block, so memory stays bounded whatever the file size. A row longer
 than a block is cut into pieces whose values are summed in f64 (exact for probs and log-probs,
 every measure being a sum over elements). For such a row given as logits, a first streamed pass
-on the CPU computes its log-sum-exp in f64, and the pieces are then fed as log-probabilities
-x - lse, rounded to f32; likewise --normalize on such a row first sums it, then feeds x / sum.
+on the CPU computes the log-sum-exp of the row and of each piece in f64; KL, cross-entropy and
+entropy then take each piece as logits of its own and combine them by the chain rule (no
+precision lost), JS gets the pieces as log-probabilities x - lse rounded to f32. Likewise
+--normalize on such a row first sums it, then feeds x / sum.
 
 Results are in nats unless --base says otherwise. Exit codes: 0 success, 2 bad input (files,
 shapes, values, arguments), 1 other failures (no adapter with --backend gpu, GPU errors).
