@@ -32,7 +32,7 @@ fn expm1_acc(x: f32) -> f32 {
 // (it scales x by log2(e) first).
 fn exp_acc(x: f32) -> f32 {
     let k = round(x * 1.4426950408889634);
-    let r = (x - k * 0.693145751953125) - k * 1.4286067653302226e-6;
+    let r = (x - k * LN2_HI) - k * LN2_LO;
     let er = 1.0 + r * (1.0 + r * (1.0 / 2.0 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0
         + r * (1.0 / 720.0 + r * (1.0 / 5040.0 + r * (1.0 / 40320.0))))))));
     // Below −104, e^x is 0 in f32 (and −∞ would make r NaN).
@@ -84,7 +84,7 @@ fn ln_split(su: Split) -> f32 {
 }
 
 // ln 2 in two parts: LN2_HI has 15 significant bits, so k·LN2_HI is exact for every exponent k
-// of an f32 (|k| <= 276 even for the split of 0).
+// of an f32 (|k| <= 276 even for the split of 0) and every k of exp_acc.
 const LN2_HI: f32 = 0.693145751953125;
 const LN2_LO: f32 = 1.4286068203094172e-6;
 
