@@ -483,6 +483,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let (call, round_trip) = (middle(&mut calls), middle(&mut round_trips));
 
+    // The GPU's floor per call: back-to-back passes of one trivial dispatch each, and of two
+    // dependent ones (a kernel and its combine), against KL at N = 1000 on GPU data. Below
+    // about 10^7 elements a call is its fixed cost; this says how much of it is the pass and
+    // its barriers rather than klgpu's kernels.
+    let (one_dispatch, two_dispatches) = dispatch_floor(budget, &timer, &engine);
+
     // "of roof": the plain sum over the same inputs and plan, over this kernel's time.
     // "of 1-D roof": GB/s over the big one-input streaming sum's GB/s.
     println!(
@@ -528,6 +534,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         round_trip * 1e6,
         call / round_trip
     );
+    println!(
+        "GPU time per call back to back ({}): a pass of one trivial dispatch {:.1} µs, of two dependent ones {:.1} µs",
+        timer.kind(),
+        one_dispatch * 1e6,
+        two_dispatches * 1e6
+    );
 
     if let Some(path) = args.json {
         let records: Vec<_> = rows_out
@@ -549,7 +561,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "subgroups": engine.uses_subgroups(),
             "timer": timer.kind(),
             "roofline_gbps": roof_gbps,
-            "overhead": { "call_n1000_s": call, "empty_round_trip_s": round_trip },
+            "overhead": { "call_n1000_s": call, "empty_round_trip_s": round_trip,
+                          "gpu_pass_one_dispatch_s": one_dispatch,
+                          "gpu_pass_two_dispatches_s": two_dispatches },
             "results": records,
             "variants": variants.iter().map(|(w, l, g)| serde_json::json!({"workload": w, "tuning": l, "gbps": g})).collect::<Vec<_>>(),
         });
@@ -557,4 +571,48 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("wrote {path}");
     }
     Ok(())
+}
+
+/// GPU seconds per back-to-back pass of one trivial dispatch (one invocation adding 1 to a
+/// storage word), and of two such dependent dispatches in one pass.
+fn dispatch_floor(budget: Duration, timer: &Timer, engine: &Engine) -> (f64, f64) {
+    let device = engine.device();
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some("bench.floor"),
+        source: wgpu::ShaderSource::Wgsl(
+            "@group(0) @binding(0) var<storage, read_write> word: array<u32>;\n\
+             @compute @workgroup_size(1) fn main() { word[0] = word[0] + 1u; }"
+                .into(),
+        ),
+    });
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some("bench.floor"),
+        layout: None,
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    let word = engine
+        .create_f32_buffer("bench.floor", 1)
+        .expect("a one-word buffer");
+    let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("bench.floor"),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &[wgpu::BindGroupEntry {
+            binding: 0,
+            resource: word.as_entire_binding(),
+        }],
+    });
+    let passes = |dispatches: u32| {
+        measure_gpu(budget, timer, engine, &mut |enc, _| {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            for _ in 0..dispatches {
+                pass.dispatch_workgroups(1, 1, 1);
+            }
+        })
+    };
+    (passes(1), passes(2))
 }
