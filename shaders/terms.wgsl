@@ -71,6 +71,9 @@ fn atanh_tail(z: f32) -> f32 {
     return 1.0 / 3.0 + z * (1.0 / 5.0 + z * (1.0 / 7.0 + z * (1.0 / 9.0)));
 }
 
+// 2·atanh(s) = ln((1 + s)/(1 − s)) for |s| <= 0.172.
+fn atanh2(s: f32) -> f32 { return 2.0 * s * (1.0 + s * s * atanh_tail(s * s)); }
+
 // ln(u) for u > 0 finite, to a few ulp everywhere (relative near 1, subnormals included) and
 // without branches, from u's split: u = 2^k·a with a in [√½, √2) and ln u = k·ln 2 +
 // 2·atanh(s), s = (a − 1)/(a + 1), a − 1 exact. WGSL's log is only good to 2^-21 absolute
@@ -80,7 +83,7 @@ fn ln_split(su: Split) -> f32 {
     let a = select(su.m, 0.5 * su.m, high);
     let k = su.e + select(0, 1, high);
     let s = (a - 1.0) / (a + 1.0);
-    return f32(k) * LN2 + 2.0 * s * (1.0 + s * s * atanh_tail(s * s));
+    return f32(k) * LN2 + atanh2(s);
 }
 
 // ln 2 in two parts: LN2_HI has 15 significant bits, so k·LN2_HI is exact for every exponent k
@@ -96,7 +99,7 @@ fn ln_parts(su: Split) -> vec2<f32> {
     let a = select(su.m, 0.5 * su.m, high);
     let k = f32(su.e + select(0, 1, high));
     let s = (a - 1.0) / (a + 1.0);
-    return vec2<f32>(k * LN2_HI, k * LN2_LO + 2.0 * s * (1.0 + s * s * atanh_tail(s * s)));
+    return vec2<f32>(k * LN2_HI, k * LN2_LO + atanh2(s));
 }
 
 fn ln_acc(u: f32) -> f32 { return ln_split(split(u)); }
@@ -143,7 +146,12 @@ fn js_prob(p: f32, q: f32) -> f32 {
         + z * (1.0 / 66.0 + z * (1.0 / 91.0 + z * (1.0 / 120.0 + z * (1.0 / 153.0
         + z * (1.0 / 190.0))))))))));
     let small = 2.0 * min(p, q) / t;
-    let logs = (1.0 + r) * log1p_near(r) + small * ln_acc(small);
+    // ln(1 + r) for r in [½, 1] (where the logs are used): 1 + r = 2·a with a in [¾, 1], so
+    // ln(1 + r) = ln 2 + 2·atanh(s), s = (a − 1)/(a + 1) = (r − 1)/(r + 3), |s| <= 1/7, r − 1
+    // exact.
+    let s = (r - 1.0) / (r + 3.0);
+    let ln1r = LN2 + atanh2(s);
+    let logs = (1.0 + r) * ln1r + small * ln_acc(small);
     // t = 0 (p = q = 0, or both subnormal on an adapter that flushes them): no mass, 0.
     return select(0.25 * t * select(logs, series, r <= 0.5), 0.0, t == 0.0);
 }
