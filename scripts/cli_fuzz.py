@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Differential fuzz of the klgpu binary: the GPU against `--backend cpu` (the f64 reference)
+on random .npy inputs — probabilities, log-probabilities and logits, close and far pairs,
+f16/f32/f64, 1-D and 2-D, with and without --normalize, and small --block-bytes so that rows
+are cut into pieces and streamed. Prints every row outside the precision bar (relative 1e-5,
+or 1e-11 absolute below 1e-6; the README's allowances for normalized rows and for KL of
+log-probabilities) and exits 1 if there was one.
+
+    cargo build --release && python3 scripts/cli_fuzz.py [SEED] [TRIALS]
+
+It found the long-logits-row bug fixed in e24971f (pieces fed as rounded log-probabilities).
+"""
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+BIN = os.path.join(os.path.dirname(__file__), "..", "target", "release", "klgpu")
+
+
+def pair(rng, inp, rows, cols):
+    """A random (P, Q) of the given kind, as float64."""
+    if inp == "logits":
+        p = rng.normal(0, rng.choice([0.1, 1, 5, 20]), (rows, cols))
+        noise = rng.choice([0, 1e-3, 1e-1, 1]) * rng.normal(size=(rows, cols))
+        return p, p + noise + rng.choice([0, 5, -100])
+    a = rng.gamma(rng.choice([0.1, 1, 10]), size=(rows, cols))
+    a /= a.sum(1, keepdims=True)
+    b = a * np.exp(rng.choice([1e-4, 1e-2, 1]) * rng.uniform(-1, 1, size=(rows, cols)))
+    b /= b.sum(1, keepdims=True)
+    return (np.log(a), np.log(b)) if inp == "log-probs" else (a, b)
+
+
+def within(g, c, normalize, allowance):
+    if np.isinf(c) or np.isinf(g):
+        return g == c
+    err = abs(g - c)
+    if err <= allowance or (normalize and err <= 2e-7):
+        return True
+    return err <= 1e-11 if abs(c) < 1e-6 else err <= 1e-5 * abs(c)
+
+
+def main():
+    seed = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+    trials = int(sys.argv[2]) if len(sys.argv) > 2 else 60
+    rng = np.random.default_rng(seed)
+    bad = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        pf, qf, gf, cf = (os.path.join(tmp, n) for n in ("p.npy", "q.npy", "g.npy", "c.npy"))
+        for trial in range(trials):
+            inp = ["probs", "log-probs", "logits"][trial % 3]
+            rows = int(rng.integers(1, 5))
+            cols = int(rng.choice([1, 3, 10, 33, 257, 1000, 5000]))
+            dtype = rng.choice([np.float32, np.float64, np.float16])
+            p, q = (x.astype(dtype) for x in pair(rng, inp, rows, cols))
+            if rows == 1 and rng.random() < 0.3:
+                p, q = p[0], q[0]
+            np.save(pf, p)
+            np.save(qf, q)
+            block = str(int(rng.choice([64, 256, 4096, 1 << 20])))
+            for cmd in ["kl", "ce", "js", "entropy"]:
+                files = [pf] if cmd == "entropy" else [pf, qf]
+                norm = ["--normalize"] if inp == "probs" and rng.random() < 0.3 else []
+                args = [BIN, cmd, *files, "--input", inp, "-q", *norm]
+                g = subprocess.run(args + ["--backend", "gpu", "--block-bytes", block, "--out", gf],
+                                   capture_output=True, text=True)
+                c = subprocess.run(args + ["--backend", "cpu", "--out", cf],
+                                   capture_output=True, text=True)
+                what = f"seed {seed} trial {trial}: {cmd} {inp} {dtype.__name__} {rows}x{cols} block {block} {' '.join(norm)}"
+                if g.returncode != c.returncode:
+                    bad += 1
+                    print(f"{what}: exit {g.returncode} vs {c.returncode}: {g.stderr.strip()} | {c.stderr.strip()}")
+                    continue
+                if g.returncode != 0:
+                    continue
+                # KL of log-probabilities: p = e^a rounded in f32 enters Σ(p − q) (README).
+                ea = np.exp(np.atleast_2d(p).astype(np.float64))
+                eb = np.exp(np.atleast_2d(q).astype(np.float64))
+                spread = np.abs(ea - eb).sum(1) * 2.0**-23
+                for i, (x, y) in enumerate(zip(np.atleast_1d(np.load(gf)), np.atleast_1d(np.load(cf)))):
+                    allowance = spread[i] if (cmd == "kl" and inp == "log-probs") else 0.0
+                    if not within(x, y, norm, allowance):
+                        bad += 1
+                        print(f"{what}, row {i}: GPU {x:.9e}, reference {y:.9e}")
+    print(f"{bad} rows outside the bar")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
