@@ -12,9 +12,10 @@
 //! cargo run --release --example roof_ratios -- [--rounds R] [--workgroups W]
 //!     [--min-iterations M] [--blocked-lanes 0|1] [--scale S] [CASE,CASE,...]
 //! ```
-//! Cases: KL CE H JS (N = 4·10^6), KL10 (400,000 × 10), KL1k (1000 × 1000), logits
-//! (64 × 32,000), JSlogits, CElogits, Hlogits (the same, JS, cross-entropy, entropy), long
-//! (8 × 262,144 logits); named cases run in the order given. `--workgroups`,
+//! Cases: KL CE H JS (N = 4·10^6), KLlp (KL of log-probabilities, 4·10^6), KL10
+//! (400,000 × 10), KL1k (1000 × 1000), logits (64 × 32,000), JSlogits, CElogits, Hlogits (the
+//! same, JS, cross-entropy, entropy), long (8 × 262,144 logits); named cases run in the order
+//! given. `--workgroups`,
 //! `--min-iterations` and `--blocked-lanes` override the planner's defaults for the adapter
 //! (`klgpu::Tuning`). `--scale S` multiplies every case's size (rows, or N for the single
 //! distributions) by S: the defaults suit lavapipe; on a data-centre GPU they are a few
@@ -55,6 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("CE", Measure::CrossEntropy, Input::Probs, 1, n),
         ("H", Measure::Entropy, Input::Probs, 1, n),
         ("JS", Measure::JensenShannon, Input::Probs, 1, n),
+        ("KLlp", kl, Input::LogProbs, 1, n),
         ("KL10", kl, Input::Probs, n / 10, 10),
         ("KL1k", kl, Input::Probs, 1000, 1000),
         ("logits", kl, Input::Logits, 64, 32_000),

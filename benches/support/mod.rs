@@ -27,6 +27,9 @@ pub fn data(rng: &mut Rng, rows: usize, cols: usize, input: Input) -> Vec<f32> {
             for row in v.chunks_mut(cols) {
                 let s: f64 = row.iter().map(|&x| x as f64).sum();
                 row.iter_mut().for_each(|x| *x = (*x as f64 / s) as f32);
+                if input == Input::LogProbs {
+                    row.iter_mut().for_each(|x| *x = x.ln());
+                }
             }
         }
     }
