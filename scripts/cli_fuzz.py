@@ -3,8 +3,8 @@
 on random .npy inputs — probabilities, log-probabilities and logits, close and far pairs,
 f16/f32/f64, 1-D and 2-D, with and without --normalize, and small --block-bytes so that rows
 are cut into pieces and streamed. Prints every row outside the precision bar (relative 1e-5,
-or 1e-11 absolute below 1e-6; the README's allowances for normalized rows and for KL of
-log-probabilities) and exits 1 if there was one.
+or 1e-11 absolute below 1e-6; with the README's allowances for --normalize on rows cut into
+pieces and for KL of log-probabilities) and exits 1 if there was one.
 
     cargo build --release && python3 scripts/cli_fuzz.py [SEED] [TRIALS]
 

@@ -91,6 +91,12 @@ fn is_finite(x: f32) -> bool { return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800
 // Whether x is ±0, by its bits: an adapter that flushes subnormals compares them equal to 0.
 fn is_zero(x: f32) -> bool { return (bitcast<u32>(x) & 0x7fffffffu) == 0u; }
 
+// Whether x is a normal number (neither 0, subnormal, ±∞ nor NaN), by its bits.
+fn is_normal(x: f32) -> bool {
+    let e = bitcast<u32>(x) & 0x7f800000u;
+    return e != 0u && e != 0x7f800000u;
+}
+
 fn uses_q() -> bool {
     return MEASURE != MEASURE_ENTROPY && MEASURE != MEASURE_SUM_P && MEASURE != MEASURE_ROOF_P;
 }

@@ -6,11 +6,14 @@
 fn is_prob_input() -> bool { return INPUT == INPUT_PROBS || INPUT == INPUT_PROBS_NORM; }
 
 // Per-row constants: for logits the log-sum-exp parts of P and Q; for normalized
-// probabilities the splits of the row sums (p_sum, q_sum), which each element divides by.
+// probabilities the splits of the row sums (p_sum, q_sum), which each element divides by, and
+// what the sums' f32 values leave out, relative to them (p_sum_lo, q_sum_lo: ln p takes it
+// off, so a p within 2^-24 of 1 keeps its −p·ln p).
 // For logits also the shift lse_p − lse_q as shift_hi + shift_lo, the rounding of
 // p_m − q_m kept in shift_lo (see logit_diff).
 struct RowCtx {
     pm: f32, pl: f32, qm: f32, ql: f32, shift_hi: f32, shift_lo: f32, p_sum: Split, q_sum: Split,
+    p_sum_lo: f32, q_sum_lo: f32,
 }
 
 fn row_ctx(row: u32) -> RowCtx {
@@ -19,13 +22,17 @@ fn row_ctx(row: u32) -> RowCtx {
         let pl = log1p_acc(s.p_s);
         let ql = log1p_acc(s.q_s);
         let m = two_sum(s.p_m, -s.q_m);
-        return RowCtx(s.p_m, pl, s.q_m, ql, m.x, m.y + (pl - ql), ONE, ONE);
+        return RowCtx(s.p_m, pl, s.q_m, ql, m.x, m.y + (pl - ql), ONE, ONE, 0.0, 0.0);
     }
     if (INPUT == INPUT_PROBS_NORM) {
+        // The sums' pairs (hi, lo) as the pre-pass left them in (p_m, p_s), (q_m, q_s).
         let s = row_lse[row];
-        return RowCtx(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, split(s.p_m), split(s.q_m));
+        // Only over a normal sum: an adapter that flushes subnormals would divide by 0.
+        let p_lo = select(0.0, s.p_s / s.p_m, is_normal(s.p_m));
+        let q_lo = select(0.0, s.q_s / s.q_m, is_normal(s.q_m));
+        return RowCtx(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, split(s.p_m), split(s.q_m), p_lo, q_lo);
     }
-    return RowCtx(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ONE, ONE);
+    return RowCtx(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ONE, ONE, 0.0, 0.0);
 }
 
 // d = ln p − ln q of logits x, y: (x − y) − (lse_p − lse_q). Two models' logits may differ by
@@ -73,14 +80,17 @@ fn fold_term(acc: Acc, t: Term) -> Acc {
 // before any scaling: an adapter that flushes subnormals compares them (and any product that
 // lands among them) equal to 0, and a subnormal q must not make KL or CE infinite. For the
 // same reason the logarithms come from the splits sp and sq of p and q, taken before scaling.
-fn prob_term(p: f32, q: f32, p_zero: bool, q_zero: bool, sp: Split, sq: Split) -> Term {
+// ln_p and ln_q are ln p and ln q (for normalized rows from the inputs and the row sums, not
+// from the rounded p and q).
+fn prob_term(p: f32, q: f32, p_zero: bool, q_zero: bool, sp: Split, sq: Split, ln_p: f32,
+        ln_q: f32) -> Term {
     if (MEASURE == MEASURE_SUM) { return term(p, q); }
     if (MEASURE == MEASURE_SUM_P) { return term(p, 0.0); }
     if (MEASURE == MEASURE_JS) { return term(js_prob(p, q), 0.0); }
-    if (MEASURE == MEASURE_ENTROPY) { return term(-p * ln_split(sp), 0.0); }
+    if (MEASURE == MEASURE_ENTROPY) { return term(-p * ln_p, 0.0); }
     let inf = !p_zero && q_zero;
     let flags = select(0u, ACC_INF, inf);
-    if (MEASURE == MEASURE_CE) { return Term(select(-p * ln_split(sq), 0.0, inf), 0.0, flags); }
+    if (MEASURE == MEASURE_CE) { return Term(select(-p * ln_q, 0.0, inf), 0.0, flags); }
     let live = !p_zero && !q_zero;
     let kl = kl_parts(p, q, sp, sq);
     if (INPUT == INPUT_PROBS_NORM) {
@@ -152,35 +162,58 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
     }
     if (INPUT == INPUT_PROBS_NORM) {
         // p = x/Σp from the splits alone: no float operation sees a subnormal x or 1/Σp.
-        let sp = split_div(split(x), ctx.p_sum);
-        let sq = split_div(split(y), ctx.q_sum);
-        return prob_term(ldexp(sp.m, sp.e), ldexp(sq.m, sq.e), is_zero(x), is_zero(y), sp, sq);
+        // ln p = ln(x/Σp) from x and Σp themselves: p's rounding would make a p within 2^-24
+        // of 1 exactly 1 and drop its −p·ln p (entropy of a peaked row 5 % off).
+        let sx = split(x);
+        let sy = split(y);
+        let sp = split_div(sx, ctx.p_sum);
+        let sq = split_div(sy, ctx.q_sum);
+        return prob_term(ldexp(sp.m, sp.e), ldexp(sq.m, sq.e), is_zero(x), is_zero(y), sp, sq,
+            ln_ratio(sx, ctx.p_sum) - ctx.p_sum_lo, ln_ratio(sy, ctx.q_sum) - ctx.q_sum_lo);
     }
-    return prob_term(x, y, is_zero(x), is_zero(y), split(x), split(y));
+    let sx = split(x);
+    let sy = split(y);
+    return prob_term(x, y, is_zero(x), is_zero(y), sx, sy, ln_split(sx), ln_split(sy));
 }
 
 // Folds the four elements of a vec4 into the running state. Their main terms are added
 // plainly before one compensated add: each already carries a rounding of its own size, and
 // three more of the same order change nothing. Their residuals p − q are exact and cancel
 // across a row (for close rows Σ(p − q) is far below any one of them), so they are added
-// exactly (TwoSum): added plainly, a row of 33 with KL 2.7e-6 came out 2e-5 off.
+// exactly: added plainly, a row of 33 with KL 2.7e-6 came out 2e-5 off. So are the row sums
+// of the normalization pre-pass, whose terms are exact too: ln(x/Σ) needs Σ to ~2^-48, or a
+// p within 2^-24 of 1 reads 1 and drops its −p·ln p.
 fn fold4_term(acc: Acc, x: vec4<f32>, y: vec4<f32>, local: u32, c: u32, ctx: RowCtx) -> Acc {
     let t0 = element(x.x, y.x, local, c, ctx);
     let t1 = element(x.y, y.y, local + 1u, c + 1u, ctx);
     let t2 = element(x.z, y.z, local + 2u, c + 2u, ctx);
     let t3 = element(x.w, y.w, local + 3u, c + 3u, ctx);
-    let main = (t0.main + t1.main) + (t2.main + t3.main);
     let flags = t0.flags | t1.flags | t2.flags | t3.flags;
     if (!has_resid() || is_roof()) {
+        let main = (t0.main + t1.main) + (t2.main + t3.main);
         return fold_term(acc, Term(main, (t0.resid + t1.resid) + (t2.resid + t3.resid), flags));
     }
-    let r01 = two_sum(t0.resid, t1.resid);
-    let r23 = two_sum(t2.resid, t3.resid);
-    let r = two_sum(r01.x, r23.x);
-    var a = add_resid(add_main(acc, main), r.x);
-    a.resid_lo = a.resid_lo + ((r01.y + r23.y) + r.y);
+    var a = acc;
+    if (MEASURE == MEASURE_SUM) {
+        let m = sum4_exact(t0.main, t1.main, t2.main, t3.main);
+        a = add_main(a, m.x);
+        a.main_lo = a.main_lo + m.y;
+    } else {
+        a = add_main(a, (t0.main + t1.main) + (t2.main + t3.main));
+    }
+    let r = sum4_exact(t0.resid, t1.resid, t2.resid, t3.resid);
+    a = add_resid(a, r.x);
+    a.resid_lo = a.resid_lo + r.y;
     a.flags = a.flags | flags;
     return a;
+}
+
+// a + b + c + d as hi + lo, by a tree of TwoSums.
+fn sum4_exact(a: f32, b: f32, c: f32, d: f32) -> vec2<f32> {
+    let ab = two_sum(a, b);
+    let cd = two_sum(c, d);
+    let s = two_sum(ab.x, cd.x);
+    return vec2<f32>(s.x, (ab.y + cd.y) + s.y);
 }
 
 fn finish_acc(a: Acc) -> f32 {
@@ -206,11 +239,12 @@ fn emit_acc(row: u32, chunk: u32, total: Acc) {
         t = Acc(t.main_hi, t.main_lo, r.x, r.y, t.flags, 0u);
     }
     if ((prm.mode & MODE_STATS) != 0u) {
-        let sp = t.main_hi + t.main_lo;
-        let sq = t.resid_hi + t.resid_lo;
-        row_lse[row] = Lse(sp, 0.0, 0u, sq, 0.0, 0u);
-        if (sp == 0.0) { report_bad(row * prm.row_len, FLAG_P_EMPTY); }
-        if (uses_q() && sq == 0.0) { report_bad(row * prm.row_len, FLAG_Q_EMPTY); }
+        // Each sum as an f32 and what it leaves out (see RowCtx).
+        let sp = two_sum(t.main_hi, t.main_lo);
+        let sq = two_sum(t.resid_hi, t.resid_lo);
+        row_lse[row] = Lse(sp.x, sp.y, 0u, sq.x, sq.y, 0u);
+        if (sp.x == 0.0) { report_bad(row * prm.row_len, FLAG_P_EMPTY); }
+        if (uses_q() && sq.x == 0.0) { report_bad(row * prm.row_len, FLAG_Q_EMPTY); }
         return;
     }
     // A non-finite result that no p > 0, q = 0 explains, or a row sum that normalization could

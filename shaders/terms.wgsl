@@ -104,6 +104,25 @@ fn ln_parts(su: Split) -> vec2<f32> {
 
 fn ln_acc(u: f32) -> f32 { return ln_split(split(u)); }
 
+// a/b = 2^k·(a'/b') with a'/b' in [√½, √2), from the splits of a and b: ln(a/b) =
+// k·ln 2 + 2·atanh(s), s = (a' − b')/(a' + b'), |s| <= 0.172, a' − b' exact.
+struct Ratio { s: f32, k: i32 }
+
+fn ratio_of(sa: Split, sb: Split) -> Ratio {
+    let high = sa.m > SQRT2 * sb.m;
+    let low = SQRT2 * sa.m < sb.m;
+    let a = select(sa.m, 2.0 * sa.m, low);
+    let b = select(sb.m, 2.0 * sb.m, high);
+    return Ratio((a - b) / (a + b), (sa.e - sb.e) + select(0, 1, high) - select(0, 1, low));
+}
+
+// ln(a/b) without forming a/b, accurate relative to itself even where a/b is within an ulp of
+// 1 (a normalized p = x/Σp near 1, whose rounded quotient would read exactly 1).
+fn ln_ratio(sa: Split, sb: Split) -> f32 {
+    let r = ratio_of(sa, sb);
+    return f32(r.k) * LN2 + atanh2(r.s);
+}
+
 // The KL term of p, q > 0 in two forms, without branches (random data would take both sides
 // of one in most warps). With p/q = 2^k·(a/b), a/b in [√½, √2), a and b exact, and
 // s = (a − b)/(a + b) (|s| <= 0.172, a − b exact): ln(p/q) = k·ln 2 + 2·atanh(s). Near p = q
@@ -116,12 +135,9 @@ fn ln_acc(u: f32) -> f32 { return ln_split(split(u)); }
 struct KlParts { series: f32, plogr: f32, near: bool }
 
 fn kl_parts(p: f32, q: f32, sp: Split, sq: Split) -> KlParts {
-    let high = sp.m > SQRT2 * sq.m;
-    let low = SQRT2 * sp.m < sq.m;
-    let a = select(sp.m, 2.0 * sp.m, low);
-    let b = select(sq.m, 2.0 * sq.m, high);
-    let k = (sp.e - sq.e) + select(0, 1, high) - select(0, 1, low);
-    let s = (a - b) / (a + b);
+    let ratio = ratio_of(sp, sq);
+    let s = ratio.s;
+    let k = ratio.k;
     let z = s * s;
     let t = atanh_tail(z);
     let series = (p + q) * z * (1.0 + (s + z) * t);
