@@ -3,8 +3,8 @@
 on random .npy inputs — probabilities, log-probabilities and logits, close and far pairs,
 f16/f32/f64, 1-D and 2-D, with and without --normalize, and small --block-bytes so that rows
 are cut into pieces and streamed. Prints every row outside the precision bar (relative 1e-5,
-or 1e-11 absolute below 1e-6; with the README's allowances for --normalize on rows cut into
-pieces and for KL of log-probabilities) and exits 1 if there was one.
+or 1e-11 absolute below 1e-6; with the README's allowances for JS on rows cut into pieces and
+for KL of log-probabilities) and exits 1 if there was one.
 
     cargo build --release && python3 scripts/cli_fuzz.py [SEED] [TRIALS]
 
@@ -33,11 +33,11 @@ def pair(rng, inp, rows, cols):
     return (np.log(a), np.log(b)) if inp == "log-probs" else (a, b)
 
 
-def within(g, c, normalize, allowance):
+def within(g, c, allowance):
     if np.isinf(c) or np.isinf(g):
         return g == c
     err = abs(g - c)
-    if err <= allowance or (normalize and err <= 2e-7):
+    if err <= allowance:
         return True
     return err <= 1e-11 if abs(c) < 1e-6 else err <= 1e-5 * abs(c)
 
@@ -81,7 +81,10 @@ def main():
                 spread = np.abs(ea - eb).sum(1) * 2.0**-23
                 for i, (x, y) in enumerate(zip(np.atleast_1d(np.load(gf)), np.atleast_1d(np.load(cf)))):
                     allowance = spread[i] if (cmd == "kl" and inp == "log-probs") else 0.0
-                    if not within(x, y, norm, allowance):
+                    # JS of a row cut into pieces gets them as x/Σ or x − lse rounded to f32.
+                    if cmd == "js" and int(block) // 4 < np.atleast_2d(p).shape[1]:
+                        allowance = max(allowance, 2e-7)
+                    if not within(x, y, allowance):
                         bad += 1
                         print(f"{what}, row {i}: GPU {x:.9e}, reference {y:.9e}")
     print(f"{bad} rows outside the bar")

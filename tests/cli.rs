@@ -605,6 +605,49 @@ fn long_rows_of_close_logits_keep_their_digits() {
 }
 
 #[test]
+fn long_rows_normalized_in_pieces_keep_their_digits() {
+    // --normalize on one row of 20,000 in 1,000-element pieces: each piece is normalized on its
+    // own and the row put together by the chain rule, so a KL of ~1e-7 between unnormalized
+    // close rows keeps the bar (fed as x/Σ rounded to f32, each value carried a rounding).
+    let dir = tmp();
+    let n = 20_000;
+    let mut p: Vec<f32> = probs(15, 1, n).iter().map(|x| x * 3.0).collect();
+    p[2000..3000].fill(0.0);
+    let q: Vec<f32> = p
+        .iter()
+        .zip(logits(16, n, 1e-3))
+        .map(|(&x, e)| x * 5.0 * (1.0 + e))
+        .collect();
+    let (pp, qp) = (dir.path().join("p.npy"), dir.path().join("q.npy"));
+    npy_f32(&pp, &[n], &p);
+    npy_f32(&qp, &[n], &q);
+    let opts = Options {
+        normalize: true,
+        ..Default::default()
+    };
+    for (cmd, measure) in [
+        ("kl", Measure::KullbackLeibler),
+        ("ce", Measure::CrossEntropy),
+        ("entropy", Measure::Entropy),
+        ("js", Measure::JensenShannon),
+    ] {
+        let qq = measure.uses_q().then_some(&q[..]);
+        let want = klgpu::cpu::divergence(measure, &p, qq, &opts).unwrap();
+        let mut args = vec![cmd, s(&pp)];
+        if measure.uses_q() {
+            args.push(s(&qp));
+        }
+        args.extend(["--json", "--normalize", "--block-bytes", "4000"]);
+        for backend in ["gpu", "cpu"] {
+            let mut a = args.clone();
+            a.extend(["--backend", backend]);
+            let got = as_f64(&klgpu(&a).json()["value"]);
+            assert_close(got, want, &format!("{cmd} on the {backend}"));
+        }
+    }
+}
+
+#[test]
 fn f64_f16_and_bf16_inputs() {
     let dir = tmp();
     let (rows, cols) = (6, 50);

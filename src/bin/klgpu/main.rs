@@ -37,7 +37,8 @@ every measure being a sum over elements). For such a row given as logits, a firs
 on the CPU computes the log-sum-exp of the row and of each piece in f64; KL, cross-entropy and
 entropy then take each piece as logits of its own and combine them by the chain rule (no
 precision lost), JS gets the pieces as log-probabilities x - lse rounded to f32. Likewise
---normalize on such a row first sums it, then feeds x / sum.
+--normalize on such a row first sums the row and each piece, then normalizes each piece on its
+own and combines them the same way (JS: feeds x / sum, rounded to f32).
 
 Results are in nats unless --base says otherwise. Exit codes: 0 success, 2 bad input (files,
 shapes, values, arguments), 1 other failures (no adapter with --backend gpu, GPU errors).

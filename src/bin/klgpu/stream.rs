@@ -17,7 +17,9 @@
 //!   the library's precision. (Feeding the pieces as log-probabilities x − lse rounded to f32
 //!   cost ~1e-7·|x − lse| per element: 1e-4 of a KL, or a negative KL for close rows.) JS
 //!   does not split that way and still gets log-probabilities;
-//! - probabilities with `--normalize`: the row's sum; the pieces are then fed as x / sum.
+//! - probabilities with `--normalize`: the sums of the row and of each piece; the pieces are
+//!   normalized on their own and combined the same way, with w_k = Σ_k / Σ (JS: fed as
+//!   x / sum, rounded to f32).
 //!
 //! The first pass also validates the elements with the library's rules, so errors still name
 //! the first offending element.
@@ -402,6 +404,15 @@ impl RowScan {
     fn lse(&self) -> f64 {
         self.max + self.total().ln()
     }
+
+    /// ln of this piece's share of the row's mass (`whole`): −∞ for a piece with none.
+    fn ln_share(&self, whole: &RowScan, kind: Prepass) -> f64 {
+        match kind {
+            Prepass::Lse if self.max == f64::NEG_INFINITY => f64::NEG_INFINITY,
+            Prepass::Lse => self.lse() - whole.lse(),
+            Prepass::Sum => (self.total() / whole.total()).ln(),
+        }
+    }
 }
 
 impl Reader {
@@ -480,17 +491,15 @@ impl Reader {
             if let Some(scan) = &scans {
                 let (sp, sq) = (&scan.p, &scan.q);
                 match prepass {
-                    Some(Prepass::Lse) if PieceTerm::chains(self.measure) => {
+                    // Each piece normalized on its own (as logits, or with `normalize`), the
+                    // row put together by the chain rule.
+                    Some(kind) if PieceTerm::chains(self.measure) => {
                         let (pp, pq) = &scan.pieces[col / piece];
-                        let share = |part: &RowScan, whole: &RowScan| match part.max {
-                            f64::NEG_INFINITY => f64::NEG_INFINITY,
-                            _ => part.lse() - whole.lse(),
-                        };
                         let lq = match (pq, sq) {
-                            (Some(pq), Some(sq)) => share(pq, sq),
+                            (Some(pq), Some(sq)) => pq.ln_share(sq, kind),
                             _ => 0.0,
                         };
-                        term = PieceTerm::chain(self.measure, share(pp, sp), lq, per_nat);
+                        term = PieceTerm::chain(self.measure, pp.ln_share(sp, kind), lq, per_nat);
                     }
                     Some(Prepass::Lse) => {
                         shift(&mut p, sp.lse());
@@ -694,7 +703,8 @@ mod tests {
 
     #[test]
     fn chain_rule_over_pieces_gives_the_whole_row() {
-        // 30 logits in pieces of 7, one piece masked in P alone and one in both.
+        // 30 values in pieces of 7, one piece empty in P alone and one in both: logits (−∞),
+        // and probabilities with normalization (0).
         let mut p: Vec<f32> = (0..30).map(|i| ((i * 7) % 11) as f32 * 0.6 - 2.0).collect();
         let mut q: Vec<f32> = p
             .iter()
@@ -704,38 +714,53 @@ mod tests {
         p[7..14].fill(f32::NEG_INFINITY);
         p[21..28].fill(f32::NEG_INFINITY);
         q[21..28].fill(f32::NEG_INFINITY);
-        let scan = |xs: &[f32]| {
-            let mut s = RowScan::new();
-            xs.iter().enumerate().for_each(|(i, &x)| s.push_logit(i, x));
-            s
+        let probs = |xs: &[f32]| xs.iter().map(|x| x.exp() * 3.0).collect::<Vec<f32>>();
+        let normalize = Options {
+            normalize: true,
+            ..Default::default()
         };
-        let share = |part: &RowScan, whole: &RowScan| match part.max {
-            f64::NEG_INFINITY => f64::NEG_INFINITY,
-            _ => part.lse() - whole.lse(),
-        };
-        let (sp, sq) = (scan(&p), scan(&q));
-        let opts = Options::input(Input::Logits);
-        for measure in [
-            Measure::KullbackLeibler,
-            Measure::CrossEntropy,
-            Measure::Entropy,
+        for (kind, p, q, opts) in [
+            (
+                Prepass::Lse,
+                p.clone(),
+                q.clone(),
+                Options::input(Input::Logits),
+            ),
+            (Prepass::Sum, probs(&p), probs(&q), normalize),
         ] {
-            let whole = klgpu::cpu::divergence(measure, &p, Some(&q), &opts).unwrap();
-            let mut sum = 0.0;
-            for (a, b) in p.chunks(7).zip(q.chunks(7)) {
-                let lq = share(&scan(b), &sq);
-                let t = PieceTerm::chain(measure, share(&scan(a), &sp), lq, 1.0);
-                sum += if t.compute {
-                    let v = klgpu::cpu::divergence(measure, a, Some(b), &opts).unwrap();
-                    t.weight * v + t.extra
-                } else {
-                    t.extra
-                };
+            let scan = |xs: &[f32]| {
+                let mut s = RowScan::new();
+                for (i, &x) in xs.iter().enumerate() {
+                    match kind {
+                        Prepass::Lse => s.push_logit(i, x),
+                        Prepass::Sum => s.add(x as f64),
+                    }
+                }
+                s
+            };
+            let (sp, sq) = (scan(&p), scan(&q));
+            for measure in [
+                Measure::KullbackLeibler,
+                Measure::CrossEntropy,
+                Measure::Entropy,
+            ] {
+                let whole = klgpu::cpu::divergence(measure, &p, Some(&q), &opts).unwrap();
+                let mut sum = 0.0;
+                for (a, b) in p.chunks(7).zip(q.chunks(7)) {
+                    let lq = scan(b).ln_share(&sq, kind);
+                    let t = PieceTerm::chain(measure, scan(a).ln_share(&sp, kind), lq, 1.0);
+                    sum += if t.compute {
+                        let v = klgpu::cpu::divergence(measure, a, Some(b), &opts).unwrap();
+                        t.weight * v + t.extra
+                    } else {
+                        t.extra
+                    };
+                }
+                assert!(
+                    (sum - whole).abs() <= 1e-12 * whole.abs(),
+                    "{kind:?} {measure:?}: {sum} vs {whole}"
+                );
             }
-            assert!(
-                (sum - whole).abs() <= 1e-12 * whole.abs(),
-                "{measure:?}: {sum} vs {whole}"
-            );
         }
     }
 
