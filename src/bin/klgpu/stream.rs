@@ -144,8 +144,9 @@ impl PieceTerm {
         compute: true,
     };
 
-    /// The chain rule for a piece of a logits row (see the module docs): `lp`, `lq` are
-    /// ln w_k, ln w'_k (−∞ for a piece with no mass), in nats; `per_nat` converts to the base.
+    /// The chain rule for a piece of a row that each piece normalizes on its own (logits, or
+    /// `--normalize`; see the module docs): `lp`, `lq` are ln w_k, ln w'_k (−∞ for a piece
+    /// with no mass), in nats; `per_nat` converts to the base.
     fn chain(measure: Measure, lp: f64, lq: f64, per_nat: f64) -> PieceTerm {
         let w = lp.exp();
         let fixed = |extra: f64| PieceTerm {
@@ -179,7 +180,8 @@ impl PieceTerm {
         }
     }
 
-    /// Whether a long logits row of `measure` is put together by the chain rule.
+    /// Whether a long row that needs a first pass is put together by the chain rule for
+    /// `measure`.
     fn chains(measure: Measure) -> bool {
         measure != Measure::JensenShannon
     }
