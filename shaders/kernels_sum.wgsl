@@ -85,7 +85,6 @@ fn fold_term(acc: Acc, t: Term) -> Acc {
 fn prob_term(p: f32, q: f32, p_zero: bool, q_zero: bool, sp: Split, sq: Split, ln_p: f32,
         ln_q: f32) -> Term {
     if (MEASURE == MEASURE_SUM) { return term(p, q); }
-    if (MEASURE == MEASURE_SUM_P) { return term(p, 0.0); }
     if (MEASURE == MEASURE_JS) { return term(js_prob(p, q), 0.0); }
     if (MEASURE == MEASURE_ENTROPY) { return term(-p * ln_p, 0.0); }
     let inf = !p_zero && q_zero;

@@ -578,6 +578,34 @@ impl Engine {
         })
     }
 
+    /// A storage buffer holding `data`, with the usages of [`Engine::create_f32_buffer`]: the
+    /// shortest way to put host values where the `*_buffers` and `record_*` calls read them.
+    ///
+    /// ```no_run
+    /// let engine = klgpu::Engine::new()?;
+    /// let p = engine.create_f32_buffer_init("p", &[0.25, 0.75])?;
+    /// let q = engine.create_f32_buffer_init("q", &[0.5, 0.5])?;
+    /// let kl = engine.kl_divergence_buffers(p.slice(..), q.slice(..))?;
+    /// # Ok::<(), klgpu::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Gpu`] when the device cannot allocate it.
+    pub fn create_f32_buffer_init(&self, label: &str, data: &[f32]) -> Result<wgpu::Buffer> {
+        use wgpu::util::DeviceExt;
+        let gpu = self.gpu();
+        gpu.scoped(|| {
+            gpu.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents: bytemuck::cast_slice(data),
+                    usage: wgpu::BufferUsages::STORAGE
+                        | wgpu::BufferUsages::COPY_DST
+                        | wgpu::BufferUsages::COPY_SRC,
+                })
+        })
+    }
+
     fn inputs<'a>(
         &self,
         measure: Measure,

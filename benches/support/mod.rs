@@ -38,14 +38,9 @@ pub fn data(rng: &mut Rng, rows: usize, cols: usize, input: Input) -> Vec<f32> {
 
 /// A storage buffer holding `data` on the engine's device.
 pub fn upload(engine: &Engine, label: &str, data: &[f32]) -> wgpu::Buffer {
-    use wgpu::util::DeviceExt;
     engine
-        .device()
-        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(label),
-            contents: bytemuck::cast_slice(data),
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-        })
+        .create_f32_buffer_init(label, data)
+        .expect("upload benchmark data")
 }
 
 /// Times recorded GPU work with timestamp queries, or the wall clock of submit-and-wait.

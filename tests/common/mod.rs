@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use klgpu::wgpu::{self, util::DeviceExt};
+use klgpu::wgpu;
 use klgpu::{Engine, EngineOptions, Tuning, plan};
 use rand::prelude::*;
 use rand_distr::Gamma;
@@ -171,12 +171,6 @@ pub fn assert_rows_close(gpu: &[f64], exact: &[f64], what: &str) {
 /// A storage buffer on `engine`'s device holding `data` (copyable both ways).
 pub fn upload(engine: &Engine, label: &str, data: &[f32]) -> wgpu::Buffer {
     engine
-        .device()
-        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(label),
-            contents: bytemuck::cast_slice(data),
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_SRC
-                | wgpu::BufferUsages::COPY_DST,
-        })
+        .create_f32_buffer_init(label, data)
+        .expect("upload test data")
 }

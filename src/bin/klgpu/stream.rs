@@ -288,13 +288,8 @@ fn consume(
             }
         };
         if let Some(term) = block.piece {
-            pieces.extend(result.values.iter().map(|&v| {
-                if term.compute {
-                    term.weight * v + term.extra
-                } else {
-                    term.extra
-                }
-            }));
+            // A piece not computed has weight 0 and the placeholder 0: its extra alone.
+            pieces.extend(result.values.iter().map(|&v| term.weight * v + term.extra));
             if let Some(top1) = block.row_end {
                 out.values
                     .push(klgpu::cpu::compensated_sum(pieces.drain(..)));
