@@ -10,14 +10,14 @@
 //!
 //! ```text
 //! cargo run --release --example roof_ratios -- [--rounds R] [--workgroups W]
-//!     [--min-iterations M] [--blocked-lanes 0|1] [--scale S] [CASE,CASE,...]
+//!     [--min-iterations M] [--blocked-lanes 0|1] [--quick 0|1] [--scale S] [CASE,CASE,...]
 //! ```
 //! Cases: KL CE H JS (N = 4·10^6), KLlp (KL of log-probabilities, 4·10^6), KL10
 //! (400,000 × 10), KL1k (1000 × 1000), logits (64 × 32,000), JSlogits, CElogits, Hlogits (the
 //! same, JS, cross-entropy, entropy), long (8 × 262,144 logits); named cases run in the order
 //! given. `--workgroups`,
-//! `--min-iterations` and `--blocked-lanes` override the planner's defaults for the adapter
-//! (`klgpu::Tuning`). `--scale S` multiplies every case's size (rows, or N for the single
+//! `--min-iterations`, `--blocked-lanes` and `--quick` (the quick path for plain vec4s) override
+//! the defaults for the adapter (`klgpu::Tuning`). `--scale S` multiplies every case's size (rows, or N for the single
 //! distributions) by S: the defaults suit lavapipe; on a data-centre GPU they are a few
 //! microseconds of work, and `--scale 25` makes them bandwidth-bound.
 
@@ -42,6 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--workgroups" => options.tuning.target_workgroups = Some(value()?),
             "--min-iterations" => options.tuning.min_iterations = Some(value()?),
             "--blocked-lanes" => options.tuning.blocked_lanes = Some(value()? != 0),
+            "--quick" => options.tuning.quick_vec4 = Some(value()? != 0),
             "--scale" => scale = value()? as usize,
             cases => only = cases.split(',').map(str::to_string).collect(),
         }

@@ -3,11 +3,11 @@
 # gets a Vulkan adapter for the GPU, run klgpu's tests and benchmark there, then the peers.
 # Expects the binaries built here in .device/ (scripts/device_bundle.sh) and the Vulkan loader
 # packages in .gl/ (see the device tool's README). Writes logs and JSON under $OUT.
-# PARTS picks what runs after the adapter probe (default: all of tests bench roof ab diag probe
-# peers; ab needs a .device/roof_ratios_base from another build);
+# PARTS picks what runs after the adapter probe (default: all of tests bench roof quick ab diag
+# probe peers; ab needs a .device/roof_ratios_base from another build);
 # SKIP_TESTS=1 drops the tests.
 set -u
-PARTS="${PARTS:-tests bench roof ab diag probe peers}"
+PARTS="${PARTS:-tests bench roof quick ab diag probe peers}"
 [ -n "${SKIP_TESTS:-}" ] && PARTS="${PARTS/tests/}"
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 OUT="${OUT:-/tmp/klgpu-out}"
@@ -65,6 +65,16 @@ section "own-roof ratios, interleaved, sizes x25 (bandwidth-bound on a data-cent
 timeout 60 .device/roof_ratios --rounds 10 --scale 25 2>&1 | tee "$OUT/roof_ratios.txt" | grep -v XDG
 echo "-- the same with a CPU adapter's blocked lanes (GPUs default to interleaved)"
 timeout 30 .device/roof_ratios --rounds 5 --scale 25 --blocked-lanes 1 KL,KL1k,long 2>&1 | tee "$OUT/roof_ratios_blocked.txt" | grep -v XDG
+fi
+
+if part quick; then
+section "A/B: the quick path for plain vec4s (Tuning::quick_vec4, off by default), alternating"
+for i in 1 2; do
+    for quick in 0 1; do
+        echo "-- --quick $quick"
+        timeout 40 .device/roof_ratios --rounds 5 --scale 25 --quick $quick KL,CE,H,JS,KL10,KL1k 2>&1 | grep -v XDG
+    done
+done 2>&1 | tee "$OUT/quick.txt"
 fi
 
 if part ab && [ -x .device/roof_ratios_base ]; then

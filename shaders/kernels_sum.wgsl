@@ -175,6 +175,35 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
     return prob_term(x, y, is_zero(x), is_zero(y), sx, sy, ln_split(sx), ln_split(sy));
 }
 
+// The quick path (QUICK, a GPU option; off by default): a vec4 of plain probabilities whose
+// values are all positive normal numbers, in every lane of the subgroup, needs no validation,
+// no subnormal splits and no zero cases. Its terms are those of `element` (the same formulas;
+// only the compiler's fusing of a multiply and an add may differ); it only skips work that the
+// values make moot. The whole subgroup votes, so that a lane with a zero
+// never makes the others run both paths (a GPU's warp would); on mixed data the vote sends
+// everyone down the general path, at the cost of the vote. llvmpipe runs both sides of every
+// branch, so CPU adapters leave it off.
+fn quick_vec4(x: vec4<f32>, y: vec4<f32>) -> bool {
+    if (!QUICK || INPUT != INPUT_PROBS || MEASURE > MEASURE_JS) { return false; }
+    // Positive normal: bits in [2^23, 0x7f800000), i.e. bits − 2^23 below 0x7f000000.
+    let lo = vec4<u32>(0x00800000u);
+    var top = bitcast<vec4<u32>>(x) - lo;
+    if (uses_q()) { top = max(top, bitcast<vec4<u32>>(y) - lo); }
+    return quick_all(max(max(top.x, top.y), max(top.z, top.w)) < 0x7f000000u);
+}
+
+// x's split for a positive normal x: its exponent and mantissa fields as they are.
+fn split_normal(x: f32) -> Split {
+    let b = bitcast<u32>(x);
+    return Split(bitcast<f32>((b & 0x007fffffu) | 0x3f800000u), i32(b >> 23u) - 127);
+}
+
+fn quick_element(x: f32, y: f32) -> Term {
+    let sx = split_normal(x);
+    let sy = split_normal(y);
+    return prob_term(x, y, false, false, sx, sy, ln_split(sx), ln_split(sy));
+}
+
 // Folds the four elements of a vec4 into the running state. Their main terms are added
 // plainly before one compensated add: each already carries a rounding of its own size, and
 // three more of the same order change nothing. Their residuals p − q are exact and cancel
@@ -183,10 +212,21 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
 // of the normalization pre-pass, whose terms are exact too: ln(x/Σ) needs Σ to ~2^-48, or a
 // p within 2^-24 of 1 reads 1 and drops its −p·ln p.
 fn fold4_term(acc: Acc, x: vec4<f32>, y: vec4<f32>, local: u32, c: u32, ctx: RowCtx) -> Acc {
-    let t0 = element(x.x, y.x, local, c, ctx);
-    let t1 = element(x.y, y.y, local + 1u, c + 1u, ctx);
-    let t2 = element(x.z, y.z, local + 2u, c + 2u, ctx);
-    let t3 = element(x.w, y.w, local + 3u, c + 3u, ctx);
+    var t0: Term;
+    var t1: Term;
+    var t2: Term;
+    var t3: Term;
+    if (quick_vec4(x, y)) {
+        t0 = quick_element(x.x, y.x);
+        t1 = quick_element(x.y, y.y);
+        t2 = quick_element(x.z, y.z);
+        t3 = quick_element(x.w, y.w);
+    } else {
+        t0 = element(x.x, y.x, local, c, ctx);
+        t1 = element(x.y, y.y, local + 1u, c + 1u, ctx);
+        t2 = element(x.z, y.z, local + 2u, c + 2u, ctx);
+        t3 = element(x.w, y.w, local + 3u, c + 3u, ctx);
+    }
     let flags = t0.flags | t1.flags | t2.flags | t3.flags;
     if (!has_resid() || is_roof()) {
         let main = (t0.main + t1.main) + (t2.main + t3.main);

@@ -31,6 +31,12 @@ pub struct Tuning {
     /// enough for the second pass to re-read them from L2 lost on an H200 (the dispatch gaps
     /// cost more than the re-read), so by default there is no extra cap.
     pub two_pass_window_bytes: u64,
+    /// Whether a vec4 of plain probabilities whose values are all positive normal numbers, in
+    /// every lane of its subgroup, skips validation, subnormal splits and zero cases: the same
+    /// formulas with less work. Needs subgroups; ignored without them. `None` (the
+    /// default) is off: CPU adapters run both sides of a branch, and on GPUs it is not
+    /// measured yet (`roof_ratios --quick 1`).
+    pub quick_vec4: Option<bool>,
 }
 
 impl Default for Tuning {
@@ -40,6 +46,7 @@ impl Default for Tuning {
             target_workgroups: None,
             blocked_lanes: None,
             two_pass_window_bytes: u64::MAX,
+            quick_vec4: None,
         }
     }
 }
@@ -302,7 +309,10 @@ impl Engine {
         let (limits, device_limits) = (tune(limits), tune(device_limits));
         let subgroups = options.subgroups && device.features().contains(wgpu::Features::SUBGROUP);
         let subgroup_width = info.subgroup_min_size.clamp(1, crate::plan::WORKGROUP_SIZE);
-        let kernels = Kernels::new(&device);
+        let kernels = Kernels::new(
+            &device,
+            options.tuning.quick_vec4.unwrap_or(false) && subgroups,
+        );
         let fault: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
         let gpu = Gpu {
             device,

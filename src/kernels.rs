@@ -213,8 +213,16 @@ impl SegmentReduce {
 
 /// Full WGSL source of one module: constants, common header, monoid, reduction, kernels.
 /// `vec4` selects 16-byte input loads (the terms and log-sum-exp loops only).
-pub(crate) fn shader_source(monoid: &str, reduce: SegmentReduce, vec4: bool) -> String {
+/// `quick` turns on the quick path of the terms loop (shaders/kernels_sum.wgsl), which votes
+/// with `subgroupAll`: only for devices with subgroups.
+pub(crate) fn shader_source(
+    monoid: &str,
+    reduce: SegmentReduce,
+    vec4: bool,
+    quick: bool,
+) -> String {
     let subgroups = reduce.subgroups();
+    let quick_all = if quick { "subgroupAll(v)" } else { "false" };
     let constants = format!(
         "const FLAG_INVALID: u32 = {FLAG_INVALID}u;\nconst FLAG_P_EMPTY: u32 = {FLAG_P_EMPTY}u;\n\
          const FLAG_Q_EMPTY: u32 = {FLAG_Q_EMPTY}u;\n\
@@ -229,7 +237,8 @@ pub(crate) fn shader_source(monoid: &str, reduce: SegmentReduce, vec4: bool) -> 
          const MEASURE_ROOF_PQ: u32 = 6u;\nconst MEASURE_KL_GRAD: u32 = 7u;\n\
          const MEASURE_ROOF_P: u32 = 8u;\n\
          const INPUT_PROBS: u32 = 0u;\nconst INPUT_LOGPROBS: u32 = 1u;\nconst INPUT_LOGITS: u32 = 2u;\n\
-         const INPUT_PROBS_NORM: u32 = 3u;\n"
+         const INPUT_PROBS_NORM: u32 = 3u;\n\
+         const QUICK: bool = {quick};\nfn quick_all(v: bool) -> bool {{ return {quick_all}; }}\n"
     );
     let stage = if subgroups {
         include_str!("../shaders/subgroup_stage.wgsl")
@@ -315,6 +324,8 @@ pub(crate) struct Kernels {
     pipeline_layout: wgpu::PipelineLayout,
     modules: Mutex<HashMap<(&'static str, SegmentReduce, bool), wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+    /// Whether the terms loop has its quick path ([`Tuning::quick_vec4`](crate::Tuning)).
+    quick: bool,
 }
 
 fn storage(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
@@ -331,7 +342,8 @@ fn storage(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
 }
 
 impl Kernels {
-    pub(crate) fn new(device: &wgpu::Device) -> Kernels {
+    /// `quick` needs a device with `Features::SUBGROUP`.
+    pub(crate) fn new(device: &wgpu::Device, quick: bool) -> Kernels {
         let mut entries = vec![wgpu::BindGroupLayoutEntry {
             binding: 0,
             visibility: wgpu::ShaderStages::COMPUTE,
@@ -359,6 +371,7 @@ impl Kernels {
             pipeline_layout,
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
+            quick,
         }
     }
 
@@ -397,7 +410,7 @@ impl Kernels {
                             "klgpu.lse"
                         }),
                         source: wgpu::ShaderSource::Wgsl(
-                            shader_source(stage.monoid(), reduce, vec4).into(),
+                            shader_source(stage.monoid(), reduce, vec4, self.quick).into(),
                         ),
                     })
                 })
@@ -435,9 +448,9 @@ mod tests {
         use SegmentReduce::*;
         for monoid in ["Acc", "Lse"] {
             for reduce in [OneLane, SubgroupOnly, SharedMemory, Subgroups] {
-                for vec4 in [false, true] {
-                    let src = shader_source(monoid, reduce, vec4);
-                    let what = format!("{monoid}/{reduce:?}/vec4={vec4}");
+                for (vec4, quick) in [(false, false), (true, false), (true, true)] {
+                    let src = shader_source(monoid, reduce, vec4, quick);
+                    let what = format!("{monoid}/{reduce:?}/vec4={vec4}/quick={quick}");
                     let module = naga::front::wgsl::parse_str(&src)
                         .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
                     let mut validator = naga::valid::Validator::new(

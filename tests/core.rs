@@ -575,7 +575,12 @@ fn explicit_normalization() {
 
 #[test]
 fn bad_input_names_the_first_offender() {
-    let e = engine();
+    for e in all_plans() {
+        bad_input_names_the_first_offender_on(e);
+    }
+}
+
+fn bad_input_names_the_first_offender_on(e: &klgpu::Engine) {
     let mut p = vec![0.001f32; 1000];
     let mut q = vec![0.001f32; 1000];
     let cases: [(Side, usize, f32, Problem); 6] = [
@@ -646,6 +651,50 @@ fn bad_input_names_the_first_offender() {
         e.entropy(&p),
         Err(Error::InvalidValue { index: 600, .. })
     ));
+}
+
+/// The quick path for vec4s of positive normal probabilities (`Tuning::quick_vec4`, on in
+/// [`gpu_plan_engine`]) skips work, never changes a formula: every result equals the general
+/// path's to an ulp or two of f32 (the compiler may fuse a multiply and an add in one path and
+/// not in the other), on rows where every vec4 qualifies and on rows where zeros, subnormals
+/// and tiny values send some subgroups to the general path.
+#[test]
+fn the_quick_path_matches_the_general_path() {
+    // 8 ulps of f32 relative, and absolutely for results near 0.
+    let same = |a: f64, b: f64, what: &str| {
+        assert!(
+            (a - b).abs() <= 5e-7 * b.abs() + 1e-12,
+            "{what}: {a:e} vs {b:e}"
+        );
+    };
+    let (quick, general) = (gpu_plan_engine(), gpu_plan_general_engine());
+    let mut r = rng(61);
+    let dense_p = dirichlet(&mut r, 1, 300_000, 1.0);
+    let dense_q = perturbed(&mut r, &dense_p, 0.3);
+    let mut mixed_p = dense_p.clone();
+    let mut mixed_q = dense_q.clone();
+    for i in (0..mixed_p.len()).step_by(997) {
+        // Zeros on both sides and on P's alone (Q = 0 under P > 0 would make KL and CE +∞).
+        (mixed_p[i], mixed_q[i]) = (0.0, 0.0);
+        mixed_p[i + 9] = 0.0;
+        mixed_q[i + 5] = 1e-40;
+        mixed_p[i + 13] = f32::MIN_POSITIVE;
+    }
+    for (p, q, what) in [(&dense_p, &dense_q, "dense"), (&mixed_p, &mixed_q, "mixed")] {
+        for m in Measure::ALL {
+            let opts = Options::default();
+            let a = quick.divergence(m, p, q_for(m, q), &opts).unwrap();
+            let b = general.divergence(m, p, q_for(m, q), &opts).unwrap();
+            same(a, b, &format!("{what} {m:?}"));
+            assert_close(a, cpu::divergence(m, p, q_for(m, q), &opts).unwrap(), what);
+            let cols = 1000;
+            let a = quick.rows(m, p, q_for(m, q), cols, &opts).unwrap();
+            let b = general.rows(m, p, q_for(m, q), cols, &opts).unwrap();
+            for (row, (&a, &b)) in a.values.iter().zip(&b.values).enumerate() {
+                same(a, b, &format!("{what} {m:?} row {row}"));
+            }
+        }
+    }
 }
 
 #[test]

@@ -33,10 +33,17 @@ pub fn small_window_engine() -> &'static Engine {
 
 /// The plan a GPU gets (many short workgroups, rows split into chunks and combined, lanes
 /// interleaved), whatever the adapter: on a CPU adapter the default plan is a few long
-/// workgroups with blocked lanes instead.
+/// workgroups with blocked lanes instead. With the quick path for plain vec4s on
+/// (`Tuning::quick_vec4`), so every test over all plans checks it against the reference.
 pub fn gpu_plan_engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
-    ENGINE.get_or_init(|| short_loop_engine(false))
+    ENGINE.get_or_init(|| short_loop_engine(false, true))
+}
+
+/// [`gpu_plan_engine`] without the quick path: the two differ in nothing else.
+pub fn gpu_plan_general_engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| short_loop_engine(false, false))
 }
 
 /// The GPU plan's short loops with a CPU adapter's blocked lanes, so that rows are spread over
@@ -44,15 +51,16 @@ pub fn gpu_plan_engine() -> &'static Engine {
 /// one lane per row).
 pub fn blocked_lanes_engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
-    ENGINE.get_or_init(|| short_loop_engine(true))
+    ENGINE.get_or_init(|| short_loop_engine(true, false))
 }
 
-fn short_loop_engine(blocked_lanes: bool) -> Engine {
+fn short_loop_engine(blocked_lanes: bool, quick_vec4: bool) -> Engine {
     Engine::with_options(EngineOptions {
         tuning: Tuning {
             min_iterations: Some(plan::MIN_ITERATIONS),
             target_workgroups: Some(plan::TARGET_WORKGROUPS),
             blocked_lanes: Some(blocked_lanes),
+            quick_vec4: Some(quick_vec4),
             ..Default::default()
         },
         ..Default::default()
