@@ -179,10 +179,11 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
 // values are all positive normal numbers, in every lane of the subgroup, needs no validation,
 // no subnormal splits and no zero cases. Its terms are those of `element` (the same formulas;
 // only the compiler's fusing of a multiply and an add may differ); it only skips work that the
-// values make moot. The whole subgroup votes, so that a lane with a zero
-// never makes the others run both paths (a GPU's warp would); on mixed data the vote sends
-// everyone down the general path, at the cost of the vote. llvmpipe runs both sides of every
-// branch, so CPU adapters leave it off.
+// values make moot. The whole subgroup votes, so that a lane with a zero never makes the
+// others run both paths (a GPU's warp would); on mixed data the vote sends everyone down the
+// general path, at the cost of the vote. Lanes that have left the loop do not vote, and each
+// voter checks its own values, so any subgroup layout is safe. llvmpipe runs both sides of
+// every branch, so CPU adapters leave it off.
 fn quick_vec4(x: vec4<f32>, y: vec4<f32>) -> bool {
     if (!QUICK || INPUT != INPUT_PROBS || MEASURE > MEASURE_JS) { return false; }
     // Positive normal: bits in [2^23, 0x7f800000), i.e. bits − 2^23 below 0x7f000000.
