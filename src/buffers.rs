@@ -11,6 +11,12 @@ use crate::launch::{GpuSlice, Job, Prepass, Readback, Scratch, encode_read_back}
 use crate::plan::Plan;
 use crate::types::{Input, Measure, Options};
 
+/// What [`Engine::create_f32_buffer`] and [`Engine::create_f32_buffer_init`] make: usable as
+/// input, output or gradient, and copyable both ways.
+const F32_BUFFER_USAGES: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_DST)
+    .union(wgpu::BufferUsages::COPY_SRC);
+
 /// Checks that a slice can be bound as f32 storage and describes it.
 fn gpu_slice<'a>(name: &'static str, slice: &wgpu::BufferSlice<'a>) -> Result<GpuSlice<'a>> {
     let invalid = |reason: String| Error::InvalidBuffer { name, reason };
@@ -570,9 +576,7 @@ impl Engine {
             gpu.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
                 size: len.saturating_mul(4),
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_DST
-                    | wgpu::BufferUsages::COPY_SRC,
+                usage: F32_BUFFER_USAGES,
                 mapped_at_creation: false,
             })
         })
@@ -599,9 +603,7 @@ impl Engine {
                 .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                     label: Some(label),
                     contents: bytemuck::cast_slice(data),
-                    usage: wgpu::BufferUsages::STORAGE
-                        | wgpu::BufferUsages::COPY_DST
-                        | wgpu::BufferUsages::COPY_SRC,
+                    usage: F32_BUFFER_USAGES,
                 })
         })
     }

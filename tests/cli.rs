@@ -544,6 +544,19 @@ fn streaming_many_blocks_gives_the_one_block_answer() {
     }
 }
 
+/// Runs a `--json` command on the GPU and on the CPU backend: each value must be ≥ 0 and meet
+/// the bar against `want`.
+fn on_both_backends(args: &[&str], want: f64, what: &str) {
+    for backend in ["gpu", "cpu"] {
+        let mut a = args.to_vec();
+        a.extend(["--backend", backend]);
+        let got = as_f64(&klgpu(&a).json()["value"]);
+        let what = format!("{what} on the {backend}");
+        assert!(got >= 0.0, "{what}: {got}");
+        assert_close(got, want, &what);
+    }
+}
+
 #[test]
 fn long_rows_of_close_logits_keep_their_digits() {
     // One row of 20,000 logits in 1,000-element pieces, Q = P + 7 + 1e-3·noise (KL ≈ 5e-7),
@@ -592,14 +605,7 @@ fn long_rows_of_close_logits_keep_their_digits() {
             }
             args.extend(["--json", "--input", "logits", "--base", base_arg]);
             args.extend(["--block-bytes", "4000"]);
-            for backend in ["gpu", "cpu"] {
-                let mut a = args.clone();
-                a.extend(["--backend", backend]);
-                let got = as_f64(&klgpu(&a).json()["value"]);
-                let what = format!("case {k}, {cmd} base {base_arg} on the {backend}");
-                assert!(got >= 0.0, "{what}: {got}");
-                assert_close(got, want, &what);
-            }
+            on_both_backends(&args, want, &format!("case {k}, {cmd} base {base_arg}"));
         }
     }
 }
@@ -638,12 +644,7 @@ fn long_rows_normalized_in_pieces_keep_their_digits() {
             args.push(s(&qp));
         }
         args.extend(["--json", "--normalize", "--block-bytes", "4000"]);
-        for backend in ["gpu", "cpu"] {
-            let mut a = args.clone();
-            a.extend(["--backend", backend]);
-            let got = as_f64(&klgpu(&a).json()["value"]);
-            assert_close(got, want, &format!("{cmd} on the {backend}"));
-        }
+        on_both_backends(&args, want, cmd);
     }
 }
 

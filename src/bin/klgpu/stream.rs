@@ -379,6 +379,14 @@ impl RowScan {
         self.sum + self.comp
     }
 
+    /// Folds the value at column `col` into what the first pass of `kind` gathers.
+    fn push(&mut self, kind: Prepass, col: usize, x: f32) {
+        match kind {
+            Prepass::Lse => self.push_logit(col, x),
+            Prepass::Sum => self.add(x as f64),
+        }
+    }
+
     /// Folds a logit at column `col` into the running log-sum-exp.
     fn push_logit(&mut self, col: usize, x: f32) {
         let x = x as f64;
@@ -607,10 +615,7 @@ fn scan_one(
         return Err(invalid_value(label, one_d, row, col, x, problem));
     }
     for scan in scans {
-        match kind {
-            Prepass::Lse => scan.push_logit(col, x),
-            Prepass::Sum => scan.add(x as f64),
-        }
+        scan.push(kind, col, x);
     }
     Ok(())
 }
@@ -728,10 +733,7 @@ mod tests {
             let scan = |xs: &[f32]| {
                 let mut s = RowScan::new();
                 for (i, &x) in xs.iter().enumerate() {
-                    match kind {
-                        Prepass::Lse => s.push_logit(i, x),
-                        Prepass::Sum => s.add(x as f64),
-                    }
+                    s.push(kind, i, x);
                 }
                 s
             };
