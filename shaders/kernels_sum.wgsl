@@ -79,19 +79,25 @@ fn fold_term(acc: Acc, t: Term) -> Acc {
 // finite, so 0·ln 0 comes out 0 by itself. Which entries are 0 is read from the inputs' bits
 // before any scaling: an adapter that flushes subnormals compares them (and any product that
 // lands among them) equal to 0, and a subnormal q must not make KL or CE infinite. For the
-// same reason the logarithms come from the splits sp and sq of p and q, taken before scaling.
-// ln_p and ln_q are ln p and ln q (for normalized rows from the inputs and the row sums, not
-// from the rounded p and q).
-fn prob_term(p: f32, q: f32, p_zero: bool, q_zero: bool, sp: Split, sq: Split, ln_p: f32,
-        ln_q: f32) -> Term {
+// same reason the logarithms come from the splits of p and q, taken before scaling: `ratio` is
+// p/q's (see ratio_of), ln_p and ln_q are ln p and ln q (for normalized rows from the inputs
+// and the row sums, not from the rounded p and q).
+fn prob_term(p: f32, q: f32, p_zero: bool, q_zero: bool, ratio: Ratio, ln_p: f32, ln_q: f32)
+        -> Term {
     if (MEASURE == MEASURE_SUM) { return term(p, q); }
-    if (MEASURE == MEASURE_JS) { return term(js_prob(p, q), 0.0); }
+    if (MEASURE == MEASURE_JS) {
+        // Divisions, not one reciprocal: 1/t overflows where t is subnormal. Normalized rows
+        // within a factor of √2 take r from the exact ratio (ratio_norm); elsewhere |p − q|
+        // does not cancel, or (plain probabilities) is exact.
+        let near_norm = INPUT == INPUT_PROBS_NORM && ratio.k == 0;
+        return term(js_prob(p, q, select(abs(p - q) / (p + q), abs(ratio.s), near_norm)), 0.0);
+    }
     if (MEASURE == MEASURE_ENTROPY) { return term(-p * ln_p, 0.0); }
     let inf = !p_zero && q_zero;
     let flags = select(0u, ACC_INF, inf);
     if (MEASURE == MEASURE_CE) { return Term(select(-p * ln_q, 0.0, inf), 0.0, flags); }
     let live = !p_zero && !q_zero;
-    let kl = kl_parts(p, q, sp, sq);
+    let kl = kl_parts(p, q, ratio);
     if (INPUT == INPUT_PROBS_NORM) {
         // No residual sum (both sides sum to 1): every term is p·ln(p/q) − p + q, and p = 0
         // gives q, as with logits.
@@ -167,12 +173,13 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
         let sy = split(y);
         let sp = split_div(sx, ctx.p_sum);
         let sq = split_div(sy, ctx.q_sum);
-        return prob_term(ldexp(sp.m, sp.e), ldexp(sq.m, sq.e), is_zero(x), is_zero(y), sp, sq,
+        return prob_term(ldexp(sp.m, sp.e), ldexp(sq.m, sq.e), is_zero(x), is_zero(y),
+            ratio_norm(sx, sy, ctx.p_sum, ctx.q_sum),
             ln_ratio(sx, ctx.p_sum) - ctx.p_sum_lo, ln_ratio(sy, ctx.q_sum) - ctx.q_sum_lo);
     }
     let sx = split(x);
     let sy = split(y);
-    return prob_term(x, y, is_zero(x), is_zero(y), sx, sy, ln_split(sx), ln_split(sy));
+    return prob_term(x, y, is_zero(x), is_zero(y), ratio_of(sx, sy), ln_split(sx), ln_split(sy));
 }
 
 // The quick path (QUICK, a GPU option; off by default): a vec4 of plain probabilities whose
@@ -202,7 +209,7 @@ fn split_normal(x: f32) -> Split {
 fn quick_element(x: f32, y: f32) -> Term {
     let sx = split_normal(x);
     let sy = split_normal(y);
-    return prob_term(x, y, false, false, sx, sy, ln_split(sx), ln_split(sy));
+    return prob_term(x, y, false, false, ratio_of(sx, sy), ln_split(sx), ln_split(sy));
 }
 
 // Folds the four elements of a vec4 into the running state. Their main terms are added

@@ -123,6 +123,43 @@ fn ln_ratio(sa: Split, sb: Split) -> f32 {
     return f32(r.k) * LN2 + atanh2(r.s);
 }
 
+// m's first 12 significant bits and the rest, for m in [1, 2): both exact, and so is the
+// product of any two such halves. Dekker's exact product without a fused multiply-add (which
+// WGSL does not promise) and without Veltkamp's split, whose c − (c − m) a compiler may fold
+// to m.
+fn halves(m: f32) -> vec2<f32> {
+    let hi = bitcast<f32>(bitcast<u32>(m) & 0xfffff000u);
+    return vec2<f32>(hi, m - hi);
+}
+
+// The Ratio of p/q for normalized p = x/Σp and q = y/Σq, from the splits of x, y and the row
+// sums: p/q = (x·Σq)/(y·Σp), with the mantissa products a = x'·Σq' and b = y'·Σp' each kept
+// as an exact big part plus the rest, so a − b has one rounding however close p is to q.
+// From the rounded quotients p and q instead, a − b carries their roundings, 2^-24 of p
+// each: KL and JS are second order in p − q, and a row of 3 with KL 1.4e-7 came out 1.2e-4
+// off. After scaling by 2 where needed, a and b are within a factor of √2 and so are their big
+// parts: a_big − b_big is exact (Sterbenz). It is opaque: Mesa's NIR otherwise regroups d into
+// fa·a − fb·b, rounded a and b, and the test of close short rows fails.
+fn ratio_norm(sx: Split, sy: Split, sp: Split, sq: Split) -> Ratio {
+    let x = halves(sx.m);
+    let y = halves(sy.m);
+    let hp = halves(sp.m);
+    let hq = halves(sq.m);
+    let a_big = x.x * hq.x;
+    let a_rest = (x.x * hq.y + x.y * hq.x) + x.y * hq.y;
+    let b_big = y.x * hp.x;
+    let b_rest = (y.x * hp.y + y.y * hp.x) + y.y * hp.y;
+    let a = a_big + a_rest;
+    let b = b_big + b_rest;
+    let high = a > SQRT2 * b;
+    let low = SQRT2 * a < b;
+    let fa = select(1.0, 2.0, low);
+    let fb = select(1.0, 2.0, high);
+    let d = opaque(fa * a_big - fb * b_big) + (fa * a_rest - fb * b_rest);
+    let k = (sx.e - sy.e) + (sq.e - sp.e) + select(0, 1, high) - select(0, 1, low);
+    return Ratio(d / (fa * a + fb * b), k);
+}
+
 // The KL term of p, q > 0 in two forms, without branches (random data would take both sides
 // of one in most warps). With p/q = 2^k·(a/b), a/b in [√½, √2), a and b exact, and
 // s = (a − b)/(a + b) (|s| <= 0.172, a − b exact): ln(p/q) = k·ln 2 + 2·atanh(s). Near p = q
@@ -130,12 +167,11 @@ fn ln_ratio(sa: Split, sb: Split) -> f32 {
 // a sum of non-negative parts (`series`; the caller adds p − q to the residual). Elsewhere
 // |ln(p/q)| >= ln √2 and `plogr` = p·ln(p/q) needs nothing added: no −p + q that a q far above
 // p (1e38 against 1e-20) would make the sum cancel. s never divides p − q by p + q, which an
-// adapter that flushes subnormals makes 0/0 where both are subnormal. sp and sq are the
-// splits of p and q.
+// adapter that flushes subnormals makes 0/0 where both are subnormal. `ratio` is p/q's
+// (ratio_of, or ratio_norm for normalized rows).
 struct KlParts { series: f32, plogr: f32, near: bool }
 
-fn kl_parts(p: f32, q: f32, sp: Split, sq: Split) -> KlParts {
-    let ratio = ratio_of(sp, sq);
+fn kl_parts(p: f32, q: f32, ratio: Ratio) -> KlParts {
     let s = ratio.s;
     let k = ratio.k;
     let z = s * s;
@@ -151,11 +187,10 @@ fn kl_parts(p: f32, q: f32, sp: Split, sq: Split) -> KlParts {
 // Σ r^2k / (k(2k − 1)), no cancellation; elsewhere the logs, the larger side's from log1p(|r|)
 // and the smaller's from ln(2·min(p, q)/t) (relative, so nothing is lost as it goes to 0),
 // which cancel at most 2 bits. Two logs instead of the three ratio logs of two KL(·‖m)
-// halves.
-fn js_prob(p: f32, q: f32) -> f32 {
+// halves. r = |p − q|/t is the caller's: normalized rows take it from the exact ratio
+// (ratio_norm) where it cancels.
+fn js_prob(p: f32, q: f32, r: f32) -> f32 {
     let t = p + q;
-    // Divisions, not one reciprocal: 1/t overflows where t is subnormal.
-    let r = abs(p - q) / t;
     let z = r * r;
     // Terms to z^10: the first left out, z^11/231 with z <= 1/4, is below 2^-27 of h.
     let series = z * (1.0 + z * (1.0 / 6.0 + z * (1.0 / 15.0 + z * (1.0 / 28.0 + z * (1.0 / 45.0
