@@ -1025,6 +1025,35 @@ fn bad_values_name_file_row_and_column() {
         "{line}"
     );
 
+    // An f64 value beyond f32's range, in a later block: named as the file holds it, not as
+    // the +inf it would round to; the same on the CPU backend. 1-D: by index.
+    let mut wide: Vec<f64> = good.iter().map(|&x| x as f64).collect();
+    wide[5 * cols + 11] = -1e300;
+    let wp = d.join("wide.npy");
+    npy_f64(&wp, &[rows, cols], &wide);
+    for backend in ["gpu", "cpu"] {
+        let line = expect_bad(
+            d,
+            strings(&[
+                "ce",
+                s(&gp),
+                s(&wp),
+                "--block-bytes",
+                "160",
+                "--backend",
+                backend,
+            ]),
+            &[],
+        );
+        assert!(
+            line.contains("wide.npy: row 5, column 11: value -1e300 is beyond the range of f32"),
+            "{line}"
+        );
+    }
+    npy_f64(&wp, &[rows * cols], &wide);
+    let line = expect_bad(d, strings(&["entropy", s(&wp)]), &[]);
+    assert!(line.contains("wide.npy: index 111: value -1e300"), "{line}");
+
     // 1-D logits cut in pieces: +inf found by the first (log-sum-exp) pass, and a row of -inf.
     let n = 5000;
     let mut l = logits(20, n, 1.0);

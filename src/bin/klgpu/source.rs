@@ -141,11 +141,39 @@ impl Source {
             let n = left.min(per_chunk);
             self.scratch.resize(n * size, 0);
             self.file.read_exact(&mut self.scratch).map_err(fail)?;
+            if self.dtype == Dtype::F64
+                && let Some((i, value)) = first_beyond_f32(&self.scratch)
+            {
+                let at = self.position(start + (count - left) + i);
+                return Err(CliError::input(format!(
+                    "{}: {at}: value {value:e} is beyond the range of f32 (±3.4e38), in which \
+                     klgpu computes; scale the input down",
+                    self.label
+                )));
+            }
             convert(self.dtype, &self.scratch, out);
             left -= n;
         }
         Ok(())
     }
+
+    /// Element `index` as the user knows it: `index N` in 1-D, `row R, column C` in 2-D.
+    fn position(&self, index: usize) -> String {
+        match self.shape[..] {
+            [_, cols] => format!("row {}, column {}", index / cols, index % cols),
+            _ => format!("index {index}"),
+        }
+    }
+}
+
+/// The first little-endian f64 in `raw` that is finite but would round to ±∞ in f32, with its
+/// position. Rounded, it would be reported as "infinite", which the file does not hold.
+/// (Nonzero values below f32's smallest subnormal become 0, as in any f32 conversion.)
+fn first_beyond_f32(raw: &[u8]) -> Option<(usize, f64)> {
+    raw.chunks_exact(8)
+        .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .enumerate()
+        .find(|&(_, v)| v.is_finite() && (v as f32).is_infinite())
 }
 
 /// Appends the little-endian elements in `raw` to `out` as f32.
@@ -301,5 +329,17 @@ mod tests {
         convert(Dtype::F32, &f32::NAN.to_le_bytes(), &mut out);
         assert_eq!(out[..3], [0.1f32, 0.5, -2.0]);
         assert!(out[3].is_nan());
+    }
+
+    #[test]
+    fn finds_f64_values_beyond_f32() {
+        let raw: Vec<u8> = [1.0f64, f64::INFINITY, 3.4e38, 3.5e38, -1e300]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        // ±∞ in the file is the file's own (reported as infinite later); 3.4e38 rounds to
+        // f32::MAX; 3.5e38 would read +∞.
+        assert_eq!(first_beyond_f32(&raw), Some((3, 3.5e38)));
+        assert_eq!(first_beyond_f32(&raw[..24]), None);
     }
 }
