@@ -8,12 +8,13 @@ fn is_prob_input() -> bool { return INPUT == INPUT_PROBS || INPUT == INPUT_PROBS
 // Per-row constants: for logits the log-sum-exp parts of P and Q; for normalized
 // probabilities the splits of the row sums (p_sum, q_sum), which each element divides by, and
 // what the sums' f32 values leave out, relative to them (p_sum_lo, q_sum_lo: ln p takes it
-// off, so a p within 2^-24 of 1 keeps its −p·ln p).
+// off, so a p within 2^-24 of 1 keeps its −p·ln p), and the split of Σp/Σq (sum_ratio, for
+// ratio_norm).
 // For logits also the shift lse_p − lse_q as shift_hi + shift_lo, the rounding of
 // p_m − q_m kept in shift_lo (see logit_diff).
 struct RowCtx {
     pm: f32, pl: f32, qm: f32, ql: f32, shift_hi: f32, shift_lo: f32, p_sum: Split, q_sum: Split,
-    p_sum_lo: f32, q_sum_lo: f32,
+    p_sum_lo: f32, q_sum_lo: f32, sum_ratio: Split,
 }
 
 fn row_ctx(row: u32) -> RowCtx {
@@ -22,7 +23,7 @@ fn row_ctx(row: u32) -> RowCtx {
         let pl = log1p_acc(s.p_s);
         let ql = log1p_acc(s.q_s);
         let m = two_sum(s.p_m, -s.q_m);
-        return RowCtx(s.p_m, pl, s.q_m, ql, m.x, m.y + (pl - ql), ONE, ONE, 0.0, 0.0);
+        return RowCtx(s.p_m, pl, s.q_m, ql, m.x, m.y + (pl - ql), ONE, ONE, 0.0, 0.0, ONE);
     }
     if (INPUT == INPUT_PROBS_NORM) {
         // The sums' pairs (hi, lo) as the pre-pass left them in (p_m, p_s), (q_m, q_s).
@@ -30,9 +31,12 @@ fn row_ctx(row: u32) -> RowCtx {
         // Only over a normal sum: an adapter that flushes subnormals would divide by 0.
         let p_lo = select(0.0, s.p_s / s.p_m, is_normal(s.p_m));
         let q_lo = select(0.0, s.q_s / s.q_m, is_normal(s.q_m));
-        return RowCtx(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, split(s.p_m), split(s.q_m), p_lo, q_lo);
+        let p_sum = split(s.p_m);
+        let q_sum = split(s.q_m);
+        return RowCtx(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, p_sum, q_sum, p_lo, q_lo,
+            split_div(p_sum, q_sum));
     }
-    return RowCtx(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ONE, ONE, 0.0, 0.0);
+    return RowCtx(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ONE, ONE, 0.0, 0.0, ONE);
 }
 
 // d = ln p − ln q of logits x, y: (x − y) − (lse_p − lse_q). Two models' logits may differ by
@@ -79,25 +83,35 @@ fn fold_term(acc: Acc, t: Term) -> Acc {
 // finite, so 0·ln 0 comes out 0 by itself. Which entries are 0 is read from the inputs' bits
 // before any scaling: an adapter that flushes subnormals compares them (and any product that
 // lands among them) equal to 0, and a subnormal q must not make KL or CE infinite. For the
-// same reason the logarithms come from the splits of p and q, taken before scaling: `ratio` is
-// p/q's (see ratio_of), ln_p and ln_q are ln p and ln q (for normalized rows from the inputs
-// and the row sums, not from the rounded p and q).
-fn prob_term(p: f32, q: f32, p_zero: bool, q_zero: bool, ratio: Ratio, ln_p: f32, ln_q: f32)
-        -> Term {
+// same reason the logarithms come from splits taken before scaling: sx and sy are the inputs'
+// (x = p and y = q, unless the row is normalized: then c is the split of Σp/Σq), ln_p and
+// ln_q are ln p and ln q (for normalized rows from the inputs and the row sums, not from the
+// rounded p and q).
+fn prob_term(p: f32, q: f32, p_zero: bool, q_zero: bool, sx: Split, sy: Split, c: Split,
+        ln_p: f32, ln_q: f32) -> Term {
     if (MEASURE == MEASURE_SUM) { return term(p, q); }
     if (MEASURE == MEASURE_JS) {
-        // Divisions, not one reciprocal: 1/t overflows where t is subnormal. Normalized rows
-        // within a factor of √2 take r from the exact ratio (ratio_norm); elsewhere |p − q|
-        // does not cancel, or (plain probabilities) is exact.
-        let near_norm = INPUT == INPUT_PROBS_NORM && ratio.k == 0;
-        return term(js_prob(p, q, select(abs(p - q) / (p + q), abs(ratio.s), near_norm)), 0.0);
+        // Divisions, not one reciprocal: 1/t overflows where t is subnormal.
+        var r = abs(p - q) / (p + q);
+        if (INPUT == INPUT_PROBS_NORM) {
+            // Within a factor of √2, from the exact ratio (p − q cancels there); elsewhere
+            // it does not. Plain probabilities' p − q is exact there.
+            let ratio = ratio_norm(sx, sy, c);
+            r = select(r, abs(ratio.s), ratio.k == 0);
+        }
+        return term(js_prob(p, q, r), 0.0);
     }
     if (MEASURE == MEASURE_ENTROPY) { return term(-p * ln_p, 0.0); }
     let inf = !p_zero && q_zero;
     let flags = select(0u, ACC_INF, inf);
     if (MEASURE == MEASURE_CE) { return Term(select(-p * ln_q, 0.0, inf), 0.0, flags); }
     let live = !p_zero && !q_zero;
-    let kl = kl_parts(p, q, ratio);
+    var kl: KlParts;
+    if (INPUT == INPUT_PROBS_NORM) {
+        kl = kl_parts(p, q, ratio_norm(sx, sy, c));
+    } else {
+        kl = kl_parts(p, q, ratio_of(sx, sy));
+    }
     if (INPUT == INPUT_PROBS_NORM) {
         // No residual sum (both sides sum to 1): every term is p·ln(p/q) − p + q, and p = 0
         // gives q, as with logits.
@@ -174,12 +188,12 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
         let sp = split_div(sx, ctx.p_sum);
         let sq = split_div(sy, ctx.q_sum);
         return prob_term(ldexp(sp.m, sp.e), ldexp(sq.m, sq.e), is_zero(x), is_zero(y),
-            ratio_norm(sx, sy, ctx.p_sum, ctx.q_sum),
+            sx, sy, ctx.sum_ratio,
             ln_ratio(sx, ctx.p_sum) - ctx.p_sum_lo, ln_ratio(sy, ctx.q_sum) - ctx.q_sum_lo);
     }
     let sx = split(x);
     let sy = split(y);
-    return prob_term(x, y, is_zero(x), is_zero(y), ratio_of(sx, sy), ln_split(sx), ln_split(sy));
+    return prob_term(x, y, is_zero(x), is_zero(y), sx, sy, ONE, ln_split(sx), ln_split(sy));
 }
 
 // The quick path (QUICK, a GPU option; off by default): a vec4 of plain probabilities whose
@@ -209,7 +223,7 @@ fn split_normal(x: f32) -> Split {
 fn quick_element(x: f32, y: f32) -> Term {
     let sx = split_normal(x);
     let sy = split_normal(y);
-    return prob_term(x, y, false, false, ratio_of(sx, sy), ln_split(sx), ln_split(sy));
+    return prob_term(x, y, false, false, sx, sy, ONE, ln_split(sx), ln_split(sy));
 }
 
 // Folds the four elements of a vec4 into the running state. Their main terms are added

@@ -132,39 +132,33 @@ fn halves(m: f32) -> vec2<f32> {
     return vec2<f32>(hi, m - hi);
 }
 
-// The Ratio of p/q for normalized p = x/Σp and q = y/Σq, from the splits of x, y and the row
-// sums: p/q = (x·Σq)/(y·Σp), with the mantissa products a = x'·Σq' and b = y'·Σp' each kept
-// as an exact big part plus the rest, so a − b has one rounding however close p is to q.
-// From the rounded quotients p and q instead, a − b carries their roundings, 2^-24 of p
-// each: KL and JS are second order in p − q, and a row of 3 with KL 1.4e-7 came out 1.2e-4
-// off. a and b lie in [1, 4): each is halved into [1, 2) and then one of them doubled where
-// needed (all exact), so that they end within a factor of √2, and so do their big parts:
-// a_big − b_big is exact (Sterbenz). Scaled once only, a = 1.005 against b = 3.996 (x and y
-// either side of a power of two, Σp just below one and Σq just above) kept a factor of 2
-// between them, and the close pair went to the far form, whose p·ln(p/q) − (p − q) cancels.
-// The big difference is opaque: Mesa's NIR otherwise regroups d into fa·a − fb·b, rounded a
-// and b.
-fn ratio_norm(sx: Split, sy: Split, sp: Split, sq: Split) -> Ratio {
-    let x = halves(sx.m);
+// The Ratio of p/q for normalized p = x/Σp and q = y/Σq, from the splits of x and y and of
+// c = Σp/Σq (a row constant): p/q = x/(y·c), with y'·c' kept as an exact big part plus the
+// rest, so a − b has one rounding however close p is to q. From the rounded quotients p and q
+// instead, a − b carries their roundings, 2^-24 of p each: KL and JS are second order in
+// p − q, and a row of 3 with KL 1.4e-7 came out 1.2e-4 off. c's own rounding scales every
+// ratio of the row alike, which the terms (from s and p + q) do not feel to first order.
+// b = y'·c' lies in [1, 4): it is halved into [1, 2) before a or b is doubled (all exact), so
+// that they end within a factor of √2 and so do a and b's big part: a − b_big is exact
+// (Sterbenz). Aligned by one doubling only, b could stay twice a, and a close pair took the
+// far form, whose p·ln(p/q) − (p − q) cancels (6 % off for the term). The big difference is
+// opaque, so no compiler regroups d into a − b with b rounded: Mesa's NIR did that to an
+// earlier form of this function, with two products.
+fn ratio_norm(sx: Split, sy: Split, c: Split) -> Ratio {
     let y = halves(sy.m);
-    let hp = halves(sp.m);
-    let hq = halves(sq.m);
-    let a_big = x.x * hq.x;
-    let a_rest = (x.x * hq.y + x.y * hq.x) + x.y * hq.y;
-    let b_big = y.x * hp.x;
-    let b_rest = (y.x * hp.y + y.y * hp.x) + y.y * hp.y;
-    let a_wide = a_big + a_rest >= 2.0;
+    let hc = halves(c.m);
+    let b_big = y.x * hc.x;
+    let b_rest = (y.x * hc.y + y.y * hc.x) + y.y * hc.y;
     let b_wide = b_big + b_rest >= 2.0;
-    let a = select(1.0, 0.5, a_wide) * (a_big + a_rest);
+    let a = sx.m;
     let b = select(1.0, 0.5, b_wide) * (b_big + b_rest);
     let high = a > SQRT2 * b;
     let low = SQRT2 * a < b;
-    let fa = select(1.0, 0.5, a_wide) * select(1.0, 2.0, low);
+    let fa = select(1.0, 2.0, low);
     let fb = select(1.0, 0.5, b_wide) * select(1.0, 2.0, high);
-    let d = opaque(fa * a_big - fb * b_big) + (fa * a_rest - fb * b_rest);
-    let k = (sx.e - sy.e) + (sq.e - sp.e) + select(0, 1, a_wide) - select(0, 1, b_wide)
-        + select(0, 1, high) - select(0, 1, low);
-    return Ratio(d / (fa * (a_big + a_rest) + fb * (b_big + b_rest)), k);
+    let d = opaque(fa * a - fb * b_big) - fb * b_rest;
+    let k = (sx.e - sy.e - c.e) - select(0, 1, b_wide) + select(0, 1, high) - select(0, 1, low);
+    return Ratio(d / (fa * a + fb * (b_big + b_rest)), k);
 }
 
 // The KL term of p, q > 0 in two forms, without branches (random data would take both sides
