@@ -14,7 +14,8 @@
 //! ```
 //! Cases: KL CE H JS (N = 4·10^6), KLlp (KL of log-probabilities, 4·10^6), KL10
 //! (400,000 × 10), KL1k (1000 × 1000), logits (64 × 32,000), JSlogits, CElogits, Hlogits (the
-//! same, JS, cross-entropy, entropy), long (8 × 262,144 logits); named cases run in the order
+//! same, JS, cross-entropy, entropy), long (8 × 262,144 logits), KLnorm and JSnorm (4000 ×
+//! 1000 probabilities, normalized: two passes, like logits); named cases run in the order
 //! given. `--workgroups`,
 //! `--min-iterations`, `--blocked-lanes` and `--quick` (the quick path for plain vec4s) override
 //! the defaults for the adapter (`klgpu::Tuning`). `--scale S` multiplies every case's size (rows, or N for the single
@@ -71,6 +72,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("CElogits", Measure::CrossEntropy, Input::Logits, 64, 32_000),
         ("Hlogits", Measure::Entropy, Input::Logits, 64, 32_000),
         ("long", kl, Input::Logits, 8, 262_144),
+        ("KLnorm", kl, Input::Probs, 4000, 1000),
+        ("JSnorm", Measure::JensenShannon, Input::Probs, 4000, 1000),
     ];
     let mut rng = Rng(42);
     // The cases named, in the order given (a name may repeat), or all of them.
@@ -101,7 +104,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let case = Case {
             name,
             measure,
-            opts: Options::input(input),
+            // The normalized cases: probabilities divided by their row sums in the kernel.
+            opts: Options {
+                normalize: name.ends_with("norm"),
+                ..Options::input(input)
+            },
             rows,
             cols,
             out: engine.create_f32_buffer("roof_ratios.out", rows as u64)?,
