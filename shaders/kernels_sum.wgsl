@@ -94,8 +94,8 @@ fn prob_term(p: f32, q: f32, p_zero: bool, q_zero: bool, sx: Split, sy: Split, c
         // Divisions, not one reciprocal: 1/t overflows where t is subnormal.
         var r = abs(p - q) / (p + q);
         if (INPUT == INPUT_PROBS_NORM) {
-            // Within a factor of √2, from the exact ratio (p − q cancels there); elsewhere
-            // it does not. Plain probabilities' p − q is exact there.
+            // The rounded quotients' p − q cancels where p/q is within √2 of 1: r comes from
+            // the exact ratio there. (Plain probabilities' p − q is exact there.)
             let ratio = ratio_norm(sx, sy, c);
             r = select(r, abs(ratio.s), ratio.k == 0);
         }
@@ -106,6 +106,8 @@ fn prob_term(p: f32, q: f32, p_zero: bool, q_zero: bool, sx: Split, sy: Split, c
     let flags = select(0u, ACC_INF, inf);
     if (MEASURE == MEASURE_CE) { return Term(select(-p * ln_q, 0.0, inf), 0.0, flags); }
     let live = !p_zero && !q_zero;
+    // The ratio is formed here, per input kind: handed in ready-made, it cost plain KL 10 % on
+    // lavapipe.
     var kl: KlParts;
     if (INPUT == INPUT_PROBS_NORM) {
         kl = kl_parts(p, q, ratio_norm(sx, sy, c));
