@@ -383,14 +383,15 @@ fn grad_term(z: f32, t: f32, local: u32, ctx: RowCtx) -> Term {
     let inf = !t_zero && z == neg_inf();
     // r = ln t − ln q = ln t + pl − (z − pm), added so that its large parts cancel exactly: for
     // a target close to softmax(z), r is small while ln t and z − pm are not, and rounding
-    // either (~1e-7·|ln t|) moved the loss by 2e-5 of itself. Only the series part of ln t
-    // and the row's pl (a shift common to the row, which KL does not feel to first order)
-    // are left to round.
+    // either (~1e-7·|ln t|) moved the loss by 2e-5 of itself. Only ln t's small rest (to
+    // ~2^-30, see ln_parts) and the row's pl (a shift common to the row, which KL does not
+    // feel to first order) are left to round.
     let zm = two_sum(z, -ctx.pm);
     let lt = ln_parts(split(t));
     let a = two_sum(lt.x, ctx.pl);
     let b = two_sum(a.x, -zm.x);
-    let r = b.x + ((a.y + b.y) + (lt.y - zm.y));
+    let c = two_sum(b.x, lt.y);
+    let r = c.x + (((a.y + b.y) + c.y) + (lt.z - zm.y));
     let main = select(select(phi_term(t, r, q), 0.0, inf), q, t_zero);
     return Term(main, select(t, 0.0, t_zero || inf), select(0u, ACC_INF, inf));
 }

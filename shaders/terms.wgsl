@@ -91,15 +91,30 @@ fn ln_split(su: Split) -> f32 {
 const LN2_HI: f32 = 0.693145751953125;
 const LN2_LO: f32 = 1.4286068203094172e-6;
 
-// ln_split's value as hi + lo with hi = k·LN2_HI exact, for callers that cancel it against
-// other exact parts (the loss term's ln t − ln q). ln_split keeps its one expression: written
-// through a shared helper it cost JS 6 % on lavapipe.
-fn ln_parts(su: Split) -> vec2<f32> {
+// ln u for u > 0 finite in three parts, k·LN2_HI + 2·s_hi + rest: the first two exact and
+// the rest below ~1e-3 + |k|·1.5e-6, so that a caller which cancels them against other exact
+// parts (the loss term's ln t − ln q) is left with ln u to ~2^-30 absolute rather than
+// ln_split's 2^-24·|2s|. u's mantissa a (in [√½, √2)) gives s = (a − 1)/(a + 1) as
+// s_hi + s_lo: a − 1 is exact, 2 + (a − 1) exact as a TwoSum pair, and s_hi times it exact as
+// products of halves, so the remainder s_lo carries what the division rounded away. Rows of
+// 2–33 columns with a target close to the model (loss ~1e-6) came out up to 3.5e-5 off when
+// only s was kept.
+fn ln_parts(su: Split) -> vec3<f32> {
     let high = su.m > SQRT2;
     let a = select(su.m, 0.5 * su.m, high);
     let k = f32(su.e + select(0, 1, high));
-    let s = (a - 1.0) / (a + 1.0);
-    return vec2<f32>(k * LN2_HI, k * LN2_LO + atanh2(s));
+    let u = a - 1.0;
+    let d = two_sum(2.0, u);
+    let s_hi = u / d.x;
+    let hs = halves(s_hi);
+    let hd = halves(d.x);
+    let p_big = hs.x * hd.x;
+    let p_rest = (hs.x * hd.y + hs.y * hd.x) + hs.y * hd.y;
+    let rem = (opaque(u - p_big) - p_rest) - s_hi * d.y;
+    let s_lo = rem / d.x;
+    let z = s_hi * s_hi;
+    let rest = k * LN2_LO + (2.0 * s_lo + 2.0 * s_hi * z * atanh_tail(z));
+    return vec3<f32>(k * LN2_HI, 2.0 * s_hi, rest);
 }
 
 fn ln_acc(u: f32) -> f32 { return ln_split(split(u)); }
