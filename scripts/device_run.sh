@@ -65,6 +65,11 @@ section "own-roof ratios, interleaved, sizes x25 (bandwidth-bound on a data-cent
 timeout 90 .device/roof_ratios --rounds 10 --scale 25 2>&1 | tee "$OUT/roof_ratios.txt" | grep -v XDG
 echo "-- the same with a CPU adapter's blocked lanes (GPUs default to interleaved)"
 timeout 30 .device/roof_ratios --rounds 5 --scale 25 --blocked-lanes 1 KL,KL1k,long 2>&1 | tee "$OUT/roof_ratios_blocked.txt" | grep -v XDG
+echo "-- rows of 1000 and of 10 with longer lane loops (fewer lanes per row, less reduction per element)"
+for m in 16 64 256; do
+    echo "-- --min-iterations $m"
+    timeout 30 .device/roof_ratios --rounds 5 --scale 25 --min-iterations $m KL1k,KL10,KLnorm 2>&1 | grep -v XDG
+done 2>&1 | tee "$OUT/roof_ratios_iterations.txt"
 fi
 
 if part quick; then
