@@ -108,20 +108,16 @@ fn prob_term(p: f32, q: f32, p_zero: bool, q_zero: bool, sx: Split, sy: Split, c
     let live = !p_zero && !q_zero;
     // The ratio is formed here, per input kind: handed in ready-made, it cost plain KL 10 % on
     // lavapipe.
-    var kl: KlParts;
-    if (INPUT == INPUT_PROBS_NORM) {
-        kl = kl_parts(p, q, ratio_norm(sx, sy, c));
-    } else {
-        kl = kl_parts(p, q, ratio_of(sx, sy));
-    }
     if (INPUT == INPUT_PROBS_NORM) {
         // No residual sum (both sides sum to 1): every term is p·ln(p/q) − p + q, and p = 0
         // gives q, as with logits.
+        let kl = kl_parts(p, q, ratio_norm(sx, sy, c));
         let main = select(kl.plogr - (p - q), kl.series, kl.near);
         return Term(select(select(0.0, q, p_zero), main, live), 0.0, flags);
     }
     // Near p = q the series leaves p − q to the residual; elsewhere p·ln(p/q) is whole. p = 0
     // adds nothing.
+    let kl = kl_parts(p, q, ratio_of(sx, sy));
     let main = select(kl.plogr, kl.series, kl.near);
     return Term(select(0.0, main, live), select(0.0, p - q, live && kl.near), flags);
 }

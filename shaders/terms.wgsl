@@ -95,8 +95,8 @@ const LN2_LO: f32 = 1.4286068203094172e-6;
 // the rest below ~1e-3 + |k|·1.5e-6, so that a caller which cancels them against other exact
 // parts (the loss term's ln t − ln q) is left with ln u to ~2^-30 absolute rather than
 // ln_split's 2^-24·|2s|. u's mantissa a (in [√½, √2)) gives s = (a − 1)/(a + 1) as
-// s_hi + s_lo: a − 1 is exact, 2 + (a − 1) exact as a TwoSum pair, and s_hi times it exact as
-// products of halves, so the remainder s_lo carries what the division rounded away. Rows of
+// s_hi + s_lo: a − 1 is exact, 2 + (a − 1) exact as a TwoSum pair, and s_hi times it exact
+// (exact_product), so the remainder s_lo carries what the division rounded away. Rows of
 // 2–33 columns with a target close to the model (loss ~1e-6) came out up to 3.5e-5 off when
 // only s was kept.
 fn ln_parts(su: Split) -> vec3<f32> {
@@ -106,11 +106,8 @@ fn ln_parts(su: Split) -> vec3<f32> {
     let u = a - 1.0;
     let d = two_sum(2.0, u);
     let s_hi = u / d.x;
-    let hs = halves(s_hi);
-    let hd = halves(d.x);
-    let p_big = hs.x * hd.x;
-    let p_rest = (hs.x * hd.y + hs.y * hd.x) + hs.y * hd.y;
-    let rem = (opaque(u - p_big) - p_rest) - s_hi * d.y;
+    let p = exact_product(s_hi, d.x);
+    let rem = (opaque(u - p.x) - p.y) - s_hi * d.y;
     let s_lo = rem / d.x;
     let z = s_hi * s_hi;
     let rest = k * LN2_LO + (2.0 * s_lo + 2.0 * s_hi * z * atanh_tail(z));
@@ -138,18 +135,26 @@ fn ln_ratio(sa: Split, sb: Split) -> f32 {
     return f32(r.k) * LN2 + atanh2(r.s);
 }
 
-// m's first 12 significant bits and the rest, for m in [1, 2): both exact, and so is the
-// product of any two such halves. Dekker's exact product without a fused multiply-add (which
-// WGSL does not promise) and without Veltkamp's split, whose c − (c − m) a compiler may fold
-// to m.
+// m's first 12 significant bits and the rest, for a normal m or 0: both exact, and so is the
+// product of any two such halves.
 fn halves(m: f32) -> vec2<f32> {
     let hi = bitcast<f32>(bitcast<u32>(m) & 0xfffff000u);
     return vec2<f32>(hi, m - hi);
 }
 
+// a·b as big + rest, big exact and rest its remainder to ~2^-35·|a·b| (for normal a, b whose
+// product stays normal): Dekker's product from `halves`, without a fused multiply-add (which
+// WGSL does not promise) and without Veltkamp's split, whose c − (c − m) a compiler may fold
+// to m. A caller that cancels big against a close value gets the difference exactly.
+fn exact_product(a: f32, b: f32) -> vec2<f32> {
+    let ha = halves(a);
+    let hb = halves(b);
+    return vec2<f32>(ha.x * hb.x, (ha.x * hb.y + ha.y * hb.x) + ha.y * hb.y);
+}
+
 // The Ratio of p/q for normalized p = x/Σp and q = y/Σq, from the splits of x and y and of
-// c = Σp/Σq (a row constant): p/q = x/(y·c), with y'·c' kept as an exact big part plus the
-// rest, so a − b has one rounding however close p is to q. From the rounded quotients p and q
+// c = Σp/Σq (a row constant): p/q = x/(y·c), with y'·c' as an exact_product, so a − b has
+// one rounding however close p is to q. From the rounded quotients p and q
 // instead, a − b carries their roundings, 2^-24 of p each: KL and JS are second order in
 // p − q, and a row of 3 with KL 1.4e-7 came out 1.2e-4 off. c's own rounding scales every
 // ratio of the row alike, which the terms (from s and p + q) do not feel to first order.
@@ -160,20 +165,17 @@ fn halves(m: f32) -> vec2<f32> {
 // opaque, so no compiler regroups d into a − b with b rounded: Mesa's NIR did that to an
 // earlier form of this function, with two products.
 fn ratio_norm(sx: Split, sy: Split, c: Split) -> Ratio {
-    let y = halves(sy.m);
-    let hc = halves(c.m);
-    let b_big = y.x * hc.x;
-    let b_rest = (y.x * hc.y + y.y * hc.x) + y.y * hc.y;
-    let b_wide = b_big + b_rest >= 2.0;
+    let yc = exact_product(sy.m, c.m);
+    let b_wide = yc.x + yc.y >= 2.0;
     let a = sx.m;
-    let b = select(1.0, 0.5, b_wide) * (b_big + b_rest);
+    let b = select(1.0, 0.5, b_wide) * (yc.x + yc.y);
     let high = a > SQRT2 * b;
     let low = SQRT2 * a < b;
     let fa = select(1.0, 2.0, low);
     let fb = select(1.0, 0.5, b_wide) * select(1.0, 2.0, high);
-    let d = opaque(fa * a - fb * b_big) - fb * b_rest;
+    let d = opaque(fa * a - fb * yc.x) - fb * yc.y;
     let k = (sx.e - sy.e - c.e) - select(0, 1, b_wide) + select(0, 1, high) - select(0, 1, low);
-    return Ratio(d / (fa * a + fb * (b_big + b_rest)), k);
+    return Ratio(d / (fa * a + fb * (yc.x + yc.y)), k);
 }
 
 // The KL term of p, q > 0 in two forms, without branches (random data would take both sides

@@ -726,13 +726,7 @@ fn normalized_close_rows_at_every_scale() {
                 out.extend(row.iter().map(|&x| (x * sum / s) as f32));
             }
         }
-        for m in Measure::ALL {
-            let qq = m.uses_q().then_some(&q[..]);
-            let want = cpu::rows(m, &p, qq, cols, &norm).unwrap().values;
-            for e in all_plans() {
-                let got = e.rows(m, &p, qq, cols, &norm).unwrap().values;
-                assert_rows_close(&got, &want, &format!("trial {trial} {m:?} ε {spread}"));
-            }
-        }
+        let what = format!("trial {trial}, ε {spread}");
+        assert_plans_match_reference(&Measure::ALL, &p, &q, cols, &norm, &what);
     }
 }

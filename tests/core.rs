@@ -566,6 +566,7 @@ fn normalized_close_short_rows() {
         normalize: true,
         ..Default::default()
     };
+    let close_measures = [Measure::KullbackLeibler, Measure::JensenShannon];
     let sums = [1.0 - 1e-5, 1.0 + 2e-5, 2.0 - 3e-5, 1.379, 40.0, 4.0 + 1e-4];
     for trial in 0..72 {
         let cols = 2 + trial % 7;
@@ -591,24 +592,13 @@ fn normalized_close_short_rows() {
         };
         fill(&mut p, sums[trial % 6]);
         fill(&mut q, sums[trial / 6 % 6]);
-        for e in all_plans() {
-            for m in [Measure::KullbackLeibler, Measure::JensenShannon] {
-                let got = e.rows(m, &p, Some(&q), cols, &norm).unwrap().values;
-                let want = cpu::rows(m, &p, Some(&q), cols, &norm).unwrap().values;
-                assert_rows_close(&got, &want, &format!("trial {trial} {m:?}: {p:?} {q:?}"));
-            }
-        }
+        let what = format!("trial {trial}: {p:?} {q:?}");
+        assert_plans_match_reference(&close_measures, &p, &q, cols, &norm, &what);
     }
     // The fuzz's pair, in a row whose sums are 0.99999 and 1.00002.
     let p = [0.003_925_323_5f32, 0.996_064_9];
     let q = [0.003_902_435_3f32, 0.996_121_1];
-    for e in all_plans() {
-        for m in [Measure::KullbackLeibler, Measure::JensenShannon] {
-            let got = e.rows(m, &p, Some(&q), 2, &norm).unwrap().values;
-            let want = cpu::rows(m, &p, Some(&q), 2, &norm).unwrap().values;
-            assert_rows_close(&got, &want, &format!("{m:?} straddling 2^-8"));
-        }
-    }
+    assert_plans_match_reference(&close_measures, &p, &q, 2, &norm, "straddling 2^-8");
 }
 
 #[test]

@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use klgpu::wgpu;
-use klgpu::{Engine, EngineOptions, Tuning, plan};
+use klgpu::{Engine, EngineOptions, Measure, Options, Tuning, plan};
 use rand::prelude::*;
 use rand_distr::Gamma;
 
@@ -173,6 +173,26 @@ pub fn assert_rows_close(gpu: &[f64], exact: &[f64], what: &str) {
     assert_eq!(gpu.len(), exact.len(), "{what}: row count");
     for (i, (&g, &e)) in gpu.iter().zip(exact).enumerate() {
         assert_close(g, e, &format!("{what}, row {i}"));
+    }
+}
+
+/// `measures` over `[rows × cols]` inputs on every plan of [`all_plans`], row by row against
+/// the reference.
+pub fn assert_plans_match_reference(
+    measures: &[Measure],
+    p: &[f32],
+    q: &[f32],
+    cols: usize,
+    opts: &Options,
+    what: &str,
+) {
+    for &m in measures {
+        let qq = m.uses_q().then_some(q);
+        let want = klgpu::cpu::rows(m, p, qq, cols, opts).unwrap().values;
+        for e in all_plans() {
+            let got = e.rows(m, p, qq, cols, opts).unwrap().values;
+            assert_rows_close(&got, &want, &format!("{what} {m:?}"));
+        }
     }
 }
 

@@ -141,9 +141,7 @@ impl Source {
             let n = left.min(per_chunk);
             self.scratch.resize(n * size, 0);
             self.file.read_exact(&mut self.scratch).map_err(fail)?;
-            if self.dtype == Dtype::F64
-                && let Some((i, value)) = first_beyond_f32(&self.scratch)
-            {
+            if let Err((i, value)) = convert(self.dtype, &self.scratch, out) {
                 let at = self.position(start + (count - left) + i);
                 return Err(CliError::input(format!(
                     "{}: {at}: value {value:e} is beyond the range of f32 (±3.4e38), in which \
@@ -151,7 +149,6 @@ impl Source {
                     self.label
                 )));
             }
-            convert(self.dtype, &self.scratch, out);
             left -= n;
         }
         Ok(())
@@ -166,27 +163,25 @@ impl Source {
     }
 }
 
-/// The first little-endian f64 in `raw` that is finite but would round to ±∞ in f32, with its
-/// position. Rounded, it would be reported as "infinite", which the file does not hold.
-/// (Nonzero values below f32's smallest subnormal become 0, as in any f32 conversion.)
-fn first_beyond_f32(raw: &[u8]) -> Option<(usize, f64)> {
-    raw.chunks_exact(8)
-        .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-        .enumerate()
-        .find(|&(_, v)| v.is_finite() && (v as f32).is_infinite())
-}
-
-/// Appends the little-endian elements in `raw` to `out` as f32.
-fn convert(dtype: Dtype, raw: &[u8], out: &mut Vec<f32>) {
+/// Appends the little-endian elements in `raw` to `out` as f32. Fails with the position and
+/// value of the first f64 that is finite but would round to ±∞, which would then be reported
+/// as "infinite", a value the file does not hold. (Nonzero f64 values below f32's smallest
+/// subnormal become 0, as in any f32 conversion.)
+fn convert(dtype: Dtype, raw: &[u8], out: &mut Vec<f32>) -> Result<(), (usize, f64)> {
     match dtype {
         Dtype::F32 => out.extend(
             raw.chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
         ),
         Dtype::F64 => {
-            out.extend(raw.chunks_exact(8).map(|c| {
-                f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
-            }))
+            for (i, c) in raw.chunks_exact(8).enumerate() {
+                let v = f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+                let x = v as f32;
+                if x.is_infinite() && v.is_finite() {
+                    return Err((i, v));
+                }
+                out.push(x);
+            }
         }
         Dtype::F16 => out.extend(
             raw.chunks_exact(2)
@@ -197,6 +192,7 @@ fn convert(dtype: Dtype, raw: &[u8], out: &mut Vec<f32>) {
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
         ),
     }
+    Ok(())
 }
 
 /// Reads as many bytes as are there, up to `buf.len()`.
@@ -315,18 +311,20 @@ mod tests {
     #[test]
     fn converts_every_dtype() {
         let mut out = Vec::new();
-        convert(Dtype::F64, &0.1f64.to_le_bytes(), &mut out);
+        convert(Dtype::F64, &0.1f64.to_le_bytes(), &mut out).unwrap();
         convert(
             Dtype::F16,
             &half::f16::from_f32(0.5).to_le_bytes(),
             &mut out,
-        );
+        )
+        .unwrap();
         convert(
             Dtype::BF16,
             &half::bf16::from_f32(-2.0).to_le_bytes(),
             &mut out,
-        );
-        convert(Dtype::F32, &f32::NAN.to_le_bytes(), &mut out);
+        )
+        .unwrap();
+        convert(Dtype::F32, &f32::NAN.to_le_bytes(), &mut out).unwrap();
         assert_eq!(out[..3], [0.1f32, 0.5, -2.0]);
         assert!(out[3].is_nan());
     }
@@ -339,7 +337,10 @@ mod tests {
             .collect();
         // ±∞ in the file is the file's own (reported as infinite later); 3.4e38 rounds to
         // f32::MAX; 3.5e38 would read +∞.
-        assert_eq!(first_beyond_f32(&raw), Some((3, 3.5e38)));
-        assert_eq!(first_beyond_f32(&raw[..24]), None);
+        let mut out = Vec::new();
+        assert_eq!(convert(Dtype::F64, &raw, &mut out), Err((3, 3.5e38)));
+        out.clear();
+        assert_eq!(convert(Dtype::F64, &raw[..24], &mut out), Ok(()));
+        assert_eq!(out, [1.0, f32::INFINITY, 3.4e38]);
     }
 }
