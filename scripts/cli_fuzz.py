@@ -4,7 +4,9 @@ on random .npy inputs — probabilities, log-probabilities and logits, close and
 f16/f32/f64, 1-D and 2-D, with and without --normalize, and small --block-bytes so that rows
 are cut into pieces and streamed. Prints every row outside the precision bar (relative 1e-5,
 or 1e-11 absolute below 1e-6; with the README's allowances for JS on rows cut into pieces and
-for KL of log-probabilities) and exits 1 if there was one.
+for KL of log-probabilities), and every row where the CPU reference and NumPy's own f64
+evaluation of the file's values disagree (an oracle for the readers: dtypes, shapes, order),
+and exits 1 if there was one.
 
     cargo build --release && python3 scripts/cli_fuzz.py [SEED] [TRIALS]
 
@@ -36,6 +38,41 @@ def pair(rng, inp, rows, cols):
     b = a * np.exp(rng.choice([1e-4, 1e-2, 1]) * rng.uniform(-1, 1, size=(rows, cols)))
     b /= b.sum(1, keepdims=True)
     return (np.log(a), np.log(b)) if inp == "log-probs" else (a, b)
+
+
+def numpy_reference(cmd, inp, p, q, norm):
+    """Each row's value from NumPy in f64, from the values as the command line reads them (f32):
+    an oracle independent of klgpu's readers and of its CPU reference."""
+    a = np.atleast_2d(p).astype(np.float32).astype(np.float64)
+    b = np.atleast_2d(q).astype(np.float32).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if inp == "logits":
+            a = np.exp(a - a.max(1, keepdims=True))
+            b = np.exp(b - b.max(1, keepdims=True))
+            norm = True
+        elif inp == "log-probs":
+            a, b = np.exp(a), np.exp(b)
+        if norm:
+            a = a / a.sum(1, keepdims=True)
+            b = b / b.sum(1, keepdims=True)
+        pos = a > 0
+        if cmd == "entropy":
+            return -np.where(pos, a * np.log(np.where(pos, a, 1)), 0).sum(1)
+        if cmd == "ce":
+            return -np.where(pos, a * np.log(b), 0).sum(1)
+        if cmd == "kl":
+            return np.where(pos, a * np.log(a / b), 0).sum(1)
+        m = 0.5 * (a + b)
+        half = lambda x: np.where(x > 0, x * np.log(np.where(x > 0, x, 1) / m), 0).sum(1)
+        return 0.5 * (half(a) + half(b))
+
+
+def agrees(c, n):
+    """The CPU reference against NumPy's f64: loose, as NumPy's sums are not compensated and a
+    log of a quotient near 1 loses ~1e-16 absolute per term; this is for reading errors."""
+    if np.isinf(n) or np.isinf(c):
+        return c == n
+    return abs(c - n) <= 1e-6 * abs(n) + 1e-13
 
 
 def within(g, c, allowance):
@@ -84,6 +121,11 @@ def main():
                 ea = np.exp(np.atleast_2d(p).astype(np.float64))
                 eb = np.exp(np.atleast_2d(q).astype(np.float64))
                 spread = np.abs(ea - eb).sum(1) * 2.0**-23
+                want = numpy_reference(cmd, inp, p, q, bool(norm))
+                for i, y in enumerate(np.atleast_1d(np.load(cf))):
+                    if not agrees(y, want[i]):
+                        bad += 1
+                        print(f"{what}, row {i}: reference {y:.9e}, NumPy f64 {want[i]:.9e}")
                 for i, (x, y) in enumerate(zip(np.atleast_1d(np.load(gf)), np.atleast_1d(np.load(cf)))):
                     allowance = spread[i] if (cmd == "kl" and inp == "log-probs") else 0.0
                     # JS of a row cut into pieces gets them as x/Σ or x − lse rounded to f32.

@@ -343,4 +343,132 @@ mod tests {
         assert_eq!(convert(Dtype::F64, &raw[..24], &mut out), Ok(()));
         assert_eq!(out, [1.0, f32::INFINITY, 3.4e38]);
     }
+
+    /// A seeded stream of small pseudo-random numbers (xorshift64*), so that the mutations
+    /// below are the same on every run.
+    struct Mutator(u64);
+
+    impl Mutator {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n.max(1)
+        }
+
+        /// One damage to `file` near its header: a cut, bytes overwritten, characters that
+        /// matter to the header's syntax inserted, bytes deleted, or bytes appended.
+        fn damage(&mut self, file: &mut Vec<u8>) {
+            let header = file.len().min(160);
+            let at = self.below(header);
+            match self.below(5) {
+                0 => file.truncate(self.below(file.len() + 1)),
+                1 => {
+                    for _ in 0..1 + self.below(3) {
+                        let i = self.below(header);
+                        file[i] = self.below(256) as u8;
+                    }
+                }
+                2 => {
+                    const SYNTAX: &[u8] = b"(),:'{}[]\" 0123456789-eLx\n\x00";
+                    let c = SYNTAX[self.below(SYNTAX.len())];
+                    let n = 1 + self.below(4);
+                    file.splice(at..at, std::iter::repeat_n(c, n));
+                }
+                3 => {
+                    let end = (at + 1 + self.below(5)).min(file.len());
+                    file.drain(at..end);
+                }
+                _ => file.extend((0..1 + self.below(8)).map(|i| i as u8)),
+            }
+        }
+    }
+
+    fn npy_file(dict: &str, data: &[u8]) -> Vec<u8> {
+        let mut text = dict.to_string();
+        while !(10 + text.len() + 1).is_multiple_of(64) {
+            text.push(' ');
+        }
+        text.push('\n');
+        let mut file = npy::MAGIC.to_vec();
+        file.extend([1u8, 0]);
+        file.extend((text.len() as u16).to_le_bytes());
+        file.extend(text.as_bytes());
+        file.extend(data);
+        file
+    }
+
+    fn safetensors_file(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend(header.as_bytes());
+        file.extend(data);
+        file
+    }
+
+    #[test]
+    fn damaged_headers_are_refused_or_read_never_a_panic() {
+        let data: Vec<u8> = (0..24)
+            .flat_map(|i| (i as f32 / 24.0).to_le_bytes())
+            .collect();
+        let valid = [
+            npy_file(
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (4, 6), }",
+                &data,
+            ),
+            npy_file(
+                "{'descr': '<f2', 'fortran_order': False, 'shape': (48,), }",
+                &data,
+            ),
+            safetensors_file(
+                r#"{"p":{"dtype":"F32","shape":[4,6],"data_offsets":[0,96]}}"#,
+                &data,
+            ),
+            safetensors_file(
+                r#"{"__metadata__":{"a":"b"},"p":{"dtype":"BF16","shape":[2,12],"data_offsets":[0,48]},"q":{"dtype":"F64","shape":[6],"data_offsets":[48,96]}}"#,
+                &data,
+            ),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("input");
+        let mut mutator = Mutator(0x9e37_79b9_7f4a_7c15);
+        let (mut opened, mut refused) = (0, 0);
+        for trial in 0..4000 {
+            let mut file = valid[trial % valid.len()].clone();
+            for _ in 0..1 + mutator.below(2) {
+                mutator.damage(&mut file);
+            }
+            std::fs::write(&path, &file).unwrap();
+            let choice = TensorChoice {
+                name: trial.is_multiple_of(3).then(|| "p".to_string()),
+                flag: None,
+            };
+            match Source::open(&path, &choice) {
+                Ok(mut source) => {
+                    // What opened must lie inside the file, and read whole.
+                    let elems: usize = source.shape.iter().product();
+                    let end = source.data_offset + (elems * source.dtype.size()) as u64;
+                    assert!(end <= file.len() as u64, "trial {trial}: {source:?}");
+                    let mut out = Vec::new();
+                    if source.read_f32(0, elems, &mut out).is_ok() {
+                        assert_eq!(out.len(), elems);
+                    }
+                    opened += 1;
+                }
+                Err(e) => {
+                    assert_eq!(e.code, crate::error::EXIT_INPUT, "{}", e.message);
+                    assert!(
+                        e.message.starts_with(path.to_str().unwrap()),
+                        "{}",
+                        e.message
+                    );
+                    refused += 1;
+                }
+            }
+        }
+        // Both outcomes occur, so the damage is neither always fatal nor always harmless.
+        assert!(
+            opened > 400 && refused > 400,
+            "opened {opened}, refused {refused}"
+        );
+    }
 }
