@@ -810,7 +810,10 @@ impl Engine {
                 None => &readback.values,
             };
             if let Some(row) = crate::engine::first_nan(values) {
-                return Err(Error::Overflow { row });
+                return Err(Error::Overflow {
+                    row,
+                    input: loc.p.1,
+                });
             }
         }
         let lost = || {

@@ -129,7 +129,10 @@ pub fn rows(
         if !value.is_finite() {
             let span = r * cols..(r + 1) * cols;
             if !has_infinite_term(measure, opts.input, &p[span.clone()], &q[span]) {
-                return Err(Error::Overflow { row: r });
+                return Err(Error::Overflow {
+                    row: r,
+                    input: opts.input,
+                });
             }
             value = f64::INFINITY;
         }
@@ -600,7 +603,13 @@ mod tests {
             let qq = m.uses_q().then_some(&q[..]);
             let got = rows(m, &p, qq, 2, &Options::input(Input::LogProbs));
             assert!(
-                matches!(got, Err(Error::Overflow { row: 1 })),
+                matches!(
+                    got,
+                    Err(Error::Overflow {
+                        row: 1,
+                        input: Input::LogProbs
+                    })
+                ),
                 "{m:?}: {got:?}"
             );
         }

@@ -663,7 +663,9 @@ impl Engine {
             self.gpu.subgroups.store(false, Ordering::Relaxed);
             readback = self.gpu.run_host(&job, &plan, p, q, blocking).await?;
         }
-        check_status(&readback, || cpu::locate_invalid(measure, opts, p, q, cols))?;
+        check_status(&readback, opts.input, || {
+            cpu::locate_invalid(measure, opts, p, q, cols)
+        })?;
         Ok(RowResults {
             values: readback.values.iter().map(|&v| v as f64).collect(),
             top1_agree: readback.agree,
@@ -691,7 +693,11 @@ pub(crate) fn job_for(term: Term, opts: &Options) -> Result<Job> {
 
 /// Turns raised flags into the error the host-side locator finds, or for a row that left f32's
 /// range (which no value explains), [`Error::Overflow`] naming the first row that reads NaN.
-fn check_status(readback: &Readback, locate: impl FnOnce() -> Option<Error>) -> Result<()> {
+fn check_status(
+    readback: &Readback,
+    input: Input,
+    locate: impl FnOnce() -> Option<Error>,
+) -> Result<()> {
     let flags = readback.status[0] & !kernels::FLAG_SUBGROUP_LAYOUT;
     if flags == 0 {
         return Ok(());
@@ -699,7 +705,7 @@ fn check_status(readback: &Readback, locate: impl FnOnce() -> Option<Error>) -> 
     if flags == kernels::FLAG_OVERFLOW
         && let Some(row) = first_nan(&readback.values)
     {
-        return Err(Error::Overflow { row });
+        return Err(Error::Overflow { row, input });
     }
     Err(locate().unwrap_or_else(|| {
         Error::Gpu(format!(

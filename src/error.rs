@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use crate::types::Input;
+
 /// Which of the two inputs a problem was found in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Side {
@@ -110,16 +112,17 @@ pub enum Error {
         problem: Problem,
     },
     /// A row's result, or (with normalization) its sum, is beyond f32's range: the kernels
-    /// compute in f32, and values near `f32::MAX` (or sums of them) overflow. The f64 CPU
-    /// reference ([`crate::cpu`]) computes such rows, and reports this error only where f64
-    /// overflows too (log-probabilities above about 709).
-    #[error(
-        "row {row}: the result exceeds the range of f32 arithmetic (values near f32::MAX, or \
-         a row sum beyond it); scale the row down or use the f64 CPU reference"
-    )]
+    /// compute in f32, and values near `f32::MAX` (or sums of them) overflow, as does the
+    /// probability e^x of a log-probability above about 88.7. The f64 CPU reference
+    /// ([`crate::cpu`]) computes such rows, and reports this error only where f64 overflows
+    /// too (log-probabilities above about 709.8). The message says what to do for the input
+    /// kind.
+    #[error("row {row}: {}", overflow_cause(.input))]
     Overflow {
         /// The first such row.
         row: usize,
+        /// How the row's values were taken: what overflows, and the remedy, depend on it.
+        input: Input,
     },
     /// A GPU buffer argument cannot be used as given.
     #[error("buffer argument `{name}`: {reason}")]
@@ -136,3 +139,23 @@ pub enum Error {
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What overflows for each input kind, and what to do about it. Log-probabilities far above 0
+/// are usually logits passed as log-probabilities.
+fn overflow_cause(input: &Input) -> &'static str {
+    match input {
+        Input::Probs => {
+            "the result exceeds the range of f32 arithmetic (probabilities near f32::MAX, or a \
+             row sum beyond it); scale the row down or use the f64 CPU reference"
+        }
+        Input::LogProbs => {
+            "the result exceeds the floating-point range: a log-probability x above ~88.7 has a \
+             probability e^x beyond f32::MAX (above ~709.8, beyond f64's); if these are logits, \
+             pass them as Input::Logits"
+        }
+        Input::Logits => {
+            "the result exceeds the range of f32 arithmetic (logits near ±f32::MAX, whose \
+             differences overflow); scale the row down or use the f64 CPU reference"
+        }
+    }
+}

@@ -321,7 +321,9 @@ fn rows_beyond_f32_range_are_errors_naming_the_row() {
         for (m, p, q, opts, row) in &cases {
             let qq = m.uses_q().then_some(&q[..]);
             match e.rows(*m, p, qq, 2, opts) {
-                Err(Error::Overflow { row: r }) => assert_eq!(r, *row, "{m:?}"),
+                Err(Error::Overflow { row: r, input }) => {
+                    assert_eq!((r, input), (*row, opts.input), "{m:?}")
+                }
                 other => panic!("{m:?}: expected Overflow {{ row: {row} }}, got {other:?}"),
             }
             let pb = upload(e, "p", p);
@@ -336,7 +338,9 @@ fn rows_beyond_f32_range_are_errors_naming_the_row() {
                 out.slice(..),
             );
             match got {
-                Err(Error::Overflow { row: r }) => assert_eq!(r, *row, "{m:?} on buffers"),
+                Err(Error::Overflow { row: r, input }) => {
+                    assert_eq!((r, input), (*row, opts.input), "{m:?} on buffers")
+                }
                 other => {
                     panic!("{m:?} on buffers: expected Overflow {{ row: {row} }}, got {other:?}")
                 }
@@ -462,7 +466,7 @@ fn edge_values_match_the_reference_or_fail_naming_the_row() {
                             );
                         }
                     }
-                    (Err(Error::Overflow { row }), _) => {
+                    (Err(Error::Overflow { row, .. }), _) => {
                         let span = row * cols..(row + 1) * cols;
                         // e^x or a difference of logs past f32::MAX, or a huge probability.
                         let beyond = |x: &f32| match input {

@@ -87,7 +87,7 @@ impl Origin<'_> {
                     problem,
                 )
             }
-            Error::Overflow { row } => {
+            Error::Overflow { row, .. } => {
                 let files = if self.q_label.is_empty() || self.q_label == self.p_label {
                     self.p_label.to_string()
                 } else {
@@ -98,10 +98,15 @@ impl Origin<'_> {
                 } else {
                     format!("row {}: ", self.first_row + row)
                 };
-                CliError::input(format!(
-                    "{files}: {at}the result exceeds the range of f32 arithmetic (values near \
-                     f32::MAX, or a row sum beyond it); scale the inputs down"
-                ))
+                // The library's cause and remedy for the input kind, in the command line's
+                // terms, after the file and the row of the file.
+                let text = err.to_string();
+                let cause = text.split_once(": ").map_or(text.as_str(), |(_, c)| c);
+                let cause = cause
+                    .replace("the f64 CPU reference", "--backend cpu")
+                    .replace("Input::Logits", "--input logits")
+                    .replace("scale the row down", "scale the inputs down");
+                CliError::input(format!("{files}: {at}{cause}"))
             }
             Error::EmptyInput
             | Error::LengthMismatch { .. }
@@ -156,11 +161,28 @@ mod tests {
         assert_eq!(err.message, "Q.npy: row 10, column 17: value NaN is NaN");
         let err = origin.map(Error::Gpu("lost".into()));
         assert_eq!(err.code, EXIT_RUNTIME);
-        let err = origin.map(Error::Overflow { row: 2 });
+        let err = origin.map(Error::Overflow {
+            row: 2,
+            input: klgpu::Input::Probs,
+        });
         assert_eq!(err.code, EXIT_INPUT);
+        assert_eq!(
+            err.message,
+            "P.npy / Q.npy: row 12: the result exceeds the range of f32 arithmetic \
+             (probabilities near f32::MAX, or a row sum beyond it); scale the inputs down or use \
+             --backend cpu"
+        );
+        // Log-probabilities far above 0 are likely logits: the message says how to pass them.
+        let err = origin.map(Error::Overflow {
+            row: 0,
+            input: klgpu::Input::LogProbs,
+        });
         assert!(
             err.message
-                .starts_with("P.npy / Q.npy: row 12: the result exceeds the range of f32"),
+                .starts_with("P.npy / Q.npy: row 10: the result exceeds the floating")
+                && err
+                    .message
+                    .ends_with("if these are logits, pass them as --input logits"),
             "{}",
             err.message
         );
