@@ -96,7 +96,7 @@ pub enum Error {
         cols: usize,
     },
     /// An element was rejected.
-    #[error("{side}[{index}] (row {row}, column {col}) = {value}: {problem}")]
+    #[error("{side}[{index}] (row {row}, column {col}) = {value}: {problem}{}", negative_hint(.problem))]
     InvalidValue {
         /// Which input.
         side: Side,
@@ -157,5 +157,17 @@ fn overflow_cause(input: &Input) -> &'static str {
             "the result exceeds the range of f32 arithmetic (logits near ±f32::MAX, whose \
              differences overflow); scale the row down or use the f64 CPU reference"
         }
+    }
+}
+
+/// For a negative value: probabilities must not be, and the likeliest cause is log-space data
+/// read as probabilities.
+fn negative_hint(problem: &Problem) -> &'static str {
+    match problem {
+        Problem::Negative => {
+            "; probabilities must be >= 0 (log-probabilities and logits are read with \
+             Input::LogProbs and Input::Logits)"
+        }
+        _ => "",
     }
 }

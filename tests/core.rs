@@ -789,6 +789,12 @@ fn bad_input_in_a_later_window_is_found() {
         ),
         "{err}"
     );
+    // Negative values are most often log-space data read as probabilities: the message says so.
+    assert_eq!(
+        err.to_string(),
+        "P[9000] (row 0, column 9000) = -0.5: is negative; probabilities must be >= 0 \
+         (log-probabilities and logits are read with Input::LogProbs and Input::Logits)"
+    );
 }
 
 #[test]

@@ -133,7 +133,15 @@ pub fn invalid_value(
         (_, true) => format!("{label}: index {col}: value {value} {problem}"),
         (_, false) => format!("{label}: row {row}, column {col}: value {value} {problem}"),
     };
-    CliError::input(msg)
+    // Negative values are most often log-space data read as probabilities (the default).
+    let hint = match problem {
+        Problem::Negative => {
+            "; probabilities must be >= 0 (for log-probabilities or logits pass --input \
+             log-probs or --input logits)"
+        }
+        _ => "",
+    };
+    CliError::input(msg + hint)
 }
 
 #[cfg(test)]
@@ -205,6 +213,10 @@ mod tests {
             value: -1.0,
             problem: Problem::Negative,
         });
-        assert_eq!(err.message, "p.npy: index 4099: value -1 is negative");
+        assert_eq!(
+            err.message,
+            "p.npy: index 4099: value -1 is negative; probabilities must be >= 0 (for \
+             log-probabilities or logits pass --input log-probs or --input logits)"
+        );
     }
 }
