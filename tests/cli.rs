@@ -417,8 +417,23 @@ fn reductions_and_infinite_rows() {
         j["summary"]["median"].is_f64(),
         "one infinite row of 9 leaves the median: {j}"
     );
+    // Which rows, and how many: the statistics alone only say "inf".
+    assert_eq!(j["summary"]["infinite_rows"], 1, "{j}");
+    assert_eq!(j["summary"]["first_infinite_row"], 4, "{j}");
     let human = klgpu(&["kl", s(&pp), s(&qp)]);
-    assert!(human.stdout.contains("inf"), "{}", human.stdout);
+    assert!(
+        human
+            .stdout
+            .contains("infinite rows    1 of 9 (P > 0 where Q = 0), the first row 4"),
+        "{}",
+        human.stdout
+    );
+    let finite = klgpu(&["js", s(&pp), s(&qp), "--json"]).json();
+    assert_eq!(finite["summary"]["infinite_rows"], 0, "{finite}");
+    assert!(
+        finite["summary"]["first_infinite_row"].is_null(),
+        "{finite}"
+    );
 }
 
 /// `--input` name, P, Q, input kind, `--normalize`.

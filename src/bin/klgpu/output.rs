@@ -153,6 +153,8 @@ impl Report {
                 "p99_9": num(s.p99_9),
                 "min": num(s.min),
                 "max": num(s.max),
+                "infinite_rows": s.infinite,
+                "first_infinite_row": s.first_infinite,
             });
             if self.top1_applies {
                 obj["top1_agreement"] = opt_num(self.top1);
@@ -216,6 +218,12 @@ impl Report {
                 ("max", sum.max),
             ] {
                 s += &format!("  {name:<16} {}\n", fmt_num(v));
+            }
+            if let Some(first) = sum.first_infinite {
+                s += &format!(
+                    "  {:<16} {} of {} (P > 0 where Q = 0), the first row {first}\n",
+                    "infinite rows", sum.infinite, sum.count
+                );
             }
             if let Some(t) = self.top1 {
                 s += &format!("  {:<16} {:.4} %\n", "top-1 agreement", 100.0 * t);

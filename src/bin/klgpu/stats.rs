@@ -36,6 +36,11 @@ pub struct Summary {
     pub min: f64,
     /// Largest value.
     pub max: f64,
+    /// How many values are +∞ (rows where P > 0 meets Q = 0, for KL and cross-entropy):
+    /// with one of them the mean and the upper percentiles read +∞ and say nothing more.
+    pub infinite: usize,
+    /// The first +∞ value's index (its row), if any.
+    pub first_infinite: Option<usize>,
 }
 
 /// Summarizes `values`; `None` when there are none.
@@ -65,6 +70,8 @@ pub fn summarize(values: &[f64]) -> Option<Summary> {
         p99_9: percentile_sorted(&sorted, 99.9),
         min: sorted[0],
         max: sorted[n - 1],
+        infinite: values.iter().filter(|&&v| v == f64::INFINITY).count(),
+        first_infinite: values.iter().position(|&v| v == f64::INFINITY),
     })
 }
 
@@ -112,6 +119,7 @@ mod tests {
         for v in [s.median, s.p90, s.p95, s.p99, s.p99_9, s.min, s.max] {
             assert_eq!(v, 0.25);
         }
+        assert_eq!((s.infinite, s.first_infinite), (0, None));
     }
 
     #[test]
@@ -146,6 +154,10 @@ mod tests {
         assert_eq!(s.p95, inf);
         assert_eq!(s.max, inf);
         assert_eq!(s.min, 0.0);
+        assert_eq!((s.infinite, s.first_infinite), (1, Some(10)));
+        x.insert(3, inf);
+        let s = summarize(&x).unwrap();
+        assert_eq!((s.infinite, s.first_infinite), (2, Some(3)));
         assert!(percentile_sorted(&[-inf, inf], 50.0).is_nan());
         assert_eq!(percentile_sorted(&[-inf, 1.0], 50.0), -inf);
         assert_eq!(percentile_sorted(&[inf, inf], 50.0), inf);
