@@ -3,13 +3,24 @@
 # gets a Vulkan adapter for the GPU, run klgpu's tests and benchmark there, then the peers.
 # Expects the binaries built here in .device/ (scripts/device_bundle.sh) and the Vulkan loader
 # packages in .gl/ (see the device tool's README). Writes logs and JSON under $OUT.
-# PARTS picks what runs after the adapter probe (default: all of tests bench roof quick ab diag
-# probe peers; ab needs a .device/roof_ratios_base from another build);
-# SKIP_TESTS=1 drops the tests.
+# PARTS picks what runs after the adapter probe (default: all of tests roof quick bench peers
+# diag ab probe; ab needs a .device/roof_ratios_base from another build); SKIP_TESTS=1 drops
+# the tests. Parts run in that order, most needed first, and one that would likely end past
+# BUDGET seconds (default 400: a session has 15 minutes of device time, start-up included) is
+# skipped with a note, so one call brings back whole parts rather than a cut-off one.
 set -u
-PARTS="${PARTS:-tests bench roof quick ab diag probe peers}"
+PARTS="${PARTS:-tests roof quick bench peers diag ab probe}"
 [ -n "${SKIP_TESTS:-}" ] && PARTS="${PARTS/tests/}"
-part() { [[ " $PARTS " == *" $1 "* ]]; }
+BUDGET="${BUDGET:-400}"
+# Rough seconds each part takes on an H200 (its timeouts allow more).
+declare -A COST=([tests]=40 [roof]=120 [quick]=90 [bench]=150 [peers]=120 [diag]=50 [ab]=90 [probe]=40)
+part() {
+    [[ " $PARTS " == *" $1 "* ]] || return 1
+    if (( SECONDS + ${COST[$1]} > BUDGET )); then
+        printf '\n==== %s skipped: at t=%ss, ~%ss more would pass BUDGET=%ss\n' "$1" "$SECONDS" "${COST[$1]}" "$BUDGET"
+        return 1
+    fi
+}
 OUT="${OUT:-/tmp/klgpu-out}"
 mkdir -p "$OUT"
 section() { printf '\n==== %s (t=%ss)\n' "$1" "$SECONDS"; }
@@ -55,10 +66,6 @@ for t in $tests; do
     { echo "==== $t"; cat "/tmp/test-$t.txt"; } >> "$OUT/tests.txt"
 done
 
-if part bench; then
-section "benchmark"
-timeout 240 .device/bench --json "$OUT/bench.json" --no-cpu 2>&1 | tee "$OUT/bench.txt" | grep -v XDG
-fi
 
 if part roof; then
 section "own-roof ratios, interleaved, sizes x25 (bandwidth-bound on a data-centre GPU)"
@@ -82,6 +89,24 @@ for i in 1 2; do
 done 2>&1 | tee "$OUT/quick.txt"
 fi
 
+if part bench; then
+section "benchmark"
+timeout 240 .device/bench --json "$OUT/bench.json" --no-cpu 2>&1 | tee "$OUT/bench.txt" | grep -v XDG
+fi
+
+if part peers; then
+section "peers"
+klgpu=(--klgpu-json "$OUT/bench.json")
+[ -f "$OUT/bench.json" ] || klgpu=(--bench .device/bench)
+PYTHONUNBUFFERED=1 timeout 200 python3 scripts/peers.py "${klgpu[@]}" --json "$OUT/peers.json" 2>&1 | tee "$OUT/peers.txt"
+fi
+
+if part diag; then
+section "diagnostics: entropy (one input) at 1e8 after other cases, first, and at 2e8"
+timeout 40 .device/roof_ratios --rounds 5 --scale 25 H,KL,H,CE 2>&1 | grep -v XDG
+timeout 30 .device/roof_ratios --rounds 5 --scale 50 H 2>&1 | grep -v XDG
+fi
+
 if part ab && [ -x .device/roof_ratios_base ]; then
 section "A/B: this build against .device/roof_ratios_base (an earlier build), alternating"
 for i in 1 2; do
@@ -92,23 +117,12 @@ for i in 1 2; do
 done 2>&1 | tee "$OUT/ab.txt"
 fi
 
-if part diag; then
-section "diagnostics: entropy (one input) at 1e8 after other cases, first, and at 2e8"
-timeout 40 .device/roof_ratios --rounds 5 --scale 25 H,KL,H,CE 2>&1 | grep -v XDG
-timeout 30 .device/roof_ratios --rounds 5 --scale 50 H 2>&1 | grep -v XDG
-fi
 
 if part probe; then
 section "probe: would logits gain from re-reading rows from L2? (examples/l2_reread.rs)"
 timeout 60 .device/l2_reread 2>&1 | tee "$OUT/l2_reread.txt" | grep -v XDG
 fi
 
-if part peers; then
-section "peers"
-klgpu=(--klgpu-json "$OUT/bench.json")
-[ -f "$OUT/bench.json" ] || klgpu=(--bench .device/bench)
-PYTHONUNBUFFERED=1 timeout 200 python3 scripts/peers.py "${klgpu[@]}" --json "$OUT/peers.json" 2>&1 | tee "$OUT/peers.txt"
-fi
 section "summary (repeated here: the device tool returns only the output's tail)"
 for t in core batch apps; do
     [ -f "/tmp/test-$t.txt" ] && echo "$t: $(grep -E '^test result' "/tmp/test-$t.txt")"
