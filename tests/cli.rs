@@ -256,7 +256,8 @@ fn json_schema_and_values_match_the_reference() {
     assert_close(as_f64(&j["value"]), mean, "mean-rows value");
     let sum = j["summary"].as_object().unwrap();
     for key in [
-        "mean", "stderr", "median", "p90", "p95", "p99", "p99_9", "min", "max",
+        "mean", "stderr", "median", "p90", "p95", "p99", "p99_9", "p10", "p5", "p1", "p0_1", "min",
+        "max",
     ] {
         assert!(sum[key].is_f64(), "summary.{key}: {j}");
     }
@@ -275,6 +276,12 @@ fn json_schema_and_values_match_the_reference() {
         as_f64(&sum["median"]),
         sorted[18],
         "median (37 rows: the 19th)",
+    );
+    // 10th percentile: rank 36 × 0.1 = 3.6, between the 4th and 5th smallest.
+    assert_close(
+        as_f64(&sum["p10"]),
+        sorted[3] + 0.6 * (sorted[4] - sorted[3]),
+        "p10",
     );
     for key in ["name", "backend", "device_type"] {
         assert!(j["adapter"][key].is_string(), "adapter.{key}: {j}");
@@ -365,10 +372,17 @@ fn per_row_output_file_and_top1_agreement() {
         assert_close(g, w, &format!("row {i}"));
     }
     assert_eq!(j["value"], Value::Null, "reduction none: {j}");
+    let share = want.top1_agreement().unwrap();
     assert_close(
         as_f64(&j["summary"]["top1_agreement"]),
-        want.top1_agreement().unwrap(),
+        share,
         "top-1 agreement",
+    );
+    // llama.cpp's error of "same top p": √(a(1 − a)/(n − 1)).
+    assert_close(
+        as_f64(&j["summary"]["top1_agreement_stderr"]),
+        (share * (1.0 - share) / (rows - 1) as f64).sqrt(),
+        "top-1 agreement's standard error",
     );
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()

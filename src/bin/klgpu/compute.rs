@@ -192,10 +192,10 @@ pub fn run(cmd: &MeasureRun) -> Result<(), CliError> {
     } else {
         stats::summarize(&outcome.values)
     };
-    let top1 = outcome.top1.as_ref().and_then(|agree| {
-        (!agree.is_empty())
-            .then(|| agree.iter().filter(|&&a| a).count() as f64 / agree.len() as f64)
-    });
+    let top1 = outcome
+        .top1
+        .as_ref()
+        .and_then(|agree| stats::agreement(agree));
     if let Some(out) = &cmd.out {
         output::write_rows_atomically(out, &outcome.values)?;
     }

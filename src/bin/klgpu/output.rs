@@ -76,8 +76,8 @@ pub struct Report {
     pub summary: Option<Summary>,
     /// Whether top-1 agreement applies (logits): then `top1` is reported, possibly as null.
     pub top1_applies: bool,
-    /// Fraction of rows whose arg-max agrees.
-    pub top1: Option<f64>,
+    /// Fraction of rows whose arg-max agrees, with its standard error.
+    pub top1: Option<(f64, Option<f64>)>,
     /// Who computed it.
     pub adapter: AdapterDesc,
     /// Seconds spent reading and computing (device setup excluded).
@@ -151,13 +151,18 @@ impl Report {
                 "p95": num(s.p95),
                 "p99": num(s.p99),
                 "p99_9": num(s.p99_9),
+                "p10": num(s.p10),
+                "p5": num(s.p5),
+                "p1": num(s.p1),
+                "p0_1": num(s.p0_1),
                 "min": num(s.min),
                 "max": num(s.max),
                 "infinite_rows": s.infinite,
                 "first_infinite_row": s.first_infinite,
             });
             if self.top1_applies {
-                obj["top1_agreement"] = opt_num(self.top1);
+                obj["top1_agreement"] = opt_num(self.top1.map(|t| t.0));
+                obj["top1_agreement_stderr"] = opt_num(self.top1.and_then(|t| t.1));
             }
             obj
         });
@@ -208,14 +213,19 @@ impl Report {
                 .stderr
                 .map_or_else(String::new, |e| format!(" ± {}", fmt_num(e)));
             s += &format!("  {:<16} {}{err}\n", "mean", fmt_num(sum.mean));
+            // From the top down, as llama.cpp lists them.
             for (name, v) in [
-                ("median", sum.median),
-                ("p90", sum.p90),
-                ("p95", sum.p95),
-                ("p99", sum.p99),
-                ("p99.9", sum.p99_9),
-                ("min", sum.min),
                 ("max", sum.max),
+                ("p99.9", sum.p99_9),
+                ("p99", sum.p99),
+                ("p95", sum.p95),
+                ("p90", sum.p90),
+                ("median", sum.median),
+                ("p10", sum.p10),
+                ("p5", sum.p5),
+                ("p1", sum.p1),
+                ("p0.1", sum.p0_1),
+                ("min", sum.min),
             ] {
                 s += &format!("  {name:<16} {}\n", fmt_num(v));
             }
@@ -225,8 +235,9 @@ impl Report {
                     "infinite rows", sum.infinite, sum.count
                 );
             }
-            if let Some(t) = self.top1 {
-                s += &format!("  {:<16} {:.4} %\n", "top-1 agreement", 100.0 * t);
+            if let Some((t, err)) = self.top1 {
+                let err = err.map_or_else(String::new, |e| format!(" ± {:.4}", 100.0 * e));
+                s += &format!("  {:<16} {:.4}{err} %\n", "top-1 agreement", 100.0 * t);
             }
         }
         if let Some(out) = &self.out {

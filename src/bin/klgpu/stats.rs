@@ -1,5 +1,6 @@
 //! Summary statistics of per-row values: the numbers llama.cpp's `--kl-divergence` reports
-//! (mean ± standard error, median, upper percentiles, min, max). Pure functions, no I/O.
+//! (mean ± standard error, median, the 90th to 99.9th and the 10th to 0.1st percentiles, min,
+//! max). Pure functions, no I/O.
 //!
 //! Infinities (a row with p > 0 where q = 0 has KL = +∞) are kept, not dropped:
 //! - `mean` is +∞ as soon as one row is +∞ (NaN if both +∞ and −∞ occur), and then
@@ -32,6 +33,14 @@ pub struct Summary {
     pub p99: f64,
     /// 99.9th percentile.
     pub p99_9: f64,
+    /// 10th percentile.
+    pub p10: f64,
+    /// 5th percentile.
+    pub p5: f64,
+    /// 1st percentile.
+    pub p1: f64,
+    /// 0.1th percentile.
+    pub p0_1: f64,
     /// Smallest value.
     pub min: f64,
     /// Largest value.
@@ -68,11 +77,27 @@ pub fn summarize(values: &[f64]) -> Option<Summary> {
         p95: percentile_sorted(&sorted, 95.0),
         p99: percentile_sorted(&sorted, 99.0),
         p99_9: percentile_sorted(&sorted, 99.9),
+        p10: percentile_sorted(&sorted, 10.0),
+        p5: percentile_sorted(&sorted, 5.0),
+        p1: percentile_sorted(&sorted, 1.0),
+        p0_1: percentile_sorted(&sorted, 0.1),
         min: sorted[0],
         max: sorted[n - 1],
         infinite: values.iter().filter(|&&v| v == f64::INFINITY).count(),
         first_infinite: values.iter().position(|&v| v == f64::INFINITY),
     })
+}
+
+/// The share of rows whose arg-maxes agree (llama.cpp's "same top p") and its standard error
+/// √(a(1 − a)/(n − 1)), as llama.cpp gives it; `None` without rows, no error for one row.
+pub fn agreement(agree: &[bool]) -> Option<(f64, Option<f64>)> {
+    if agree.is_empty() {
+        return None;
+    }
+    let n = agree.len() as f64;
+    let share = agree.iter().filter(|&&a| a).count() as f64 / n;
+    let stderr = (agree.len() > 1).then(|| (share * (1.0 - share) / (n - 1.0)).sqrt());
+    Some((share, stderr))
 }
 
 /// The `pct`-th percentile (0–100) of ascending `sorted` values, interpolated linearly between
@@ -116,7 +141,9 @@ mod tests {
         assert_eq!(s.count, 1);
         assert_eq!(s.mean, 0.25);
         assert_eq!(s.stderr, None);
-        for v in [s.median, s.p90, s.p95, s.p99, s.p99_9, s.min, s.max] {
+        for v in [
+            s.median, s.p90, s.p95, s.p99, s.p99_9, s.p10, s.p5, s.p1, s.p0_1, s.min, s.max,
+        ] {
             assert_eq!(v, 0.25);
         }
         assert_eq!((s.infinite, s.first_infinite), (0, None));
@@ -135,7 +162,21 @@ mod tests {
         assert!((s.p95 - 9.55).abs() < 1e-12);
         assert!((s.p99 - 9.91).abs() < 1e-12);
         assert!((s.p99_9 - 9.991).abs() < 1e-12);
+        assert!((s.p10 - 1.9).abs() < 1e-12); // np.percentile(x, 10) = 1.9
+        assert!((s.p5 - 1.45).abs() < 1e-12);
+        assert!((s.p1 - 1.09).abs() < 1e-12);
+        assert!((s.p0_1 - 1.009).abs() < 1e-12);
         assert_eq!((s.min, s.max), (1.0, 10.0));
+    }
+
+    #[test]
+    fn agreement_and_its_error() {
+        assert_eq!(agreement(&[]), None);
+        assert_eq!(agreement(&[true]), Some((1.0, None)));
+        // 3 of 4: √(0.75·0.25/3) = 0.25.
+        let (share, err) = agreement(&[true, false, true, true]).unwrap();
+        assert_eq!(share, 0.75);
+        assert!((err.unwrap() - 0.25).abs() < 1e-15);
     }
 
     #[test]
