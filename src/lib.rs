@@ -39,6 +39,7 @@ mod error;
 mod kernels;
 mod launch;
 pub mod plan;
+pub mod stats;
 mod types;
 
 pub use buffers::Workspace;

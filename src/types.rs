@@ -217,10 +217,26 @@ impl RowResults {
 
     /// Fraction of rows whose arg-max agrees, if known.
     pub fn top1_agreement(&self) -> Option<f64> {
-        let agree = self.top1_agree.as_ref()?;
-        if agree.is_empty() {
-            return None;
-        }
-        Some(agree.iter().filter(|&&a| a).count() as f64 / agree.len() as f64)
+        crate::stats::agreement(self.top1_agree.as_deref()?).map(|(share, _)| share)
+    }
+
+    /// The standard error of [`RowResults::top1_agreement`], √(a(1 − a)/(n − 1)) as llama.cpp
+    /// gives it; `None` if unknown or for a single row.
+    pub fn top1_agreement_stderr(&self) -> Option<f64> {
+        crate::stats::agreement(self.top1_agree.as_deref()?).and_then(|(_, err)| err)
+    }
+
+    /// llama.cpp's statistics of the per-row values (mean ± standard error, percentiles, min,
+    /// max, how many rows are +∞); `None` for no rows.
+    ///
+    /// ```
+    /// use klgpu::RowResults;
+    /// let r = RowResults { values: vec![0.1, 0.3, f64::INFINITY], top1_agree: None };
+    /// let s = r.summary().unwrap();
+    /// assert_eq!((s.median, s.min, s.infinite, s.first_infinite), (0.3, 0.1, 1, Some(2)));
+    /// assert_eq!(s.mean, f64::INFINITY);
+    /// ```
+    pub fn summary(&self) -> Option<crate::stats::Summary> {
+        crate::stats::summarize(&self.values)
     }
 }

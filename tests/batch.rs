@@ -478,6 +478,8 @@ fn top1_agreement_for_logits() {
         .unwrap();
     assert_eq!(r.top1_agree, Some(vec![true, false, false]));
     assert_close(r.top1_agreement().unwrap(), 1.0 / 3.0, "agreement fraction");
+    // llama.cpp's error of "same top p": √(⅓·⅔/2) = 1/3.
+    assert_close(r.top1_agreement_stderr().unwrap(), 1.0 / 3.0, "its error");
     // Ties go to the lowest index on both sides.
     let r = e
         .rows(
@@ -531,6 +533,15 @@ fn reductions_over_rows() {
         "batchmean",
     );
     assert_eq!(per_row.reduce(Reduction::None), None);
+    // llama.cpp's statistics of the rows: the mean is the batchmean, the median the middle.
+    let s = per_row.summary().unwrap();
+    assert_eq!(s.count, rows);
+    assert_close(s.mean, sum / rows as f64, "summary mean");
+    let mut sorted = exact.clone();
+    sorted.sort_by(f64::total_cmp);
+    assert_close(s.median, 0.5 * (sorted[49] + sorted[50]), "summary median");
+    assert_close(s.max, sorted[99], "summary max");
+    assert_eq!((s.infinite, s.first_infinite), (0, None));
 }
 
 #[test]

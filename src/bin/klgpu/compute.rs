@@ -11,8 +11,8 @@ use crate::error::CliError;
 use crate::output::{self, AdapterDesc, Report};
 use crate::progress::Progress;
 use crate::source::{Source, TensorChoice};
-use crate::stats;
 use crate::stream::{self, Layout};
+use klgpu::stats;
 
 /// Which implementation computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -13,7 +13,6 @@ mod npy;
 mod output;
 mod progress;
 mod source;
-mod stats;
 mod stream;
 
 use std::path::PathBuf;

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::error::CliError;
 use crate::npy;
-use crate::stats::Summary;
+use klgpu::stats::Summary;
 
 /// The adapter that computed the results, as reported.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,6 +1,18 @@
 //! Summary statistics of per-row values: the numbers llama.cpp's `--kl-divergence` reports
 //! (mean ± standard error, median, the 90th to 99.9th and the 10th to 0.1st percentiles, min,
-//! max). Pure functions, no I/O.
+//! max, and top-1 agreement ± its error). Pure functions, no GPU; [`crate::RowResults::summary`]
+//! applies them to a batch's rows.
+//!
+//! ```
+//! let per_row_kl = [0.02, 0.01, 0.5, 0.03, 0.0];
+//! let s = klgpu::stats::summarize(&per_row_kl).unwrap();
+//! assert_eq!((s.count, s.median, s.max), (5, 0.02, 0.5));
+//! assert!((s.mean - 0.112).abs() < 1e-15);
+//! // Four of five rows with the same arg-max: 0.8 ± √(0.8·0.2/4) = 0.8 ± 0.2.
+//! let (share, stderr) = klgpu::stats::agreement(&[true, true, false, true, true]).unwrap();
+//! assert_eq!(share, 0.8);
+//! assert!((stderr.unwrap() - 0.2).abs() < 1e-15);
+//! ```
 //!
 //! Infinities (a row with p > 0 where q = 0 has KL = +∞) are kept, not dropped:
 //! - `mean` is +∞ as soon as one row is +∞ (NaN if both +∞ and −∞ occur), and then
@@ -58,12 +70,12 @@ pub fn summarize(values: &[f64]) -> Option<Summary> {
         return None;
     }
     let n = values.len();
-    let mean = klgpu::cpu::compensated_sum(values.iter().copied()) / n as f64;
+    let mean = crate::cpu::compensated_sum(values.iter().copied()) / n as f64;
     let stderr = (n > 1).then(|| {
         if !mean.is_finite() {
             return f64::NAN;
         }
-        let ss = klgpu::cpu::compensated_sum(values.iter().map(|&x| (x - mean) * (x - mean)));
+        let ss = crate::cpu::compensated_sum(values.iter().map(|&x| (x - mean) * (x - mean)));
         (ss / (n - 1) as f64 / n as f64).sqrt()
     });
     let mut sorted = values.to_vec();
@@ -102,8 +114,8 @@ pub fn agreement(agree: &[bool]) -> Option<(f64, Option<f64>)> {
 
 /// The `pct`-th percentile (0–100) of ascending `sorted` values, interpolated linearly between
 /// the two nearest ranks like numpy's default (`method="linear"`): rank h = (n−1)·pct/100.
-/// Panics on an empty slice (callers check).
-pub fn percentile_sorted(sorted: &[f64], pct: f64) -> f64 {
+/// `sorted` must not be empty ([`summarize`] checks).
+fn percentile_sorted(sorted: &[f64], pct: f64) -> f64 {
     let n = sorted.len();
     let h = (n - 1) as f64 * (pct / 100.0).clamp(0.0, 1.0);
     let lo = h.floor() as usize;
