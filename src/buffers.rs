@@ -234,6 +234,7 @@ impl Engine {
         opts: &Options,
         blocking: bool,
     ) -> Result<f64> {
+        let opts = &opts.resolved();
         let (p, q) = self.inputs(measure, &p, q.as_ref())?;
         let cols = p.elems.max(1);
         let job = job_for(Term::Measure(measure), opts)?;
@@ -350,6 +351,7 @@ impl Engine {
         out: wgpu::BufferSlice<'_>,
         blocking: bool,
     ) -> Result<()> {
+        let opts = &opts.resolved();
         let (p, q) = self.inputs(measure, &p, q.as_ref())?;
         let rows = shape(&p, cols)?;
         let out = output("out", &out, rows)?;
@@ -395,6 +397,7 @@ impl Engine {
         opts: &Options,
         out: wgpu::BufferSlice<'_>,
     ) -> Result<()> {
+        let opts = &opts.resolved();
         let (p, q) = self.inputs(measure, &p, q.as_ref())?;
         let rows = shape(&p, cols)?;
         let out = output("out", &out, rows)?;

@@ -100,6 +100,7 @@ pub fn rows(
     cols: usize,
     opts: &Options,
 ) -> Result<RowResults> {
+    let opts = &opts.resolved();
     let per_nat = opts.base.per_nat()?;
     let q = check_shapes(measure, p, q, cols)?;
     // Values and validity in one pass, as on the GPU; the first offender is located only when

@@ -650,6 +650,7 @@ impl Engine {
         opts: &Options,
         blocking: bool,
     ) -> Result<RowResults> {
+        let opts = &opts.resolved();
         let q = cpu::check_shapes(measure, p, q, cols)?;
         let job = job_for(Term::Measure(measure), opts)?;
         let plan = Plan::new(

@@ -176,9 +176,9 @@ pub struct Options {
     pub input: Input,
     /// Log base of the results.
     pub base: Base,
-    /// Divide each row of probabilities by its sum first (costs one extra pass over the data).
-    /// Only meaningful for [`Input::Probs`]; log-probabilities are normalized by reading them as
-    /// [`Input::Logits`].
+    /// Normalize each row first (costs one extra pass over the data): probabilities are
+    /// divided by their sum; log-probabilities x are read as logits, p = e^x / Σ e^x, which is
+    /// the same normalization; logits are normalized already.
     pub normalize: bool,
 }
 
@@ -188,6 +188,27 @@ impl Options {
         Options {
             input,
             ..Default::default()
+        }
+    }
+
+    /// The options a computation runs with: normalized log-probabilities are logits, and
+    /// `normalize` stays set only for probabilities. (Ignoring it for log-probabilities, as
+    /// before, silently gave the unnormalized value that was asked not to be.)
+    ///
+    /// ```
+    /// use klgpu::{Input, Options};
+    /// let asked = Options { normalize: true, ..Options::input(Input::LogProbs) };
+    /// assert_eq!(asked.resolved(), Options::input(Input::Logits));
+    /// ```
+    pub fn resolved(&self) -> Options {
+        let input = match self.input {
+            Input::LogProbs if self.normalize => Input::Logits,
+            other => other,
+        };
+        Options {
+            input,
+            normalize: self.normalize && input == Input::Probs,
+            ..*self
         }
     }
 }

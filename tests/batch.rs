@@ -741,3 +741,80 @@ fn normalized_close_rows_at_every_scale() {
         assert_plans_match_reference(&Measure::ALL, &p, &q, cols, &norm, &what);
     }
 }
+
+#[test]
+fn normalized_log_probabilities_are_read_as_logits() {
+    // Log-probabilities whose rows do not sum to one (a shift of 2 and noise): with normalize
+    // they are p = e^x / Σ e^x, as logits are. Before, normalize was ignored for them and the
+    // unnormalized value came back (negative "KL" for such rows).
+    let mut r = rng(41);
+    let (rows, cols) = (40, 257);
+    let x: Vec<f32> = logits(&mut r, rows * cols, 1.0)
+        .iter()
+        .map(|v| v + 2.0)
+        .collect();
+    let y: Vec<f32> = x
+        .iter()
+        .map(|v| v + 0.3 * (r.random::<f32>() - 0.5))
+        .collect();
+    let normalized = Options {
+        normalize: true,
+        ..Options::input(Input::LogProbs)
+    };
+    for m in Measure::ALL {
+        let yy = m.uses_q().then_some(&y[..]);
+        let as_logits = cpu::rows(m, &x, yy, cols, &Options::input(Input::Logits)).unwrap();
+        let want = cpu::rows(m, &x, yy, cols, &normalized).unwrap();
+        assert_eq!(
+            want.values, as_logits.values,
+            "{m:?}: the reference reads them as logits"
+        );
+        // And the value is the normalized rows' own, from probabilities formed in f64.
+        if m == Measure::KullbackLeibler {
+            for (row, &v) in want.values.iter().enumerate() {
+                let span = row * cols..(row + 1) * cols;
+                let norm = |z: &[f32]| {
+                    let s: f64 = z.iter().map(|&v| (v as f64).exp()).sum();
+                    z.iter()
+                        .map(move |&v| (v as f64).exp() / s)
+                        .collect::<Vec<_>>()
+                };
+                let (pn, qn) = (norm(&x[span.clone()]), norm(&y[span]));
+                let kl: f64 = pn.iter().zip(&qn).map(|(a, b)| a * (a / b).ln()).sum();
+                assert!((v - kl).abs() <= 1e-12 * kl, "row {row}: {v} vs {kl}");
+            }
+        }
+        for e in all_plans() {
+            let got = e.rows(m, &x, yy, cols, &normalized).unwrap();
+            assert_rows_close(
+                &got.values,
+                &want.values,
+                &format!("{m:?} normalized log-probs"),
+            );
+        }
+        // The same through the buffers path.
+        let e = engine();
+        let (xb, yb) = (upload(e, "x", &x), upload(e, "y", &y));
+        let out = e.create_f32_buffer("out", rows as u64).unwrap();
+        e.rows_buffers(
+            m,
+            xb.slice(..),
+            m.uses_q().then(|| yb.slice(..)),
+            cols,
+            &normalized,
+            out.slice(..),
+        )
+        .unwrap();
+        let got: Vec<f64> = e
+            .read_f32(out.slice(..))
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        assert_rows_close(
+            &got,
+            &want.values,
+            &format!("{m:?} normalized log-probs on buffers"),
+        );
+    }
+}

@@ -1170,3 +1170,39 @@ fn usage_errors_are_ours_and_exit_2() {
     assert_eq!(r.ours.len(), 1, "{:?}", r.ours);
     assert!(r.ours[0].contains("does not exist"), "{:?}", r.ours);
 }
+
+#[test]
+fn normalized_log_probabilities_are_read_as_logits() {
+    // Rows of log-probabilities that do not sum to one: --normalize makes them e^x / Σ e^x,
+    // the logits' reading, in one block and in rows cut into pieces (it was ignored, with a
+    // note that claimed log-probabilities were normalized by construction).
+    let dir = tmp();
+    let (rows, cols) = (6, 3000);
+    let p = logits(31, rows * cols, 1.0);
+    let q = perturbed(&p, 32);
+    let (pp, qp) = (dir.path().join("p.npy"), dir.path().join("q.npy"));
+    npy_f32(
+        &pp,
+        &[rows, cols],
+        &p.iter().map(|v| v + 2.0).collect::<Vec<_>>(),
+    );
+    npy_f32(&qp, &[rows, cols], &q);
+    for block in ["4000", "33554432"] {
+        let out = |input: &str, normalize: bool| {
+            let mut args = vec!["kl", s(&pp), s(&qp), "--json", "--input", input];
+            args.extend(["--block-bytes", block, "--reduction", "sum"]);
+            if normalize {
+                args.push("--normalize");
+            }
+            let r = klgpu(&args);
+            assert!(r.ours.is_empty(), "no note: {:?}", r.ours);
+            as_f64(&r.json()["value"])
+        };
+        let as_logits = out("logits", false);
+        assert_close(out("log-probs", true), as_logits, "normalized log-probs");
+        assert!(
+            (out("log-probs", false) - as_logits).abs() > 1e-3 * as_logits,
+            "without --normalize the rows are taken as given"
+        );
+    }
+}

@@ -152,13 +152,14 @@ pub fn run(cmd: &MeasureRun) -> Result<(), CliError> {
     if let Some(out) = &cmd.out {
         output::check_out_path(out)?;
     }
-    if cmd.opts.normalize && cmd.opts.input != Input::Probs && !cmd.quiet {
+    if cmd.opts.normalize && cmd.opts.input == Input::Logits && !cmd.quiet {
         eprintln!(
-            "klgpu: note: --normalize applies to --input probs only; {} are normalized by \
-             construction",
-            cmd.opts.input.name()
+            "klgpu: note: logits are normalized by construction; --normalize changes nothing"
         );
     }
+    // Normalized log-probabilities are read as logits (the library's rule): the report keeps
+    // the input kind as given.
+    let opts = cmd.opts.resolved();
     let backend = Backend::open(cmd.backend, cmd.quiet)?;
     let p_label = p.label.clone();
     let q_label = q.as_ref().map(|q| q.label.clone());
@@ -174,7 +175,7 @@ pub fn run(cmd: &MeasureRun) -> Result<(), CliError> {
         p,
         q,
         layout,
-        cmd.opts,
+        opts,
         block_elems,
         &progress,
     );
@@ -210,7 +211,7 @@ pub fn run(cmd: &MeasureRun) -> Result<(), CliError> {
         reduction: cmd.reduction_name,
         value,
         summary,
-        top1_applies: cmd.opts.input == Input::Logits,
+        top1_applies: opts.input == Input::Logits,
         top1,
         adapter: backend.adapter(),
         elapsed_s,

@@ -129,7 +129,8 @@ struct CommonArgs {
     /// No notes and no progress bar on stderr
     #[arg(long, short)]
     quiet: bool,
-    /// Divide each row of probabilities by its sum first (--input probs)
+    /// Normalize each row first: probabilities are divided by their sum, log-probabilities
+    /// read as logits (e^x / Σ e^x); logits are normalized already
     #[arg(long)]
     normalize: bool,
     /// Bytes of f32 per input read and computed at once (tests force small blocks with it)
