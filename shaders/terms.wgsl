@@ -166,16 +166,17 @@ fn exact_product(a: f32, b: f32) -> vec2<f32> {
 // earlier form of this function, with two products.
 fn ratio_norm(sx: Split, sy: Split, c: Split) -> Ratio {
     let yc = exact_product(sy.m, c.m);
-    let b_wide = yc.x + yc.y >= 2.0;
+    let yc_sum = yc.x + yc.y;
+    let b_wide = yc_sum >= 2.0;
     let a = sx.m;
-    let b = select(1.0, 0.5, b_wide) * (yc.x + yc.y);
+    let b = select(1.0, 0.5, b_wide) * yc_sum;
     let high = a > SQRT2 * b;
     let low = SQRT2 * a < b;
     let fa = select(1.0, 2.0, low);
     let fb = select(1.0, 0.5, b_wide) * select(1.0, 2.0, high);
     let d = opaque(fa * a - fb * yc.x) - fb * yc.y;
     let k = (sx.e - sy.e - c.e) - select(0, 1, b_wide) + select(0, 1, high) - select(0, 1, low);
-    return Ratio(d / (fa * a + fb * (yc.x + yc.y)), k);
+    return Ratio(d / (fa * a + fb * yc_sum), k);
 }
 
 // The KL term of p, q > 0 in two forms, without branches (random data would take both sides

@@ -234,12 +234,11 @@ impl Engine {
         opts: &Options,
         blocking: bool,
     ) -> Result<f64> {
-        let opts = &opts.resolved();
         let (p, q) = self.inputs(measure, &p, q.as_ref())?;
         let cols = p.elems.max(1);
         let job = job_for(Term::Measure(measure), opts)?;
         let readback = self
-            .run_buffers(&job, opts.input, &p, &q, cols, None, None, blocking)
+            .run_buffers(&job, &p, &q, cols, None, None, blocking)
             .await?;
         Ok(readback.values[0] as f64)
     }
@@ -351,22 +350,12 @@ impl Engine {
         out: wgpu::BufferSlice<'_>,
         blocking: bool,
     ) -> Result<()> {
-        let opts = &opts.resolved();
         let (p, q) = self.inputs(measure, &p, q.as_ref())?;
         let rows = shape(&p, cols)?;
         let out = output("out", &out, rows)?;
         let job = job_for(Term::Measure(measure), opts)?;
-        self.run_buffers(
-            &job,
-            opts.input,
-            &p,
-            &q,
-            cols as u64,
-            Some(&out),
-            None,
-            blocking,
-        )
-        .await?;
+        self.run_buffers(&job, &p, &q, cols as u64, Some(&out), None, blocking)
+            .await?;
         Ok(())
     }
 
@@ -397,12 +386,11 @@ impl Engine {
         opts: &Options,
         out: wgpu::BufferSlice<'_>,
     ) -> Result<()> {
-        let opts = &opts.resolved();
         let (p, q) = self.inputs(measure, &p, q.as_ref())?;
         let rows = shape(&p, cols)?;
         let out = output("out", &out, rows)?;
         let job = job_for(Term::Measure(measure), opts)?;
-        let locator = self.locator(&job, opts.input, &p, &q, cols as u64);
+        let locator = self.locator(&job, &p, &q, cols as u64);
         self.record(encoder, workspace, &job, &p, &q, &out, None, locator)
     }
 
@@ -448,16 +436,7 @@ impl Engine {
     ) -> Result<Vec<f64>> {
         let (z, t, grad, cols) = self.loss_inputs(&target, &logits, cols, &grad)?;
         let readback = self
-            .run_buffers(
-                &loss_job(),
-                Input::Logits,
-                &z,
-                &t,
-                cols,
-                None,
-                Some(&grad),
-                blocking,
-            )
+            .run_buffers(&loss_job(), &z, &t, cols, None, Some(&grad), blocking)
             .await?;
         Ok(readback.values.iter().map(|&v| v as f64).collect())
     }
@@ -478,7 +457,7 @@ impl Engine {
         let (z, t, grad, cols) = self.loss_inputs(&target, &logits, cols, &grad)?;
         let loss = output("loss", &loss, z.elems / cols)?;
         let job = loss_job();
-        let locator = self.locator(&job, Input::Logits, &z, &t, cols);
+        let locator = self.locator(&job, &z, &t, cols);
         self.record(
             encoder,
             workspace,
@@ -526,16 +505,7 @@ impl Engine {
     pub fn sum_buffers(&self, p: wgpu::BufferSlice<'_>) -> Result<f64> {
         let (p, q) = self.inputs(Measure::Entropy, &p, None)?;
         let job = job_for(Term::SumP, &Options::default())?;
-        let rb = pollster::block_on(self.run_buffers(
-            &job,
-            Input::Probs,
-            &p,
-            &q,
-            p.elems,
-            None,
-            None,
-            true,
-        ))?;
+        let rb = pollster::block_on(self.run_buffers(&job, &p, &q, p.elems, None, None, true))?;
         Ok(rb.values[0] as f64)
     }
 
@@ -567,7 +537,7 @@ impl Engine {
         let rows = shape(&p, cols)?;
         let out = output("out", &out, rows)?;
         let job = job_for(term, &Options::default())?;
-        let locator = self.locator(&job, Input::Probs, &p, &q, cols as u64);
+        let locator = self.locator(&job, &p, &q, cols as u64);
         self.record(encoder, workspace, &job, &p, &q, &out, None, locator)
     }
 
@@ -672,20 +642,13 @@ impl Engine {
         Ok((z, t, grad, cols as u64))
     }
 
-    fn locator(
-        &self,
-        job: &Job,
-        input: Input,
-        p: &GpuSlice<'_>,
-        q: &GpuSlice<'_>,
-        cols: u64,
-    ) -> Locator {
+    fn locator(&self, job: &Job, p: &GpuSlice<'_>, q: &GpuSlice<'_>, cols: u64) -> Locator {
         let plan = Plan::new(p.elems / cols, cols, self.plan_limits(job, true));
         let loss = job.term == Term::KlGrad;
         let (p_input, q_input) = if loss {
             (Input::Logits, Input::Probs)
         } else {
-            (input, input)
+            (job.kind, job.kind)
         };
         Locator {
             plan,
@@ -743,7 +706,6 @@ impl Engine {
     async fn run_buffers(
         &self,
         job: &Job,
-        input: Input,
         p: &GpuSlice<'_>,
         q: &GpuSlice<'_>,
         cols: u64,
@@ -753,7 +715,7 @@ impl Engine {
     ) -> Result<Readback> {
         let locator = Locator {
             out: out.map(OwnedSlice::of),
-            ..self.locator(job, input, p, q, cols)
+            ..self.locator(job, p, q, cols)
         };
         let gpu = self.gpu();
         let mut scratch = gpu.scratch.take(&gpu.device);
@@ -889,6 +851,8 @@ impl Engine {
 fn loss_job() -> Job {
     Job {
         term: Term::KlGrad,
+        // The logits, bound as P (the locator names the target, bound as Q, for what it is).
+        kind: Input::Logits,
         input: InputCode::Logits,
         prepass: Some(Prepass::Lse),
         per_nat: 1.0,

@@ -216,6 +216,7 @@ pub(crate) fn locate_invalid(
     q: &[f32],
     cols: usize,
 ) -> Option<Error> {
+    let opts = &opts.resolved();
     let sides: &[(Side, &[f32])] = if measure.uses_q() {
         &[(Side::P, p), (Side::Q, q)]
     } else {

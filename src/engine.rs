@@ -650,7 +650,6 @@ impl Engine {
         opts: &Options,
         blocking: bool,
     ) -> Result<RowResults> {
-        let opts = &opts.resolved();
         let q = cpu::check_shapes(measure, p, q, cols)?;
         let job = job_for(Term::Measure(measure), opts)?;
         let plan = Plan::new(
@@ -664,7 +663,7 @@ impl Engine {
             self.gpu.subgroups.store(false, Ordering::Relaxed);
             readback = self.gpu.run_host(&job, &plan, p, q, blocking).await?;
         }
-        check_status(&readback, opts.input, || {
+        check_status(&readback, job.kind, || {
             cpu::locate_invalid(measure, opts, p, q, cols)
         })?;
         Ok(RowResults {
@@ -675,7 +674,10 @@ impl Engine {
 }
 
 /// The kernels a measure with these options needs.
+/// The one place the GPU paths resolve their options: a job is always built from
+/// [`Options::resolved`], and its `kind` is what the values are validated and named as.
 pub(crate) fn job_for(term: Term, opts: &Options) -> Result<Job> {
+    let opts = &opts.resolved();
     let per_nat = opts.base.per_nat()? as f32;
     let normalize = opts.normalize && opts.input == Input::Probs;
     let prepass = match opts.input {
@@ -685,6 +687,7 @@ pub(crate) fn job_for(term: Term, opts: &Options) -> Result<Job> {
     };
     Ok(Job {
         term,
+        kind: opts.input,
         input: InputCode::of(opts.input, normalize),
         prepass,
         per_nat,

@@ -34,6 +34,9 @@ const UPLOAD_PIECE_ELEMS: usize = 1 << 18;
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Job {
     pub term: Term,
+    /// How the values are read, after [`Options::resolved`](crate::Options::resolved): what
+    /// they are validated as, and what an error names.
+    pub kind: crate::Input,
     pub input: InputCode,
     pub prepass: Option<Prepass>,
     /// Factor from nats to the requested base.
