@@ -673,13 +673,14 @@ impl Engine {
     }
 }
 
-/// The kernels a measure with these options needs.
-/// The one place the GPU paths resolve their options: a job is always built from
-/// [`Options::resolved`], and its `kind` is what the values are validated and named as.
+/// The kernels a measure with these options needs. This is the one place the GPU paths
+/// resolve their options ([`Options::resolved`]); the job's `kind` is what the values are
+/// validated and named as.
 pub(crate) fn job_for(term: Term, opts: &Options) -> Result<Job> {
     let opts = &opts.resolved();
     let per_nat = opts.base.per_nat()? as f32;
-    let normalize = opts.normalize && opts.input == Input::Probs;
+    // Resolved options keep `normalize` for probabilities only.
+    let normalize = opts.normalize;
     let prepass = match opts.input {
         Input::Logits => Some(Prepass::Lse),
         Input::Probs if normalize => Some(Prepass::Sums),
