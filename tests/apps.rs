@@ -454,8 +454,8 @@ fn loss_and_gradient_in_one_pass() {
             let expected = q[c] - tr[c] as f64;
             let got = g[row * cols + c] as f64;
             // q = e^(z − max − lse) has its exponent argument rounded to f32 (~|ln q|·2^-24
-            // relative, plus exp's own few ulp, and the log-sum-exp's): the documented bound, 3× the
-            // worst seen on lavapipe (rows of 10 to 262,144 columns, logits spread ±30).
+            // relative, plus exp's own few ulp and the log-sum-exp's): the documented bound,
+            // 3× the worst seen on lavapipe (rows of 10 to 262,144 columns, logits ±30).
             let bound = (1.0 + q[c].ln().abs()) * (q[c] + tr[c] as f64) * 2f64.powi(-21);
             assert!(
                 (got - expected).abs() <= bound + 1e-37,
