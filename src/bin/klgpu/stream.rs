@@ -439,19 +439,27 @@ impl Reader {
         self.tx.send(Ok(block)).map_err(|_| Halt::Closed)
     }
 
-    /// Reads elements `start .. start + count` of P and Q, into spare buffers if there are.
+    /// Reads elements `start .. start + count` of P and Q, into spare buffers if there are,
+    /// Q on a second thread: reading and converting is CPU work (a few GB/s per core), and on
+    /// a fast GPU it is the command line's bottleneck. P's error comes first, as read in turn.
     fn read(&mut self, start: usize, count: usize) -> Result<(Vec<f32>, Option<Vec<f32>>), Halt> {
         let mut p = self.spare.try_recv().unwrap_or_default();
-        self.p.read_f32(start, count, &mut p)?;
-        let q = match &mut self.q {
-            Some(src) => {
-                let mut q = self.spare.try_recv().unwrap_or_default();
-                src.read_f32(start, count, &mut q)?;
-                Some(q)
-            }
-            None => None,
+        let Some(q_src) = &mut self.q else {
+            self.p.read_f32(start, count, &mut p)?;
+            return Ok((p, None));
         };
-        Ok((p, q))
+        let mut q = self.spare.try_recv().unwrap_or_default();
+        let (p_read, q_read) = thread::scope(|scope| {
+            let q_reader = scope.spawn(|| q_src.read_f32(start, count, &mut q));
+            let p_read = self.p.read_f32(start, count, &mut p);
+            let q_read = q_reader
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (p_read, q_read)
+        });
+        p_read?;
+        q_read?;
+        Ok((p, Some(q)))
     }
 
     fn produce(&mut self, plan: Plan) -> Result<(), Halt> {
