@@ -79,7 +79,8 @@ impl Default for EngineOptions {
 /// Computes KL divergence, cross-entropy, entropy and Jensen–Shannon divergence on a GPU.
 ///
 /// Create one and reuse it: it owns the device and the compiled pipelines. It is
-/// `Send + Sync`; concurrent calls from several threads are safe.
+/// `Send + Sync`; concurrent calls from several threads are safe (on Vulkan, Metal and DX12:
+/// wgpu's OpenGL backend panics when threads contend for its one context, see the README).
 ///
 /// ```no_run
 /// let engine = klgpu::Engine::new()?;
