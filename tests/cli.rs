@@ -960,6 +960,12 @@ fn bad_files_and_shapes() {
         &["missing.npy", "cannot open"],
     );
     expect_bad(d, strings(&["entropy", s(d)]), &["directory"]);
+    // A device or a pipe (`<(zcat p.npy.gz)`): not read by position, so refused up front.
+    expect_bad(
+        d,
+        strings(&["kl", "/dev/null", g]),
+        &["/dev/null", "not a regular file"],
+    );
 
     // Safetensors: absent tensor, several tensors and none chosen, integer dtype.
     let st = d.join("m.safetensors");

@@ -75,10 +75,18 @@ impl Source {
             return Err(fail("is a directory, not a file".into()));
         }
         let mut file = File::open(path).map_err(|e| fail(format!("cannot open: {e}")))?;
-        let file_len = file
+        let meta = file
             .metadata()
-            .map_err(|e| fail(format!("cannot read: {e}")))?
-            .len();
+            .map_err(|e| fail(format!("cannot read: {e}")))?;
+        if !meta.is_file() {
+            // A pipe (`<(zcat p.npy.gz)`) would fail later with "Illegal seek".
+            return Err(fail(
+                "is not a regular file (a pipe or a device): klgpu reads its inputs by position, \
+                 block by block and long rows twice, so save the data to a file first"
+                    .into(),
+            ));
+        }
+        let file_len = meta.len();
         let mut magic = [0u8; 6];
         let n = read_up_to(&mut file, &mut magic).map_err(|e| fail(format!("cannot read: {e}")))?;
         file.seek(SeekFrom::Start(0))
