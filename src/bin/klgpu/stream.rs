@@ -341,6 +341,10 @@ impl From<CliError> for Halt {
     }
 }
 
+/// Blocks smaller than this (elements) read P and Q in turn: a thread costs about as much as
+/// reading 64 Ki elements (6,250 blocks of 16 took 0.39 s instead of 0.19 s).
+const PARALLEL_READ_MIN: usize = 1 << 16;
+
 /// The reader thread's state.
 struct Reader {
     p: Source,
@@ -449,14 +453,19 @@ impl Reader {
             return Ok((p, None));
         };
         let mut q = self.spare.try_recv().unwrap_or_default();
-        let (p_read, q_read) = thread::scope(|scope| {
-            let q_reader = scope.spawn(|| q_src.read_f32(start, count, &mut q));
+        let (p_read, q_read) = if count < PARALLEL_READ_MIN {
             let p_read = self.p.read_f32(start, count, &mut p);
-            let q_read = q_reader
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            (p_read, q_read)
-        });
+            (p_read, q_src.read_f32(start, count, &mut q))
+        } else {
+            thread::scope(|scope| {
+                let q_reader = scope.spawn(|| q_src.read_f32(start, count, &mut q));
+                let p_read = self.p.read_f32(start, count, &mut p);
+                let q_read = q_reader
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                (p_read, q_read)
+            })
+        };
         p_read?;
         q_read?;
         Ok((p, Some(q)))
