@@ -945,6 +945,16 @@ fn bad_files_and_shapes() {
             Box::new(|p| std::fs::write(p, "hello, world").unwrap()),
             &["not a .npy"],
         ),
+        (
+            "arrays.npz",
+            Box::new(|p| std::fs::write(p, b"PK\x03\x04\x14\0\0\0\0\0").unwrap()),
+            &["zip archive", ".npz", "numpy.save"],
+        ),
+        (
+            "model.pt",
+            Box::new(|p| std::fs::write(p, b"\x80\x02\x8a\x0alz\xfc\x9cF\xf9").unwrap()),
+            &["pickle"],
+        ),
     ];
     for (name, make, needles) in cases {
         let path = d.join(name);

@@ -226,6 +226,19 @@ fn convert_halves(raw: &[u8], out: &mut Vec<f32>, to_f32: impl Fn(&[u16], &mut [
     }
 }
 
+/// Formats people save arrays in that klgpu does not read, told by their first bytes, so that
+/// a file that is not safetensors either gets an error saying what it is rather than "header
+/// length 193340853072 does not fit the file".
+fn foreign_format(magic: &[u8]) -> Option<&'static str> {
+    if magic.starts_with(b"PK\x03\x04") {
+        Some("a zip archive (an .npz, or a PyTorch .pt or .bin file)")
+    } else if magic.len() >= 2 && magic[0] == 0x80 && (2..=5).contains(&magic[1]) {
+        Some("a Python pickle (an older PyTorch .pt file?)")
+    } else {
+        None
+    }
+}
+
 /// Reads as many bytes as are there, up to `buf.len()`.
 fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
@@ -246,9 +259,18 @@ fn open_safetensors(
     file_len: u64,
     wanted: Option<&str>,
 ) -> Result<(String, Dtype, Vec<usize>, u64), String> {
-    let not_ours = |why: String| format!("not a .npy file, nor a safetensors file ({why})");
     let mut len_bytes = [0u8; 8];
-    if read_up_to(file, &mut len_bytes).map_err(|e| format!("cannot read: {e}"))? < 8 {
+    let got = read_up_to(file, &mut len_bytes).map_err(|e| format!("cannot read: {e}"))?;
+    // Only once the file fails as safetensors: a safetensors header of 640 bytes starts with
+    // the bytes a pickle does.
+    let not_ours = |why: String| match foreign_format(&len_bytes[..got]) {
+        Some(what) => format!(
+            "is {what}, not a .npy or safetensors file: save each array with numpy.save, or the \
+             tensors with safetensors' save_file"
+        ),
+        None => format!("not a .npy file, nor a safetensors file ({why})"),
+    };
+    if got < 8 {
         return Err(not_ours("too short".into()));
     }
     let n = u64::from_le_bytes(len_bytes);
@@ -457,6 +479,23 @@ mod tests {
         file.extend(header.as_bytes());
         file.extend(data);
         file
+    }
+
+    #[test]
+    fn safetensors_that_start_like_a_pickle_still_open() {
+        // A header of 640 bytes: the file starts 0x80 0x02, as a pickle of protocol 2 does.
+        let json = r#"{"p":{"dtype":"F32","shape":[3],"data_offsets":[0,12]}}"#;
+        let file = safetensors_file(&format!("{json:<640}"), &[0; 12]);
+        assert_eq!(file[..2], [0x80, 0x02]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        std::fs::write(&path, &file).unwrap();
+        let source = Source::open(&path, &TensorChoice::default()).unwrap();
+        assert_eq!(source.shape, [3]);
+        // Damaged so that it is not safetensors either, it is called what it looks like.
+        std::fs::write(&path, &file[..100]).unwrap();
+        let err = Source::open(&path, &TensorChoice::default()).unwrap_err();
+        assert!(err.to_string().contains("pickle"), "{err}");
     }
 
     #[test]
