@@ -121,6 +121,7 @@ impl Workspace {
         let Some(locator) = self.pending.take() else {
             return Ok(());
         };
+        let _turn = engine.gpu().turn();
         let readback = engine
             .gpu()
             .read_back(&self.scratch, 0, false, blocking)
@@ -361,6 +362,7 @@ impl Engine {
 
     /// A workspace for recording into your own command encoders (see [`Engine::record_rows`]).
     pub fn workspace(&self) -> Workspace {
+        let _turn = self.gpu().turn();
         Workspace {
             scratch: Scratch::new(&self.gpu().device),
             pending: None,
@@ -496,6 +498,7 @@ impl Engine {
             offset: slice.offset(),
             elems: slice.size() / 4,
         };
+        let _turn = self.gpu().turn();
         self.gpu().read_elements(&view, 0, view.elems, false).await
     }
 
@@ -681,6 +684,7 @@ impl Engine {
             ));
         }
         let gpu = self.gpu();
+        let _turn = gpu.turn();
         gpu.scoped(|| {
             gpu.encode_device(
                 encoder,
@@ -718,6 +722,7 @@ impl Engine {
             ..self.locator(job, p, q, cols)
         };
         let gpu = self.gpu();
+        let _turn = gpu.turn();
         let mut scratch = gpu.scratch.take(&gpu.device);
         let mut readback;
         // One submission: the work and the copies of its results, then one wait.

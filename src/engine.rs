@@ -79,8 +79,8 @@ impl Default for EngineOptions {
 /// Computes KL divergence, cross-entropy, entropy and Jensen–Shannon divergence on a GPU.
 ///
 /// Create one and reuse it: it owns the device and the compiled pipelines. It is
-/// `Send + Sync`; concurrent calls from several threads are safe (on Vulkan, Metal and DX12:
-/// wgpu's OpenGL backend panics when threads contend for its one context, see the README).
+/// `Send + Sync`; concurrent calls from several threads are safe (on OpenGL they take turns:
+/// wgpu's GL backend panics when threads contend for its one context).
 ///
 /// ```no_run
 /// let engine = klgpu::Engine::new()?;
@@ -324,6 +324,7 @@ impl Engine {
             storage_align: hw.min_storage_buffer_offset_alignment as u64,
             fault,
             scratch: ScratchPool::default(),
+            serial: (info.backend == wgpu::Backend::Gl).then(Arc::default),
         };
         Ok(Engine {
             gpu: Arc::new(gpu),
@@ -653,6 +654,7 @@ impl Engine {
     ) -> Result<RowResults> {
         let q = cpu::check_shapes(measure, p, q, cols)?;
         let job = job_for(Term::Measure(measure), opts)?;
+        let _turn = self.gpu.turn();
         let plan = Plan::new(
             (p.len() / cols) as u64,
             cols as u64,

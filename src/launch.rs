@@ -220,6 +220,44 @@ pub(crate) struct Gpu {
     /// handler: every later call fails with it instead of panicking or hanging.
     pub fault: Arc<std::sync::Mutex<Option<String>>>,
     pub scratch: ScratchPool,
+    /// On OpenGL only: calls take turns (see [`Serial`]).
+    pub serial: Option<Arc<Serial>>,
+}
+
+/// Calls take turns on an OpenGL device. wgpu's GL backend has one context, and a thread
+/// that waits more than a second for it panics ("Could not lock adapter context"), while one
+/// GPU wait, or a shader compile on a software GL, can hold it longer: eight threads calling
+/// one engine on Mesa's llvmpipe GL did. Vulkan, Metal and DX12 devices run calls
+/// concurrently and have none.
+#[derive(Debug, Default)]
+pub(crate) struct Serial {
+    busy: std::sync::Mutex<bool>,
+    free: std::sync::Condvar,
+}
+
+impl Serial {
+    /// Waits until no other turn is out, and takes one.
+    fn take(self: &Arc<Self>) -> Turn {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        while *busy {
+            busy = self.free.wait(busy).unwrap_or_else(|e| e.into_inner());
+        }
+        *busy = true;
+        Turn(Some(self.clone()))
+    }
+}
+
+/// A call's turn on the device (nothing where calls need none), given back when dropped. It
+/// holds no lock guard, so an async call can keep it across its awaits.
+pub(crate) struct Turn(Option<Arc<Serial>>);
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        if let Some(serial) = &self.0 {
+            *serial.busy.lock().unwrap_or_else(|e| e.into_inner()) = false;
+            serial.free.notify_one();
+        }
+    }
 }
 
 /// What a finished computation read back.
@@ -324,6 +362,13 @@ fn wide_loads(
 impl Gpu {
     fn subgroups(&self) -> bool {
         self.subgroups.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits for this call's turn on the device: at once unless the device is OpenGL and
+    /// another call is running (an async caller's executor thread then waits too). Taken once
+    /// per public call, where it enters the GPU path.
+    pub(crate) fn turn(&self) -> Turn {
+        self.serial.as_ref().map_or(Turn(None), Serial::take)
     }
 
     /// Runs `f` inside out-of-memory and validation error scopes, turning either into an Err.
@@ -857,5 +902,31 @@ impl Gpu {
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn turns_never_overlap_and_all_come_back() {
+        let serial = Arc::new(Serial::default());
+        let (inside, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..200 {
+                        let _turn = serial.take();
+                        most.fetch_max(inside.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                        std::thread::yield_now();
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        assert_eq!(most.load(Ordering::SeqCst), 1);
+        assert!(!*serial.busy.lock().unwrap(), "every turn was given back");
     }
 }
