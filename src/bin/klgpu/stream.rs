@@ -214,7 +214,7 @@ pub fn run(
     progress.set_total(layout.rows as u64 * layout.cols as u64 * plan.passes());
     let (tx, rx) = mpsc::sync_channel(1);
     // Blocks' buffers go back to the reader once computed: a fresh 32 MiB buffer per block
-    // cost a page fault per 4 KiB, and reading ran 5× slower (0.4 against 1.8 G elements/s).
+    // cost a page fault per 4 KiB, and reading ran 4.5× slower (0.4 against 1.8 G elements/s).
     let (spare_tx, spare_rx) = mpsc::channel();
     let recycle = spare_tx.clone();
     let bar = progress.bar();
@@ -443,7 +443,7 @@ impl Reader {
         self.tx.send(Ok(block)).map_err(|_| Halt::Closed)
     }
 
-    /// Reads elements `start .. start + count` of P and Q, into spare buffers if there are,
+    /// Reads elements `start .. start + count` of P and Q, into spare buffers if there are any,
     /// Q on a second thread: reading and converting is CPU work (a few GB/s per core), and on
     /// a fast GPU it is the command line's bottleneck. P's error comes first, as read in turn.
     fn read(&mut self, start: usize, count: usize) -> Result<(Vec<f32>, Option<Vec<f32>>), Halt> {
