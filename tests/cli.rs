@@ -185,6 +185,15 @@ fn assert_close(got: f64, want: f64, what: &str) {
     assert!(ok, "{what}: got {got}, want {want}");
 }
 
+/// The per-row values a `--out` file holds, each against the reference's.
+fn assert_rows_file(out: &Path, want: &[f64], what: &str) {
+    let got = read_npy_f64(out);
+    assert_eq!(got.len(), want.len(), "{what}rows");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert_close(g, w, &format!("{what}row {i}"));
+    }
+}
+
 fn reference(
     measure: Measure,
     p: &[f32],
@@ -366,11 +375,7 @@ fn per_row_output_file_and_top1_agreement() {
         cols,
         Options::input(Input::Logits),
     );
-    let got = read_npy_f64(&out);
-    assert_eq!(got.len(), rows);
-    for (i, (&g, &w)) in got.iter().zip(&want.values).enumerate() {
-        assert_close(g, w, &format!("row {i}"));
-    }
+    assert_rows_file(&out, &want.values, "");
     assert_eq!(j["value"], Value::Null, "reduction none: {j}");
     let share = want.top1_agreement().unwrap();
     assert_close(
@@ -513,9 +518,7 @@ fn streaming_many_blocks_gives_the_one_block_answer() {
             j["summary"]["top1_agreement"], one["summary"]["top1_agreement"],
             "block {block}"
         );
-        for (i, (&g, &w)) in read_npy_f64(&out).iter().zip(&want.values).enumerate() {
-            assert_close(g, w, &format!("block {block}, row {i}"));
-        }
+        assert_rows_file(&out, &want.values, &format!("block {block}, "));
     }
 
     // A 1-D input of 20,000 elements in 1,000-element pieces, for every input kind.
@@ -583,6 +586,80 @@ fn on_both_backends(args: &[&str], want: f64, what: &str) {
         let what = format!("{what} on the {backend}");
         assert!(got >= 0.0, "{what}: {got}");
         assert_close(got, want, &what);
+    }
+}
+
+#[test]
+fn blocks_large_enough_to_read_p_and_q_in_parallel() {
+    // Blocks of at least 64 Ki elements read Q on a second thread, into recycled buffers:
+    // 2-D f16 logits in blocks of two rows (three blocks, the last short), and 1-D logits and
+    // normalized probabilities in 70,000-element pieces (a first pass, then the pieces).
+    let dir = tmp();
+    let (rows, cols) = (5, 100_000);
+    let p: Vec<f32> = logits(21, rows * cols, 2.0)
+        .iter()
+        .map(|&x| half::f16::from_f32(x).to_f32())
+        .collect();
+    let q: Vec<f32> = perturbed(&p, 22)
+        .iter()
+        .map(|&x| half::f16::from_f32(x).to_f32())
+        .collect();
+    let f16_bytes = |v: &[f32]| -> Vec<u8> {
+        v.iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect()
+    };
+    let (pp, qp) = (dir.path().join("p.npy"), dir.path().join("q.npy"));
+    npy_raw(&pp, "<f2", false, &[rows, cols], &f16_bytes(&p));
+    npy_raw(&qp, "<f2", false, &[rows, cols], &f16_bytes(&q));
+    let want = reference(
+        Measure::KullbackLeibler,
+        &p,
+        Some(&q),
+        cols,
+        Options::input(Input::Logits),
+    );
+    let out = dir.path().join("rows.npy");
+    let block = (4 * 2 * cols).to_string();
+    let args = ["kl", s(&pp), s(&qp), "--input", "logits", "--json"];
+    klgpu(&[&args[..], &["--block-bytes", &block, "--out", s(&out)]].concat()).json();
+    assert_rows_file(&out, &want.values, "2-D f16 logits, ");
+
+    let n = 300_000;
+    let lp = logits(23, n, 2.0);
+    let lq = perturbed(&lp, 24);
+    let pr: Vec<f32> = probs(25, 1, n).iter().map(|x| x * 3.0).collect();
+    let qr = probs(26, 1, n);
+    for (k, (input, a, b, normalize)) in [("logits", &lp, &lq, false), ("probs", &pr, &qr, true)]
+        .into_iter()
+        .enumerate()
+    {
+        let (pa, qa) = (
+            dir.path().join(format!("a{k}.npy")),
+            dir.path().join(format!("b{k}.npy")),
+        );
+        npy_f32(&pa, &[n], a);
+        npy_f32(&qa, &[n], b);
+        let opts = Options {
+            input: if input == "logits" {
+                Input::Logits
+            } else {
+                Input::Probs
+            },
+            normalize,
+            ..Default::default()
+        };
+        let want = klgpu::cpu::divergence(Measure::KullbackLeibler, a, Some(b), &opts).unwrap();
+        let mut args = vec!["kl", s(&pa), s(&qa), "--input", input, "--json"];
+        args.extend(["--block-bytes", "280000"]);
+        if normalize {
+            args.push("--normalize");
+        }
+        on_both_backends(
+            &args,
+            want,
+            &format!("1-D {input} in 70,000-element pieces"),
+        );
     }
 }
 
