@@ -94,14 +94,16 @@ def main():
         for trial in range(trials):
             inp = ["probs", "log-probs", "logits"][trial % 3]
             rows = int(rng.integers(1, 5))
-            cols = int(rng.choice([1, 3, 10, 33, 257, 1000, 5000]))
+            # 70,000 columns: blocks of 64 Ki elements or more, which read Q on a second thread.
+            cols = int(rng.choice([1, 3, 10, 33, 257, 1000, 5000, 70_000]))
             dtype = rng.choice([np.float32, np.float64, np.float16])
             p, q = (x.astype(dtype) for x in pair(rng, inp, rows, cols))
             if rows == 1 and rng.random() < 0.3:
                 p, q = p[0], q[0]
             np.save(pf, p)
             np.save(qf, q)
-            block = str(int(rng.choice([64, 256, 4096, 1 << 20])))
+            blocks = [1 << 18, 1 << 20] if cols >= 70_000 else [64, 256, 4096, 1 << 20]
+            block = str(int(rng.choice(blocks)))
             for cmd in ["kl", "ce", "js", "entropy"]:
                 files = [pf] if cmd == "entropy" else [pf, qf]
                 # With log-probabilities, --normalize reads them as logits.
