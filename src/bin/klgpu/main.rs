@@ -26,8 +26,8 @@ use crate::error::CliError;
 
 const AFTER_HELP: &str = "\
 Inputs: .npy (float16/32/64, little-endian, C order) or safetensors (F16, BF16, F32, F64; pick a
-tensor with --tensor). A 1-D input is one distribution; a 2-D input is one distribution per row.
-f64 inputs are rounded to f32.
+tensor with --tensor), as regular files, not pipes. A 1-D input is one distribution; a 2-D input
+is one distribution per row. f64 inputs are rounded to f32.
 
 Large inputs are streamed: a reader thread reads row blocks (32 MiB of f32 per input) while the
 GPU computes the previous block, so memory stays bounded whatever the file size. A row longer
