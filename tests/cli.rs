@@ -185,6 +185,14 @@ fn assert_close(got: f64, want: f64, what: &str) {
     assert!(ok, "{what}: got {got}, want {want}");
 }
 
+/// P and Q written as `p.npy` and `q.npy` in `dir`, both of `shape`.
+fn npy_pair(dir: &Path, shape: &[usize], p: &[f32], q: &[f32]) -> (PathBuf, PathBuf) {
+    let (pp, qp) = (dir.join("p.npy"), dir.join("q.npy"));
+    npy_f32(&pp, shape, p);
+    npy_f32(&qp, shape, q);
+    (pp, qp)
+}
+
 /// The per-row values a `--out` file holds, each against the reference's.
 fn assert_rows_file(out: &Path, want: &[f64], what: &str) {
     let got = read_npy_f64(out);
@@ -351,9 +359,7 @@ fn per_row_output_file_and_top1_agreement() {
     let (rows, cols) = (50, 300);
     let p = logits(3, rows * cols, 2.0);
     let q = perturbed(&p, 4);
-    let (pp, qp) = (dir.path().join("p.npy"), dir.path().join("q.npy"));
-    npy_f32(&pp, &[rows, cols], &p);
-    npy_f32(&qp, &[rows, cols], &q);
+    let (pp, qp) = npy_pair(dir.path(), &[rows, cols], &p, &q);
     let out = dir.path().join("rows.npy");
     std::fs::write(&out, b"old contents").unwrap();
     let j = klgpu(&[
@@ -403,9 +409,7 @@ fn reductions_and_infinite_rows() {
     let (rows, cols) = (9, 64);
     let p = probs(5, rows, cols);
     let mut q = probs(6, rows, cols);
-    let (pp, qp) = (dir.path().join("p.npy"), dir.path().join("q.npy"));
-    npy_f32(&pp, &[rows, cols], &p);
-    npy_f32(&qp, &[rows, cols], &q);
+    let (pp, qp) = npy_pair(dir.path(), &[rows, cols], &p, &q);
     let r = reference(
         Measure::CrossEntropy,
         &p,
@@ -465,9 +469,7 @@ fn streaming_many_blocks_gives_the_one_block_answer() {
     let (rows, cols) = (40, 200);
     let p = logits(7, rows * cols, 3.0);
     let q = perturbed(&p, 8);
-    let (pp, qp) = (dir.path().join("p.npy"), dir.path().join("q.npy"));
-    npy_f32(&pp, &[rows, cols], &p);
-    npy_f32(&qp, &[rows, cols], &q);
+    let (pp, qp) = npy_pair(dir.path(), &[rows, cols], &p, &q);
     let want = reference(
         Measure::KullbackLeibler,
         &p,
@@ -730,9 +732,7 @@ fn long_rows_normalized_in_pieces_keep_their_digits() {
         .zip(logits(16, n, 1e-3))
         .map(|(&x, e)| x * 5.0 * (1.0 + e))
         .collect();
-    let (pp, qp) = (dir.path().join("p.npy"), dir.path().join("q.npy"));
-    npy_f32(&pp, &[n], &p);
-    npy_f32(&qp, &[n], &q);
+    let (pp, qp) = npy_pair(dir.path(), &[n], &p, &q);
     let opts = Options {
         normalize: true,
         ..Default::default()
@@ -865,9 +865,7 @@ fn cpu_backend_is_the_reference() {
     let (rows, cols) = (5, 40);
     let p = probs(17, rows, cols);
     let q = probs(18, rows, cols);
-    let (pp, qp) = (dir.path().join("p.npy"), dir.path().join("q.npy"));
-    npy_f32(&pp, &[rows, cols], &p);
-    npy_f32(&qp, &[rows, cols], &q);
+    let (pp, qp) = npy_pair(dir.path(), &[rows, cols], &p, &q);
     let j = klgpu(&[
         "kl",
         s(&pp),
@@ -1273,13 +1271,8 @@ fn normalized_log_probabilities_are_read_as_logits() {
     let (rows, cols) = (6, 3000);
     let p = logits(31, rows * cols, 1.0);
     let q = perturbed(&p, 32);
-    let (pp, qp) = (dir.path().join("p.npy"), dir.path().join("q.npy"));
-    npy_f32(
-        &pp,
-        &[rows, cols],
-        &p.iter().map(|v| v + 2.0).collect::<Vec<_>>(),
-    );
-    npy_f32(&qp, &[rows, cols], &q);
+    let shifted: Vec<f32> = p.iter().map(|v| v + 2.0).collect();
+    let (pp, qp) = npy_pair(dir.path(), &[rows, cols], &shifted, &q);
     for block in ["4000", "33554432"] {
         let out = |input: &str, normalize: bool| {
             let mut args = vec!["kl", s(&pp), s(&qp), "--json", "--input", input];
