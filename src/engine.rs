@@ -58,9 +58,11 @@ pub struct EngineOptions {
     /// `Features::SUBGROUP` (default `true`); `false` forces the shared-memory path.
     pub subgroups: bool,
     /// Most bytes of one input uploaded and bound at once from host memory. Larger inputs
-    /// stream through windows of this size, so device memory stays bounded. `None` (the
+    /// stream through windows of this size, so memory stays bounded: a call over host data
+    /// keeps two windows per input on the device and two staging buffers per input in host
+    /// memory, each of this size, for the next call. `None` (the
     /// default) picks one for the adapter ([`plan::default_window_bytes`](crate::plan::default_window_bytes):
-    /// 128 MiB on GPUs, 4 MiB on CPU adapters).
+    /// 32 MiB on GPUs, 4 MiB on CPU adapters).
     pub window_bytes: Option<u64>,
     /// Planner knobs.
     pub tuning: Tuning,

@@ -24,12 +24,6 @@ pub(crate) enum Prepass {
     Sums,
 }
 
-/// Host data is uploaded in pieces of this many elements (1 MiB). wgpu stages every
-/// `write_buffer` in a fresh host-visible buffer; a large one gets an allocation of its own
-/// whose pages fault in again on every call, while small ones come out of blocks the allocator
-/// keeps (lavapipe, KL over 10^7 from host slices: 98 → 77 ms).
-const UPLOAD_PIECE_ELEMS: usize = 1 << 18;
-
 /// Everything that defines one computation's kernels, independent of the data.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Job {
@@ -81,7 +75,11 @@ pub(crate) fn visits(plan: &Plan, job: &Job) -> Vec<(usize, Passes)> {
 /// Reusable buffers of one in-flight computation. Grown on demand, kept in a pool.
 pub(crate) struct Scratch {
     params: wgpu::Buffer,
+    /// Host data's windows on the device: [side][slot], two slots so one window is computed
+    /// while the next is written.
     windows: [[Option<wgpu::Buffer>; 2]; 2],
+    /// Where host data's windows are written before the copy into `windows`, slot for slot.
+    staging: [[Option<Staging>; 2]; 2],
     partials: wgpu::Buffer,
     status: wgpu::Buffer,
     row_lse: wgpu::Buffer,
@@ -134,6 +132,7 @@ impl Scratch {
                 wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             ),
             windows: [[None, None], [None, None]],
+            staging: [[None, None], [None, None]],
             partials: small("klgpu.partials"),
             status: small("klgpu.status"),
             row_lse: small("klgpu.row_lse"),
@@ -183,8 +182,54 @@ impl Scratch {
                         *slot = Some(buffer(device, "klgpu.window", bytes, STORAGE));
                     }
                 }
+                for slot in &mut self.staging[side] {
+                    if slot.as_ref().is_none_or(|s| s.buffer.size() < bytes) {
+                        *slot = Some(Staging::new(device, bytes));
+                    }
+                }
             }
         }
+    }
+}
+
+/// A host-visible buffer that host windows are written into and copied from, reused call
+/// after call. `Queue::write_buffer` stages every write in a fresh allocation, and wgpu's
+/// allocator frees all but one block of those as soon as they are done: windows of 128 MiB
+/// paid for new host memory (pinned by the driver, page-faulted by the first write) on every
+/// call. This one is mapped again as soon as its copy is submitted, and is ready when the
+/// window after next needs it.
+struct Staging {
+    buffer: wgpu::Buffer,
+    /// The map requested after the buffer's last copy, and the submission holding that copy;
+    /// `None` while the buffer is mapped and ready.
+    pending: Option<(MapReceiver, wgpu::SubmissionIndex)>,
+}
+
+type MapReceiver = futures_channel::oneshot::Receiver<Result<(), wgpu::BufferAsyncError>>;
+
+impl Staging {
+    fn new(device: &wgpu::Device, size: u64) -> Staging {
+        let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("klgpu.staging"),
+            size: size.max(16).div_ceil(16) * 16,
+            usage: wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: true,
+        });
+        Staging {
+            buffer,
+            pending: None,
+        }
+    }
+
+    /// Asks for the buffer to be mapped again once `index` (which copies out of it) is done.
+    fn remap_after(&mut self, index: wgpu::SubmissionIndex) {
+        let (tx, rx) = futures_channel::oneshot::channel();
+        self.buffer
+            .slice(..)
+            .map_async(wgpu::MapMode::Write, move |r| {
+                let _ = tx.send(r);
+            });
+        self.pending = Some((rx, index));
     }
 }
 
@@ -623,6 +668,34 @@ impl Gpu {
         }
     }
 
+    /// Writes `data` at the start of `staging` once its last copy is done, and unmaps it.
+    async fn fill(&self, staging: &mut Staging, data: &[f32], blocking: bool) -> Result<()> {
+        if let Some((mut mapped, index)) = staging.pending.take() {
+            let cancelled =
+                |_| Error::Gpu("an upload buffer's map was cancelled (device lost?)".into());
+            // Usually done already: waiting for the window before this one polled the device.
+            let result = match mapped.try_recv().map_err(cancelled)? {
+                Some(result) => result,
+                None => {
+                    self.wait(index, blocking).await?;
+                    mapped.await.map_err(cancelled)?
+                }
+            };
+            result.map_err(|e| Error::Gpu(format!("mapping an upload buffer failed: {e}")))?;
+        }
+        self.scoped(|| {
+            let bytes: &[u8] = bytemuck::cast_slice(data);
+            staging
+                .buffer
+                .slice(..bytes.len() as u64)
+                .get_mapped_range_mut()
+                .map(|mut view| view.copy_from_slice(bytes))
+                .map_err(|e| Error::Gpu(format!("writing an upload buffer failed: {e}")))?;
+            staging.buffer.unmap();
+            Ok(())
+        })?
+    }
+
     /// Runs a job over host slices: windows are uploaded into two alternating buffers while
     /// at most two windows are in flight, then status and per-row values are read back.
     pub(crate) async fn run_host(
@@ -664,22 +737,33 @@ impl Gpu {
             let window = &plan.windows[wi];
             let last = k + 1 == visits.len();
             let slot = k % 2;
+            let range = window.elem_start as usize..(window.elem_start + window.elem_len) as usize;
+            let sides: &[&[f32]] = if uses_q { &[p, q] } else { &[p] };
+            for (side, data) in sides.iter().enumerate() {
+                let staging = scratch.staging[side][slot]
+                    .as_mut()
+                    .expect("prepared staging");
+                self.fill(staging, &data[range.clone()], blocking).await?;
+            }
             let submitted = self.scoped(|| {
-                let range =
-                    window.elem_start as usize..(window.elem_start + window.elem_len) as usize;
-                let upload = |side: usize, data: &[f32]| {
+                let mut encoder =
+                    self.device
+                        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                            label: Some("klgpu.host_window"),
+                        });
+                let upload = |encoder: &mut wgpu::CommandEncoder, side: usize| {
                     let buffer = scratch.windows[side][slot]
                         .as_ref()
                         .expect("prepared window");
-                    for (k, piece) in data[range.clone()].chunks(UPLOAD_PIECE_ELEMS).enumerate() {
-                        let offset = (k * UPLOAD_PIECE_ELEMS * 4) as u64;
-                        self.queue
-                            .write_buffer(buffer, offset, bytemuck::cast_slice(piece));
-                    }
+                    let staging = &scratch.staging[side][slot]
+                        .as_ref()
+                        .expect("prepared staging")
+                        .buffer;
+                    encoder.copy_buffer_to_buffer(staging, 0, buffer, 0, window.elem_len * 4);
                     buffer
                 };
-                let wp = upload(0, p);
-                let wq = if uses_q { upload(1, q) } else { wp };
+                let wp = upload(&mut encoder, 0);
+                let wq = if uses_q { upload(&mut encoder, 1) } else { wp };
                 let (out, out_base) =
                     aligned_binding(&scratch.out, 0, window.row_begin, window.rows as u64, 256);
                 let (agree, agree_base) =
@@ -699,11 +783,6 @@ impl Gpu {
                     vec4: wide_loads(&bindings.p, &bindings.q, bindings.shifts),
                     ..bindings
                 };
-                let mut encoder =
-                    self.device
-                        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                            label: Some("klgpu.host_window"),
-                        });
                 let slot_base = slot as u64 * SLOTS_PER_WINDOW * PARAM_SLOT;
                 self.encode_window(
                     &mut encoder,
@@ -721,6 +800,11 @@ impl Gpu {
                 }
                 self.queue.submit([encoder.finish()])
             })?;
+            for side in 0..sides.len() {
+                if let Some(staging) = scratch.staging[side][slot].as_mut() {
+                    staging.remap_after(submitted.clone());
+                }
+            }
             if last {
                 return self
                     .finish_read_back(scratch, plan.rows, job.agree, submitted, blocking)
