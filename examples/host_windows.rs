@@ -1,15 +1,17 @@
-//! KL from host slices (uploads included, wall clock) with host windows of several sizes,
-//! interleaved: for choosing `EngineOptions::window_bytes` on an adapter, and for A/B of the
-//! upload path.
+//! KL from host slices (uploads included, wall clock) with host windows of several sizes and
+//! several numbers of copying threads, interleaved: for choosing `EngineOptions::window_bytes`
+//! and `Tuning::upload_threads` on an adapter, and for A/B of the upload path.
 //!
-//! Every round times one call per (N, window) pair in turn, and each pair keeps its best round,
+//! Every round times one call per (N, window, threads) in turn, and each keeps its best round,
 //! so all see the same machine state. Also prints the best single-threaded copy of one input, a
 //! floor for what any upload through host memory costs.
 //!
 //! ```text
-//! cargo run --release --example host_windows -- [--rounds R] [--n N,N,...] [--mib W,W,...]
+//! cargo run --release --example host_windows -- [--rounds R] [--n N,...] [--mib W,...]
+//!     [--threads T,...]
 //! ```
-//! Defaults: 7 rounds, N = 10^7 and 10^8, windows of 4, 32 and 128 MiB per input.
+//! Defaults: 7 rounds, N = 10^7 and 10^8, windows of 4, 32 and 128 MiB per input, the
+//! adapter's default threads (`--threads 0`).
 
 #[path = "../benches/support/mod.rs"]
 mod support;
@@ -27,6 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rounds = 7;
     let mut sizes: Vec<u64> = vec![10_000_000, 100_000_000];
     let mut mib: Vec<u64> = vec![4, 32, 128];
+    let mut threads: Vec<u64> = vec![0];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let value = args.next().ok_or(format!("{a} needs a value"))?;
@@ -34,16 +37,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--rounds" => rounds = value.parse()?,
             "--n" => sizes = list(&value)?,
             "--mib" => mib = list(&value)?,
+            "--threads" => threads = list(&value)?,
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
-    let engines = mib
+    let configs: Vec<(u64, u64)> = mib
         .iter()
-        .map(|&m| {
-            Engine::with_options(EngineOptions {
+        .flat_map(|&m| threads.iter().map(move |&t| (m, t)))
+        .collect();
+    let engines = configs
+        .iter()
+        .map(|&(m, t)| {
+            let mut options = EngineOptions {
                 window_bytes: Some(m << 20),
                 ..Default::default()
-            })
+            };
+            options.tuning.upload_threads = (t > 0).then_some(t as u32);
+            Engine::with_options(options)
         })
         .collect::<Result<Vec<_>, _>>()?;
     println!("adapter: {}", engines[0].adapter_info().name);
@@ -77,9 +87,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             copy_best[i] * 1e3,
             bytes / 2.0 / copy_best[i] / 1e9
         );
-        for (j, &m) in mib.iter().enumerate() {
+        for (j, &(m, t)) in configs.iter().enumerate() {
+            let t = if t == 0 {
+                "default".to_string()
+            } else {
+                t.to_string()
+            };
             println!(
-                "  windows of {m:>4} MiB: {:8.2} ms {:6.2} GB/s",
+                "  windows of {m:>4} MiB, threads {t:>7}: {:8.2} ms {:6.2} GB/s",
                 best[i][j] * 1e3,
                 bytes / best[i][j] / 1e9
             );

@@ -2,18 +2,19 @@
 # One short, prepared run on a lent NVIDIA machine (the `device` tool): find out whether wgpu
 # gets a Vulkan adapter for the GPU, run klgpu's tests and benchmark there, then the peers.
 # Expects the binaries built here in .device/ (scripts/device_bundle.sh) and the Vulkan loader
-# packages in .gl/ (see the device tool's README). Writes logs and JSON under $OUT.
-# PARTS picks what runs after the adapter probe (default: all of tests roof quick bench peers
-# diag ab probe; ab needs a .device/roof_ratios_base from another build); SKIP_TESTS=1 drops
+# packages in .gl/ (see the device tool's README). Writes logs and JSON under $RAW, packed into
+# $OUT/results.tar.gz as each part ends (the device tool brings back at most eight files).
+# PARTS picks what runs after the adapter probe (default: all of tests upload roof quick bench
+# peers diag ab probe; ab needs a .device/roof_ratios_base from another build); SKIP_TESTS=1 drops
 # the tests. Parts run in that order, most needed first, and one that would likely end past
 # BUDGET seconds (default 400: a session has 15 minutes of device time, start-up included) is
 # skipped with a note, so one call brings back whole parts rather than a cut-off one.
 set -u
-PARTS="${PARTS:-tests roof quick bench peers diag ab probe}"
+PARTS="${PARTS:-tests upload roof quick bench peers diag ab probe}"
 [ -n "${SKIP_TESTS:-}" ] && PARTS="${PARTS/tests/}"
 BUDGET="${BUDGET:-400}"
 # Rough seconds each part takes on an H200 (its timeouts allow more).
-declare -A COST=([tests]=40 [roof]=120 [quick]=90 [bench]=150 [peers]=120 [diag]=50 [ab]=90 [probe]=40)
+declare -A COST=([tests]=40 [upload]=40 [roof]=120 [quick]=90 [bench]=150 [peers]=120 [diag]=50 [ab]=90 [probe]=40)
 part() {
     [[ " $PARTS " == *" $1 "* ]] || return 1
     if (( SECONDS + ${COST[$1]} > BUDGET )); then
@@ -22,8 +23,11 @@ part() {
     fi
 }
 OUT="${OUT:-/tmp/klgpu-out}"
-mkdir -p "$OUT"
-section() { printf '\n==== %s (t=%ss)\n' "$1" "$SECONDS"; }
+RAW=/tmp/klgpu-raw
+rm -rf "$RAW"
+mkdir -p "$OUT" "$RAW"
+pack() { tar czf "$OUT/results.tar.gz" -C "$RAW" . 2>/dev/null; }
+section() { pack; printf '\n==== %s (t=%ss)\n' "$1" "$SECONDS"; }
 
 section machine
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
@@ -48,9 +52,9 @@ fi
 export XDG_RUNTIME_DIR=/tmp
 
 section "wgpu adapters (quick bench decides)"
-timeout 120 .device/bench --quick --no-cpu --max-n 1000000 > "$OUT/probe.txt" 2>&1
-head -3 "$OUT/probe.txt"
-if ! grep -q "DiscreteGpu\|IntegratedGpu" "$OUT/probe.txt"; then
+timeout 120 .device/bench --quick --no-cpu --max-n 1000000 > "$RAW/probe.txt" 2>&1
+head -3 "$RAW/probe.txt"
+if ! grep -q "DiscreteGpu\|IntegratedGpu" "$RAW/probe.txt"; then
     echo "wgpu found no hardware Vulkan adapter; trying the GL backend (EGL)"
     WGPU_BACKEND=gl timeout 60 .device/bench --quick --no-cpu --max-n 100000 2>&1 | head -3
 fi
@@ -58,25 +62,27 @@ fi
 section "tests on this adapter"
 tests="core batch apps"
 part tests || { tests=""; echo "skipped (PARTS=$PARTS)"; }
-# One file for all three: the device tool returns at most eight files.
 for t in $tests; do
-    timeout 100 ".device/$t" --test-threads 4 > "/tmp/test-$t.txt" 2>&1
-    echo "$t: exit $? — $(grep -E '^test result' "/tmp/test-$t.txt")"
-    grep -E -A1 'panicked' "/tmp/test-$t.txt" | head -12
-    { echo "==== $t"; cat "/tmp/test-$t.txt"; } >> "$OUT/tests.txt"
+    timeout 100 ".device/$t" --test-threads 4 > "$RAW/test-$t.txt" 2>&1
+    echo "$t: exit $? — $(grep -E '^test result' "$RAW/test-$t.txt")"
+    grep -E -A1 'panicked' "$RAW/test-$t.txt" | head -12
 done
 
+if part upload; then
+section "host data: KL from host slices by window size and copying threads (staging buffers)"
+timeout 60 .device/host_windows --rounds 5 --mib 8,32,128 --threads 1,4,8 2>&1 | tee "$RAW/host_windows.txt" | grep -v XDG
+fi
 
 if part roof; then
 section "own-roof ratios, interleaved, sizes x25 (bandwidth-bound on a data-centre GPU)"
-timeout 90 .device/roof_ratios --rounds 10 --scale 25 2>&1 | tee "$OUT/roof_ratios.txt" | grep -v XDG
+timeout 90 .device/roof_ratios --rounds 10 --scale 25 2>&1 | tee "$RAW/roof_ratios.txt" | grep -v XDG
 echo "-- the same with a CPU adapter's blocked lanes (GPUs default to interleaved)"
-timeout 30 .device/roof_ratios --rounds 5 --scale 25 --blocked-lanes 1 KL,KL1k,long 2>&1 | tee "$OUT/roof_ratios_blocked.txt" | grep -v XDG
+timeout 30 .device/roof_ratios --rounds 5 --scale 25 --blocked-lanes 1 KL,KL1k,long 2>&1 | tee "$RAW/roof_ratios_blocked.txt" | grep -v XDG
 echo "-- rows of 1000 and of 10 with longer lane loops (fewer lanes per row, less reduction per element)"
 for m in 16 64 256; do
     echo "-- --min-iterations $m"
     timeout 30 .device/roof_ratios --rounds 5 --scale 25 --min-iterations $m KL1k,KL10,KLnorm 2>&1 | grep -v XDG
-done 2>&1 | tee "$OUT/roof_ratios_iterations.txt"
+done 2>&1 | tee "$RAW/roof_ratios_iterations.txt"
 fi
 
 if part quick; then
@@ -86,19 +92,19 @@ for i in 1 2; do
         echo "-- --quick $quick"
         timeout 40 .device/roof_ratios --rounds 5 --scale 25 --quick $quick KL,CE,H,JS,KL10,KL1k 2>&1 | grep -v XDG
     done
-done 2>&1 | tee "$OUT/quick.txt"
+done 2>&1 | tee "$RAW/quick.txt"
 fi
 
 if part bench; then
 section "benchmark"
-timeout 240 .device/bench --json "$OUT/bench.json" --no-cpu 2>&1 | tee "$OUT/bench.txt" | grep -v XDG
+timeout 240 .device/bench --json "$RAW/bench.json" --no-cpu 2>&1 | tee "$RAW/bench.txt" | grep -v XDG
 fi
 
 if part peers; then
 section "peers"
-klgpu=(--klgpu-json "$OUT/bench.json")
-[ -f "$OUT/bench.json" ] || klgpu=(--bench .device/bench)
-PYTHONUNBUFFERED=1 timeout 200 python3 scripts/peers.py "${klgpu[@]}" --json "$OUT/peers.json" 2>&1 | tee "$OUT/peers.txt"
+klgpu=(--klgpu-json "$RAW/bench.json")
+[ -f "$RAW/bench.json" ] || klgpu=(--bench .device/bench)
+PYTHONUNBUFFERED=1 timeout 200 python3 scripts/peers.py "${klgpu[@]}" --json "$RAW/peers.json" 2>&1 | tee "$RAW/peers.txt"
 fi
 
 if part diag; then
@@ -114,18 +120,19 @@ for i in 1 2; do
         echo "-- $b"
         timeout 40 ".device/$b" --rounds 5 --scale 25 ${AB_CASES:-JS,logits,CElogits,JSlogits,long} 2>&1 | grep -v XDG
     done
-done 2>&1 | tee "$OUT/ab.txt"
+done 2>&1 | tee "$RAW/ab.txt"
 fi
 
 
 if part probe; then
 section "probe: would logits gain from re-reading rows from L2? (examples/l2_reread.rs)"
-timeout 60 .device/l2_reread 2>&1 | tee "$OUT/l2_reread.txt" | grep -v XDG
+timeout 60 .device/l2_reread 2>&1 | tee "$RAW/l2_reread.txt" | grep -v XDG
 fi
 
 section "summary (repeated here: the device tool returns only the output's tail)"
 for t in core batch apps; do
-    [ -f "/tmp/test-$t.txt" ] && echo "$t: $(grep -E '^test result' "/tmp/test-$t.txt")"
+    [ -f "$RAW/test-$t.txt" ] && echo "$t: $(grep -E '^test result' "$RAW/test-$t.txt")"
 done
-[ -f "$OUT/bench.txt" ] && grep -E "^roofline:|KL probs N=1e8 |KL logits 4096" "$OUT/bench.txt" | grep gpu-device
+[ -f "$RAW/bench.txt" ] && grep -E "^roofline:|KL probs N=1e8 |KL logits 4096" "$RAW/bench.txt" | grep gpu-device
 section done
+pack

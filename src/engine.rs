@@ -37,6 +37,11 @@ pub struct Tuning {
     /// default) is off: CPU adapters run both sides of a branch, and on GPUs it is not
     /// measured yet (`roof_ratios --quick 1`).
     pub quick_vec4: Option<bool>,
+    /// Most threads that copy one window of host data into the GPU's staging memory. `None`
+    /// (the default) picks for the adapter
+    /// ([`plan::default_upload_threads`](crate::plan::default_upload_threads)): one on CPU
+    /// adapters, one per core up to eight on GPUs.
+    pub upload_threads: Option<u32>,
 }
 
 impl Default for Tuning {
@@ -47,6 +52,7 @@ impl Default for Tuning {
             blocked_lanes: None,
             two_pass_window_bytes: u64::MAX,
             quick_vec4: None,
+            upload_threads: None,
         }
     }
 }
@@ -327,6 +333,10 @@ impl Engine {
             fault,
             scratch: ScratchPool::default(),
             serial: (info.backend == wgpu::Backend::Gl).then(Arc::default),
+            upload_threads: options
+                .tuning
+                .upload_threads
+                .unwrap_or_else(|| crate::plan::default_upload_threads(cpu_adapter, host_threads)),
         };
         Ok(Engine {
             gpu: Arc::new(gpu),

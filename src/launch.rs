@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::kernels::{self, InputCode, Kernels, MONOID_BYTES, Params, SegmentReduce, Stage, Term};
-use crate::plan::{Layout, Plan, Window};
+use crate::plan::{self, Layout, Plan, Window};
 use crate::types::Measure;
 
 /// Bytes per uniform slot: one dispatch's Params at a dynamic offset (every adapter's
@@ -267,6 +267,8 @@ pub(crate) struct Gpu {
     pub scratch: ScratchPool,
     /// On OpenGL only: calls take turns (see [`Serial`]).
     pub serial: Option<Arc<Serial>>,
+    /// Most threads that copy one host window into staging.
+    pub upload_threads: u32,
 }
 
 /// Calls take turns on an OpenGL device. wgpu's GL backend has one context, and a thread
@@ -668,30 +670,57 @@ impl Gpu {
         }
     }
 
-    /// Writes `data` at the start of `staging` once its last copy is done, and unmaps it.
-    async fn fill(&self, staging: &mut Staging, data: &[f32], blocking: bool) -> Result<()> {
-        if let Some((mut mapped, index)) = staging.pending.take() {
-            let cancelled =
-                |_| Error::Gpu("an upload buffer's map was cancelled (device lost?)".into());
-            // Usually done already: waiting for the window before this one polled the device.
-            let result = match mapped.try_recv().map_err(cancelled)? {
-                Some(result) => result,
-                None => {
-                    self.wait(index, blocking).await?;
-                    mapped.await.map_err(cancelled)?
-                }
-            };
-            result.map_err(|e| Error::Gpu(format!("mapping an upload buffer failed: {e}")))?;
-        }
+    /// Waits until `staging`'s last copy is done and it is mapped again.
+    async fn ready(&self, staging: &mut Staging, blocking: bool) -> Result<()> {
+        let Some((mut mapped, index)) = staging.pending.take() else {
+            return Ok(());
+        };
+        let cancelled =
+            |_| Error::Gpu("an upload buffer's map was cancelled (device lost?)".into());
+        // Usually done already: waiting for the window before this one polled the device.
+        let result = match mapped.try_recv().map_err(cancelled)? {
+            Some(result) => result,
+            None => {
+                self.wait(index, blocking).await?;
+                mapped.await.map_err(cancelled)?
+            }
+        };
+        result.map_err(|e| Error::Gpu(format!("mapping an upload buffer failed: {e}")))
+    }
+
+    /// Copies each slice to the start of its (mapped) staging buffer, and unmaps them. A large
+    /// window is copied on several threads: one core's copy is slower than the memory, and on
+    /// a discrete GPU this copy is most of what a call over host data costs.
+    fn write_staged(&self, targets: &mut [(&mut Staging, &[f32])]) -> Result<()> {
         self.scoped(|| {
-            let bytes: &[u8] = bytemuck::cast_slice(data);
-            staging
-                .buffer
-                .slice(..bytes.len() as u64)
-                .get_mapped_range_mut()
-                .map(|mut view| view.copy_from_slice(bytes))
-                .map_err(|e| Error::Gpu(format!("writing an upload buffer failed: {e}")))?;
-            staging.buffer.unmap();
+            let total: u64 = targets.iter().map(|(_, d)| d.len() as u64 * 4).sum();
+            // Disjoint views of each buffer, one per thread: (view, what goes in it).
+            let mut jobs = Vec::new();
+            for (staging, data) in targets.iter() {
+                let src: &[u8] = bytemuck::cast_slice(data);
+                for range in plan::copy_ranges(src.len() as u64, total, self.upload_threads) {
+                    let part = &src[range.start as usize..range.end as usize];
+                    let view = staging
+                        .buffer
+                        .slice(range)
+                        .get_mapped_range_mut()
+                        .map_err(|e| Error::Gpu(format!("writing an upload buffer failed: {e}")))?;
+                    jobs.push((view, part));
+                }
+            }
+            std::thread::scope(|scope| {
+                let mut jobs = jobs.into_iter();
+                let here = jobs.next();
+                for (mut view, src) in jobs {
+                    scope.spawn(move || view.copy_from_slice(src));
+                }
+                if let Some((mut view, src)) = here {
+                    view.copy_from_slice(src);
+                }
+            });
+            for (staging, _) in targets.iter() {
+                staging.buffer.unmap();
+            }
             Ok(())
         })?
     }
@@ -739,12 +768,14 @@ impl Gpu {
             let slot = k % 2;
             let range = window.elem_start as usize..(window.elem_start + window.elem_len) as usize;
             let sides: &[&[f32]] = if uses_q { &[p, q] } else { &[p] };
-            for (side, data) in sides.iter().enumerate() {
-                let staging = scratch.staging[side][slot]
-                    .as_mut()
-                    .expect("prepared staging");
-                self.fill(staging, &data[range.clone()], blocking).await?;
+            let [p_staging, q_staging] = &mut scratch.staging;
+            let mut targets = Vec::with_capacity(2);
+            for (staging, data) in [p_staging, q_staging].into_iter().zip(sides) {
+                let staging = staging[slot].as_mut().expect("prepared staging");
+                self.ready(staging, blocking).await?;
+                targets.push((staging, &data[range.clone()]));
             }
+            self.write_staged(&mut targets)?;
             let submitted = self.scoped(|| {
                 let mut encoder =
                     self.device

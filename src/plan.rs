@@ -49,6 +49,37 @@ pub fn default_window_bytes(cpu_adapter: bool) -> u64 {
     }
 }
 
+/// Smallest share of a host window that one thread copies into staging: below it a thread
+/// costs more than it saves.
+pub const COPY_PIECE_BYTES: u64 = 4 << 20;
+
+/// Default number of threads that copy a host window into staging. One on a CPU adapter,
+/// whose kernels run on the same cores and are the bottleneck (lavapipe, KL over 10^7 and
+/// 10^8 from host slices: two threads within noise of one, `examples/host_windows`). On a GPU
+/// one per core, at most eight: one core copies at about 10 GB/s (this VM; the H200's host
+/// uploaded at 12 GB/s), far below what memory and PCIe take, and on a discrete GPU the copy
+/// is most of a call over host data.
+pub fn default_upload_threads(cpu_adapter: bool, host_threads: u32) -> u32 {
+    if cpu_adapter {
+        1
+    } else {
+        host_threads.clamp(1, 8)
+    }
+}
+
+/// Byte ranges of an input of `len` bytes for separate copying threads, where the window
+/// holds `total` bytes over all its inputs and at most `threads` copy it: shares of at least
+/// `COPY_PIECE_BYTES`, each input getting threads in proportion to its size. Each range but
+/// the last starts and ends at a multiple of 8 bytes (wgpu maps ranges from such offsets).
+pub fn copy_ranges(len: u64, total: u64, threads: u32) -> Vec<std::ops::Range<u64>> {
+    let pieces = (total / COPY_PIECE_BYTES).clamp(1, threads.max(1) as u64);
+    let share = (pieces * len).div_ceil(total.max(1)).max(1);
+    let piece = len.div_ceil(share).next_multiple_of(8).max(8);
+    (0..len.div_ceil(piece))
+        .map(|k| k * piece..((k + 1) * piece).min(len))
+        .collect()
+}
+
 /// Window lengths are multiples of this many elements (256 bytes: every adapter's storage
 /// offset alignment is at most 256).
 pub const WINDOW_GRANULE: u64 = 64;
@@ -448,6 +479,34 @@ mod tests {
             Plan::new(1, 10_000_000, limits).windows.len()
         };
         assert_eq!((windows(false), windows(true)), (2, 10));
+    }
+
+    #[test]
+    fn copy_ranges_split_large_windows_into_aligned_shares() {
+        let mib = 1u64 << 20;
+        let check = |len: u64, total: u64, threads: u32| {
+            let ranges = copy_ranges(len, total, threads);
+            assert_eq!(ranges.first().map(|r| r.start), Some(0));
+            assert_eq!(ranges.last().map(|r| r.end), Some(len));
+            for pair in ranges.windows(2) {
+                assert_eq!(pair[0].end, pair[1].start);
+                assert_eq!(pair[1].start % 8, 0);
+            }
+            ranges.len()
+        };
+        // Small windows, or one thread: one copy per input.
+        assert_eq!(check(4 * mib, 8 * mib, 8), 1);
+        assert_eq!(check(32 * mib, 64 * mib, 1), 1);
+        assert_eq!(check(1000, 2000, 8), 1);
+        // Two 32 MiB inputs on 8 threads: four shares each.
+        assert_eq!(check(32 * mib, 64 * mib, 8), 4);
+        // One input of 32 MiB + 4 bytes: eight shares, the last one short.
+        assert_eq!(check(32 * mib + 4, 32 * mib + 4, 8), 8);
+        // Shares never go below COPY_PIECE_BYTES' worth of the window.
+        assert_eq!(check(6 * mib, 12 * mib, 8), 2);
+        assert_eq!(default_upload_threads(true, 16), 1);
+        assert_eq!(default_upload_threads(false, 16), 8);
+        assert_eq!(default_upload_threads(false, 2), 2);
     }
 
     proptest! {
