@@ -1,17 +1,18 @@
-//! KL from host slices (uploads included, wall clock) with host windows of several sizes and
-//! several numbers of copying threads, interleaved: for choosing `EngineOptions::window_bytes`
-//! and `Tuning::upload_threads` on an adapter, and for A/B of the upload path.
+//! KL from host slices (uploads included, wall clock) with host windows of several sizes,
+//! several numbers of copying threads, and with or without direct uploads, interleaved: for
+//! choosing `EngineOptions::window_bytes`, `Tuning::upload_threads` and
+//! `Tuning::direct_uploads` on an adapter.
 //!
-//! Every round times one call per (N, window, threads) in turn, and each keeps its best round,
+//! Every round times one call per (N, configuration) in turn, and each keeps its best round,
 //! so all see the same machine state. Also prints the best single-threaded copy of one input, a
 //! floor for what any upload through host memory costs.
 //!
 //! ```text
 //! cargo run --release --example host_windows -- [--rounds R] [--n N,...] [--mib W,...]
-//!     [--threads T,...]
+//!     [--threads T,...] [--direct D,...]
 //! ```
 //! Defaults: 7 rounds, N = 10^7 and 10^8, windows of 4, 32 and 128 MiB per input, the
-//! adapter's default threads (`--threads 0`).
+//! adapter's default threads (`--threads 0`) and uploads (`--direct 2`; 0 off, 1 on).
 
 #[path = "../benches/support/mod.rs"]
 mod support;
@@ -30,6 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut sizes: Vec<u64> = vec![10_000_000, 100_000_000];
     let mut mib: Vec<u64> = vec![4, 32, 128];
     let mut threads: Vec<u64> = vec![0];
+    let mut direct: Vec<u64> = vec![2];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let value = args.next().ok_or(format!("{a} needs a value"))?;
@@ -38,21 +40,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--n" => sizes = list(&value)?,
             "--mib" => mib = list(&value)?,
             "--threads" => threads = list(&value)?,
+            "--direct" => direct = list(&value)?,
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
-    let configs: Vec<(u64, u64)> = mib
-        .iter()
-        .flat_map(|&m| threads.iter().map(move |&t| (m, t)))
-        .collect();
+    let mut configs: Vec<(u64, u64, u64)> = vec![];
+    for &m in &mib {
+        for &t in &threads {
+            configs.extend(direct.iter().map(|&d| (m, t, d)));
+        }
+    }
     let engines = configs
         .iter()
-        .map(|&(m, t)| {
+        .map(|&(m, t, d)| {
             let mut options = EngineOptions {
                 window_bytes: Some(m << 20),
                 ..Default::default()
             };
             options.tuning.upload_threads = (t > 0).then_some(t as u32);
+            options.tuning.direct_uploads = (d < 2).then_some(d == 1);
             Engine::with_options(options)
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -87,14 +93,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             copy_best[i] * 1e3,
             bytes / 2.0 / copy_best[i] / 1e9
         );
-        for (j, &(m, t)) in configs.iter().enumerate() {
+        for (j, &(m, t, d)) in configs.iter().enumerate() {
             let t = if t == 0 {
                 "default".to_string()
             } else {
                 t.to_string()
             };
+            let d = ["staged", "direct", "default"][d.min(2) as usize];
             println!(
-                "  windows of {m:>4} MiB, threads {t:>7}: {:8.2} ms {:6.2} GB/s",
+                "  windows of {m:>4} MiB, threads {t:>7}, uploads {d:>7}: {:8.2} ms {:6.2} GB/s",
                 best[i][j] * 1e3,
                 bytes / best[i][j] / 1e9
             );

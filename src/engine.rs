@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::cpu;
 use crate::error::{Error, Result};
 use crate::kernels::{self, InputCode, Kernels, Term};
-use crate::launch::{Gpu, Job, Prepass, Readback, ScratchPool};
+use crate::launch::{Gpu, Job, Prepass, Readback, ScratchPool, Upload};
 use crate::plan::{Plan, PlanLimits};
 use crate::types::{Input, Measure, Options, RowResults};
 
@@ -42,6 +42,13 @@ pub struct Tuning {
     /// ([`plan::default_upload_threads`](crate::plan::default_upload_threads)): one on CPU
     /// adapters, one per core up to eight on GPUs.
     pub upload_threads: Option<u32>,
+    /// Whether host data is written straight into the kernels' input buffers, mapped, instead
+    /// of into staging buffers that the GPU then copies. Only where the device has
+    /// `Features::MAPPABLE_PRIMARY_BUFFERS` (an engine that creates its device asks for it
+    /// when this is on). `None` (the default) is on for CPU and integrated adapters, whose
+    /// memory is the host's, so the copy would only copy host memory; off for discrete GPUs,
+    /// which would read the inputs across the bus.
+    pub direct_uploads: Option<bool>,
 }
 
 impl Default for Tuning {
@@ -53,6 +60,7 @@ impl Default for Tuning {
             two_pass_window_bytes: u64::MAX,
             quick_vec4: None,
             upload_threads: None,
+            direct_uploads: None,
         }
     }
 }
@@ -65,10 +73,9 @@ pub struct EngineOptions {
     pub subgroups: bool,
     /// Most bytes of one input uploaded and bound at once from host memory. Larger inputs
     /// stream through windows of this size, so memory stays bounded: a call over host data
-    /// keeps two windows per input on the device and two staging buffers per input in host
-    /// memory, each of this size, for the next call. `None` (the
-    /// default) picks one for the adapter ([`plan::default_window_bytes`](crate::plan::default_window_bytes):
-    /// 32 MiB on GPUs, 4 MiB on CPU adapters).
+    /// keeps two windows per input on the device and (unless [`Tuning::direct_uploads`]) two
+    /// staging buffers per input in host memory, each of this size, for the next call. `None`
+    /// (the default) is [`plan::WINDOW_BYTES`](crate::plan::WINDOW_BYTES), 32 MiB.
     pub window_bytes: Option<u64>,
     /// Planner knobs.
     pub tuning: Tuning,
@@ -138,6 +145,14 @@ fn backend_rank(b: wgpu::Backend) -> u8 {
         wgpu::Backend::Gl => 1,
         _ => 2,
     }
+}
+
+/// Whether host data should go straight into mapped input buffers ([`Tuning::direct_uploads`]).
+fn wants_direct_uploads(info: &wgpu::AdapterInfo, tuning: &Tuning) -> bool {
+    tuning.direct_uploads.unwrap_or(matches!(
+        info.device_type,
+        wgpu::DeviceType::Cpu | wgpu::DeviceType::IntegratedGpu
+    ))
 }
 
 /// Index of the adapter klgpu picks among `infos`: the one named by `wanted`
@@ -226,6 +241,9 @@ impl Engine {
             features |= wgpu::Features::SUBGROUP;
         }
         features |= adapter.features() & wgpu::Features::TIMESTAMP_QUERY;
+        if wants_direct_uploads(&adapter.get_info(), &options.tuning) {
+            features |= adapter.features() & wgpu::Features::MAPPABLE_PRIMARY_BUFFERS;
+        }
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("klgpu.device"),
@@ -289,9 +307,7 @@ impl Engine {
         let hw = device.limits();
         let cpu_adapter = info.device_type == wgpu::DeviceType::Cpu;
         let binding = hw.max_storage_buffer_binding_size.min(hw.max_buffer_size);
-        let window_bytes = options
-            .window_bytes
-            .unwrap_or_else(|| crate::plan::default_window_bytes(cpu_adapter));
+        let window_bytes = options.window_bytes.unwrap_or(crate::plan::WINDOW_BYTES);
         let limits = PlanLimits::from_bytes(
             binding,
             window_bytes,
@@ -322,6 +338,15 @@ impl Engine {
             &device,
             options.tuning.quick_vec4.unwrap_or(false) && subgroups,
         );
+        let upload = if wants_direct_uploads(&info, &options.tuning)
+            && device
+                .features()
+                .contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS)
+        {
+            Upload::Direct
+        } else {
+            Upload::Staged
+        };
         let fault: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
         let gpu = Gpu {
             device,
@@ -337,6 +362,7 @@ impl Engine {
                 .tuning
                 .upload_threads
                 .unwrap_or_else(|| crate::plan::default_upload_threads(cpu_adapter, host_threads)),
+            upload,
         };
         Ok(Engine {
             gpu: Arc::new(gpu),
@@ -387,6 +413,12 @@ impl Engine {
     /// Whether reductions currently use subgroup operations.
     pub fn uses_subgroups(&self) -> bool {
         self.gpu.subgroups.load(Ordering::Relaxed)
+    }
+
+    /// Whether host data is written straight into the kernels' input buffers
+    /// ([`Tuning::direct_uploads`]) rather than into staging buffers the GPU copies from.
+    pub fn direct_uploads(&self) -> bool {
+        self.gpu.upload == Upload::Direct
     }
 
     /// Most elements of one input processed per window.

@@ -148,8 +148,9 @@ impl Scratch {
         }
     }
 
-    /// Grows every buffer to what `plan` needs (host uploads use the window buffers).
-    fn prepare(&mut self, device: &wgpu::Device, plan: &Plan, host_windows: bool, uses_q: bool) {
+    /// Grows every buffer to what `plan` needs; `host` names how host data is uploaded, if
+    /// the job has host data.
+    fn prepare(&mut self, device: &wgpu::Device, plan: &Plan, host: Option<Upload>, uses_q: bool) {
         let rows = plan.rows;
         ensure(
             device,
@@ -174,22 +175,32 @@ impl Scratch {
             16 + rows * 8,
             wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         );
-        if host_windows {
-            let bytes = plan.max_window_elems() * 4;
-            for side in 0..if uses_q { 2 } else { 1 } {
-                for slot in &mut self.windows[side] {
-                    if slot.as_ref().is_none_or(|b| b.size() < bytes) {
-                        *slot = Some(buffer(device, "klgpu.window", bytes, STORAGE));
-                    }
+        let Some(upload) = host else { return };
+        let bytes = plan.max_window_elems() * 4;
+        for side in 0..if uses_q { 2 } else { 1 } {
+            for (window, staging) in self.windows[side].iter_mut().zip(&mut self.staging[side]) {
+                if staging.as_ref().is_some_and(|s| s.buffer.size() >= bytes) {
+                    continue;
                 }
-                for slot in &mut self.staging[side] {
-                    if slot.as_ref().is_none_or(|s| s.buffer.size() < bytes) {
-                        *slot = Some(Staging::new(device, bytes));
-                    }
-                }
+                let fresh = Staging::new(device, bytes, upload);
+                *window = Some(match upload {
+                    Upload::Staged => buffer(device, "klgpu.window", bytes, STORAGE),
+                    Upload::Direct => fresh.buffer.clone(),
+                });
+                *staging = Some(fresh);
             }
         }
     }
+}
+
+/// How host data reaches the kernels' window buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Upload {
+    /// Written into staging buffers, which the GPU copies into the windows.
+    Staged,
+    /// Written into the windows themselves, mapped (`Features::MAPPABLE_PRIMARY_BUFFERS`):
+    /// for adapters whose memory is the host's, where a copy would only copy host memory.
+    Direct,
 }
 
 /// A host-visible buffer that host windows are written into and copied from, reused call
@@ -208,11 +219,15 @@ struct Staging {
 type MapReceiver = futures_channel::oneshot::Receiver<Result<(), wgpu::BufferAsyncError>>;
 
 impl Staging {
-    fn new(device: &wgpu::Device, size: u64) -> Staging {
+    fn new(device: &wgpu::Device, size: u64, upload: Upload) -> Staging {
+        let (label, usage) = match upload {
+            Upload::Staged => ("klgpu.staging", wgpu::BufferUsages::COPY_SRC),
+            Upload::Direct => ("klgpu.window", wgpu::BufferUsages::STORAGE),
+        };
         let buffer = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("klgpu.staging"),
+            label: Some(label),
             size: size.max(16).div_ceil(16) * 16,
-            usage: wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
+            usage: wgpu::BufferUsages::MAP_WRITE | usage,
             mapped_at_creation: true,
         });
         Staging {
@@ -269,6 +284,7 @@ pub(crate) struct Gpu {
     pub serial: Option<Arc<Serial>>,
     /// Most threads that copy one host window into staging.
     pub upload_threads: u32,
+    pub upload: Upload,
 }
 
 /// Calls take turns on an OpenGL device. wgpu's GL backend has one context, and a thread
@@ -756,7 +772,7 @@ impl Gpu {
     ) -> Result<Readback> {
         let uses_q = job.term.uses_q();
         self.scoped(|| {
-            scratch.prepare(&self.device, plan, true, uses_q);
+            scratch.prepare(&self.device, plan, Some(self.upload), uses_q);
             self.queue
                 .write_buffer(&scratch.status, 0, bytemuck::cast_slice(&STATUS_INIT));
         })?;
@@ -790,7 +806,9 @@ impl Gpu {
                         .as_ref()
                         .expect("prepared staging")
                         .buffer;
-                    encoder.copy_buffer_to_buffer(staging, 0, buffer, 0, window.elem_len * 4);
+                    if self.upload == Upload::Staged {
+                        encoder.copy_buffer_to_buffer(staging, 0, buffer, 0, window.elem_len * 4);
+                    }
                     buffer
                 };
                 let wp = upload(&mut encoder, 0);
@@ -864,7 +882,7 @@ impl Gpu {
         grad: Option<&GpuSlice<'_>>,
     ) {
         let visits = visits(plan, job);
-        scratch.prepare(&self.device, plan, false, job.term.uses_q());
+        scratch.prepare(&self.device, plan, None, job.term.uses_q());
         ensure(
             &self.device,
             &mut scratch.params,

@@ -52,28 +52,35 @@ fn forty_million_elements_stream_through_windows() {
 }
 
 #[test]
-fn host_windows_copied_into_staging_on_several_threads() {
+fn host_windows_written_on_several_threads() {
     // Windows of 16 MiB per input written by four threads, two per input in 8 MiB shares (CPU
-    // adapters default to one thread): row by row, so one element out of place fails its row.
-    let e = klgpu::Engine::with_options(klgpu::EngineOptions {
-        window_bytes: Some(16 << 20),
-        tuning: klgpu::Tuning {
-            upload_threads: Some(4),
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .unwrap();
+    // adapters default to one thread), into staging buffers and directly into the windows: row
+    // by row, so one element out of place fails its row.
     let (rows, cols) = (5003, 1001);
     let mut r = rng(12);
     let p = dirichlet(&mut r, rows, cols, 1.0);
     let q = dirichlet(&mut r, rows, cols, 1.0);
-    for m in Measure::ALL {
-        let opts = Options::default();
-        let gpu = e.rows(m, &p, Some(&q), cols, &opts).unwrap().values;
-        let exact = cpu::rows(m, &p, Some(&q), cols, &opts).unwrap().values;
-        for (row, (g, x)) in gpu.iter().zip(&exact).enumerate() {
-            assert_close(*g, *x, &format!("{m:?} row {row}"));
+    for direct in [false, true] {
+        let e = klgpu::Engine::with_options(klgpu::EngineOptions {
+            window_bytes: Some(16 << 20),
+            tuning: klgpu::Tuning {
+                upload_threads: Some(4),
+                direct_uploads: Some(direct),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .unwrap();
+        // Every Vulkan adapter has MAPPABLE_PRIMARY_BUFFERS (lavapipe does): direct is direct.
+        let vulkan = e.adapter_info().backend == klgpu::wgpu::Backend::Vulkan;
+        assert_eq!(e.direct_uploads(), direct && (vulkan || e.direct_uploads()));
+        for m in Measure::ALL {
+            let opts = Options::default();
+            let gpu = e.rows(m, &p, Some(&q), cols, &opts).unwrap().values;
+            let exact = cpu::rows(m, &p, Some(&q), cols, &opts).unwrap().values;
+            for (row, (g, x)) in gpu.iter().zip(&exact).enumerate() {
+                assert_close(*g, *x, &format!("direct {direct} {m:?} row {row}"));
+            }
         }
     }
 }

@@ -19,12 +19,18 @@ pub fn engine() -> &'static Engine {
     })
 }
 
-/// An engine with tiny windows (4 KiB per input): streaming paths on small data.
+/// An engine with tiny windows (4 KiB per input): streaming paths on small data. Uploads go
+/// through staging buffers, as on a discrete GPU (a CPU adapter's default writes the windows
+/// directly, as [`engine`] does).
 pub fn small_window_engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE.get_or_init(|| {
         Engine::with_options(EngineOptions {
             window_bytes: Some(4096),
+            tuning: Tuning {
+                direct_uploads: Some(false),
+                ..Default::default()
+            },
             ..Default::default()
         })
         .unwrap_or_else(|e| panic!("klgpu tests need a GPU adapter: {e}"))
@@ -32,8 +38,8 @@ pub fn small_window_engine() -> &'static Engine {
 }
 
 /// The plan a GPU gets (many short workgroups, rows split into chunks and combined, lanes
-/// interleaved), whatever the adapter: on a CPU adapter the default plan is a few long
-/// workgroups with blocked lanes instead. With the quick path for plain vec4s on
+/// interleaved), and its uploads through staging buffers, whatever the adapter: on a CPU
+/// adapter the default plan is a few long workgroups with blocked lanes instead. With the quick path for plain vec4s on
 /// (`Tuning::quick_vec4`), so every test over all plans checks it against the reference.
 pub fn gpu_plan_engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
@@ -61,6 +67,7 @@ fn short_loop_engine(blocked_lanes: bool, quick_vec4: bool) -> Engine {
             target_workgroups: Some(plan::TARGET_WORKGROUPS),
             blocked_lanes: Some(blocked_lanes),
             quick_vec4: Some(quick_vec4),
+            direct_uploads: Some(false),
             ..Default::default()
         },
         ..Default::default()
