@@ -255,7 +255,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             roof_seconds: None,
         });
     }
-    // Host-data windows (klgpu::plan::WINDOW_BYTES): one long row and the logits batch.
+    // Host-data windows (klgpu::plan::default_window_bytes): one long row and the logits batch.
     let mut variants: Vec<(String, String, f64)> = vec![];
     for (w, (p, q)) in workloads.iter().zip(&inputs) {
         if w.name != format!("KL probs N={mid:.0e}") && w.input != Input::Logits {

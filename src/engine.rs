@@ -75,7 +75,9 @@ pub struct EngineOptions {
     /// stream through windows of this size, so memory stays bounded: a call over host data
     /// keeps two windows per input on the device and (unless [`Tuning::direct_uploads`]) two
     /// staging buffers per input in host memory, each of this size, for the next call. `None`
-    /// (the default) is [`plan::WINDOW_BYTES`](crate::plan::WINDOW_BYTES), 32 MiB.
+    /// (the default) picks one for the adapter
+    /// ([`plan::default_window_bytes`](crate::plan::default_window_bytes): 32 MiB on GPUs,
+    /// 4 MiB on CPU adapters).
     pub window_bytes: Option<u64>,
     /// Planner knobs.
     pub tuning: Tuning,
@@ -307,7 +309,9 @@ impl Engine {
         let hw = device.limits();
         let cpu_adapter = info.device_type == wgpu::DeviceType::Cpu;
         let binding = hw.max_storage_buffer_binding_size.min(hw.max_buffer_size);
-        let window_bytes = options.window_bytes.unwrap_or(crate::plan::WINDOW_BYTES);
+        let window_bytes = options
+            .window_bytes
+            .unwrap_or_else(|| crate::plan::default_window_bytes(cpu_adapter));
         let limits = PlanLimits::from_bytes(
             binding,
             window_bytes,

@@ -29,15 +29,26 @@ pub const TARGET_WORKGROUPS: u32 = 4096;
 /// more. Measured on lavapipe against the GPU defaults: KL over 4·10^6 1.9× faster, 1000 rows
 /// of 1000 5×, 64 rows of 32,000 logits 4×.
 pub const CPU_WORKGROUPS_PER_THREAD: u32 = 8;
-/// Default most bytes of one input uploaded per window from host memory. Host data goes
-/// through two such windows per input on the device (and, unless uploads are direct, two
-/// staging buffers of the same size in host memory), all kept between calls, so this bounds
-/// what a call holds. On the H200 (runs 6 and 9, `write_buffer` uploads) 16–32 MiB windows
-/// ran KL over 10^7 at 11.5–12 GB/s and 4096 × 32,000 logits at 7.7–9 GB/s, against 8–9 and
-/// 3.6–4.5 GB/s with 128 MiB. On lavapipe with direct uploads 4, 16 and 32 MiB are within
-/// noise of each other from 10^6 to 10^8 elements, 32 MiB ahead as often as not
-/// (`examples/host_windows`).
+/// Default most bytes of one input uploaded per window from host memory on a GPU. Host data
+/// goes through two such windows per input on the device and two staging buffers of the same
+/// size in host memory, all kept between calls, so this bounds what a call holds. On the H200
+/// (runs 6 and 9, `write_buffer` uploads) 16–32 MiB windows ran KL over 10^7 at 11.5–12 GB/s
+/// and 4096 × 32,000 logits at 7.7–9 GB/s, against 8–9 and 3.6–4.5 GB/s with 128 MiB.
 pub const WINDOW_BYTES: u64 = 32 << 20;
+/// The same on a CPU adapter, whose windows are host memory written directly (no staging):
+/// there 4, 16 and 32 MiB are within noise of each other from 10^6 to 10^8 elements
+/// (lavapipe, `examples/host_windows`), and 32 MiB windows cost the command line 98 MB more
+/// peak memory, so the smallest wins.
+pub const CPU_WINDOW_BYTES: u64 = 4 << 20;
+
+/// The default window for host data on an adapter kind.
+pub fn default_window_bytes(cpu_adapter: bool) -> u64 {
+    if cpu_adapter {
+        CPU_WINDOW_BYTES
+    } else {
+        WINDOW_BYTES
+    }
+}
 
 /// Smallest share of a host window that one thread copies into staging: below it a thread
 /// costs more than it saves.
@@ -463,9 +474,12 @@ mod tests {
             (logits.lanes, logits.chunks, logits.row_groups),
             (32, 1, 512)
         );
-        // Host data streams through 32 MiB windows (8 Mi elements).
-        let limits = PlanLimits::from_bytes(1 << 30, WINDOW_BYTES, 65535);
-        assert_eq!(Plan::new(1, 10_000_000, limits).windows.len(), 2);
+        // Host data streams through 32 MiB windows (8 Mi elements), on CPU adapters 4 MiB.
+        let windows = |cpu_adapter| {
+            let limits = PlanLimits::from_bytes(1 << 30, default_window_bytes(cpu_adapter), 65535);
+            Plan::new(1, 10_000_000, limits).windows.len()
+        };
+        assert_eq!((windows(false), windows(true)), (2, 10));
     }
 
     #[test]
