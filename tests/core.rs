@@ -877,6 +877,21 @@ fn async_twins_match_blocking_calls() {
         e.entropy(&p).unwrap(),
         pollster::block_on(e.entropy_async(&p)).unwrap()
     );
+    // Many windows through staging buffers and, on a CPU adapter, directly: the async twin
+    // waits for each buffer's map on a polling thread instead of polling inline.
+    let mut r = rng(13);
+    let p = dirichlet(&mut r, 1, 50_000, 1.0);
+    let q = dirichlet(&mut r, 1, 50_000, 1.0);
+    for e in [small_window_engine(), engine()] {
+        let blocking = e.kl_divergence(&p, &q).unwrap();
+        let asynchronous = pollster::block_on(e.kl_divergence_async(&p, &q)).unwrap();
+        assert_eq!(blocking, asynchronous);
+        assert_close(
+            blocking,
+            cpu::kl_divergence(&p, &q).unwrap(),
+            "async, windows",
+        );
+    }
 }
 
 proptest! {
