@@ -78,7 +78,8 @@ pub(crate) struct Scratch {
     /// Host data's windows on the device: [side][slot], two slots so one window is computed
     /// while the next is written.
     windows: [[Option<wgpu::Buffer>; 2]; 2],
-    /// Where host data's windows are written before the copy into `windows`, slot for slot.
+    /// Where host data's windows are written before the copy into `windows`, slot for slot
+    /// (with direct uploads, the windows themselves).
     staging: [[Option<Staging>; 2]; 2],
     partials: wgpu::Buffer,
     status: wgpu::Buffer,
@@ -203,15 +204,16 @@ pub(crate) enum Upload {
     Direct,
 }
 
-/// A host-visible buffer that host windows are written into and copied from, reused call
-/// after call. `Queue::write_buffer` stages every write in a fresh allocation, and wgpu's
-/// allocator frees all but one block of those as soon as they are done: windows of 128 MiB
-/// paid for new host memory (pinned by the driver, page-faulted by the first write) on every
-/// call. This one is mapped again as soon as its copy is submitted, and is ready when the
-/// window after next needs it.
+/// A host-visible buffer that host windows are written into, reused call after call: a
+/// staging buffer the GPU copies from, or with direct uploads the window itself. It is mapped
+/// again as soon as the window's submission is made, and is ready when the window after next
+/// needs it. `Queue::write_buffer` instead stages every write in a fresh allocation, and
+/// wgpu's allocator frees all but one block of those as soon as they are done: windows of
+/// 128 MiB paid for new host memory (pinned by the driver, page-faulted by the first write)
+/// on every call.
 struct Staging {
     buffer: wgpu::Buffer,
-    /// The map requested after the buffer's last copy, and the submission holding that copy;
+    /// The map requested after the buffer's last use, and the submission that uses it;
     /// `None` while the buffer is mapped and ready.
     pending: Option<(MapReceiver, wgpu::SubmissionIndex)>,
 }
@@ -236,7 +238,7 @@ impl Staging {
         }
     }
 
-    /// Asks for the buffer to be mapped again once `index` (which copies out of it) is done.
+    /// Asks for the buffer to be mapped again once `index` (which reads it) is done.
     fn remap_after(&mut self, index: wgpu::SubmissionIndex) {
         let (tx, rx) = futures_channel::oneshot::channel();
         self.buffer
@@ -284,6 +286,7 @@ pub(crate) struct Gpu {
     pub serial: Option<Arc<Serial>>,
     /// Most threads that copy one host window into staging.
     pub upload_threads: u32,
+    /// How host data reaches the kernels.
     pub upload: Upload,
 }
 
@@ -708,32 +711,42 @@ impl Gpu {
     /// window is copied on several threads: one core's copy is slower than the memory, and on
     /// a discrete GPU this copy is most of what a call over host data costs.
     fn write_staged(&self, targets: &mut [(&mut Staging, &[f32])]) -> Result<()> {
+        let view = |staging: &Staging, range: std::ops::Range<u64>| {
+            staging
+                .buffer
+                .slice(range)
+                .get_mapped_range_mut()
+                .map_err(|e| Error::Gpu(format!("writing an upload buffer failed: {e}")))
+        };
         self.scoped(|| {
             let total: u64 = targets.iter().map(|(_, d)| d.len() as u64 * 4).sum();
-            // Disjoint views of each buffer, one per thread: (view, what goes in it).
-            let mut jobs = Vec::new();
-            for (staging, data) in targets.iter() {
-                let src: &[u8] = bytemuck::cast_slice(data);
-                for range in plan::copy_ranges(src.len() as u64, total, self.upload_threads) {
-                    let part = &src[range.start as usize..range.end as usize];
-                    let view = staging
-                        .buffer
-                        .slice(range)
-                        .get_mapped_range_mut()
-                        .map_err(|e| Error::Gpu(format!("writing an upload buffer failed: {e}")))?;
-                    jobs.push((view, part));
+            let threads = plan::copy_threads(total, self.upload_threads);
+            if threads == 1 {
+                for (staging, data) in targets.iter() {
+                    let src: &[u8] = bytemuck::cast_slice(data);
+                    view(staging, 0..src.len() as u64)?.copy_from_slice(src);
                 }
+            } else {
+                // Disjoint views of each buffer, one per thread: (view, what goes in it).
+                let mut jobs = Vec::new();
+                for (staging, data) in targets.iter() {
+                    let src: &[u8] = bytemuck::cast_slice(data);
+                    for range in plan::copy_ranges(src.len() as u64, total, threads) {
+                        let part = &src[range.start as usize..range.end as usize];
+                        jobs.push((view(staging, range)?, part));
+                    }
+                }
+                std::thread::scope(|scope| {
+                    let mut jobs = jobs.into_iter();
+                    let here = jobs.next();
+                    for (mut view, src) in jobs {
+                        scope.spawn(move || view.copy_from_slice(src));
+                    }
+                    if let Some((mut view, src)) = here {
+                        view.copy_from_slice(src);
+                    }
+                });
             }
-            std::thread::scope(|scope| {
-                let mut jobs = jobs.into_iter();
-                let here = jobs.next();
-                for (mut view, src) in jobs {
-                    scope.spawn(move || view.copy_from_slice(src));
-                }
-                if let Some((mut view, src)) = here {
-                    view.copy_from_slice(src);
-                }
-            });
             for (staging, _) in targets.iter() {
                 staging.buffer.unmap();
             }

@@ -68,13 +68,18 @@ pub fn default_upload_threads(cpu_adapter: bool, host_threads: u32) -> u32 {
     }
 }
 
+/// Threads worth copying a window of `total` bytes (all its inputs) with at most `threads`:
+/// one per `COPY_PIECE_BYTES`, at least one.
+pub fn copy_threads(total: u64, threads: u32) -> u32 {
+    (total / COPY_PIECE_BYTES).clamp(1, threads.max(1) as u64) as u32
+}
+
 /// Byte ranges of an input of `len` bytes for separate copying threads, where the window
-/// holds `total` bytes over all its inputs and at most `threads` copy it: shares of at least
-/// `COPY_PIECE_BYTES`, each input getting threads in proportion to its size. Each range but
-/// the last starts and ends at a multiple of 8 bytes (wgpu maps ranges from such offsets).
-pub fn copy_ranges(len: u64, total: u64, threads: u32) -> Vec<std::ops::Range<u64>> {
-    let pieces = (total / COPY_PIECE_BYTES).clamp(1, threads.max(1) as u64);
-    let share = (pieces * len).div_ceil(total.max(1)).max(1);
+/// holds `total` bytes over all its inputs and `pieces` threads ([`copy_threads`]) copy it,
+/// each input getting threads in proportion to its size. Each range but the last starts and
+/// ends at a multiple of 8 bytes (wgpu maps ranges from such offsets).
+pub fn copy_ranges(len: u64, total: u64, pieces: u32) -> Vec<std::ops::Range<u64>> {
+    let share = (pieces.max(1) as u64 * len).div_ceil(total.max(1)).max(1);
     let piece = len.div_ceil(share).next_multiple_of(8).max(8);
     (0..len.div_ceil(piece))
         .map(|k| k * piece..((k + 1) * piece).min(len))
@@ -486,7 +491,7 @@ mod tests {
     fn copy_ranges_split_large_windows_into_aligned_shares() {
         let mib = 1u64 << 20;
         let check = |len: u64, total: u64, threads: u32| {
-            let ranges = copy_ranges(len, total, threads);
+            let ranges = copy_ranges(len, total, copy_threads(total, threads));
             assert_eq!(ranges.first().map(|r| r.start), Some(0));
             assert_eq!(ranges.last().map(|r| r.end), Some(len));
             for pair in ranges.windows(2) {
@@ -505,6 +510,9 @@ mod tests {
         assert_eq!(check(32 * mib + 4, 32 * mib + 4, 8), 8);
         // Shares never go below COPY_PIECE_BYTES' worth of the window.
         assert_eq!(check(6 * mib, 12 * mib, 8), 2);
+        assert_eq!(copy_threads(8 * mib - 1, 8), 1);
+        assert_eq!(copy_threads(64 * mib, 8), 8);
+        assert_eq!(copy_threads(64 * mib, 3), 3);
         assert_eq!(default_upload_threads(true, 16), 1);
         assert_eq!(default_upload_threads(false, 16), 8);
         assert_eq!(default_upload_threads(false, 2), 2);
