@@ -12,7 +12,8 @@
 //! cargo run --release --example roof_ratios -- [--rounds R] [--workgroups W]
 //!     [--min-iterations M] [--blocked-lanes 0|1] [--quick 0|1] [--scale S] [CASE,CASE,...]
 //! ```
-//! Cases: KL CE H JS (N = 4·10^6), KLlp (KL of log-probabilities, 4·10^6), KL10
+//! Cases: KL CE H JS (N = 4·10^6), KLbare (KL's term alone: no validation, plain sums; a
+//! diagnostic between the roof and KL), KLlp (KL of log-probabilities, 4·10^6), KL10
 //! (400,000 × 10), KL1k (1000 × 1000), logits (64 × 32,000), JSlogits, CElogits, Hlogits (the
 //! same, JS, cross-entropy, entropy), long (8 × 262,144 logits), KLnorm and JSnorm (4000 ×
 //! 1000 probabilities, normalized: two passes, like logits); named cases run in the order
@@ -55,6 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let kl = Measure::KullbackLeibler;
     let cases = [
         ("KL", kl, Input::Probs, 1, n),
+        ("KLbare", kl, Input::Probs, 1, n),
         ("CE", Measure::CrossEntropy, Input::Probs, 1, n),
         ("H", Measure::Entropy, Input::Probs, 1, n),
         ("JS", Measure::JensenShannon, Input::Probs, 1, n),
@@ -179,6 +181,13 @@ impl Case {
     }
 
     fn kernel(&self, engine: &Engine, enc: &mut wgpu::CommandEncoder, ws: &mut klgpu::Workspace) {
+        if self.name == "KLbare" {
+            let (p, q, out) = (self.p.slice(..), self.q.slice(..), self.out.slice(..));
+            engine
+                .record_kl_bare_rows(enc, ws, p, q, self.cols, out)
+                .expect("record the bare kernel");
+            return;
+        }
         engine
             .record_rows(
                 enc,

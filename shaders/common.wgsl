@@ -103,6 +103,9 @@ fn uses_q() -> bool {
 
 // The roofline's sums: plain f32, no validation.
 fn is_roof() -> bool { return MEASURE == MEASURE_ROOF_P || MEASURE == MEASURE_ROOF_PQ; }
+// Sums added in plain f32: the rooflines', and the bare KL of the benchmarks (KL's term
+// without validation or compensation, which tells the cost of the term's arithmetic alone).
+fn plain_sums() -> bool { return is_roof() || MEASURE == MEASURE_KL_BARE; }
 
 // Records a rejected element: which problem (flag bits) and, for the earliest window that has
 // one, the lowest window-local index. Windows run in order, so a later window never overrides.

@@ -72,7 +72,9 @@ fn has_resid() -> bool {
 
 fn fold_term(acc: Acc, t: Term) -> Acc {
     // The roofline reads what a plain streaming sum reads: no compensation to slow it down.
-    if (is_roof()) { return Acc(acc.main_hi + t.main, 0.0, acc.resid_hi + t.resid, 0.0, 0u, 0u); }
+    if (plain_sums()) {
+        return Acc(acc.main_hi + t.main, 0.0, acc.resid_hi + t.resid, 0.0, 0u, 0u);
+    }
     var a = add_main(acc, t.main);
     if (has_resid()) { a = add_resid(a, t.resid); }
     return Acc(a.main_hi, a.main_lo, a.resid_hi, a.resid_lo, a.flags | t.flags, 0u);
@@ -173,7 +175,7 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
     if (MEASURE == MEASURE_SUM_P || MEASURE == MEASURE_ROOF_P) { return term(x, 0.0); }
     if (MEASURE == MEASURE_ROOF_PQ) { return term(x, y); }
     // An invalid element's term is never used: the call fails, naming the element.
-    note_bad(local, is_bad(x) || (uses_q() && is_bad(y)));
+    if (MEASURE != MEASURE_KL_BARE) { note_bad(local, is_bad(x) || (uses_q() && is_bad(y))); }
     if (INPUT == INPUT_LOGPROBS) {
         return log_term(x, y, exp_acc(x), exp_acc(y), x - y);
     }
@@ -248,7 +250,7 @@ fn fold4_term(acc: Acc, x: vec4<f32>, y: vec4<f32>, local: u32, c: u32, ctx: Row
         t3 = element(x.w, y.w, local + 3u, c + 3u, ctx);
     }
     let flags = t0.flags | t1.flags | t2.flags | t3.flags;
-    if (!has_resid() || is_roof()) {
+    if (!has_resid() || plain_sums()) {
         let main = (t0.main + t1.main) + (t2.main + t3.main);
         return fold_term(acc, Term(main, (t0.resid + t1.resid) + (t2.resid + t3.resid), flags));
     }

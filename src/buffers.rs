@@ -531,6 +531,41 @@ impl Engine {
         } else {
             Term::RoofP
         };
+        self.record_unchecked_rows(term, encoder, workspace, p, q, cols, out)
+    }
+
+    /// Records per-row KL of plain probabilities `[rows × cols]` into `out` with KL's
+    /// per-element term but without validation and with plain f32 sums: a benchmark
+    /// diagnostic between [`Engine::record_sum_rows`] (no term) and [`Engine::record_rows`]
+    /// (validation and compensated sums too), which tells how much of KL's time its term's
+    /// arithmetic takes (`examples/roof_ratios`, case `KLbare`). Invalid values go unreported
+    /// and sums lose the compensation's digits: not for results.
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_kl_bare_rows(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        workspace: &mut Workspace,
+        p: wgpu::BufferSlice<'_>,
+        q: wgpu::BufferSlice<'_>,
+        cols: usize,
+        out: wgpu::BufferSlice<'_>,
+    ) -> Result<()> {
+        self.record_unchecked_rows(Term::KlBare, encoder, workspace, p, Some(q), cols, out)
+    }
+
+    /// Records a benchmark term (which validates nothing) over plain f32 rows.
+    #[allow(clippy::too_many_arguments)]
+    fn record_unchecked_rows(
+        &self,
+        term: Term,
+        encoder: &mut wgpu::CommandEncoder,
+        workspace: &mut Workspace,
+        p: wgpu::BufferSlice<'_>,
+        q: Option<wgpu::BufferSlice<'_>>,
+        cols: usize,
+        out: wgpu::BufferSlice<'_>,
+    ) -> Result<()> {
         let measure = if q.is_some() {
             Measure::KullbackLeibler
         } else {

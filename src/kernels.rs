@@ -39,6 +39,9 @@ pub(crate) enum Term {
     RoofPQ,
     /// The loss KL(P‖softmax(z)) with z bound as P and the target as Q; writes the gradient.
     KlGrad,
+    /// KL's term of plain probabilities without validation, summed in plain f32: a benchmark
+    /// diagnostic, between the roofline and KL.
+    KlBare,
 }
 
 impl Term {
@@ -53,13 +56,14 @@ impl Term {
             Term::RoofPQ => 6,
             Term::KlGrad => 7,
             Term::RoofP => 8,
+            Term::KlBare => 9,
         }
     }
 
     pub(crate) fn uses_q(self) -> bool {
         match self {
             Term::Measure(m) => m.uses_q(),
-            Term::Sums | Term::RoofPQ | Term::KlGrad => true,
+            Term::Sums | Term::RoofPQ | Term::KlGrad | Term::KlBare => true,
             Term::SumP | Term::RoofP => false,
         }
     }
@@ -235,7 +239,7 @@ pub(crate) fn shader_source(
          const MEASURE_KL: u32 = 0u;\nconst MEASURE_CE: u32 = 1u;\nconst MEASURE_ENTROPY: u32 = 2u;\n\
          const MEASURE_JS: u32 = 3u;\nconst MEASURE_SUM: u32 = 4u;\nconst MEASURE_SUM_P: u32 = 5u;\n\
          const MEASURE_ROOF_PQ: u32 = 6u;\nconst MEASURE_KL_GRAD: u32 = 7u;\n\
-         const MEASURE_ROOF_P: u32 = 8u;\n\
+         const MEASURE_ROOF_P: u32 = 8u;\nconst MEASURE_KL_BARE: u32 = 9u;\n\
          const INPUT_PROBS: u32 = 0u;\nconst INPUT_LOGPROBS: u32 = 1u;\nconst INPUT_LOGITS: u32 = 2u;\n\
          const INPUT_PROBS_NORM: u32 = 3u;\n\
          const QUICK: bool = {quick};\nfn quick_all(v: bool) -> bool {{ return {quick_all}; }}\n"
