@@ -93,13 +93,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             copy_best[i] * 1e3,
             bytes / 2.0 / copy_best[i] / 1e9
         );
-        for (j, &(m, t, d)) in configs.iter().enumerate() {
+        for (j, &(m, t, _)) in configs.iter().enumerate() {
             let t = if t == 0 {
                 "default".to_string()
             } else {
                 t.to_string()
             };
-            let d = ["staged", "direct", "default"][d.min(2) as usize];
+            // What the engine does, which for the default depends on the adapter.
+            let d = if engines[j].direct_uploads() {
+                "direct"
+            } else {
+                "staged"
+            };
             println!(
                 "  windows of {m:>4} MiB, threads {t:>7}, uploads {d:>7}: {:8.2} ms {:6.2} GB/s",
                 best[i][j] * 1e3,
