@@ -69,8 +69,8 @@ for t in $tests; do
 done
 
 if part upload; then
-section "host data: KL from host slices by window size and copying threads (staging buffers)"
-timeout 60 .device/host_windows --rounds 5 --mib 8,32,128 --threads 1,4,8 2>&1 | tee "$RAW/host_windows.txt" | grep -v XDG
+section "host data: KL from host slices by window size, copying threads, staged or direct (mapped device memory) uploads"
+timeout 60 .device/host_windows --rounds 5 --mib 8,32,128 --threads 1,8 --direct 0,1 2>&1 | tee "$RAW/host_windows.txt" | grep -v XDG
 fi
 
 if part roof; then
