@@ -736,15 +736,22 @@ impl Gpu {
                         jobs.push((view(staging, range)?, part));
                     }
                 }
-                std::thread::scope(|scope| {
-                    let mut jobs = jobs.into_iter();
-                    let here = jobs.next();
-                    for (mut view, src) in jobs {
-                        scope.spawn(move || view.copy_from_slice(src));
-                    }
-                    if let Some((mut view, src)) = here {
+                // Workers take jobs until none are left, this thread among them: a thread the
+                // system cannot start leaves its share to the others rather than panicking.
+                let queue = std::sync::Mutex::new(jobs);
+                let work = || {
+                    loop {
+                        // The lock is released before the copy, so workers copy side by side.
+                        let job = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                        let Some((mut view, src)) = job else { break };
                         view.copy_from_slice(src);
                     }
+                };
+                std::thread::scope(|scope| {
+                    for _ in 1..threads {
+                        let _ = std::thread::Builder::new().spawn_scoped(scope, work);
+                    }
+                    work();
                 });
             }
             for (staging, _) in targets.iter() {
