@@ -40,7 +40,8 @@ pub struct Tuning {
     /// Most threads that copy one window of host data into the GPU's staging memory. `None`
     /// (the default) picks for the adapter
     /// ([`plan::default_upload_threads`](crate::plan::default_upload_threads)): one on CPU
-    /// adapters, one per core up to eight on GPUs.
+    /// adapters, one per core up to eight on GPUs (not measured on a GPU yet:
+    /// `examples/host_windows --threads 1,8`).
     pub upload_threads: Option<u32>,
     /// Whether host data is written straight into the kernels' input buffers, mapped, instead
     /// of into staging buffers that the GPU then copies. Only where the device has

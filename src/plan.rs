@@ -520,6 +520,30 @@ mod tests {
 
     proptest! {
         #[test]
+        fn copy_ranges_cover_each_input_once_at_aligned_offsets(
+            p_elems in 1u64..20_000_000, q_elems in 0u64..20_000_000, threads in 0u32..20,
+        ) {
+            // The inputs of one window (Q absent or as long as P in practice; any length here).
+            let total = 4 * (p_elems + q_elems);
+            let pieces = copy_threads(total, threads);
+            prop_assert!(pieces >= 1 && pieces <= threads.max(1));
+            let mut jobs = 0;
+            for len in [4 * p_elems, 4 * q_elems].into_iter().filter(|&l| l > 0) {
+                let ranges = copy_ranges(len, total, pieces);
+                let mut next = 0;
+                for r in &ranges {
+                    prop_assert_eq!(r.start, next);
+                    prop_assert!(r.start % 8 == 0 && r.end > r.start);
+                    next = r.end;
+                }
+                prop_assert_eq!(next, len);
+                jobs += ranges.len();
+            }
+            // Each input's share is rounded up: at most one job more per input than threads.
+            prop_assert!(jobs <= pieces as usize + 2);
+        }
+
+        #[test]
         fn plans_cover_everything_within_limits(
             rows in 1u64..5000, cols in 1u64..300_000,
             window_elems in 64u64..5_000_000, max_workgroups in 64u32..65536,
