@@ -711,49 +711,42 @@ impl Gpu {
     /// window is copied on several threads: one core's copy is slower than the memory, and on
     /// a discrete GPU this copy is most of what a call over host data costs.
     fn write_staged(&self, targets: &mut [(&mut Staging, &[f32])]) -> Result<()> {
-        let view = |staging: &Staging, range: std::ops::Range<u64>| {
-            staging
-                .buffer
-                .slice(range)
-                .get_mapped_range_mut()
-                .map_err(|e| Error::Gpu(format!("writing an upload buffer failed: {e}")))
-        };
         self.scoped(|| {
             let total: u64 = targets.iter().map(|(_, d)| d.len() as u64 * 4).sum();
             let threads = plan::copy_threads(total, self.upload_threads);
-            if threads == 1 {
-                for (staging, data) in targets.iter() {
-                    let src: &[u8] = bytemuck::cast_slice(data);
-                    view(staging, 0..src.len() as u64)?.copy_from_slice(src);
+            // Disjoint views of each buffer, one per share (one per input when one thread
+            // copies): (view, what goes in it).
+            let mut jobs = Vec::new();
+            for (staging, data) in targets.iter() {
+                let src: &[u8] = bytemuck::cast_slice(data);
+                for range in plan::copy_ranges(src.len() as u64, total, threads) {
+                    let part = &src[range.start as usize..range.end as usize];
+                    let view = staging
+                        .buffer
+                        .slice(range)
+                        .get_mapped_range_mut()
+                        .map_err(|e| Error::Gpu(format!("writing an upload buffer failed: {e}")))?;
+                    jobs.push((view, part));
                 }
-            } else {
-                // Disjoint views of each buffer, one per thread: (view, what goes in it).
-                let mut jobs = Vec::new();
-                for (staging, data) in targets.iter() {
-                    let src: &[u8] = bytemuck::cast_slice(data);
-                    for range in plan::copy_ranges(src.len() as u64, total, threads) {
-                        let part = &src[range.start as usize..range.end as usize];
-                        jobs.push((view(staging, range)?, part));
-                    }
-                }
-                // Workers take jobs until none are left, this thread among them: a thread the
-                // system cannot start leaves its share to the others rather than panicking.
-                let queue = std::sync::Mutex::new(jobs);
-                let work = || {
-                    loop {
-                        // The lock is released before the copy, so workers copy side by side.
-                        let job = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
-                        let Some((mut view, src)) = job else { break };
-                        view.copy_from_slice(src);
-                    }
-                };
-                std::thread::scope(|scope| {
-                    for _ in 1..threads {
-                        let _ = std::thread::Builder::new().spawn_scoped(scope, work);
-                    }
-                    work();
-                });
             }
+            // Workers take jobs until none are left, this thread among them (alone when one
+            // thread copies: nothing is spawned). A thread the system cannot start leaves its
+            // share to the others rather than panicking.
+            let queue = std::sync::Mutex::new(jobs);
+            let work = || {
+                loop {
+                    // The lock is released before the copy, so workers copy side by side.
+                    let job = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                    let Some((mut view, src)) = job else { break };
+                    view.copy_from_slice(src);
+                }
+            };
+            std::thread::scope(|scope| {
+                for _ in 1..threads {
+                    let _ = std::thread::Builder::new().spawn_scoped(scope, work);
+                }
+                work();
+            });
             for (staging, _) in targets.iter() {
                 staging.buffer.unmap();
             }
