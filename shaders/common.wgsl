@@ -149,3 +149,20 @@ fn is_bad(x: f32) -> bool {
     if (INPUT == INPUT_PROBS || INPUT == INPUT_PROBS_NORM) { return is_bad_prob(x); }
     return is_bad_log(x);
 }
+
+// Q's four logits (all −∞, no mass, where the measure reads P alone), after noting any invalid
+// value of the four pairs from element `local` on.
+fn checked_logits4(x: vec4<f32>, y_in: vec4<f32>, local: u32) -> vec4<f32> {
+    var y = vec4<f32>(neg_inf());
+    if (uses_q()) { y = y_in; }
+    note_bad(local, is_bad(x.x) || is_bad(y.x));
+    note_bad(local + 1u, is_bad(x.y) || is_bad(y.y));
+    note_bad(local + 2u, is_bad(x.z) || is_bad(y.z));
+    note_bad(local + 3u, is_bad(x.w) || is_bad(y.w));
+    return y;
+}
+
+// The first of four columns that holds their maximum m.
+fn first_of(v: vec4<f32>, m: f32) -> u32 {
+    return select(select(select(3u, 2u, v.z == m), 1u, v.y == m), 0u, v.x == m);
+}

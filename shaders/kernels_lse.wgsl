@@ -22,7 +22,7 @@ fn lse_element(x: f32, y_in: f32, local: u32, c: u32, unused: u32) -> Lse {
 // by one took an exp and a data-dependent swap per column, which a GPU's warps diverge on.
 fn side4(x: vec4<f32>, c: u32) -> Side {
     let m = max(max(x.x, x.y), max(x.z, x.w));
-    let j = select(select(select(3u, 2u, x.z == m), 1u, x.y == m), 0u, x.x == m);
+    let j = first_of(x, m);
     let others = select(vec4<f32>(0.0), exp(x - vec4<f32>(m)), vec4<u32>(0u, 1u, 2u, 3u) != vec4<u32>(j));
     // All four −inf (p = 0): no mass and no arg-max, as side_of gives (x − m is NaN there).
     let empty = m == neg_inf();
@@ -31,12 +31,7 @@ fn side4(x: vec4<f32>, c: u32) -> Side {
 }
 
 fn lse_element4(x: vec4<f32>, y_in: vec4<f32>, local: u32, c: u32, unused: u32) -> Lse {
-    var y = vec4<f32>(neg_inf());
-    if (uses_q()) { y = y_in; }
-    note_bad(local, is_bad(x.x) || is_bad(y.x));
-    note_bad(local + 1u, is_bad(x.y) || is_bad(y.y));
-    note_bad(local + 2u, is_bad(x.z) || is_bad(y.z));
-    note_bad(local + 3u, is_bad(x.w) || is_bad(y.w));
+    let y = checked_logits4(x, y_in, local);
     let sp = side4(x, c);
     let sq = side4(y, c);
     return Lse(sp.m, sp.s, sp.i, sq.m, sq.s, sq.i);
@@ -46,7 +41,7 @@ fn fold4_lse(st: Lse, x: vec4<f32>, y: vec4<f32>, local: u32, c: u32, unused: u3
     return combine_Lse(st, lse_element4(x, y, local, c, unused));
 }
 
-fn emit_lse(row: u32, chunk: u32, total: Lse) {
+fn emit_Lse(row: u32, chunk: u32, total: Lse) {
     if ((prm.mode & MODE_PARTIAL) != 0u) {
         partials[row * prm.chunks + chunk] = total;
         return;
@@ -59,42 +54,5 @@ fn emit_lse(row: u32, chunk: u32, total: Lse) {
     if (uses_q()) {
         if (t.q_m == neg_inf()) { report_bad(row * prm.row_len, FLAG_Q_EMPTY); }
         agree[prm.agree_base + row] = select(0u, 1u, t.p_i == t.q_i);
-    }
-}
-
-@compute @workgroup_size(256)
-fn lse_terms(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>/*SG_PARAMS*/) {
-    let lanes = prm.lanes;
-    let row = wg.y * (WG / lanes) + lid / lanes;
-    let lane = lid % lanes;
-    var st = identity_Lse();
-    if (row < prm.rows) {
-        let c0 = prm.col_begin + wg.x * prm.chunk_len;
-        let c1 = min(c0 + prm.chunk_len, prm.col_end);
-        let base = row * prm.row_len - prm.col_begin;
-        //LOOP_LSE
-    }
-    report_seen();
-    let total = segment_reduce_Lse(st, lid, lanes, SG_VALUE);
-    if (lane == 0u && row < prm.rows) {
-        emit_lse(row, wg.x, total);
-    }
-}
-
-@compute @workgroup_size(256)
-fn combine_lse(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>/*SG_PARAMS*/) {
-    let lanes = prm.lanes;
-    let row = wg.y * (WG / lanes) + lid / lanes;
-    let lane = lid % lanes;
-    var st = identity_Lse();
-    if (row < prm.rows) {
-        let base = row * prm.row_len;
-        for (var c = lane; c < prm.col_end; c = c + lanes) {
-            st = combine_Lse(st, partials[base + c]);
-        }
-    }
-    let total = segment_reduce_Lse(st, lid, lanes, SG_VALUE);
-    if (lane == 0u && row < prm.rows) {
-        emit_lse(row, 0u, total);
     }
 }

@@ -284,7 +284,7 @@ fn finish_acc(a: Acc) -> f32 {
 
 // Writes a segment's result: a partial, the running state of a split row, row sums, or the
 // finished value.
-fn emit_acc(row: u32, chunk: u32, total: Acc) {
+fn emit_Acc(row: u32, chunk: u32, total: Acc) {
     if ((prm.mode & MODE_PARTIAL) != 0u) {
         partials[row * prm.chunks + chunk] = total;
         return;
@@ -324,44 +324,6 @@ fn emit_acc(row: u32, chunk: u32, total: Acc) {
         v = bitcast<f32>(0x7fc00000u);
     }
     out[prm.out_base + row] = v;
-}
-
-@compute @workgroup_size(256)
-fn terms(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>/*SG_PARAMS*/) {
-    let lanes = prm.lanes;
-    let row = wg.y * (WG / lanes) + lid / lanes;
-    let lane = lid % lanes;
-    var acc = identity_Acc();
-    if (row < prm.rows) {
-        let ctx = row_ctx(row);
-        let c0 = prm.col_begin + wg.x * prm.chunk_len;
-        let c1 = min(c0 + prm.chunk_len, prm.col_end);
-        let base = row * prm.row_len - prm.col_begin;
-        //LOOP_TERMS
-    }
-    report_seen();
-    let total = segment_reduce_Acc(acc, lid, lanes, SG_VALUE);
-    if (lane == 0u && row < prm.rows) {
-        emit_acc(row, wg.x, total);
-    }
-}
-
-@compute @workgroup_size(256)
-fn combine(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>/*SG_PARAMS*/) {
-    let lanes = prm.lanes;
-    let row = wg.y * (WG / lanes) + lid / lanes;
-    let lane = lid % lanes;
-    var acc = identity_Acc();
-    if (row < prm.rows) {
-        let base = row * prm.row_len;
-        for (var c = lane; c < prm.col_end; c = c + lanes) {
-            acc = combine_Acc(acc, partials[base + c]);
-        }
-    }
-    let total = segment_reduce_Acc(acc, lid, lanes, SG_VALUE);
-    if (lane == 0u && row < prm.rows) {
-        emit_acc(row, 0u, total);
-    }
 }
 
 // The loss term of KL(P‖softmax(z)), with its gradient softmax(z) − p written as a side

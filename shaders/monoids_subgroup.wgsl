@@ -1,4 +1,4 @@
-// Subgroup shuffles of the two monoids (only compiled when the adapter has Features::SUBGROUP).
+// Subgroup shuffles of the monoids (only compiled when the adapter has Features::SUBGROUP).
 
 fn shuffle_xor_Acc(a: Acc, mask: u32) -> Acc {
     return Acc(subgroupShuffleXor(a.main_hi, mask), subgroupShuffleXor(a.main_lo, mask),
@@ -10,4 +10,14 @@ fn shuffle_xor_Lse(a: Lse, mask: u32) -> Lse {
     return Lse(subgroupShuffleXor(a.p_m, mask), subgroupShuffleXor(a.p_s, mask),
                subgroupShuffleXor(a.p_i, mask), subgroupShuffleXor(a.q_m, mask),
                subgroupShuffleXor(a.q_s, mask), subgroupShuffleXor(a.q_i, mask));
+}
+
+fn shuffle_xor_Soft(a: Soft, mask: u32) -> Soft {
+    return Soft(subgroupShuffleXor(a.xm, mask), subgroupShuffleXor(a.xs, mask),
+                subgroupShuffleXor(a.xi, mask), subgroupShuffleXor(a.ym, mask),
+                subgroupShuffleXor(a.ys, mask), subgroupShuffleXor(a.yi, mask),
+                subgroupShuffleXor(a.t, mask), subgroupShuffleXor(a.phi_hi, mask),
+                subgroupShuffleXor(a.phi_lo, mask), subgroupShuffleXor(a.u_hi, mask),
+                subgroupShuffleXor(a.u_lo, mask), subgroupShuffleXor(a.z, mask),
+                subgroupShuffleXor(a.flags, mask));
 }

@@ -734,7 +734,7 @@ pub(crate) fn job_for(term: Term, opts: &Options) -> Result<Job> {
     // Resolved options keep `normalize` for probabilities only.
     let normalize = opts.normalize;
     let prepass = match opts.input {
-        Input::Logits => Some(Prepass::Lse),
+        Input::Logits if !one_pass_over_logits(term) => Some(Prepass::Lse),
         Input::Probs if normalize => Some(Prepass::Sums),
         _ => None,
     };
@@ -746,6 +746,15 @@ pub(crate) fn job_for(term: Term, opts: &Options) -> Result<Job> {
         per_nat,
         agree: opts.input == Input::Logits && term.uses_q(),
     })
+}
+
+/// Whether a measure of logits runs in one pass (shaders/kernels_soft.wgsl): all but JS, whose
+/// terms need both rows' log-sum-exps at every element.
+fn one_pass_over_logits(term: Term) -> bool {
+    matches!(
+        term,
+        Term::Measure(Measure::KullbackLeibler | Measure::CrossEntropy | Measure::Entropy)
+    )
 }
 
 /// Turns raised flags into the error the host-side locator finds, or for a row that left f32's

@@ -99,22 +99,28 @@ impl InputCode {
     }
 }
 
-/// The four entry points.
+/// The entry points.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Stage {
     Terms,
     Combine,
     Lse,
     CombineLse,
+    /// KL, cross-entropy or entropy of logits in one pass (shaders/kernels_soft.wgsl).
+    Soft,
+    CombineSoft,
 }
 
 impl Stage {
+    /// The entry point's name in the module of [`Stage::monoid`] (shaders/entries.wgsl).
     fn entry(self) -> &'static str {
         match self {
-            Stage::Terms => "terms",
-            Stage::Combine => "combine",
-            Stage::Lse => "lse_terms",
-            Stage::CombineLse => "combine_lse",
+            Stage::Terms => "element_pass_Acc",
+            Stage::Combine => "combine_pass_Acc",
+            Stage::Lse => "element_pass_Lse",
+            Stage::CombineLse => "combine_pass_Lse",
+            Stage::Soft => "element_pass_Soft",
+            Stage::CombineSoft => "combine_pass_Soft",
         }
     }
 
@@ -122,6 +128,7 @@ impl Stage {
         match self {
             Stage::Terms | Stage::Combine => "Acc",
             Stage::Lse | Stage::CombineLse => "Lse",
+            Stage::Soft | Stage::CombineSoft => "Soft",
         }
     }
 }
@@ -156,6 +163,8 @@ pub(crate) struct Params {
 
 /// Size of `Acc` and `Lse` in the shaders (six 4-byte words each).
 pub(crate) const MONOID_BYTES: u64 = 24;
+/// Size of `Soft` (thirteen words), the largest partial a dispatch writes.
+pub(crate) const PARTIAL_BYTES: u64 = 52;
 
 /// The lines after `//---- NAME` in a WGSL file, up to the next such marker: the files hold
 /// the alternative forms of one piece side by side.
@@ -166,14 +175,15 @@ fn section<'a>(source: &'a str, name: &str) -> &'a str {
     &rest[..rest.find("//---- ").unwrap_or(rest.len())]
 }
 
-/// One of the two loops in shaders/loops.wgsl, for the terms (`Acc`) or log-sum-exp kernel.
+/// One of the two loops in shaders/loops.wgsl, for the terms (`Acc`), log-sum-exp (`Lse`) or
+/// one-pass logits (`Soft`) kernel.
 fn element_loop(monoid: &str, vec4: bool) -> String {
     let loops = include_str!("../shaders/loops.wgsl");
     let body = section(loops, if vec4 { "LOOP_VEC4" } else { "LOOP_SCALAR" });
-    let [acc, element, fold4, fold, ctx] = if monoid == "Acc" {
-        ["acc", "element", "fold4_term", "fold_term", "ctx"]
-    } else {
-        ["st", "lse_element", "fold4_lse", "combine_Lse", "0u"]
+    let [acc, element, fold4, fold, ctx] = match monoid {
+        "Acc" => ["st", "element", "fold4_term", "fold_term", "ctx"],
+        "Lse" => ["st", "lse_element", "fold4_lse", "combine_Lse", "0u"],
+        _ => ["st", "soft_element", "soft_fold4", "soft_fold", "0u"],
     };
     body.replace("ACC", acc)
         .replace("FOLD4", fold4)
@@ -264,6 +274,10 @@ pub(crate) fn shader_source(
             include_str!("../shaders/terms.wgsl"),
             include_str!("../shaders/kernels_sum.wgsl")
         ),
+        "Soft" => concat!(
+            include_str!("../shaders/terms.wgsl"),
+            include_str!("../shaders/kernels_soft.wgsl")
+        ),
         _ => include_str!("../shaders/kernels_lse.wgsl"),
     };
     let (sg_params, sg_value) = if subgroups {
@@ -274,11 +288,20 @@ pub(crate) fn shader_source(
     } else {
         ("", "vec2<u32>(0u, 0u)")
     };
-    let kernels = kernels
+    // Only the terms kernels have per-row constants (ctx, see row_ctx).
+    let row_ctx = if monoid == "Acc" {
+        "let ctx = row_ctx(row);"
+    } else {
+        ""
+    };
+    let entries = include_str!("../shaders/entries.wgsl")
+        .replace("//ROW_CTX", row_ctx)
+        .replace("//LOOP", &element_loop(monoid, vec4))
+        .replace("MONOID", monoid);
+    let kernels = [kernels, entries.as_str()]
+        .join("\n")
         .replace("/*SG_PARAMS*/", sg_params)
-        .replace("SG_VALUE", sg_value)
-        .replace("//LOOP_TERMS", &element_loop("Acc", vec4))
-        .replace("//LOOP_LSE", &element_loop("Lse", vec4));
+        .replace("SG_VALUE", sg_value);
     let shuffles = if subgroups {
         include_str!("../shaders/monoids_subgroup.wgsl")
     } else {
@@ -390,7 +413,7 @@ impl Kernels {
         vec4: bool,
     ) -> wgpu::ComputePipeline {
         // Only the element loops have a wide variant.
-        let vec4 = vec4 && matches!(stage, Stage::Terms | Stage::Lse);
+        let vec4 = vec4 && matches!(stage, Stage::Terms | Stage::Lse | Stage::Soft);
         let key = PipelineKey {
             stage,
             term: term.code(),
@@ -408,10 +431,10 @@ impl Kernels {
                 .entry((stage.monoid(), reduce, vec4))
                 .or_insert_with(|| {
                     device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                        label: Some(if stage.monoid() == "Acc" {
-                            "klgpu.sums"
-                        } else {
-                            "klgpu.lse"
+                        label: Some(match stage.monoid() {
+                            "Acc" => "klgpu.sums",
+                            "Lse" => "klgpu.lse",
+                            _ => "klgpu.soft",
                         }),
                         source: wgpu::ShaderSource::Wgsl(
                             shader_source(stage.monoid(), reduce, vec4, self.quick).into(),
@@ -450,7 +473,7 @@ mod tests {
     #[test]
     fn every_module_variant_parses_and_validates() {
         use SegmentReduce::*;
-        for monoid in ["Acc", "Lse"] {
+        for monoid in ["Acc", "Lse", "Soft"] {
             for reduce in [OneLane, SubgroupOnly, SharedMemory, Subgroups] {
                 for (vec4, quick) in [(false, false), (true, false), (true, true)] {
                     let src = shader_source(monoid, reduce, vec4, quick);

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::kernels::{self, InputCode, Kernels, MONOID_BYTES, Params, SegmentReduce, Stage, Term};
+use crate::kernels::{
+    self, InputCode, Kernels, MONOID_BYTES, PARTIAL_BYTES, Params, SegmentReduce, Stage, Term,
+};
 use crate::plan::{self, Layout, Plan, Window};
 use crate::types::Measure;
 
@@ -37,6 +39,18 @@ pub(crate) struct Job {
     pub per_nat: f32,
     /// Whether to write top-1 agreement (two-input logits).
     pub agree: bool,
+}
+
+impl Job {
+    /// The main pass's terms and combine stages: logits without a pre-pass take the one-pass
+    /// kernels.
+    pub(crate) fn main_stages(&self) -> (Stage, Stage) {
+        if self.input == InputCode::Logits && self.prepass.is_none() {
+            (Stage::Soft, Stage::CombineSoft)
+        } else {
+            (Stage::Terms, Stage::Combine)
+        }
+    }
 }
 
 /// Which passes a visit of a window runs.
@@ -157,7 +171,7 @@ impl Scratch {
             device,
             &mut self.partials,
             "klgpu.partials",
-            (plan.max_partials() + 2) * MONOID_BYTES,
+            (plan.max_partials() + 2) * PARTIAL_BYTES,
             STORAGE,
         );
         ensure(
@@ -641,7 +655,8 @@ impl Gpu {
             if job.term == Term::KlGrad && mode & kernels::MODE_KEEP == 0 {
                 mode |= kernels::MODE_MINUS_ONE;
             }
-            add(Stage::Terms, Stage::Combine, job.term, job.input, mode);
+            let (terms, combine) = job.main_stages();
+            add(terms, combine, job.term, job.input, mode);
         }
         let layout_of = |is_combine: bool| {
             if is_combine {

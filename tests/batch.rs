@@ -818,3 +818,64 @@ fn normalized_log_probabilities_are_read_as_logits() {
         );
     }
 }
+
+#[test]
+fn one_pass_logits_where_the_maximum_moves_and_the_weights_part() {
+    // KL, CE and entropy of logits take one pass, in the frame of running maxima that move as
+    // the row is read (shaders/kernels_soft.wgsl). Rows that move them at every vec4 (rising),
+    // never (falling), or back and forth; arg-maxes of P and Q on different columns; Q's
+    // weight far below P's frame and far above it; P masked over a row's first half, so its
+    // frame starts empty while Q's mass accumulates. Each close (noise 1e-3, KL ~1e-7) and far,
+    // with and without a common offset, on every plan and with rows split across windows.
+    let cols = 3000;
+    let mut r = rng(23);
+    let noise = logits(&mut r, cols, 1.0);
+    let shapes: Vec<Vec<f32>> = vec![
+        (0..cols).map(|j| j as f32 * 0.01).collect(),
+        (0..cols).map(|j| -(j as f32) * 0.01).collect(),
+        (0..cols)
+            .map(|j| ((j * 37) % 101) as f32 * 0.1 + (j as f32) * 1e-3)
+            .collect(),
+        logits(&mut r, cols, 4.0),
+    ];
+    let (mut p, mut q) = (vec![], vec![]);
+    for x in &shapes {
+        for (delta, offset) in [(1e-3f32, 0.0f32), (1e-3, 40.0), (1.0, 0.0)] {
+            p.extend_from_slice(x);
+            q.extend(x.iter().zip(&noise).map(|(&a, &n)| a + offset + delta * n));
+        }
+    }
+    // P's top two columns swap in Q.
+    let mut top = vec![0.0f32; cols];
+    top[100] = 9.0;
+    top[2900] = 8.999;
+    let mut swapped = top.clone();
+    swapped.swap(100, 2900);
+    p.extend_from_slice(&top);
+    q.extend_from_slice(&swapped);
+    // Q's weight far below P's frame (P flat, Q peaked), and far above it.
+    let flat = vec![0.0f32; cols];
+    let mut peaked = flat.clone();
+    peaked[1500] = 30.0;
+    p.extend_from_slice(&flat);
+    q.extend_from_slice(&peaked);
+    p.extend_from_slice(&peaked);
+    q.extend_from_slice(&flat);
+    // P masked over the first half.
+    p.extend((0..cols).map(|j| {
+        if j < cols / 2 {
+            f32::NEG_INFINITY
+        } else {
+            noise[j]
+        }
+    }));
+    q.extend_from_slice(&noise);
+    for e in [
+        engine(),
+        gpu_plan_engine(),
+        blocked_lanes_engine(),
+        small_window_engine(),
+    ] {
+        check_rows(e, &p, &q, cols, Input::Logits, "moving maxima");
+    }
+}

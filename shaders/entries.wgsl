@@ -1,0 +1,43 @@
+// The two entry points of each kernel family, instantiated per monoid (MONOID is replaced by
+// Acc, Lse or Soft): the element pass, in which each segment of `lanes` invocations reduces
+// one row's chunk of the window, and the combine pass over those chunks' partials. What
+// differs between the families is the monoid, its element loop (shaders/loops.wgsl)
+// and its emit_MONOID.
+
+@compute @workgroup_size(256)
+fn element_pass_MONOID(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>/*SG_PARAMS*/) {
+    let lanes = prm.lanes;
+    let row = wg.y * (WG / lanes) + lid / lanes;
+    let lane = lid % lanes;
+    var st = identity_MONOID();
+    if (row < prm.rows) {
+        //ROW_CTX
+        let c0 = prm.col_begin + wg.x * prm.chunk_len;
+        let c1 = min(c0 + prm.chunk_len, prm.col_end);
+        let base = row * prm.row_len - prm.col_begin;
+        //LOOP
+    }
+    report_seen();
+    let total = segment_reduce_MONOID(st, lid, lanes, SG_VALUE);
+    if (lane == 0u && row < prm.rows) {
+        emit_MONOID(row, wg.x, total);
+    }
+}
+
+@compute @workgroup_size(256)
+fn combine_pass_MONOID(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>/*SG_PARAMS*/) {
+    let lanes = prm.lanes;
+    let row = wg.y * (WG / lanes) + lid / lanes;
+    let lane = lid % lanes;
+    var st = identity_MONOID();
+    if (row < prm.rows) {
+        let base = row * prm.row_len;
+        for (var c = lane; c < prm.col_end; c = c + lanes) {
+            st = combine_MONOID(st, partials[base + c]);
+        }
+    }
+    let total = segment_reduce_MONOID(st, lid, lanes, SG_VALUE);
+    if (lane == 0u && row < prm.rows) {
+        emit_MONOID(row, 0u, total);
+    }
+}
