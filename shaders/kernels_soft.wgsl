@@ -10,7 +10,8 @@
 // order in u, which is small when the frames' maxima sit on close columns of close models. The
 // difference Σ e^(y−ym) − S is kept as a sum of its terms e^(x−xm)·(e^(−r) − 1), each accurate
 // (from φ's series near r = 0), so close rows keep their digits without a second pass.
-// Entropy = ln S + Σ e^(x−xm)·(xm − x)/S, both non-negative; cross-entropy = entropy + KL.
+// Entropy = ln S + Σ e^(x−xm)·(xm − x)/S and cross-entropy = ln S_y + Σ e^(x−xm)·(ym − y)/S,
+// S_y = Σ e^(y − ym): sums of non-negative parts, with t the second one's sum.
 
 @group(0) @binding(3) var<storage, read_write> partials: array<Soft>;
 
@@ -48,8 +49,10 @@ fn soft_rebase(s: Soft, mx: f32, my: f32) -> Soft {
     let a = select(b - f * delta, f * phi_series(-delta), abs(delta) <= 1.0);
     let phi = pair_add(f * s.phi_hi, f * s.phi_lo, w * a, b * s.u_hi + b * s.u_lo);
     let u = pair_add(h * s.u_hi, h * s.u_lo, w * b, 0.0);
+    // t's distances are to xm (entropy) or ym (cross-entropy), and grow with them.
+    let dt = select(dx, dy, MEASURE == MEASURE_CE);
     return Soft(mx, select(s.xs, f * w, dx > 0.0), s.xi, my, select(s.ys, h * wy, dy > 0.0), s.yi,
-        f * (s.t + dx * w), phi.x, phi.y, u.x, u.y, h * s.z, s.flags);
+        f * (s.t + dt * w), phi.x, phi.y, u.x, u.y, h * s.z, s.flags);
 }
 
 // Which of two states' arg-max columns the merged state keeps: the one whose maximum is the
@@ -90,13 +93,19 @@ struct SoftTerm { xs: f32, ys: f32, t: f32, phi: f32, u: f32, z: f32, flags: u32
 fn soft_term(x: f32, y: f32, col: u32, s: Soft, c: vec2<f32>) -> SoftTerm {
     let p_zero = x == neg_inf();
     let ex = select(exp(x - s.xm), 0.0, p_zero);
-    let t = select(ex * (s.xm - x), 0.0, p_zero);
     // The arg-max's weight, exactly 1, is the 1 of S = 1 + xs: ln S = log1p(xs) keeps a
     // peaked row's entropy.
     let xs = select(ex, 0.0, col == s.xi);
-    if (!uses_q()) { return SoftTerm(xs, 0.0, t, 0.0, 0.0, 0.0, 0u); }
+    if (MEASURE == MEASURE_ENTROPY) {
+        return SoftTerm(xs, 0.0, select(ex * (s.xm - x), 0.0, p_zero), 0.0, 0.0, 0.0, 0u);
+    }
     let q_zero = y == neg_inf();
     let ey = select(exp(y - s.ym), 0.0, q_zero);
+    let ys = select(ey, 0.0, col == s.yi);
+    let inf = select(0u, ACC_INF, !p_zero && q_zero);
+    if (MEASURE == MEASURE_CE) {
+        return SoftTerm(xs, ys, select(ex * (s.ym - y), 0.0, p_zero || q_zero), 0.0, 0.0, 0.0, inf);
+    }
     // r = (x − y) − c with x − y exact (TwoSum): two models' logits that differ by a common
     // offset cancel it exactly, as in logit_diff.
     let d = two_sum(x, -y);
@@ -108,8 +117,8 @@ fn soft_term(x: f32, y: f32, col: u32, s: Soft, c: vec2<f32>) -> SoftTerm {
     let phi = select(ex * (r - 1.0) + ey, ex * ph, near);
     let u = select(ey - ex, ex * (ph - r), near);
     let live = !p_zero && !q_zero;
-    return SoftTerm(xs, select(ey, 0.0, col == s.yi), t, select(0.0, phi, live),
-        select(0.0, u, live), select(0.0, ey, p_zero), select(0u, ACC_INF, !p_zero && q_zero));
+    return SoftTerm(xs, ys, 0.0, select(0.0, phi, live), select(0.0, u, live),
+        select(0.0, ey, p_zero), inf);
 }
 
 fn soft_add(s: Soft, t: SoftTerm) -> Soft {
@@ -162,17 +171,15 @@ fn log1p_minus_near(u: f32) -> f32 {
 // The measure of a finished row, in nats.
 fn soft_value(s: Soft) -> f32 {
     let w = 1.0 + s.xs;
-    let h = log1p_acc(s.xs) + s.t / w;
-    if (MEASURE == MEASURE_ENTROPY) { return h; }
+    if (MEASURE == MEASURE_ENTROPY) { return log1p_acc(s.xs) + s.t / w; }
     if ((s.flags & ACC_INF) != 0u) { return pos_inf(); }
+    if (MEASURE == MEASURE_CE) { return log1p_acc(s.ys) + s.t / w; }
     let u = ((s.u_hi + s.u_lo) + s.z) / w;
     // Where u is not small, ln(1 + u) comes from the sums themselves: 1 + u is their ratio,
     // which u = (S_y − S)/S would lose where S_y is far below S.
     let g = select((log1p_acc(s.ys) - log1p_acc(s.xs)) - u, log1p_minus_near(u), abs(u) <= 0.25);
     // Rounding can leave the parts' sum a few ulps below 0; KL is not.
-    let kl = max(((s.phi_hi + s.phi_lo) + s.z) / w + g, 0.0);
-    if (MEASURE == MEASURE_CE) { return h + kl; }
-    return kl;
+    return max(((s.phi_hi + s.phi_lo) + s.z) / w + g, 0.0);
 }
 
 fn emit_Soft(row: u32, chunk: u32, total: Soft) {

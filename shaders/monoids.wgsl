@@ -66,7 +66,7 @@ fn combine_Lse(a: Lse, b: Lse) -> Lse {
 
 // A row's softmax sums in the frame of its running maxima (see kernels_soft.wgsl): for x, the
 // maximum xm, its first column xi and Σ e^(x − xm) over the other columns; the same for y;
-// t = Σ e^(x − xm)·(xm − x); φ's and (e^(−r) − 1)'s weighted sums as (hi, lo) pairs; z, Q's
+// t = Σ e^(x − xm)·(xm − x) (entropy) or ·(ym − y) (cross-entropy); φ's and (e^(−r) − 1)'s weighted sums as (hi, lo) pairs; z, Q's
 // weight where P has none; flags (ACC_INF).
 struct Soft {
     xm: f32, xs: f32, xi: u32,
