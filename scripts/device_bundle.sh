@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds what scripts/device_run.sh runs on a lent GPU machine into .device/ (git-ignored):
-# the benchmark driver, the interleaved roof-ratio tool, the host-upload sweep, the L2 re-read probe and the GPU test executables, stripped
-# to fit the tool's 64 MiB.
+# the benchmark driver, the interleaved roof-ratio tool (and that of BASE_REF, for the A/B), the
+# host-upload sweep, the L2 re-read probe and the GPU test executables, stripped to fit the
+# tool's 64 MiB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .device
@@ -16,5 +17,18 @@ for line in sys.stdin:
             and t.get("name") in ("core", "batch", "apps"):
         shutil.copy(m["executable"], ".device/" + t["name"])
 '
+# roof_ratios of an earlier commit, for device_run.sh's A/B part (BASE_REF; BASE_REF= skips
+# it). Default: the last commit before logits took one pass.
+BASE_REF="${BASE_REF-5b79e31}"
+if [ -n "$BASE_REF" ]; then
+    base=$(mktemp -d)
+    git worktree add -q --detach "$base/tree" "$BASE_REF"
+    base_target="$PWD/target/base"
+    (cd "$base/tree" && CARGO_TARGET_DIR="$base_target" cargo build --release --example roof_ratios)
+    cp "$base_target/release/examples/roof_ratios" .device/roof_ratios_base
+    git worktree remove --force "$base/tree"
+    rm -rf "$base"
+fi
 strip .device/*
 ls -la .device
+du -sh .device

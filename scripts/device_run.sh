@@ -4,13 +4,14 @@
 # Expects the binaries built here in .device/ (scripts/device_bundle.sh) and the Vulkan loader
 # packages in .gl/ (see the device tool's README). Writes logs and JSON under $RAW, packed into
 # $OUT/results.tar.gz as each part ends (the device tool brings back at most eight files).
-# PARTS picks what runs after the adapter probe (default: all of tests upload roof quick bench
-# peers diag ab probe; ab needs a .device/roof_ratios_base from another build); SKIP_TESTS=1 drops
+# PARTS picks what runs after the adapter probe (default: all of tests upload roof ab quick bench
+# peers diag probe; ab needs .device/roof_ratios_base, which device_bundle.sh builds from an
+# earlier commit, and AB_CASES picks its cases); SKIP_TESTS=1 drops
 # the tests. Parts run in that order, most needed first, and one that would likely end past
 # BUDGET seconds (default 400: a session has 15 minutes of device time, start-up included) is
 # skipped with a note, so one call brings back whole parts rather than a cut-off one.
 set -u
-PARTS="${PARTS:-tests upload roof quick bench peers diag ab probe}"
+PARTS="${PARTS:-tests upload roof ab quick bench peers diag probe}"
 [ -n "${SKIP_TESTS:-}" ] && PARTS="${PARTS/tests/}"
 BUDGET="${BUDGET:-400}"
 # Rough seconds each part takes on an H200 (its timeouts allow more).
@@ -85,6 +86,16 @@ for m in 16 64 256; do
 done 2>&1 | tee "$RAW/roof_ratios_iterations.txt"
 fi
 
+if part ab && [ -x .device/roof_ratios_base ]; then
+section "A/B: this build against .device/roof_ratios_base (an earlier commit: logits in two passes), alternating"
+for i in 1 2; do
+    for b in roof_ratios_base roof_ratios; do
+        echo "-- $b"
+        timeout 40 ".device/$b" --rounds 5 --scale 25 ${AB_CASES:-logits,CElogits,Hlogits,long,JSlogits} 2>&1 | grep -v XDG
+    done
+done 2>&1 | tee "$RAW/ab.txt"
+fi
+
 if part quick; then
 section "A/B: the quick path for plain vec4s (Tuning::quick_vec4, off by default), alternating"
 for i in 1 2; do
@@ -113,15 +124,6 @@ timeout 40 .device/roof_ratios --rounds 5 --scale 25 H,KL,H,CE 2>&1 | grep -v XD
 timeout 30 .device/roof_ratios --rounds 5 --scale 50 H 2>&1 | grep -v XDG
 fi
 
-if part ab && [ -x .device/roof_ratios_base ]; then
-section "A/B: this build against .device/roof_ratios_base (an earlier build), alternating"
-for i in 1 2; do
-    for b in roof_ratios_base roof_ratios; do
-        echo "-- $b"
-        timeout 40 ".device/$b" --rounds 5 --scale 25 ${AB_CASES:-JS,logits,CElogits,JSlogits,long} 2>&1 | grep -v XDG
-    done
-done 2>&1 | tee "$RAW/ab.txt"
-fi
 
 
 if part probe; then

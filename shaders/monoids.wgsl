@@ -66,11 +66,9 @@ fn combine_Lse(a: Lse, b: Lse) -> Lse {
 
 // A row's softmax sums in the frame of its running maxima (see kernels_soft.wgsl): for x, the
 // maximum xm, its first column xi and Σ e^(x − xm) over the other columns; the same for y;
-// t = Σ e^(x − xm)·(xm − x) (entropy) or ·(ym − y) (cross-entropy); φ's and (e^(−r) − 1)'s weighted sums as (hi, lo) pairs; z, Q's
-// weight where P has none; flags (ACC_INF).
+// t = Σ e^(x − xm)·(xm − x) (entropy) or ·(ym − y) (cross-entropy); flags (ACC_INF).
 struct Soft {
     xm: f32, xs: f32, xi: u32,
     ym: f32, ys: f32, yi: u32,
-    t: f32, phi_hi: f32, phi_lo: f32, u_hi: f32, u_lo: f32, z: f32,
-    flags: u32,
+    t: f32, flags: u32,
 }

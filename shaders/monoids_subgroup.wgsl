@@ -16,8 +16,5 @@ fn shuffle_xor_Soft(a: Soft, mask: u32) -> Soft {
     return Soft(subgroupShuffleXor(a.xm, mask), subgroupShuffleXor(a.xs, mask),
                 subgroupShuffleXor(a.xi, mask), subgroupShuffleXor(a.ym, mask),
                 subgroupShuffleXor(a.ys, mask), subgroupShuffleXor(a.yi, mask),
-                subgroupShuffleXor(a.t, mask), subgroupShuffleXor(a.phi_hi, mask),
-                subgroupShuffleXor(a.phi_lo, mask), subgroupShuffleXor(a.u_hi, mask),
-                subgroupShuffleXor(a.u_lo, mask), subgroupShuffleXor(a.z, mask),
-                subgroupShuffleXor(a.flags, mask));
+                subgroupShuffleXor(a.t, mask), subgroupShuffleXor(a.flags, mask));
 }

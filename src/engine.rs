@@ -748,12 +748,14 @@ pub(crate) fn job_for(term: Term, opts: &Options) -> Result<Job> {
     })
 }
 
-/// Whether a measure of logits runs in one pass (shaders/kernels_soft.wgsl): all but JS, whose
-/// terms need both rows' log-sum-exps at every element.
+/// Whether a measure of logits runs in one pass (shaders/kernels_soft.wgsl): cross-entropy
+/// and entropy, sums of non-negative parts in any frame. KL and JS need each element's
+/// ln p − ln q, which only the row's log-sum-exps give without cancellation
+/// (docs/ARCHITECTURE.md, "One pass over logits").
 fn one_pass_over_logits(term: Term) -> bool {
     matches!(
         term,
-        Term::Measure(Measure::KullbackLeibler | Measure::CrossEntropy | Measure::Entropy)
+        Term::Measure(Measure::CrossEntropy | Measure::Entropy)
     )
 }
 

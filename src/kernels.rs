@@ -106,7 +106,7 @@ pub(crate) enum Stage {
     Combine,
     Lse,
     CombineLse,
-    /// KL, cross-entropy or entropy of logits in one pass (shaders/kernels_soft.wgsl).
+    /// Cross-entropy or entropy of logits in one pass (shaders/kernels_soft.wgsl).
     Soft,
     CombineSoft,
 }
@@ -163,8 +163,8 @@ pub(crate) struct Params {
 
 /// Size of `Acc` and `Lse` in the shaders (six 4-byte words each).
 pub(crate) const MONOID_BYTES: u64 = 24;
-/// Size of `Soft` (thirteen words), the largest partial a dispatch writes.
-pub(crate) const PARTIAL_BYTES: u64 = 52;
+/// Size of `Soft` (eight words), the largest partial a dispatch writes.
+pub(crate) const PARTIAL_BYTES: u64 = 32;
 
 /// The lines after `//---- NAME` in a WGSL file, up to the next such marker: the files hold
 /// the alternative forms of one piece side by side.
