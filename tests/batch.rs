@@ -888,3 +888,45 @@ fn one_pass_logits_where_the_maximum_moves_and_the_weights_part() {
         check_rows(e, &p, &q, cols, Input::Logits, "moving maxima");
     }
 }
+
+#[test]
+fn logits_across_lengths_scales_noise_and_offsets() {
+    // The sweep that found one-pass KL off the bar (docs/ARCHITECTURE.md, "One pass over
+    // logits"): rows of 2 to 1000 logits of scale 0.1 to 50, Q = P + offset + noise·N(0, 1)
+    // (noise 0 to 1: the same model to a distant one) or an independent draw (an unrelated
+    // model), offsets 0 and 100, on the default plan and a GPU's. KL, cross-entropy and
+    // entropy against the reference.
+    let mut r = rng(31);
+    for cols in [2usize, 3, 10, 33, 1000] {
+        let rows = (3000 / cols).clamp(6, 200);
+        for scale in [0.1f32, 1.0, 5.0, 50.0] {
+            for noise in [0.0f32, 1e-3, 1e-2, 0.1, 1.0, f32::INFINITY] {
+                for offset in [0.0f32, 100.0] {
+                    let p = logits(&mut r, rows * cols, scale);
+                    let other = logits(&mut r, rows * cols, scale.max(1.0));
+                    let q: Vec<f32> = p
+                        .iter()
+                        .zip(&other)
+                        .map(|(&a, &b)| offset + if noise.is_finite() { a + noise * b } else { b })
+                        .collect();
+                    for e in [engine(), gpu_plan_engine()] {
+                        for m in [
+                            Measure::KullbackLeibler,
+                            Measure::CrossEntropy,
+                            Measure::Entropy,
+                        ] {
+                            let opts = Options::input(Input::Logits);
+                            let qq = m.uses_q().then_some(&q[..]);
+                            let gpu = e.rows(m, &p, qq, cols, &opts).unwrap().values;
+                            let exact = cpu::rows(m, &p, qq, cols, &opts).unwrap().values;
+                            let what = format!(
+                                "{m:?}, {cols} cols, scale {scale}, noise {noise}, offset {offset}"
+                            );
+                            assert_rows_close(&gpu, &exact, &what);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
