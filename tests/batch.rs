@@ -826,9 +826,10 @@ fn one_pass_logits_where_the_maximum_moves_and_the_weights_part() {
     // (rising), never (falling), or back and forth; arg-maxes of P and Q on different columns;
     // Q's weight far below P's frame and far above it; P masked over a row's first half, so
     // its frame starts empty. Each close (noise 1e-3) and far, with and without a common
-    // offset, on every plan and with rows split across windows. And the case that keeps KL in
-    // two passes: P flat, Q the same but for one column raised by ln 2 (KL 3e-4 over 3000
-    // columns): KL from frames at the maxima came out 2.6 % off at 32,000 columns.
+    // offset, on every plan, with rows split across windows and with the shared-memory
+    // reduction (no subgroups). And the case that keeps KL in two passes: P flat, Q the same
+    // but for one column raised by ln 2 (KL 3e-4 over 3000 columns): KL from frames at the
+    // maxima came out 2.6 % off at 32,000 columns.
     let cols = 3000;
     let mut r = rng(23);
     let noise = logits(&mut r, cols, 1.0);
@@ -884,6 +885,7 @@ fn one_pass_logits_where_the_maximum_moves_and_the_weights_part() {
         gpu_plan_engine(),
         blocked_lanes_engine(),
         small_window_engine(),
+        shared_memory_engine(),
     ] {
         check_rows(e, &p, &q, cols, Input::Logits, "moving maxima");
     }
