@@ -14,9 +14,9 @@
 // spread over the lanes like LOOP_SCALAR's elements (span / 4 of them per blocked lane). The
 // host checks that P and Q sit at the same offset modulo 4 and that both bindings end on a
 // whole vec4.
-// ELEMENT(x, y, local, c, CTX) gives one element's value and FOLD(ACC, value) adds it into the
-// running state; FOLD4(ACC, x, y, local, c, CTX) adds the four elements of a vec4 from column
-// c on.
+// ELEMENT(x, y, local, c, CTX) gives one element's value and FOLD(st, value) adds it into the
+// running state st; FOLD4(st, x, y, local, c, CTX) adds the four elements of a vec4 from
+// column c on.
 
 //---- LOOP_SCALAR
         let blocked = prm.lane_span != 0u;
@@ -27,7 +27,7 @@
             let x = load_p(prm.shift_p + local);
             var y = x;
             if (uses_q()) { y = load_q(prm.shift_q + local); }
-            ACC = FOLD(ACC, ELEMENT(x, y, local, c, CTX));
+            st = FOLD(st, ELEMENT(x, y, local, c, CTX));
         }
 //---- LOOP_VEC4
         // [a0, a1): the columns of whole vec4s; the e-th of the others is column c0 + e
@@ -41,7 +41,7 @@
             let x = load_p(prm.shift_p + local);
             var y = x;
             if (uses_q()) { y = load_q(prm.shift_q + local); }
-            ACC = FOLD(ACC, ELEMENT(x, y, local, c, CTX));
+            st = FOLD(st, ELEMENT(x, y, local, c, CTX));
         }
         let whole = (a1 - a0) / 4u;
         let blocked = prm.lane_span != 0u;
@@ -54,5 +54,5 @@
             let x = in_p[(prm.shift_p + local) / 4u];
             var y = x;
             if (uses_q()) { y = in_q[(prm.shift_q + local) / 4u]; }
-            ACC = FOLD4(ACC, x, y, local, c, CTX);
+            st = FOLD4(st, x, y, local, c, CTX);
         }

@@ -180,13 +180,12 @@ fn section<'a>(source: &'a str, name: &str) -> &'a str {
 fn element_loop(monoid: &str, vec4: bool) -> String {
     let loops = include_str!("../shaders/loops.wgsl");
     let body = section(loops, if vec4 { "LOOP_VEC4" } else { "LOOP_SCALAR" });
-    let [acc, element, fold4, fold, ctx] = match monoid {
-        "Acc" => ["st", "element", "fold4_term", "fold_term", "ctx"],
-        "Lse" => ["st", "lse_element", "fold4_lse", "combine_Lse", "0u"],
-        _ => ["st", "soft_element", "soft_fold4", "soft_fold", "0u"],
+    let [element, fold4, fold, ctx] = match monoid {
+        "Acc" => ["element", "fold4_term", "fold_term", "ctx"],
+        "Lse" => ["lse_element", "fold4_lse", "combine_Lse", "0u"],
+        _ => ["soft_element", "soft_fold4", "soft_fold", "0u"],
     };
-    body.replace("ACC", acc)
-        .replace("FOLD4", fold4)
+    body.replace("FOLD4", fold4)
         .replace("ELEMENT", element)
         .replace("FOLD", fold)
         .replace("CTX", ctx)
