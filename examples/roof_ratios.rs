@@ -15,8 +15,8 @@
 //! Cases: KL CE H JS (N = 4·10^6), KLbare (KL's term alone: no validation, plain sums; a
 //! diagnostic between the roof and KL), KLlp (KL of log-probabilities, 4·10^6), KL10
 //! (400,000 × 10), KL1k (1000 × 1000), logits (64 × 32,000), JSlogits, CElogits, Hlogits (the
-//! same, JS, cross-entropy, entropy), long (8 × 262,144 logits), KLnorm and JSnorm (4000 ×
-//! 1000 probabilities, normalized: two passes, like logits); named cases run in the order
+//! same, JS, cross-entropy, entropy), long (8 × 262,144 logits), KLnorm, JSnorm, CEnorm and
+//! Hnorm (4000 × 1000 probabilities, normalized in the kernel); named cases run in the order
 //! given. `--workgroups`,
 //! `--min-iterations`, `--blocked-lanes` and `--quick` (the quick path for plain vec4s) override
 //! the defaults for the adapter (`klgpu::Tuning`). `--scale S` multiplies every case's size (rows, or N for the single
@@ -76,6 +76,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("long", kl, Input::Logits, 8, 262_144),
         ("KLnorm", kl, Input::Probs, 4000, 1000),
         ("JSnorm", Measure::JensenShannon, Input::Probs, 4000, 1000),
+        ("CEnorm", Measure::CrossEntropy, Input::Probs, 4000, 1000),
+        ("Hnorm", Measure::Entropy, Input::Probs, 4000, 1000),
     ];
     let mut rng = Rng(42);
     // The cases named, in the order given (a name may repeat), or all of them.
