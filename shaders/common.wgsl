@@ -150,10 +150,10 @@ fn is_bad(x: f32) -> bool {
     return is_bad_log(x);
 }
 
-// Q's four logits (all −∞, no mass, where the measure reads P alone), after noting any invalid
-// value of the four pairs from element `local` on.
-fn checked_logits4(x: vec4<f32>, y_in: vec4<f32>, local: u32) -> vec4<f32> {
-    var y = vec4<f32>(neg_inf());
+// Q's four values (all `none`, no mass, where the measure reads P alone), after noting any
+// invalid value of the four pairs from element `local` on.
+fn checked4(x: vec4<f32>, y_in: vec4<f32>, local: u32, none: f32) -> vec4<f32> {
+    var y = vec4<f32>(none);
     if (uses_q()) { y = y_in; }
     note_bad(local, is_bad(x.x) || is_bad(y.x));
     note_bad(local + 1u, is_bad(x.y) || is_bad(y.y));

@@ -31,7 +31,7 @@ fn side4(x: vec4<f32>, c: u32) -> Side {
 }
 
 fn lse_element4(x: vec4<f32>, y_in: vec4<f32>, local: u32, c: u32, unused: u32) -> Lse {
-    let y = checked_logits4(x, y_in, local);
+    let y = checked4(x, y_in, local, neg_inf());
     let sp = side4(x, c);
     let sq = side4(y, c);
     return Lse(sp.m, sp.s, sp.i, sq.m, sq.s, sq.i);

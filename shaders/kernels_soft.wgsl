@@ -1,11 +1,13 @@
-// One pass over logits: cross-entropy and entropy of P = softmax(x) against Q = softmax(y)
-// from a single read of each row, the softmax fused and never formed (../docs/ARCHITECTURE.md,
-// "One pass over logits"). KL, JS and the loss with its gradient keep the log-sum-exp pre-pass.
+// One pass over logits, or over probabilities the kernel normalizes: cross-entropy and entropy
+// of P = softmax(x) against Q = softmax(y) (or P = x/Σx, Q = y/Σy) from a single read of each
+// row, the softmax or normalization fused and never formed (../docs/ARCHITECTURE.md, "One pass
+// over logits"). KL, JS and the loss with its gradient keep their pre-pass.
 //
 // A state holds sums in the frame of its running maxima xm and ym, where every weight is
-// e^(x − xm) <= 1 (and e^(y − ym) for Q). With S = Σ e^(x − xm) and S_y = Σ e^(y − ym):
-//   entropy       = ln S   + Σ e^(x − xm)·(xm − x) / S,
-//   cross-entropy = ln S_y + Σ e^(x − xm)·(ym − y) / S,
+// w(x) = e^(x − xm) <= 1 (x/xm for probabilities; likewise for Q), and every distance
+// dist(xm, x) = xm − x >= 0 (ln(xm/x)). With S = Σ w(x) and S_y = Σ w(y):
+//   entropy       = ln S   + Σ w(x)·dist(xm, x) / S,
+//   cross-entropy = ln S_y + Σ w(x)·dist(ym, y) / S,
 // each a sum of two non-negative parts, so nothing cancels; t is the second sum. S is kept as
 // 1 + the weights of all but the arg-max (whose weight is exactly 1), so that ln S = log1p of
 // them keeps a peaked row's entropy; likewise S_y.
@@ -15,7 +17,62 @@
 const NO_COL: u32 = 0xffffffffu;
 
 fn identity_Soft() -> Soft {
-    return Soft(neg_inf(), 0.0, NO_COL, neg_inf(), 0.0, NO_COL, 0.0, 0u);
+    return Soft(soft_none(), 0.0, NO_COL, soft_none(), 0.0, NO_COL, 0.0, 0u);
+}
+
+fn soft_probs() -> bool { return INPUT == INPUT_PROBS_NORM; }
+
+// The value of no mass: a logit of −∞, a probability of 0 (which is also an empty frame's
+// maximum).
+fn soft_none() -> f32 { return select(neg_inf(), 0.0, soft_probs()); }
+
+// Whether x holds no mass. Probabilities by their bits: an adapter that flushes subnormals
+// compares them equal to 0.
+fn soft_zero(x: f32) -> bool {
+    if (soft_probs()) { return is_zero(x); }
+    return x == neg_inf();
+}
+
+// An order on values that subnormal probabilities keep (their bits, sign dropped: a valid
+// probability is >= 0 or −0).
+fn soft_key(x: f32) -> f32 {
+    if (soft_probs()) { return bitcast<f32>(bitcast<u32>(x) & 0x7fffffffu); }
+    return x;
+}
+
+fn soft_above(a: f32, b: f32) -> bool {
+    if (soft_probs()) {
+        return (bitcast<u32>(a) & 0x7fffffffu) > (bitcast<u32>(b) & 0x7fffffffu);
+    }
+    return a > b;
+}
+
+fn soft_higher(a: f32, b: f32) -> f32 { return select(b, a, soft_above(a, b)); }
+
+// x's weight in a frame whose maximum is m >= x: e^(x − m), or x/m from the splits (no float
+// operation sees a subnormal, which an adapter may flush).
+fn soft_weight(x: f32, m: f32) -> f32 {
+    if (soft_probs()) {
+        let r = split_div(split(x), split(m));
+        return select(ldexp(r.m, r.e), 0.0, is_zero(x));
+    }
+    return select(exp(x - m), 0.0, x == neg_inf());
+}
+
+// m's distance above x >= 0 in the same frame: m − x, or ln(m/x) (ln_ratio: relative even
+// where m/x is within an ulp of 1).
+fn soft_dist(m: f32, x: f32) -> f32 {
+    if (soft_probs()) { return ln_ratio(split(m), split(x)); }
+    return m - x;
+}
+
+// The maximum of four values and the first column that holds it.
+fn soft_max4(v: vec4<f32>) -> vec2<f32> {
+    let m = soft_higher(soft_higher(v.x, v.y), soft_higher(v.z, v.w));
+    let k = soft_key(m);
+    let j = select(select(select(3u, 2u, soft_key(v.z) == k), 1u, soft_key(v.y) == k), 0u,
+        soft_key(v.x) == k);
+    return vec2<f32>(m, f32(j));
 }
 
 // The state s in the frame (mx, my) >= (s.xm, s.ym): x's weights scale by f = e^(xm − mx),
@@ -23,16 +80,18 @@ fn identity_Soft() -> Soft {
 // (cross-entropy). Where mx is above s.xm, s's arg-max joins its other weights (the caller
 // names the new arg-max); likewise for y. An empty side (max −∞) stays empty and weightless.
 fn soft_rebase(s: Soft, mx: f32, my: f32) -> Soft {
-    let x_empty = s.xm == neg_inf();
-    let y_empty = s.ym == neg_inf();
-    let dx = select(mx - s.xm, 0.0, x_empty);
-    let dy = select(my - s.ym, 0.0, y_empty);
-    let f = select(exp(-dx), 0.0, x_empty);
-    let h = select(exp(-dy), 0.0, y_empty);
+    let x_empty = soft_zero(s.xm);
+    let y_empty = soft_zero(s.ym);
+    let x_up = soft_above(mx, s.xm);
+    let y_up = soft_above(my, s.ym);
+    let dx = select(0.0, soft_dist(mx, s.xm), x_up && !x_empty);
+    let dy = select(0.0, soft_dist(my, s.ym), y_up && !y_empty);
+    let f = select(select(1.0, soft_weight(s.xm, mx), x_up), 0.0, x_empty);
+    let h = select(select(1.0, soft_weight(s.ym, my), y_up), 0.0, y_empty);
     let w = select(1.0 + s.xs, 0.0, x_empty);
     let wy = select(1.0 + s.ys, 0.0, y_empty);
     let dt = select(dx, dy, MEASURE == MEASURE_CE);
-    return Soft(mx, select(s.xs, f * w, dx > 0.0), s.xi, my, select(s.ys, h * wy, dy > 0.0), s.yi,
+    return Soft(mx, select(s.xs, f * w, x_up), s.xi, my, select(s.ys, h * wy, y_up), s.yi,
         f * (s.t + dt * w), s.flags);
 }
 
@@ -40,14 +99,14 @@ fn soft_rebase(s: Soft, mx: f32, my: f32) -> Soft {
 // merged one, the lower column on a tie (the first arg-max, as the CPU reference takes it).
 // Also 1 where both hold the maximum: the loser's arg-max then joins the other weights.
 fn soft_argmax(am: f32, ai: u32, bm: f32, bi: u32, m: f32) -> vec2<u32> {
-    let a_top = am == m && m != neg_inf();
-    let b_top = bm == m && m != neg_inf();
+    let a_top = soft_key(am) == soft_key(m) && !soft_zero(m);
+    let b_top = soft_key(bm) == soft_key(m) && !soft_zero(m);
     return vec2<u32>(select(bi, ai, a_top && (!b_top || ai < bi)), select(0u, 1u, a_top && b_top));
 }
 
 fn combine_Soft(a: Soft, b: Soft) -> Soft {
-    let mx = max(a.xm, b.xm);
-    let my = max(a.ym, b.ym);
+    let mx = soft_higher(a.xm, b.xm);
+    let my = soft_higher(a.ym, b.ym);
     let ra = soft_rebase(a, mx, my);
     let rb = soft_rebase(b, mx, my);
     let xi = soft_argmax(a.xm, a.xi, b.xm, b.xi, mx);
@@ -59,10 +118,12 @@ fn combine_Soft(a: Soft, b: Soft) -> Soft {
 // The state in a frame that also covers a new maximum of x (mx at column jx) or of y: rare
 // after a lane's first elements, so a branch.
 fn soft_cover(s: Soft, mx: f32, jx: u32, my: f32, jy: u32) -> Soft {
-    if (mx <= s.xm && my <= s.ym) { return s; }
-    var r = soft_rebase(s, max(s.xm, mx), max(s.ym, my));
-    if (mx > s.xm) { r.xi = jx; }
-    if (my > s.ym) { r.yi = jy; }
+    let x_up = soft_above(mx, s.xm);
+    let y_up = soft_above(my, s.ym);
+    if (!x_up && !y_up) { return s; }
+    var r = soft_rebase(s, soft_higher(mx, s.xm), soft_higher(my, s.ym));
+    if (x_up) { r.xi = jx; }
+    if (y_up) { r.yi = jy; }
     return r;
 }
 
@@ -71,15 +132,15 @@ fn soft_cover(s: Soft, mx: f32, jx: u32, my: f32, jy: u32) -> Soft {
 struct SoftTerm { xs: f32, ys: f32, t: f32, flags: u32 }
 
 fn soft_term(x: f32, y: f32, col: u32, s: Soft) -> SoftTerm {
-    let p_zero = x == neg_inf();
-    let ex = select(exp(x - s.xm), 0.0, p_zero);
+    let p_zero = soft_zero(x);
+    let ex = soft_weight(x, s.xm);
     let xs = select(ex, 0.0, col == s.xi);
     if (MEASURE == MEASURE_ENTROPY) {
-        return SoftTerm(xs, 0.0, select(ex * (s.xm - x), 0.0, p_zero), 0u);
+        return SoftTerm(xs, 0.0, select(ex * soft_dist(s.xm, x), 0.0, p_zero), 0u);
     }
-    let q_zero = y == neg_inf();
-    let ys = select(select(exp(y - s.ym), 0.0, q_zero), 0.0, col == s.yi);
-    return SoftTerm(xs, ys, select(ex * (s.ym - y), 0.0, p_zero || q_zero),
+    let q_zero = soft_zero(y);
+    let ys = select(soft_weight(y, s.ym), 0.0, col == s.yi);
+    return SoftTerm(xs, ys, select(ex * soft_dist(s.ym, y), 0.0, p_zero || q_zero),
         select(0u, ACC_INF, !p_zero && q_zero));
 }
 
@@ -96,7 +157,7 @@ fn soft_element(x: f32, y: f32, local: u32, col: u32, unused: u32) -> SoftIn {
 }
 
 fn soft_fold(st: Soft, e: SoftIn) -> Soft {
-    var y = neg_inf();
+    var y = soft_none();
     if (uses_q()) { y = e.y; }
     note_bad(e.local, is_bad(e.x) || is_bad(y));
     let s = soft_cover(st, e.x, e.col, y, e.col);
@@ -104,10 +165,10 @@ fn soft_fold(st: Soft, e: SoftIn) -> Soft {
 }
 
 fn soft_fold4(st: Soft, x: vec4<f32>, y_in: vec4<f32>, local: u32, c: u32, unused: u32) -> Soft {
-    let y = checked_logits4(x, y_in, local);
-    let mx = max(max(x.x, x.y), max(x.z, x.w));
-    let my = max(max(y.x, y.y), max(y.z, y.w));
-    let s = soft_cover(st, mx, c + first_of(x, mx), my, c + first_of(y, my));
+    let y = checked4(x, y_in, local, soft_none());
+    let mx = soft_max4(x);
+    let my = soft_max4(y);
+    let s = soft_cover(st, mx.x, c + u32(mx.y), my.x, c + u32(my.y));
     let t0 = soft_term(x.x, y.x, c, s);
     let t1 = soft_term(x.y, y.y, c + 1u, s);
     let t2 = soft_term(x.z, y.z, c + 2u, s);
@@ -135,9 +196,9 @@ fn emit_Soft(row: u32, chunk: u32, total: Soft) {
         partials[prm.chunks] = s;
         return;
     }
-    if (s.xm == neg_inf()) { report_bad(row * prm.row_len, FLAG_P_EMPTY); }
+    if (soft_zero(s.xm)) { report_bad(row * prm.row_len, FLAG_P_EMPTY); }
     if (uses_q()) {
-        if (s.ym == neg_inf()) { report_bad(row * prm.row_len, FLAG_Q_EMPTY); }
+        if (soft_zero(s.ym)) { report_bad(row * prm.row_len, FLAG_Q_EMPTY); }
         agree[prm.agree_base + row] = select(0u, 1u, s.xi == s.yi);
     }
     var v = soft_value(s) * prm.out_scale;

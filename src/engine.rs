@@ -734,8 +734,8 @@ pub(crate) fn job_for(term: Term, opts: &Options) -> Result<Job> {
     // Resolved options keep `normalize` for probabilities only.
     let normalize = opts.normalize;
     let prepass = match opts.input {
-        Input::Logits if !one_pass_over_logits(term) => Some(Prepass::Lse),
-        Input::Probs if normalize => Some(Prepass::Sums),
+        Input::Logits if !one_pass(term) => Some(Prepass::Lse),
+        Input::Probs if normalize && !one_pass(term) => Some(Prepass::Sums),
         _ => None,
     };
     Ok(Job {
@@ -748,11 +748,11 @@ pub(crate) fn job_for(term: Term, opts: &Options) -> Result<Job> {
     })
 }
 
-/// Whether a measure of logits runs in one pass (shaders/kernels_soft.wgsl): cross-entropy
-/// and entropy, sums of non-negative parts in any frame. KL and JS need each element's
-/// ln p − ln q, which only the row's log-sum-exps give without cancellation
-/// (docs/ARCHITECTURE.md, "One pass over logits").
-fn one_pass_over_logits(term: Term) -> bool {
+/// Whether a measure of logits, or of probabilities the kernel normalizes, runs in one pass
+/// (shaders/kernels_soft.wgsl): cross-entropy and entropy, sums of non-negative parts in any
+/// frame. KL and JS need each element's ln p − ln q, which only the row's log-sum-exps (or
+/// sums) give without cancellation (docs/ARCHITECTURE.md, "One pass over logits").
+fn one_pass(term: Term) -> bool {
     matches!(
         term,
         Term::Measure(Measure::CrossEntropy | Measure::Entropy)

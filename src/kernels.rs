@@ -106,7 +106,8 @@ pub(crate) enum Stage {
     Combine,
     Lse,
     CombineLse,
-    /// Cross-entropy or entropy of logits in one pass (shaders/kernels_soft.wgsl).
+    /// Cross-entropy or entropy of logits or normalized probabilities in one pass
+    /// (shaders/kernels_soft.wgsl).
     Soft,
     CombineSoft,
 }

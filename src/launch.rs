@@ -42,10 +42,11 @@ pub(crate) struct Job {
 }
 
 impl Job {
-    /// The main pass's terms and combine stages: logits without a pre-pass take the one-pass
-    /// kernels.
+    /// The main pass's terms and combine stages: logits and normalized probabilities without a
+    /// pre-pass take the one-pass kernels.
     pub(crate) fn main_stages(&self) -> (Stage, Stage) {
-        if self.input == InputCode::Logits && self.prepass.is_none() {
+        let normalized = matches!(self.input, InputCode::Logits | InputCode::ProbsNormalized);
+        if normalized && self.prepass.is_none() {
             (Stage::Soft, Stage::CombineSoft)
         } else {
             (Stage::Terms, Stage::Combine)

@@ -176,9 +176,10 @@ pub struct Options {
     pub input: Input,
     /// Log base of the results.
     pub base: Base,
-    /// Normalize each row first (costs one extra pass over the data): probabilities are
-    /// divided by their sum; log-probabilities x are read as logits, p = e^x / Σ e^x, which is
-    /// the same normalization; logits are normalized already.
+    /// Normalize each row first: probabilities are divided by their sum; log-probabilities x
+    /// are read as logits, p = e^x / Σ e^x, which is the same normalization; logits are
+    /// normalized already. KL and JS of probabilities pay one extra pass over the data for it;
+    /// cross-entropy and entropy normalize within their one pass.
     pub normalize: bool,
 }
 

@@ -662,20 +662,45 @@ fn explicit_normalization() {
     let raw = e.kl_divergence(&p, &q).unwrap();
     assert_close(raw, cpu::kl_divergence(&p, &q).unwrap(), "unnormalized KL");
     assert!((raw - got).abs() > 0.1);
-    // A zero sum cannot be normalized.
+    // A zero sum cannot be normalized, in two passes (KL) or in one (entropy, cross-entropy).
+    for m in [
+        Measure::KullbackLeibler,
+        Measure::Entropy,
+        Measure::CrossEntropy,
+    ] {
+        let err = e
+            .divergence(m, &[0.0, 0.0], m.uses_q().then_some(&q[..2]), &norm)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidValue {
+                    side: Side::P,
+                    problem: Problem::EmptyRow,
+                    ..
+                }
+            ),
+            "{m:?}: {err}"
+        );
+    }
     let err = e
-        .divergence(Measure::KullbackLeibler, &[0.0, 0.0], Some(&q[..2]), &norm)
+        .divergence(
+            Measure::CrossEntropy,
+            &q[..2],
+            Some(&[0.0, -0.0][..]),
+            &norm,
+        )
         .unwrap_err();
     assert!(
         matches!(
             err,
             Error::InvalidValue {
-                side: Side::P,
+                side: Side::Q,
                 problem: Problem::EmptyRow,
                 ..
             }
         ),
-        "{err}"
+        "cross-entropy: {err}"
     );
 }
 

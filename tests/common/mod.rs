@@ -80,6 +80,18 @@ pub fn all_plans() -> [&'static Engine; 3] {
     [engine(), gpu_plan_engine(), blocked_lanes_engine()]
 }
 
+/// Every plan of [`all_plans`], rows split across tiny windows, and the shared-memory
+/// reduction: every path a kernel's state goes through.
+pub fn every_path() -> [&'static Engine; 5] {
+    [
+        engine(),
+        gpu_plan_engine(),
+        blocked_lanes_engine(),
+        small_window_engine(),
+        shared_memory_engine(),
+    ]
+}
+
 /// The shared-memory reduction path, whatever the adapter supports.
 pub fn shared_memory_engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
