@@ -75,10 +75,11 @@ fn soft_max4(v: vec4<f32>) -> vec2<f32> {
     return vec2<f32>(m, f32(j));
 }
 
-// The state s in the frame (mx, my) >= (s.xm, s.ym): x's weights scale by f = e^(xm − mx),
-// y's by h = e^(ym − my), and t's distances grow by mx − xm (entropy) or my − ym
-// (cross-entropy). Where mx is above s.xm, s's arg-max joins its other weights (the caller
-// names the new arg-max); likewise for y. An empty side (max −∞) stays empty and weightless.
+// The state s in the frame (mx, my) >= (s.xm, s.ym): x's weights scale by f = w(xm) in the
+// new frame (e^(xm − mx), or xm/mx), y's by h = w(ym), and t's distances grow by
+// dist(mx, xm) (entropy) or dist(my, ym) (cross-entropy). Where mx is above s.xm, s's arg-max
+// joins its other weights (the caller names the new arg-max); likewise for y. An empty side
+// (no mass yet) stays empty and weightless.
 fn soft_rebase(s: Soft, mx: f32, my: f32) -> Soft {
     let x_empty = soft_zero(s.xm);
     let y_empty = soft_zero(s.ym);
