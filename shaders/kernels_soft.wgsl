@@ -49,21 +49,19 @@ fn soft_above(a: f32, b: f32) -> bool {
 
 fn soft_higher(a: f32, b: f32) -> f32 { return select(b, a, soft_above(a, b)); }
 
-// x's weight in a frame whose maximum is m >= x: e^(x − m), or x/m from the splits (no float
-// operation sees a subnormal, which an adapter may flush).
-fn soft_weight(x: f32, m: f32) -> f32 {
+// x's place in a frame whose maximum is m >= x: its weight w(x) (e^(x − m), or x/m) and m's
+// distance above it, dist(m, x) >= 0 (m − x, or ln(m/x)). Probabilities take both from one
+// split of each (no float operation sees a subnormal, which an adapter may flush; ln_ratio is
+// relative even where m/x is within an ulp of 1). No mass weighs 0, at a finite distance.
+fn soft_place(x: f32, m: f32) -> vec2<f32> {
     if (soft_probs()) {
-        let r = split_div(split(x), split(m));
-        return select(ldexp(r.m, r.e), 0.0, is_zero(x));
+        let sx = split(x);
+        let sm = split(m);
+        let r = split_div(sx, sm);
+        return vec2<f32>(select(ldexp(r.m, r.e), 0.0, is_zero(x)), ln_ratio(sm, sx));
     }
-    return select(exp(x - m), 0.0, x == neg_inf());
-}
-
-// m's distance above x >= 0 in the same frame: m − x, or ln(m/x) (ln_ratio: relative even
-// where m/x is within an ulp of 1).
-fn soft_dist(m: f32, x: f32) -> f32 {
-    if (soft_probs()) { return ln_ratio(split(m), split(x)); }
-    return m - x;
+    let no_mass = x == neg_inf();
+    return vec2<f32>(select(exp(x - m), 0.0, no_mass), select(m - x, 0.0, no_mass));
 }
 
 // The maximum of four values and the first column that holds it.
@@ -85,10 +83,14 @@ fn soft_rebase(s: Soft, mx: f32, my: f32) -> Soft {
     let y_empty = soft_zero(s.ym);
     let x_up = soft_above(mx, s.xm);
     let y_up = soft_above(my, s.ym);
-    let dx = select(0.0, soft_dist(mx, s.xm), x_up && !x_empty);
-    let dy = select(0.0, soft_dist(my, s.ym), y_up && !y_empty);
-    let f = select(select(1.0, soft_weight(s.xm, mx), x_up), 0.0, x_empty);
-    let h = select(select(1.0, soft_weight(s.ym, my), y_up), 0.0, y_empty);
+    // The old maxima's places in the new frame: the factor their weights scale by, and how
+    // far the maximum moved.
+    let px = select(vec2<f32>(1.0, 0.0), soft_place(s.xm, mx), x_up);
+    let py = select(vec2<f32>(1.0, 0.0), soft_place(s.ym, my), y_up);
+    let dx = select(px.y, 0.0, x_empty);
+    let dy = select(py.y, 0.0, y_empty);
+    let f = select(px.x, 0.0, x_empty);
+    let h = select(py.x, 0.0, y_empty);
     let w = select(1.0 + s.xs, 0.0, x_empty);
     let wy = select(1.0 + s.ys, 0.0, y_empty);
     let dt = select(dx, dy, MEASURE == MEASURE_CE);
@@ -134,14 +136,14 @@ struct SoftTerm { xs: f32, ys: f32, t: f32, flags: u32 }
 
 fn soft_term(x: f32, y: f32, col: u32, s: Soft) -> SoftTerm {
     let p_zero = soft_zero(x);
-    let ex = soft_weight(x, s.xm);
-    let xs = select(ex, 0.0, col == s.xi);
+    let px = soft_place(x, s.xm);
+    let xs = select(px.x, 0.0, col == s.xi);
     if (MEASURE == MEASURE_ENTROPY) {
-        return SoftTerm(xs, 0.0, select(ex * soft_dist(s.xm, x), 0.0, p_zero), 0u);
+        return SoftTerm(xs, 0.0, select(px.x * px.y, 0.0, p_zero), 0u);
     }
     let q_zero = soft_zero(y);
-    let ys = select(soft_weight(y, s.ym), 0.0, col == s.yi);
-    return SoftTerm(xs, ys, select(ex * soft_dist(s.ym, y), 0.0, p_zero || q_zero),
+    let py = soft_place(y, s.ym);
+    return SoftTerm(xs, select(py.x, 0.0, col == s.yi), select(px.x * py.y, 0.0, p_zero || q_zero),
         select(0u, ACC_INF, !p_zero && q_zero));
 }
 

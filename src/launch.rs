@@ -42,11 +42,13 @@ pub(crate) struct Job {
 }
 
 impl Job {
-    /// The main pass's terms and combine stages: logits and normalized probabilities without a
-    /// pre-pass take the one-pass kernels.
+    /// The main pass's terms and combine stages. Inputs the kernel normalizes (logits,
+    /// normalized probabilities) that `engine::job_for` gave no pre-pass are the one-pass
+    /// measures: they take the one-pass kernels.
     pub(crate) fn main_stages(&self) -> (Stage, Stage) {
-        let normalized = matches!(self.input, InputCode::Logits | InputCode::ProbsNormalized);
-        if normalized && self.prepass.is_none() {
+        let normalized_in_kernel =
+            matches!(self.input, InputCode::Logits | InputCode::ProbsNormalized);
+        if normalized_in_kernel && self.prepass.is_none() {
             (Stage::Soft, Stage::CombineSoft)
         } else {
             (Stage::Terms, Stage::Combine)
