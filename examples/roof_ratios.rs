@@ -10,7 +10,8 @@
 //!
 //! ```text
 //! cargo run --release --example roof_ratios -- [--rounds R] [--workgroups W]
-//!     [--min-iterations M] [--blocked-lanes 0|1] [--quick 0|1] [--scale S] [CASE,CASE,...]
+//!     [--min-iterations M] [--blocked-lanes 0|1] [--quick 0|1] [--scale S]
+//!     [--dtype f32|f16|bf16] [CASE,CASE,...]
 //! ```
 //! Cases: KL CE H JS (N = 4·10^6), KLbare (KL's term alone: no validation, plain sums; a
 //! diagnostic between the roof and KL), KLlp (KL of log-probabilities, 4·10^6), KL10
@@ -21,19 +22,22 @@
 //! `--min-iterations`, `--blocked-lanes` and `--quick` (the quick path for plain vec4s) override
 //! the defaults for the adapter (`klgpu::Tuning`). `--scale S` multiplies every case's size (rows, or N for the single
 //! distributions) by S: the defaults suit lavapipe; on a data-centre GPU they are a few
-//! microseconds of work, and `--scale 25` makes them bandwidth-bound.
+//! microseconds of work, and `--scale 25` makes them bandwidth-bound. `--dtype f16|bf16`
+//! stores every case's inputs in 16 bits (kernel and roof alike read 2 bytes per element;
+//! GB/s count those bytes).
 
 #[path = "../benches/support/mod.rs"]
 mod support;
-use support::{Rng, Timer, calls_per_sample, data, time_calls, upload};
+use support::{Rng, Timer, calls_per_sample, data, time_calls, upload_as};
 
-use klgpu::{Engine, EngineOptions, Input, Measure, Options};
+use klgpu::{Dtype, Engine, EngineOptions, Input, Measure, Options};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut options = EngineOptions::default();
     let mut rounds = 10;
     let mut scale = 1;
     let mut only: Vec<String> = vec![];
+    let mut dtype = Dtype::F32;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || -> Result<u32, Box<dyn std::error::Error>> {
@@ -46,6 +50,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--blocked-lanes" => options.tuning.blocked_lanes = Some(value()? != 0),
             "--quick" => options.tuning.quick_vec4 = Some(value()? != 0),
             "--scale" => scale = value()? as usize,
+            "--dtype" => {
+                dtype = match args.next().as_deref() {
+                    Some("f32") => Dtype::F32,
+                    Some("f16") => Dtype::F16,
+                    Some("bf16") => Dtype::BF16,
+                    other => return Err(format!("--dtype f32|f16|bf16, not {other:?}").into()),
+                }
+            }
             cases => only = cases.split(',').map(str::to_string).collect(),
         }
     }
@@ -111,13 +123,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             // The normalized cases: probabilities divided by their row sums in the kernel.
             opts: Options {
                 normalize: name.ends_with("norm"),
+                dtype,
                 ..Options::input(input)
             },
             rows,
             cols,
             out: engine.create_f32_buffer("roof_ratios.out", rows as u64)?,
-            p: upload(&engine, "roof_ratios.p", &data(&mut rng, rows, cols, input)),
-            q: upload(&engine, "roof_ratios.q", &data(&mut rng, rows, cols, input)),
+            p: upload_as(
+                &engine,
+                "roof_ratios.p",
+                &data(&mut rng, rows, cols, input),
+                dtype,
+            ),
+            q: upload_as(
+                &engine,
+                "roof_ratios.q",
+                &data(&mut rng, rows, cols, input),
+                dtype,
+            ),
         };
         // Samples of about 2 ms of back-to-back calls: one call at a time lets a GPU drop its
         // clocks between submissions (on lavapipe a call alone takes longer than that).
@@ -150,8 +173,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     for (case, _, _, kernel, roof) in &states {
-        let gb =
-            (case.rows * case.cols * 4 * if case.measure.uses_q() { 2 } else { 1 }) as f64 / 1e9;
+        let sides = if case.measure.uses_q() { 2 } else { 1 };
+        let gb = (case.rows * case.cols * dtype.size() as usize * sides) as f64 / 1e9;
         println!(
             "{:8} kernel {:8.3} ms {:7.1} GB/s  roof {:8.3} ms {:7.1} GB/s  of roof {:5.1} %",
             case.name,
@@ -184,6 +207,7 @@ impl Case {
 
     fn kernel(&self, engine: &Engine, enc: &mut wgpu::CommandEncoder, ws: &mut klgpu::Workspace) {
         if self.name == "KLbare" {
+            assert_eq!(self.opts.dtype, Dtype::F32, "KLbare reads f32 only");
             let (p, q, out) = (self.p.slice(..), self.q.slice(..), self.out.slice(..));
             engine
                 .record_kl_bare_rows(enc, ws, p, q, self.cols, out)
@@ -207,7 +231,8 @@ impl Case {
     /// The roofline: a plain sum over the same inputs and plan.
     fn roof(&self, engine: &Engine, enc: &mut wgpu::CommandEncoder, ws: &mut klgpu::Workspace) {
         engine
-            .record_sum_rows(
+            .record_sum_rows_of(
+                self.opts.dtype,
                 enc,
                 ws,
                 self.p.slice(..),

@@ -15,7 +15,7 @@ PARTS="${PARTS:-tests upload roof ab quick bench peers diag probe}"
 [ -n "${SKIP_TESTS:-}" ] && PARTS="${PARTS/tests/}"
 BUDGET="${BUDGET:-400}"
 # Rough seconds each part takes on an H200 (its timeouts allow more).
-declare -A COST=([tests]=40 [upload]=40 [roof]=120 [quick]=90 [bench]=150 [peers]=120 [diag]=50 [ab]=90 [probe]=40)
+declare -A COST=([tests]=40 [upload]=40 [roof]=150 [quick]=90 [bench]=150 [peers]=120 [diag]=50 [ab]=90 [probe]=40)
 part() {
     [[ " $PARTS " == *" $1 "* ]] || return 1
     if (( SECONDS + ${COST[$1]} > BUDGET )); then
@@ -84,6 +84,8 @@ for m in 16 64 256; do
     echo "-- --min-iterations $m"
     timeout 30 .device/roof_ratios --rounds 5 --scale 25 --min-iterations $m KL1k,KL10,KLnorm 2>&1 | grep -v XDG
 done 2>&1 | tee "$RAW/roof_ratios_iterations.txt"
+echo "-- bf16 inputs (2 bytes per element; kernel and roof alike; GB/s count those bytes)"
+timeout 40 .device/roof_ratios --rounds 5 --scale 25 --dtype bf16 KL,CE,H,JS,KL1k,logits,CElogits,Hlogits 2>&1 | tee "$RAW/roof_ratios_bf16.txt" | grep -v XDG
 fi
 
 if part ab && [ -x .device/roof_ratios_base ]; then

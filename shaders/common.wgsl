@@ -59,11 +59,7 @@ struct Lse {
 }
 
 @group(0) @binding(0) var<uniform> prm: Params;
-// INPUT_ELEM is f32, or vec4<f32> in the wide-load variant (16-byte loads: what it takes to
-// keep enough bytes in flight for HBM; used when P and Q sit at the same offset modulo 4 and
-// their bindings end on a whole vec4).
-@group(0) @binding(1) var<storage, read> in_p: array<INPUT_ELEM>;
-@group(0) @binding(2) var<storage, read> in_q: array<INPUT_ELEM>;
+// bindings 1 and 2 (P and Q) and their loads: shaders/elements.wgsl.
 // binding 3 (partials) is declared by each module with its monoid's type.
 @group(0) @binding(4) var<storage, read_write> status: array<atomic<u32>, 4>;
 @group(0) @binding(5) var<storage, read_write> row_lse: array<Lse>;
@@ -72,10 +68,6 @@ struct Lse {
 // Eight storage bindings at most: WebGPU's default max_storage_buffers_per_shader_stage.
 // The running state of a row split across windows lives in partials[chunks], one past the
 // window's partials.
-
-// Element i of P or Q, whatever the load width of this variant.
-fn load_p(i: u32) -> f32 { return LOAD_P; }
-fn load_q(i: u32) -> f32 { return LOAD_Q; }
 
 fn pos_inf() -> f32 { return bitcast<f32>(0x7f800000u); }
 fn neg_inf() -> f32 { return bitcast<f32>(0xff800000u); }

@@ -51,8 +51,8 @@
         for (var i = first; i < end; i = i + select(lanes, 1u, blocked)) {
             let c = a0 + 4u * i;
             let local = base + c;
-            let x = in_p[(prm.shift_p + local) / 4u];
+            let x = load4_p((prm.shift_p + local) / 4u);
             var y = x;
-            if (uses_q()) { y = in_q[(prm.shift_q + local) / 4u]; }
+            if (uses_q()) { y = load4_q((prm.shift_q + local) / 4u); }
             st = FOLD4(st, x, y, local, c, CTX);
         }

@@ -1,15 +1,15 @@
 //! Data that already lives on the GPU: the caller's buffers, recording into the caller's
 //! command encoder, the KL loss with its gradient, and a readback helper.
 //!
-//! Inputs are `wgpu::BufferSlice`s of f32 storage buffers: their offset and length give the
-//! elements. Nothing is copied to the host; only status words and results come back.
+//! Inputs are `wgpu::BufferSlice`s of storage buffers holding f32 (or, with
+//! [`Options::dtype`], f16 or bf16): their offset and length give the elements. Nothing is copied to the host; only status words and results come back.
 
 use crate::engine::{Engine, job_for};
 use crate::error::{Error, Problem, Result, Side};
 use crate::kernels::{self, InputCode, Term};
 use crate::launch::{GpuSlice, Job, Prepass, Readback, Scratch, encode_read_back};
 use crate::plan::Plan;
-use crate::types::{Input, Measure, Options};
+use crate::types::{Dtype, Element, Input, Measure, Options};
 
 /// What [`Engine::create_f32_buffer`] and [`Engine::create_f32_buffer_init`] make: usable as
 /// input, output or gradient, and copyable both ways.
@@ -17,8 +17,12 @@ const F32_BUFFER_USAGES: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_DST)
     .union(wgpu::BufferUsages::COPY_SRC);
 
-/// Checks that a slice can be bound as f32 storage and describes it.
-fn gpu_slice<'a>(name: &'static str, slice: &wgpu::BufferSlice<'a>) -> Result<GpuSlice<'a>> {
+/// Checks that a slice can be bound as storage of `dtype` elements and describes it.
+fn gpu_slice<'a>(
+    name: &'static str,
+    slice: &wgpu::BufferSlice<'a>,
+    dtype: Dtype,
+) -> Result<GpuSlice<'a>> {
     let invalid = |reason: String| Error::InvalidBuffer { name, reason };
     let buffer = slice.buffer();
     if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
@@ -27,22 +31,35 @@ fn gpu_slice<'a>(name: &'static str, slice: &wgpu::BufferSlice<'a>) -> Result<Gp
             buffer.usage()
         )));
     }
-    if slice.offset() % 4 != 0 {
+    let es = dtype.size();
+    if slice.offset() % es != 0 {
         return Err(invalid(format!(
-            "offset {} is not a multiple of 4 bytes",
-            slice.offset()
+            "offset {} is not a multiple of {es} bytes ({})",
+            slice.offset(),
+            dtype.name()
         )));
     }
-    if slice.size() % 4 != 0 {
+    if slice.size() % es != 0 {
         return Err(invalid(format!(
-            "size {} bytes is not a whole number of f32",
-            slice.size()
+            "size {} bytes is not a whole number of {}",
+            slice.size(),
+            dtype.name()
+        )));
+    }
+    // The kernels bind, and copies move, whole 4-byte words.
+    let end = slice.offset() + slice.size();
+    if end.div_ceil(4) * 4 > buffer.size() {
+        return Err(invalid(format!(
+            "the slice ends {end} bytes in, inside the buffer's last 4-byte word, which the \
+             buffer ({} bytes) does not hold whole: pad it to a multiple of 4 bytes",
+            buffer.size()
         )));
     }
     Ok(GpuSlice {
         buffer,
         offset: slice.offset(),
-        elems: slice.size() / 4,
+        elems: slice.size() / es,
+        dtype,
     })
 }
 
@@ -52,6 +69,7 @@ struct OwnedSlice {
     buffer: wgpu::Buffer,
     offset: u64,
     elems: u64,
+    dtype: Dtype,
 }
 
 impl OwnedSlice {
@@ -60,6 +78,7 @@ impl OwnedSlice {
             buffer: s.buffer.clone(),
             offset: s.offset,
             elems: s.elems,
+            dtype: s.dtype,
         }
     }
 
@@ -68,6 +87,7 @@ impl OwnedSlice {
             buffer: &self.buffer,
             offset: self.offset,
             elems: self.elems,
+            dtype: self.dtype,
         }
     }
 }
@@ -235,7 +255,7 @@ impl Engine {
         opts: &Options,
         blocking: bool,
     ) -> Result<f64> {
-        let (p, q) = self.inputs(measure, &p, q.as_ref())?;
+        let (p, q) = self.inputs(measure, &p, q.as_ref(), opts.dtype)?;
         let cols = p.elems.max(1);
         let job = job_for(Term::Measure(measure), opts)?;
         let readback = self
@@ -351,7 +371,7 @@ impl Engine {
         out: wgpu::BufferSlice<'_>,
         blocking: bool,
     ) -> Result<()> {
-        let (p, q) = self.inputs(measure, &p, q.as_ref())?;
+        let (p, q) = self.inputs(measure, &p, q.as_ref(), opts.dtype)?;
         let rows = shape(&p, cols)?;
         let out = output("out", &out, rows)?;
         let job = job_for(Term::Measure(measure), opts)?;
@@ -388,7 +408,7 @@ impl Engine {
         opts: &Options,
         out: wgpu::BufferSlice<'_>,
     ) -> Result<()> {
-        let (p, q) = self.inputs(measure, &p, q.as_ref())?;
+        let (p, q) = self.inputs(measure, &p, q.as_ref(), opts.dtype)?;
         let rows = shape(&p, cols)?;
         let out = output("out", &out, rows)?;
         let job = job_for(Term::Measure(measure), opts)?;
@@ -497,6 +517,7 @@ impl Engine {
             buffer,
             offset: slice.offset(),
             elems: slice.size() / 4,
+            dtype: Dtype::F32,
         };
         let _turn = self.gpu().turn();
         self.gpu().read_elements(&view, 0, view.elems, false).await
@@ -506,7 +527,7 @@ impl Engine {
     /// through the kernel, loads and workgroup plan of the measures. Values are not
     /// validated.
     pub fn sum_buffers(&self, p: wgpu::BufferSlice<'_>) -> Result<f64> {
-        let (p, q) = self.inputs(Measure::Entropy, &p, None)?;
+        let (p, q) = self.inputs(Measure::Entropy, &p, None, Dtype::F32)?;
         let job = job_for(Term::SumP, &Options::default())?;
         let rb = pollster::block_on(self.run_buffers(&job, &p, &q, p.elems, None, None, true))?;
         Ok(rb.values[0] as f64)
@@ -526,12 +547,28 @@ impl Engine {
         cols: usize,
         out: wgpu::BufferSlice<'_>,
     ) -> Result<()> {
+        self.record_sum_rows_of(Dtype::F32, encoder, workspace, p, q, cols, out)
+    }
+
+    /// [`Engine::record_sum_rows`] over inputs stored as `dtype`: the roofline of the
+    /// kernels over 16-bit inputs, which read half the bytes per element.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_sum_rows_of(
+        &self,
+        dtype: Dtype,
+        encoder: &mut wgpu::CommandEncoder,
+        workspace: &mut Workspace,
+        p: wgpu::BufferSlice<'_>,
+        q: Option<wgpu::BufferSlice<'_>>,
+        cols: usize,
+        out: wgpu::BufferSlice<'_>,
+    ) -> Result<()> {
         let term = if q.is_some() {
             Term::RoofPQ
         } else {
             Term::RoofP
         };
-        self.record_unchecked_rows(term, encoder, workspace, p, q, cols, out)
+        self.record_unchecked_rows(term, dtype, encoder, workspace, p, q, cols, out)
     }
 
     /// Records per-row KL of plain probabilities `[rows × cols]` into `out` with KL's
@@ -551,14 +588,16 @@ impl Engine {
         cols: usize,
         out: wgpu::BufferSlice<'_>,
     ) -> Result<()> {
-        self.record_unchecked_rows(Term::KlBare, encoder, workspace, p, Some(q), cols, out)
+        let (term, dtype) = (Term::KlBare, Dtype::F32);
+        self.record_unchecked_rows(term, dtype, encoder, workspace, p, Some(q), cols, out)
     }
 
-    /// Records a benchmark term (which validates nothing) over plain f32 rows.
+    /// Records a benchmark term (which validates nothing) over plain rows.
     #[allow(clippy::too_many_arguments)]
     fn record_unchecked_rows(
         &self,
         term: Term,
+        dtype: Dtype,
         encoder: &mut wgpu::CommandEncoder,
         workspace: &mut Workspace,
         p: wgpu::BufferSlice<'_>,
@@ -571,7 +610,7 @@ impl Engine {
         } else {
             Measure::Entropy
         };
-        let (p, q) = self.inputs(measure, &p, q.as_ref())?;
+        let (p, q) = self.inputs(measure, &p, q.as_ref(), dtype)?;
         let rows = shape(&p, cols)?;
         let out = output("out", &out, rows)?;
         let job = job_for(term, &Options::default())?;
@@ -610,13 +649,43 @@ impl Engine {
     /// # Errors
     /// [`Error::Gpu`] when the device cannot allocate it.
     pub fn create_f32_buffer_init(&self, label: &str, data: &[f32]) -> Result<wgpu::Buffer> {
+        self.create_buffer_init(label, data)
+    }
+
+    /// A storage buffer holding `data` of any [`Element`] type, padded to whole 4-byte words
+    /// (what the kernels bind), with the usages of [`Engine::create_f32_buffer`]. Pass its
+    /// slices with [`Options::dtype`] set to `T::DTYPE`.
+    ///
+    /// ```no_run
+    /// use klgpu::half::f16;
+    /// use klgpu::{Measure, Options};
+    /// let engine = klgpu::Engine::new()?;
+    /// let p: Vec<f16> = [0.25f32, 0.25, 0.5].iter().map(|&x| f16::from_f32(x)).collect();
+    /// let buffer = engine.create_buffer_init("p", &p)?;
+    /// let f16s = Options { dtype: klgpu::Dtype::F16, ..Options::default() };
+    /// let h = engine.divergence_buffers(Measure::Entropy, buffer.slice(..6), None, &f16s)?;
+    /// # Ok::<(), klgpu::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Gpu`] when the device cannot allocate it.
+    pub fn create_buffer_init<T: Element>(&self, label: &str, data: &[T]) -> Result<wgpu::Buffer> {
         use wgpu::util::DeviceExt;
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let mut padded;
+        let contents = if bytes.len().is_multiple_of(4) {
+            bytes
+        } else {
+            padded = bytes.to_vec();
+            padded.resize(bytes.len().div_ceil(4) * 4, 0);
+            &padded[..]
+        };
         let gpu = self.gpu();
         gpu.scoped(|| {
             gpu.device
                 .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                     label: Some(label),
-                    contents: bytemuck::cast_slice(data),
+                    contents,
                     usage: F32_BUFFER_USAGES,
                 })
         })
@@ -627,10 +696,11 @@ impl Engine {
         measure: Measure,
         p: &wgpu::BufferSlice<'a>,
         q: Option<&wgpu::BufferSlice<'a>>,
+        dtype: Dtype,
     ) -> Result<(GpuSlice<'a>, GpuSlice<'a>)> {
-        let p = gpu_slice("p", p)?;
+        let p = gpu_slice("p", p, dtype)?;
         let q = match (measure.uses_q(), q) {
-            (true, Some(q)) => gpu_slice("q", q)?,
+            (true, Some(q)) => gpu_slice("q", q, dtype)?,
             (true, None) => {
                 return Err(Error::InvalidArgument(format!(
                     "{} needs a second distribution Q",
@@ -658,8 +728,8 @@ impl Engine {
         cols: usize,
         grad: &wgpu::BufferSlice<'a>,
     ) -> Result<(GpuSlice<'a>, GpuSlice<'a>, GpuSlice<'a>, u64)> {
-        let t = gpu_slice("target", target)?;
-        let z = gpu_slice("logits", logits)?;
+        let t = gpu_slice("target", target, Dtype::F32)?;
+        let z = gpu_slice("logits", logits, Dtype::F32)?;
         if t.elems == 0 {
             return Err(Error::EmptyInput);
         }
@@ -670,7 +740,7 @@ impl Engine {
             });
         }
         shape(&t, cols)?;
-        let grad = gpu_slice("grad", grad)?;
+        let grad = gpu_slice("grad", grad, Dtype::F32)?;
         if grad.elems < t.elems {
             return Err(Error::InvalidBuffer {
                 name: "grad",
@@ -917,7 +987,7 @@ fn shape(p: &GpuSlice<'_>, cols: usize) -> Result<u64> {
 
 /// Checks an output slice that must hold `rows` f32.
 fn output<'a>(name: &'static str, out: &wgpu::BufferSlice<'a>, rows: u64) -> Result<GpuSlice<'a>> {
-    let out = gpu_slice(name, out)?;
+    let out = gpu_slice(name, out, Dtype::F32)?;
     if out.elems < rows {
         return Err(Error::InvalidBuffer {
             name,

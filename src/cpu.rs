@@ -160,12 +160,12 @@ fn has_infinite_term(measure: Measure, input: Input, p: &[f32], q: &[f32]) -> bo
 }
 
 /// Checks lengths and returns the slice to use as Q (P itself for one-input measures).
-pub(crate) fn check_shapes<'a>(
+pub(crate) fn check_shapes<'a, T>(
     measure: Measure,
-    p: &'a [f32],
-    q: Option<&'a [f32]>,
+    p: &'a [T],
+    q: Option<&'a [T]>,
     cols: usize,
-) -> Result<&'a [f32]> {
+) -> Result<&'a [T]> {
     let q = match (measure.uses_q(), q) {
         (true, Some(q)) => q,
         (true, None) => {

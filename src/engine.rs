@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::cpu;
 use crate::error::{Error, Result};
 use crate::kernels::{self, InputCode, Kernels, Term};
-use crate::launch::{Gpu, Job, Prepass, Readback, ScratchPool, Upload};
+use crate::launch::{Gpu, HostData, Job, Prepass, Readback, ScratchPool, Upload};
 use crate::plan::{Plan, PlanLimits};
-use crate::types::{Input, Measure, Options, RowResults};
+use crate::types::{Element, Input, Measure, Options, RowResults, widened};
 
 /// Knobs of the dispatch planner. The defaults were measured on an H200 and lavapipe
 /// (BENCHMARKS.md); other adapters may prefer others.
@@ -439,46 +439,46 @@ impl Engine {
     /// # Errors
     /// Empty or mismatched input, and NaN, ±∞ or negative elements ([`Error::InvalidValue`]
     /// names the first one).
-    pub fn kl_divergence(&self, p: &[f32], q: &[f32]) -> Result<f64> {
+    pub fn kl_divergence<T: Element>(&self, p: &[T], q: &[T]) -> Result<f64> {
         self.divergence(Measure::KullbackLeibler, p, Some(q), &Options::default())
     }
 
     /// Async twin of [`Engine::kl_divergence`].
-    pub async fn kl_divergence_async(&self, p: &[f32], q: &[f32]) -> Result<f64> {
+    pub async fn kl_divergence_async<T: Element>(&self, p: &[T], q: &[T]) -> Result<f64> {
         self.divergence_async(Measure::KullbackLeibler, p, Some(q), &Options::default())
             .await
     }
 
     /// Cross-entropy H(P,Q) = −Σ p·ln q, in nats. Errors as [`Engine::kl_divergence`].
-    pub fn cross_entropy(&self, p: &[f32], q: &[f32]) -> Result<f64> {
+    pub fn cross_entropy<T: Element>(&self, p: &[T], q: &[T]) -> Result<f64> {
         self.divergence(Measure::CrossEntropy, p, Some(q), &Options::default())
     }
 
     /// Async twin of [`Engine::cross_entropy`].
-    pub async fn cross_entropy_async(&self, p: &[f32], q: &[f32]) -> Result<f64> {
+    pub async fn cross_entropy_async<T: Element>(&self, p: &[T], q: &[T]) -> Result<f64> {
         self.divergence_async(Measure::CrossEntropy, p, Some(q), &Options::default())
             .await
     }
 
     /// Entropy H(P) = −Σ p·ln p, in nats. Errors as [`Engine::kl_divergence`].
-    pub fn entropy(&self, p: &[f32]) -> Result<f64> {
+    pub fn entropy<T: Element>(&self, p: &[T]) -> Result<f64> {
         self.divergence(Measure::Entropy, p, None, &Options::default())
     }
 
     /// Async twin of [`Engine::entropy`].
-    pub async fn entropy_async(&self, p: &[f32]) -> Result<f64> {
+    pub async fn entropy_async<T: Element>(&self, p: &[T]) -> Result<f64> {
         self.divergence_async(Measure::Entropy, p, None, &Options::default())
             .await
     }
 
     /// Jensen–Shannon divergence ½KL(P‖M) + ½KL(Q‖M), M = (P+Q)/2, in nats; in [0, ln 2]
     /// for normalized inputs. Errors as [`Engine::kl_divergence`].
-    pub fn js_divergence(&self, p: &[f32], q: &[f32]) -> Result<f64> {
+    pub fn js_divergence<T: Element>(&self, p: &[T], q: &[T]) -> Result<f64> {
         self.divergence(Measure::JensenShannon, p, Some(q), &Options::default())
     }
 
     /// Async twin of [`Engine::js_divergence`].
-    pub async fn js_divergence_async(&self, p: &[f32], q: &[f32]) -> Result<f64> {
+    pub async fn js_divergence_async<T: Element>(&self, p: &[T], q: &[T]) -> Result<f64> {
         self.divergence_async(Measure::JensenShannon, p, Some(q), &Options::default())
             .await
     }
@@ -494,11 +494,11 @@ impl Engine {
     /// assert!((h - 2.0).abs() < 1e-6);
     /// # Ok::<(), klgpu::Error>(())
     /// ```
-    pub fn divergence(
+    pub fn divergence<T: Element>(
         &self,
         measure: Measure,
-        p: &[f32],
-        q: Option<&[f32]>,
+        p: &[T],
+        q: Option<&[T]>,
         opts: &Options,
     ) -> Result<f64> {
         pollster::block_on(self.compute(measure, p, q, p.len().max(1), opts, true))
@@ -506,11 +506,11 @@ impl Engine {
     }
 
     /// Async twin of [`Engine::divergence`].
-    pub async fn divergence_async(
+    pub async fn divergence_async<T: Element>(
         &self,
         measure: Measure,
-        p: &[f32],
-        q: Option<&[f32]>,
+        p: &[T],
+        q: Option<&[T]>,
         opts: &Options,
     ) -> Result<f64> {
         self.compute(measure, p, q, p.len().max(1), opts, false)
@@ -531,11 +531,11 @@ impl Engine {
     /// assert_eq!(r.top1_agree, Some(vec![true, false]));
     /// # Ok::<(), klgpu::Error>(())
     /// ```
-    pub fn rows(
+    pub fn rows<T: Element>(
         &self,
         measure: Measure,
-        p: &[f32],
-        q: Option<&[f32]>,
+        p: &[T],
+        q: Option<&[T]>,
         cols: usize,
         opts: &Options,
     ) -> Result<RowResults> {
@@ -543,11 +543,11 @@ impl Engine {
     }
 
     /// Async twin of [`Engine::rows`].
-    pub async fn rows_async(
+    pub async fn rows_async<T: Element>(
         &self,
         measure: Measure,
-        p: &[f32],
-        q: Option<&[f32]>,
+        p: &[T],
+        q: Option<&[T]>,
         cols: usize,
         opts: &Options,
     ) -> Result<RowResults> {
@@ -555,10 +555,10 @@ impl Engine {
     }
 
     /// Per-row KL(P‖Q) of `[rows × cols]` inputs read as `input`. Blocking.
-    pub fn kl_divergence_rows(
+    pub fn kl_divergence_rows<T: Element>(
         &self,
-        p: &[f32],
-        q: &[f32],
+        p: &[T],
+        q: &[T],
         cols: usize,
         input: Input,
     ) -> Result<Vec<f64>> {
@@ -574,10 +574,10 @@ impl Engine {
     }
 
     /// Per-row cross-entropy H(P,Q). Blocking.
-    pub fn cross_entropy_rows(
+    pub fn cross_entropy_rows<T: Element>(
         &self,
-        p: &[f32],
-        q: &[f32],
+        p: &[T],
+        q: &[T],
         cols: usize,
         input: Input,
     ) -> Result<Vec<f64>> {
@@ -593,17 +593,17 @@ impl Engine {
     }
 
     /// Per-row entropy H(P). Blocking.
-    pub fn entropy_rows(&self, p: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
+    pub fn entropy_rows<T: Element>(&self, p: &[T], cols: usize, input: Input) -> Result<Vec<f64>> {
         Ok(self
             .rows(Measure::Entropy, p, None, cols, &Options::input(input))?
             .values)
     }
 
     /// Per-row Jensen–Shannon divergence. Blocking.
-    pub fn js_divergence_rows(
+    pub fn js_divergence_rows<T: Element>(
         &self,
-        p: &[f32],
-        q: &[f32],
+        p: &[T],
+        q: &[T],
         cols: usize,
         input: Input,
     ) -> Result<Vec<f64>> {
@@ -619,10 +619,10 @@ impl Engine {
     }
 
     /// Async twin of [`Engine::kl_divergence_rows`].
-    pub async fn kl_divergence_rows_async(
+    pub async fn kl_divergence_rows_async<T: Element>(
         &self,
-        p: &[f32],
-        q: &[f32],
+        p: &[T],
+        q: &[T],
         cols: usize,
         input: Input,
     ) -> Result<Vec<f64>> {
@@ -639,10 +639,10 @@ impl Engine {
     }
 
     /// Async twin of [`Engine::cross_entropy_rows`].
-    pub async fn cross_entropy_rows_async(
+    pub async fn cross_entropy_rows_async<T: Element>(
         &self,
-        p: &[f32],
-        q: &[f32],
+        p: &[T],
+        q: &[T],
         cols: usize,
         input: Input,
     ) -> Result<Vec<f64>> {
@@ -659,9 +659,9 @@ impl Engine {
     }
 
     /// Async twin of [`Engine::entropy_rows`].
-    pub async fn entropy_rows_async(
+    pub async fn entropy_rows_async<T: Element>(
         &self,
-        p: &[f32],
+        p: &[T],
         cols: usize,
         input: Input,
     ) -> Result<Vec<f64>> {
@@ -672,10 +672,10 @@ impl Engine {
     }
 
     /// Async twin of [`Engine::js_divergence_rows`].
-    pub async fn js_divergence_rows_async(
+    pub async fn js_divergence_rows_async<T: Element>(
         &self,
-        p: &[f32],
-        q: &[f32],
+        p: &[T],
+        q: &[T],
         cols: usize,
         input: Input,
     ) -> Result<Vec<f64>> {
@@ -692,11 +692,11 @@ impl Engine {
     }
 
     /// Validate → plan → launch → check flags → results.
-    async fn compute(
+    async fn compute<T: Element>(
         &self,
         measure: Measure,
-        p: &[f32],
-        q: Option<&[f32]>,
+        p: &[T],
+        q: Option<&[T]>,
         cols: usize,
         opts: &Options,
         blocking: bool,
@@ -709,14 +709,20 @@ impl Engine {
             cols as u64,
             self.plan_limits(&job, false),
         );
-        let mut readback = self.gpu.run_host(&job, &plan, p, q, blocking).await?;
+        let data = HostData {
+            p: bytemuck::cast_slice(p),
+            q: bytemuck::cast_slice(q),
+            dtype: T::DTYPE,
+        };
+        let mut readback = self.gpu.run_host(&job, &plan, data, blocking).await?;
         if readback.status[0] & kernels::FLAG_SUBGROUP_LAYOUT != 0 {
             // This adapter's subgroups are not runs of consecutive invocations: fall back.
             self.gpu.subgroups.store(false, Ordering::Relaxed);
-            readback = self.gpu.run_host(&job, &plan, p, q, blocking).await?;
+            readback = self.gpu.run_host(&job, &plan, data, blocking).await?;
         }
         check_status(&readback, job.kind, || {
-            cpu::locate_invalid(measure, opts, p, q, cols)
+            // Only for an error: the f32 widening of 16-bit inputs costs a copy.
+            cpu::locate_invalid(measure, opts, &widened(p), &widened(q), cols)
         })?;
         Ok(RowResults {
             values: readback.values.iter().map(|&v| v as f64).collect(),

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::types::{Input, Measure};
+use crate::types::{Dtype, Input, Measure};
 
 // Status flags raised by the kernels (status[0]). An invalid element raises FLAG_INVALID and
 // records its position; the host reads the value there to say what is wrong with it.
@@ -225,8 +225,26 @@ impl SegmentReduce {
     }
 }
 
+/// The input bindings and loads for a storage type and load width (shaders/elements.wgsl).
+fn element_loads(dtype: Dtype, vec4: bool) -> String {
+    let source = include_str!("../shaders/elements.wgsl");
+    let width = if vec4 { "WIDE" } else { "SCALAR" };
+    match dtype {
+        Dtype::F32 => section(source, &format!("F32_{width}")).to_string(),
+        Dtype::F16 | Dtype::BF16 => {
+            let widen = if dtype == Dtype::F16 { "F16" } else { "BF16" };
+            [
+                section(source, &format!("HALF_{width}")),
+                section(source, widen),
+            ]
+            .join("\n")
+        }
+    }
+}
+
 /// Full WGSL source of one module: constants, common header, monoid, reduction, kernels.
-/// `vec4` selects 16-byte input loads (the terms and log-sum-exp loops only).
+/// `vec4` selects wide input loads (groups of four elements; the terms and log-sum-exp loops
+/// only), `dtype` how the inputs are stored.
 /// `quick` turns on the quick path of the terms loop (shaders/kernels_sum.wgsl), which votes
 /// with `subgroupAll`: only for devices with subgroups.
 pub(crate) fn shader_source(
@@ -234,6 +252,7 @@ pub(crate) fn shader_source(
     reduce: SegmentReduce,
     vec4: bool,
     quick: bool,
+    dtype: Dtype,
 ) -> String {
     let subgroups = reduce.subgroups();
     let quick_all = if quick { "subgroupAll(v)" } else { "false" };
@@ -307,27 +326,12 @@ pub(crate) fn shader_source(
     } else {
         ""
     };
-    let common = include_str!("../shaders/common.wgsl")
-        .replace("INPUT_ELEM", if vec4 { "vec4<f32>" } else { "f32" })
-        .replace(
-            "LOAD_P",
-            if vec4 {
-                "in_p[i / 4u][i % 4u]"
-            } else {
-                "in_p[i]"
-            },
-        )
-        .replace(
-            "LOAD_Q",
-            if vec4 {
-                "in_q[i / 4u][i % 4u]"
-            } else {
-                "in_q[i]"
-            },
-        );
+    let common = include_str!("../shaders/common.wgsl");
+    let loads = element_loads(dtype, vec4);
     [
         constants.as_str(),
-        &common,
+        common,
+        &loads,
         include_str!("../shaders/monoids.wgsl"),
         shuffles,
         &reduce,
@@ -336,20 +340,28 @@ pub(crate) fn shader_source(
     .join("\n")
 }
 
+/// How a module's element loops read P and Q: the storage type, and whether four elements at
+/// a time (see `wide_loads` in launch.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Loads {
+    pub dtype: Dtype,
+    pub wide: bool,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct PipelineKey {
     stage: Stage,
     term: u32,
     input: u32,
     reduce: SegmentReduce,
-    vec4: bool,
+    loads: Loads,
 }
 
 /// Bind group layout, modules and compiled pipelines of one device.
 pub(crate) struct Kernels {
     pub layout: wgpu::BindGroupLayout,
     pipeline_layout: wgpu::PipelineLayout,
-    modules: Mutex<HashMap<(&'static str, SegmentReduce, bool), wgpu::ShaderModule>>,
+    modules: Mutex<HashMap<(&'static str, SegmentReduce, Loads), wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
     /// Whether the terms loop has its quick path ([`Tuning::quick_vec4`](crate::Tuning)).
     quick: bool,
@@ -410,17 +422,26 @@ impl Kernels {
         term: Term,
         input: InputCode,
         reduce: SegmentReduce,
-        vec4: bool,
+        loads: Loads,
     ) -> wgpu::ComputePipeline {
-        // Only the element loops have a wide variant.
-        let vec4 = vec4 && matches!(stage, Stage::Terms | Stage::Lse | Stage::Soft);
+        // Only the element loops read the inputs: the combine passes share one module.
+        let loops = matches!(stage, Stage::Terms | Stage::Lse | Stage::Soft);
+        let loads = if loops {
+            loads
+        } else {
+            Loads {
+                dtype: Dtype::F32,
+                wide: false,
+            }
+        };
         let key = PipelineKey {
             stage,
             term: term.code(),
             input: input.code(),
             reduce,
-            vec4,
+            loads,
         };
+        let Loads { dtype, wide } = loads;
         let mut pipelines = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = pipelines.get(&key) {
             return p.clone();
@@ -428,7 +449,7 @@ impl Kernels {
         let module = {
             let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
             modules
-                .entry((stage.monoid(), reduce, vec4))
+                .entry((stage.monoid(), reduce, loads))
                 .or_insert_with(|| {
                     device.create_shader_module(wgpu::ShaderModuleDescriptor {
                         label: Some(match stage.monoid() {
@@ -437,14 +458,20 @@ impl Kernels {
                             _ => "klgpu.soft",
                         }),
                         source: wgpu::ShaderSource::Wgsl(
-                            shader_source(stage.monoid(), reduce, vec4, self.quick).into(),
+                            shader_source(stage.monoid(), reduce, wide, self.quick, dtype).into(),
                         ),
                     })
                 })
                 .clone()
         };
-        let width = if vec4 { "vec4" } else { "f32" };
-        let label = format!("klgpu.{}.{:?}.{:?}.{width}", stage.entry(), term, input);
+        let width = if wide { "wide" } else { "scalar" };
+        let label = format!(
+            "klgpu.{}.{:?}.{:?}.{}.{width}",
+            stage.entry(),
+            term,
+            input,
+            dtype.name()
+        );
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&label),
             layout: Some(&self.pipeline_layout),
@@ -475,9 +502,13 @@ mod tests {
         use SegmentReduce::*;
         for monoid in ["Acc", "Lse", "Soft"] {
             for reduce in [OneLane, SubgroupOnly, SharedMemory, Subgroups] {
-                for (vec4, quick) in [(false, false), (true, false), (true, true)] {
-                    let src = shader_source(monoid, reduce, vec4, quick);
-                    let what = format!("{monoid}/{reduce:?}/vec4={vec4}/quick={quick}");
+                let widths = [(false, false), (true, false), (true, true)];
+                for ((vec4, quick), dtype) in widths
+                    .into_iter()
+                    .flat_map(|w| [Dtype::F32, Dtype::F16, Dtype::BF16].map(|d| (w, d)))
+                {
+                    let src = shader_source(monoid, reduce, vec4, quick, dtype);
+                    let what = format!("{monoid}/{reduce:?}/vec4={vec4}/quick={quick}/{dtype:?}");
                     let module = naga::front::wgsl::parse_str(&src)
                         .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
                     let mut validator = naga::valid::Validator::new(

@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::kernels::{
-    self, InputCode, Kernels, MONOID_BYTES, PARTIAL_BYTES, Params, SegmentReduce, Stage, Term,
+    self, InputCode, Kernels, Loads, MONOID_BYTES, PARTIAL_BYTES, Params, SegmentReduce, Stage,
+    Term,
 };
 use crate::plan::{self, Layout, Plan, Window};
-use crate::types::Measure;
+use crate::types::{Dtype, Measure};
 
 /// Bytes per uniform slot: one dispatch's Params at a dynamic offset (every adapter's
 /// `min_uniform_buffer_offset_alignment` is at most 256).
@@ -168,7 +169,13 @@ impl Scratch {
 
     /// Grows every buffer to what `plan` needs; `host` names how host data is uploaded, if
     /// the job has host data.
-    fn prepare(&mut self, device: &wgpu::Device, plan: &Plan, host: Option<Upload>, uses_q: bool) {
+    fn prepare(
+        &mut self,
+        device: &wgpu::Device,
+        plan: &Plan,
+        host: Option<(Upload, Dtype)>,
+        uses_q: bool,
+    ) {
         let rows = plan.rows;
         ensure(
             device,
@@ -193,8 +200,8 @@ impl Scratch {
             16 + rows * 8,
             wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         );
-        let Some(upload) = host else { return };
-        let bytes = plan.max_window_elems() * 4;
+        let Some((upload, dtype)) = host else { return };
+        let bytes = plan.max_window_elems() * dtype.size();
         for side in 0..if uses_q { 2 } else { 1 } {
             for (window, staging) in self.windows[side].iter_mut().zip(&mut self.staging[side]) {
                 if staging.as_ref().is_some_and(|s| s.buffer.size() >= bytes) {
@@ -368,14 +375,32 @@ pub(crate) fn encode_read_back(
     }
 }
 
-/// A range of f32 elements in a GPU buffer, already validated.
+/// Host slices of one job as bytes: P and Q (P again for one-input measures), and their
+/// storage type.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct HostData<'a> {
+    pub p: &'a [u8],
+    pub q: &'a [u8],
+    pub dtype: Dtype,
+}
+
+fn widened_from_bytes<T: crate::Element>(bytes: &[u8]) -> Vec<f32> {
+    bytemuck::pod_collect_to_vec::<u8, T>(bytes)
+        .into_iter()
+        .map(crate::Element::to_f32)
+        .collect()
+}
+
+/// A range of elements in a GPU buffer, already validated.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct GpuSlice<'a> {
     pub buffer: &'a wgpu::Buffer,
     /// Byte offset of element 0 (a multiple of 4).
     pub offset: u64,
-    /// Number of f32 elements.
+    /// Number of elements.
     pub elems: u64,
+    /// How they are stored.
+    pub dtype: Dtype,
 }
 
 /// Where the kernels of one window find their inputs and write their rows.
@@ -392,26 +417,33 @@ pub(crate) struct WindowBindings<'a> {
     pub agree_base: u32,
     /// The gradient output of the loss kernel, and the shift of the window's first element.
     pub grad: Option<(wgpu::BufferBinding<'a>, u32)>,
-    /// 16-byte loads (see `wide_loads`).
+    /// Loads of four elements at once (see `wide_loads`).
     pub vec4: bool,
+    /// How P and Q are stored.
+    pub dtype: Dtype,
 }
 
-/// A binding of `len` 4-byte elements starting at element `first` of `buffer` (at
-/// `base_bytes`), with the offset rounded down to `align`: returns the binding and the shift.
+/// A binding of `len` elements of `dtype` starting at element `first` of `buffer` (at
+/// `base_bytes`), with the offset rounded down to `align`: returns the binding and the shift
+/// in elements. The size is whole 4-byte words (the callers check that the buffer has them).
 pub(crate) fn aligned_binding(
     buffer: &wgpu::Buffer,
     base_bytes: u64,
     first: u64,
     len: u64,
     align: u64,
+    dtype: Dtype,
 ) -> (wgpu::BufferBinding<'_>, u32) {
-    let start = base_bytes + first * 4;
+    let es = dtype.size();
+    let start = base_bytes + first * es;
     let offset = start / align * align;
-    let size = (start - offset + len * 4).div_ceil(4) * 4;
-    // Whole vec4s when the buffer has room: the wide-load kernels read the last one entire.
-    let size16 = size.div_ceil(16) * 16;
-    let size = if offset + size16 <= buffer.size() {
-        size16
+    let size = (start - offset + len * es).div_ceil(4) * 4;
+    // Whole groups of four when the buffer has room: the wide-load kernels read the last one
+    // entire.
+    let group = 4 * es;
+    let whole = size.div_ceil(group) * group;
+    let size = if offset + whole <= buffer.size() {
+        whole
     } else {
         size
     };
@@ -421,23 +453,24 @@ pub(crate) fn aligned_binding(
             offset,
             size: wgpu::BufferSize::new(size.max(4)),
         },
-        ((start - offset) / 4) as u32,
+        ((start - offset) / es) as u32,
     )
 }
 
-/// Whether a window can use 16-byte loads: P and Q sit at the same offset modulo 4 (so one
-/// vec4 index holds the same columns of both) and both bindings end on a whole vec4. Rows may
-/// have any length and start: the kernels take the columns that share a vec4 with a
-/// neighbour one at a time.
+/// Whether a window can load four elements at once (16 bytes of f32, 8 of 16-bit elements):
+/// P and Q sit at the same offset modulo 4 (so one group index holds the same columns of
+/// both) and both bindings end on a whole group. Rows may have any length and start: the
+/// kernels take the columns that share a group with a neighbour one at a time.
 fn wide_loads(
     p: &wgpu::BufferBinding<'_>,
     q: &wgpu::BufferBinding<'_>,
     shifts: (u32, u32),
+    dtype: Dtype,
 ) -> bool {
     let whole = |b: &wgpu::BufferBinding<'_>| {
         b.size
             .map_or(b.buffer.size() - b.offset, |s| s.get())
-            .is_multiple_of(16)
+            .is_multiple_of(4 * dtype.size())
     };
     shifts.0 % 4 == shifts.1 % 4 && whole(p) && whole(q)
 }
@@ -689,13 +722,15 @@ impl Gpu {
             label: Some("klgpu.window"),
             timestamp_writes: None,
         });
+        let loads = Loads {
+            dtype: bindings.dtype,
+            wide: bindings.vec4,
+        };
         for (k, &(stage, term, input, _, is_combine)) in dispatches.iter().enumerate() {
             let (layout, _) = layout_of(is_combine);
             let reduce =
                 SegmentReduce::for_lanes(layout.lanes, subgroups.then_some(self.subgroup_width));
-            let pipeline =
-                self.kernels
-                    .pipeline(&self.device, stage, term, input, reduce, bindings.vec4);
+            let pipeline = (self.kernels).pipeline(&self.device, stage, term, input, reduce, loads);
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(
                 0,
@@ -728,20 +763,21 @@ impl Gpu {
     /// Copies each slice to the start of its (mapped) staging buffer, and unmaps them. A large
     /// window is copied on several threads: one core's copy is slower than the memory, and on
     /// a discrete GPU this copy is most of what a call over host data costs.
-    fn write_staged(&self, targets: &mut [(&mut Staging, &[f32])]) -> Result<()> {
+    fn write_staged(&self, targets: &mut [(&mut Staging, &[u8])]) -> Result<()> {
         self.scoped(|| {
-            let total: u64 = targets.iter().map(|(_, d)| d.len() as u64 * 4).sum();
+            let total: u64 = targets.iter().map(|(_, d)| d.len() as u64).sum();
             let threads = plan::copy_threads(total, self.upload_threads);
             // Disjoint views of each buffer, one per share (one per input when one thread
             // copies): (view, what goes in it).
             let mut jobs = Vec::new();
-            for (staging, data) in targets.iter() {
-                let src: &[u8] = bytemuck::cast_slice(data);
+            for (staging, src) in targets.iter() {
                 for range in plan::copy_ranges(src.len() as u64, total, threads) {
                     let part = &src[range.start as usize..range.end as usize];
+                    // Mapped views are whole words: an odd count of 16-bit elements leaves
+                    // two bytes of the last word unwritten, which no kernel reads.
                     let view = staging
                         .buffer
-                        .slice(range)
+                        .slice(range.start..range.end.div_ceil(4) * 4)
                         .get_mapped_range_mut()
                         .map_err(|e| Error::Gpu(format!("writing an upload buffer failed: {e}")))?;
                     jobs.push((view, part));
@@ -756,7 +792,7 @@ impl Gpu {
                     // The lock is released before the copy, so workers copy side by side.
                     let job = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
                     let Some((mut view, src)) = job else { break };
-                    view.copy_from_slice(src);
+                    view.slice(..src.len()).copy_from_slice(src);
                 }
             };
             std::thread::scope(|scope| {
@@ -778,13 +814,12 @@ impl Gpu {
         self: &Arc<Self>,
         job: &Job,
         plan: &Plan,
-        p: &[f32],
-        q: &[f32],
+        data: HostData<'_>,
         blocking: bool,
     ) -> Result<Readback> {
         let mut scratch = self.scratch.take(&self.device);
         let result = self
-            .run_host_with(&mut scratch, job, plan, p, q, blocking)
+            .run_host_with(&mut scratch, job, plan, data, blocking)
             .await;
         if result.is_ok() {
             self.scratch.put(scratch);
@@ -797,13 +832,14 @@ impl Gpu {
         scratch: &mut Scratch,
         job: &Job,
         plan: &Plan,
-        p: &[f32],
-        q: &[f32],
+        data: HostData<'_>,
         blocking: bool,
     ) -> Result<Readback> {
         let uses_q = job.term.uses_q();
+        let HostData { p, q, dtype } = data;
+        let es = dtype.size() as usize;
         self.scoped(|| {
-            scratch.prepare(&self.device, plan, Some(self.upload), uses_q);
+            scratch.prepare(&self.device, plan, Some((self.upload, dtype)), uses_q);
             self.queue
                 .write_buffer(&scratch.status, 0, bytemuck::cast_slice(&STATUS_INIT));
         })?;
@@ -813,8 +849,9 @@ impl Gpu {
             let window = &plan.windows[wi];
             let last = k + 1 == visits.len();
             let slot = k % 2;
-            let range = window.elem_start as usize..(window.elem_start + window.elem_len) as usize;
-            let sides: &[&[f32]] = if uses_q { &[p, q] } else { &[p] };
+            let range = window.elem_start as usize * es
+                ..(window.elem_start + window.elem_len) as usize * es;
+            let sides: &[&[u8]] = if uses_q { &[p, q] } else { &[p] };
             let [p_staging, q_staging] = &mut scratch.staging;
             let mut targets = Vec::with_capacity(2);
             for (staging, data) in [p_staging, q_staging].into_iter().zip(sides) {
@@ -838,16 +875,18 @@ impl Gpu {
                         .expect("prepared staging")
                         .buffer;
                     if self.upload == Upload::Staged {
-                        encoder.copy_buffer_to_buffer(staging, 0, buffer, 0, window.elem_len * 4);
+                        let bytes = (window.elem_len * es as u64).div_ceil(4) * 4;
+                        encoder.copy_buffer_to_buffer(staging, 0, buffer, 0, bytes);
                     }
                     buffer
                 };
                 let wp = upload(&mut encoder, 0);
                 let wq = if uses_q { upload(&mut encoder, 1) } else { wp };
+                let rows = window.rows as u64;
                 let (out, out_base) =
-                    aligned_binding(&scratch.out, 0, window.row_begin, window.rows as u64, 256);
+                    aligned_binding(&scratch.out, 0, window.row_begin, rows, 256, Dtype::F32);
                 let (agree, agree_base) =
-                    aligned_binding(&scratch.agree, 0, window.row_begin, window.rows as u64, 256);
+                    aligned_binding(&scratch.agree, 0, window.row_begin, rows, 256, Dtype::F32);
                 let bindings = WindowBindings {
                     p: wp.as_entire_buffer_binding(),
                     q: wq.as_entire_buffer_binding(),
@@ -858,9 +897,10 @@ impl Gpu {
                     agree_base,
                     grad: None,
                     vec4: false,
+                    dtype,
                 };
                 let bindings = WindowBindings {
-                    vec4: wide_loads(&bindings.p, &bindings.q, bindings.shifts),
+                    vec4: wide_loads(&bindings.p, &bindings.q, bindings.shifts, dtype),
                     ..bindings
                 };
                 let slot_base = slot as u64 * SLOTS_PER_WINDOW * PARAM_SLOT;
@@ -924,20 +964,22 @@ impl Gpu {
         self.queue
             .write_buffer(&scratch.status, 0, bytemuck::cast_slice(&STATUS_INIT));
         let align = self.storage_align;
+        let dtype = p.dtype;
         for (k, &(wi, passes)) in visits.iter().enumerate() {
             let w = &plan.windows[wi];
             let (pb, shift_p) =
-                aligned_binding(p.buffer, p.offset, w.elem_start, w.elem_len, align);
+                aligned_binding(p.buffer, p.offset, w.elem_start, w.elem_len, align, dtype);
             let (qb, shift_q) =
-                aligned_binding(q.buffer, q.offset, w.elem_start, w.elem_len, align);
+                aligned_binding(q.buffer, q.offset, w.elem_start, w.elem_len, align, dtype);
             let (out_buffer, out_offset) = match out {
                 Some(o) => (o.buffer, o.offset),
                 None => (&scratch.out, 0),
             };
+            let rows = w.rows as u64;
             let (ob, out_base) =
-                aligned_binding(out_buffer, out_offset, w.row_begin, w.rows as u64, align);
+                aligned_binding(out_buffer, out_offset, w.row_begin, rows, align, Dtype::F32);
             let (ab, agree_base) =
-                aligned_binding(&scratch.agree, 0, w.row_begin, w.rows as u64, 256);
+                aligned_binding(&scratch.agree, 0, w.row_begin, rows, 256, Dtype::F32);
             let bindings = WindowBindings {
                 p: pb,
                 q: qb,
@@ -946,12 +988,14 @@ impl Gpu {
                 agree: ab,
                 out_base,
                 agree_base,
-                grad: grad
-                    .map(|g| aligned_binding(g.buffer, g.offset, w.elem_start, w.elem_len, align)),
+                grad: grad.map(|g| {
+                    aligned_binding(g.buffer, g.offset, w.elem_start, w.elem_len, align, g.dtype)
+                }),
                 vec4: false,
+                dtype,
             };
             let bindings = WindowBindings {
-                vec4: wide_loads(&bindings.p, &bindings.q, bindings.shifts),
+                vec4: wide_loads(&bindings.p, &bindings.q, bindings.shifts, dtype),
                 ..bindings
             };
             let slot_base = k as u64 * SLOTS_PER_WINDOW * PARAM_SLOT;
@@ -959,7 +1003,8 @@ impl Gpu {
         }
     }
 
-    /// Reads `len` f32 values at element `first` of a GPU slice (for error messages).
+    /// Reads `len` values at element `first` of a GPU slice, widened to f32 (for error
+    /// messages and [`Engine::read_f32`](crate::Engine::read_f32)).
     pub(crate) async fn read_elements(
         &self,
         slice: &GpuSlice<'_>,
@@ -967,7 +1012,14 @@ impl Gpu {
         len: u64,
         blocking: bool,
     ) -> Result<Vec<f32>> {
-        let bytes = len * 4;
+        // Copies move whole words: from the word that holds the first element to the one
+        // that holds the last (the slice's checks make sure the buffer has it).
+        let es = slice.dtype.size();
+        let start = slice.offset + first * es;
+        let word_start = start / 4 * 4;
+        let bytes = (start + len * es).div_ceil(4) * 4 - word_start;
+        let skip = (start - word_start) as usize;
+        let dtype = slice.dtype;
         let staging = buffer(
             &self.device,
             "klgpu.read_elements",
@@ -980,17 +1032,16 @@ impl Gpu {
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("klgpu.read_elements"),
                 });
-            encoder.copy_buffer_to_buffer(
-                slice.buffer,
-                slice.offset + first * 4,
-                &staging,
-                0,
-                bytes,
-            );
+            encoder.copy_buffer_to_buffer(slice.buffer, word_start, &staging, 0, bytes);
             self.queue.submit([encoder.finish()])
         })?;
         self.map_read(&staging, bytes, index, blocking, |bytes| {
-            bytemuck::cast_slice::<u8, f32>(bytes).to_vec()
+            let bytes = &bytes[skip..skip + (len * es) as usize];
+            match dtype {
+                Dtype::F32 => bytemuck::pod_collect_to_vec(bytes),
+                Dtype::F16 => widened_from_bytes::<half::f16>(bytes),
+                Dtype::BF16 => widened_from_bytes::<half::bf16>(bytes),
+            }
         })
         .await
     }

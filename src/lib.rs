@@ -22,6 +22,8 @@
 //! - As `scipy.special.rel_entr`: 0·log(0/q) = 0 (also for q = 0); p > 0 with q = 0 gives +∞
 //!   for KL and cross-entropy. No epsilon clamping.
 //! - Inputs are taken as given; [`Options::normalize`] divides each row by its sum first.
+//! - Elements are f32, f16 or bf16 ([`Element`], [`Options::dtype`] for GPU buffers); 16-bit
+//!   ones are widened to f32 exactly in the kernel, which reads half the bytes.
 //! - Empty or mismatched inputs, NaN, ±∞ or negative probabilities are errors that name the
 //!   first offending index ([`Error::InvalidValue`]). The kernel raises flags while it
 //!   computes; only then does the host look for the index.
@@ -45,7 +47,9 @@ mod types;
 pub use buffers::Workspace;
 pub use engine::{Engine, EngineOptions, Tuning, list_adapters, pick_adapter};
 pub use error::{Error, Problem, Result, Side};
-pub use types::{Base, Input, Measure, Options, Reduction, RowResults};
+/// The half-precision types host slices may hold ([`Element`]).
+pub use half;
+pub use types::{Base, Dtype, Element, Input, Measure, Options, Reduction, RowResults};
 /// The wgpu version klgpu is built on, so callers pass matching devices and buffers.
 pub use wgpu;
 

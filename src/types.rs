@@ -106,6 +106,93 @@ impl Input {
     }
 }
 
+/// How the elements of an input are stored. The kernels read each as the f32 it widens to
+/// (exactly: every f16 and bf16 value is an f32 value), so a half-precision input gives the
+/// result of its f32 widening while the GPU reads half the bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Dtype {
+    /// IEEE binary32.
+    #[default]
+    F32,
+    /// IEEE binary16 ([`half::f16`]).
+    F16,
+    /// bfloat16 ([`half::bf16`]): f32's exponent with 8 significant bits.
+    BF16,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn size(self) -> u64 {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+        }
+    }
+
+    /// Name as Rust spells the type (`f32`, `f16`, `bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::BF16 => "bf16",
+        }
+    }
+}
+
+/// Element types that host slices may hold: `f32`, [`half::f16`] and [`half::bf16`].
+///
+/// ```no_run
+/// use klgpu::half::bf16;
+/// let engine = klgpu::Engine::new()?;
+/// let p: Vec<bf16> = [0.25f32, 0.75].iter().map(|&x| bf16::from_f32(x)).collect();
+/// let q: Vec<bf16> = [0.5f32, 0.5].iter().map(|&x| bf16::from_f32(x)).collect();
+/// let kl = engine.kl_divergence(&p, &q)?; // the GPU reads 2 bytes per element
+/// # Ok::<(), klgpu::Error>(())
+/// ```
+pub trait Element: bytemuck::Pod + Send + Sync + sealed::Sealed {
+    /// The storage this type stands for.
+    const DTYPE: Dtype;
+    /// The value as the kernels read it.
+    fn to_f32(self) -> f32;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+impl Element for f32 {
+    const DTYPE: Dtype = Dtype::F32;
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Element for half::f16 {
+    const DTYPE: Dtype = Dtype::F16;
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
+impl Element for half::bf16 {
+    const DTYPE: Dtype = Dtype::BF16;
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+}
+
+/// The f32 widening of a slice, for the host-side paths that read values one by one (the
+/// error locator); a borrowed slice when it is f32 already.
+pub(crate) fn widened<T: Element>(data: &[T]) -> std::borrow::Cow<'_, [f32]> {
+    match bytemuck::try_cast_slice::<T, f32>(data) {
+        Ok(f) if T::DTYPE == Dtype::F32 => std::borrow::Cow::Borrowed(f),
+        _ => std::borrow::Cow::Owned(data.iter().map(|x| x.to_f32()).collect()),
+    }
+}
+
 /// Logarithm base of the results.
 #[derive(Clone, Copy, Debug, PartialEq, Default)]
 pub enum Base {
@@ -181,6 +268,10 @@ pub struct Options {
     /// normalized already. KL and JS of probabilities pay one extra pass over the data for it;
     /// cross-entropy and entropy normalize within their one pass.
     pub normalize: bool,
+    /// How the elements of GPU-buffer inputs are stored (the `*_buffers` and `record_*`
+    /// calls, whose slices are untyped). Host slices carry their own type ([`Element`]) and
+    /// ignore this.
+    pub dtype: Dtype,
 }
 
 impl Options {

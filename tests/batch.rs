@@ -241,6 +241,7 @@ fn realistic_rows_of_every_input_match_the_reference() {
             input,
             normalize: input == Input::Probs && trial % 5 == 0,
             base: if trial % 2 == 0 { Base::E } else { Base::Two },
+            ..Options::default()
         };
         for m in Measure::ALL {
             let qq = m.uses_q().then_some(&q[..]);

@@ -1097,6 +1097,84 @@ fn bad_files_and_shapes() {
 }
 
 #[test]
+fn sixteen_bit_pairs_are_computed_as_stored() {
+    // P and Q both bf16 (or both f16): whole-row blocks go to the GPU as stored. Values meet
+    // the bar against the reference over the widened values on both backends, in one block
+    // and in blocks of three rows; a bad value is named by file, row and column.
+    let dir = tmp();
+    let (rows, cols) = (7, 301);
+    let p = probs(31, rows, cols);
+    let q = probs(32, rows, cols);
+    for (name, dtype) in [("bf16", Dtype::BF16), ("f16", Dtype::F16)] {
+        let narrow = |v: &[f32]| -> (Vec<u8>, Vec<f32>) {
+            let bits: Vec<u16> = v
+                .iter()
+                .map(|&x| match dtype {
+                    Dtype::BF16 => half::bf16::from_f32(x).to_bits(),
+                    _ => half::f16::from_f32(x).to_bits(),
+                })
+                .collect();
+            let wide = bits
+                .iter()
+                .map(|&b| match dtype {
+                    Dtype::BF16 => half::bf16::from_bits(b).to_f32(),
+                    _ => half::f16::from_bits(b).to_f32(),
+                })
+                .collect();
+            (bits.iter().flat_map(|b| b.to_le_bytes()).collect(), wide)
+        };
+        let ((pb, pw), (qb, qw)) = (narrow(&p), narrow(&q));
+        let st = dir.path().join(format!("{name}.safetensors"));
+        safetensors_file(
+            &st,
+            &[
+                ("p", dtype, vec![rows, cols], pb.clone()),
+                ("q", dtype, vec![rows, cols], qb),
+            ],
+        );
+        for m in [Measure::KullbackLeibler, Measure::JensenShannon] {
+            let want = reference(m, &pw, Some(&qw), cols, Options::default());
+            let sum = klgpu::Reduction::Sum.apply(&want.values).unwrap();
+            let base = [
+                "--tensor",
+                "p",
+                "--tensor-q",
+                "q",
+                "--json",
+                "--reduction",
+                "sum",
+            ];
+            let block = (3 * cols * 4).to_string();
+            for blocks in [&[][..], &["--block-bytes", &block][..]] {
+                let args = [&[m.name(), s(&st), s(&st)][..], &base, blocks].concat();
+                on_both_backends(&args, sum, &format!("{name} {m:?} {blocks:?}"));
+            }
+        }
+        let mut bad = pb;
+        let at = 5 * cols + 17;
+        bad[2 * at..2 * at + 2].copy_from_slice(&match dtype {
+            Dtype::BF16 => half::bf16::from_f32(-0.25).to_le_bytes(),
+            _ => half::f16::from_f32(-0.25).to_le_bytes(),
+        });
+        let bad_st = dir.path().join(format!("bad_{name}.safetensors"));
+        safetensors_file(&bad_st, &[("p", dtype, vec![rows, cols], bad)]);
+        let args = ["kl", s(&bad_st), s(&st), "--tensor", "p", "--tensor-q", "q"];
+        let block = (2 * cols * 4).to_string();
+        let line = expect_bad(
+            dir.path(),
+            strings(&[&args[..], &["--block-bytes", &block]].concat()),
+            &[],
+        );
+        assert!(
+            line.contains(&format!(
+                "bad_{name}.safetensors[p]: row 5, column 17: value -0.25 is negative"
+            )),
+            "{line}"
+        );
+    }
+}
+
+#[test]
 fn bad_values_name_file_row_and_column() {
     let dir = tmp();
     let d = dir.path();

@@ -859,8 +859,11 @@ fn bad_input_in_a_later_window_is_found() {
 #[test]
 fn shapes_are_checked() {
     let e = engine();
-    assert!(matches!(e.kl_divergence(&[], &[]), Err(Error::EmptyInput)));
-    assert!(matches!(e.entropy(&[]), Err(Error::EmptyInput)));
+    assert!(matches!(
+        e.kl_divergence::<f32>(&[], &[]),
+        Err(Error::EmptyInput)
+    ));
+    assert!(matches!(e.entropy::<f32>(&[]), Err(Error::EmptyInput)));
     let err = e.kl_divergence(&[0.5, 0.5], &[1.0]).unwrap_err();
     assert!(matches!(err, Error::LengthMismatch { p_len: 2, q_len: 1 }));
     assert!(err.to_string().contains("P has 2 elements, Q has 1"));

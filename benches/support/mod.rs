@@ -43,6 +43,23 @@ pub fn upload(engine: &Engine, label: &str, data: &[f32]) -> wgpu::Buffer {
         .expect("upload benchmark data")
 }
 
+/// A storage buffer holding `data` stored as `dtype` (rounded to nearest for 16 bits).
+pub fn upload_as(engine: &Engine, label: &str, data: &[f32], dtype: klgpu::Dtype) -> wgpu::Buffer {
+    use klgpu::half::{bf16, f16};
+    let made = match dtype {
+        klgpu::Dtype::F32 => engine.create_buffer_init(label, data),
+        klgpu::Dtype::F16 => {
+            let v: Vec<f16> = data.iter().map(|&x| f16::from_f32(x)).collect();
+            engine.create_buffer_init(label, &v)
+        }
+        klgpu::Dtype::BF16 => {
+            let v: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+            engine.create_buffer_init(label, &v)
+        }
+    };
+    made.expect("upload benchmark data")
+}
+
 /// Times recorded GPU work with timestamp queries, or the wall clock of submit-and-wait.
 pub struct Timer {
     queries: Option<(wgpu::QuerySet, wgpu::Buffer, wgpu::Buffer, f64)>,

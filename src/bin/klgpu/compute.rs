@@ -66,18 +66,23 @@ impl Backend {
         }
     }
 
-    /// Per-row values of `[rows × cols]` inputs (see `klgpu::Engine::rows`).
-    pub fn rows(
+    /// Per-row values of `[rows × cols]` inputs (see `klgpu::Engine::rows`). The f64
+    /// reference reads f32: 16-bit inputs are widened for it.
+    pub fn rows<T: klgpu::Element>(
         &self,
         measure: Measure,
-        p: &[f32],
-        q: Option<&[f32]>,
+        p: &[T],
+        q: Option<&[T]>,
         cols: usize,
         opts: &Options,
     ) -> klgpu::Result<RowResults> {
         match self {
             Backend::Gpu(engine) => engine.rows(measure, p, q, cols, opts),
-            Backend::Cpu => klgpu::cpu::rows(measure, p, q, cols, opts),
+            Backend::Cpu => {
+                let widen = |x: &[T]| x.iter().map(|&v| v.to_f32()).collect::<Vec<f32>>();
+                let q = q.map(widen);
+                klgpu::cpu::rows(measure, &widen(p), q.as_deref(), cols, opts)
+            }
         }
     }
 }

@@ -243,6 +243,7 @@ impl CommonArgs {
                 input,
                 base,
                 normalize: self.normalize,
+                ..Options::default()
             },
             base_name,
             reduction,

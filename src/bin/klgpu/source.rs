@@ -35,6 +35,26 @@ impl Dtype {
     }
 }
 
+/// A block's elements as read: f32, or 16-bit values kept as stored (their bits), which the
+/// GPU reads at 2 bytes per element and widens itself.
+#[derive(Debug)]
+pub enum Values {
+    /// f32 (also f64 inputs, rounded, and 16-bit ones widened on the host).
+    F32(Vec<f32>),
+    /// f16 or bf16 bits, little-endian order taken care of.
+    Half(Vec<u16>, klgpu::Dtype),
+}
+
+impl Values {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Values::F32(v) => v.len(),
+            Values::Half(v, _) => v.len(),
+        }
+    }
+}
+
 /// Which safetensors tensor to take from a file.
 #[derive(Clone, Debug, Default)]
 pub struct TensorChoice {
@@ -130,6 +150,39 @@ impl Source {
             shape,
             scratch: Vec::new(),
         })
+    }
+
+    /// The library's type for this input's elements, if it is one the GPU reads as stored
+    /// (f16 and bf16; f32 is read as f32 anyway).
+    pub fn half_dtype(&self) -> Option<klgpu::Dtype> {
+        match self.dtype {
+            Dtype::F16 => Some(klgpu::Dtype::F16),
+            Dtype::BF16 => Some(klgpu::Dtype::BF16),
+            Dtype::F32 | Dtype::F64 => None,
+        }
+    }
+
+    /// Reads 16-bit elements `start .. start + count` into `out` (replacing its contents) as
+    /// they are stored, for an input whose [`Source::half_dtype`] is `Some`.
+    pub fn read_half(
+        &mut self,
+        start: usize,
+        count: usize,
+        out: &mut Vec<u16>,
+    ) -> Result<(), CliError> {
+        out.clear();
+        out.resize(count, 0);
+        let offset = self.data_offset + (start as u64) * 2;
+        let fail = |e: std::io::Error| CliError::input(format!("{}: read failed: {e}", self.label));
+        self.file.seek(SeekFrom::Start(offset)).map_err(fail)?;
+        self.file
+            .read_exact(bytemuck::cast_slice_mut(&mut out[..]))
+            .map_err(fail)?;
+        // The file is little-endian; on a big-endian host the bits are swapped into place.
+        if cfg!(target_endian = "big") {
+            out.iter_mut().for_each(|b| *b = u16::from_le(*b));
+        }
+        Ok(())
     }
 
     /// Reads elements `start .. start + count` into `out` (replacing its contents) as f32.

@@ -33,7 +33,7 @@ use klgpu::{Input, Measure, Options, Problem};
 use crate::compute::Backend;
 use crate::error::{CliError, Origin, invalid_value};
 use crate::progress::Progress;
-use crate::source::Source;
+use crate::source::{Source, Values};
 
 /// Default block size: bytes of f32 per input (32 MiB = 8 Mi elements), rounded to whole rows.
 /// Measured on lavapipe with two 4 GiB inputs: peak RSS 440 MB when first built (64 MiB blocks:
@@ -118,8 +118,8 @@ struct Block {
     first_col: usize,
     /// Row length within the block.
     cols: usize,
-    p: Vec<f32>,
-    q: Option<Vec<f32>>,
+    p: Values,
+    q: Option<Values>,
     /// Options to compute the block with (pieces after a first pass are log-probs or scaled).
     opts: Options,
     /// For pieces: `Some` on the last piece of a row, with its top-1 agreement if known.
@@ -254,7 +254,7 @@ fn consume(
     compute: &Backend,
     measure: Measure,
     rx: &Receiver<Result<Block, CliError>>,
-    recycle: &Sender<Vec<f32>>,
+    recycle: &Sender<Values>,
     layout: Layout,
     p_label: &str,
     q_label: &str,
@@ -283,15 +283,7 @@ fn consume(
         };
         let compute_it = block.piece.is_none_or(|t| t.compute);
         let result = if compute_it {
-            compute
-                .rows(
-                    measure,
-                    &block.p,
-                    block.q.as_deref(),
-                    block.cols,
-                    &block.opts,
-                )
-                .map_err(|e| origin.map(e))?
+            rows_of(compute, measure, &block).map_err(|e| origin.map(e))?
         } else {
             klgpu::RowResults {
                 values: vec![0.0],
@@ -328,6 +320,37 @@ fn consume(
     Ok(out)
 }
 
+/// A block's per-row values, its elements read as they were stored.
+fn rows_of(compute: &Backend, measure: Measure, block: &Block) -> klgpu::Result<klgpu::RowResults> {
+    use klgpu::half::{bf16, f16};
+    let (cols, opts) = (block.cols, &block.opts);
+    match (&block.p, &block.q) {
+        (Values::F32(p), q) => {
+            let q = q.as_ref().map(|q| match q {
+                Values::F32(q) => &q[..],
+                // The reader reads both sides alike.
+                Values::Half(..) => &[],
+            });
+            compute.rows(measure, p, q, cols, opts)
+        }
+        (Values::Half(p, dtype), q) => {
+            let q = q.as_ref().map(|q| match q {
+                Values::Half(q, _) => &q[..],
+                Values::F32(_) => &[],
+            });
+            fn bits_as<T: bytemuck::Pod>(bits: &[u16]) -> &[T] {
+                bytemuck::cast_slice(bits)
+            }
+            match dtype {
+                klgpu::Dtype::F16 => {
+                    compute.rows::<f16>(measure, bits_as(p), q.map(bits_as), cols, opts)
+                }
+                _ => compute.rows::<bf16>(measure, bits_as(p), q.map(bits_as), cols, opts),
+            }
+        }
+    }
+}
+
 /// Why the reader stopped early.
 enum Halt {
     /// The receiver is gone (the computing side failed or finished): stop quietly.
@@ -356,8 +379,8 @@ struct Reader {
     tx: SyncSender<Result<Block, CliError>>,
     bar: indicatif::ProgressBar,
     /// Buffers of blocks already computed (and of the first pass), to read into again.
-    spare: Receiver<Vec<f32>>,
-    recycle: Sender<Vec<f32>>,
+    spare: Receiver<Values>,
+    recycle: Sender<Values>,
 }
 
 /// Running first-pass state of one side of a long row.
@@ -444,23 +467,86 @@ impl Reader {
         self.tx.send(Ok(block)).map_err(|_| Halt::Closed)
     }
 
-    /// Reads elements `start .. start + count` of P and Q, into spare buffers if there are any,
-    /// Q on a second thread: reading and converting is CPU work (a few GB/s per core), and on
-    /// a fast GPU it is the command line's bottleneck. P's error comes first, as read in turn.
+    /// The 16-bit type both inputs are stored as, if they are: then whole-row blocks go to the
+    /// GPU as stored, at half the bytes, and nothing converts them on the host. (Long rows'
+    /// pieces are read as f32: their first pass shifts or scales them.)
+    fn stored_half(&self) -> Option<klgpu::Dtype> {
+        let p = self.p.half_dtype()?;
+        match &self.q {
+            Some(q) if q.half_dtype() != Some(p) => None,
+            _ => Some(p),
+        }
+    }
+
+    /// A spare buffer of the kind asked for, if one came back (any other is dropped).
+    fn spare_f32(&self) -> Vec<f32> {
+        match self.spare.try_recv() {
+            Ok(Values::F32(v)) => v,
+            _ => Vec::new(),
+        }
+    }
+
+    fn spare_half(&self) -> Vec<u16> {
+        match self.spare.try_recv() {
+            Ok(Values::Half(v, _)) => v,
+            _ => Vec::new(),
+        }
+    }
+
+    /// Reads elements `start .. start + count` of P and Q as f32, into spare buffers if there
+    /// are any.
     fn read(&mut self, start: usize, count: usize) -> Result<(Vec<f32>, Option<Vec<f32>>), Halt> {
-        let mut p = self.spare.try_recv().unwrap_or_default();
+        let (mut p, mut q) = (self.spare_f32(), self.spare_f32());
+        let read_q = self.read_both(
+            count,
+            |src, out| src.read_f32(start, count, out),
+            &mut p,
+            &mut q,
+        )?;
+        Ok((p, read_q.then_some(q)))
+    }
+
+    /// Reads elements `start .. start + count` of P and Q as stored, in `dtype`.
+    fn read_stored(
+        &mut self,
+        start: usize,
+        count: usize,
+        dtype: klgpu::Dtype,
+    ) -> Result<(Values, Option<Values>), Halt> {
+        let (mut p, mut q) = (self.spare_half(), self.spare_half());
+        let read_q = self.read_both(
+            count,
+            |src, out| src.read_half(start, count, out),
+            &mut p,
+            &mut q,
+        )?;
+        Ok((
+            Values::Half(p, dtype),
+            read_q.then_some(Values::Half(q, dtype)),
+        ))
+    }
+
+    /// Runs `read` for P and, if there is one, for Q (then returns true), Q on a second
+    /// thread: reading and converting is CPU work (a few GB/s per core), and on a fast GPU it
+    /// is the command line's bottleneck. P's error comes first, as read in turn.
+    fn read_both<T: Send>(
+        &mut self,
+        count: usize,
+        read: impl Fn(&mut Source, &mut Vec<T>) -> Result<(), CliError> + Sync,
+        p: &mut Vec<T>,
+        q: &mut Vec<T>,
+    ) -> Result<bool, Halt> {
         let Some(q_src) = &mut self.q else {
-            self.p.read_f32(start, count, &mut p)?;
-            return Ok((p, None));
+            read(&mut self.p, p)?;
+            return Ok(false);
         };
-        let mut q = self.spare.try_recv().unwrap_or_default();
         let (p_read, q_read) = if count < PARALLEL_READ_MIN {
-            let p_read = self.p.read_f32(start, count, &mut p);
-            (p_read, q_src.read_f32(start, count, &mut q))
+            let p_read = read(&mut self.p, p);
+            (p_read, read(q_src, q))
         } else {
             thread::scope(|scope| {
-                let q_reader = scope.spawn(|| q_src.read_f32(start, count, &mut q));
-                let p_read = self.p.read_f32(start, count, &mut p);
+                let q_reader = scope.spawn(|| read(q_src, q));
+                let p_read = read(&mut self.p, p);
                 let q_read = q_reader
                     .join()
                     .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
@@ -469,7 +555,7 @@ impl Reader {
         };
         p_read?;
         q_read?;
-        Ok((p, Some(q)))
+        Ok(true)
     }
 
     fn produce(&mut self, plan: Plan) -> Result<(), Halt> {
@@ -477,9 +563,16 @@ impl Reader {
         match plan {
             Plan::Rows { rows_per_block } => {
                 let mut row = 0;
+                let stored = self.stored_half();
                 while row < rows {
                     let n = rows_per_block.min(rows - row);
-                    let (p, q) = self.read(row * cols, n * cols)?;
+                    let (p, q) = match stored {
+                        Some(dtype) => self.read_stored(row * cols, n * cols, dtype)?,
+                        None => {
+                            let (p, q) = self.read(row * cols, n * cols)?;
+                            (Values::F32(p), q.map(Values::F32))
+                        }
+                    };
                     self.send(Block {
                         first_row: row,
                         first_col: 0,
@@ -569,8 +662,8 @@ impl Reader {
                 first_row: row,
                 first_col: col - n,
                 cols: n,
-                p,
-                q,
+                p: Values::F32(p),
+                q: q.map(Values::F32),
                 opts,
                 row_end,
                 piece: Some(term),
@@ -606,7 +699,7 @@ impl Reader {
                 }
             }
             pieces.push((pp, self.q.is_some().then_some(pq)));
-            give_back(&self.recycle, p, q);
+            give_back(&self.recycle, Values::F32(p), q.map(Values::F32));
             col += n;
             self.bar.inc(n as u64);
         }
@@ -635,7 +728,7 @@ struct LongRow {
 
 /// Hands a block's buffers back to the reader for its next reads. (Once the reader has sent
 /// its last block, nobody takes them and they are freed.)
-fn give_back(recycle: &Sender<Vec<f32>>, p: Vec<f32>, q: Option<Vec<f32>>) {
+fn give_back(recycle: &Sender<Values>, p: Values, q: Option<Values>) {
     let _ = recycle.send(p);
     if let Some(q) = q {
         let _ = recycle.send(q);
