@@ -1,7 +1,8 @@
 //! The f64 reference, with the same conventions and the same errors as the GPU path. Every
 //! GPU result in the test suite is checked against it.
 //!
-//! Each f32 input is widened to f64 exactly; ln(p/q) is taken from the exact difference p − q
+//! Each f32 input (f16 and bf16 ones by way of f32, as the kernels read them) is widened to
+//! f64 exactly; ln(p/q) is taken from the exact difference p − q
 //! where the quotient would cancel (`ln_1p`/`exp_m1` for log-space inputs), and sums are
 //! compensated (Neumaier), so the reference sits within ~1e-12 relative of the exact value of
 //! the same f32 inputs.
@@ -21,38 +22,48 @@
 //! ```
 
 use crate::error::{Error, Problem, Result, Side};
-use crate::types::{Input, Measure, Options, RowResults};
+use crate::types::{Element, Input, Measure, Options, RowResults, widened};
 
 mod math;
 
 /// KL(P‖Q) = Σ p·ln(p/q) of two equally long slices of probabilities, in f64.
-pub fn kl_divergence(p: &[f32], q: &[f32]) -> Result<f64> {
+pub fn kl_divergence<T: Element>(p: &[T], q: &[T]) -> Result<f64> {
     divergence(Measure::KullbackLeibler, p, Some(q), &Options::default())
 }
 
 /// Cross-entropy H(P,Q) = −Σ p·ln q, in f64.
-pub fn cross_entropy(p: &[f32], q: &[f32]) -> Result<f64> {
+pub fn cross_entropy<T: Element>(p: &[T], q: &[T]) -> Result<f64> {
     divergence(Measure::CrossEntropy, p, Some(q), &Options::default())
 }
 
 /// Entropy H(P) = −Σ p·ln p, in f64.
-pub fn entropy(p: &[f32]) -> Result<f64> {
+pub fn entropy<T: Element>(p: &[T]) -> Result<f64> {
     divergence(Measure::Entropy, p, None, &Options::default())
 }
 
 /// Jensen–Shannon divergence ½KL(P‖M) + ½KL(Q‖M), M = (P+Q)/2, in f64.
-pub fn js_divergence(p: &[f32], q: &[f32]) -> Result<f64> {
+pub fn js_divergence<T: Element>(p: &[T], q: &[T]) -> Result<f64> {
     divergence(Measure::JensenShannon, p, Some(q), &Options::default())
 }
 
 /// Any measure of one distribution (or pair), with options.
-pub fn divergence(measure: Measure, p: &[f32], q: Option<&[f32]>, opts: &Options) -> Result<f64> {
+pub fn divergence<T: Element>(
+    measure: Measure,
+    p: &[T],
+    q: Option<&[T]>,
+    opts: &Options,
+) -> Result<f64> {
     let cols = p.len().max(1);
     Ok(rows(measure, p, q, cols, opts)?.values[0])
 }
 
 /// Per-row KL(P‖Q) of row-major `[rows × cols]` inputs.
-pub fn kl_divergence_rows(p: &[f32], q: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
+pub fn kl_divergence_rows<T: Element>(
+    p: &[T],
+    q: &[T],
+    cols: usize,
+    input: Input,
+) -> Result<Vec<f64>> {
     Ok(rows(
         Measure::KullbackLeibler,
         p,
@@ -64,7 +75,12 @@ pub fn kl_divergence_rows(p: &[f32], q: &[f32], cols: usize, input: Input) -> Re
 }
 
 /// Per-row cross-entropy H(P,Q).
-pub fn cross_entropy_rows(p: &[f32], q: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
+pub fn cross_entropy_rows<T: Element>(
+    p: &[T],
+    q: &[T],
+    cols: usize,
+    input: Input,
+) -> Result<Vec<f64>> {
     Ok(rows(
         Measure::CrossEntropy,
         p,
@@ -76,12 +92,17 @@ pub fn cross_entropy_rows(p: &[f32], q: &[f32], cols: usize, input: Input) -> Re
 }
 
 /// Per-row entropy H(P).
-pub fn entropy_rows(p: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
+pub fn entropy_rows<T: Element>(p: &[T], cols: usize, input: Input) -> Result<Vec<f64>> {
     Ok(rows(Measure::Entropy, p, None, cols, &Options::input(input))?.values)
 }
 
 /// Per-row Jensen–Shannon divergence.
-pub fn js_divergence_rows(p: &[f32], q: &[f32], cols: usize, input: Input) -> Result<Vec<f64>> {
+pub fn js_divergence_rows<T: Element>(
+    p: &[T],
+    q: &[T],
+    cols: usize,
+    input: Input,
+) -> Result<Vec<f64>> {
     Ok(rows(
         Measure::JensenShannon,
         p,
@@ -92,8 +113,20 @@ pub fn js_divergence_rows(p: &[f32], q: &[f32], cols: usize, input: Input) -> Re
     .values)
 }
 
-/// Per-row values of any measure, with top-1 agreement for two-input logits.
-pub fn rows(
+/// Per-row values of any measure, with top-1 agreement for two-input logits. 16-bit inputs
+/// are widened to f32 first (a copy), as the kernels widen them.
+pub fn rows<T: Element>(
+    measure: Measure,
+    p: &[T],
+    q: Option<&[T]>,
+    cols: usize,
+    opts: &Options,
+) -> Result<RowResults> {
+    let q = q.map(widened);
+    rows_f32(measure, &widened(p), q.as_deref(), cols, opts)
+}
+
+fn rows_f32(
     measure: Measure,
     p: &[f32],
     q: Option<&[f32]>,
@@ -793,7 +826,10 @@ mod tests {
                 ..
             }
         ));
-        assert!(matches!(kl_divergence(&[], &[]), Err(Error::EmptyInput)));
+        assert!(matches!(
+            kl_divergence::<f32>(&[], &[]),
+            Err(Error::EmptyInput)
+        ));
         assert!(matches!(
             kl_divergence(&[1.0], &[0.5, 0.5]),
             Err(Error::LengthMismatch { .. })

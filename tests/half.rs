@@ -67,6 +67,8 @@ fn rows_match_widening<T: Element>(seed: u64) {
                         (None, None)
                     };
                     let want = cpu::rows(m, &wp, wqq, cols, &opts).unwrap();
+                    // The reference takes the 16-bit slices too, widening them alike.
+                    assert_eq!(cpu::rows(m, &p, qq, cols, &opts).unwrap(), want);
                     for (i, e) in every_path().into_iter().enumerate() {
                         let got = e.rows(m, &p, qq, cols, &opts).unwrap();
                         let what = format!("{:?} {rows}×{cols} {m:?} {opts:?} path {i}", T::DTYPE);

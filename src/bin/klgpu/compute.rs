@@ -66,8 +66,7 @@ impl Backend {
         }
     }
 
-    /// Per-row values of `[rows × cols]` inputs (see `klgpu::Engine::rows`). The f64
-    /// reference reads f32: 16-bit inputs are widened for it.
+    /// Per-row values of `[rows × cols]` inputs (see `klgpu::Engine::rows`).
     pub fn rows<T: klgpu::Element>(
         &self,
         measure: Measure,
@@ -78,11 +77,7 @@ impl Backend {
     ) -> klgpu::Result<RowResults> {
         match self {
             Backend::Gpu(engine) => engine.rows(measure, p, q, cols, opts),
-            Backend::Cpu => {
-                let widen = |x: &[T]| x.iter().map(|&v| v.to_f32()).collect::<Vec<f32>>();
-                let q = q.map(widen);
-                klgpu::cpu::rows(measure, &widen(p), q.as_deref(), cols, opts)
-            }
+            Backend::Cpu => klgpu::cpu::rows(measure, p, q, cols, opts),
         }
     }
 }
