@@ -15,10 +15,11 @@ use std::time::{Duration, Instant};
 
 #[path = "../benches/support/mod.rs"]
 mod support;
-use support::{Rng, Timer, data, measure_gpu, measure_gpu_pair, median, upload};
+use support::{Rng, Timer, data, measure_gpu, measure_gpu_pair, median, upload, upload_as};
 
+use klgpu::half::bf16;
 use klgpu::wgpu;
-use klgpu::{Engine, EngineOptions, Input, Measure, Options, Tuning, cpu};
+use klgpu::{Dtype, Engine, EngineOptions, Input, Measure, Options, Tuning, cpu};
 
 struct Args {
     quick: bool,
@@ -76,6 +77,22 @@ struct Workload {
     input: Input,
     rows: usize,
     cols: usize,
+    /// How the inputs are stored (bf16: model logits as saved, read at 2 bytes per element).
+    dtype: Dtype,
+}
+
+impl Workload {
+    fn opts(&self) -> Options {
+        Options {
+            dtype: self.dtype,
+            ..Options::input(self.input)
+        }
+    }
+}
+
+/// The bf16 values a workload stored as bf16 holds.
+fn narrow(x: &[f32]) -> Vec<bf16> {
+    x.iter().map(|&v| bf16::from_f32(v)).collect()
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -129,6 +146,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             input: Input::Probs,
             rows: 1,
             cols: n as usize,
+            dtype: Dtype::F32,
         });
         n *= 10;
     }
@@ -144,6 +162,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             input: Input::Probs,
             rows: 1,
             cols: mid,
+            dtype: Dtype::F32,
         });
     }
     let batch = |rows: usize, cols: usize, input: Input| Workload {
@@ -152,6 +171,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         input,
         rows,
         cols,
+        dtype: Dtype::F32,
     };
     if args.quick {
         workloads.push(batch(100_000, 10, Input::Probs));
@@ -162,6 +182,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         workloads.push(batch(4096, 32_000, Input::Logits));
         workloads.push(batch(16, 262_144, Input::Logits));
     }
+    // The same logits batch stored as bf16, as models save them.
+    let mut half = batch(if args.quick { 256 } else { 4096 }, 32_000, Input::Logits);
+    half.name.push_str(" bf16");
+    half.dtype = Dtype::BF16;
+    workloads.push(half);
 
     // Device timings first, back to back, so that no CPU-bound phase lets the GPU's clocks
     // drop between them; then the host-data paths; then the CPU reference.
@@ -176,11 +201,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     let bytes_of = |w: &Workload| {
         let inputs = if w.measure.uses_q() { 2.0 } else { 1.0 };
-        inputs * (w.rows * w.cols) as f64 * 4.0
+        inputs * (w.rows * w.cols) as f64 * w.dtype.size() as f64
     };
     for (w, (p, q)) in workloads.iter().zip(&inputs) {
-        let opts = Options::input(w.input);
-        let (pb, qb) = (upload(&engine, "p", p), upload(&engine, "q", q));
+        let opts = w.opts();
+        let (pb, qb) = (
+            upload_as(&engine, "p", p, w.dtype),
+            upload_as(&engine, "q", q, w.dtype),
+        );
         let out = engine.create_f32_buffer("bench.rows", w.rows as u64)?;
         let qs = || w.measure.uses_q().then(|| qb.slice(..));
         // With this workload's own roofline (a plain sum over the same inputs and plan),
@@ -204,8 +232,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .expect("record");
             },
             &mut |enc, ws| {
+                let (p, out) = (pb.slice(..), out.slice(..));
                 engine
-                    .record_sum_rows(enc, ws, pb.slice(..), qs(), w.cols, out.slice(..))
+                    .record_sum_rows_of(w.dtype, enc, ws, p, qs(), w.cols, out)
                     .expect("record");
             },
         );
@@ -239,11 +268,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         roof_seconds: Some(roof_s),
     });
     for (w, (p, q)) in workloads.iter().zip(&inputs) {
-        let opts = Options::input(w.input);
+        let opts = w.opts();
         let qq = w.measure.uses_q().then_some(&q[..]);
+        let (p16, q16) = if w.dtype == Dtype::BF16 {
+            (narrow(p), narrow(q))
+        } else {
+            (vec![], vec![])
+        };
         let s = median(budget, || {
             let t = Instant::now();
-            engine.rows(w.measure, p, qq, w.cols, &opts).expect("gpu");
+            if w.dtype == Dtype::BF16 {
+                let qq = w.measure.uses_q().then_some(&q16[..]);
+                engine
+                    .rows(w.measure, &p16, qq, w.cols, &opts)
+                    .expect("gpu");
+            } else {
+                engine.rows(w.measure, p, qq, w.cols, &opts).expect("gpu");
+            }
             t.elapsed().as_secs_f64()
         });
         rows_out.push(Row {
@@ -258,7 +299,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Host-data windows (klgpu::plan::default_window_bytes): one long row and the logits batch.
     let mut variants: Vec<(String, String, f64)> = vec![];
     for (w, (p, q)) in workloads.iter().zip(&inputs) {
-        if w.name != format!("KL probs N={mid:.0e}") && w.input != Input::Logits {
+        if w.dtype != Dtype::F32
+            || (w.name != format!("KL probs N={mid:.0e}") && w.input != Input::Logits)
+        {
             continue;
         }
         for mb in [4u64, 16, 32, 128] {
@@ -278,6 +321,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if args.cpu {
         for (w, (p, q)) in workloads.iter().zip(&inputs) {
+            if w.dtype != Dtype::F32 {
+                continue; // The reference widens 16-bit inputs first: the f32 row times it.
+            }
             let opts = Options::input(w.input);
             let qq = w.measure.uses_q().then_some(&q[..]);
             let s = median(budget / 2, || {
@@ -341,6 +387,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         vec![
             (
                 Workload {
+                    dtype: Dtype::F32,
                     name: format!("KL probs N={big:.0e}"),
                     measure: Measure::KullbackLeibler,
                     input: Input::Probs,
@@ -377,6 +424,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ),
             (
                 Workload {
+                    dtype: Dtype::F32,
                     name: format!("KL probs {}x{}", min_it_shape.0, min_it_shape.1),
                     measure: Measure::KullbackLeibler,
                     input: Input::Probs,
@@ -389,6 +437,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 // One long row: how short a loop a GPU's invocations may have (at 16, an
                 // H200 gives each invocation 4 vec4 loads at N = 1e7).
                 Workload {
+                    dtype: Dtype::F32,
                     name: format!("KL probs N={mid:.0e}"),
                     measure: Measure::KullbackLeibler,
                     input: Input::Probs,
@@ -399,6 +448,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ),
             (
                 Workload {
+                    dtype: Dtype::F32,
                     name: format!("KL logits {logit_rows}x32000"),
                     measure: Measure::KullbackLeibler,
                     input: Input::Logits,

@@ -3,8 +3,8 @@
 
 Runs NumPy (f32 expression), SciPy (rel_entr(...).sum()), and where CUDA is present PyTorch
 (F.kl_div(..., reduction="sum") on probabilities, and a logits -> log_softmax -> kl_div
-pipeline) on the same workloads as klgpu's benchmark driver (examples/bench.rs), whose JSON it
-reads or runs. First it finds out which adapter wgpu uses and says so: if the machine has an
+pipeline, also on bf16 logits upcast to f32 as PyTorch code usually does) on the same workloads
+as klgpu's benchmark driver (examples/bench.rs), whose JSON it reads or runs. First it finds out which adapter wgpu uses and says so: if the machine has an
 NVIDIA GPU but wgpu only sees a software adapter, the klgpu column is lavapipe's.
 
     python3 scripts/peers.py --bench target/release/examples/bench [--quick] [--json OUT.json]
@@ -187,6 +187,22 @@ def main():
         if cuda:
             del pt, qt
             torch.cuda.empty_cache()
+
+    # The logits batch stored as bf16 (as models save them): klgpu reads the bf16 values and
+    # widens them in the kernel; PyTorch's usual pipeline upcasts to f32 first.
+    r_, c_ = (256, 32_000) if args.quick else (4096, 32_000)
+    name = f"KL logits {r_}x{c_} bf16"
+    torch_s = None
+    if cuda:
+        zp, zq = logits(rng, r_, c_), logits(rng, r_, c_)
+        pt = torch.from_numpy(zp).cuda().to(torch.bfloat16)
+        qt = torch.from_numpy(zq).cuda().to(torch.bfloat16)
+        torch_s = cuda_time(torch, lambda: F.kl_div(F.log_softmax(qt.float(), -1), F.log_softmax(pt.float(), -1),
+                                                     log_target=True, reduction="none").sum(-1))
+        del pt, qt
+        torch.cuda.empty_cache()
+    row(name, name, 4 * r_ * c_, None, None, torch_s,
+        "kl_div(log_softmax(zq.float()), log_softmax(zp.float()), log_target).sum(-1), bf16 in")
 
     # 3. One table.
     def fmt(s):
