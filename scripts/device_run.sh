@@ -15,7 +15,7 @@ PARTS="${PARTS:-tests upload roof ab quick bench peers diag probe}"
 [ -n "${SKIP_TESTS:-}" ] && PARTS="${PARTS/tests/}"
 BUDGET="${BUDGET:-400}"
 # Rough seconds each part takes on an H200 (its timeouts allow more).
-declare -A COST=([tests]=40 [upload]=40 [roof]=150 [quick]=90 [bench]=150 [peers]=120 [diag]=50 [ab]=90 [probe]=40)
+declare -A COST=([tests]=50 [upload]=40 [roof]=150 [quick]=90 [bench]=150 [peers]=120 [diag]=50 [ab]=90 [probe]=40)
 part() {
     [[ " $PARTS " == *" $1 "* ]] || return 1
     if (( SECONDS + ${COST[$1]} > BUDGET )); then
@@ -61,7 +61,7 @@ if ! grep -q "DiscreteGpu\|IntegratedGpu" "$RAW/probe.txt"; then
 fi
 
 section "tests on this adapter"
-tests="core batch apps"
+tests="core batch apps half"
 part tests || { tests=""; echo "skipped (PARTS=$PARTS)"; }
 for t in $tests; do
     timeout 100 ".device/$t" --test-threads 4 > "$RAW/test-$t.txt" 2>&1
@@ -128,13 +128,13 @@ fi
 
 
 
-if part probe; then
+if part probe && [ -x .device/l2_reread ]; then
 section "probe: would logits gain from re-reading rows from L2? (examples/l2_reread.rs)"
 timeout 60 .device/l2_reread 2>&1 | tee "$RAW/l2_reread.txt" | grep -v XDG
 fi
 
 section "summary (repeated here: the device tool returns only the output's tail)"
-for t in core batch apps; do
+for t in core batch apps half; do
     [ -f "$RAW/test-$t.txt" ] && echo "$t: $(grep -E '^test result' "$RAW/test-$t.txt")"
 done
 [ -f "$RAW/bench.txt" ] && grep -E "^roofline:|KL probs N=1e8 |KL logits 4096" "$RAW/bench.txt" | grep gpu-device

@@ -268,9 +268,10 @@ pub struct Options {
     /// normalized already. KL and JS of probabilities pay one extra pass over the data for it;
     /// cross-entropy and entropy normalize within their one pass.
     pub normalize: bool,
-    /// How the elements of GPU-buffer inputs are stored (the `*_buffers` and `record_*`
-    /// calls, whose slices are untyped). Host slices carry their own type ([`Element`]) and
-    /// ignore this.
+    /// How the elements of GPU-buffer inputs are stored, for the buffer calls that take
+    /// options (`divergence_buffers`, `rows_buffers`, `record_rows`), whose slices are
+    /// untyped; outputs, gradients and the loss's inputs are f32. Host slices carry their own
+    /// type ([`Element`]) and ignore this.
     pub dtype: Dtype,
 }
 
