@@ -14,7 +14,7 @@
 //!     [--dtype f32|f16|bf16] [CASE,CASE,...]
 //! ```
 //! Cases: KL CE H JS (N = 4·10^6), KLbare (KL's term alone: no validation, plain sums; a
-//! diagnostic between the roof and KL), KLlp (KL of log-probabilities, 4·10^6), KL10
+//! diagnostic between the roof and KL), KLlp and JSlp (KL and JS of log-probabilities, 4·10^6), KL10
 //! (400,000 × 10), KL1k (1000 × 1000), logits (64 × 32,000), JSlogits, CElogits, Hlogits (the
 //! same, JS, cross-entropy, entropy), long (8 × 262,144 logits), KLnorm, JSnorm, CEnorm and
 //! Hnorm (4000 × 1000 probabilities, normalized in the kernel); named cases run in the order
@@ -73,6 +73,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("H", Measure::Entropy, Input::Probs, 1, n),
         ("JS", Measure::JensenShannon, Input::Probs, 1, n),
         ("KLlp", kl, Input::LogProbs, 1, n),
+        ("JSlp", Measure::JensenShannon, Input::LogProbs, 1, n),
         ("KL10", kl, Input::Probs, n / 10, 10),
         ("KL1k", kl, Input::Probs, 1000, 1000),
         ("logits", kl, Input::Logits, 64, 32_000),

@@ -124,14 +124,12 @@ fn prob_term(p: f32, q: f32, p_zero: bool, q_zero: bool, sx: Split, sy: Split, c
     return Term(select(0.0, main, live), select(0.0, p - q, live && kl.near), flags);
 }
 
-// a = ln p, b = ln q, d = a − b computed so that a common shift (logits: the difference of the
-// rows' log-sum-exps) never enters the cancelling part.
+// KL, cross-entropy and entropy from log-space values (JS takes js_log_term, which needs only
+// the larger side's probability): a = ln p, b = ln q, d = a − b computed so that a common
+// shift (logits: the difference of the rows' log-sum-exps) never enters the cancelling part.
 fn log_term(a: f32, b: f32, p: f32, q: f32, d: f32) -> Term {
     let ninf = neg_inf();
     let p_zero = a == ninf;
-    if (MEASURE == MEASURE_JS) {
-        return term(select(js_log_term(p, q, d), 0.0, p_zero && b == ninf), 0.0);
-    }
     if (MEASURE == MEASURE_ENTROPY) { return term(select(-p * a, 0.0, p_zero), 0.0); }
     let inf = !p_zero && b == ninf;
     let flags = select(0u, ACC_INF, inf);
@@ -170,6 +168,10 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
         if (MEASURE == MEASURE_ENTROPY) {
             return term(select(exp(a) * ((ctx.pm - x) + ctx.pl), 0.0, p_zero), 0.0);
         }
+        if (MEASURE == MEASURE_JS) {
+            let both_zero = p_zero && y == neg_inf();
+            return term(select(js_log_term(exp(max(a, b)), logit_diff(x, y, ctx)), 0.0, both_zero), 0.0);
+        }
         return log_term(a, b, exp(a), exp(b), logit_diff(x, y, ctx));
     }
     if (MEASURE == MEASURE_SUM_P || MEASURE == MEASURE_ROOF_P) { return term(x, 0.0); }
@@ -177,6 +179,10 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
     // An invalid element's term is never used: the call fails, naming the element.
     if (MEASURE != MEASURE_KL_BARE) { note_bad(local, is_bad(x) || (uses_q() && is_bad(y))); }
     if (INPUT == INPUT_LOGPROBS) {
+        if (MEASURE == MEASURE_JS) {
+            let both_zero = x == neg_inf() && y == neg_inf();
+            return term(select(js_log_term(exp_acc(max(x, y)), x - y), 0.0, both_zero), 0.0);
+        }
         return log_term(x, y, exp_acc(x), exp_acc(y), x - y);
     }
     if (INPUT == INPUT_PROBS_NORM) {

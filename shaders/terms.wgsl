@@ -20,13 +20,6 @@ fn log1p_acc(x: f32) -> f32 {
     return log(1.0 + x);
 }
 
-// e^x - 1 without cancellation for small |x|, without branches.
-fn expm1_acc(x: f32) -> f32 {
-    let series = x * (1.0 + x * (1.0 / 2.0 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0
-        + x * (1.0 / 720.0 + x * (1.0 / 5040.0 + x * (1.0 / 40320.0 + x * (1.0 / 362880.0)))))))));
-    return select(exp(x) - 1.0, series, abs(x) <= 0.5);
-}
-
 // e^x to about 1 ulp: x = k·ln 2 + r with ln 2 in two parts (Cody–Waite, k·LN2_HI exact),
 // |r| <= ln(2)/2, and e^r by its Taylor series to r^8. WGSL's exp may be off by 3 + 2|x| ulp
 // (it scales x by log2(e) first).
@@ -239,15 +232,24 @@ fn phi_term(x: f32, r: f32, y: f32) -> f32 {
     return select(x * (r - 1.0) + y, x * phi_series(r), abs(r) <= 1.0);
 }
 
-// JS term from log-space values: x = e^a, y = e^b, d = a − b (any of them may be 0 / ±inf).
-// With g = −ln((1 + e^(−|d|))/2) >= 0, ln(x/m) = g + min(d, 0) and ln(y/m) = g + min(−d, 0)
-// (m = (x + y)/2): one exp and one log for both halves, no overflow, no branch. g comes from
-// expm1 and log1p (whose argument stays in [−½, 0]), so it is accurate for small |d|, and
-// adding min(±d, 0) cancels at most one bit.
-fn js_log_term(x: f32, y: f32, d: f32) -> f32 {
-    let m = 0.5 * (x + y);
-    let g = -log1p_acc(0.5 * expm1_acc(-abs(d)));
-    let tx = select(m, phi_term(x, g + min(d, 0.0), m), x > 0.0);
-    let ty = select(m, phi_term(y, g + min(-d, 0.0), m), y > 0.0);
-    return 0.5 * (tx + ty);
+// JS term from log-space values: big = max(p, q) (P's and Q's probabilities) and
+// d = ln p − ln q, exact (either may be ±∞). With m = (p + q)/2 = big·(1 + e^(−|d|))/2 and
+// r = tanh(d/2) (p/m = 1 + r, q/m = 1 − r), the term ½(p·ln(p/m) + q·ln(q/m)) is ½·m·f(|d|),
+// f(d) = (1 + r)·ln(1 + r) + (1 − r)·ln(1 − r) >= 0:
+// - for |d| <= 1, f's even Taylor series in d (its terms fall ~d²/π²-fold: to d^16 it is good
+//   to 2e-8 at |d| = 1), with no cancellation;
+// - beyond, 2·(ln 2 − ln(1 + e^(−|d|))) − 2|d|·e^(−|d|)/(1 + e^(−|d|)), which cancels at most
+//   3.4-fold (at |d| = 1) and tends to 2 ln 2 (the last part is 0 once e^(−|d|) is).
+// One exp for the larger side (the caller's) and one for e^(−|d|), and log1p_near's series
+// (e^(−|d|) <= e^-1 is in its range): no log, no division of p by q.
+fn js_log_term(big: f32, d: f32) -> f32 {
+    let ad = abs(d);
+    let e = exp(-ad);
+    let d2 = d * d;
+    let series = d2 * (1.0 / 4.0 - d2 * (1.0 / 32.0 - d2 * (1.0 / 288.0 - d2 * (17.0 / 46080.0
+        - d2 * (31.0 / 806400.0 - d2 * (691.0 / 174182400.0 - d2 * (5461.0 / 13412044800.0
+        - d2 * (929569.0 / 22317642547200.0))))))));
+    let tail = select(2.0 * ad * e / (1.0 + e), 0.0, e == 0.0);
+    let far = 2.0 * (LN2 - log1p_near(e)) - tail;
+    return 0.25 * big * (1.0 + e) * select(far, series, ad <= 1.0);
 }
