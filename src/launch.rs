@@ -395,7 +395,7 @@ fn widened_from_bytes<T: crate::Element>(bytes: &[u8]) -> Vec<f32> {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct GpuSlice<'a> {
     pub buffer: &'a wgpu::Buffer,
-    /// Byte offset of element 0 (a multiple of 4).
+    /// Byte offset of element 0 (a multiple of the element size).
     pub offset: u64,
     /// Number of elements.
     pub elems: u64,
