@@ -9,7 +9,7 @@ use crate::kernels::{
     Term,
 };
 use crate::plan::{self, Layout, Plan, Window};
-use crate::types::{Dtype, Measure};
+use crate::types::{Dtype, Measure, widened};
 
 /// Bytes per uniform slot: one dispatch's Params at a dynamic offset (every adapter's
 /// `min_uniform_buffer_offset_alignment` is at most 256).
@@ -382,13 +382,6 @@ pub(crate) struct HostData<'a> {
     pub p: &'a [u8],
     pub q: &'a [u8],
     pub dtype: Dtype,
-}
-
-fn widened_from_bytes<T: crate::Element>(bytes: &[u8]) -> Vec<f32> {
-    bytemuck::pod_collect_to_vec::<u8, T>(bytes)
-        .into_iter()
-        .map(crate::Element::to_f32)
-        .collect()
 }
 
 /// A range of elements in a GPU buffer, already validated.
@@ -1037,10 +1030,12 @@ impl Gpu {
         })?;
         self.map_read(&staging, bytes, index, blocking, |bytes| {
             let bytes = &bytes[skip..skip + (len * es) as usize];
+            // The mapped bytes need not be aligned for T: collected into a Vec of T first.
+            use bytemuck::pod_collect_to_vec as collect;
             match dtype {
-                Dtype::F32 => bytemuck::pod_collect_to_vec(bytes),
-                Dtype::F16 => widened_from_bytes::<half::f16>(bytes),
-                Dtype::BF16 => widened_from_bytes::<half::bf16>(bytes),
+                Dtype::F32 => collect(bytes),
+                Dtype::F16 => widened(&collect::<u8, half::f16>(bytes)).into_owned(),
+                Dtype::BF16 => widened(&collect::<u8, half::bf16>(bytes)).into_owned(),
             }
         })
         .await

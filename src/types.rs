@@ -187,9 +187,10 @@ impl Element for half::bf16 {
 /// The f32 widening of a slice, for the host-side paths that read values one by one (the
 /// error locator); a borrowed slice when it is f32 already.
 pub(crate) fn widened<T: Element>(data: &[T]) -> std::borrow::Cow<'_, [f32]> {
-    match bytemuck::try_cast_slice::<T, f32>(data) {
-        Ok(f) if T::DTYPE == Dtype::F32 => std::borrow::Cow::Borrowed(f),
-        _ => std::borrow::Cow::Owned(data.iter().map(|x| x.to_f32()).collect()),
+    if T::DTYPE == Dtype::F32 {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(data))
+    } else {
+        std::borrow::Cow::Owned(data.iter().map(|x| x.to_f32()).collect())
     }
 }
 

@@ -7,12 +7,6 @@ use common::*;
 use klgpu::wgpu;
 use klgpu::{Engine, Error, Input, Measure, Options, Problem, Side, cpu};
 
-/// The whole of an f32 buffer, widened for comparison with the reference.
-fn read_f64(engine: &Engine, buffer: &wgpu::Buffer) -> Vec<f64> {
-    let values = engine.read_f32(buffer.slice(..)).unwrap();
-    values.iter().map(|&v| v as f64).collect()
-}
-
 /// An app's own device and queue, the way an app creates them.
 fn app_device() -> (wgpu::Device, wgpu::Queue) {
     let instance =

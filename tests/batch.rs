@@ -806,12 +806,7 @@ fn normalized_log_probabilities_are_read_as_logits() {
             out.slice(..),
         )
         .unwrap();
-        let got: Vec<f64> = e
-            .read_f32(out.slice(..))
-            .unwrap()
-            .iter()
-            .map(|&v| v as f64)
-            .collect();
+        let got = read_f64(e, &out);
         assert_rows_close(
             &got,
             &want.values,

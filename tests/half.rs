@@ -212,12 +212,7 @@ fn buffers_at_odd_offsets(e: &klgpu::Engine) {
             let qs = m.uses_q().then(|| qb.slice(..n));
             e.rows_buffers(m, pb.slice(2..2 + n), qs, cols, &opts, out.slice(..))
                 .unwrap();
-            let got: Vec<f64> = e
-                .read_f32(out.slice(..))
-                .unwrap()
-                .iter()
-                .map(|&v| v as f64)
-                .collect();
+            let got = read_f64(e, &out);
             let (wp, wq) = (widen(&p), widen(&q));
             let want = cpu::rows(m, &wp, m.uses_q().then_some(&wq[..]), cols, &opts).unwrap();
             assert_rows_close(&got, &want.values, &format!("bf16 buffers {m:?} {input:?}"));

@@ -215,6 +215,12 @@ pub fn assert_plans_match_reference(
     }
 }
 
+/// The whole of an f32 buffer, widened for comparison with the reference.
+pub fn read_f64(engine: &Engine, buffer: &wgpu::Buffer) -> Vec<f64> {
+    let values = engine.read_f32(buffer.slice(..)).unwrap();
+    values.iter().map(|&v| v as f64).collect()
+}
+
 /// A storage buffer on `engine`'s device holding `data` (copyable both ways).
 pub fn upload(engine: &Engine, label: &str, data: &[f32]) -> wgpu::Buffer {
     engine
