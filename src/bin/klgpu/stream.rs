@@ -323,24 +323,23 @@ fn consume(
 /// A block's per-row values, its elements read as they were stored.
 fn rows_of(compute: &Backend, measure: Measure, block: &Block) -> klgpu::Result<klgpu::RowResults> {
     use klgpu::half::{bf16, f16};
+    fn bits_as<T: bytemuck::Pod>(bits: &[u16]) -> &[T] {
+        bytemuck::cast_slice(bits)
+    }
     let (cols, opts) = (block.cols, &block.opts);
+    // The reader reads both sides alike (`Reader::stored_half`).
+    let mismatch = || {
+        klgpu::Error::InvalidArgument("internal error: P and Q blocks of different types".into())
+    };
     match (&block.p, &block.q) {
-        (Values::F32(p), q) => {
-            let q = q.as_ref().map(|q| match q {
-                Values::F32(q) => &q[..],
-                // The reader reads both sides alike.
-                Values::Half(..) => &[],
-            });
-            compute.rows(measure, p, q, cols, opts)
-        }
+        (Values::F32(p), None) => compute.rows(measure, p, None, cols, opts),
+        (Values::F32(p), Some(Values::F32(q))) => compute.rows(measure, p, Some(q), cols, opts),
         (Values::Half(p, dtype), q) => {
-            let q = q.as_ref().map(|q| match q {
-                Values::Half(q, _) => &q[..],
-                Values::F32(_) => &[],
-            });
-            fn bits_as<T: bytemuck::Pod>(bits: &[u16]) -> &[T] {
-                bytemuck::cast_slice(bits)
-            }
+            let q = match q {
+                None => None,
+                Some(Values::Half(q, d)) if d == dtype => Some(&q[..]),
+                Some(_) => return Err(mismatch()),
+            };
             match dtype {
                 klgpu::Dtype::F16 => {
                     compute.rows::<f16>(measure, bits_as(p), q.map(bits_as), cols, opts)
@@ -348,6 +347,7 @@ fn rows_of(compute: &Backend, measure: Measure, block: &Block) -> klgpu::Result<
                 _ => compute.rows::<bf16>(measure, bits_as(p), q.map(bits_as), cols, opts),
             }
         }
+        _ => Err(mismatch()),
     }
 }
 
