@@ -28,7 +28,7 @@
 
 #[path = "../benches/support/mod.rs"]
 mod support;
-use support::{Rng, Timer, calls_per_sample, data, time_calls, upload_as};
+use support::{Rng, Timer, calls_per_sample, data, parse_dtype, time_calls, upload_as};
 
 use klgpu::{Dtype, Engine, EngineOptions, Input, Measure, Options};
 
@@ -50,14 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--blocked-lanes" => options.tuning.blocked_lanes = Some(value()? != 0),
             "--quick" => options.tuning.quick_vec4 = Some(value()? != 0),
             "--scale" => scale = value()? as usize,
-            "--dtype" => {
-                dtype = match args.next().as_deref() {
-                    Some("f32") => Dtype::F32,
-                    Some("f16") => Dtype::F16,
-                    Some("bf16") => Dtype::BF16,
-                    other => return Err(format!("--dtype f32|f16|bf16, not {other:?}").into()),
-                }
-            }
+            "--dtype" => dtype = parse_dtype(args.next().as_deref())?,
             cases => only = cases.split(',').map(str::to_string).collect(),
         }
     }

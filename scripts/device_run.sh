@@ -15,7 +15,7 @@ PARTS="${PARTS:-tests upload roof ab quick bench peers diag probe}"
 [ -n "${SKIP_TESTS:-}" ] && PARTS="${PARTS/tests/}"
 BUDGET="${BUDGET:-400}"
 # Rough seconds each part takes on an H200 (its timeouts allow more).
-declare -A COST=([tests]=50 [upload]=40 [roof]=150 [quick]=90 [bench]=150 [peers]=120 [diag]=50 [ab]=90 [probe]=40)
+declare -A COST=([tests]=50 [upload]=60 [roof]=150 [quick]=90 [bench]=150 [peers]=120 [diag]=50 [ab]=90 [probe]=40)
 part() {
     [[ " $PARTS " == *" $1 "* ]] || return 1
     if (( SECONDS + ${COST[$1]} > BUDGET )); then
@@ -72,6 +72,8 @@ done
 if part upload; then
 section "host data: KL from host slices by window size, copying threads, staged or direct (mapped device memory) uploads"
 timeout 60 .device/host_windows --rounds 5 --mib 8,32,128 --threads 1,8 --direct 0,1 2>&1 | tee "$RAW/host_windows.txt" | grep -v XDG
+echo "-- bf16 slices (windows hold as many elements as f32 ones, in half the bytes: do they want more?)"
+timeout 40 .device/host_windows --rounds 5 --mib 8,32,64,128 --dtype bf16 2>&1 | tee "$RAW/host_windows_bf16.txt" | grep -v XDG
 fi
 
 if part roof; then

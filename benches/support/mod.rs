@@ -43,19 +43,40 @@ pub fn upload(engine: &Engine, label: &str, data: &[f32]) -> wgpu::Buffer {
         .expect("upload benchmark data")
 }
 
+/// `--dtype`'s value: f32, f16 or bf16.
+pub fn parse_dtype(text: Option<&str>) -> Result<klgpu::Dtype, String> {
+    match text {
+        Some("f32") => Ok(klgpu::Dtype::F32),
+        Some("f16") => Ok(klgpu::Dtype::F16),
+        Some("bf16") => Ok(klgpu::Dtype::BF16),
+        other => Err(format!("--dtype f32|f16|bf16, not {other:?}")),
+    }
+}
+
+/// `data` rounded to nearest in `T` (f32: a copy).
+pub fn stored_as<T: klgpu::Element>(data: &[f32]) -> Vec<T> {
+    use klgpu::half::{bf16, f16};
+    let bytes: Vec<u8> = match T::DTYPE {
+        klgpu::Dtype::F32 => bytemuck::cast_slice(data).to_vec(),
+        klgpu::Dtype::F16 => data
+            .iter()
+            .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+            .collect(),
+        klgpu::Dtype::BF16 => data
+            .iter()
+            .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+            .collect(),
+    };
+    bytemuck::pod_collect_to_vec(&bytes)
+}
+
 /// A storage buffer holding `data` stored as `dtype` (rounded to nearest for 16 bits).
 pub fn upload_as(engine: &Engine, label: &str, data: &[f32], dtype: klgpu::Dtype) -> wgpu::Buffer {
     use klgpu::half::{bf16, f16};
     let made = match dtype {
         klgpu::Dtype::F32 => engine.create_buffer_init(label, data),
-        klgpu::Dtype::F16 => {
-            let v: Vec<f16> = data.iter().map(|&x| f16::from_f32(x)).collect();
-            engine.create_buffer_init(label, &v)
-        }
-        klgpu::Dtype::BF16 => {
-            let v: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
-            engine.create_buffer_init(label, &v)
-        }
+        klgpu::Dtype::F16 => engine.create_buffer_init(label, &stored_as::<f16>(data)),
+        klgpu::Dtype::BF16 => engine.create_buffer_init(label, &stored_as::<bf16>(data)),
     };
     made.expect("upload benchmark data")
 }
