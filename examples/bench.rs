@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 #[path = "../benches/support/mod.rs"]
 mod support;
-use support::{Rng, Timer, data, measure_gpu, measure_gpu_pair, median, upload, upload_as};
+use support::{
+    Rng, Timer, data, measure_gpu, measure_gpu_pair, median, stored_as, upload, upload_as,
+};
 
 use klgpu::half::bf16;
 use klgpu::wgpu;
@@ -88,11 +90,6 @@ impl Workload {
             ..Options::input(self.input)
         }
     }
-}
-
-/// The bf16 values a workload stored as bf16 holds.
-fn narrow(x: &[f32]) -> Vec<bf16> {
-    x.iter().map(|&v| bf16::from_f32(v)).collect()
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -271,7 +268,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let opts = w.opts();
         let qq = w.measure.uses_q().then_some(&q[..]);
         let (p16, q16) = if w.dtype == Dtype::BF16 {
-            (narrow(p), narrow(q))
+            (stored_as::<bf16>(p), stored_as::<bf16>(q))
         } else {
             (vec![], vec![])
         };

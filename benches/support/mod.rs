@@ -53,7 +53,8 @@ pub fn parse_dtype(text: Option<&str>) -> Result<klgpu::Dtype, String> {
     }
 }
 
-/// `data` rounded to nearest in `T` (f32: a copy).
+/// `data` rounded to nearest in `T` (f32: a copy). Through bytes, since the sealed
+/// `klgpu::Element` converts only to f32.
 pub fn stored_as<T: klgpu::Element>(data: &[f32]) -> Vec<T> {
     use klgpu::half::{bf16, f16};
     let bytes: Vec<u8> = match T::DTYPE {
