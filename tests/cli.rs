@@ -1319,6 +1319,50 @@ fn failure_keeps_an_existing_output_file() {
 }
 
 #[test]
+fn output_never_replaces_an_input() {
+    // Renaming the per-row file over P or Q would destroy it: refused before any work, by
+    // the path as given, through another spelling, a symbolic link or a hard link.
+    let dir = tmp();
+    let (p, q) = (dir.path().join("p.npy"), dir.path().join("q.npy"));
+    npy_f32(&p, &[2, 2], &[0.5; 4]);
+    npy_f32(&q, &[2, 2], &[0.25, 0.75, 0.5, 0.5]);
+    let original = std::fs::read(&p).unwrap();
+    let dotted = dir.path().join(".").join("p.npy");
+    let hard = dir.path().join("hard.npy");
+    std::fs::hard_link(&p, &hard).unwrap();
+    let mut outs = vec![
+        (p.clone(), "p.npy"),
+        (dotted, "p.npy"),
+        (hard, "p.npy"),
+        (q.clone(), "q.npy"),
+    ];
+    #[cfg(unix)]
+    {
+        let link = dir.path().join("link.npy");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        outs.push((link, "p.npy"));
+    }
+    for (out, input) in &outs {
+        let r = klgpu(&["kl", s(&p), s(&q), "--out", s(out)]);
+        assert_eq!(r.code, 2, "{out:?}: {:?}", r.ours);
+        assert_eq!(r.ours.len(), 1, "{:?}", r.ours);
+        assert!(
+            r.ours[0].contains("--out names the input") && r.ours[0].contains(input),
+            "{:?}",
+            r.ours
+        );
+    }
+    let r = klgpu(&["entropy", s(&p), "--out", s(&p)]);
+    assert_eq!(r.code, 2, "{:?}", r.ours);
+    assert_eq!(std::fs::read(&p).unwrap(), original);
+    // A new file beside them is written.
+    let out = dir.path().join("rows.npy");
+    let r = klgpu(&["kl", s(&p), s(&q), "--out", s(&out)]);
+    assert_eq!(r.code, 0, "{:?}", r.ours);
+    assert!(out.exists());
+}
+
+#[test]
 fn usage_errors_are_ours_and_exit_2() {
     for args in [
         &["kl", "a.npy"][..],

@@ -2,7 +2,7 @@
 //! stream, reduce, summarize, write and print.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use klgpu::{Engine, Input, Measure, Options, Reduction, RowResults};
@@ -150,7 +150,10 @@ pub fn run(cmd: &MeasureRun) -> Result<(), CliError> {
         one_d,
     };
     if let Some(out) = &cmd.out {
-        output::check_out_path(out)?;
+        let inputs: Vec<&Path> = std::iter::once(cmd.p.as_path())
+            .chain(cmd.q.as_deref())
+            .collect();
+        output::check_out_path(out, &inputs)?;
     }
     if cmd.opts.normalize && cmd.opts.input == Input::Logits && !cmd.quiet {
         eprintln!(

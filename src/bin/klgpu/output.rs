@@ -272,13 +272,20 @@ fn temp_beside(path: &Path) -> std::io::Result<tempfile::NamedTempFile> {
     builder.tempfile_in(parent_dir(path))
 }
 
-/// Checks, before any work, that `path` can be written: not a directory, and a temporary
-/// file can be created beside it (which is removed at once).
-pub fn check_out_path(path: &Path) -> Result<(), CliError> {
+/// Checks, before any work, that `path` can be written: not a directory, not one of the
+/// `inputs` (renaming the output over an input would destroy it), and a temporary file can be
+/// created beside it (which is removed at once).
+pub fn check_out_path(path: &Path, inputs: &[&Path]) -> Result<(), CliError> {
     let shown = path.display();
     if path.is_dir() {
         return Err(CliError::input(format!(
             "{shown}: --out names a directory, not a file"
+        )));
+    }
+    if let Some(input) = inputs.iter().find(|input| same_file(path, input)) {
+        return Err(CliError::input(format!(
+            "{shown}: --out names the input {}; the per-row values would replace it",
+            input.display()
         )));
     }
     let dir = parent_dir(path);
@@ -291,6 +298,26 @@ pub fn check_out_path(path: &Path) -> Result<(), CliError> {
     temp_beside(path)
         .map(drop)
         .map_err(|e| CliError::input(format!("{shown}: cannot write the --out file here: {e}")))
+}
+
+/// Whether `a` and `b` are one file: by device and inode on Unix (hard links and symbolic
+/// links alike), by canonical path elsewhere. A path that does not exist is no file.
+fn same_file(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+            (Ok(x), Ok(y)) => x == y,
+            _ => false,
+        }
+    }
 }
 
 /// Writes per-row values as a 1-D f64 `.npy` file: to a temporary file in the same
