@@ -385,6 +385,56 @@ fn recording_into_the_callers_encoder_chains_with_its_passes() {
     );
 }
 
+/// Polls `future` up to `polls` times (1 ms apart, with a waker that does nothing), then drops
+/// it; whether it finished first.
+fn poll_then_drop<F: std::future::Future>(future: F, polls: usize) -> bool {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    for _ in 0..polls {
+        if future.as_mut().poll(&mut cx).is_ready() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    false
+}
+
+#[test]
+fn dropped_futures_leave_the_engine_whole() {
+    // An async call dropped part way (between windows, with uploads in flight or a map
+    // pending, or after an invalid value was flagged) must leave the engine's pooled buffers
+    // fit for the next call: the same values as before, errors still found. Both upload paths:
+    // direct (this adapter's default) and staged with tiny windows, which never finishes in
+    // 300 polls.
+    let n = 400_000;
+    let p: Vec<f32> = (0..n).map(|i| 1.0 + (i % 7) as f32).collect();
+    let q: Vec<f32> = (0..n).map(|i| 1.0 + (i % 5) as f32).collect();
+    let mut bad = q.clone();
+    bad[n / 2] = f32::NAN;
+    for e in [engine(), small_window_engine()] {
+        let whole = e.kl_divergence(&p, &q).unwrap();
+        let rows = e.kl_divergence_rows(&p, &q, 1000, Input::Probs).unwrap();
+        for polls in [0, 1, 2, 3, 5, 8, 13, 30, 100, 300] {
+            poll_then_drop(e.kl_divergence_async(&p, &q), polls);
+            poll_then_drop(e.kl_divergence_async(&p, &bad), polls);
+            poll_then_drop(
+                e.kl_divergence_rows_async(&p, &q, 1000, Input::Probs),
+                polls,
+            );
+            assert_eq!(e.kl_divergence(&p, &q).unwrap(), whole, "{polls} polls");
+            let again = pollster::block_on(e.kl_divergence_async(&p, &q)).unwrap();
+            assert_eq!(again, whole, "{polls} polls");
+            let err = e.kl_divergence(&p, &bad).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidValue { index, .. } if index == n / 2),
+                "{err}"
+            );
+            let again = pollster::block_on(e.kl_divergence_rows_async(&p, &q, 1000, Input::Probs));
+            assert_eq!(again.unwrap(), rows, "{polls} polls");
+        }
+    }
+}
+
 #[test]
 fn async_twins_on_buffers() {
     let e = engine();
