@@ -625,6 +625,7 @@ impl Engine {
     /// [`Error::Gpu`] when the device cannot allocate it (too large, out of memory).
     pub fn create_f32_buffer(&self, label: &str, len: u64) -> Result<wgpu::Buffer> {
         let gpu = self.gpu();
+        let _turn = gpu.turn();
         gpu.scoped(|| {
             gpu.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
@@ -681,6 +682,7 @@ impl Engine {
             &padded[..]
         };
         let gpu = self.gpu();
+        let _turn = gpu.turn();
         gpu.scoped(|| {
             gpu.device
                 .create_buffer_init(&wgpu::util::BufferInitDescriptor {
