@@ -790,6 +790,7 @@ impl Engine {
                     .into(),
             ));
         }
+        outputs_apart(job, p, q, Some(out), grad, locator.plan.rows)?;
         let gpu = self.gpu();
         let _turn = gpu.turn();
         gpu.scoped(|| {
@@ -828,6 +829,7 @@ impl Engine {
             out: out.map(OwnedSlice::of),
             ..self.locator(job, p, q, cols)
         };
+        outputs_apart(job, p, q, out, grad, locator.plan.rows)?;
         let gpu = self.gpu();
         let _turn = gpu.turn();
         let mut scratch = gpu.scratch.take(&gpu.device);
@@ -988,6 +990,50 @@ fn shape(p: &GpuSlice<'_>, cols: usize) -> Result<u64> {
 }
 
 /// Checks an output slice that must hold `rows` f32.
+/// Refuses an output in the same buffer as an input, or one that overlaps the other output
+/// where they are written (the first `rows` values of `out`, the gradient's `p.elems`).
+/// A dispatch binds inputs read-only and outputs read-write, which one buffer cannot be at
+/// once: wgpu would refuse the work only when it is submitted, and on a device klgpu created
+/// that error would fail every later call. Overlapping outputs would overwrite each other.
+fn outputs_apart(
+    job: &Job,
+    p: &GpuSlice<'_>,
+    q: &GpuSlice<'_>,
+    out: Option<&GpuSlice<'_>>,
+    grad: Option<&GpuSlice<'_>>,
+    rows: u64,
+) -> Result<()> {
+    let loss = job.term == Term::KlGrad;
+    let inputs = [
+        (if loss { "logits" } else { "p" }, p),
+        (if loss { "target" } else { "q" }, q),
+    ];
+    let out = out.map(|o| (if loss { "loss" } else { "out" }, o, rows));
+    let grad = grad.map(|g| ("grad", g, p.elems));
+    for (name, o, _) in out.iter().chain(grad.iter()) {
+        if let Some((input, _)) = inputs.iter().find(|(_, i)| i.buffer == o.buffer) {
+            return Err(Error::InvalidBuffer {
+                name,
+                reason: format!(
+                    "it lies in the same buffer as {input}, which the kernels read while they \
+                     write {name}: give {name} a buffer of its own"
+                ),
+            });
+        }
+    }
+    if let (Some((a_name, a, a_len)), Some((b_name, b, b_len))) = (out, grad) {
+        let written = |s: &GpuSlice<'_>, len: u64| s.offset..s.offset + len * s.dtype.size();
+        let (ra, rb) = (written(a, a_len), written(b, b_len));
+        if a.buffer == b.buffer && ra.start < rb.end && rb.start < ra.end {
+            return Err(Error::InvalidBuffer {
+                name: b_name,
+                reason: format!("it overlaps {a_name} (bytes {ra:?} and {rb:?} of one buffer)"),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn output<'a>(name: &'static str, out: &wgpu::BufferSlice<'a>, rows: u64) -> Result<GpuSlice<'a>> {
     let out = gpu_slice(name, out, Dtype::F32)?;
     if out.elems < rows {

@@ -486,6 +486,67 @@ fn engine_is_send_and_sync_and_correct_under_concurrency() {
 }
 
 #[test]
+fn outputs_in_an_input_buffer_are_refused_up_front() {
+    // wgpu binds inputs read-only and outputs read-write, which one buffer cannot be in one
+    // dispatch: it refused such work only at submission, and on an engine's own device that
+    // error failed every later call. Now the call says which argument, before any work.
+    let e = engine();
+    let p = upload(e, "p", &[0.25, 0.75, 0.5, 0.5]);
+    let q = upload(e, "q", &[0.5, 0.5, 0.25, 0.75]);
+    let refused = |r: klgpu::Result<()>, want: &str, other: &str| match r {
+        Err(Error::InvalidBuffer { name, reason }) => {
+            assert_eq!(name, want, "{reason}");
+            assert!(reason.contains(other), "{reason}");
+        }
+        other => panic!("expected {want} refused, got {other:?}"),
+    };
+    let kl = Measure::KullbackLeibler;
+    let opts = Options::default();
+    let (ps, qs) = (p.slice(..), Some(q.slice(..)));
+    refused(
+        e.rows_buffers(kl, ps, qs, 2, &opts, p.slice(8..16)),
+        "out",
+        "same buffer as p",
+    );
+    let mut ws = e.workspace();
+    let mut enc = e.device().create_command_encoder(&Default::default());
+    let r = e.record_rows(&mut enc, &mut ws, kl, ps, qs, 2, &opts, q.slice(8..16));
+    refused(r, "out", "same buffer as q");
+    let r = e.kl_loss_and_grad_buffers(p.slice(..), q.slice(..), 2, q.slice(..));
+    refused(r.map(drop), "grad", "same buffer as logits");
+    // The loss and its gradient may share a buffer where they are written apart.
+    let shared = e.create_f32_buffer("loss and grad", 8).unwrap();
+    let (t, z) = (p.slice(..), q.slice(..));
+    let r = e.record_kl_loss_and_grad(
+        &mut enc,
+        &mut ws,
+        t,
+        z,
+        2,
+        shared.slice(..),
+        shared.slice(4..),
+    );
+    refused(r, "grad", "overlaps loss");
+    e.record_kl_loss_and_grad(
+        &mut enc,
+        &mut ws,
+        t,
+        z,
+        2,
+        shared.slice(..8),
+        shared.slice(8..),
+    )
+    .unwrap();
+    e.queue().submit([enc.finish()]);
+    ws.check(e).unwrap();
+    let got = e.read_f32(shared.slice(..)).unwrap();
+    let grad = e.create_f32_buffer("grad", 4).unwrap();
+    let loss = e.kl_loss_and_grad_buffers(t, z, 2, grad.slice(..)).unwrap();
+    assert_eq!(got[..2], [loss[0] as f32, loss[1] as f32]);
+    assert_eq!(got[2..6], e.read_f32(grad.slice(..)).unwrap()[..]);
+}
+
+#[test]
 fn loss_and_gradient_in_one_pass() {
     let e = engine();
     let mut r = rng(23);
