@@ -265,7 +265,8 @@ impl Engine {
     }
 
     /// Per-row values of `[rows × cols]` GPU inputs written as f32 into `out` (one per row,
-    /// in the requested base). Blocking until the results are in `out`.
+    /// in the requested base). Blocking until the results are in `out`, which must not lie in
+    /// P's or Q's buffer ([`Error::InvalidBuffer`]).
     pub fn rows_buffers(
         &self,
         measure: Measure,
@@ -389,8 +390,8 @@ impl Engine {
         }
     }
 
-    /// Records a per-row computation into `encoder`, writing one f32 per row into `out`; no
-    /// submission, no wait. Submit the encoder when you like (on this engine's queue), read
+    /// Records a per-row computation into `encoder`, writing one f32 per row into `out` (a
+    /// buffer apart from P's and Q's, else [`Error::InvalidBuffer`]); no submission, no wait. Submit the encoder when you like (on this engine's queue), read
     /// `out` when you want it ([`Engine::read_f32`]), and call [`Workspace::check`] to learn
     /// whether the inputs were valid.
     ///
