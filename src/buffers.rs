@@ -115,6 +115,8 @@ struct Locator {
 pub struct Workspace {
     scratch: Scratch,
     pending: Option<Locator>,
+    /// The engine that made it: its buffers live on that engine's device.
+    engine: std::sync::Weak<crate::launch::Gpu>,
 }
 
 impl std::fmt::Debug for Workspace {
@@ -126,6 +128,18 @@ impl std::fmt::Debug for Workspace {
 }
 
 impl Workspace {
+    /// Refuses an engine other than the one that made this workspace.
+    fn belongs_to(&self, engine: &Engine) -> Result<()> {
+        if engine.made(&self.engine) {
+            return Ok(());
+        }
+        Err(Error::InvalidArgument(
+            "this workspace was made by another engine, whose device holds its buffers: use one \
+             from this engine's Engine::workspace"
+                .into(),
+        ))
+    }
+
     /// Waits for the recorded work and reports whether its inputs were valid. Call after
     /// submitting the encoder. Blocking.
     pub fn check(&mut self, engine: &Engine) -> Result<()> {
@@ -138,6 +152,7 @@ impl Workspace {
     }
 
     async fn check_inner(&mut self, engine: &Engine, blocking: bool) -> Result<()> {
+        self.belongs_to(engine)?;
         let Some(locator) = self.pending.take() else {
             return Ok(());
         };
@@ -387,6 +402,7 @@ impl Engine {
         Workspace {
             scratch: Scratch::new(&self.gpu().device),
             pending: None,
+            engine: self.token(),
         }
     }
 
@@ -784,6 +800,7 @@ impl Engine {
         grad: Option<&GpuSlice<'_>>,
         locator: Locator,
     ) -> Result<()> {
+        workspace.belongs_to(self)?;
         if workspace.pending.is_some() {
             return Err(Error::InvalidArgument(
                 "this workspace holds a recording that was not checked yet: call Workspace::check \

@@ -1,13 +1,13 @@
 //! [`Engine`]: the adapter, device, compiled pipelines and scratch buffers, created once and
 //! reused by every call.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use crate::cpu;
 use crate::error::{Error, Result};
 use crate::kernels::{self, InputCode, Kernels, Term};
-use crate::launch::{Gpu, HostData, Job, Prepass, Readback, ScratchPool, Upload};
+use crate::launch::{Gpu, HostData, Job, Prepass, Readback, ScratchPool, Serial, Upload};
 use crate::plan::{Plan, PlanLimits};
 use crate::types::{Element, Input, Measure, Options, RowResults, widened};
 
@@ -195,12 +195,45 @@ fn describe(infos: &[wgpu::AdapterInfo]) -> String {
         .join(", ")
 }
 
+/// The adapters every engine klgpu opens comes from, enumerated once per process (when the
+/// first engine opens, reading `WGPU_BACKEND` then), with the backends searched.
+///
+/// One instance: wgpu's resources are handles into their instance's tables, and with an
+/// instance per engine a buffer of one engine passed to another was looked up in the wrong
+/// table (a panic inside wgpu or, worse, another buffer read silently); within one instance
+/// wgpu sees the device mismatch and the call returns its validation error. One enumeration:
+/// on OpenGL each enumeration wraps the instance's one context in a lock of its own, so
+/// devices of two enumerations made it current on two threads at once (EGL `BadAccess`).
+struct SharedAdapters {
+    backends: wgpu::Backends,
+    adapters: Vec<wgpu::Adapter>,
+    /// Kept for the process's lifetime, like the adapters it made.
+    _instance: wgpu::Instance,
+}
+
+fn shared_adapters() -> &'static SharedAdapters {
+    static SHARED: OnceLock<SharedAdapters> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let descriptor = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        let backends = descriptor.backends;
+        let instance = wgpu::Instance::new(descriptor);
+        // Native enumeration is immediate; the future only wraps it.
+        let adapters = pollster::block_on(instance.enumerate_adapters(backends));
+        SharedAdapters {
+            backends,
+            adapters,
+            _instance: instance,
+        }
+    })
+}
+
 /// The adapters wgpu sees (honouring `WGPU_BACKEND`), and the index klgpu would pick.
 pub fn list_adapters() -> (Vec<wgpu::AdapterInfo>, Result<usize>) {
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
-    let infos: Vec<_> = adapters.iter().map(|a| a.get_info()).collect();
+    let infos: Vec<_> = shared_adapters()
+        .adapters
+        .iter()
+        .map(|a| a.get_info())
+        .collect();
     let wanted = std::env::var("WGPU_ADAPTER_NAME").ok();
     let pick = pick_adapter(&infos, wanted.as_deref());
     (infos, pick)
@@ -219,18 +252,19 @@ impl Engine {
 
     /// Opens an adapter: the one `WGPU_ADAPTER_NAME` names if set, else hardware GPUs first
     /// (discrete, integrated, virtual), then anything else, then software adapters such as
-    /// lavapipe. `WGPU_BACKEND` restricts the backends searched. The device is requested with
-    /// the adapter's own limits. Blocking.
+    /// lavapipe. `WGPU_BACKEND` restricts the backends searched (read once, when the first
+    /// engine opens: engines share one wgpu instance, so that a buffer passed to the wrong
+    /// engine is an error, not another engine's buffer). The device is requested with the
+    /// adapter's own limits. Blocking.
     pub fn with_options(options: EngineOptions) -> Result<Engine> {
         pollster::block_on(Engine::with_options_async(options))
     }
 
     /// Async twin of [`Engine::with_options`].
     pub async fn with_options_async(options: EngineOptions) -> Result<Engine> {
-        let descriptor = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
-        let backends = descriptor.backends;
-        let instance = wgpu::Instance::new(descriptor);
-        let adapters = instance.enumerate_adapters(backends).await;
+        let SharedAdapters {
+            backends, adapters, ..
+        } = shared_adapters();
         let infos: Vec<_> = adapters.iter().map(|a| a.get_info()).collect();
         if infos.is_empty() {
             return Err(Error::NoAdapter {
@@ -261,7 +295,13 @@ impl Engine {
                     adapter.get_info().name
                 ))
             })?;
-        let engine = Engine::build(device, queue, adapter.get_info(), &options)?;
+        // OpenGL devices of one instance share its one context: klgpu's own engines take
+        // turns together.
+        static GL_TURNS: OnceLock<Arc<Serial>> = OnceLock::new();
+        let info = adapter.get_info();
+        let turns =
+            (info.backend == wgpu::Backend::Gl).then(|| GL_TURNS.get_or_init(Arc::default).clone());
+        let engine = Engine::build(device, queue, info, &options, turns)?;
         // Our own device (a caller's keeps its own handlers): device loss and errors nobody
         // scoped become a stored fault that later calls return, not wgpu's default panic.
         let lost = engine.gpu.fault.clone();
@@ -298,14 +338,17 @@ impl Engine {
         options: EngineOptions,
     ) -> Result<Engine> {
         let info = device.adapter_info();
-        Engine::build(device, queue, info, &options)
+        let turns = (info.backend == wgpu::Backend::Gl).then(Arc::default);
+        Engine::build(device, queue, info, &options, turns)
     }
 
+    /// `turns`: on OpenGL, the [`Serial`] the engine's calls take turns on.
     fn build(
         device: wgpu::Device,
         queue: wgpu::Queue,
         info: wgpu::AdapterInfo,
         options: &EngineOptions,
+        turns: Option<Arc<Serial>>,
     ) -> Result<Engine> {
         let hw = device.limits();
         let cpu_adapter = info.device_type == wgpu::DeviceType::Cpu;
@@ -362,7 +405,7 @@ impl Engine {
             storage_align: hw.min_storage_buffer_offset_alignment as u64,
             fault,
             scratch: ScratchPool::default(),
-            serial: (info.backend == wgpu::Backend::Gl).then(Arc::default),
+            serial: turns,
             upload_threads: options
                 .tuning
                 .upload_threads
@@ -380,6 +423,16 @@ impl Engine {
 
     pub(crate) fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    /// Identifies this engine (and its clones) to what it made, such as a workspace.
+    pub(crate) fn token(&self) -> std::sync::Weak<Gpu> {
+        Arc::downgrade(&self.gpu)
+    }
+
+    /// Whether `token` is this engine's ([`Engine::token`]).
+    pub(crate) fn made(&self, token: &std::sync::Weak<Gpu>) -> bool {
+        std::ptr::eq(token.as_ptr(), Arc::as_ptr(&self.gpu))
     }
 
     /// Plan limits for a job: over host data (`device == false`) or the caller's buffers.

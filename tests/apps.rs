@@ -547,6 +547,62 @@ fn outputs_in_an_input_buffer_are_refused_up_front() {
 }
 
 #[test]
+fn another_engines_buffers_are_an_error_not_a_panic() {
+    // Engines klgpu opens share one wgpu instance, so a buffer of one passed to the other is a
+    // validation error the call returns (with an instance each, wgpu looked its handle up in
+    // the other's table: it panicked, or read one of that engine's own buffers). A workspace
+    // names the engine it belongs to.
+    let a = Engine::new().expect("tests need a GPU adapter (lavapipe counts)");
+    let b = Engine::new().expect("a second engine");
+    let (p, q) = ([0.25f32, 0.75], [0.5f32, 0.5]);
+    let (pa, qa) = (upload(&a, "p", &p), upload(&a, "q", &q));
+    // b's own buffers, the likeliest ones for a handle of a's to stand for.
+    let (_pb, _qb) = (
+        upload(&b, "b's p", &[0.5, 0.5]),
+        upload(&b, "b's q", &[0.5, 0.5]),
+    );
+    let gpu_error = |r: klgpu::Result<String>| match r {
+        Err(Error::Gpu(message)) => assert!(message.contains("Device"), "{message}"),
+        other => panic!("expected a GPU validation error, got {other:?}"),
+    };
+    gpu_error(
+        b.kl_divergence_buffers(pa.slice(..), qa.slice(..))
+            .map(|v| v.to_string()),
+    );
+    gpu_error(b.read_f32(pa.slice(..)).map(|v| format!("{v:?}")));
+    // A workspace belongs to the engine that made it.
+    let mut ws = a.workspace();
+    let out = a.create_f32_buffer("out", 1).unwrap();
+    let mut encoder = a.device().create_command_encoder(&Default::default());
+    let kl = Measure::KullbackLeibler;
+    let (ps, qs, os) = (pa.slice(..), Some(qa.slice(..)), out.slice(..));
+    let other = |r: klgpu::Result<()>| {
+        assert!(
+            matches!(&r, Err(Error::InvalidArgument(m)) if m.contains("another engine")),
+            "{r:?}"
+        )
+    };
+    let opts = Options::default();
+    let record = |e: &Engine, ws: &mut klgpu::Workspace, enc: &mut wgpu::CommandEncoder| {
+        e.record_rows(enc, ws, kl, ps, qs, 2, &opts, os)
+    };
+    other(record(&b, &mut ws, &mut encoder));
+    record(&a, &mut ws, &mut encoder).unwrap();
+    a.queue().submit([encoder.finish()]);
+    other(ws.check(&b));
+    ws.check(&a).unwrap();
+    let want = cpu::kl_divergence(&p, &q).unwrap();
+    let recorded = a.read_f32(out.slice(..)).unwrap()[0] as f64;
+    assert_close(recorded, want, "a's recording");
+    assert_close(
+        a.kl_divergence_buffers(pa.slice(..), qa.slice(..)).unwrap(),
+        want,
+        "a",
+    );
+    assert_close(b.kl_divergence(&p, &q).unwrap(), want, "b");
+}
+
+#[test]
 fn loss_and_gradient_in_one_pass() {
     let e = engine();
     let mut r = rng(23);
