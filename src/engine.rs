@@ -150,6 +150,65 @@ fn backend_rank(b: wgpu::Backend) -> u8 {
     }
 }
 
+/// What a device lacks for klgpu's kernels, one line per limit: eight storage buffers and a
+/// uniform buffer with a dynamic offset per dispatch, workgroups of 256 invocations with a
+/// 32-byte state each in workgroup memory, and bindings of at least 64 KiB (windows are
+/// planned within them). A caller's device made with lower limits (wgpu's downlevel or
+/// WebGL2 defaults) is refused with this list; left to wgpu, it panicked in its default
+/// error handler.
+pub(crate) fn unmet_limits(have: &wgpu::Limits) -> Vec<String> {
+    let wg = crate::plan::WORKGROUP_SIZE as u64;
+    let needs = [
+        (
+            "max_storage_buffers_per_shader_stage",
+            have.max_storage_buffers_per_shader_stage as u64,
+            8,
+        ),
+        (
+            "max_uniform_buffers_per_shader_stage",
+            have.max_uniform_buffers_per_shader_stage as u64,
+            1,
+        ),
+        (
+            "max_dynamic_uniform_buffers_per_pipeline_layout",
+            have.max_dynamic_uniform_buffers_per_pipeline_layout as u64,
+            1,
+        ),
+        ("max_bind_groups", have.max_bind_groups as u64, 1),
+        (
+            "max_compute_invocations_per_workgroup",
+            have.max_compute_invocations_per_workgroup as u64,
+            wg,
+        ),
+        (
+            "max_compute_workgroup_size_x",
+            have.max_compute_workgroup_size_x as u64,
+            wg,
+        ),
+        (
+            "max_compute_workgroup_storage_size",
+            have.max_compute_workgroup_storage_size as u64,
+            32 * wg,
+        ),
+        (
+            "max_compute_workgroups_per_dimension",
+            have.max_compute_workgroups_per_dimension as u64,
+            1,
+        ),
+        (
+            "max_storage_buffer_binding_size",
+            have.max_storage_buffer_binding_size,
+            1 << 16,
+        ),
+        ("max_buffer_size", have.max_buffer_size, 1 << 16),
+    ];
+    needs
+        .iter()
+        .filter(|(_, have, need)| have < need)
+        .map(|(name, have, need)| format!("{name} is {have}, klgpu needs {need}"))
+        .collect()
+}
+
 /// Whether host data should go straight into mapped input buffers ([`Tuning::direct_uploads`]).
 fn wants_direct_uploads(info: &wgpu::AdapterInfo, tuning: &Tuning) -> bool {
     tuning.direct_uploads.unwrap_or(matches!(
@@ -327,6 +386,11 @@ impl Engine {
 
     /// Uses a device and queue the caller already has. Pipelines are compiled on first use;
     /// subgroup operations are used if the device was created with `Features::SUBGROUP`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] listing the limits that fall short when the device was made
+    /// with less than WebGPU's defaults where the kernels need them (eight storage buffers per
+    /// stage, workgroups of 256): wgpu's `Limits::downlevel_defaults()` allow four.
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Engine> {
         Engine::from_device_with_options(device, queue, EngineOptions::default())
     }
@@ -351,6 +415,14 @@ impl Engine {
         turns: Option<Arc<Serial>>,
     ) -> Result<Engine> {
         let hw = device.limits();
+        let unmet = unmet_limits(&hw);
+        if !unmet.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "the device's limits are below what klgpu's kernels need: {}; request the \
+                 adapter's own limits (adapter.limits()) or wgpu::Limits::default()",
+                unmet.join("; ")
+            )));
+        }
         let cpu_adapter = info.device_type == wgpu::DeviceType::Cpu;
         let binding = hw.max_storage_buffer_binding_size.min(hw.max_buffer_size);
         let window_bytes = options
@@ -382,10 +454,17 @@ impl Engine {
         let (limits, device_limits) = (tune(limits), tune(device_limits));
         let subgroups = options.subgroups && device.features().contains(wgpu::Features::SUBGROUP);
         let subgroup_width = info.subgroup_min_size.clamp(1, crate::plan::WORKGROUP_SIZE);
+        // In an error scope: a caller's device keeps wgpu's default handler, which panics.
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let kernels = Kernels::new(
             &device,
             options.tuning.quick_vec4.unwrap_or(false) && subgroups,
         );
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(format!(
+                "creating klgpu's bind group layout: {e}"
+            )));
+        }
         let upload = if wants_direct_uploads(&info, &options.tuning)
             && device
                 .features()
@@ -850,6 +929,24 @@ pub(crate) fn first_nan(values: &[f32]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_klgpu_needs() {
+        assert!(unmet_limits(&wgpu::Limits::default()).is_empty());
+        let downlevel = unmet_limits(&wgpu::Limits::downlevel_defaults());
+        assert_eq!(
+            downlevel,
+            ["max_storage_buffers_per_shader_stage is 4, klgpu needs 8"]
+        );
+        let webgl2 = unmet_limits(&wgpu::Limits::downlevel_webgl2_defaults());
+        assert!(
+            webgl2
+                .iter()
+                .any(|l| l.starts_with("max_compute_invocations_per_workgroup is 0")),
+            "{webgl2:?}"
+        );
+        assert!(webgl2.len() >= 4, "{webgl2:?}");
+    }
 
     fn info(
         name: &str,

@@ -603,6 +603,40 @@ fn another_engines_buffers_are_an_error_not_a_panic() {
 }
 
 #[test]
+fn a_device_with_low_limits_is_refused_with_the_list() {
+    // An app's device made with wgpu's downlevel (or WebGL2) limits cannot bind klgpu's eight
+    // storage buffers: from_device says which limits fall short (it panicked inside wgpu).
+    // WebGPU's default limits are enough.
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter =
+        pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
+            .expect("tests need a GPU adapter (lavapipe counts)");
+    let device_with = |required_limits| {
+        let descriptor = wgpu::DeviceDescriptor {
+            required_limits,
+            ..Default::default()
+        };
+        pollster::block_on(adapter.request_device(&descriptor)).expect("device")
+    };
+    let (device, queue) = device_with(wgpu::Limits::downlevel_defaults());
+    match Engine::from_device(device, queue) {
+        Err(Error::InvalidArgument(m)) => {
+            assert!(
+                m.contains("max_storage_buffers_per_shader_stage is 4, klgpu needs 8"),
+                "{m}"
+            )
+        }
+        other => panic!("expected the limits refused, got {other:?}"),
+    }
+    let (device, queue) = device_with(wgpu::Limits::default());
+    let e = Engine::from_device(device, queue).unwrap();
+    let (p, q) = ([0.25f32, 0.75], [0.5f32, 0.5]);
+    let want = cpu::kl_divergence(&p, &q).unwrap();
+    assert_close(e.kl_divergence(&p, &q).unwrap(), want, "default limits");
+}
+
+#[test]
 fn loss_and_gradient_in_one_pass() {
     let e = engine();
     let mut r = rng(23);
