@@ -688,7 +688,6 @@ impl Engine {
     /// # Errors
     /// [`Error::Gpu`] when the device cannot allocate it.
     pub fn create_buffer_init<T: Element>(&self, label: &str, data: &[T]) -> Result<wgpu::Buffer> {
-        use wgpu::util::DeviceExt;
         let bytes: &[u8] = bytemuck::cast_slice(data);
         let mut padded;
         let contents = if bytes.len().is_multiple_of(4) {
@@ -700,14 +699,26 @@ impl Engine {
         };
         let gpu = self.gpu();
         let _turn = gpu.turn();
-        gpu.scoped(|| {
-            gpu.device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some(label),
-                    contents,
-                    usage: F32_BUFFER_USAGES,
-                })
-        })
+        // Not wgpu's create_buffer_init, which panics where the buffer cannot be made (larger
+        // than the device's max_buffer_size, out of memory): the buffer is made in an error
+        // scope first, and filled only once it exists.
+        let buffer = gpu.scoped(|| {
+            gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: contents.len() as u64,
+                usage: F32_BUFFER_USAGES,
+                mapped_at_creation: !contents.is_empty(),
+            })
+        })?;
+        if !contents.is_empty() {
+            buffer
+                .get_mapped_range_mut(..)
+                .map_err(|e| Error::Gpu(format!("filling the new buffer {label:?}: {e}")))?
+                .slice(..)
+                .copy_from_slice(contents);
+            buffer.unmap();
+        }
+        Ok(buffer)
     }
 
     fn inputs<'a>(

@@ -603,7 +603,7 @@ fn another_engines_buffers_are_an_error_not_a_panic() {
 }
 
 #[test]
-fn a_device_with_low_limits_is_refused_with_the_list() {
+fn low_device_limits_are_errors_not_panics() {
     // An app's device made with wgpu's downlevel (or WebGL2) limits cannot bind klgpu's eight
     // storage buffers: from_device says which limits fall short (it panicked inside wgpu).
     // WebGPU's default limits are enough.
@@ -629,11 +629,23 @@ fn a_device_with_low_limits_is_refused_with_the_list() {
         }
         other => panic!("expected the limits refused, got {other:?}"),
     }
-    let (device, queue) = device_with(wgpu::Limits::default());
+    // Default limits but buffers of at most 64 KiB: a buffer made with more data than that is
+    // an error (wgpu's create_buffer_init panicked), and host data streams through windows.
+    let (device, queue) = device_with(wgpu::Limits {
+        max_buffer_size: 1 << 16,
+        max_storage_buffer_binding_size: 1 << 16,
+        ..wgpu::Limits::default()
+    });
     let e = Engine::from_device(device, queue).unwrap();
-    let (p, q) = ([0.25f32, 0.75], [0.5f32, 0.5]);
+    let p: Vec<f32> = (0..20_000).map(|i| 1.0 + (i % 7) as f32).collect();
+    let q: Vec<f32> = (0..20_000).map(|i| 1.0 + (i % 5) as f32).collect();
+    let err = e.create_f32_buffer_init("p", &p).unwrap_err();
+    assert!(
+        matches!(&err, Error::Gpu(m) if m.contains("maximum buffer size")),
+        "{err}"
+    );
     let want = cpu::kl_divergence(&p, &q).unwrap();
-    assert_close(e.kl_divergence(&p, &q).unwrap(), want, "default limits");
+    assert_close(e.kl_divergence(&p, &q).unwrap(), want, "windows of 64 KiB");
 }
 
 #[test]
