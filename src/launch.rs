@@ -350,33 +350,6 @@ impl Drop for Turn {
     }
 }
 
-/// Longest one poll holds the device. wgpu's OpenGL backend holds its one context for a whole
-/// wait, and a thread that waits more than a second for it panics: in slices, other threads
-/// get the context between them. An async call dropped mid-wait gives its turn back at once,
-/// and its helper thread, polling on without one, lets go within a slice.
-const WAIT_SLICE: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// Polls `device` until `index` has finished, or until `abandoned()` says nobody waits for
-/// it any more (its work still runs; only the waiting stops).
-fn wait_for(
-    device: &wgpu::Device,
-    index: &wgpu::SubmissionIndex,
-    abandoned: impl Fn() -> bool,
-) -> Result<()> {
-    loop {
-        let slice = wgpu::PollType::Wait {
-            submission_index: Some(index.clone()),
-            timeout: Some(WAIT_SLICE),
-        };
-        match device.poll(slice) {
-            Ok(_) => return Ok(()),
-            Err(wgpu::PollError::Timeout) if !abandoned() => {}
-            Err(wgpu::PollError::Timeout) => return Ok(()),
-            Err(e) => return Err(Error::Gpu(format!("waiting for the GPU failed: {e}"))),
-        }
-    }
-}
-
 /// What a finished computation read back.
 pub(crate) struct Readback {
     pub status: [u32; 4],
@@ -529,17 +502,29 @@ impl Gpu {
     }
 
     /// Waits until `index` has finished: inline when `blocking`, else on a helper thread that
-    /// polls the device, so that an async caller's executor is never blocked. The helper stops
-    /// once its call is dropped.
+    /// polls the device, so that an async caller's executor is never blocked.
+    ///
+    /// Without a timeout: a timed wait that ran out while another thread's poll retired the
+    /// submission trips an assertion inside wgpu-core 30 ("the current submission index ...
+    /// should be at least the wait submission index"), which waits cut into 100 ms slices did
+    /// in the batch tests on a loaded machine.
     pub(crate) async fn wait(&self, index: wgpu::SubmissionIndex, blocking: bool) -> Result<()> {
+        let poll = move |device: &wgpu::Device| {
+            device
+                .poll(wgpu::PollType::Wait {
+                    submission_index: Some(index),
+                    timeout: None,
+                })
+                .map(|_| ())
+                .map_err(|e| Error::Gpu(format!("waiting for the GPU failed: {e}")))
+        };
         if blocking {
-            return wait_for(&self.device, &index, || false);
+            return poll(&self.device);
         }
         let device = self.device.clone();
         let (tx, rx) = futures_channel::oneshot::channel();
         std::thread::spawn(move || {
-            let done = wait_for(&device, &index, || tx.is_canceled());
-            let _ = tx.send(done);
+            let _ = tx.send(poll(&device));
         });
         rx.await
             .map_err(|_| Error::Gpu("the GPU polling thread ended early".into()))?
