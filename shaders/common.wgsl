@@ -61,6 +61,8 @@ struct Lse {
 @group(0) @binding(0) var<uniform> prm: Params;
 // bindings 1 and 2 (P and Q) and their loads: shaders/elements.wgsl.
 // binding 3 (partials) is declared by each module with its monoid's type.
+// status: flags, the earliest window and index with an invalid element, and RAN_MARK once a
+// dispatch ran (Workspace::check tells a recording never submitted from valid input).
 @group(0) @binding(4) var<storage, read_write> status: array<atomic<u32>, 4>;
 @group(0) @binding(5) var<storage, read_write> row_lse: array<Lse>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;

@@ -18,6 +18,7 @@ fn element_pass_MONOID(@builtin(local_invocation_index) lid: u32, @builtin(workg
         //LOOP
     }
     report_seen();
+    if (lid == 0u && wg.x == 0u && wg.y == 0u) { atomicStore(&status[3], RAN_MARK); }
     let total = segment_reduce_MONOID(st, lid, lanes, SG_VALUE);
     if (lane == 0u && row < prm.rows) {
         emit_MONOID(row, wg.x, total);

@@ -161,6 +161,14 @@ impl Workspace {
             .gpu()
             .read_back(&self.scratch, 0, false, blocking)
             .await?;
+        if readback.status[3] != kernels::RAN_MARK {
+            return Err(Error::InvalidArgument(
+                "Workspace::check found that the recorded work has not run: submit the encoder \
+                 on this engine's queue before checking (the recording is dropped; record it \
+                 again)"
+                    .into(),
+            ));
+        }
         engine.raise(&readback, &locator, blocking).await
     }
 }

@@ -16,6 +16,9 @@ pub(crate) const FLAG_SUBGROUP_LAYOUT: u32 = 256;
 // A row's result or normalizing sum left f32's range. No position is recorded (an invalid
 // element elsewhere keeps its record); the row reads NaN, which is how the host finds it.
 pub(crate) const FLAG_OVERFLOW: u32 = 512;
+// status[3] once a dispatch has run: Workspace::check tells a recording that was never
+// submitted from one whose input was valid.
+pub(crate) const RAN_MARK: u32 = 1;
 // Dispatch modes (Params::mode).
 pub(crate) const MODE_PARTIAL: u32 = 1;
 pub(crate) const MODE_ACCUMULATE: u32 = 2;
@@ -260,7 +263,7 @@ pub(crate) fn shader_source(
         "const FLAG_INVALID: u32 = {FLAG_INVALID}u;\nconst FLAG_P_EMPTY: u32 = {FLAG_P_EMPTY}u;\n\
          const FLAG_Q_EMPTY: u32 = {FLAG_Q_EMPTY}u;\n\
          const FLAG_SUBGROUP_LAYOUT: u32 = {FLAG_SUBGROUP_LAYOUT}u;\n\
-         const FLAG_OVERFLOW: u32 = {FLAG_OVERFLOW}u;\n\
+         const FLAG_OVERFLOW: u32 = {FLAG_OVERFLOW}u;\nconst RAN_MARK: u32 = {RAN_MARK}u;\n\
          const MODE_PARTIAL: u32 = {MODE_PARTIAL}u;\nconst MODE_ACCUMULATE: u32 = {MODE_ACCUMULATE}u;\n\
          const MODE_KEEP: u32 = {MODE_KEEP}u;\nconst MODE_STATS: u32 = {MODE_STATS}u;\n\
          const MODE_MINUS_ONE: u32 = {MODE_MINUS_ONE}u;\n\

@@ -649,6 +649,58 @@ fn low_device_limits_are_errors_not_panics() {
 }
 
 #[test]
+fn checking_a_recording_that_never_ran_is_an_error() {
+    // Recorded, never submitted: check used to find no flags and say Ok while `out` held
+    // nothing. Each dispatch now marks that it ran.
+    let e = engine();
+    let (p, q) = ([0.25f32, 0.75], [0.5f32, 0.5]);
+    let (pb, qb) = (upload(e, "p", &p), upload(e, "q", &q));
+    let out = e.create_f32_buffer("out", 1).unwrap();
+    let mut ws = e.workspace();
+    let kl = Measure::KullbackLeibler;
+    let (ps, qs, os) = (pb.slice(..), Some(qb.slice(..)), out.slice(..));
+    let mut forgotten = e.device().create_command_encoder(&Default::default());
+    e.record_rows(
+        &mut forgotten,
+        &mut ws,
+        kl,
+        ps,
+        qs,
+        2,
+        &Options::default(),
+        os,
+    )
+    .unwrap();
+    let err = ws.check(e);
+    assert!(
+        matches!(&err, Err(Error::InvalidArgument(m)) if m.contains("has not run")),
+        "{err:?}"
+    );
+    drop(forgotten);
+    // The workspace is free again; a submitted recording checks out.
+    let mut encoder = e.device().create_command_encoder(&Default::default());
+    e.record_rows(
+        &mut encoder,
+        &mut ws,
+        kl,
+        ps,
+        qs,
+        2,
+        &Options::default(),
+        os,
+    )
+    .unwrap();
+    e.queue().submit([encoder.finish()]);
+    ws.check(e).unwrap();
+    let want = cpu::kl_divergence(&p, &q).unwrap();
+    assert_close(
+        e.read_f32(out.slice(..)).unwrap()[0] as f64,
+        want,
+        "submitted",
+    );
+}
+
+#[test]
 fn loss_and_gradient_in_one_pass() {
     let e = engine();
     let mut r = rng(23);
