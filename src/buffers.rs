@@ -415,9 +415,10 @@ impl Engine {
     }
 
     /// Records a per-row computation into `encoder`, writing one f32 per row into `out` (a
-    /// buffer apart from P's and Q's, else [`Error::InvalidBuffer`]); no submission, no wait. Submit the encoder when you like (on this engine's queue), read
-    /// `out` when you want it ([`Engine::read_f32`]), and call [`Workspace::check`] to learn
-    /// whether the inputs were valid.
+    /// buffer apart from P's and Q's, else [`Error::InvalidBuffer`]); no submission, no wait.
+    /// Submit the encoder when you like (on this engine's queue), read `out` when you want it
+    /// ([`Engine::read_f32`]), and call [`Workspace::check`] to learn whether the inputs were
+    /// valid (and that the work ran).
     ///
     /// Parameters are staged with `Queue::write_buffer`, so they reach the GPU with the next
     /// submission on this engine's queue.
@@ -1026,7 +1027,6 @@ fn shape(p: &GpuSlice<'_>, cols: usize) -> Result<u64> {
     Ok(p.elems / cols as u64)
 }
 
-/// Checks an output slice that must hold `rows` f32.
 /// Refuses an output in the same buffer as an input, or one that overlaps the other output
 /// where they are written (the first `rows` values of `out`, the gradient's `p.elems`).
 /// A dispatch binds inputs read-only and outputs read-write, which one buffer cannot be at
@@ -1071,6 +1071,7 @@ fn outputs_apart(
     Ok(())
 }
 
+/// Checks an output slice that must hold `rows` f32.
 fn output<'a>(name: &'static str, out: &wgpu::BufferSlice<'a>, rows: u64) -> Result<GpuSlice<'a>> {
     let out = gpu_slice(name, out, Dtype::F32)?;
     if out.elems < rows {
