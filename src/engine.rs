@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use crate::cpu;
 use crate::error::{Error, Result};
 use crate::kernels::{self, InputCode, Kernels, Term};
-use crate::launch::{Gpu, HostData, Job, Prepass, Readback, ScratchPool, Serial, Upload};
+use crate::launch::{Gpu, HostData, Job, Prepass, Readback, ScratchPool, Upload};
 use crate::plan::{Plan, PlanLimits};
 use crate::types::{Element, Input, Measure, Options, RowResults, widened};
 
@@ -260,9 +260,8 @@ fn describe(infos: &[wgpu::AdapterInfo]) -> String {
 /// One instance: wgpu's resources are handles into their instance's tables, and with an
 /// instance per engine a buffer of one engine passed to another was looked up in the wrong
 /// table (a panic inside wgpu or, worse, another buffer read silently); within one instance
-/// wgpu sees the device mismatch and the call returns its validation error. One enumeration:
-/// on OpenGL each enumeration wraps the instance's one context in a lock of its own, so
-/// devices of two enumerations made it current on two threads at once (EGL `BadAccess`).
+/// wgpu sees the device mismatch and the call returns its validation error. Except on
+/// OpenGL ([`gl_adapter_of_its_own`]).
 struct SharedAdapters {
     backends: wgpu::Backends,
     adapters: Vec<wgpu::Adapter>,
@@ -284,6 +283,27 @@ fn shared_adapters() -> &'static SharedAdapters {
             _instance: instance,
         }
     })
+}
+
+/// An OpenGL adapter like `info` from an instance of its own. wgpu's GL backend has one
+/// context per instance behind a lock with a one-second timeout (a panic after it): devices
+/// of one shared instance would contend for it across engines (opening a device, dropping
+/// buffers) outside any engine's turns, and each enumeration wraps it in a lock of its own,
+/// so devices of two enumerations made it current on two threads at once (EGL
+/// `BadAccess`). An instance per GL engine keeps engines apart, as before the shared
+/// instance; the price is that there a buffer passed to the wrong engine is not detected.
+async fn gl_adapter_of_its_own(info: &wgpu::AdapterInfo) -> Result<wgpu::Adapter> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends: wgpu::Backends::GL,
+        ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
+    });
+    let adapters = instance.enumerate_adapters(wgpu::Backends::GL).await;
+    adapters
+        .into_iter()
+        .find(|a| a.get_info().name == info.name && a.get_info().device_type == info.device_type)
+        .ok_or_else(|| Error::NoAdapter {
+            details: format!("the OpenGL adapter {} did not enumerate again", info.name),
+        })
 }
 
 /// The adapters wgpu sees (honouring `WGPU_BACKEND`), and the index klgpu would pick.
@@ -313,8 +333,8 @@ impl Engine {
     /// (discrete, integrated, virtual), then anything else, then software adapters such as
     /// lavapipe. `WGPU_BACKEND` restricts the backends searched (read once, when the first
     /// engine opens: engines share one wgpu instance, so that a buffer passed to the wrong
-    /// engine is an error, not another engine's buffer). The device is requested with the
-    /// adapter's own limits. Blocking.
+    /// engine is an error, not another engine's buffer; on OpenGL each keeps its own). The
+    /// device is requested with the adapter's own limits. Blocking.
     pub fn with_options(options: EngineOptions) -> Result<Engine> {
         pollster::block_on(Engine::with_options_async(options))
     }
@@ -331,7 +351,14 @@ impl Engine {
             });
         }
         let wanted = std::env::var("WGPU_ADAPTER_NAME").ok();
-        let adapter = &adapters[pick_adapter(&infos, wanted.as_deref())?];
+        let picked = &adapters[pick_adapter(&infos, wanted.as_deref())?];
+        let own_gl;
+        let adapter = if picked.get_info().backend == wgpu::Backend::Gl {
+            own_gl = gl_adapter_of_its_own(&picked.get_info()).await?;
+            &own_gl
+        } else {
+            picked
+        };
         let mut features = wgpu::Features::empty();
         if options.subgroups && adapter.features().contains(wgpu::Features::SUBGROUP) {
             features |= wgpu::Features::SUBGROUP;
@@ -354,13 +381,7 @@ impl Engine {
                     adapter.get_info().name
                 ))
             })?;
-        // OpenGL devices of one instance share its one context: klgpu's own engines take
-        // turns together.
-        static GL_TURNS: OnceLock<Arc<Serial>> = OnceLock::new();
-        let info = adapter.get_info();
-        let turns =
-            (info.backend == wgpu::Backend::Gl).then(|| GL_TURNS.get_or_init(Arc::default).clone());
-        let engine = Engine::build(device, queue, info, &options, turns)?;
+        let engine = Engine::build(device, queue, adapter.get_info(), &options)?;
         // Our own device (a caller's keeps its own handlers): device loss and errors nobody
         // scoped become a stored fault that later calls return, not wgpu's default panic.
         let lost = engine.gpu.fault.clone();
@@ -402,17 +423,14 @@ impl Engine {
         options: EngineOptions,
     ) -> Result<Engine> {
         let info = device.adapter_info();
-        let turns = (info.backend == wgpu::Backend::Gl).then(Arc::default);
-        Engine::build(device, queue, info, &options, turns)
+        Engine::build(device, queue, info, &options)
     }
 
-    /// `turns`: on OpenGL, the [`Serial`] the engine's calls take turns on.
     fn build(
         device: wgpu::Device,
         queue: wgpu::Queue,
         info: wgpu::AdapterInfo,
         options: &EngineOptions,
-        turns: Option<Arc<Serial>>,
     ) -> Result<Engine> {
         let hw = device.limits();
         let unmet = unmet_limits(&hw);
@@ -484,7 +502,7 @@ impl Engine {
             storage_align: hw.min_storage_buffer_offset_alignment as u64,
             fault,
             scratch: ScratchPool::default(),
-            serial: turns,
+            serial: (info.backend == wgpu::Backend::Gl).then(Arc::default),
             upload_threads: options
                 .tuning
                 .upload_threads
