@@ -385,6 +385,19 @@ fn recording_into_the_callers_encoder_chains_with_its_passes() {
     );
 }
 
+/// Records KL of `p` and `q` (rows of 2 columns) into `out` with `e`: the recording the
+/// workspace tests make.
+fn record_kl(
+    e: &Engine,
+    encoder: &mut wgpu::CommandEncoder,
+    ws: &mut klgpu::Workspace,
+    (p, q, out): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
+) -> klgpu::Result<()> {
+    let kl = Measure::KullbackLeibler;
+    let (p, q, out) = (p.slice(..), Some(q.slice(..)), out.slice(..));
+    e.record_rows(encoder, ws, kl, p, q, 2, &Options::default(), out)
+}
+
 /// Polls `future` up to `polls` times (1 ms apart, with a waker that does nothing), then drops
 /// it; whether it finished first.
 fn poll_then_drop<F: std::future::Future>(future: F, polls: usize) -> bool {
@@ -577,20 +590,15 @@ fn another_engines_buffers_are_an_error_not_a_panic() {
     let mut ws = a.workspace();
     let out = a.create_f32_buffer("out", 1).unwrap();
     let mut encoder = a.device().create_command_encoder(&Default::default());
-    let kl = Measure::KullbackLeibler;
-    let (ps, qs, os) = (pa.slice(..), Some(qa.slice(..)), out.slice(..));
     let other = |r: klgpu::Result<()>| {
         assert!(
             matches!(&r, Err(Error::InvalidArgument(m)) if m.contains("another engine")),
             "{r:?}"
         )
     };
-    let opts = Options::default();
-    let record = |e: &Engine, ws: &mut klgpu::Workspace, enc: &mut wgpu::CommandEncoder| {
-        e.record_rows(enc, ws, kl, ps, qs, 2, &opts, os)
-    };
-    other(record(&b, &mut ws, &mut encoder));
-    record(&a, &mut ws, &mut encoder).unwrap();
+    let buffers = (&pa, &qa, &out);
+    other(record_kl(&b, &mut encoder, &mut ws, buffers));
+    record_kl(&a, &mut encoder, &mut ws, buffers).unwrap();
     a.queue().submit([encoder.finish()]);
     other(ws.check(&b));
     ws.check(&a).unwrap();
@@ -660,20 +668,8 @@ fn checking_a_recording_that_never_ran_is_an_error() {
     let (pb, qb) = (upload(e, "p", &p), upload(e, "q", &q));
     let out = e.create_f32_buffer("out", 1).unwrap();
     let mut ws = e.workspace();
-    let kl = Measure::KullbackLeibler;
-    let (ps, qs, os) = (pb.slice(..), Some(qb.slice(..)), out.slice(..));
     let mut forgotten = e.device().create_command_encoder(&Default::default());
-    e.record_rows(
-        &mut forgotten,
-        &mut ws,
-        kl,
-        ps,
-        qs,
-        2,
-        &Options::default(),
-        os,
-    )
-    .unwrap();
+    record_kl(e, &mut forgotten, &mut ws, (&pb, &qb, &out)).unwrap();
     let err = ws.check(e);
     assert!(
         matches!(&err, Err(Error::InvalidArgument(m)) if m.contains("has not run")),
@@ -682,17 +678,7 @@ fn checking_a_recording_that_never_ran_is_an_error() {
     drop(forgotten);
     // The workspace is free again; a submitted recording checks out.
     let mut encoder = e.device().create_command_encoder(&Default::default());
-    e.record_rows(
-        &mut encoder,
-        &mut ws,
-        kl,
-        ps,
-        qs,
-        2,
-        &Options::default(),
-        os,
-    )
-    .unwrap();
+    record_kl(e, &mut encoder, &mut ws, (&pb, &qb, &out)).unwrap();
     e.queue().submit([encoder.finish()]);
     ws.check(e).unwrap();
     let want = cpu::kl_divergence(&p, &q).unwrap();
