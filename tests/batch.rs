@@ -460,6 +460,50 @@ fn arg_max_ties_and_empty_vec4s_in_wide_rows() {
 }
 
 #[test]
+fn arg_max_ties_across_a_rows_edge_columns_go_to_the_first() {
+    // A lane folds the columns that share a vec4 with a neighbouring row before its whole
+    // vec4s, so it meets a row's last column before its first: the one-pass kernel
+    // (cross-entropy) kept the last of two equal maxima and read a row of equal Q logits as
+    // disagreeing with a P whose maximum is at column 0. Rows of 5 to 33 columns at every
+    // phase of the vec4s, Q constant, P's maximum first or last; logits (top-1 agreement and
+    // values) and normalized probabilities (values), every measure and plan.
+    for cols in [5usize, 6, 9, 10, 17, 33] {
+        let rows = 4;
+        let mut p = vec![0.25f32; rows * cols];
+        for row in 0..rows {
+            let at = if row % 2 == 0 { 0 } else { cols - 1 };
+            p[row * cols + at] = 0.75;
+        }
+        let q = vec![0.5f32; rows * cols];
+        for opts in [
+            Options::input(Input::Logits),
+            Options {
+                normalize: true,
+                ..Options::default()
+            },
+        ] {
+            for e in all_plans() {
+                for m in [
+                    Measure::CrossEntropy,
+                    Measure::KullbackLeibler,
+                    Measure::JensenShannon,
+                ] {
+                    let what = format!("{m:?} {opts:?}, {rows} × {cols}");
+                    let gpu = e.rows(m, &p, Some(&q), cols, &opts).unwrap();
+                    let exact = cpu::rows(m, &p, Some(&q), cols, &opts).unwrap();
+                    assert_rows_close(&gpu.values, &exact.values, &what);
+                    if opts.input == Input::Logits {
+                        let want: Vec<bool> = (0..rows).map(|row| row % 2 == 0).collect();
+                        assert_eq!(exact.top1_agree.as_deref(), Some(&want[..]), "{what}");
+                    }
+                    assert_eq!(gpu.top1_agree, exact.top1_agree, "{what}: top-1");
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn top1_agreement_for_logits() {
     let e = engine();
     let x = [
