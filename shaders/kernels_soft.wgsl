@@ -50,19 +50,28 @@ fn soft_above(a: f32, b: f32) -> bool {
 fn soft_higher(a: f32, b: f32) -> f32 { return select(b, a, soft_above(a, b)); }
 
 // x's place in a frame whose maximum is m >= x: its weight w(x) (e^(x − m), or x/m) and m's
-// distance above it, dist(m, x) >= 0 (m − x, or ln(m/x)). Probabilities take both from one
-// split of each (no float operation sees a subnormal, which an adapter may flush; ln_ratio is
-// relative even where m/x is within an ulp of 1). No mass weighs 0, at a finite distance.
-fn soft_place(x: f32, m: f32) -> vec2<f32> {
+// distance above it, dist(m, x) >= 0 (m − x, or ln(m/x)), as (w', dist, c) with w = w'·c.
+// c is 1 but for P's logits in cross-entropy (`low`), where w may be subnormal while the
+// distance it weighs on Q's side is huge (a logit near −f32::MAX): there (w', c) is exp_low's
+// pair and w·dist is taken as w'·(dist·c). Probabilities take both from one split of each (no
+// float operation sees a subnormal, which an adapter may flush; ln_ratio is relative even
+// where m/x is within an ulp of 1; their distances stay below 200). No mass weighs 0, at a
+// finite distance.
+fn soft_place(x: f32, m: f32, low: bool) -> vec3<f32> {
     if (soft_probs()) {
         let sx = split(x);
         let sm = split(m);
         let r = split_div(sx, sm);
-        return vec2<f32>(select(ldexp(r.m, r.e), 0.0, is_zero(x)), ln_ratio(sm, sx));
+        return vec3<f32>(select(ldexp(r.m, r.e), 0.0, is_zero(x)), ln_ratio(sm, sx), 1.0);
     }
     let no_mass = x == neg_inf();
-    return vec2<f32>(select(exp(x - m), 0.0, no_mass), select(m - x, 0.0, no_mass));
+    var w = vec2<f32>(exp(x - m), 1.0);
+    if (low) { w = exp_low(x - m); }
+    return vec3<f32>(select(w.x, 0.0, no_mass), select(m - x, 0.0, no_mass), w.y);
 }
+
+// Whether P's weights come scaled from soft_place (MEASURE is a constant: folded).
+fn soft_low() -> bool { return MEASURE == MEASURE_CE && !soft_probs(); }
 
 // The maximum of four values and the first column that holds it.
 fn soft_max4(v: vec4<f32>) -> vec2<f32> {
@@ -85,17 +94,19 @@ fn soft_rebase(s: Soft, mx: f32, my: f32) -> Soft {
     let y_up = soft_above(my, s.ym);
     // The old maxima's places in the new frame: the factor their weights scale by, and how
     // far the maximum moved.
-    let px = select(vec2<f32>(1.0, 0.0), soft_place(s.xm, mx), x_up);
-    let py = select(vec2<f32>(1.0, 0.0), soft_place(s.ym, my), y_up);
+    let px = select(vec3<f32>(1.0, 0.0, 1.0), soft_place(s.xm, mx, soft_low()), x_up);
+    let py = select(vec3<f32>(1.0, 0.0, 1.0), soft_place(s.ym, my, false), y_up);
     let dx = select(px.y, 0.0, x_empty);
     let dy = select(py.y, 0.0, y_empty);
-    let f = select(px.x, 0.0, x_empty);
+    // t scales by f = f'·c, as t + dt·w may be huge where f is subnormal.
+    let fs = select(px.x, 0.0, x_empty);
+    let f = fs * px.z;
     let h = select(py.x, 0.0, y_empty);
     let w = select(1.0 + s.xs, 0.0, x_empty);
     let wy = select(1.0 + s.ys, 0.0, y_empty);
     let dt = select(dx, dy, MEASURE == MEASURE_CE);
     return Soft(mx, select(s.xs, f * w, x_up), s.xi, my, select(s.ys, h * wy, y_up), s.yi,
-        f * (s.t + dt * w), s.flags);
+        fs * ((s.t + dt * w) * px.z), s.flags);
 }
 
 // Which of two states' arg-max columns the merged state keeps: the one whose maximum is the
@@ -143,14 +154,15 @@ struct SoftTerm { xs: f32, ys: f32, t: f32, flags: u32 }
 
 fn soft_term(x: f32, y: f32, col: u32, s: Soft) -> SoftTerm {
     let p_zero = soft_zero(x);
-    let px = soft_place(x, s.xm);
-    let xs = select(px.x, 0.0, col == s.xi);
+    let px = soft_place(x, s.xm, soft_low());
+    let xs = select(px.x * px.z, 0.0, col == s.xi);
     if (MEASURE == MEASURE_ENTROPY) {
         return SoftTerm(xs, 0.0, select(px.x * px.y, 0.0, p_zero), 0u);
     }
     let q_zero = soft_zero(y);
-    let py = soft_place(y, s.ym);
-    return SoftTerm(xs, select(py.x, 0.0, col == s.yi), select(px.x * py.y, 0.0, p_zero || q_zero),
+    let py = soft_place(y, s.ym, false);
+    return SoftTerm(xs, select(py.x, 0.0, col == s.yi),
+        select(px.x * (py.y * px.z), 0.0, p_zero || q_zero),
         select(0u, ACC_INF, !p_zero && q_zero));
 }
 

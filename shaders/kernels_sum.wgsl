@@ -127,17 +127,22 @@ fn prob_term(p: f32, q: f32, p_zero: bool, q_zero: bool, sx: Split, sy: Split, c
 // KL, cross-entropy and entropy from log-space values (JS takes js_log_term, which needs only
 // the larger side's probability): a = ln p, b = ln q, d = a − b computed so that a common
 // shift (logits: the difference of the rows' log-sum-exps) never enters the cancelling part.
-fn log_term(a: f32, b: f32, p: f32, q: f32, d: f32) -> Term {
+// p comes as exp_low's pair ps, p = ps.x·ps.y: its products with d or b keep their digits
+// where p is subnormal and d or b huge.
+fn log_term(a: f32, b: f32, ps: vec2<f32>, q: f32, d: f32) -> Term {
+    let p = ps.x * ps.y;
     let ninf = neg_inf();
     let p_zero = a == ninf;
     if (MEASURE == MEASURE_ENTROPY) { return term(select(-p * a, 0.0, p_zero), 0.0); }
     let inf = !p_zero && b == ninf;
     let flags = select(0u, ACC_INF, inf);
-    if (MEASURE == MEASURE_CE) { return Term(select(-p * b, 0.0, p_zero || inf), 0.0, flags); }
+    if (MEASURE == MEASURE_CE) {
+        return Term(select(ps.x * (-b * ps.y), 0.0, p_zero || inf), 0.0, flags);
+    }
     if (INPUT == INPUT_LOGITS) {
         // No residual: Σ(p − q) is 0 over the row, so every term is p·φ(d) = p·ln(p/q) − p + q,
         // and p = 0 carries Q's mass, q.
-        return Term(select(select(phi_term(p, d, q), q, p_zero), 0.0, inf), 0.0, flags);
+        return Term(select(select(phi_term(ps, d, q), q, p_zero), 0.0, inf), 0.0, flags);
     }
     // Log-probabilities need not sum to 1: near p = q (|d| <= 1) the non-negative p·φ(d) with
     // p − q to the residual; elsewhere p·d whole, so a q far above p puts no ±q into two sums
@@ -148,7 +153,7 @@ fn log_term(a: f32, b: f32, p: f32, q: f32, d: f32) -> Term {
     // p's, scaled by |p − q|.
     let near = abs(d) <= 1.0;
     let phi = phi_series(d);
-    let main = select(p * d, p * phi, near);
+    let main = select(ps.x * (d * ps.y), p * phi, near);
     let live = !p_zero && !inf;
     return Term(select(0.0, main, live), select(0.0, p * (d - phi), live && near), flags);
 }
@@ -159,20 +164,12 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
         // Validated by the log-sum-exp pass. a = x − lse(x) = (x − m) − log1p(s').
         let a = (x - ctx.pm) - ctx.pl;
         let b = (y - ctx.qm) - ctx.ql;
-        let p_zero = x == neg_inf();
-        if (MEASURE == MEASURE_CE) {
-            let inf = !p_zero && y == neg_inf();
-            let main = exp(a) * ((ctx.qm - y) + ctx.ql);
-            return Term(select(main, 0.0, p_zero || inf), 0.0, select(0u, ACC_INF, inf));
-        }
-        if (MEASURE == MEASURE_ENTROPY) {
-            return term(select(exp(a) * ((ctx.pm - x) + ctx.pl), 0.0, p_zero), 0.0);
-        }
+        // (Cross-entropy and entropy of logits take the one-pass kernel, kernels_soft.wgsl.)
         if (MEASURE == MEASURE_JS) {
-            let both_zero = p_zero && y == neg_inf();
+            let both_zero = x == neg_inf() && y == neg_inf();
             return term(select(js_log_term(exp(max(a, b)), logit_diff(x, y, ctx)), 0.0, both_zero), 0.0);
         }
-        return log_term(a, b, exp(a), exp(b), logit_diff(x, y, ctx));
+        return log_term(a, b, exp_low(a), exp(b), logit_diff(x, y, ctx));
     }
     if (MEASURE == MEASURE_SUM_P || MEASURE == MEASURE_ROOF_P) { return term(x, 0.0); }
     if (MEASURE == MEASURE_ROOF_PQ) { return term(x, y); }
@@ -183,7 +180,7 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
             let both_zero = x == neg_inf() && y == neg_inf();
             return term(select(js_log_term(exp_acc(max(x, y)), x - y), 0.0, both_zero), 0.0);
         }
-        return log_term(x, y, exp_acc(x), exp_acc(y), x - y);
+        return log_term(x, y, exp_acc_low(x), exp_acc(y), x - y);
     }
     if (INPUT == INPUT_PROBS_NORM) {
         // p = x/Σp from the splits alone: no float operation sees a subnormal x or 1/Σp.
@@ -353,11 +350,13 @@ fn grad_term(z: f32, t: f32, local: u32, ctx: RowCtx) -> Term {
     // ~2^-30, see ln_parts) and the row's pl (a shift common to the row, which KL does not
     // feel to first order) are left to round.
     let zm = two_sum(z, -ctx.pm);
-    let lt = ln_parts(split(t));
+    let st = split(t);
+    let lt = ln_parts(st);
     let a = two_sum(lt.x, ctx.pl);
     let b = two_sum(a.x, -zm.x);
     let c = two_sum(b.x, lt.y);
     let r = c.x + (((a.y + b.y) + c.y) + (lt.z - zm.y));
-    let main = select(select(phi_term(t, r, q), 0.0, inf), q, t_zero);
+    // r is huge where a logit is near −f32::MAX: then a subnormal t still counts.
+    let main = select(select(phi_term(prob_low(t, st), r, q), 0.0, inf), q, t_zero);
     return Term(main, select(t, 0.0, t_zero || inf), select(0u, ACC_INF, inf));
 }

@@ -32,6 +32,38 @@ fn exp_acc(x: f32) -> f32 {
     return select(ldexp(er, i32(clamp(k, -300.0, 300.0))), 0.0, x < -104.0);
 }
 
+// e^a as e^(a + s)·c: a term e^a·v with e^a below f32's normal range (a < −87.3; an adapter
+// that flushes subnormals reads it as 0) can still be large, when v is a difference of logs
+// with a logit like −3e38 in it, and takes its digits from (e^(a + s), c) as e^(a + s)·(v·c).
+// s = 64 and c = e^-64 where a < −64 (a + 64 is exact there: 64 is a multiple of a's ulp and
+// the sum is smaller than a), else s = 0 and c = 1. low_exp_shift gives (s, c).
+const E_M64: f32 = 1.6038108905486378e-28;
+
+fn low_exp_shift(a: f32) -> vec2<f32> {
+    // Entropy's −p·ln p never meets a huge factor (MEASURE is a constant: folded).
+    let low = a < -64.0 && MEASURE != MEASURE_ENTROPY;
+    return vec2<f32>(select(0.0, 64.0, low), select(1.0, E_M64, low));
+}
+
+// (e^(a + s), c) of low_exp_shift, by WGSL's exp.
+fn exp_low(a: f32) -> vec2<f32> {
+    let sc = low_exp_shift(a);
+    return vec2<f32>(exp(a + sc.x), sc.y);
+}
+
+// (e^(a + s), c) of low_exp_shift, by exp_acc.
+fn exp_acc_low(a: f32) -> vec2<f32> {
+    let sc = low_exp_shift(a);
+    return vec2<f32>(exp_acc(a + sc.x), sc.y);
+}
+
+// A probability x > 0 as (x·2^s, 2^-s), s = 64 where x is subnormal (from its split, so an
+// adapter that flushes subnormals keeps it), else (x, 1): the same use as exp_low's.
+fn prob_low(x: f32, sx: Split) -> vec2<f32> {
+    let low = sx.e < -126;
+    return vec2<f32>(select(x, ldexp(sx.m, sx.e + 64), low), select(1.0, 5.421010862427522e-20, low));
+}
+
 // x = m·2^e with m in [1, 2), for x > 0 finite (sign ignored), by bit operations. A
 // subnormal's bits are its significand n, x = n·2^-149, and f32(n) is exact and normal: no
 // float operation touches x itself, so adapters that flush subnormals to zero (NVIDIA's
@@ -227,9 +259,10 @@ fn phi_series(r: f32) -> f32 {
     return r * r * t;
 }
 
-// x·φ(r) where r = ln(x/y) and y = x·e^(−r): x·ln(x/y) − x + y, for x > 0.
-fn phi_term(x: f32, r: f32, y: f32) -> f32 {
-    return select(x * (r - 1.0) + y, x * phi_series(r), abs(r) <= 1.0);
+// x·φ(r) where r = ln(x/y) and y = x·e^(−r): x·ln(x/y) − x + y, for x > 0 given as xs with
+// x = xs.x·xs.y (exp_low's form: r may be huge where x is subnormal).
+fn phi_term(xs: vec2<f32>, r: f32, y: f32) -> f32 {
+    return select(xs.x * ((r - 1.0) * xs.y) + y, (xs.x * xs.y) * phi_series(r), abs(r) <= 1.0);
 }
 
 // JS term from log-space values: big = max(p, q) (P's and Q's probabilities) and

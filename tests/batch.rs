@@ -402,6 +402,93 @@ fn minus_infinity_masks_entries() {
 }
 
 #[test]
+fn subnormal_probabilities_count_against_logs_near_minus_f32_max() {
+    // p = e^a below f32's normal range (a < −87) weighs a log ratio near f32::MAX (a logit of
+    // −3e38 in Q, or Q's mass all in one huge logit): p·d is then 1e-8…1, which the kernels
+    // lost where they formed p first (an adapter that flushes subnormals reads it as 0; a
+    // differential fuzz found KL of logits 0 for 0.016). Row 0 puts that entry before P's
+    // maximum, so the one-pass kernel (cross-entropy) rescales it; row 3's p is 1.4e-44, a few
+    // bits as a subnormal, and must keep its digits.
+    let logits = [
+        [0.0f32, 90.0, 1.0, 2.0],
+        [90.0, 0.0, 1.0, 2.0],
+        [-2.6372736, 88.83305, -8.530463, -5.0],
+        [-100.0, 0.0, 0.0, 0.0],
+    ];
+    let logits_q = [
+        [-1e38f32, 0.0, 0.0, 0.0],
+        [0.0, -3e38, 0.0, 0.0],
+        [-3.0442715, 8.509605e37, -1.3303173, 0.0],
+        [-1e36, 0.0, 0.0, 0.0],
+    ];
+    let log_probs = [
+        [-97.06358f32, -0.5, -1.2, -2.0],
+        [-93.42171, -1.0, -1.0, -1.0],
+        [-105.0, -0.1, -3.0, -4.0],
+    ];
+    let log_probs_q = [
+        [-3.2943476e37f32, -0.5, -1.2, -2.0],
+        [-1.1730447e37, -1.0, -1.0, -1.0],
+        [-3e38, -0.1, -3.0, -4.0],
+    ];
+    let flat = |rows: &[[f32; 4]]| rows.concat();
+    for (input, p, q) in [
+        (Input::Logits, flat(&logits), flat(&logits_q)),
+        (Input::LogProbs, flat(&log_probs), flat(&log_probs_q)),
+    ] {
+        for m in [Measure::KullbackLeibler, Measure::CrossEntropy] {
+            let opts = Options::input(input);
+            let exact = cpu::rows(m, &p, Some(&q), 4, &opts).unwrap().values;
+            for (row, &v) in exact.iter().enumerate() {
+                assert!(
+                    v > 1e-9,
+                    "{input:?} {m:?} row {row}: the case needs p·d to show ({v})"
+                );
+            }
+            for e in all_plans() {
+                let gpu = e.rows(m, &p, Some(&q), 4, &opts).unwrap();
+                assert_rows_close(&gpu.values, &exact, &format!("{m:?} of {input:?}"));
+            }
+        }
+    }
+    // Rows of 64, P's maximum after the entry (in a later vec4, or another lane's): the
+    // one-pass kernel meets the entry in a frame whose maximum is 1, then moves it to 100,
+    // scaling its part by e^-99. Q equals P but there, so KL is that part alone, 3.7e-6.
+    let (mut p, mut q) = (vec![1.0f32; 2 * 64], vec![1.0f32; 2 * 64]);
+    for (row, at) in [(0, 40), (1, 63)] {
+        p[row * 64] = 0.0;
+        q[row * 64] = -1e38;
+        p[row * 64 + at] = 100.0;
+        q[row * 64 + at] = 100.0;
+    }
+    for m in [Measure::KullbackLeibler, Measure::CrossEntropy] {
+        let opts = Options::input(Input::Logits);
+        let exact = cpu::rows(m, &p, Some(&q), 64, &opts).unwrap().values;
+        for e in all_plans() {
+            let gpu = e.rows(m, &p, Some(&q), 64, &opts).unwrap();
+            assert_rows_close(&gpu.values, &exact, &format!("{m:?}, maximum later"));
+        }
+    }
+    // The loss KL(P‖softmax(z)): a subnormal target against a logit of −3e38.
+    let e = engine();
+    let target = [1e-40f32, 0.5, 0.3, 0.2];
+    let z = [-3e38f32, 0.0, 0.5, 1.0];
+    let lse = z[1..].iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
+    let exact: f64 = target
+        .iter()
+        .zip(&z)
+        .map(|(&t, &z)| t as f64 * ((t as f64).ln() - (z as f64 - lse)))
+        .sum();
+    assert!(exact > 1e-2, "{exact}");
+    let (tb, zb) = (upload(e, "target", &target), upload(e, "z", &z));
+    let grad = upload(e, "grad", &[0.0; 4]);
+    let loss = e
+        .kl_loss_and_grad_buffers(tb.slice(..), zb.slice(..), 4, grad.slice(..))
+        .unwrap();
+    assert_rows_close(&loss, &[exact], "loss of a subnormal target");
+}
+
+#[test]
 fn an_infinite_row_stays_in_its_row() {
     let e = engine();
     let p = [0.5f32, 0.5, 0.5, 0.5, 0.5, 0.5];

@@ -455,7 +455,45 @@ fn edge_values_match_the_reference_or_fail_naming_the_row() {
     // 2e-7 absolute: ln p came from the rounded p, and the row sums' vec4 parts were added
     // plainly). In every other trial of probabilities and logits Q is P nudged (`nudged`),
     // where KL and JS are second order in p − q and any rounding of p or q shows.
-    let mut r = rng(2026);
+    // Sixty more seeds found subnormal probabilities weighing logs near −f32::MAX (and one
+    // row that needs the README's allowance for rows that are not distributions).
+    for seed in std::iter::once(2026).chain(1100..1160) {
+        edge_values_of_seed(seed);
+    }
+}
+
+/// Σ|term| of a row that is not a distribution (probabilities above 1, log-probabilities
+/// above 0), 0 otherwise: the README's allowance, 2^-23 of it, where terms of both signs
+/// cancel (each is good to about an f32 ulp).
+fn cancelling_terms(m: Measure, input: Input, p: &[f32], q: &[f32]) -> f64 {
+    let prob = |x: f32| match input {
+        Input::Probs => x as f64,
+        _ => (x as f64).exp(),
+    };
+    let distribution = p.iter().chain(q).all(|&x| prob(x) <= 1.0);
+    if input == Input::Logits || distribution {
+        return 0.0;
+    }
+    let ln = |x: f32| match input {
+        Input::Probs => (x as f64).ln(),
+        _ => x as f64,
+    };
+    let term = |x: f32, y: f32| match m {
+        Measure::KullbackLeibler => prob(x) * (ln(x) - ln(y)),
+        Measure::CrossEntropy => -prob(x) * ln(y),
+        Measure::Entropy => -prob(x) * ln(x),
+        Measure::JensenShannon => 0.0,
+    };
+    p.iter()
+        .zip(q)
+        .filter(|&(&x, _)| prob(x) > 0.0)
+        .map(|(&x, &y)| term(x, y).abs())
+        .filter(|t| t.is_finite())
+        .sum()
+}
+
+fn edge_values_of_seed(seed: u64) {
+    let mut r = rng(seed);
     for trial in 0..150 {
         let input = [Input::Probs, Input::LogProbs, Input::Logits][trial % 3];
         let cols = [1usize, 3, 17, 64, 300][trial / 3 % 5];
@@ -482,22 +520,25 @@ fn edge_values_match_the_reference_or_fail_naming_the_row() {
             };
             for m in Measure::ALL {
                 let qq = m.uses_q().then_some(&q[..]);
-                let what = format!("trial {trial}, {m:?} {input:?} normalize={normalize}");
+                let what =
+                    format!("seed {seed}, trial {trial}, {m:?} {input:?} normalize={normalize}");
                 match (
                     e.rows(m, &p, qq, cols, &opts),
                     cpu::rows(m, &p, qq, cols, &opts),
                 ) {
                     (Ok(g), Ok(c)) => {
                         for (i, (&gv, &cv)) in g.values.iter().zip(&c.values).enumerate() {
-                            assert_close(
-                                gv,
-                                cv,
-                                &format!(
-                                    "{what}, row {i}: p {:?} q {:?}",
-                                    &p[i * cols..(i + 1) * cols],
-                                    &q[i * cols..(i + 1) * cols]
-                                ),
-                            );
+                            let span = i * cols..(i + 1) * cols;
+                            let (pr, qr) = (&p[span.clone()], &q[span]);
+                            let allowance = if normalize {
+                                0.0
+                            } else {
+                                2f64.powi(-23) * cancelling_terms(m, input, pr, qr)
+                            };
+                            if (gv - cv).abs() <= allowance {
+                                continue;
+                            }
+                            assert_close(gv, cv, &format!("{what}, row {i}: p {pr:?} q {qr:?}"));
                         }
                     }
                     (Err(Error::Overflow { row, .. }), _) => {
