@@ -10,11 +10,11 @@ fn is_prob_input() -> bool { return INPUT == INPUT_PROBS || INPUT == INPUT_PROBS
 // what the sums' f32 values leave out, relative to them (p_sum_lo, q_sum_lo: ln p takes it
 // off, so a p within 2^-24 of 1 keeps its −p·ln p), and the split of Σp/Σq (sum_ratio, for
 // ratio_norm).
-// For logits also the shift lse_p − lse_q as shift_hi + shift_lo, the rounding of
-// p_m − q_m kept in shift_lo (see logit_diff).
+// For logits also the shift lse_p − lse_q as shift_hi + shift_lo + shift_ls: p_m − q_m exactly
+// as shift_hi + shift_lo (TwoSum), and pl − ql (see logit_diff).
 struct RowCtx {
-    pm: f32, pl: f32, qm: f32, ql: f32, shift_hi: f32, shift_lo: f32, p_sum: Split, q_sum: Split,
-    p_sum_lo: f32, q_sum_lo: f32, sum_ratio: Split,
+    pm: f32, pl: f32, qm: f32, ql: f32, shift_hi: f32, shift_lo: f32, shift_ls: f32,
+    p_sum: Split, q_sum: Split, p_sum_lo: f32, q_sum_lo: f32, sum_ratio: Split,
 }
 
 fn row_ctx(row: u32) -> RowCtx {
@@ -23,7 +23,7 @@ fn row_ctx(row: u32) -> RowCtx {
         let pl = log1p_acc(s.p_s);
         let ql = log1p_acc(s.q_s);
         let m = two_sum(s.p_m, -s.q_m);
-        return RowCtx(s.p_m, pl, s.q_m, ql, m.x, m.y + (pl - ql), ONE, ONE, 0.0, 0.0, ONE);
+        return RowCtx(s.p_m, pl, s.q_m, ql, m.x, m.y, pl - ql, ONE, ONE, 0.0, 0.0, ONE);
     }
     if (INPUT == INPUT_PROBS_NORM) {
         // The sums' pairs (hi, lo) as the pre-pass left them in (p_m, p_s), (q_m, q_s).
@@ -33,24 +33,27 @@ fn row_ctx(row: u32) -> RowCtx {
         let q_lo = select(0.0, s.q_s / s.q_m, is_normal(s.q_m));
         let p_sum = split(s.p_m);
         let q_sum = split(s.q_m);
-        return RowCtx(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, p_sum, q_sum, p_lo, q_lo,
+        return RowCtx(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, p_sum, q_sum, p_lo, q_lo,
             split_div(p_sum, q_sum));
     }
-    return RowCtx(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ONE, ONE, 0.0, 0.0, ONE);
+    return RowCtx(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ONE, ONE, 0.0, 0.0, ONE);
 }
 
 // d = ln p − ln q of logits x, y: (x − y) − (lse_p − lse_q). Two models' logits may differ by
 // a common offset (lse_p − lse_q = 100, say) while d is 1e-3: then x − y rounds by
 // 2^-24·100, a thousandth of d, and the terms carry it. So x − y is taken exactly as s + e
-// (TwoSum), and the offset as shift_hi + shift_lo: s − shift_hi cancels exactly, and only
-// the small parts e − shift_lo are left to round. A rounding of the log-sum-exps themselves
-// moves every d of the row alike, which KL does not feel to first order.
+// (TwoSum), and the offset as shift_hi + shift_lo + shift_ls: s − shift_hi cancels exactly,
+// and only the small parts e − shift_lo − shift_ls are left to round. e and shift_lo go first:
+// they are as large as the logits' ulp (1e29 for logits near 1e37, whose e and shift_lo then
+// cancel), and the log-sums' pl − ql (ln 2 for two equal maxima in Q) added to shift_lo
+// beforehand vanished there (JS of such a row 0.173 for 0.216). A rounding of the log-sum-exps
+// themselves moves every d of the row alike, which KL does not feel to first order.
 // A −∞ logit (p or q = 0) makes d ±∞, which the terms select on; TwoSum's error term would be
 // NaN there.
 fn logit_diff(x: f32, y: f32, ctx: RowCtx) -> f32 {
     let xy = two_sum(x, -y);
     let d = xy.x - ctx.shift_hi;
-    return select(d + (xy.y - ctx.shift_lo), d, !is_finite(xy.x));
+    return select(d + ((xy.y - ctx.shift_lo) - ctx.shift_ls), d, !is_finite(xy.x));
 }
 
 // One element's contribution: the stable main term, the residual (p − q) and flags. The

@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use klgpu::{Base, Error, Input, Measure, Options, Problem, Reduction, Side, cpu};
 use rand::prelude::*;
+use std::f64::consts::LN_2;
 
 fn as_input(probs: &[f32], input: Input) -> Vec<f32> {
     match input {
@@ -486,6 +487,43 @@ fn subnormal_probabilities_count_against_logs_near_minus_f32_max() {
         .kl_loss_and_grad_buffers(tb.slice(..), zb.slice(..), 4, grad.slice(..))
         .unwrap();
     assert_rows_close(&loss, &[exact], "loss of a subnormal target");
+}
+
+#[test]
+fn logits_near_f32_max_keep_the_log_sums() {
+    // P's mass in one logit near 1e37, Q's in two equal ones near −1e30: ln p − ln q is ln 2 at
+    // P's maximum, where the logits' difference is rounded by 1e29 and its TwoSum error part
+    // cancels that rounding exactly. ln 2 (Q's log-sum part) added to that error part first
+    // was lost, and JS read 0.173 for 0.216, KL 0.5 for ln 2 (a differential fuzz found it).
+    let p = [
+        -4.096214f32,
+        9.044884,
+        8.738164e36,
+        /* row 1 */ f32::NEG_INFINITY,
+        -5.300703,
+        8.372112e37,
+    ];
+    let q = [
+        -1e30f32,
+        f32::NEG_INFINITY,
+        -1e30,
+        /* row 1 */ -8.79052e37,
+        -1e30,
+        -1e30,
+    ];
+    let opts = Options::input(Input::Logits);
+    for m in Measure::ALL {
+        let qq = m.uses_q().then_some(&q[..]);
+        let exact = cpu::rows(m, &p, qq, 3, &opts).unwrap().values;
+        if m == Measure::KullbackLeibler {
+            // Row 0's −∞ in Q meets a finite logit of P: +∞, however small that p.
+            assert_rows_close(&exact, &[f64::INFINITY, LN_2], "reference");
+        }
+        for e in all_plans() {
+            let gpu = e.rows(m, &p, qq, 3, &opts).unwrap();
+            assert_rows_close(&gpu.values, &exact, &format!("{m:?}"));
+        }
+    }
 }
 
 #[test]
