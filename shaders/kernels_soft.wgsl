@@ -130,21 +130,16 @@ fn combine_Soft(a: Soft, b: Soft) -> Soft {
 }
 
 // The state in a frame that also covers a new maximum of x (mx at column jx) or of y: rare
-// after a lane's first elements, so a branch. A maximum equal to the state's at a lower column
-// takes the arg-max too (the first one counts, as in the reference), since a lane does not see
-// its columns in order: the ones that share a vec4 with a neighbour come first. The frame stays;
-// the old arg-max's weight, 1, joins the others.
+// after a lane's first elements, so a branch. An equal maximum keeps the arg-max: a lane meets
+// its columns in increasing order (loops.wgsl), so the first column that holds the maximum
+// stays, as in the reference (states of different lanes merge by soft_argmax).
 fn soft_cover(s: Soft, mx: f32, jx: u32, my: f32, jy: u32) -> Soft {
     let x_up = soft_above(mx, s.xm);
     let y_up = soft_above(my, s.ym);
-    let x_tie = soft_key(mx) == soft_key(s.xm) && jx < s.xi && !soft_zero(mx);
-    let y_tie = soft_key(my) == soft_key(s.ym) && jy < s.yi && !soft_zero(my);
-    if (!x_up && !y_up && !x_tie && !y_tie) { return s; }
+    if (!x_up && !y_up) { return s; }
     var r = soft_rebase(s, soft_higher(mx, s.xm), soft_higher(my, s.ym));
-    if (x_up || x_tie) { r.xi = jx; }
-    if (y_up || y_tie) { r.yi = jy; }
-    if (x_tie) { r.xs = r.xs + 1.0; }
-    if (y_tie) { r.ys = r.ys + 1.0; }
+    if (x_up) { r.xi = jx; }
+    if (y_up) { r.yi = jy; }
     return r;
 }
 

@@ -11,7 +11,9 @@
 // LOOP_VEC4: one vec4 per iteration, for rows of any length and start. The segment's columns
 // that share a vec4 of the input with a neighbouring row or chunk (at most three at each end)
 // go one at a time (load_p, load_q), like LOOP_SCALAR; the whole vec4s between them are
-// spread over the lanes like LOOP_SCALAR's elements (span / 4 of them per blocked lane). The
+// spread over the lanes like LOOP_SCALAR's elements (span / 4 of them per blocked lane). Each
+// lane takes its columns in increasing order, the leading ones first and the trailing ones
+// last: the one-pass kernel keeps the first of equal maxima it meets as the arg-max. The
 // host checks that P and Q sit at the same offset modulo 4 and that both bindings end on a
 // whole vec4.
 // ELEMENT(x, y, local, c, CTX) gives one element's value and FOLD(st, value) adds it into the
@@ -30,13 +32,10 @@
             st = FOLD(st, ELEMENT(x, y, local, c, CTX));
         }
 //---- LOOP_VEC4
-        // [a0, a1): the columns of whole vec4s; the e-th of the others is column c0 + e
-        // before them, or a1 + (e − before) after them.
+        // [a0, a1): the columns of whole vec4s; [c0, a0) and [a1, c1) share theirs.
         let a0 = min(c0 + (4u - (prm.shift_p + base + c0) % 4u) % 4u, c1);
         let a1 = a0 + (c1 - a0) / 4u * 4u;
-        let before = a0 - c0;
-        for (var e = lane; e < before + (c1 - a1); e = e + lanes) {
-            let c = select(a1 + e - before, c0 + e, e < before);
+        for (var c = c0 + lane; c < a0; c = c + lanes) {
             let local = base + c;
             let x = load_p(prm.shift_p + local);
             var y = x;
@@ -55,4 +54,11 @@
             var y = x;
             if (uses_q()) { y = load4_q((prm.shift_q + local) / 4u); }
             st = FOLD4(st, x, y, local, c, CTX);
+        }
+        for (var c = a1 + lane; c < c1; c = c + lanes) {
+            let local = base + c;
+            let x = load_p(prm.shift_p + local);
+            var y = x;
+            if (uses_q()) { y = load_q(prm.shift_q + local); }
+            st = FOLD(st, ELEMENT(x, y, local, c, CTX));
         }
