@@ -227,3 +227,15 @@ pub fn upload(engine: &Engine, label: &str, data: &[f32]) -> wgpu::Buffer {
         .create_f32_buffer_init(label, data)
         .expect("upload test data")
 }
+
+/// KL(P‖softmax(z)) per row and its gradient, through GPU buffers (the gradient's buffer
+/// starts as NaN, so an element left unwritten shows).
+#[allow(dead_code)]
+pub fn loss_and_grad(e: &Engine, target: &[f32], z: &[f32], cols: usize) -> (Vec<f64>, Vec<f32>) {
+    let (tb, zb) = (upload(e, "target", target), upload(e, "z", z));
+    let grad = upload(e, "grad", &vec![f32::NAN; z.len()]);
+    let loss = e
+        .kl_loss_and_grad_buffers(tb.slice(..), zb.slice(..), cols, grad.slice(..))
+        .unwrap();
+    (loss, e.read_f32(grad.slice(..)).unwrap())
+}
