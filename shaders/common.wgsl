@@ -95,6 +95,15 @@ fn uses_q() -> bool {
     return MEASURE != MEASURE_ENTROPY && MEASURE != MEASURE_SUM_P && MEASURE != MEASURE_ROOF_P;
 }
 
+// Element `local` of the window's P and Q, one at a time (elements.wgsl's loads at the
+// bindings' shifts); Q reads as P where the measure has none.
+fn load_column(local: u32) -> vec2<f32> {
+    let x = load_p(prm.shift_p + local);
+    var y = x;
+    if (uses_q()) { y = load_q(prm.shift_q + local); }
+    return vec2<f32>(x, y);
+}
+
 // The roofline's sums: plain f32, no validation.
 fn is_roof() -> bool { return MEASURE == MEASURE_ROOF_P || MEASURE == MEASURE_ROOF_PQ; }
 // Sums added in plain f32: the rooflines', and the bare KL of the benchmarks (KL's term

@@ -16,9 +16,9 @@
 // last: the one-pass kernel keeps the first of equal maxima it meets as the arg-max. The
 // host checks that P and Q sit at the same offset modulo 4 and that both bindings end on a
 // whole vec4.
-// ELEMENT(x, y, local, c, CTX) gives one element's value and FOLD(st, value) adds it into the
-// running state st; FOLD4(st, x, y, local, c, CTX) adds the four elements of a vec4 from
-// column c on.
+// load_column(local) reads one column of P and Q (common.wgsl); ELEMENT(x, y, local, c, CTX)
+// gives one element's value and FOLD(st, value) adds it into the running state st;
+// FOLD4(st, x, y, local, c, CTX) adds the four elements of a vec4 from column c on.
 
 //---- LOOP_SCALAR
         let blocked = prm.lane_span != 0u;
@@ -26,10 +26,8 @@
         let lane_end = select(c1, min(c1, lane_begin + prm.lane_span), blocked);
         for (var c = lane_begin; c < lane_end; c = c + select(lanes, 1u, blocked)) {
             let local = base + c;
-            let x = load_p(prm.shift_p + local);
-            var y = x;
-            if (uses_q()) { y = load_q(prm.shift_q + local); }
-            st = FOLD(st, ELEMENT(x, y, local, c, CTX));
+            let v = load_column(local);
+            st = FOLD(st, ELEMENT(v.x, v.y, local, c, CTX));
         }
 //---- LOOP_VEC4
         // [a0, a1): the columns of whole vec4s; [c0, a0) and [a1, c1) share theirs.
@@ -37,10 +35,8 @@
         let a1 = a0 + (c1 - a0) / 4u * 4u;
         for (var c = c0 + lane; c < a0; c = c + lanes) {
             let local = base + c;
-            let x = load_p(prm.shift_p + local);
-            var y = x;
-            if (uses_q()) { y = load_q(prm.shift_q + local); }
-            st = FOLD(st, ELEMENT(x, y, local, c, CTX));
+            let v = load_column(local);
+            st = FOLD(st, ELEMENT(v.x, v.y, local, c, CTX));
         }
         let whole = (a1 - a0) / 4u;
         let blocked = prm.lane_span != 0u;
@@ -57,8 +53,6 @@
         }
         for (var c = a1 + lane; c < c1; c = c + lanes) {
             let local = base + c;
-            let x = load_p(prm.shift_p + local);
-            var y = x;
-            if (uses_q()) { y = load_q(prm.shift_q + local); }
-            st = FOLD(st, ELEMENT(x, y, local, c, CTX));
+            let v = load_column(local);
+            st = FOLD(st, ELEMENT(v.x, v.y, local, c, CTX));
         }
