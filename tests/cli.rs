@@ -171,6 +171,14 @@ fn klgpu(args: &[&str]) -> Run {
     klgpu_env(args, &[])
 }
 
+/// Every measure's subcommand.
+const EVERY_COMMAND: [(&str, Measure); 4] = [
+    ("kl", Measure::KullbackLeibler),
+    ("ce", Measure::CrossEntropy),
+    ("entropy", Measure::Entropy),
+    ("js", Measure::JensenShannon),
+];
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -309,12 +317,7 @@ fn json_schema_and_values_match_the_reference() {
     let (p1, q1) = (dir.path().join("p1.npy"), dir.path().join("q1.npy"));
     npy_f32(&p1, &[cols], &p[..cols]);
     npy_f32(&q1, &[cols], &q[..cols]);
-    for (cmd, measure) in [
-        ("kl", Measure::KullbackLeibler),
-        ("ce", Measure::CrossEntropy),
-        ("js", Measure::JensenShannon),
-        ("entropy", Measure::Entropy),
-    ] {
+    for (cmd, measure) in EVERY_COMMAND {
         let mut args = vec![cmd, s(&p1)];
         if measure.uses_q() {
             args.push(s(&q1));
@@ -719,6 +722,48 @@ fn long_rows_of_close_logits_keep_their_digits() {
 }
 
 #[test]
+fn long_rows_of_logits_near_f32_max_in_pieces() {
+    // Rows of 100 logits in pieces of 16, on both backends, against the whole rows: P uniform
+    // at 1e37 (each piece's share of it, ln(16/100), is the small part of a log-sum-exp near
+    // 1e37, which f64 rounded away: KL 2961 for 139); Q at −1e37 (the same on Q's side); and
+    // a piece of P at −1e37, whose share e^(−1e37) is 0 in f64 yet positive, against a −∞ in
+    // Q (KL and cross-entropy +∞, once 6.07).
+    let dir = tmp();
+    let cols = 100;
+    let moderate = logits(21, cols, 3.0);
+    let mut tiny = logits(22, cols, 3.0);
+    tiny[16..32].fill(-1e37);
+    let mut holed = logits(23, cols, 3.0);
+    holed[20] = f32::NEG_INFINITY;
+    let p = [vec![1e37; cols], moderate.clone(), tiny].concat();
+    let q = [moderate, vec![-1e37; cols], holed].concat();
+    let (pp, qp) = npy_pair(dir.path(), &[3, cols], &p, &q);
+    let out = dir.path().join("rows.npy");
+    for (cmd, measure) in EVERY_COMMAND {
+        let qq = measure.uses_q().then_some(&q[..]);
+        let want = reference(measure, &p, qq, cols, Options::input(Input::Logits)).values;
+        for backend in ["gpu", "cpu"] {
+            let mut args = vec![cmd, s(&pp)];
+            if measure.uses_q() {
+                args.push(s(&qp));
+            }
+            args.extend([
+                "--input",
+                "logits",
+                "--block-bytes",
+                "64",
+                "--backend",
+                backend,
+            ]);
+            args.extend(["-q", "--out", s(&out)]);
+            let run = klgpu(&args);
+            assert_eq!(run.code, 0, "{cmd} on the {backend}: {:?}", run.ours);
+            assert_rows_file(&out, &want, &format!("{cmd} on the {backend}: "));
+        }
+    }
+}
+
+#[test]
 fn long_rows_normalized_in_pieces_keep_their_digits() {
     // --normalize on one row of 20,000 in 1,000-element pieces: each piece is normalized on its
     // own and the row put together by the chain rule, so a KL of ~1e-7 between unnormalized
@@ -737,12 +782,7 @@ fn long_rows_normalized_in_pieces_keep_their_digits() {
         normalize: true,
         ..Default::default()
     };
-    for (cmd, measure) in [
-        ("kl", Measure::KullbackLeibler),
-        ("ce", Measure::CrossEntropy),
-        ("entropy", Measure::Entropy),
-        ("js", Measure::JensenShannon),
-    ] {
+    for (cmd, measure) in EVERY_COMMAND {
         let qq = measure.uses_q().then_some(&q[..]);
         let want = klgpu::cpu::divergence(measure, &p, qq, &opts).unwrap();
         let mut args = vec![cmd, s(&pp)];

@@ -14,7 +14,9 @@
 //!   put the row together by the chain rule: with w_k = e^(lse_k − lse) the piece's share of
 //!   P (w'_k of Q), KL = Σ w_k·KL_k + Σ w_k·φ(ln w_k − ln w'_k), CE = Σ w_k·(CE_k − ln w'_k),
 //!   H = Σ w_k·(H_k − ln w_k), every part ≥ 0 and the host's parts in f64, so the row keeps
-//!   the library's precision. (Feeding the pieces as log-probabilities x − lse rounded to f32
+//!   the library's precision. ln w_k takes the maxima's difference before the log-sums' (near
+//!   f32::MAX the log-sums are below f64's resolution), and a piece whose w_k underflows f64
+//!   is still computed, as it is +∞ where it meets q = 0. (Feeding the pieces as log-probabilities x − lse rounded to f32
 //!   cost ~1e-7·|x − lse| per element: 1e-4 of a KL, or a negative KL for close rows.) JS
 //!   does not split that way and still gets log-probabilities;
 //! - probabilities with `--normalize`: the sums of the row and of each piece; the pieces are
@@ -149,22 +151,36 @@ impl PieceTerm {
     /// `--normalize`; see the module docs): `lp`, `lq` are ln w_k, ln w'_k (−∞ for a piece
     /// with no mass), in nats; `per_nat` converts to the base.
     fn chain(measure: Measure, lp: f64, lq: f64, per_nat: f64) -> PieceTerm {
-        let w = lp.exp();
-        let fixed = |extra: f64| PieceTerm {
-            weight: 0.0,
-            extra,
-            compute: false,
+        // KL counts Q's mass w' where P's is too small to weigh (the −w + w' of its stable form).
+        let q_mass = if measure == Measure::KullbackLeibler {
+            lq.exp() * per_nat
+        } else {
+            0.0
         };
-        if w == 0.0 {
-            // No mass of P here: KL still counts Q's (the −w + w' of its stable form).
-            return fixed(if measure == Measure::KullbackLeibler {
-                lq.exp() * per_nat
-            } else {
-                0.0
-            });
+        if lp == f64::NEG_INFINITY {
+            // No mass of P here.
+            return PieceTerm {
+                weight: 0.0,
+                extra: q_mass,
+                compute: false,
+            };
         }
         if lq == f64::NEG_INFINITY && measure != Measure::Entropy {
-            return fixed(f64::INFINITY);
+            return PieceTerm {
+                weight: 0.0,
+                extra: f64::INFINITY,
+                compute: false,
+            };
+        }
+        let w = lp.exp();
+        if w == 0.0 {
+            // P's mass here is positive but below f64's range (logits ~1e37 below the row's
+            // maximum): the piece adds nothing unless it is +∞, which `value` keeps.
+            return PieceTerm {
+                weight: 0.0,
+                extra: q_mass,
+                compute: true,
+            };
         }
         let extra = match measure {
             Measure::KullbackLeibler => {
@@ -178,6 +194,16 @@ impl PieceTerm {
             weight: w,
             extra: extra * per_nat,
             compute: true,
+        }
+    }
+
+    /// The piece's part given its own value `v` (0 for a piece not computed). A piece of +∞
+    /// (p > 0 against q = 0) makes its row +∞ whatever its weight.
+    fn value(&self, v: f64) -> f64 {
+        if v == f64::INFINITY {
+            v
+        } else {
+            self.weight * v + self.extra
         }
     }
 
@@ -292,7 +318,7 @@ fn consume(
         };
         if let Some(term) = block.piece {
             // A piece not computed has weight 0 and the placeholder 0: its extra alone.
-            pieces.extend(result.values.iter().map(|&v| term.weight * v + term.extra));
+            pieces.extend(result.values.iter().map(|&v| term.value(v)));
             if let Some(top1) = block.row_end {
                 out.values
                     .push(klgpu::cpu::compensated_sum(pieces.drain(..)));
@@ -448,15 +474,18 @@ impl RowScan {
         }
     }
 
-    fn lse(&self) -> f64 {
-        self.max + self.total().ln()
+    /// The log-sum-exp less the maximum, ln Σ exp(x − max). It is kept apart from the
+    /// maximum because max + it rounds it away for logits near f32::MAX (1e37 + ln 333 is
+    /// 1e37 in f64), and every use subtracts maxima first.
+    fn ln_total(&self) -> f64 {
+        self.total().ln()
     }
 
     /// ln of this piece's share of the row's mass (`whole`): −∞ for a piece with none.
     fn ln_share(&self, whole: &RowScan, kind: Prepass) -> f64 {
         match kind {
             Prepass::Lse if self.max == f64::NEG_INFINITY => f64::NEG_INFINITY,
-            Prepass::Lse => self.lse() - whole.lse(),
+            Prepass::Lse => (self.max - whole.max) + (self.ln_total() - whole.ln_total()),
             Prepass::Sum => (self.total() / whole.total()).ln(),
         }
     }
@@ -633,9 +662,9 @@ impl Reader {
                         term = PieceTerm::chain(self.measure, pp.ln_share(sp, kind), lq, per_nat);
                     }
                     Some(Prepass::Lse) => {
-                        shift(&mut p, sp.lse());
+                        shift(&mut p, sp);
                         if let (Some(q), Some(sq)) = (&mut q, sq) {
-                            shift(q, sq.lse());
+                            shift(q, sq);
                         }
                         opts.input = Input::LogProbs;
                     }
@@ -781,10 +810,12 @@ fn check_not_empty(
     Ok(())
 }
 
-/// x ← x − lse, in f64, rounded to f32 (−∞ stays −∞).
-fn shift(xs: &mut [f32], lse: f64) {
+/// x ← x − lse of the row `scan` holds, in f64, rounded to f32 (−∞ stays −∞). The maximum
+/// goes first: x − max is exact wherever it is not far below the maximum.
+fn shift(xs: &mut [f32], scan: &RowScan) {
+    let ln_total = scan.ln_total();
     for x in xs {
-        *x = (*x as f64 - lse) as f32;
+        *x = ((*x as f64 - scan.max) - ln_total) as f32;
     }
 }
 
@@ -839,6 +870,37 @@ mod tests {
         assert_eq!(Plan::new(two_d, 0, &probs).passes(), 1);
     }
 
+    /// The row `p`, `q` put together by the chain rule over pieces of 7, as the reader and
+    /// `consume` do, with the CPU reference computing each piece.
+    fn chained(kind: Prepass, measure: Measure, p: &[f32], q: &[f32], opts: &Options) -> f64 {
+        let scan = |xs: &[f32]| {
+            let mut s = RowScan::new();
+            for (i, &x) in xs.iter().enumerate() {
+                s.push(kind, i, x);
+            }
+            s
+        };
+        let (sp, sq) = (scan(p), scan(q));
+        let mut parts = Vec::new();
+        for (a, b) in p.chunks(7).zip(q.chunks(7)) {
+            let lq = scan(b).ln_share(&sq, kind);
+            let t = PieceTerm::chain(measure, scan(a).ln_share(&sp, kind), lq, 1.0);
+            let v = if t.compute {
+                klgpu::cpu::divergence(measure, a, Some(b), opts).unwrap()
+            } else {
+                0.0
+            };
+            parts.push(t.value(v));
+        }
+        klgpu::cpu::compensated_sum(parts)
+    }
+
+    const CHAINED: [Measure; 3] = [
+        Measure::KullbackLeibler,
+        Measure::CrossEntropy,
+        Measure::Entropy,
+    ];
+
     #[test]
     fn chain_rule_over_pieces_gives_the_whole_row() {
         // 30 values in pieces of 7, one piece empty in P alone and one in both: logits (−∞),
@@ -866,35 +928,56 @@ mod tests {
             ),
             (Prepass::Sum, probs(&p), probs(&q), normalize),
         ] {
-            let scan = |xs: &[f32]| {
-                let mut s = RowScan::new();
-                for (i, &x) in xs.iter().enumerate() {
-                    s.push(kind, i, x);
-                }
-                s
-            };
-            let (sp, sq) = (scan(&p), scan(&q));
-            for measure in [
-                Measure::KullbackLeibler,
-                Measure::CrossEntropy,
-                Measure::Entropy,
-            ] {
+            for measure in CHAINED {
                 let whole = klgpu::cpu::divergence(measure, &p, Some(&q), &opts).unwrap();
-                let mut sum = 0.0;
-                for (a, b) in p.chunks(7).zip(q.chunks(7)) {
-                    let lq = scan(b).ln_share(&sq, kind);
-                    let t = PieceTerm::chain(measure, scan(a).ln_share(&sp, kind), lq, 1.0);
-                    sum += if t.compute {
-                        let v = klgpu::cpu::divergence(measure, a, Some(b), &opts).unwrap();
-                        t.weight * v + t.extra
-                    } else {
-                        t.extra
-                    };
-                }
+                let sum = chained(kind, measure, &p, &q, &opts);
                 assert!(
                     (sum - whole).abs() <= 1e-12 * whole.abs(),
                     "{kind:?} {measure:?}: {sum} vs {whole}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn chain_rule_over_pieces_of_logits_near_f32_max() {
+        // Uniform P at 1e37 against Q of moderate logits, and the reverse: the pieces' shares
+        // ln(7/30) live in the log-sum-exps' small parts, which 1e37 + ln 30 rounds away in
+        // f64 (the command line once gave KL 2961 for 139 in pieces of 16).
+        let opts = Options::input(Input::Logits);
+        let moderate: Vec<f32> = (0..30).map(|i| ((i * 7) % 11) as f32 * 0.6 - 2.0).collect();
+        let huge = vec![1e37f32; 30];
+        for (p, q) in [(&huge, &moderate), (&moderate, &huge)] {
+            for measure in CHAINED {
+                let whole = klgpu::cpu::divergence(measure, p, Some(q), &opts).unwrap();
+                let sum = chained(Prepass::Lse, measure, p, q, &opts);
+                assert!(
+                    (sum - whole).abs() <= 1e-12 * whole.abs(),
+                    "{measure:?}: {sum} vs {whole}"
+                );
+            }
+        }
+        // P's mass in the second piece is e^(−1e37) of the row's: 0 in f64, yet positive, so
+        // against Q = 0 there KL and cross-entropy are +∞ (they once skipped the piece); with
+        // Q > 0 there the piece adds nothing (nor a 0·∞).
+        let mut p = moderate.clone();
+        p[7..14].fill(-1e37);
+        for hole in [false, true] {
+            let mut q = moderate.clone();
+            if hole {
+                q[10] = f32::NEG_INFINITY;
+            }
+            for measure in CHAINED {
+                let whole = klgpu::cpu::divergence(measure, &p, Some(&q), &opts).unwrap();
+                let sum = chained(Prepass::Lse, measure, &p, &q, &opts);
+                if hole && measure != Measure::Entropy {
+                    assert_eq!((sum, whole), (f64::INFINITY, f64::INFINITY), "{measure:?}");
+                } else {
+                    assert!(
+                        (sum - whole).abs() <= 1e-12 * whole,
+                        "{measure:?}, hole {hole}: {sum} vs {whole}"
+                    );
+                }
             }
         }
     }
@@ -907,8 +990,9 @@ mod tests {
             scan.push_logit(i, x);
         }
         let max = 7.25f64;
-        let direct = max + xs.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
-        assert!((scan.lse() - direct).abs() < 1e-14);
+        let direct = xs.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+        assert_eq!(scan.max, max);
+        assert!((scan.ln_total() - direct).abs() < 1e-14);
         assert_eq!(scan.argmax, 3, "ties go to the lowest index");
     }
 }
