@@ -131,13 +131,15 @@ fn prob_term(p: f32, q: f32, p_zero: bool, q_zero: bool, sx: Split, sy: Split, c
 // the larger side's probability): a = ln p, b = ln q, d = a − b computed so that a common
 // shift (logits: the difference of the rows' log-sum-exps) never enters the cancelling part.
 // p comes as exp_low's pair ps, p = ps.x·ps.y: its products with d or b keep their digits
-// where p is subnormal and d or b huge.
-fn log_term(a: f32, b: f32, ps: vec2<f32>, q: f32, d: f32) -> Term {
+// where p is subnormal and d or b huge. x_none and y_none say whether p and q are 0 as given
+// (an input of −∞): a logit's a or b is −∞ also where x − max overflows (logits ±3e38), and
+// such a p, or q, is positive however small (against q = 0: +∞).
+fn log_term(a: f32, b: f32, ps: vec2<f32>, q: f32, d: f32, x_none: bool, y_none: bool) -> Term {
     let p = ps.x * ps.y;
     let ninf = neg_inf();
     let p_zero = a == ninf;
     if (MEASURE == MEASURE_ENTROPY) { return term(select(-p * a, 0.0, p_zero), 0.0); }
-    let inf = !p_zero && b == ninf;
+    let inf = !x_none && y_none;
     let flags = select(0u, ACC_INF, inf);
     if (MEASURE == MEASURE_CE) {
         return Term(select(ps.x * (-b * ps.y), 0.0, p_zero || inf), 0.0, flags);
@@ -172,7 +174,8 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
             let both_zero = x == neg_inf() && y == neg_inf();
             return term(select(js_log_term(exp(max(a, b)), logit_diff(x, y, ctx)), 0.0, both_zero), 0.0);
         }
-        return log_term(a, b, exp_low(a), exp(b), logit_diff(x, y, ctx));
+        return log_term(a, b, exp_low(a), exp(b), logit_diff(x, y, ctx), x == neg_inf(),
+            y == neg_inf());
     }
     if (MEASURE == MEASURE_SUM_P || MEASURE == MEASURE_ROOF_P) { return term(x, 0.0); }
     if (MEASURE == MEASURE_ROOF_PQ) { return term(x, y); }
@@ -183,7 +186,7 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
             let both_zero = x == neg_inf() && y == neg_inf();
             return term(select(js_log_term(exp_acc(max(x, y)), x - y), 0.0, both_zero), 0.0);
         }
-        return log_term(x, y, exp_acc_low(x), exp_acc(y), x - y);
+        return log_term(x, y, exp_acc_low(x), exp_acc(y), x - y, x == neg_inf(), y == neg_inf());
     }
     if (INPUT == INPUT_PROBS_NORM) {
         // p = x/Σp from the splits alone: no float operation sees a subnormal x or 1/Σp.

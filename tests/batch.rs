@@ -523,6 +523,40 @@ fn logits_near_f32_max_keep_the_log_sums() {
 }
 
 #[test]
+fn logits_whose_distance_from_the_maximum_overflows_are_not_zeros() {
+    // x − max overflows f32 for logits ±3.4e38 apart, but such a p (or q) is e^(−6.8e38):
+    // positive, however small. Row 0: that p against a −∞ in Q is KL +∞ (read 0, as if p
+    // were 0). Row 1: q = e^(−6.8e38) against p = 1 is KL 6.8e38, beyond f32, so the call
+    // fails with Overflow (read +∞, as if q were 0, which the summary then blamed on q = 0).
+    let opts = Options::input(Input::Logits);
+    let p = [3.4e38f32, -3.4e38, 0.0, f32::NEG_INFINITY];
+    let q = [0.0f32, f32::NEG_INFINITY, -3.4e38, 3.4e38];
+    for e in all_plans() {
+        for m in Measure::ALL {
+            let qq = m.uses_q().then_some(&q[..2]);
+            let exact = cpu::rows(m, &p[..2], qq, 2, &opts).unwrap().values;
+            if m.uses_q() && m != Measure::JensenShannon {
+                assert_eq!(exact, [f64::INFINITY], "{m:?} reference");
+            }
+            let gpu = e
+                .rows(m, &p[..2], qq, 2, &opts)
+                .unwrap_or_else(|err| panic!("{m:?} row 0: {err}"));
+            assert_rows_close(&gpu.values, &exact, &format!("{m:?}, row 0"));
+            let qq = m.uses_q().then_some(&q[..]);
+            match e.rows(m, &p, qq, 2, &opts) {
+                Err(Error::Overflow { row: 1, .. })
+                    if m.uses_q() && m != Measure::JensenShannon => {}
+                Ok(gpu) if !m.uses_q() || m == Measure::JensenShannon => {
+                    let exact = cpu::rows(m, &p, qq, 2, &opts).unwrap().values;
+                    assert_rows_close(&gpu.values, &exact, &format!("{m:?}, rows 0 and 1"));
+                }
+                other => panic!("{m:?}, rows 0 and 1: {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
 fn an_infinite_row_stays_in_its_row() {
     let e = engine();
     let p = [0.5f32, 0.5, 0.5, 0.5, 0.5, 0.5];
