@@ -105,8 +105,12 @@ fn soft_rebase(s: Soft, mx: f32, my: f32) -> Soft {
     let w = select(1.0 + s.xs, 0.0, x_empty);
     let wy = select(1.0 + s.ys, 0.0, y_empty);
     let dt = select(dx, dy, MEASURE == MEASURE_CE);
-    return Soft(mx, select(s.xs, f * w, x_up), s.xi, my, select(s.ys, h * wy, y_up), s.yi,
-        fs * ((s.t + dt * w) * px.z), s.flags);
+    // A factor that underflowed leaves nothing of t, also where dt·w overflowed: logits
+    // masked with −f32::MAX, as models mask them, are 3.4e38 below a row's maximum (0·∞ read
+    // as Overflow).
+    let t = select(fs * ((s.t + dt * w) * px.z), 0.0, fs == 0.0);
+    return Soft(mx, select(s.xs, f * w, x_up), s.xi, my, select(s.ys, h * wy, y_up), s.yi, t,
+        s.flags);
 }
 
 // Which of two states' arg-max columns the merged state keeps: the one whose maximum is the

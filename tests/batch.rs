@@ -523,6 +523,42 @@ fn logits_near_f32_max_keep_the_log_sums() {
 }
 
 #[test]
+fn logits_masked_with_f32_min_as_models_mask_them() {
+    // Models mask logits with the most negative finite value (PyTorch's
+    // `torch.finfo(dtype).min`), not −∞: 3.4e38 below a row's maximum. A lane or a merge
+    // whose frame was a run of them rescaled Σ weight·distance by e^(−3.4e38) after
+    // multiplying 3.4e38 by the run's length: 0·∞, and cross-entropy and entropy of such
+    // rows failed with Overflow. Masked runs at the rows' starts, in the middle and at random,
+    // in both rows or (rows 6 and 7) in P's alone.
+    let mut r = rng(47);
+    let (rows, cols) = (8, 1000);
+    let mut p = logits(&mut r, rows * cols, 5.0);
+    let noise = logits(&mut r, rows * cols, 0.5);
+    let mut q: Vec<f32> = p.iter().zip(&noise).map(|(a, b)| a + b).collect();
+    for row in 0..rows {
+        for col in 0..cols {
+            if col < 40 || (500..560).contains(&col) || r.random::<f64>() < 0.2 {
+                p[row * cols + col] = f32::MIN;
+                if row < 6 {
+                    q[row * cols + col] = f32::MIN;
+                }
+            }
+        }
+    }
+    let opts = Options::input(Input::Logits);
+    for m in Measure::ALL {
+        let qq = m.uses_q().then_some(&q[..]);
+        let exact = cpu::rows(m, &p, qq, cols, &opts).unwrap().values;
+        for e in every_path() {
+            let gpu = e
+                .rows(m, &p, qq, cols, &opts)
+                .unwrap_or_else(|err| panic!("{m:?}: {err}"));
+            assert_rows_close(&gpu.values, &exact, &format!("{m:?}"));
+        }
+    }
+}
+
+#[test]
 fn logits_whose_distance_from_the_maximum_overflows_are_not_zeros() {
     // x − max overflows f32 for logits ±3.4e38 apart, but such a p (or q) is e^(−6.8e38):
     // positive, however small. Row 0: that p against a −∞ in Q is KL +∞ (read 0, as if p
