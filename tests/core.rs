@@ -409,7 +409,7 @@ fn rows_beyond_f32_range_are_errors_naming_the_row() {
 }
 
 /// One value of a differential fuzz: zeros, subnormals, values near f32::MAX, ordinary ones;
-/// for logs, −∞, ±1e38, ±100 and offsets.
+/// for logs, −∞, ±1e38, ±3.4e38 (whose distances overflow f32), ±100 and offsets.
 fn edge_value(r: &mut rand::rngs::StdRng, input: Input) -> f32 {
     let k: f64 = r.random();
     let u: f64 = r.random();
@@ -425,6 +425,7 @@ fn edge_value(r: &mut rand::rngs::StdRng, input: Input) -> f32 {
         _ => match k {
             k if k < 0.1 => f32::NEG_INFINITY,
             k if k < 0.2 => (u * 2e38 - 1e38) as f32,
+            k if k < 0.23 => (u * 6.8e38 - 3.4e38) as f32,
             k if k < 0.3 => (u * 200.0 - 100.0) as f32,
             k if k < 0.35 => -1e30,
             _ => (u * 20.0 - 10.0) as f32,
