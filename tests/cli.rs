@@ -722,12 +722,17 @@ fn long_rows_of_close_logits_keep_their_digits() {
 }
 
 #[test]
-fn long_rows_of_logits_near_f32_max_in_pieces() {
-    // Rows of 100 logits in pieces of 16, on both backends, against the whole rows: P uniform
-    // at 1e37 (each piece's share of it, ln(16/100), is the small part of a log-sum-exp near
-    // 1e37, which f64 rounded away: KL 2961 for 139); Q at −1e37 (the same on Q's side); and
-    // a piece of P at −1e37, whose share e^(−1e37) is 0 in f64 yet positive, against a −∞ in
-    // Q (KL and cross-entropy +∞, once 6.07).
+fn long_rows_near_f32_max_in_pieces() {
+    // Rows of 100 in pieces of 16, on both backends, against the whole rows. Logits:
+    // 0. P uniform at 1e37: each piece's share of it, ln(16/100), is the small part of a
+    //    log-sum-exp near 1e37, which f64 rounded away (KL 2961 for 139);
+    // 1. Q at −1e37: the same on Q's side;
+    // 2. a piece of P at −1e37, whose share e^(−1e37) is 0 in f64 yet positive, against a −∞
+    //    in Q: KL and cross-entropy +∞ (once 6.07);
+    // 3. that piece of P against Q's maximum 1e37 and f32::MIN: the piece overflows f32 on its
+    //    own but weighs nothing in the row (once an Overflow error).
+    // Probabilities: a piece that overflows (3e38·ln(1e41)) and one with p > 0 against q = 0
+    // make the row +∞, as whole (once an Overflow error).
     let dir = tmp();
     let cols = 100;
     let moderate = logits(21, cols, 3.0);
@@ -735,30 +740,41 @@ fn long_rows_of_logits_near_f32_max_in_pieces() {
     tiny[16..32].fill(-1e37);
     let mut holed = logits(23, cols, 3.0);
     holed[20] = f32::NEG_INFINITY;
-    let p = [vec![1e37; cols], moderate.clone(), tiny].concat();
-    let q = [moderate, vec![-1e37; cols], holed].concat();
-    let (pp, qp) = npy_pair(dir.path(), &[3, cols], &p, &q);
+    let mut far = logits(24, cols, 3.0);
+    far[16] = 1e37;
+    far[17..32].fill(f32::MIN);
+    let p = [vec![1e37; cols], moderate.clone(), tiny.clone(), tiny].concat();
+    let q = [moderate, vec![-1e37; cols], holed, far].concat();
+    let mut p_probs = vec![0.01f32; cols];
+    p_probs[3] = 3e38;
+    let mut q_probs = vec![0.01f32; cols];
+    q_probs[3] = 0.003;
+    q_probs[70] = 0.0;
     let out = dir.path().join("rows.npy");
-    for (cmd, measure) in EVERY_COMMAND {
-        let qq = measure.uses_q().then_some(&q[..]);
-        let want = reference(measure, &p, qq, cols, Options::input(Input::Logits)).values;
-        for backend in ["gpu", "cpu"] {
-            let mut args = vec![cmd, s(&pp)];
-            if measure.uses_q() {
-                args.push(s(&qp));
+    for (input, arg, p, q) in [
+        (Input::Logits, "logits", p, q),
+        (Input::Probs, "probs", p_probs, q_probs),
+    ] {
+        let rows = p.len() / cols;
+        let (pp, qp) = npy_pair(dir.path(), &[rows, cols], &p, &q);
+        for (cmd, measure) in EVERY_COMMAND {
+            if input == Input::Probs && measure == Measure::Entropy {
+                continue; // −3e38·ln 3e38 is beyond f32 on the GPU, as whole and in pieces
             }
-            args.extend([
-                "--input",
-                "logits",
-                "--block-bytes",
-                "64",
-                "--backend",
-                backend,
-            ]);
-            args.extend(["-q", "--out", s(&out)]);
-            let run = klgpu(&args);
-            assert_eq!(run.code, 0, "{cmd} on the {backend}: {:?}", run.ours);
-            assert_rows_file(&out, &want, &format!("{cmd} on the {backend}: "));
+            let qq = measure.uses_q().then_some(&q[..]);
+            let want = reference(measure, &p, qq, cols, Options::input(input));
+            for backend in ["gpu", "cpu"] {
+                let mut args = vec![cmd, s(&pp)];
+                if measure.uses_q() {
+                    args.push(s(&qp));
+                }
+                args.extend(["--input", arg, "--block-bytes", "64", "--backend", backend]);
+                args.extend(["-q", "--out", s(&out)]);
+                let run = klgpu(&args);
+                let what = format!("{cmd} of {arg} on the {backend}");
+                assert_eq!(run.code, 0, "{what}: {:?}", run.ours);
+                assert_rows_file(&out, &want.values, &format!("{what}: "));
+            }
         }
     }
 }

@@ -25,6 +25,11 @@
 //!
 //! The first pass also validates the elements with the library's rules, so errors still name
 //! the first offending element.
+//!
+//! A piece whose value overflows f32 (on the CPU backend, f64) adds nothing if it weighs
+//! nothing in its row (a piece of logits normalized on its own can hold values 3.4e38 apart
+//! that the row weighs e^(−1e37)); otherwise its row is an overflow, unless another piece
+//! makes it +∞, as it is when computed whole.
 
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::thread;
@@ -291,6 +296,8 @@ fn consume(
         top1: None,
     };
     let mut pieces: Vec<f64> = Vec::new();
+    // The first piece of the current row whose value overflowed f32 (or f64, on the CPU).
+    let mut piece_overflow: Option<CliError> = None;
     loop {
         let block = match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(block) => block?,
@@ -309,7 +316,21 @@ fn consume(
         };
         let compute_it = block.piece.is_none_or(|t| t.compute);
         let result = if compute_it {
-            rows_of(compute, measure, &block).map_err(|e| origin.map(e))?
+            match (rows_of(compute, measure, &block), block.piece) {
+                // An overflowed piece holds no p > 0 against q = 0 (that would read +∞): it
+                // adds nothing if it weighs nothing, and otherwise the row overflows unless
+                // another piece makes it +∞, as the whole row would.
+                (Err(e @ klgpu::Error::Overflow { .. }), Some(term)) => {
+                    if term.weight != 0.0 {
+                        piece_overflow.get_or_insert(origin.map(e));
+                    }
+                    klgpu::RowResults {
+                        values: vec![0.0],
+                        top1_agree: None,
+                    }
+                }
+                (result, _) => result.map_err(|e| origin.map(e))?,
+            }
         } else {
             klgpu::RowResults {
                 values: vec![0.0],
@@ -317,11 +338,16 @@ fn consume(
             }
         };
         if let Some(term) = block.piece {
-            // A piece not computed has weight 0 and the placeholder 0: its extra alone.
+            // A piece not computed (or overflowed) has the placeholder 0: its extra alone.
             pieces.extend(result.values.iter().map(|&v| term.value(v)));
             if let Some(top1) = block.row_end {
-                out.values
-                    .push(klgpu::cpu::compensated_sum(pieces.drain(..)));
+                let value = klgpu::cpu::compensated_sum(pieces.drain(..));
+                if let Some(overflow) = piece_overflow.take()
+                    && value != f64::INFINITY
+                {
+                    return Err(overflow);
+                }
+                out.values.push(value);
                 if let Some(agree) = top1 {
                     out.top1.get_or_insert_with(Vec::new).push(agree);
                 }
