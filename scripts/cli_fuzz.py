@@ -8,10 +8,19 @@ for KL of log-probabilities), and every row where the CPU reference and NumPy's 
 evaluation of the file's values disagree (an oracle for the readers: dtypes, shapes, order),
 and exits 1 if there was one.
 
-    cargo build --release && python3 scripts/cli_fuzz.py [SEED] [TRIALS]
+    cargo build --release && python3 scripts/cli_fuzz.py [SEED] [TRIALS] [--edges]
 
 It found the long-logits-row bug fixed in e24971f (pieces fed as rounded log-probabilities) and
 a float16 row whose normalized KL came out 2.8e-4 off (fixed in e907f0a).
+
+--edges fuzzes edge values instead (masks of -inf and of float32's minimum, whole pieces
+masked, logits up to +-3.4e38, offsets up to 1e37, zeros, subnormals, probabilities near
+float32's maximum) in pieces of 4 to 256 elements, against --backend cpu on whole rows. There
+the bar is the GPU's whole-row answer where f32 cannot hold the result (an Overflow error then
+must be the GPU's on the whole row too), and no NumPy oracle runs. It found the pieces' log-sum-
+exps losing their small parts next to 1e37, pieces skipped that held p > 0 against q = 0, a KL
+of logits 3.4e38 apart read 0 for +inf and +inf for 6.8e38, and cross-entropy and entropy of
+logits masked with float32's minimum failing with Overflow (twentieth stop).
 """
 import os
 import subprocess
@@ -38,6 +47,57 @@ def pair(rng, inp, rows, cols):
     b = a * np.exp(rng.choice([1e-4, 1e-2, 1]) * rng.uniform(-1, 1, size=(rows, cols)))
     b /= b.sum(1, keepdims=True)
     return (np.log(a), np.log(b)) if inp == "log-probs" else (a, b)
+
+
+def edge_row(rng, inp, cols):
+    """One row of edge values of the given kind, as float64 (see --edges)."""
+    if inp == "probs":
+        a = rng.gamma(rng.choice([0.05, 1, 10]), size=cols)
+        if rng.random() < 0.3:
+            a = a * 2.0 ** -float(rng.integers(0, 140))
+        if rng.random() < 0.5:
+            a[rng.random(cols) < rng.choice([0.1, 0.5, 0.9])] = 0
+        if rng.random() < 0.3:
+            s = rng.integers(0, cols)
+            a[s:rng.integers(s, cols + 1)] = 0
+        if rng.random() < 0.2:
+            a[rng.integers(0, cols)] = rng.choice([1e-45, 1e-40, 1e-38, 3e38, 1.0])
+        return a / a.sum() if a.sum() > 0 and rng.random() < 0.7 else a
+    scale = rng.choice([1, 30, 1e3, 1e10, 1e30, 3e38]) if rng.random() < 0.3 else rng.choice([0.1, 1, 5, 50])
+    x = np.clip(rng.normal(0, 1, cols) * scale, -3.4e38, 3.4e38)
+    if inp == "log-probs":
+        with np.errstate(divide="ignore"):
+            x = np.log(rng.dirichlet(np.full(cols, rng.choice([0.05, 1.0])))) if rng.random() < 0.7 else -np.abs(x)
+    else:
+        x = x + rng.choice([0, 80, -100, 1e6, 1e37, -1e37])
+    mask = lambda: -np.inf if rng.random() < 0.6 else np.finfo(np.float32).min
+    if rng.random() < 0.5:
+        x[rng.random(cols) < rng.choice([0.1, 0.5, 0.9])] = mask()
+    if rng.random() < 0.3:
+        s = rng.integers(0, cols)
+        x[s:rng.integers(s, cols + 1)] = mask()
+    if rng.random() < 0.2:
+        x[rng.integers(0, cols)] = rng.choice([-87.5, -100, -104, -150, 88, 3e38, -3e38])
+    if np.all(np.isneginf(x)) and rng.random() < 0.8:
+        x[rng.integers(0, cols)] = 0
+    return x
+
+
+def edge_pair(rng, inp, rows, cols):
+    """Rows of edge values; Q is P nudged or a row of its own."""
+    p, q = [], []
+    for _ in range(rows):
+        a = edge_row(rng, inp, cols)
+        if rng.random() < 0.4:
+            e = rng.choice([1e-6, 1e-3, 0.1])
+            with np.errstate(invalid="ignore", over="ignore"):
+                b = np.abs(a * (1 + e * rng.normal(size=cols))) if inp == "probs" else a + e * rng.normal(size=cols)
+            b = np.where(np.isnan(b), a, b)
+        else:
+            b = edge_row(rng, inp, cols)
+        p.append(a)
+        q.append(b)
+    return np.array(p), np.array(q)
 
 
 def numpy_reference(cmd, inp, p, q, norm):
@@ -85,50 +145,70 @@ def within(g, c, allowance):
 
 
 def main():
-    seed = int(sys.argv[1]) if len(sys.argv) > 1 else 1
-    trials = int(sys.argv[2]) if len(sys.argv) > 2 else 60
+    args = [a for a in sys.argv[1:] if a != "--edges"]
+    edges = len(args) < len(sys.argv) - 1
+    seed = int(args[0]) if args else 1
+    trials = int(args[1]) if len(args) > 1 else 60
     rng = np.random.default_rng(seed)
     bad = 0
     with tempfile.TemporaryDirectory() as tmp:
         pf, qf, gf, cf = (os.path.join(tmp, n) for n in ("p.npy", "q.npy", "g.npy", "c.npy"))
         for trial in range(trials):
             inp = ["probs", "log-probs", "logits"][trial % 3]
-            rows = int(rng.integers(1, 5))
-            # 70,000 columns: blocks of 64 Ki elements or more, which read Q on a second thread.
-            cols = int(rng.choice([1, 3, 10, 33, 257, 1000, 5000, 70_000]))
-            dtype = rng.choice([np.float32, np.float64, np.float16])
-            p, q = (x.astype(dtype) for x in pair(rng, inp, rows, cols))
+            if edges:
+                rows = int(rng.integers(1, 4))
+                cols = int(rng.choice([1, 2, 5, 17, 64, 100, 333, 1000]))
+                dtype = rng.choice([np.float32, np.float32, np.float16, np.float64])
+                with np.errstate(over="ignore"):
+                    p, q = (x.astype(dtype) for x in edge_pair(rng, inp, rows, cols))
+                blocks = [16, 64, 256, 1024]
+            else:
+                rows = int(rng.integers(1, 5))
+                # 70,000 columns: blocks of 64 Ki elements or more, which read Q on a second
+                # thread.
+                cols = int(rng.choice([1, 3, 10, 33, 257, 1000, 5000, 70_000]))
+                dtype = rng.choice([np.float32, np.float64, np.float16])
+                p, q = (x.astype(dtype) for x in pair(rng, inp, rows, cols))
+                blocks = [1 << 18, 1 << 20] if cols >= 70_000 else [64, 256, 4096, 1 << 20]
             if rows == 1 and rng.random() < 0.3:
                 p, q = p[0], q[0]
             np.save(pf, p)
             np.save(qf, q)
-            blocks = [1 << 18, 1 << 20] if cols >= 70_000 else [64, 256, 4096, 1 << 20]
             block = str(int(rng.choice(blocks)))
             for cmd in ["kl", "ce", "js", "entropy"]:
                 files = [pf] if cmd == "entropy" else [pf, qf]
                 # With log-probabilities, --normalize reads them as logits.
                 norm = ["--normalize"] if rng.random() < 0.3 else []
-                args = [BIN, cmd, *files, "--input", inp, "-q", *norm]
+                base = ["--base", "2"] if edges and rng.random() < 0.2 else []
+                args = [BIN, cmd, *files, "--input", inp, "-q", *norm, *base]
                 g = subprocess.run(args + ["--backend", "gpu", "--block-bytes", block, "--out", gf],
                                    capture_output=True, text=True)
                 c = subprocess.run(args + ["--backend", "cpu", "--out", cf],
                                    capture_output=True, text=True)
-                what = f"seed {seed} trial {trial}: {cmd} {inp} {dtype.__name__} {rows}x{cols} block {block} {' '.join(norm)}"
+                what = f"seed {seed} trial {trial}: {cmd} {inp} {dtype.__name__} {rows}x{cols} block {block} {' '.join(norm + base)}"
                 if g.returncode != c.returncode:
+                    if edges and "the result exceeds the" in g.stderr:
+                        # Beyond f32 arithmetic: then the GPU must say so on whole rows too.
+                        whole = subprocess.run(args + ["--backend", "gpu", "--out", gf],
+                                               capture_output=True, text=True)
+                        if "the result exceeds the" in whole.stderr:
+                            continue
                     bad += 1
                     print(f"{what}: exit {g.returncode} vs {c.returncode}: {g.stderr.strip()} | {c.stderr.strip()}")
                     continue
                 if g.returncode != 0:
                     continue
                 # KL of log-probabilities: p = e^a rounded in f32 enters Σ(p − q) (README).
-                ea = np.exp(np.atleast_2d(p).astype(np.float64))
-                eb = np.exp(np.atleast_2d(q).astype(np.float64))
-                spread = np.abs(ea - eb).sum(1) * 2.0**-23
-                want = numpy_reference(cmd, inp, p, q, bool(norm))
-                for i, y in enumerate(np.atleast_1d(np.load(cf))):
-                    if not agrees(y, want[i]):
-                        bad += 1
-                        print(f"{what}, row {i}: reference {y:.9e}, NumPy f64 {want[i]:.9e}")
+                with np.errstate(over="ignore", invalid="ignore"):
+                    ea = np.exp(np.atleast_2d(p).astype(np.float64))
+                    eb = np.exp(np.atleast_2d(q).astype(np.float64))
+                    spread = np.abs(ea - eb).sum(1) * 2.0**-23
+                if not edges:
+                    want = numpy_reference(cmd, inp, p, q, bool(norm))
+                    for i, y in enumerate(np.atleast_1d(np.load(cf))):
+                        if not agrees(y, want[i]):
+                            bad += 1
+                            print(f"{what}, row {i}: reference {y:.9e}, NumPy f64 {want[i]:.9e}")
                 for i, (x, y) in enumerate(zip(np.atleast_1d(np.load(gf)), np.atleast_1d(np.load(cf)))):
                     allowance = spread[i] if (cmd == "kl" and inp == "log-probs" and not norm) else 0.0
                     # JS of a row cut into pieces gets them as x/Σ or x − lse rounded to f32.
