@@ -458,8 +458,10 @@ fn edge_values_match_the_reference_or_fail_naming_the_row() {
     // where KL and JS are second order in p − q and any rounding of p or q shows.
     // Sixty more seeds found subnormal probabilities weighing logs near −f32::MAX (and one
     // row that needs the README's allowance for rows that are not distributions).
-    // KLGPU_FUZZ_SEEDS=FIRST..END runs other seeds instead, for hunting (3,000 take about ten
-    // minutes on lavapipe; the fifteenth session's 1000..5000 found the defects behind
+    // Eight seeds also split rows of up to 1000 across windows of 64 elements.
+    // KLGPU_FUZZ_SEEDS=FIRST..END runs other seeds instead, both ways, for hunting (the short
+    // way 3,000 take about ten minutes on lavapipe, split 40 two minutes; the fifteenth
+    // session's 1000..5000 found the defects behind
     // `subnormal_probabilities_count_against_logs_near_minus_f32_max` and
     // `logits_near_f32_max_keep_the_log_sums`, tests/batch.rs).
     match std::env::var("KLGPU_FUZZ_SEEDS") {
@@ -468,12 +470,48 @@ fn edge_values_match_the_reference_or_fail_naming_the_row() {
                 .split_once("..")
                 .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
             let (first, end) = bounds.expect("KLGPU_FUZZ_SEEDS=FIRST..END");
-            (first..end).for_each(edge_values_of_seed);
+            for seed in first..end {
+                edge_values_of_seed(seed, false);
+                edge_values_of_seed(seed, true);
+            }
         }
-        Err(_) => std::iter::once(2026)
-            .chain(1100..1160)
-            .for_each(edge_values_of_seed),
+        Err(_) => {
+            for seed in std::iter::once(2026).chain(1100..1160) {
+                edge_values_of_seed(seed, false);
+            }
+            // Seeds 1..200 of these passed when this was added.
+            for seed in 1..9 {
+                edge_values_of_seed(seed, true);
+            }
+        }
     }
+}
+
+/// Engines whose windows hold 64 elements, so the rows of `edge_values_of_seed(_, true)` are
+/// split across windows and the pre-pass's and row sums' states cross them: the CPU plan and
+/// the GPU's (chunks per row, lanes interleaved, shared-memory reduction).
+fn split_row_engines() -> [&'static klgpu::Engine; 2] {
+    use std::sync::OnceLock;
+    static CPU_PLAN: OnceLock<klgpu::Engine> = OnceLock::new();
+    static GPU_PLAN: OnceLock<klgpu::Engine> = OnceLock::new();
+    let open = |subgroups: bool, tuning: klgpu::Tuning| {
+        klgpu::Engine::with_options(klgpu::EngineOptions {
+            window_bytes: Some(256),
+            subgroups,
+            tuning,
+        })
+        .unwrap_or_else(|e| panic!("klgpu tests need a GPU adapter: {e}"))
+    };
+    let gpu_tuning = klgpu::Tuning {
+        min_iterations: Some(1),
+        target_workgroups: Some(4096),
+        blocked_lanes: Some(false),
+        ..Default::default()
+    };
+    [
+        CPU_PLAN.get_or_init(|| open(true, klgpu::Tuning::default())),
+        GPU_PLAN.get_or_init(|| open(false, gpu_tuning)),
+    ]
 }
 
 /// Σ|term| of a row that is not a distribution (probabilities above 1, log-probabilities
@@ -520,11 +558,17 @@ fn log_prob_spread(m: Measure, input: Input, p: &[f32], q: &[f32]) -> f64 {
     spread * 2f64.powi(-23)
 }
 
-fn edge_values_of_seed(seed: u64) {
+/// One seed's 150 trials: rows of up to 300 columns on every plan of `all_plans`, or
+/// (`split`) of 65 to 1000 columns split across windows of 64 elements.
+fn edge_values_of_seed(seed: u64, split: bool) {
     let mut r = rng(seed);
     for trial in 0..150 {
         let input = [Input::Probs, Input::LogProbs, Input::Logits][trial % 3];
-        let cols = [1usize, 3, 17, 64, 300][trial / 3 % 5];
+        let cols = if split {
+            [65usize, 100, 130, 300, 1000][trial / 3 % 5]
+        } else {
+            [1usize, 3, 17, 64, 300][trial / 3 % 5]
+        };
         let rows = 1 + trial % 4;
         let p: Vec<f32> = (0..rows * cols)
             .map(|_| edge_value(&mut r, input))
@@ -536,7 +580,11 @@ fn edge_values_of_seed(seed: u64) {
                 .map(|_| edge_value(&mut r, input))
                 .collect()
         };
-        let e = all_plans()[trial % 3];
+        let e = if split {
+            split_row_engines()[trial % 2]
+        } else {
+            all_plans()[trial % 3]
+        };
         for normalize in [false, true] {
             if normalize && input != Input::Probs {
                 continue;
@@ -548,8 +596,9 @@ fn edge_values_of_seed(seed: u64) {
             };
             for m in Measure::ALL {
                 let qq = m.uses_q().then_some(&q[..]);
-                let what =
-                    format!("seed {seed}, trial {trial}, {m:?} {input:?} normalize={normalize}");
+                let what = format!(
+                    "seed {seed} (split {split}), trial {trial}, {m:?} {input:?} normalize={normalize}"
+                );
                 match (
                     e.rows(m, &p, qq, cols, &opts),
                     cpu::rows(m, &p, qq, cols, &opts),
