@@ -10,6 +10,9 @@ and exits 1 if there was one.
 
     cargo build --release && python3 scripts/cli_fuzz.py [SEED] [TRIALS] [--edges]
 
+With CLI_FUZZ_KEEP=DIR set, the inputs of every trial with a row outside the bar are kept
+there as SEED_TRIAL_p.npy and SEED_TRIAL_q.npy.
+
 It found the long-logits-row bug fixed in e24971f (pieces fed as rounded log-probabilities) and
 a float16 row whose normalized KL came out 2.8e-4 off (fixed in e907f0a).
 
@@ -23,6 +26,7 @@ of logits 3.4e38 apart read 0 for +inf and +inf for 6.8e38, and cross-entropy an
 logits masked with float32's minimum failing with Overflow (twentieth stop).
 """
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -144,6 +148,15 @@ def within(g, c, allowance):
     return err <= 1e-11 if abs(c) < 1e-6 else err <= 1e-5 * abs(c)
 
 
+def keep(seed, trial, pf, qf):
+    """Copies a failing trial's inputs to $CLI_FUZZ_KEEP, if set."""
+    dest = os.environ.get("CLI_FUZZ_KEEP")
+    if dest:
+        os.makedirs(dest, exist_ok=True)
+        for side, path in (("p", pf), ("q", qf)):
+            shutil.copyfile(path, os.path.join(dest, f"{seed}_{trial}_{side}.npy"))
+
+
 def main():
     args = [a for a in sys.argv[1:] if a != "--edges"]
     edges = len(args) < len(sys.argv) - 1
@@ -194,6 +207,7 @@ def main():
                         if "the result exceeds the" in whole.stderr:
                             continue
                     bad += 1
+                    keep(seed, trial, pf, qf)
                     print(f"{what}: exit {g.returncode} vs {c.returncode}: {g.stderr.strip()} | {c.stderr.strip()}")
                     continue
                 if g.returncode != 0:
@@ -216,6 +230,7 @@ def main():
                         allowance = max(allowance, 2e-7)
                     if not within(x, y, allowance):
                         bad += 1
+                        keep(seed, trial, pf, qf)
                         print(f"{what}, row {i}: GPU {x:.9e}, reference {y:.9e}")
     print(f"{bad} rows outside the bar")
     sys.exit(1 if bad else 0)

@@ -189,8 +189,15 @@ impl PieceTerm {
         }
         let extra = match measure {
             Measure::KullbackLeibler => {
+                // w·φ(r), φ(r) = r + e^(−r) − 1; where Q's share is far above P's, w·e^(−r)
+                // is w' itself, and e^(−r) alone can overflow f64 (w = e^(−720) against
+                // w' = 0.004 read +∞).
                 let r = lp - lq;
-                w * (r + (-r).exp_m1())
+                if r < -1.0 {
+                    w * (r - 1.0) + lq.exp()
+                } else {
+                    w * (r + (-r).exp_m1())
+                }
             }
             Measure::CrossEntropy => -w * lq,
             _ => -w * lp,
@@ -1006,6 +1013,19 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn chain_rule_where_q_far_outweighs_p() {
+        // P's second piece weighs e^(−720) (a subnormal f64, not 0), Q's 7/30: e^(−r) of the
+        // shares' ratio overflows f64 while w·e^(−r) = w' does not (KL read +∞).
+        let opts = Options::input(Input::Logits);
+        let mut p: Vec<f32> = (0..30).map(|i| ((i * 7) % 11) as f32 * 0.6 - 2.0).collect();
+        p[7..14].fill(-720.0);
+        let q = vec![0.5f32; 30];
+        let whole = klgpu::cpu::divergence(Measure::KullbackLeibler, &p, Some(&q), &opts).unwrap();
+        let sum = chained(Prepass::Lse, Measure::KullbackLeibler, &p, &q, &opts);
+        assert!((sum - whole).abs() <= 1e-12 * whole, "{sum} vs {whole}");
     }
 
     #[test]
