@@ -37,7 +37,10 @@ on the CPU computes the log-sum-exp of the row and of each piece in f64; KL, cro
 entropy then take each piece as logits of its own and combine them by the chain rule (no
 precision lost), JS gets the pieces as log-probabilities x - lse rounded to f32. Likewise
 --normalize on such a row first sums the row and each piece, then normalizes each piece on its
-own and combines them the same way (JS: feeds x / sum, rounded to f32).
+own and combines them the same way (JS: feeds x / sum, rounded to f32). A piece of logits
+normalized on its own can weigh its values so that its own value leaves f32 (masks of the most
+negative float beside the piece's maximum) where the whole row's does not: if such a piece
+weighs anything in its row, the row fails as beyond f32 (use --backend cpu).
 
 Results are in nats unless --base says otherwise. Exit codes: 0 success, 2 bad input (files,
 shapes, values, arguments), 1 other failures (no adapter with --backend gpu, GPU errors).
