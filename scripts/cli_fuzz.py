@@ -24,11 +24,9 @@ must be the GPU's on the whole row too), and no NumPy oracle runs. It found the 
 exps losing their small parts next to 1e37, pieces skipped that held p > 0 against q = 0, a KL
 of logits 3.4e38 apart read 0 for +inf and +inf for 6.8e38, and cross-entropy and entropy of
 logits masked with float32's minimum failing with Overflow, pieces that overflow alone failing
-rows that are +inf, and a piece weighing e^-720 reading KL +inf (sixteenth session). What it
-still reports, about one trial in 200: a piece normalized on its own whose values lie ~3.4e38
-apart, so that its own value is beyond f32, while it weighs a little in a row that is not;
-the GPU then fails the row with Overflow where it computes the whole row (a limit the README
-states: values near f32::MAX). Check such reports by hand (CLI_FUZZ_KEEP).
+rows that are +inf, a piece weighing e^-720 reading KL +inf, and pieces whose own value
+leaves f32 while their row's does not failing the row (now computed in f64) (sixteenth
+session).
 """
 import os
 import shutil

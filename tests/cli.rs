@@ -730,7 +730,10 @@ fn long_rows_near_f32_max_in_pieces() {
     // 2. a piece of P at −1e37, whose share e^(−1e37) is 0 in f64 yet positive, against a −∞
     //    in Q: KL and cross-entropy +∞ (once 6.07);
     // 3. that piece of P against Q's maximum 1e37 and f32::MIN: the piece overflows f32 on its
-    //    own but weighs nothing in the row (once an Overflow error).
+    //    own but weighs nothing in the row (once an Overflow error);
+    // 4. a piece where P is e^(−20) of its maximum against Q's maximum 1e6 and f32::MIN: on
+    //    its own P is uniform there and Σ p·(−ln q) leaves f32, in the row it weighs 2e-9·16%;
+    //    the f64 reference computes such a piece (once an Overflow error).
     // Probabilities: a piece that overflows (3e38·ln(1e41)) and one with p > 0 against q = 0
     // make the row +∞, as whole (once an Overflow error).
     let dir = tmp();
@@ -743,8 +746,13 @@ fn long_rows_near_f32_max_in_pieces() {
     let mut far = logits(24, cols, 3.0);
     far[16] = 1e37;
     far[17..32].fill(f32::MIN);
-    let p = [vec![1e37; cols], moderate.clone(), tiny.clone(), tiny].concat();
-    let q = [moderate, vec![-1e37; cols], holed, far].concat();
+    let mut low: Vec<f32> = logits(25, cols, 1.0).iter().map(|x| x + 10.0).collect();
+    low[16..32].fill(-10.0);
+    let mut masked = logits(26, cols, 1.0);
+    masked[16] = 1e6;
+    masked[17..32].fill(f32::MIN);
+    let p = [vec![1e37; cols], moderate.clone(), tiny.clone(), tiny, low].concat();
+    let q = [moderate, vec![-1e37; cols], holed, far, masked].concat();
     let mut p_probs = vec![0.01f32; cols];
     p_probs[3] = 3e38;
     let mut q_probs = vec![0.01f32; cols];

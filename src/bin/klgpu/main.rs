@@ -39,8 +39,8 @@ precision lost), JS gets the pieces as log-probabilities x - lse rounded to f32.
 --normalize on such a row first sums the row and each piece, then normalizes each piece on its
 own and combines them the same way (JS: feeds x / sum, rounded to f32). A piece of logits
 normalized on its own can weigh its values so that its own value leaves f32 (masks of the most
-negative float beside the piece's maximum) where the whole row's does not: if such a piece
-weighs anything in its row, the row fails as beyond f32 (use --backend cpu).
+negative float beside the piece's maximum) where the whole row's does not: such a piece is
+computed by the f64 CPU reference.
 
 Results are in nats unless --base says otherwise. Exit codes: 0 success, 2 bad input (files,
 shapes, values, arguments), 1 other failures (no adapter with --backend gpu, GPU errors).

@@ -26,10 +26,11 @@
 //! The first pass also validates the elements with the library's rules, so errors still name
 //! the first offending element.
 //!
-//! A piece whose value overflows f32 (on the CPU backend, f64) adds nothing if it weighs
-//! nothing in its row (a piece of logits normalized on its own can hold values 3.4e38 apart
-//! that the row weighs e^(−1e37)); otherwise its row is an overflow, unless another piece
-//! makes it +∞, as it is when computed whole.
+//! A piece whose value overflows f32 adds nothing if it weighs nothing in its row (a piece
+//! of logits normalized on its own can hold values 3.4e38 apart that the row weighs
+//! e^(−1e37)); otherwise the f64 reference computes it, and if that overflows too (or on the
+//! CPU backend) its row is an overflow, unless another piece makes it +∞, as it is when
+//! computed whole.
 
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::thread;
@@ -325,16 +326,26 @@ fn consume(
         let result = if compute_it {
             match (rows_of(compute, measure, &block), block.piece) {
                 // An overflowed piece holds no p > 0 against q = 0 (that would read +∞): it
-                // adds nothing if it weighs nothing, and otherwise the row overflows unless
-                // another piece makes it +∞, as the whole row would.
+                // adds nothing if it weighs nothing. Otherwise the f64 reference computes it
+                // (normalized on its own, a piece can leave f32 where its row does not), and
+                // if that overflows too, the row does unless another piece makes it +∞, as
+                // the whole row would.
                 (Err(e @ klgpu::Error::Overflow { .. }), Some(term)) => {
-                    if term.weight != 0.0 {
-                        piece_overflow.get_or_insert(origin.map(e));
-                    }
-                    klgpu::RowResults {
-                        values: vec![0.0],
-                        top1_agree: None,
-                    }
+                    let in_f64 = match compute {
+                        Backend::Gpu(_) if term.weight != 0.0 => {
+                            rows_of(&Backend::Cpu, measure, &block).ok()
+                        }
+                        _ => None,
+                    };
+                    in_f64.unwrap_or_else(|| {
+                        if term.weight != 0.0 {
+                            piece_overflow.get_or_insert(origin.map(e));
+                        }
+                        klgpu::RowResults {
+                            values: vec![0.0],
+                            top1_agree: None,
+                        }
+                    })
                 }
                 (result, _) => result.map_err(|e| origin.map(e))?,
             }
