@@ -156,9 +156,9 @@ fn soft_term(x: f32, y: f32, col: u32, s: Soft) -> SoftTerm {
     let px = soft_place(x, s.xm, soft_low());
     let xs = select(px.x * px.z, 0.0, col == s.xi);
     if (MEASURE == MEASURE_ENTROPY) {
-        // A weight that underflowed adds nothing, also where its distance overflowed (logits
-        // ±3.4e38 apart: 0·∞ read as Overflow).
-        return SoftTerm(xs, 0.0, select(px.x * px.y, 0.0, p_zero || px.x == 0.0), 0u);
+        // No mass, or a weight that underflowed, adds nothing, also where its distance
+        // overflowed (logits ±3.4e38 apart: 0·∞ read as Overflow).
+        return SoftTerm(xs, 0.0, select(px.x * px.y, 0.0, px.x == 0.0), 0u);
     }
     let q_zero = soft_zero(y);
     let py = soft_place(y, s.ym, false);
