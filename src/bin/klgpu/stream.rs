@@ -16,8 +16,9 @@
 //!   H = Σ w_k·(H_k − ln w_k), every part ≥ 0 and the host's parts in f64, so the row keeps
 //!   the library's precision. ln w_k takes the maxima's difference before the log-sums' (near
 //!   f32::MAX the log-sums are below f64's resolution), and a piece whose w_k underflows f64
-//!   is still computed, as it is +∞ where it meets q = 0. (Feeding the pieces as log-probabilities x − lse rounded to f32
-//!   cost ~1e-7·|x − lse| per element: 1e-4 of a KL, or a negative KL for close rows.) JS
+//!   is still computed, as it is +∞ where it meets q = 0. (Feeding the pieces as
+//!   log-probabilities x − lse rounded to f32 cost ~1e-7·|x − lse| per element: 1e-4 of a KL,
+//!   or a negative KL for close rows.) JS
 //!   does not split that way and still gets log-probabilities;
 //! - probabilities with `--normalize`: the sums of the row and of each piece; the pieces are
 //!   normalized on their own and combined the same way, with w_k = Σ_k / Σ (JS: fed as
@@ -157,17 +158,16 @@ impl PieceTerm {
     /// `--normalize`; see the module docs): `lp`, `lq` are ln w_k, ln w'_k (−∞ for a piece
     /// with no mass), in nats; `per_nat` converts to the base.
     fn chain(measure: Measure, lp: f64, lq: f64, per_nat: f64) -> PieceTerm {
-        // KL counts Q's mass w' where P's is too small to weigh (the −w + w' of its stable form).
-        let q_mass = if measure == Measure::KullbackLeibler {
-            lq.exp() * per_nat
-        } else {
-            0.0
-        };
         if lp == f64::NEG_INFINITY {
-            // No mass of P here.
+            // No mass of P here: KL still counts Q's (the −w + w' of its stable form).
+            let extra = if measure == Measure::KullbackLeibler {
+                lq.exp() * per_nat
+            } else {
+                0.0
+            };
             return PieceTerm {
                 weight: 0.0,
-                extra: q_mass,
+                extra,
                 compute: false,
             };
         }
@@ -178,16 +178,9 @@ impl PieceTerm {
                 compute: false,
             };
         }
+        // P's mass here is positive, though w may underflow f64 (logits ~1e37 below the
+        // row's maximum): the piece is computed all the same, as `value` keeps a +∞ of it.
         let w = lp.exp();
-        if w == 0.0 {
-            // P's mass here is positive but below f64's range (logits ~1e37 below the row's
-            // maximum): the piece adds nothing unless it is +∞, which `value` keeps.
-            return PieceTerm {
-                weight: 0.0,
-                extra: q_mass,
-                compute: true,
-            };
-        }
         let extra = match measure {
             Measure::KullbackLeibler => {
                 // w·φ(r), φ(r) = r + e^(−r) − 1; where Q's share is far above P's, w·e^(−r)
@@ -322,37 +315,33 @@ fn consume(
             first_col: block.first_col,
             one_d: layout.one_d,
         };
-        let compute_it = block.piece.is_none_or(|t| t.compute);
-        let result = if compute_it {
-            match (rows_of(compute, measure, &block), block.piece) {
+        let placeholder = || klgpu::RowResults {
+            values: vec![0.0],
+            top1_agree: None,
+        };
+        let result = if !block.piece.is_none_or(|t| t.compute) {
+            placeholder()
+        } else {
+            match rows_of(compute, measure, &block) {
                 // An overflowed piece holds no p > 0 against q = 0 (that would read +∞): it
                 // adds nothing if it weighs nothing. Otherwise the f64 reference computes it
                 // (normalized on its own, a piece can leave f32 where its row does not), and
                 // if that overflows too, the row does unless another piece makes it +∞, as
                 // the whole row would.
-                (Err(e @ klgpu::Error::Overflow { .. }), Some(term)) => {
+                Err(e @ klgpu::Error::Overflow { .. }) if block.piece.is_some() => {
+                    let weighs = block.piece.is_some_and(|t| t.weight != 0.0);
                     let in_f64 = match compute {
-                        Backend::Gpu(_) if term.weight != 0.0 => {
-                            rows_of(&Backend::Cpu, measure, &block).ok()
-                        }
+                        Backend::Gpu(_) if weighs => rows_of(&Backend::Cpu, measure, &block).ok(),
                         _ => None,
                     };
                     in_f64.unwrap_or_else(|| {
-                        if term.weight != 0.0 {
+                        if weighs {
                             piece_overflow.get_or_insert(origin.map(e));
                         }
-                        klgpu::RowResults {
-                            values: vec![0.0],
-                            top1_agree: None,
-                        }
+                        placeholder()
                     })
                 }
-                (result, _) => result.map_err(|e| origin.map(e))?,
-            }
-        } else {
-            klgpu::RowResults {
-                values: vec![0.0],
-                top1_agree: None,
+                result => result.map_err(|e| origin.map(e))?,
             }
         };
         if let Some(term) = block.piece {
