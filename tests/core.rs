@@ -502,11 +502,10 @@ fn split_row_engines() -> [&'static klgpu::Engine; 2] {
         })
         .unwrap_or_else(|e| panic!("klgpu tests need a GPU adapter: {e}"))
     };
+    // One iteration per invocation at least: the most chunks a 64-element window can hold.
     let gpu_tuning = klgpu::Tuning {
         min_iterations: Some(1),
-        target_workgroups: Some(4096),
-        blocked_lanes: Some(false),
-        ..Default::default()
+        ..short_loop_tuning(false, false)
     };
     [
         CPU_PLAN.get_or_init(|| open(true, klgpu::Tuning::default())),

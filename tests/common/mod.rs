@@ -62,17 +62,23 @@ pub fn blocked_lanes_engine() -> &'static Engine {
 
 fn short_loop_engine(blocked_lanes: bool, quick_vec4: bool) -> Engine {
     Engine::with_options(EngineOptions {
-        tuning: Tuning {
-            min_iterations: Some(plan::MIN_ITERATIONS),
-            target_workgroups: Some(plan::TARGET_WORKGROUPS),
-            blocked_lanes: Some(blocked_lanes),
-            quick_vec4: Some(quick_vec4),
-            direct_uploads: Some(false),
-            ..Default::default()
-        },
+        tuning: short_loop_tuning(blocked_lanes, quick_vec4),
         ..Default::default()
     })
     .unwrap_or_else(|e| panic!("klgpu tests need a GPU adapter: {e}"))
+}
+
+/// The GPU's plan (see [`gpu_plan_engine`]) with lanes blocked or not and the quick path on
+/// or off.
+pub fn short_loop_tuning(blocked_lanes: bool, quick_vec4: bool) -> Tuning {
+    Tuning {
+        min_iterations: Some(plan::MIN_ITERATIONS),
+        target_workgroups: Some(plan::TARGET_WORKGROUPS),
+        blocked_lanes: Some(blocked_lanes),
+        quick_vec4: Some(quick_vec4),
+        direct_uploads: Some(false),
+        ..Default::default()
+    }
 }
 
 /// Every plan: the adapter's default, a GPU's, and a GPU's with blocked lanes.
