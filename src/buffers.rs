@@ -962,32 +962,51 @@ impl Engine {
         let qv = gpu
             .read_elements(&loc.q.0.view(), index, 1, blocking)
             .await?[0];
-        let (row, col) = ((index / loc.cols) as usize, (index % loc.cols) as usize);
+        let row = (index / loc.cols) as usize;
         let side = |s: Side| match (s, loc.swap_sides) {
             (Side::P, true) => Side::Q,
             (Side::Q, true) => Side::P,
             (s, false) => s,
         };
-        let element = |s: Side, value: f32, problem: Problem| Error::InvalidValue {
-            side: side(s),
-            index: index as usize,
-            row,
-            col,
-            value,
-            problem,
+        // The error for the values at `index`, if either is invalid: the user's P before Q.
+        let invalid = |index: u64, pv: f32, qv: f32| {
+            let element = |s: Side, value: f32, problem: Problem| Error::InvalidValue {
+                side: side(s),
+                index: index as usize,
+                row: (index / loc.cols) as usize,
+                col: (index % loc.cols) as usize,
+                value,
+                problem,
+            };
+            let mut found = vec![];
+            if let Some(problem) = loc.p.1.problem(pv) {
+                found.push(element(Side::P, pv, problem));
+            }
+            if let Some(problem) = loc.q.1.problem(qv).filter(|_| loc.uses_q) {
+                found.push(element(Side::Q, qv, problem));
+            }
+            if loc.swap_sides {
+                found.reverse();
+            }
+            found.into_iter().next()
         };
-        // Report the user's P before Q at the same index.
-        let mut found = vec![];
-        if let Some(problem) = loc.p.1.problem(pv) {
-            found.push(element(Side::P, pv, problem));
+        if let Some(err) = invalid(index, pv, qv) {
+            return Err(err);
         }
-        if let Some(problem) = loc.q.1.problem(qv).filter(|_| loc.uses_q) {
-            found.push(element(Side::Q, qv, problem));
-        }
-        if loc.swap_sides {
-            found.reverse();
-        }
-        if let Some(err) = found.into_iter().next() {
+        // An empty row is flagged at its first column, ahead of an invalid value further in,
+        // whose NaN may or may not have become the row's maximum (max(−∞, NaN) is either, by
+        // order and adapter): the row's first invalid value is the first offender then.
+        let start = row as u64 * loc.cols;
+        let ps = gpu
+            .read_elements(&loc.p.0.view(), start, loc.cols, blocking)
+            .await?;
+        let qs = gpu
+            .read_elements(&loc.q.0.view(), start, loc.cols, blocking)
+            .await?;
+        let first_invalid = (0..loc.cols)
+            .zip(ps.iter().zip(&qs))
+            .find_map(|(c, (&pv, &qv))| invalid(start + c, pv, qv));
+        if let Some(err) = first_invalid {
             return Err(err);
         }
         let empty_side = if flags & kernels::FLAG_P_EMPTY != 0 {

@@ -162,6 +162,37 @@ fn bad_values_in_gpu_buffers_are_located() {
         ),
         "{err}"
     );
+    // A row of −∞ but one NaN is flagged empty at its first column, ahead of the NaN: the
+    // NaN is the first offender (both calls named the empty row instead).
+    y[1050] = f32::NAN;
+    let yb = upload(e, "y", &y);
+    let out = upload(e, "out", &[0.0; 30]);
+    let opts = Options::input(Input::Logits);
+    let rows = e.rows_buffers(
+        Measure::KullbackLeibler,
+        qb.slice(..),
+        Some(yb.slice(..)),
+        100,
+        &opts,
+        out.slice(..),
+    );
+    let grad = upload(e, "grad", &[0.0; 3000]);
+    let loss = e.kl_loss_and_grad_buffers(qb.slice(..), yb.slice(..), 100, grad.slice(..));
+    // (The loss names its target P and its logits Q.)
+    for err in [rows.unwrap_err(), loss.unwrap_err()] {
+        assert!(
+            matches!(
+                err,
+                Error::InvalidValue {
+                    side: Side::Q,
+                    index: 1050,
+                    problem: Problem::NaN,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
 }
 
 /// Rows whose length is not a multiple of 4, read from caller buffers at every pair of
