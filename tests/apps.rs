@@ -878,8 +878,8 @@ fn loss_of_targets_close_to_the_model() {
 #[test]
 fn loss_of_targets_that_are_not_distributions() {
     // Targets whose rows sum to anything (zeros, subnormals, ones, values down to 1e-40): the
-    // loss is still Σ p·ln(p/q), within 2^-21 absolute (the fused pass's Σ q = 1 holds to f32
-    // rounding; measured up to 2.2e-7), and each gradient element within its bound or 2^-126.
+    // loss is still Σ p·ln(p/q) within the documented bound, and each gradient element within
+    // its bound or 2^-126.
     let mut r = rng(97);
     for (k, e) in all_plans().into_iter().enumerate() {
         for cols in [1usize, 2, 3, 17, 300] {
@@ -893,30 +893,16 @@ fn loss_of_targets_that_are_not_distributions() {
                 })
                 .collect();
             let (loss, g) = loss_and_grad(e, &target, &z, cols);
-            for (row, (zr, tr)) in z.chunks(cols).zip(target.chunks(cols)).enumerate() {
-                let max = zr.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-                let sum: f64 = zr.iter().map(|&v| (v as f64 - max).exp()).sum();
-                let lq: Vec<f64> = zr.iter().map(|&v| v as f64 - max - sum.ln()).collect();
-                let exact: f64 = tr
-                    .iter()
-                    .zip(&lq)
-                    .filter(|(t, _)| **t > 0.0)
-                    .map(|(&t, &l)| t as f64 * ((t as f64).ln() - l))
-                    .sum();
+            for (row, &row_loss) in loss.iter().enumerate() {
+                let span = row * cols..(row + 1) * cols;
                 let what = format!("plan {k}, {rows} × {cols}, row {row}");
-                let err = (loss[row] - exact).abs();
-                assert!(
-                    err <= 2f64.powi(-21) * (1.0 + exact.abs()),
-                    "{what}: {} vs {exact}",
-                    loss[row]
+                check_loss_row(
+                    row_loss,
+                    &g[span.clone()],
+                    &target[span.clone()],
+                    &z[span],
+                    &what,
                 );
-                for (c, (&t, &l)) in tr.iter().zip(&lq).enumerate() {
-                    let q = l.exp();
-                    let bound =
-                        ((1.0 + l.abs()) * 2f64.powi(-21) * (q + t as f64)).max(2f64.powi(-126));
-                    let got = g[row * cols + c] as f64;
-                    assert!((got - (q - t as f64)).abs() <= bound, "{what}, column {c}");
-                }
             }
         }
     }
@@ -945,4 +931,171 @@ fn a_lost_device_gives_errors_not_panics_or_hangs() {
     assert!(matches!(err, Error::Gpu(_)), "{err}");
     let err = e.kl_divergence(&[0.5, 0.5], &[0.25, 0.75]).unwrap_err();
     assert!(matches!(err, Error::Gpu(_)), "{err}");
+}
+
+/// Row loss `loss` against its f64 value, and its gradient against softmax(z) − t, within the
+/// documented bounds (buffers.rs): for a target that is a distribution, up to its f32
+/// rounding, the library's bar; else also the row's log-sum-exp rounding weighed by |1 − Σ t|.
+fn check_loss_row(loss: f64, grad: &[f32], t: &[f32], z: &[f32], what: &str) {
+    let max = z.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+    let sum: f64 = z.iter().map(|&v| (v as f64 - max).exp()).sum();
+    let lq: Vec<f64> = z.iter().map(|&v| v as f64 - max - sum.ln()).collect();
+    let exact: f64 = t
+        .iter()
+        .zip(&lq)
+        .filter(|(t, _)| **t > 0.0)
+        .map(|(&t, &l)| t as f64 * ((t as f64).ln() - l))
+        .sum();
+    let t_sum: f64 = t.iter().map(|&x| x as f64).sum();
+    let what = format!("{what}: t {t:?} z {z:?}");
+    if (1.0 - t_sum).abs() <= 1e-5 || exact.is_infinite() || loss.is_infinite() {
+        assert_close(loss, exact, &what);
+    } else {
+        let allowance = 1e-6 * exact.abs() + 2f64.powi(-20) * (1.0 - t_sum).abs() + 2f64.powi(-22);
+        assert!(
+            (loss - exact).abs() <= allowance,
+            "{what}: loss {loss} vs {exact}"
+        );
+    }
+    for (c, (&tc, &l)) in t.iter().zip(&lq).enumerate() {
+        let (q, tc) = (l.exp(), tc as f64);
+        let bound = ((1.0 + l.abs()) * 2f64.powi(-21) * (q + tc)).max(2f64.powi(-126));
+        let got = grad[c] as f64;
+        assert!(
+            (got - (q - tc)).abs() <= bound,
+            "{what}, column {c}: gradient {got} vs {}",
+            q - tc
+        );
+    }
+}
+
+/// One seed's 60 batches of edge values for the loss, on every path: each row's loss and
+/// gradient against the f64 reference, or Overflow for a row that holds a value f32
+/// arithmetic cannot carry; one batch in ten holds one invalid value, which the call must name.
+fn loss_edge_values_of_seed(seed: u64) {
+    let mut r = rng(seed);
+    for trial in 0..60 {
+        let cols = [1usize, 2, 3, 17, 64, 300, 1000, 4099][trial % 8];
+        let rows = 1 + trial % 3;
+        let mut z: Vec<f32> = (0..rows * cols)
+            .map(|_| edge_value(&mut r, Input::Logits))
+            .collect();
+        let mut t: Vec<f32> = (0..rows * cols)
+            .map(|_| edge_value(&mut r, Input::Probs))
+            .collect();
+        for (zr, tr) in z.chunks_mut(cols).zip(t.chunks_mut(cols)) {
+            if zr.iter().all(|x| *x == f32::NEG_INFINITY) {
+                zr[0] = 0.0;
+            }
+            // Every other batch holds distributions, as training targets are.
+            let s: f64 = tr.iter().map(|&x| x as f64).sum();
+            if trial % 2 == 0 && s > 0.0 {
+                tr.iter_mut().for_each(|x| *x = (*x as f64 / s) as f32);
+            }
+        }
+        let planted = (trial % 10 == 9).then(|| {
+            let i = r.random_range(0..rows * cols);
+            let (side, problem, value) = [
+                (Side::P, Problem::NaN, f32::NAN),
+                (Side::P, Problem::Negative, -1e-30),
+                (Side::P, Problem::Infinite, f32::INFINITY),
+                (Side::Q, Problem::NaN, f32::NAN),
+                (Side::Q, Problem::Infinite, f32::INFINITY),
+            ][r.random_range(0..5)];
+            match side {
+                Side::P => t[i] = value,
+                Side::Q => z[i] = value,
+            }
+            (side, problem, i)
+        });
+        let e = every_path()[trial % 5];
+        let what = format!("seed {seed}, trial {trial}, {rows} × {cols}");
+        let (tb, zb) = (upload(e, "target", &t), upload(e, "z", &z));
+        let grad = upload(e, "grad", &vec![f32::NAN; z.len()]);
+        let got = e.kl_loss_and_grad_buffers(tb.slice(..), zb.slice(..), cols, grad.slice(..));
+        match (got, planted) {
+            (
+                Err(Error::InvalidValue {
+                    side,
+                    index,
+                    problem,
+                    ..
+                }),
+                Some((s, p, i)),
+            ) => {
+                assert_eq!((side, index, problem), (s, i, p), "{what}");
+            }
+            (got, Some(planted)) => panic!("{what}: {got:?} for {planted:?}"),
+            (Ok(loss), None) => {
+                let g = e.read_f32(grad.slice(..)).unwrap();
+                for (row, &row_loss) in loss.iter().enumerate() {
+                    let span = row * cols..(row + 1) * cols;
+                    let (tr, zr, gr) = (&t[span.clone()], &z[span.clone()], &g[span]);
+                    check_loss_row(row_loss, gr, tr, zr, &format!("{what}, row {row}"));
+                }
+            }
+            (Err(Error::Overflow { row, .. }), None) => {
+                let span = row * cols..(row + 1) * cols;
+                let beyond = z[span.clone()]
+                    .iter()
+                    .any(|x| x.is_finite() && (*x > 80.0 || *x <= -1e30))
+                    || t[span.clone()].iter().any(|x| *x > 1e30);
+                assert!(
+                    beyond,
+                    "{what}: Overflow in row {row}, which holds no value near f32's limits: t {:?} z {:?}",
+                    &t[span.clone()],
+                    &z[span]
+                );
+            }
+            (Err(err), None) => panic!("{what}: {err}"),
+        }
+    }
+}
+
+#[test]
+fn loss_at_edge_values_matches_the_reference_or_fails_naming_the_row() {
+    // Masks of −∞ and f32::MIN, logits whose distances overflow f32, zeros, subnormals and
+    // huge targets, distributions or not. Seeds 1..600 passed when this was added (two
+    // minutes on lavapipe); KLGPU_FUZZ_SEEDS=FIRST..END runs others, for hunting.
+    fuzz_seeds()
+        .unwrap_or(1..25)
+        .for_each(loss_edge_values_of_seed);
+}
+
+#[test]
+fn loss_of_unnormalized_targets_on_long_rows() {
+    // Σ q = 1, which the fused pass counts on, holds only to the rounding of the row's
+    // log-sum-exp (about an ulp of ln Σ e^(z − max), ~1e-6 for rows of 262,144 columns), and a
+    // target whose mass is not 1 weighs that by |1 − Σ t|: the documented bound said 2^-22
+    // until rows this long and targets summing to 2 and 10 came out 1.1e-6 and 1.2e-5 off.
+    let mut r = rng(5);
+    for (k, &(cols, rows)) in [(3usize, 64), (1000, 8), (32000, 4), (262144, 1)]
+        .iter()
+        .enumerate()
+    {
+        for scale in [0.1f32, 1.0, 5.0] {
+            for t_mass in [0.0, 0.5, 2.0, 10.0] {
+                let z = logits(&mut r, rows * cols, scale);
+                let mut t = dirichlet(&mut r, rows, cols, 1.0);
+                t.iter_mut().for_each(|x| *x = (*x as f64 * t_mass) as f32);
+                if t_mass == 0.0 {
+                    // A target with (almost) no mass: the loss is ~0, all of it error.
+                    t.chunks_mut(cols).for_each(|row| row[cols / 2] = 1e-30);
+                }
+                let e = all_plans()[k % 3];
+                let (loss, g) = loss_and_grad(e, &t, &z, cols);
+                for (row, &row_loss) in loss.iter().enumerate() {
+                    let span = row * cols..(row + 1) * cols;
+                    let what = format!("{rows} × {cols}, scale {scale}, Σ t {t_mass}, row {row}");
+                    check_loss_row(
+                        row_loss,
+                        &g[span.clone()],
+                        &t[span.clone()],
+                        &z[span],
+                        &what,
+                    );
+                }
+            }
+        }
+    }
 }

@@ -408,31 +408,6 @@ fn rows_beyond_f32_range_are_errors_naming_the_row() {
     }
 }
 
-/// One value of a differential fuzz: zeros, subnormals, values near f32::MAX, ordinary ones;
-/// for logs, −∞, ±1e38, ±3.4e38 (whose distances overflow f32), ±100 and offsets.
-fn edge_value(r: &mut rand::rngs::StdRng, input: Input) -> f32 {
-    let k: f64 = r.random();
-    let u: f64 = r.random();
-    match input {
-        Input::Probs => match k {
-            k if k < 0.1 => 0.0,
-            k if k < 0.2 => (u * 1e-38) as f32,
-            k if k < 0.25 => (u * 1e-44) as f32,
-            k if k < 0.3 => (u * 3e38) as f32,
-            k if k < 0.35 => 1.0,
-            _ => 10f64.powf(-40.0 * u) as f32,
-        },
-        _ => match k {
-            k if k < 0.1 => f32::NEG_INFINITY,
-            k if k < 0.2 => (u * 2e38 - 1e38) as f32,
-            k if k < 0.23 => (u * 6.8e38 - 3.4e38) as f32,
-            k if k < 0.3 => (u * 200.0 - 100.0) as f32,
-            k if k < 0.35 => -1e30,
-            _ => (u * 20.0 - 10.0) as f32,
-        },
-    }
-}
-
 /// A value close to `x`: itself, a few ulps away, or 1e-3 relative away (logits: 1e-3 apart).
 fn nudged(r: &mut rand::rngs::StdRng, x: f32, input: Input) -> f32 {
     let k: f64 = r.random();
@@ -464,18 +439,14 @@ fn edge_values_match_the_reference_or_fail_naming_the_row() {
     // session's 1000..5000 found the defects behind
     // `subnormal_probabilities_count_against_logs_near_minus_f32_max` and
     // `logits_near_f32_max_keep_the_log_sums`, tests/batch.rs).
-    match std::env::var("KLGPU_FUZZ_SEEDS") {
-        Ok(range) => {
-            let bounds = range
-                .split_once("..")
-                .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
-            let (first, end) = bounds.expect("KLGPU_FUZZ_SEEDS=FIRST..END");
-            for seed in first..end {
+    match fuzz_seeds() {
+        Some(seeds) => {
+            for seed in seeds {
                 edge_values_of_seed(seed, false);
                 edge_values_of_seed(seed, true);
             }
         }
-        Err(_) => {
+        None => {
             for seed in std::iter::once(2026).chain(1100..1160) {
                 edge_values_of_seed(seed, false);
             }

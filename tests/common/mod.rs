@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use klgpu::wgpu;
-use klgpu::{Engine, EngineOptions, Measure, Options, Tuning, plan};
+use klgpu::{Engine, EngineOptions, Input, Measure, Options, Tuning, plan};
 use rand::prelude::*;
 use rand_distr::Gamma;
 
@@ -159,6 +159,44 @@ pub fn perturbed(rng: &mut StdRng, p: &[f32], delta: f64) -> Vec<f32> {
         .collect();
     let sum: f64 = q.iter().sum();
     q.iter().map(|&x| (x / sum) as f32).collect()
+}
+
+/// The seeds `KLGPU_FUZZ_SEEDS=FIRST..END` asks the differential fuzz tests to run instead of
+/// their own, for hunting; None when unset.
+pub fn fuzz_seeds() -> Option<std::ops::Range<u64>> {
+    let range = std::env::var("KLGPU_FUZZ_SEEDS").ok()?;
+    let bounds = range
+        .split_once("..")
+        .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
+    let (first, end) = bounds.expect("KLGPU_FUZZ_SEEDS=FIRST..END");
+    Some(first..end)
+}
+
+/// One value of a differential fuzz: zeros, subnormals, values near f32::MAX, ordinary ones;
+/// for logs, −∞ and f32::MIN (masks, as models write them), ±1e38, ±3.4e38 (whose distances
+/// overflow f32), ±100 and offsets.
+pub fn edge_value(r: &mut StdRng, input: Input) -> f32 {
+    let k: f64 = r.random();
+    let u: f64 = r.random();
+    match input {
+        Input::Probs => match k {
+            k if k < 0.1 => 0.0,
+            k if k < 0.2 => (u * 1e-38) as f32,
+            k if k < 0.25 => (u * 1e-44) as f32,
+            k if k < 0.3 => (u * 3e38) as f32,
+            k if k < 0.35 => 1.0,
+            _ => 10f64.powf(-40.0 * u) as f32,
+        },
+        _ => match k {
+            k if k < 0.1 => f32::NEG_INFINITY,
+            k if k < 0.13 => f32::MIN,
+            k if k < 0.2 => (u * 2e38 - 1e38) as f32,
+            k if k < 0.23 => (u * 6.8e38 - 3.4e38) as f32,
+            k if k < 0.3 => (u * 200.0 - 100.0) as f32,
+            k if k < 0.35 => -1e30,
+            _ => (u * 20.0 - 10.0) as f32,
+        },
+    }
 }
 
 /// Standard-normal-ish logits scaled to `scale`.
