@@ -101,6 +101,8 @@ struct Locator {
     p: (OwnedSlice, Input),
     q: (OwnedSlice, Input),
     uses_q: bool,
+    /// Whether the kernels normalize probabilities (an all-zero row is then empty).
+    normalized: bool,
     /// The loss kernel binds the logits as P and the target as Q; users call the target P.
     swap_sides: bool,
     /// The caller's output slice (recordings), where a row that overflowed f32 reads NaN.
@@ -814,6 +816,7 @@ impl Engine {
             p: (OwnedSlice::of(p), p_input),
             q: (OwnedSlice::of(q), q_input),
             uses_q: job.term.uses_q(),
+            normalized: job.input == InputCode::ProbsNormalized,
             swap_sides: loss,
             out: None,
         }
@@ -1012,12 +1015,17 @@ impl Engine {
         if let Some(err) = first_invalid {
             return Err(err);
         }
-        let empty_side = if flags & kernels::FLAG_P_EMPTY != 0 {
-            Side::P
+        // The flags say that some row of P or Q is empty, not that this row's is P's: the
+        // row's values do (each flagged row had one of its sides empty).
+        let empty =
+            |input: Input, row: &[f32]| crate::cpu::row_is_empty(input, loc.normalized, row);
+        let (empty_side, value) = if empty(loc.p.1, &ps) {
+            (Side::P, ps[0])
+        } else if loc.uses_q && empty(loc.q.1, &qs) {
+            (Side::Q, qs[0])
         } else {
-            Side::Q
+            return Err(lost());
         };
-        let value = if empty_side == Side::P { pv } else { qv };
         Err(Error::InvalidValue {
             side: side(empty_side),
             index: row * loc.cols as usize,

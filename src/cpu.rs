@@ -231,11 +231,13 @@ pub(crate) fn check_shapes<'a, T>(
     Ok(q)
 }
 
-/// Whether a whole row carries no probability mass where the measure needs some.
-fn row_is_empty(opts: &Options, row: &[f32]) -> bool {
-    match opts.input {
+/// Whether a whole row of `input` carries no probability mass where the measure needs some
+/// (for resolved options: normalized log-probabilities are logits by then). The GPU buffers'
+/// locator asks this too, to tell which side of a flagged row is empty.
+pub(crate) fn row_is_empty(input: Input, normalize: bool, row: &[f32]) -> bool {
+    match input {
         Input::Logits => row.iter().all(|&x| x == f32::NEG_INFINITY),
-        Input::Probs if opts.normalize => row.iter().all(|&x| x == 0.0),
+        Input::Probs if normalize => row.iter().all(|&x| x == 0.0),
         _ => false,
     }
 }
@@ -272,7 +274,7 @@ pub(crate) fn locate_invalid(
             }
         }
         for &(side, data) in sides {
-            if row_is_empty(opts, &data[range.clone()]) {
+            if row_is_empty(opts.input, opts.normalize, &data[range.clone()]) {
                 return Some(Error::InvalidValue {
                     side,
                     index: row * cols,
