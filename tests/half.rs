@@ -9,18 +9,6 @@ use klgpu::half::{bf16, f16};
 use klgpu::{Dtype, Element, Error, Input, Measure, Options, Problem, Side, cpu, wgpu};
 use rand::prelude::*;
 
-fn narrow<T: Element>(x: &[f32]) -> Vec<T> {
-    x.iter()
-        .map(|&v| {
-            if T::DTYPE == Dtype::F16 {
-                bytemuck::cast(f16::from_f32(v).to_bits())
-            } else {
-                bytemuck::cast(bf16::from_f32(v).to_bits())
-            }
-        })
-        .collect()
-}
-
 fn widen<T: Element>(x: &[T]) -> Vec<f32> {
     x.iter().map(|&v| v.to_f32()).collect()
 }
@@ -231,6 +219,14 @@ fn bad_half_values_are_named_with_their_value() {
 /// A storage buffer on `e`'s device holding 16-bit values, padded to whole words.
 fn half_buffer<T: Element>(e: &klgpu::Engine, label: &str, data: &[T]) -> wgpu::Buffer {
     e.create_buffer_init(label, data).unwrap()
+}
+
+#[test]
+fn invalid_values_in_16_bit_buffers_are_named_as_from_host_slices() {
+    for seed in fuzz_seeds().unwrap_or(1..4) {
+        invalid_values_named_as_from_host_slices::<f16>(seed);
+        invalid_values_named_as_from_host_slices::<bf16>(seed);
+    }
 }
 
 #[test]

@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use klgpu::wgpu;
-use klgpu::{Engine, EngineOptions, Input, Measure, Options, Tuning, plan};
+use klgpu::{Dtype, Element, Engine, EngineOptions, Error, Input, Measure, Options, Tuning, plan};
 use rand::prelude::*;
 use rand_distr::Gamma;
 
@@ -196,6 +196,97 @@ pub fn edge_value(r: &mut StdRng, input: Input) -> f32 {
             k if k < 0.35 => -1e30,
             _ => (u * 20.0 - 10.0) as f32,
         },
+    }
+}
+
+/// `x` rounded to the element type `T` (f32: itself).
+pub fn narrow<T: Element>(x: &[f32]) -> Vec<T> {
+    x.iter()
+        .map(|&v| match T::DTYPE {
+            Dtype::F16 => bytemuck::cast(klgpu::half::f16::from_f32(v).to_bits()),
+            Dtype::BF16 => bytemuck::cast(klgpu::half::bf16::from_f32(v).to_bits()),
+            _ => bytemuck::cast(v),
+        })
+        .collect()
+}
+
+/// One seed's 60 batches of edge values as `T`, with empty rows (all −∞; all 0 when
+/// normalized) and up to three invalid values on either side: GPU buffers, whose kernels
+/// record the first flagged index, and host slices must name the element the CPU reference
+/// names first.
+pub fn invalid_values_named_as_from_host_slices<T: Element>(seed: u64) {
+    let mut r = rng(seed);
+    for trial in 0..60 {
+        let input = [Input::Probs, Input::LogProbs, Input::Logits][trial % 3];
+        let normalize = input == Input::Probs && trial % 2 == 1;
+        let cols = [1usize, 3, 17, 64, 300][trial / 3 % 5];
+        let rows = 1 + trial % 4;
+        let n = rows * cols;
+        let mut p: Vec<f32> = (0..n).map(|_| edge_value(&mut r, input)).collect();
+        let mut q: Vec<f32> = (0..n).map(|_| edge_value(&mut r, input)).collect();
+        let empty = if input == Input::Probs {
+            0.0
+        } else {
+            f32::NEG_INFINITY
+        };
+        for side in [&mut p, &mut q] {
+            if r.random_bool(0.3) {
+                let row = r.random_range(0..rows);
+                side[row * cols..(row + 1) * cols].fill(empty);
+            }
+        }
+        for _ in 0..r.random_range(0..4) {
+            let bad = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -1e-30][r.random_range(0..4)];
+            let i = r.random_range(0..n);
+            if r.random_bool(0.5) {
+                p[i] = bad
+            } else {
+                q[i] = bad
+            }
+        }
+        let (p, q) = (narrow::<T>(&p), narrow::<T>(&q));
+        let (wp, wq) = (
+            p.iter().map(|v| v.to_f32()).collect::<Vec<f32>>(),
+            q.iter().map(|v| v.to_f32()).collect::<Vec<f32>>(),
+        );
+        let e = every_path()[trial % 5];
+        let opts = Options {
+            input,
+            normalize,
+            dtype: T::DTYPE,
+            ..Default::default()
+        };
+        let (pb, qb) = (
+            e.create_buffer_init("p", &p).unwrap(),
+            e.create_buffer_init("q", &q).unwrap(),
+        );
+        let out = e.create_f32_buffer("out", rows as u64).unwrap();
+        for m in Measure::ALL {
+            let what = format!(
+                "{:?} seed {seed}, trial {trial}, {m:?} {input:?} normalize={normalize}, p {wp:?} q {wq:?}",
+                T::DTYPE
+            );
+            let wqq = m.uses_q().then_some(&wq[..]);
+            let Err(want @ Error::InvalidValue { .. }) = klgpu::cpu::rows(m, &wp, wqq, cols, &opts)
+            else {
+                continue;
+            };
+            let host = e.rows(m, &p, m.uses_q().then_some(&q[..]), cols, &opts);
+            // The buffers hold whole words: slices of just the n elements.
+            let bytes = (n * std::mem::size_of::<T>()) as u64;
+            let qs = m.uses_q().then(|| qb.slice(..bytes));
+            let bufs = e.rows_buffers(m, pb.slice(..bytes), qs, cols, &opts, out.slice(..));
+            assert_eq!(
+                host.unwrap_err().to_string(),
+                want.to_string(),
+                "host slices, {what}"
+            );
+            assert_eq!(
+                bufs.unwrap_err().to_string(),
+                want.to_string(),
+                "GPU buffers, {what}"
+            );
+        }
     }
 }
 
