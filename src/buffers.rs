@@ -292,6 +292,10 @@ impl Engine {
     /// Per-row values of `[rows × cols]` GPU inputs written as f32 into `out` (one per row,
     /// in the requested base). Blocking until the results are in `out`, which must not lie in
     /// P's or Q's buffer ([`Error::InvalidBuffer`]).
+    ///
+    /// When a call fails on the inputs' values, the kernels have still run to the end and
+    /// written every row of `out` (a row that overflowed f32 reads NaN): take none of them.
+    /// Nothing outside `out` is written.
     pub fn rows_buffers(
         &self,
         measure: Measure,
@@ -420,7 +424,8 @@ impl Engine {
     /// buffer apart from P's and Q's, else [`Error::InvalidBuffer`]); no submission, no wait.
     /// Submit the encoder when you like (on this engine's queue), read `out` when you want it
     /// ([`Engine::read_f32`]), and call [`Workspace::check`] to learn whether the inputs were
-    /// valid (and that the work ran).
+    /// valid (and that the work ran): if not, `out` holds no values to take, as with
+    /// [`Engine::rows_buffers`].
     ///
     /// Parameters are staged with `Queue::write_buffer`, so they reach the GPU with the next
     /// submission on this engine's queue.
@@ -448,6 +453,8 @@ impl Engine {
     /// ∂/∂z KL(P‖softmax(z)) = softmax(z) − p, in one fused pass (after the log-sum-exp pass
     /// over z). `target` holds probabilities P, `logits` the scores z, both `[rows × cols]`;
     /// the gradient (f32, same shape) goes to `grad`. Returns the per-row losses. Blocking.
+    /// When the call fails on the inputs' values, `grad` has been written all the same: take
+    /// none of it.
     ///
     /// Minimizing this is minimizing the cross-entropy H(P, softmax(z)): the two differ by
     /// H(P), which does not depend on z.
