@@ -211,9 +211,9 @@ pub fn narrow<T: Element>(x: &[f32]) -> Vec<T> {
 }
 
 /// One seed's 60 batches of edge values as `T`, with empty rows (all −∞; all 0 when
-/// normalized) and up to three invalid values on either side: GPU buffers, whose kernels
-/// record the first flagged index, and host slices must name the element the CPU reference
-/// names first.
+/// normalized) and up to three invalid values on either side: GPU buffers and recordings,
+/// whose kernels record the first flagged index, and host slices must name the element the
+/// CPU reference names first.
 pub fn invalid_values_named_as_from_host_slices<T: Element>(seed: u64) {
     let mut r = rng(seed);
     for trial in 0..60 {
@@ -276,6 +276,28 @@ pub fn invalid_values_named_as_from_host_slices<T: Element>(seed: u64) {
             let bytes = (n * std::mem::size_of::<T>()) as u64;
             let qs = m.uses_q().then(|| qb.slice(..bytes));
             let bufs = e.rows_buffers(m, pb.slice(..bytes), qs, cols, &opts, out.slice(..));
+            // The same recorded into an encoder, found by Workspace::check.
+            let mut ws = e.workspace();
+            let mut encoder = e.device().create_command_encoder(&Default::default());
+            let qs = m.uses_q().then(|| qb.slice(..bytes));
+            e.record_rows(
+                &mut encoder,
+                &mut ws,
+                m,
+                pb.slice(..bytes),
+                qs,
+                cols,
+                &opts,
+                out.slice(..),
+            )
+            .unwrap();
+            e.queue().submit([encoder.finish()]);
+            let recorded = ws.check(e);
+            assert_eq!(
+                recorded.unwrap_err().to_string(),
+                want.to_string(),
+                "recording, {what}"
+            );
             assert_eq!(
                 host.unwrap_err().to_string(),
                 want.to_string(),
