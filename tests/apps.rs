@@ -996,9 +996,30 @@ fn check_loss_row(loss: f64, grad: &[f32], t: &[f32], z: &[f32], what: &str) {
     }
 }
 
+/// The loss's first offender as the CPU reference orders them (target P, logits Q): row by
+/// row, the first invalid value (P before Q at an index), then a row of z with no finite logit.
+fn loss_first_offender(t: &[f32], z: &[f32], cols: usize) -> Option<(Side, usize, Problem)> {
+    (0..t.len() / cols).find_map(|row| {
+        let span = row * cols..(row + 1) * cols;
+        span.clone()
+            .find_map(|i| {
+                let bad = |side, input: Input, x: f32| input.problem(x).map(|p| (side, i, p));
+                bad(Side::P, Input::Probs, t[i]).or_else(|| bad(Side::Q, Input::Logits, z[i]))
+            })
+            .or_else(|| {
+                z[span].iter().all(|&x| x == f32::NEG_INFINITY).then_some((
+                    Side::Q,
+                    row * cols,
+                    Problem::EmptyRow,
+                ))
+            })
+    })
+}
+
 /// One seed's 60 batches of edge values for the loss, on every path: each row's loss and
 /// gradient against the f64 reference, or Overflow for a row that holds a value f32
-/// arithmetic cannot carry; one batch in ten holds one invalid value, which the call must name.
+/// arithmetic cannot carry; one batch in ten holds invalid values (and maybe a row of z with
+/// no finite logit), and the call must name the first.
 fn loss_edge_values_of_seed(seed: u64) {
     let mut r = rng(seed);
     for trial in 0..60 {
@@ -1020,26 +1041,50 @@ fn loss_edge_values_of_seed(seed: u64) {
                 tr.iter_mut().for_each(|x| *x = (*x as f64 / s) as f32);
             }
         }
-        let planted = (trial % 10 == 9).then(|| {
-            let i = r.random_range(0..rows * cols);
-            let (side, problem, value) = [
-                (Side::P, Problem::NaN, f32::NAN),
-                (Side::P, Problem::Negative, -1e-30),
-                (Side::P, Problem::Infinite, f32::INFINITY),
-                (Side::Q, Problem::NaN, f32::NAN),
-                (Side::Q, Problem::Infinite, f32::INFINITY),
-            ][r.random_range(0..5)];
-            match side {
-                Side::P => t[i] = value,
-                Side::Q => z[i] = value,
+        if trial % 10 == 9 {
+            // Invalid values on either side, and now and then a row of z with no finite logit.
+            for _ in 0..r.random_range(1..4) {
+                let i = r.random_range(0..rows * cols);
+                match r.random_range(0..5) {
+                    0 => t[i] = f32::NAN,
+                    1 => t[i] = -1e-30,
+                    2 => t[i] = f32::INFINITY,
+                    3 => z[i] = f32::NAN,
+                    _ => z[i] = f32::INFINITY,
+                }
             }
-            (side, problem, i)
-        });
+            if r.random_bool(0.3) {
+                let row = r.random_range(0..rows);
+                z[row * cols..(row + 1) * cols].fill(f32::NEG_INFINITY);
+            }
+        }
+        let planted = loss_first_offender(&t, &z, cols);
         let e = every_path()[trial % 5];
         let what = format!("seed {seed}, trial {trial}, {rows} × {cols}");
         let (tb, zb) = (upload(e, "target", &t), upload(e, "z", &z));
         let grad = upload(e, "grad", &vec![f32::NAN; z.len()]);
         let got = e.kl_loss_and_grad_buffers(tb.slice(..), zb.slice(..), cols, grad.slice(..));
+        // Recorded, the call fails (or not) alike.
+        let loss_out = upload(e, "loss", &vec![0.0; rows]);
+        let mut ws = e.workspace();
+        let mut encoder = e.device().create_command_encoder(&Default::default());
+        e.record_kl_loss_and_grad(
+            &mut encoder,
+            &mut ws,
+            tb.slice(..),
+            zb.slice(..),
+            cols,
+            loss_out.slice(..),
+            grad.slice(..),
+        )
+        .unwrap();
+        e.queue().submit([encoder.finish()]);
+        let recorded = ws.check(e).err().map(|err| err.to_string());
+        assert_eq!(
+            recorded,
+            got.as_ref().err().map(|err| err.to_string()),
+            "{what}: recorded"
+        );
         match (got, planted) {
             (
                 Err(Error::InvalidValue {
@@ -1048,9 +1093,9 @@ fn loss_edge_values_of_seed(seed: u64) {
                     problem,
                     ..
                 }),
-                Some((s, p, i)),
+                Some(want),
             ) => {
-                assert_eq!((side, index, problem), (s, i, p), "{what}");
+                assert_eq!((side, index, problem), want, "{what}");
             }
             (got, Some(planted)) => panic!("{what}: {got:?} for {planted:?}"),
             (Ok(loss), None) => {
