@@ -748,6 +748,31 @@ fn checking_a_recording_that_never_ran_is_an_error() {
     );
 }
 
+/// The loss recorded into an encoder, submitted, and the workspace checked.
+fn recorded_loss(
+    e: &Engine,
+    target: &wgpu::Buffer,
+    z: &wgpu::Buffer,
+    rows: usize,
+    cols: usize,
+    grad: &wgpu::Buffer,
+) -> klgpu::Result<()> {
+    let loss_out = upload(e, "loss", &vec![0.0; rows]);
+    let mut ws = e.workspace();
+    let mut encoder = e.device().create_command_encoder(&Default::default());
+    e.record_kl_loss_and_grad(
+        &mut encoder,
+        &mut ws,
+        target.slice(..),
+        z.slice(..),
+        cols,
+        loss_out.slice(..),
+        grad.slice(..),
+    )?;
+    e.queue().submit([encoder.finish()]);
+    ws.check(e)
+}
+
 #[test]
 fn loss_and_gradient_in_one_pass() {
     let e = engine();
@@ -826,21 +851,7 @@ fn loss_and_gradient_in_one_pass() {
     let mut bad = target.clone();
     bad[5 * cols + 9] = f32::NAN;
     let bb = upload(e, "bad", &bad);
-    let loss_out = upload(e, "loss", &vec![0.0; rows]);
-    let mut ws = e.workspace();
-    let mut encoder = e.device().create_command_encoder(&Default::default());
-    e.record_kl_loss_and_grad(
-        &mut encoder,
-        &mut ws,
-        bb.slice(..),
-        zb.slice(..),
-        cols,
-        loss_out.slice(..),
-        grad.slice(..),
-    )
-    .unwrap();
-    e.queue().submit([encoder.finish()]);
-    let err = ws.check(e).unwrap_err();
+    let err = recorded_loss(e, &bb, &zb, rows, cols, &grad).unwrap_err();
     assert!(
         matches!(
             err,
@@ -1065,21 +1076,9 @@ fn loss_edge_values_of_seed(seed: u64) {
         let grad = upload(e, "grad", &vec![f32::NAN; z.len()]);
         let got = e.kl_loss_and_grad_buffers(tb.slice(..), zb.slice(..), cols, grad.slice(..));
         // Recorded, the call fails (or not) alike.
-        let loss_out = upload(e, "loss", &vec![0.0; rows]);
-        let mut ws = e.workspace();
-        let mut encoder = e.device().create_command_encoder(&Default::default());
-        e.record_kl_loss_and_grad(
-            &mut encoder,
-            &mut ws,
-            tb.slice(..),
-            zb.slice(..),
-            cols,
-            loss_out.slice(..),
-            grad.slice(..),
-        )
-        .unwrap();
-        e.queue().submit([encoder.finish()]);
-        let recorded = ws.check(e).err().map(|err| err.to_string());
+        let recorded = recorded_loss(e, &tb, &zb, rows, cols, &grad)
+            .err()
+            .map(|err| err.to_string());
         assert_eq!(
             recorded,
             got.as_ref().err().map(|err| err.to_string()),
