@@ -1013,9 +1013,12 @@ impl Engine {
         let ps = gpu
             .read_elements(&loc.p.0.view(), start, loc.cols, blocking)
             .await?;
-        let qs = gpu
-            .read_elements(&loc.q.0.view(), start, loc.cols, blocking)
-            .await?;
+        let qs = if loc.uses_q {
+            gpu.read_elements(&loc.q.0.view(), start, loc.cols, blocking)
+                .await?
+        } else {
+            ps.clone()
+        };
         let first_invalid = (0..loc.cols)
             .zip(ps.iter().zip(&qs))
             .find_map(|(c, (&pv, &qv))| invalid(start + c, pv, qv));

@@ -178,6 +178,21 @@ fn bad_values_in_gpu_buffers_are_located() {
     );
     let grad = upload(e, "grad", &[0.0; 3000]);
     let loss = e.kl_loss_and_grad_buffers(qb.slice(..), yb.slice(..), 100, grad.slice(..));
+    // (The loss names its target P and its logits Q.)
+    for err in [rows.unwrap_err(), loss.unwrap_err()] {
+        assert!(
+            matches!(
+                err,
+                Error::InvalidValue {
+                    side: Side::Q,
+                    index: 1050,
+                    problem: Problem::NaN,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
     // Q's row 0 empty and P's row 1: row 0 is the first offender, and Q's, though P's
     // emptiness raised a flag too (P's row 0 was named).
     let (mut x, mut z) = (vec![0.5f32; 300], vec![0.5f32; 300]);
@@ -205,21 +220,6 @@ fn bad_values_in_gpu_buffers_are_located() {
         ),
         "{err}"
     );
-    // (The loss names its target P and its logits Q.)
-    for err in [rows.unwrap_err(), loss.unwrap_err()] {
-        assert!(
-            matches!(
-                err,
-                Error::InvalidValue {
-                    side: Side::Q,
-                    index: 1050,
-                    problem: Problem::NaN,
-                    ..
-                }
-            ),
-            "{err}"
-        );
-    }
 }
 
 /// Rows whose length is not a multiple of 4, read from caller buffers at every pair of
@@ -931,17 +931,14 @@ fn loss_of_targets_that_are_not_distributions() {
                 })
                 .collect();
             let (loss, g) = loss_and_grad(e, &target, &z, cols);
-            for (row, &row_loss) in loss.iter().enumerate() {
-                let span = row * cols..(row + 1) * cols;
-                let what = format!("plan {k}, {rows} × {cols}, row {row}");
-                check_loss_row(
-                    row_loss,
-                    &g[span.clone()],
-                    &target[span.clone()],
-                    &z[span],
-                    &what,
-                );
-            }
+            check_loss_rows(
+                &loss,
+                &g,
+                &target,
+                &z,
+                cols,
+                &format!("plan {k}, {rows} × {cols}"),
+            );
         }
     }
 }
@@ -969,6 +966,15 @@ fn a_lost_device_gives_errors_not_panics_or_hangs() {
     assert!(matches!(err, Error::Gpu(_)), "{err}");
     let err = e.kl_divergence(&[0.5, 0.5], &[0.25, 0.75]).unwrap_err();
     assert!(matches!(err, Error::Gpu(_)), "{err}");
+}
+
+/// [`check_loss_row`] for every row of a batch of `cols` columns.
+fn check_loss_rows(loss: &[f64], grad: &[f32], t: &[f32], z: &[f32], cols: usize, what: &str) {
+    for (row, &row_loss) in loss.iter().enumerate() {
+        let span = row * cols..(row + 1) * cols;
+        let (t, z, grad) = (&t[span.clone()], &z[span.clone()], &grad[span]);
+        check_loss_row(row_loss, grad, t, z, &format!("{what}, row {row}"));
+    }
 }
 
 /// Row loss `loss` against its f64 value, and its gradient against softmax(z) − t, within the
@@ -1099,11 +1105,7 @@ fn loss_edge_values_of_seed(seed: u64) {
             (got, Some(planted)) => panic!("{what}: {got:?} for {planted:?}"),
             (Ok(loss), None) => {
                 let g = e.read_f32(grad.slice(..)).unwrap();
-                for (row, &row_loss) in loss.iter().enumerate() {
-                    let span = row * cols..(row + 1) * cols;
-                    let (tr, zr, gr) = (&t[span.clone()], &z[span.clone()], &g[span]);
-                    check_loss_row(row_loss, gr, tr, zr, &format!("{what}, row {row}"));
-                }
+                check_loss_rows(&loss, &g, &t, &z, cols, &what);
             }
             (Err(Error::Overflow { row, .. }), None) => {
                 let span = row * cols..(row + 1) * cols;
@@ -1155,17 +1157,8 @@ fn loss_of_unnormalized_targets_on_long_rows() {
                 }
                 let e = all_plans()[k % 3];
                 let (loss, g) = loss_and_grad(e, &t, &z, cols);
-                for (row, &row_loss) in loss.iter().enumerate() {
-                    let span = row * cols..(row + 1) * cols;
-                    let what = format!("{rows} × {cols}, scale {scale}, Σ t {t_mass}, row {row}");
-                    check_loss_row(
-                        row_loss,
-                        &g[span.clone()],
-                        &t[span.clone()],
-                        &z[span],
-                        &what,
-                    );
-                }
+                let what = format!("{rows} × {cols}, scale {scale}, Σ t {t_mass}");
+                check_loss_rows(&loss, &g, &t, &z, cols, &what);
             }
         }
     }
