@@ -18,8 +18,8 @@
 //!   f32::MAX the log-sums are below f64's resolution), and a piece whose w_k underflows f64
 //!   is still computed, as it is +∞ where it meets q = 0. (Feeding the pieces as
 //!   log-probabilities x − lse rounded to f32 cost ~1e-7·|x − lse| per element: 1e-4 of a KL,
-//!   or a negative KL for close rows.) JS
-//!   does not split that way and still gets log-probabilities;
+//!   or a negative KL for close rows.) JS does not split that way and still gets
+//!   log-probabilities;
 //! - probabilities with `--normalize`: the sums of the row and of each piece; the pieces are
 //!   normalized on their own and combined the same way, with w_k = Σ_k / Σ (JS: fed as
 //!   x / sum, rounded to f32).
