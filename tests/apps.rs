@@ -558,6 +558,59 @@ fn engine_is_send_and_sync_and_correct_under_concurrency() {
 }
 
 #[test]
+fn concurrent_calls_report_their_own_invalid_values() {
+    // Threads share an engine's pooled scratch, flag and upload buffers: each call must still
+    // get its own result and its own error, never a neighbour's flag. Four threads run the
+    // edge fuzz of GPU buffers, recordings and host slices at once; four stream rows through
+    // 4 KiB windows, blocking and async, half of their calls with one planted invalid value.
+    // `KLGPU_FUZZ_SEEDS=FIRST..` moves every thread's seed by FIRST.
+    let base = fuzz_seeds().map_or(500, |seeds| seeds.start);
+    std::thread::scope(|s| {
+        let fuzz = (0..4u64)
+            .map(|t| s.spawn(move || invalid_values_named_as_from_host_slices::<f32>(base + t)));
+        let streams = (0..4u64).map(|t| {
+            s.spawn(move || {
+                let e = if t % 2 == 0 {
+                    small_window_engine()
+                } else {
+                    engine()
+                };
+                let mut r = rng(base + 100 + t);
+                for call in 0..6 {
+                    let (rows, cols) = (20 + r.random_range(0..20), 1000 + r.random_range(0..2000));
+                    let p = dirichlet(&mut r, rows, cols, 0.5);
+                    let mut q = dirichlet(&mut r, rows, cols, 0.5);
+                    let bad = r.random_bool(0.5).then(|| r.random_range(0..q.len()));
+                    if let Some(i) = bad {
+                        q[i] = [f32::NAN, -0.25, f32::INFINITY][call % 3];
+                    }
+                    let what = format!("thread {t} call {call}, {rows} × {cols}, bad {bad:?}");
+                    let got = if call % 2 == 0 {
+                        e.kl_divergence_rows(&p, &q, cols, Input::Probs)
+                    } else {
+                        pollster::block_on(e.kl_divergence_rows_async(&p, &q, cols, Input::Probs))
+                    };
+                    match (bad, got) {
+                        (None, Ok(got)) => {
+                            let want = cpu::kl_divergence_rows(&p, &q, cols, Input::Probs).unwrap();
+                            assert_rows_close(&got, &want, &what);
+                        }
+                        (Some(i), Err(Error::InvalidValue { side, index, .. })) => {
+                            assert_eq!((side, index), (Side::Q, i), "{what}");
+                        }
+                        (_, got) => panic!("{what}: {got:?}"),
+                    }
+                }
+            })
+        });
+        let handles: Vec<_> = fuzz.chain(streams).collect();
+        for h in handles {
+            h.join().expect("no thread panicked");
+        }
+    });
+}
+
+#[test]
 fn outputs_in_an_input_buffer_are_refused_up_front() {
     // wgpu binds inputs read-only and outputs read-write, which one buffer cannot be in one
     // dispatch: it refused such work only at submission, and on an engine's own device that
