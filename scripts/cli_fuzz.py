@@ -16,6 +16,10 @@ there as SEED_TRIAL_p.npy and SEED_TRIAL_q.npy.
 It found the long-logits-row bug fixed in e24971f (pieces fed as rounded log-probabilities) and
 a float16 row whose normalized KL came out 2.8e-4 off (fixed in e907f0a).
 
+Every run prints --json: the summary's infinite-row count, first infinite row and top-1
+agreement must be the reference's exactly. Where both fail on bad input, they must print the
+same `klgpu: error:` line (rows that overflow aside: f32's on the GPU, f64's on the CPU).
+
 --edges fuzzes edge values instead (masks of -inf and of float32's minimum, whole pieces
 masked, logits up to +-3.4e38, offsets up to 1e37, zeros, subnormals, probabilities near
 float32's maximum) in pieces of 4 to 256 elements, against --backend cpu on whole rows. There
@@ -26,8 +30,12 @@ of logits 3.4e38 apart read 0 for +inf and +inf for 6.8e38, and cross-entropy an
 logits masked with float32's minimum failing with Overflow, pieces that overflow alone failing
 rows that are +inf, a piece weighing e^-720 reading KL +inf, and pieces whose own value
 leaves f32 while their row's does not failing the row (now computed in f64) (sixteenth
-session).
+session). In a third of its trials it plants one to three invalid values (NaN, +inf; -inf
+and negatives in probabilities). That found an error that depended on the block size (an f64
+beyond f32 named ahead of a NaN earlier in its block), and reading why, another (a row that
+overflowed named ahead of a NaN in a later block) (eighteenth session).
 """
+import json
 import os
 import shutil
 import subprocess
@@ -107,6 +115,22 @@ def edge_pair(rng, inp, rows, cols):
     return np.array(p), np.array(q)
 
 
+def plant_invalid(rng, inp, p, q):
+    """In a third of the trials, one to three invalid values (NaN, +inf; for probabilities also
+    -inf and negatives) anywhere in P or Q, in place."""
+    if rng.random() >= 1 / 3:
+        return
+    bad = [np.nan, np.inf] + ([-np.inf, -1e-3] if inp == "probs" else [])
+    for _ in range(int(rng.integers(1, 4))):
+        side = p if rng.random() < 0.5 else q
+        side.flat[rng.integers(0, side.size)] = rng.choice(bad)
+
+
+def error_line(run):
+    """The `klgpu: error:` line of a run's stderr (Mesa may print its own lines there)."""
+    return next((l for l in run.stderr.splitlines() if l.startswith("klgpu: error:")), None)
+
+
 def numpy_reference(cmd, inp, p, q, norm):
     """Each row's value from NumPy in f64, from the values as the command line reads them (f32):
     an oracle independent of klgpu's readers and of its CPU reference."""
@@ -166,7 +190,7 @@ def main():
     seed = int(args[0]) if args else 1
     trials = int(args[1]) if len(args) > 1 else 60
     rng = np.random.default_rng(seed)
-    bad = 0
+    bad = named = 0
     with tempfile.TemporaryDirectory() as tmp:
         pf, qf, gf, cf = (os.path.join(tmp, n) for n in ("p.npy", "q.npy", "g.npy", "c.npy"))
         for trial in range(trials):
@@ -177,6 +201,7 @@ def main():
                 dtype = rng.choice([np.float32, np.float32, np.float16, np.float64])
                 with np.errstate(over="ignore"):
                     p, q = (x.astype(dtype) for x in edge_pair(rng, inp, rows, cols))
+                plant_invalid(rng, inp, p, q)
                 blocks = [16, 64, 256, 1024]
             else:
                 rows = int(rng.integers(1, 5))
@@ -196,7 +221,7 @@ def main():
                 # With log-probabilities, --normalize reads them as logits.
                 norm = ["--normalize"] if rng.random() < 0.3 else []
                 base = ["--base", "2"] if edges and rng.random() < 0.2 else []
-                args = [BIN, cmd, *files, "--input", inp, "-q", *norm, *base]
+                args = [BIN, cmd, *files, "--input", inp, "-q", "--json", *norm, *base]
                 g = subprocess.run(args + ["--backend", "gpu", "--block-bytes", block, "--out", gf],
                                    capture_output=True, text=True)
                 c = subprocess.run(args + ["--backend", "cpu", "--out", cf],
@@ -213,8 +238,23 @@ def main():
                     keep(seed, trial, pf, qf)
                     print(f"{what}: exit {g.returncode} vs {c.returncode}: {g.stderr.strip()} | {c.stderr.strip()}")
                     continue
+                named += g.returncode == 2
+                both_overflow = all("the result exceeds the" in run.stderr for run in (g, c))
+                if g.returncode == 2 and error_line(g) != error_line(c) and not both_overflow:
+                    # Bad input: the same element named, whether rows came whole or in pieces
+                    # (rows that overflow: f32's first on the GPU, f64's on the CPU).
+                    bad += 1
+                    keep(seed, trial, pf, qf)
+                    print(f"{what}: GPU said {error_line(g)!r}, reference {error_line(c)!r}")
                 if g.returncode != 0:
                     continue
+                # The summary's counts and top-1 agreement (logits): exact, pieces or not.
+                gs, cs = (json.loads(run.stdout)["summary"] or {} for run in (g, c))
+                for key in ("infinite_rows", "first_infinite_row", "top1_agreement"):
+                    if gs.get(key) != cs.get(key):
+                        bad += 1
+                        keep(seed, trial, pf, qf)
+                        print(f"{what}: summary {key} GPU {gs.get(key)}, reference {cs.get(key)}")
                 # KL of log-probabilities: p = e^a rounded in f32 enters Σ(p − q) (README).
                 with np.errstate(over="ignore", invalid="ignore"):
                     ea = np.exp(np.atleast_2d(p).astype(np.float64))
@@ -235,7 +275,7 @@ def main():
                         bad += 1
                         keep(seed, trial, pf, qf)
                         print(f"{what}, row {i}: GPU {x:.9e}, reference {y:.9e}")
-    print(f"{bad} rows outside the bar")
+    print(f"{bad} rows or errors outside the bar; {named} GPU runs refused bad input")
     sys.exit(1 if bad else 0)
 
 
