@@ -1371,6 +1371,69 @@ fn bad_values_name_file_row_and_column() {
 }
 
 #[test]
+fn the_first_offender_is_named_whatever_the_block_size() {
+    // Errors name the element a single library call over the whole input names first: invalid
+    // values in element order (P before Q), and a row that overflows f32 only where no value
+    // anywhere is invalid. Streamed in blocks, an f64 beyond f32's range in Q's first block
+    // was named ahead of a NaN in P's row 0 (the read failed before the block was computed),
+    // and a row that overflowed in block 0 ahead of a NaN in a later block; with one block
+    // (or on the CPU backend) the NaN was named. The cli_fuzz.py --edges found the first.
+    let dir = tmp();
+    let d = dir.path();
+    let (rows, cols) = (6, 8);
+    let flat = vec![0.125f64; rows * cols];
+    let (mut p, mut q) = (flat.clone(), flat.clone());
+    p[2] = f64::NAN;
+    q[cols + 2] = 3.5e38;
+    let (pf, qf) = (d.join("P.npy"), d.join("Q.npy"));
+    npy_f64(&pf, &[rows, cols], &p);
+    npy_f64(&qf, &[rows, cols], &q);
+    // Log-probabilities: row 0's 100 has e^100 beyond f32 (an overflow of the row, on the
+    // GPU), row 4 holds a NaN.
+    let mut lp = vec![(0.125f32).ln(); rows * cols];
+    lp[1] = 100.0;
+    let mut lq = lp.clone();
+    lq[4 * cols + 3] = f32::NAN;
+    let (lpf, lqf) = (d.join("lp.npy"), d.join("lq.npy"));
+    npy_f32(&lpf, &[rows, cols], &lp);
+    npy_f32(&lqf, &[rows, cols], &lq);
+    let cases = [
+        (
+            vec![s(&pf), s(&qf)],
+            "probs",
+            "P.npy: row 0, column 2: value NaN is NaN",
+        ),
+        // Q's value beyond f32 first, where P's NaN is gone; in pieces (with a first pass
+        // under --normalize) and whole.
+        (
+            vec![s(&qf), s(&qf)],
+            "probs",
+            "Q.npy: row 1, column 2: value 3.5e38 is beyond the range of f32",
+        ),
+        (
+            vec![s(&lpf), s(&lqf)],
+            "log-probs",
+            "lq.npy: row 4, column 3: value NaN is NaN",
+        ),
+    ];
+    for (files, input, want) in cases {
+        for backend in ["gpu", "cpu"] {
+            for block in ["4", "16", "32", "96", "100000"] {
+                for norm in [&[][..], &["--normalize"][..]] {
+                    let mut args = strings(&["kl"]);
+                    args.extend(strings(&files));
+                    args.extend(strings(&["--input", input, "--backend", backend]));
+                    args.extend(strings(&["--block-bytes", block]));
+                    args.extend(strings(norm));
+                    let line = expect_bad(d, args.clone(), &[]);
+                    assert!(line.contains(want), "{args:?}: {line}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn failure_keeps_an_existing_output_file() {
     let dir = tmp();
     let p = dir.path().join("p.npy");

@@ -6,6 +6,8 @@ use std::fmt;
 
 use klgpu::{Error, Problem};
 
+use crate::source::Beyond;
+
 /// Exit code for bad input: unreadable or malformed files, invalid values, bad arguments.
 /// clap uses the same code for usage errors.
 pub const EXIT_INPUT: i32 = 2;
@@ -60,6 +62,10 @@ pub struct Origin<'a> {
     pub first_col: usize,
     /// The input is 1-D: positions are printed as `index N`, not as row and column.
     pub one_d: bool,
+    /// P's and Q's first f64 beyond f32's range in the block, read as NaN
+    /// ([`crate::source::Source::read_f32`]): named as the file holds it where the library
+    /// finds that NaN first.
+    pub beyond: [Option<Beyond>; 2],
 }
 
 impl Origin<'_> {
@@ -68,24 +74,23 @@ impl Origin<'_> {
         match err {
             Error::InvalidValue {
                 side,
+                index,
                 row,
                 col,
                 value,
                 problem,
-                ..
             } => {
-                let label = match side {
-                    klgpu::Side::P => self.p_label,
-                    klgpu::Side::Q => self.q_label,
+                let (label, beyond) = match side {
+                    klgpu::Side::P => (self.p_label, self.beyond[0]),
+                    klgpu::Side::Q => (self.q_label, self.beyond[1]),
                 };
-                invalid_value(
-                    label,
-                    self.one_d,
-                    self.first_row + row,
-                    self.first_col + col,
-                    value,
-                    problem,
-                )
+                let (row, col) = (self.first_row + row, self.first_col + col);
+                match beyond {
+                    Some((i, value)) if i == index => {
+                        beyond_f32(label, self.one_d, row, col, value)
+                    }
+                    _ => invalid_value(label, self.one_d, row, col, value, problem),
+                }
             }
             Error::Overflow { row, .. } => {
                 let files = if self.q_label.is_empty() || self.q_label == self.p_label {
@@ -118,6 +123,24 @@ impl Origin<'_> {
     }
 }
 
+/// The message for an f64 element f32 cannot hold.
+pub fn beyond_f32(label: &str, one_d: bool, row: usize, col: usize, value: f64) -> CliError {
+    CliError::input(format!(
+        "{label}: {}: value {value:e} is beyond the range of f32 (±3.4e38), in which klgpu \
+         computes; scale the input down",
+        position(one_d, row, col)
+    ))
+}
+
+/// An element as the user knows it: `index N` in 1-D, `row R, column C` in 2-D.
+fn position(one_d: bool, row: usize, col: usize) -> String {
+    if one_d {
+        format!("index {col}")
+    } else {
+        format!("row {row}, column {col}")
+    }
+}
+
 /// The message for a rejected element: `FILE: row R, column C: value V is NaN`.
 pub fn invalid_value(
     label: &str,
@@ -130,8 +153,10 @@ pub fn invalid_value(
     let msg = match (problem, one_d) {
         (Problem::EmptyRow, true) => format!("{label}: {problem}"),
         (Problem::EmptyRow, false) => format!("{label}: row {row}: {problem}"),
-        (_, true) => format!("{label}: index {col}: value {value} {problem}"),
-        (_, false) => format!("{label}: row {row}, column {col}: value {value} {problem}"),
+        _ => format!(
+            "{label}: {}: value {value} {problem}",
+            position(one_d, row, col)
+        ),
     };
     // Negative values are most often log-space data read as probabilities (the default).
     let hint = match problem {
@@ -156,6 +181,7 @@ mod tests {
             first_row: 10,
             first_col: 0,
             one_d: false,
+            beyond: [None, Some((3, 4e38))],
         };
         let err = origin.map(Error::InvalidValue {
             side: klgpu::Side::Q,
@@ -167,6 +193,20 @@ mod tests {
         });
         assert_eq!(err.code, EXIT_INPUT);
         assert_eq!(err.message, "Q.npy: row 10, column 17: value NaN is NaN");
+        // Q's element 3 is the NaN that stands for an f64 beyond f32.
+        let err = origin.map(Error::InvalidValue {
+            side: klgpu::Side::Q,
+            index: 3,
+            row: 0,
+            col: 3,
+            value: f32::NAN,
+            problem: Problem::NaN,
+        });
+        assert_eq!(
+            err.message,
+            "Q.npy: row 10, column 3: value 4e38 is beyond the range of f32 (±3.4e38), in \
+             which klgpu computes; scale the input down"
+        );
         let err = origin.map(Error::Gpu("lost".into()));
         assert_eq!(err.code, EXIT_RUNTIME);
         let err = origin.map(Error::Overflow {
@@ -204,6 +244,7 @@ mod tests {
             first_row: 0,
             first_col: 4096,
             one_d: true,
+            beyond: [Some((5, -1e39)), None],
         };
         let err = origin.map(Error::InvalidValue {
             side: klgpu::Side::P,
@@ -217,6 +258,20 @@ mod tests {
             err.message,
             "p.npy: index 4099: value -1 is negative; probabilities must be >= 0 (for \
              log-probabilities or logits pass --input log-probs or --input logits)"
+        );
+        let err = origin.map(Error::InvalidValue {
+            side: klgpu::Side::P,
+            index: 5,
+            row: 0,
+            col: 5,
+            value: f32::NAN,
+            problem: Problem::NaN,
+        });
+        assert!(
+            err.message
+                .starts_with("p.npy: index 4101: value -1e39 is beyond"),
+            "{}",
+            err.message
         );
     }
 }

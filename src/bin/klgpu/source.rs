@@ -186,12 +186,17 @@ impl Source {
     }
 
     /// Reads elements `start .. start + count` into `out` (replacing its contents) as f32.
+    /// An f64 beyond f32's range is read as NaN, which every input kind rejects, and the
+    /// first such element comes back as `(index in out, value)`: so it is flagged in its
+    /// place in element order, like any invalid value, and named as the file holds it
+    /// ([`crate::error::Origin`]). (Failing the read instead named it ahead of invalid values
+    /// earlier in the same block, so the error depended on the block size.)
     pub fn read_f32(
         &mut self,
         start: usize,
         count: usize,
         out: &mut Vec<f32>,
-    ) -> Result<(), CliError> {
+    ) -> Result<Option<Beyond>, CliError> {
         out.clear();
         out.reserve_exact(count);
         let size = self.dtype.size();
@@ -200,40 +205,33 @@ impl Source {
         self.file.seek(SeekFrom::Start(offset)).map_err(fail)?;
         let per_chunk = (READ_CHUNK / size).max(1);
         let mut left = count;
+        let mut first_beyond = None;
         while left > 0 {
             let n = left.min(per_chunk);
             self.scratch.resize(n * size, 0);
             self.file.read_exact(&mut self.scratch).map_err(fail)?;
-            if let Err((i, value)) = convert(self.dtype, &self.scratch, out) {
-                let at = self.position(start + (count - left) + i);
-                return Err(CliError::input(format!(
-                    "{}: {at}: value {value:e} is beyond the range of f32 (±3.4e38), in which \
-                     klgpu computes; scale the input down",
-                    self.label
-                )));
-            }
+            let done = count - left;
+            let beyond = convert(self.dtype, &self.scratch, out);
+            first_beyond = first_beyond.or(beyond.map(|(i, value)| (done + i, value)));
             left -= n;
         }
-        Ok(())
-    }
-
-    /// Element `index` as the user knows it: `index N` in 1-D, `row R, column C` in 2-D.
-    fn position(&self, index: usize) -> String {
-        match self.shape[..] {
-            [_, cols] => format!("row {}, column {}", index / cols, index % cols),
-            _ => format!("index {index}"),
-        }
+        Ok(first_beyond)
     }
 }
+
+/// The first element of a read whose f64 value is beyond f32's range: its index in the read
+/// and the value in the file.
+pub type Beyond = (usize, f64);
 
 /// Elements per batch of `convert_halves`.
 const HALF_BATCH: usize = 1024;
 
-/// Appends the little-endian elements in `raw` to `out` as f32. Fails with the position and
-/// value of the first f64 that is finite but would round to ±∞, which would then be reported
-/// as "infinite", a value the file does not hold. (Nonzero f64 values below f32's smallest
-/// subnormal become 0, as in any f32 conversion.)
-fn convert(dtype: Dtype, raw: &[u8], out: &mut Vec<f32>) -> Result<(), (usize, f64)> {
+/// Appends the little-endian elements in `raw` to `out` as f32. An f64 that is finite but
+/// would round to ±∞ (reported as "infinite", a value the file does not hold) is appended as
+/// NaN instead; the first one's position in `raw` and value come back. (Nonzero f64 values
+/// below f32's smallest subnormal become 0, as in any f32 conversion.)
+fn convert(dtype: Dtype, raw: &[u8], out: &mut Vec<f32>) -> Option<Beyond> {
+    let mut first_beyond = None;
     match dtype {
         Dtype::F32 => out.extend(
             raw.chunks_exact(4)
@@ -244,9 +242,11 @@ fn convert(dtype: Dtype, raw: &[u8], out: &mut Vec<f32>) -> Result<(), (usize, f
                 let v = f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
                 let x = v as f32;
                 if x.is_infinite() && v.is_finite() {
-                    return Err((i, v));
+                    first_beyond = first_beyond.or(Some((i, v)));
+                    out.push(f32::NAN);
+                } else {
+                    out.push(x);
                 }
-                out.push(x);
             }
         }
         Dtype::F16 => convert_halves(raw, out, |bits, dst| {
@@ -258,7 +258,7 @@ fn convert(dtype: Dtype, raw: &[u8], out: &mut Vec<f32>) -> Result<(), (usize, f
                 .convert_to_f32_slice(dst)
         }),
     }
-    Ok(())
+    first_beyond
 }
 
 /// Appends little-endian f16 or bf16 elements as f32 by half's slice conversion (`to_f32`),
@@ -417,20 +417,18 @@ mod tests {
     #[test]
     fn converts_every_dtype() {
         let mut out = Vec::new();
-        convert(Dtype::F64, &0.1f64.to_le_bytes(), &mut out).unwrap();
+        assert_eq!(convert(Dtype::F64, &0.1f64.to_le_bytes(), &mut out), None);
         convert(
             Dtype::F16,
             &half::f16::from_f32(0.5).to_le_bytes(),
             &mut out,
-        )
-        .unwrap();
+        );
         convert(
             Dtype::BF16,
             &half::bf16::from_f32(-2.0).to_le_bytes(),
             &mut out,
-        )
-        .unwrap();
-        convert(Dtype::F32, &f32::NAN.to_le_bytes(), &mut out).unwrap();
+        );
+        convert(Dtype::F32, &f32::NAN.to_le_bytes(), &mut out);
         assert_eq!(out[..3], [0.1f32, 0.5, -2.0]);
         assert!(out[3].is_nan());
     }
@@ -444,7 +442,7 @@ mod tests {
         raw.extend(all.iter().flat_map(|b| b.to_le_bytes()));
         for dtype in [Dtype::F16, Dtype::BF16] {
             let mut out = vec![7.0];
-            convert(dtype, &raw[1..], &mut out).unwrap();
+            assert_eq!(convert(dtype, &raw[1..], &mut out), None);
             assert_eq!(out.len(), all.len() + 1, "{dtype:?}");
             assert_eq!(out[0], 7.0, "{dtype:?}: what was there stays");
             for (&b, &got) in all.iter().zip(&out[1..]) {
@@ -465,11 +463,13 @@ mod tests {
             .flat_map(|v| v.to_le_bytes())
             .collect();
         // ±∞ in the file is the file's own (reported as infinite later); 3.4e38 rounds to
-        // f32::MAX; 3.5e38 would read +∞.
+        // f32::MAX; 3.5e38 and -1e300 would read ±∞: they read NaN, and the first is named.
         let mut out = Vec::new();
-        assert_eq!(convert(Dtype::F64, &raw, &mut out), Err((3, 3.5e38)));
+        assert_eq!(convert(Dtype::F64, &raw, &mut out), Some((3, 3.5e38)));
+        assert_eq!(out[..3], [1.0, f32::INFINITY, 3.4e38]);
+        assert!(out[3..].iter().all(|x| x.is_nan()), "{out:?}");
         out.clear();
-        assert_eq!(convert(Dtype::F64, &raw[..24], &mut out), Ok(()));
+        assert_eq!(convert(Dtype::F64, &raw[..24], &mut out), None);
         assert_eq!(out, [1.0, f32::INFINITY, 3.4e38]);
     }
 

@@ -40,9 +40,9 @@ use std::time::Duration;
 use klgpu::{Input, Measure, Options, Problem};
 
 use crate::compute::Backend;
-use crate::error::{CliError, Origin, invalid_value};
+use crate::error::{CliError, Origin, beyond_f32, invalid_value};
 use crate::progress::Progress;
-use crate::source::{Source, Values};
+use crate::source::{Beyond, Source, Values};
 
 /// Default block size: bytes of f32 per input (32 MiB = 8 Mi elements), rounded to whole rows.
 /// Measured on lavapipe with two 4 GiB inputs: peak RSS 440 MB when first built (64 MiB blocks:
@@ -135,6 +135,8 @@ struct Block {
     row_end: Option<Option<bool>>,
     /// For a piece of a row: how its value enters the row's; `None` for whole rows.
     piece: Option<PieceTerm>,
+    /// P's and Q's first f64 beyond f32's range in the block, read as NaN.
+    beyond: [Option<Beyond>; 2],
 }
 
 /// A piece's part of its row's value: weight·value + extra, or extra alone where the piece
@@ -299,6 +301,10 @@ fn consume(
     let mut pieces: Vec<f64> = Vec::new();
     // The first piece of the current row whose value overflowed f32 (or f64, on the CPU).
     let mut piece_overflow: Option<CliError> = None;
+    // The first row that overflowed. It is reported only at the end: an invalid value
+    // anywhere in the input comes first, as in one library call over the whole input, so the
+    // error does not depend on the block size.
+    let mut first_overflow: Option<CliError> = None;
     loop {
         let block = match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(block) => block?,
@@ -314,6 +320,7 @@ fn consume(
             first_row: block.first_row,
             first_col: block.first_col,
             one_d: layout.one_d,
+            beyond: block.beyond,
         };
         let placeholder = || klgpu::RowResults {
             values: vec![0.0],
@@ -341,6 +348,13 @@ fn consume(
                         placeholder()
                     })
                 }
+                Err(e @ klgpu::Error::Overflow { .. }) => {
+                    first_overflow.get_or_insert(origin.map(e));
+                    klgpu::RowResults {
+                        values: vec![0.0; block.p.len() / block.cols],
+                        top1_agree: None,
+                    }
+                }
                 result => result.map_err(|e| origin.map(e))?,
             }
         };
@@ -352,7 +366,7 @@ fn consume(
                 if let Some(overflow) = piece_overflow.take()
                     && value != f64::INFINITY
                 {
-                    return Err(overflow);
+                    first_overflow.get_or_insert(overflow);
                 }
                 out.values.push(value);
                 if let Some(agree) = top1 {
@@ -368,6 +382,9 @@ fn consume(
         progress.inc(block.p.len() as u64);
         progress.tick();
         give_back(recycle, block.p, block.q);
+    }
+    if let Some(overflow) = first_overflow {
+        return Err(overflow);
     }
     if out.values.len() != layout.rows {
         return Err(CliError::runtime(format!(
@@ -427,6 +444,9 @@ impl From<CliError> for Halt {
 /// Blocks smaller than this (elements) read P and Q in turn: a thread costs about as much as
 /// reading 64 Ki elements (6,250 blocks of 16 took 0.39 s instead of 0.19 s).
 const PARALLEL_READ_MIN: usize = 1 << 16;
+
+/// P and Q read as f32 (Q if there is one), with each side's first f64 beyond f32.
+type F32Read = (Vec<f32>, Option<Vec<f32>>, [Option<Beyond>; 2]);
 
 /// The reader thread's state.
 struct Reader {
@@ -556,16 +576,16 @@ impl Reader {
     }
 
     /// Reads elements `start .. start + count` of P and Q as f32, into spare buffers if there
-    /// are any.
-    fn read(&mut self, start: usize, count: usize) -> Result<(Vec<f32>, Option<Vec<f32>>), Halt> {
+    /// are any, with each side's first f64 beyond f32 (read as NaN).
+    fn read(&mut self, start: usize, count: usize) -> Result<F32Read, Halt> {
         let (mut p, mut q) = (self.spare_f32(), self.spare_f32());
-        let read_q = self.read_both(
+        let beyond = self.read_both(
             count,
             |src, out| src.read_f32(start, count, out),
             &mut p,
             &mut q,
         )?;
-        Ok((p, read_q.then_some(q)))
+        Ok((p, self.q.is_some().then_some(q), beyond))
     }
 
     /// Reads elements `start .. start + count` of P and Q as stored, in `dtype`.
@@ -576,31 +596,31 @@ impl Reader {
         dtype: klgpu::Dtype,
     ) -> Result<(Values, Option<Values>), Halt> {
         let (mut p, mut q) = (self.spare_half(), self.spare_half());
-        let read_q = self.read_both(
+        self.read_both(
             count,
-            |src, out| src.read_half(start, count, out),
+            |src, out| src.read_half(start, count, out).map(|()| None),
             &mut p,
             &mut q,
         )?;
         Ok((
             Values::Half(p, dtype),
-            read_q.then_some(Values::Half(q, dtype)),
+            self.q.is_some().then_some(Values::Half(q, dtype)),
         ))
     }
 
-    /// Runs `read` for P and, if there is one, for Q (then returns true), Q on a second
-    /// thread: reading and converting is CPU work (a few GB/s per core), and on a fast GPU it
-    /// is the command line's bottleneck. P's error comes first, as read in turn.
+    /// Runs `read` for P and, if there is one, for Q, Q on a second thread: reading and
+    /// converting is CPU work (a few GB/s per core), and on a fast GPU it is the command
+    /// line's bottleneck. P's error comes first, as read in turn. Returns what each read
+    /// returned (None for a Q that is not there).
     fn read_both<T: Send>(
         &mut self,
         count: usize,
-        read: impl Fn(&mut Source, &mut Vec<T>) -> Result<(), CliError> + Sync,
+        read: impl Fn(&mut Source, &mut Vec<T>) -> Result<Option<Beyond>, CliError> + Sync,
         p: &mut Vec<T>,
         q: &mut Vec<T>,
-    ) -> Result<bool, Halt> {
+    ) -> Result<[Option<Beyond>; 2], Halt> {
         let Some(q_src) = &mut self.q else {
-            read(&mut self.p, p)?;
-            return Ok(false);
+            return Ok([read(&mut self.p, p)?, None]);
         };
         let (p_read, q_read) = if count < PARALLEL_READ_MIN {
             let p_read = read(&mut self.p, p);
@@ -615,9 +635,7 @@ impl Reader {
                 (p_read, q_read)
             })
         };
-        p_read?;
-        q_read?;
-        Ok(true)
+        Ok([p_read?, q_read?])
     }
 
     fn produce(&mut self, plan: Plan) -> Result<(), Halt> {
@@ -628,11 +646,14 @@ impl Reader {
                 let stored = self.stored_half();
                 while row < rows {
                     let n = rows_per_block.min(rows - row);
-                    let (p, q) = match stored {
-                        Some(dtype) => self.read_stored(row * cols, n * cols, dtype)?,
+                    let (p, q, beyond) = match stored {
+                        Some(dtype) => {
+                            let (p, q) = self.read_stored(row * cols, n * cols, dtype)?;
+                            (p, q, [None; 2])
+                        }
                         None => {
-                            let (p, q) = self.read(row * cols, n * cols)?;
-                            (Values::F32(p), q.map(Values::F32))
+                            let (p, q, beyond) = self.read(row * cols, n * cols)?;
+                            (Values::F32(p), q.map(Values::F32), beyond)
                         }
                     };
                     self.send(Block {
@@ -644,6 +665,7 @@ impl Reader {
                         opts: self.opts,
                         row_end: None,
                         piece: None,
+                        beyond,
                     })?;
                     row += n;
                 }
@@ -678,7 +700,7 @@ impl Reader {
         let mut col = 0;
         while col < cols {
             let n = piece.min(cols - col);
-            let (mut p, mut q) = self.read(base + col, n)?;
+            let (mut p, mut q, beyond) = self.read(base + col, n)?;
             let mut opts = self.opts;
             let mut term = PieceTerm::WHOLE;
             if let Some(scan) = &scans {
@@ -729,6 +751,7 @@ impl Reader {
                 opts,
                 row_end,
                 piece: Some(term),
+                beyond,
             })?;
         }
         Ok(())
@@ -744,7 +767,7 @@ impl Reader {
         let mut col = 0;
         while col < cols {
             let n = piece.min(cols - col);
-            let (p, q) = self.read(row * cols + col, n)?;
+            let (p, q, [beyond_p, beyond_q]) = self.read(row * cols + col, n)?;
             if col == 0 {
                 sp.first = p[0];
                 sq.first = q.as_ref().map_or(0.0, |q| q[0]);
@@ -752,12 +775,15 @@ impl Reader {
             let one_d = self.layout.one_d;
             let (mut pp, mut pq) = (RowScan::new(), RowScan::new());
             for i in 0..n {
-                let at = |x: f32, scans: &mut [&mut RowScan], label: &str| {
-                    scan_one(kind, input, one_d, row, col + i, x, scans, label)
-                };
-                at(p[i], &mut [&mut sp, &mut pp], &self.p.label)?;
+                let at =
+                    |x: f32, beyond: Option<Beyond>, scans: &mut [&mut RowScan], label: &str| {
+                        // The file's value, where this element is an f64 beyond f32 read as NaN.
+                        let beyond = beyond.filter(|&(j, _)| j == i).map(|(_, v)| v);
+                        scan_one(kind, input, one_d, (row, col + i), x, beyond, scans, label)
+                    };
+                at(p[i], beyond_p, &mut [&mut sp, &mut pp], &self.p.label)?;
                 if let (Some(q), Some(src)) = (&q, &self.q) {
-                    at(q[i], &mut [&mut sq, &mut pq], &src.label)?;
+                    at(q[i], beyond_q, &mut [&mut sq, &mut pq], &src.label)?;
                 }
             }
             pieces.push((pp, self.q.is_some().then_some(pq)));
@@ -798,19 +824,23 @@ fn give_back(recycle: &Sender<Values>, p: Values, q: Option<Values>) {
 }
 
 /// Validates one element of a long row and folds it into the scans (the row's, the piece's).
+/// `beyond`: the file's value, where `x` is the NaN read for an f64 beyond f32.
 #[allow(clippy::too_many_arguments)]
 fn scan_one(
     kind: Prepass,
     input: Input,
     one_d: bool,
-    row: usize,
-    col: usize,
+    (row, col): (usize, usize),
     x: f32,
+    beyond: Option<f64>,
     scans: &mut [&mut RowScan],
     label: &str,
 ) -> Result<(), CliError> {
     if let Some(problem) = input.problem(x) {
-        return Err(invalid_value(label, one_d, row, col, x, problem));
+        return Err(match beyond {
+            Some(value) => beyond_f32(label, one_d, row, col, value),
+            None => invalid_value(label, one_d, row, col, x, problem),
+        });
     }
     for scan in scans {
         scan.push(kind, col, x);
