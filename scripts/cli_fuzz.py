@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Differential fuzz of the klgpu binary: the GPU against `--backend cpu` (the f64 reference)
-on random .npy inputs — probabilities, log-probabilities and logits, close and far pairs,
-f16/f32/f64, 1-D and 2-D, with and without --normalize, and small --block-bytes so that rows
+on random .npy and safetensors inputs — probabilities, log-probabilities and logits, close and far pairs,
+f16/bf16/f32/f64, 1-D and 2-D, with and without --normalize, and small --block-bytes so that rows
 are cut into pieces and streamed. Prints every row outside the precision bar (relative 1e-5,
 or 1e-11 absolute below 1e-6; with the README's allowances for JS on rows cut into pieces and
 for KL of log-probabilities), and every row where the CPU reference and NumPy's own f64
@@ -11,7 +11,7 @@ and exits 1 if there was one.
     cargo build --release && python3 scripts/cli_fuzz.py [SEED] [TRIALS] [--edges]
 
 With CLI_FUZZ_KEEP=DIR set, the inputs of every trial with a row outside the bar are kept
-there as SEED_TRIAL_p.npy and SEED_TRIAL_q.npy.
+there as SEED_TRIAL_p.npy and SEED_TRIAL_q.npy (SEED_TRIAL_pq.safetensors).
 
 It found the long-logits-row bug fixed in e24971f (pieces fed as rounded log-probabilities) and
 a float16 row whose normalized KL came out 2.8e-4 off (fixed in e907f0a).
@@ -38,6 +38,7 @@ overflowed named ahead of a NaN in a later block) (eighteenth session).
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -131,6 +132,49 @@ def error_line(run):
     return next((l for l in run.stderr.splitlines() if l.startswith("klgpu: error:")), None)
 
 
+def bf16(x):
+    """x rounded to bfloat16 (to nearest, ties to even; NaN stays NaN), as (bits, values as
+    float32)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    b = x.view(np.uint32).astype(np.uint64)
+    bits = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
+    bits[np.isnan(x)] = 0x7FC0
+    return bits, (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def save_safetensors(path, tensors):
+    """Writes {name: (safetensors dtype, array)} as one safetensors file."""
+    header, blobs, at = {}, [], 0
+    for name, (dtype, a) in tensors.items():
+        raw = np.ascontiguousarray(a).tobytes()
+        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [at, at + len(raw)]}
+        blobs.append(raw)
+        at += len(raw)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def as_safetensors(rng, p, q, path):
+    """In three trials of ten, P and Q as tensors "p" and "q" of one safetensors file, in F32,
+    F64, F16 or BF16: returns the arguments that name them, the dtype, and P and Q as stored
+    (BF16 as float32 values); otherwise None. Its own rng, so the .npy trials stay as seeded."""
+    if rng.random() >= 0.3:
+        return None
+    kind = str(rng.choice(["F32", "F64", "F16", "BF16"]))
+    with np.errstate(over="ignore", invalid="ignore"):
+        if kind == "BF16":
+            (pb, p), (qb, q) = bf16(p), bf16(q)
+            tensors = {"p": (kind, pb), "q": (kind, qb)}
+        else:
+            t = {"F32": "<f4", "F64": "<f8", "F16": "<f2"}[kind]
+            p, q = p.astype(t), q.astype(t)
+            tensors = {"p": (kind, p), "q": (kind, q)}
+    save_safetensors(path, tensors)
+    return kind, p, q
+
+
 def numpy_reference(cmd, inp, p, q, norm):
     """Each row's value from NumPy in f64, from the values as the command line reads them (f32):
     an oracle independent of klgpu's readers and of its CPU reference."""
@@ -175,13 +219,13 @@ def within(g, c, allowance):
     return err <= 1e-11 if abs(c) < 1e-6 else err <= 1e-5 * abs(c)
 
 
-def keep(seed, trial, pf, qf):
-    """Copies a failing trial's inputs to $CLI_FUZZ_KEEP, if set."""
+def keep(seed, trial, inputs):
+    """Copies a failing trial's input files to $CLI_FUZZ_KEEP, if set, as SEED_TRIAL_NAME."""
     dest = os.environ.get("CLI_FUZZ_KEEP")
     if dest:
         os.makedirs(dest, exist_ok=True)
-        for side, path in (("p", pf), ("q", qf)):
-            shutil.copyfile(path, os.path.join(dest, f"{seed}_{trial}_{side}.npy"))
+        for path in inputs:
+            shutil.copyfile(path, os.path.join(dest, f"{seed}_{trial}_{os.path.basename(path)}"))
 
 
 def main():
@@ -190,9 +234,11 @@ def main():
     seed = int(args[0]) if args else 1
     trials = int(args[1]) if len(args) > 1 else 60
     rng = np.random.default_rng(seed)
+    container_rng = np.random.default_rng([seed, 1])
     bad = named = 0
     with tempfile.TemporaryDirectory() as tmp:
         pf, qf, gf, cf = (os.path.join(tmp, n) for n in ("p.npy", "q.npy", "g.npy", "c.npy"))
+        sf = os.path.join(tmp, "pq.safetensors")
         for trial in range(trials):
             inp = ["probs", "log-probs", "logits"][trial % 3]
             if edges:
@@ -215,9 +261,15 @@ def main():
                 p, q = p[0], q[0]
             np.save(pf, p)
             np.save(qf, q)
+            stored = as_safetensors(container_rng, p, q, sf)
+            dtype_name = dtype.__name__
+            if stored:
+                dtype_name, p, q = stored
             block = str(int(rng.choice(blocks)))
             for cmd in ["kl", "ce", "js", "entropy"]:
                 files = [pf] if cmd == "entropy" else [pf, qf]
+                if stored:
+                    files = [sf, "--tensor", "p"] + ([] if cmd == "entropy" else [sf, "--tensor-q", "q"])
                 # With log-probabilities, --normalize reads them as logits.
                 norm = ["--normalize"] if rng.random() < 0.3 else []
                 base = ["--base", "2"] if edges and rng.random() < 0.2 else []
@@ -226,7 +278,7 @@ def main():
                                    capture_output=True, text=True)
                 c = subprocess.run(args + ["--backend", "cpu", "--out", cf],
                                    capture_output=True, text=True)
-                what = f"seed {seed} trial {trial}: {cmd} {inp} {dtype.__name__} {rows}x{cols} block {block} {' '.join(norm + base)}"
+                what = f"seed {seed} trial {trial}: {cmd} {inp} {dtype_name} {rows}x{cols} block {block} {' '.join(norm + base)}"
                 if g.returncode != c.returncode:
                     if edges and "the result exceeds the" in g.stderr:
                         # Beyond f32 arithmetic: then the GPU must say so on whole rows too.
@@ -235,7 +287,7 @@ def main():
                         if "the result exceeds the" in whole.stderr:
                             continue
                     bad += 1
-                    keep(seed, trial, pf, qf)
+                    keep(seed, trial, [sf] if stored else [pf, qf])
                     print(f"{what}: exit {g.returncode} vs {c.returncode}: {g.stderr.strip()} | {c.stderr.strip()}")
                     continue
                 named += g.returncode == 2
@@ -244,7 +296,7 @@ def main():
                     # Bad input: the same element named, whether rows came whole or in pieces
                     # (rows that overflow: f32's first on the GPU, f64's on the CPU).
                     bad += 1
-                    keep(seed, trial, pf, qf)
+                    keep(seed, trial, [sf] if stored else [pf, qf])
                     print(f"{what}: GPU said {error_line(g)!r}, reference {error_line(c)!r}")
                 if g.returncode != 0:
                     continue
@@ -253,7 +305,7 @@ def main():
                 for key in ("infinite_rows", "first_infinite_row", "top1_agreement"):
                     if gs.get(key) != cs.get(key):
                         bad += 1
-                        keep(seed, trial, pf, qf)
+                        keep(seed, trial, [sf] if stored else [pf, qf])
                         print(f"{what}: summary {key} GPU {gs.get(key)}, reference {cs.get(key)}")
                 # KL of log-probabilities: p = e^a rounded in f32 enters Σ(p − q) (README).
                 with np.errstate(over="ignore", invalid="ignore"):
@@ -273,7 +325,7 @@ def main():
                         allowance = max(allowance, 2e-7)
                     if not within(x, y, allowance):
                         bad += 1
-                        keep(seed, trial, pf, qf)
+                        keep(seed, trial, [sf] if stored else [pf, qf])
                         print(f"{what}, row {i}: GPU {x:.9e}, reference {y:.9e}")
     print(f"{bad} rows or errors outside the bar; {named} GPU runs refused bad input")
     sys.exit(1 if bad else 0)
