@@ -561,8 +561,9 @@ fn engine_is_send_and_sync_and_correct_under_concurrency() {
 fn concurrent_calls_report_their_own_invalid_values() {
     // Threads share an engine's pooled scratch, flag and upload buffers: each call must still
     // get its own result and its own error, never a neighbour's flag. Four threads run the
-    // edge fuzz of GPU buffers, recordings and host slices at once; four stream rows through
-    // 4 KiB windows, blocking and async, half of their calls with one planted invalid value.
+    // edge fuzz of GPU buffers, recordings and host slices at once; four compute rows from
+    // host slices (two of them through 4 KiB windows), blocking and async, half of their calls
+    // with one planted invalid value.
     // `KLGPU_FUZZ_SEEDS=FIRST..` moves every thread's seed by FIRST.
     let base = fuzz_seeds().map_or(500, |seeds| seeds.start);
     std::thread::scope(|s| {
