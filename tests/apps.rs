@@ -1226,3 +1226,172 @@ fn invalid_values_in_gpu_buffers_are_named_as_from_host_slices() {
         invalid_values_named_as_from_host_slices::<f32>(seed);
     }
 }
+
+/// An engine on a device whose storage bindings hold 64 KiB (16,384 f32) while its buffers may
+/// be larger: GPU buffers beyond one binding go through windows (binding ranges of the
+/// caller's buffers), and rows longer than a window through several, as a buffer beyond
+/// lavapipe's 128 MiB binding would, on small data.
+fn small_binding_engine() -> &'static Engine {
+    static ENGINE: std::sync::OnceLock<Engine> = std::sync::OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapter =
+            pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
+                .expect("tests need a GPU adapter (lavapipe counts)");
+        let descriptor = wgpu::DeviceDescriptor {
+            required_limits: wgpu::Limits {
+                max_storage_buffer_binding_size: 1 << 16,
+                ..wgpu::Limits::default()
+            },
+            ..Default::default()
+        };
+        let (device, queue) = pollster::block_on(adapter.request_device(&descriptor)).unwrap();
+        Engine::from_device(device, queue).unwrap()
+    })
+}
+
+/// `x` after `pad` NaNs, uploaded: its slice starts off every binding alignment.
+fn padded_upload<T: klgpu::Element>(e: &Engine, label: &str, x: &[T], pad: usize) -> wgpu::Buffer {
+    let nan = narrow::<T>(&vec![f32::NAN; pad]);
+    e.create_buffer_init(label, &[&nan[..], x].concat())
+        .unwrap()
+}
+
+#[test]
+fn gpu_buffers_beyond_one_binding_go_through_windows() {
+    // Windows of the caller's buffers start at aligned offsets with the rest passed as a
+    // shift, and a row split across windows carries its state from one to the next: every
+    // measure, input kind and normalization, rows across windows, rows longer than one and a
+    // single long row, blocking and recorded; the loss and its gradient; errors in the last
+    // window; bf16 buffers.
+    let e = small_binding_engine();
+    assert_eq!(e.device().limits().max_storage_buffer_binding_size, 1 << 16);
+    let mut r = rng(31);
+    for (rows, cols) in [(300, 333), (5, 30_001), (1, 100_003)] {
+        let n = rows * cols;
+        for input in [Input::Probs, Input::LogProbs, Input::Logits] {
+            let (p, q) = match input {
+                Input::Logits => (logits(&mut r, n, 3.0), logits(&mut r, n, 3.0)),
+                _ => (
+                    dirichlet(&mut r, rows, cols, 0.5),
+                    dirichlet(&mut r, rows, cols, 0.5),
+                ),
+            };
+            let (p, q) = match input {
+                Input::LogProbs => (
+                    p.iter().map(|x| x.ln()).collect(),
+                    q.iter().map(|x| x.ln()).collect(),
+                ),
+                _ => (p, q),
+            };
+            // P 3 and Q 7 elements into their buffers: shifted apart, four-aligned alike.
+            let (pb, qb) = (padded_upload(e, "p", &p, 3), padded_upload(e, "q", &q, 7));
+            let (ps, qs) = (pb.slice(12..), qb.slice(28..));
+            let out = e.create_f32_buffer("out", rows as u64).unwrap();
+            for m in Measure::ALL {
+                for normalize in [false, true] {
+                    let opts = Options {
+                        input,
+                        normalize,
+                        ..Default::default()
+                    };
+                    let what = format!("{rows} × {cols} {m:?} {input:?} normalize={normalize}");
+                    let want = cpu::rows(m, &p, m.uses_q().then_some(&q[..]), cols, &opts)
+                        .unwrap()
+                        .values;
+                    let qs = m.uses_q().then_some(qs);
+                    e.rows_buffers(m, ps, qs, cols, &opts, out.slice(..))
+                        .unwrap();
+                    assert_rows_close(&read_f64(e, &out), &want, &what);
+                    if normalize {
+                        continue;
+                    }
+                    let recorded = e.create_f32_buffer("recorded", rows as u64).unwrap();
+                    recorded_rows(e, m, ps, qs, cols, &opts, recorded.slice(..)).unwrap();
+                    assert_rows_close(&read_f64(e, &recorded), &want, &format!("{what}, recorded"));
+                }
+            }
+            // The first invalid value, in the last window, and a row of Q with no mass.
+            let mut bad = q.clone();
+            if input != Input::LogProbs {
+                let empty = if input == Input::Logits {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                };
+                bad[(rows - 1) * cols..].fill(empty);
+            }
+            bad[n - 7] = f32::NAN;
+            let bb = padded_upload(e, "bad", &bad, 7);
+            let opts = Options {
+                input,
+                normalize: input == Input::Probs,
+                ..Default::default()
+            };
+            let kl = Measure::KullbackLeibler;
+            let err = e.rows_buffers(kl, ps, Some(bb.slice(28..)), cols, &opts, out.slice(..));
+            let want = cpu::rows(kl, &p, Some(&bad), cols, &opts).unwrap_err();
+            assert!(
+                matches!(want, Error::InvalidValue { side: Side::Q, index, problem: Problem::NaN, .. } if index == n - 7),
+                "{want}"
+            );
+            assert_eq!(
+                err.unwrap_err().to_string(),
+                want.to_string(),
+                "{rows} × {cols} {input:?}"
+            );
+        }
+        // The loss KL(P‖softmax(z)) and its gradient, the gradient's slice unaligned too.
+        let t = dirichlet(&mut r, rows, cols, 0.5);
+        let z = logits(&mut r, n, 3.0);
+        let (tb, zb) = (padded_upload(e, "t", &t, 3), padded_upload(e, "z", &z, 7));
+        let gb = padded_upload(e, "grad", &vec![f32::NAN; n], 1);
+        let loss = e
+            .kl_loss_and_grad_buffers(tb.slice(12..), zb.slice(28..), cols, gb.slice(4..))
+            .unwrap();
+        let grad = e.read_f32(gb.slice(4..)).unwrap();
+        check_loss_rows(&loss, &grad, &t, &z, cols, &format!("loss {rows} × {cols}"));
+        // bf16 logits, read as stored.
+        let (zp, zq) = (
+            narrow::<klgpu::half::bf16>(&z),
+            narrow::<klgpu::half::bf16>(&logits(&mut r, n, 3.0)),
+        );
+        let widen = |x: &[klgpu::half::bf16]| x.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
+        let opts = Options {
+            input: Input::Logits,
+            dtype: klgpu::Dtype::BF16,
+            ..Default::default()
+        };
+        let (pb, qb) = (
+            padded_upload(e, "zp", &zp, 3),
+            padded_upload(e, "zq", &zq, 7),
+        );
+        let out = e.create_f32_buffer("out", rows as u64).unwrap();
+        let (ps, qs) = (
+            pb.slice(6..6 + 2 * n as u64),
+            qb.slice(14..14 + 2 * n as u64),
+        );
+        for m in Measure::ALL {
+            let want = cpu::rows(
+                m,
+                &widen(&zp),
+                m.uses_q().then_some(&widen(&zq)[..]),
+                cols,
+                &Options {
+                    dtype: klgpu::Dtype::F32,
+                    ..opts
+                },
+            )
+            .unwrap()
+            .values;
+            e.rows_buffers(m, ps, m.uses_q().then_some(qs), cols, &opts, out.slice(..))
+                .unwrap();
+            assert_rows_close(
+                &read_f64(e, &out),
+                &want,
+                &format!("bf16 {rows} × {cols} {m:?}"),
+            );
+        }
+    }
+}

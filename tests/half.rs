@@ -267,26 +267,14 @@ fn buffers_at_odd_offsets(e: &klgpu::Engine) {
         let mut bad = padded.clone();
         bad[1 + cols + 4] = bf16::from_f32(-2.0);
         let bb = half_buffer(e, "bad", &bad);
-        let mut ws = e.workspace();
-        let mut encoder = e.device().create_command_encoder(&Default::default());
         let probs = Options {
             dtype: Dtype::BF16,
             ..Options::default()
         };
         if input == Input::Probs {
-            e.record_rows(
-                &mut encoder,
-                &mut ws,
-                Measure::KullbackLeibler,
-                bb.slice(2..2 + n),
-                Some(qb.slice(..n)),
-                cols,
-                &probs,
-                out.slice(..),
-            )
-            .unwrap();
-            e.queue().submit([encoder.finish()]);
-            let err = ws.check(e).unwrap_err();
+            let kl = Measure::KullbackLeibler;
+            let (ps, qs) = (bb.slice(2..2 + n), Some(qb.slice(..n)));
+            let err = recorded_rows(e, kl, ps, qs, cols, &probs, out.slice(..)).unwrap_err();
             assert!(
                 matches!(
                     err,

@@ -275,22 +275,8 @@ pub fn invalid_values_named_as_from_host_slices<T: Element>(seed: u64) {
             let qs = m.uses_q().then(|| qb.slice(..bytes));
             let bufs = e.rows_buffers(m, pb.slice(..bytes), qs, cols, &opts, out.slice(..));
             // The same recorded into an encoder, found by Workspace::check.
-            let mut ws = e.workspace();
-            let mut encoder = e.device().create_command_encoder(&Default::default());
             let qs = m.uses_q().then(|| qb.slice(..bytes));
-            e.record_rows(
-                &mut encoder,
-                &mut ws,
-                m,
-                pb.slice(..bytes),
-                qs,
-                cols,
-                &opts,
-                out.slice(..),
-            )
-            .unwrap();
-            e.queue().submit([encoder.finish()]);
-            let recorded = ws.check(e);
+            let recorded = recorded_rows(e, m, pb.slice(..bytes), qs, cols, &opts, out.slice(..));
             let named = |r: klgpu::Result<()>| r.err().map(|e| e.to_string());
             let (host, bufs, recorded) = (named(host.map(|_| ())), named(bufs), named(recorded));
             match reference {
@@ -308,6 +294,24 @@ pub fn invalid_values_named_as_from_host_slices<T: Element>(seed: u64) {
             }
         }
     }
+}
+
+/// `Engine::record_rows` into a fresh encoder and workspace, submitted, and the workspace
+/// checked: the recorded twin of `Engine::rows_buffers`.
+pub fn recorded_rows(
+    e: &Engine,
+    m: Measure,
+    p: wgpu::BufferSlice<'_>,
+    q: Option<wgpu::BufferSlice<'_>>,
+    cols: usize,
+    opts: &Options,
+    out: wgpu::BufferSlice<'_>,
+) -> klgpu::Result<()> {
+    let mut ws = e.workspace();
+    let mut encoder = e.device().create_command_encoder(&Default::default());
+    e.record_rows(&mut encoder, &mut ws, m, p, q, cols, opts, out)?;
+    e.queue().submit([encoder.finish()]);
+    ws.check(e)
 }
 
 /// Standard-normal-ish logits scaled to `scale`.
