@@ -1312,7 +1312,8 @@ fn gpu_buffers_beyond_one_binding_go_through_windows() {
                     assert_rows_close(&read_f64(e, &recorded), &want, &format!("{what}, recorded"));
                 }
             }
-            // The first invalid value, in the last window, and a row of Q with no mass.
+            // The first invalid value: Q's in the last window, in a row otherwise without mass;
+            // then P's in an earlier window, which comes first.
             let mut bad = q.clone();
             if input != Input::LogProbs {
                 let empty = if input == Input::Logits {
@@ -1323,6 +1324,8 @@ fn gpu_buffers_beyond_one_binding_go_through_windows() {
                 bad[(rows - 1) * cols..].fill(empty);
             }
             bad[n - 7] = f32::NAN;
+            let mut bad_p = p.clone();
+            bad_p[n / 2] = f32::INFINITY;
             let bb = padded_upload(e, "bad", &bad, 7);
             let opts = Options {
                 input,
@@ -1330,17 +1333,27 @@ fn gpu_buffers_beyond_one_binding_go_through_windows() {
                 ..Default::default()
             };
             let kl = Measure::KullbackLeibler;
-            let err = e.rows_buffers(kl, ps, Some(bb.slice(28..)), cols, &opts, out.slice(..));
-            let want = cpu::rows(kl, &p, Some(&bad), cols, &opts).unwrap_err();
-            assert!(
-                matches!(want, Error::InvalidValue { side: Side::Q, index, problem: Problem::NaN, .. } if index == n - 7),
-                "{want}"
-            );
-            assert_eq!(
-                err.unwrap_err().to_string(),
-                want.to_string(),
-                "{rows} × {cols} {input:?}"
-            );
+            for (p, first) in [(&p, (Side::Q, n - 7)), (&bad_p, (Side::P, n / 2))] {
+                let pb = padded_upload(e, "p", p, 3);
+                let err = e.rows_buffers(
+                    kl,
+                    pb.slice(12..),
+                    Some(bb.slice(28..)),
+                    cols,
+                    &opts,
+                    out.slice(..),
+                );
+                let want = cpu::rows(kl, p, Some(&bad), cols, &opts).unwrap_err();
+                assert!(
+                    matches!(want, Error::InvalidValue { side, index, .. } if (side, index) == first),
+                    "{want}"
+                );
+                assert_eq!(
+                    err.unwrap_err().to_string(),
+                    want.to_string(),
+                    "{rows} × {cols} {input:?}"
+                );
+            }
         }
         // The loss KL(P‖softmax(z)) and its gradient, the gradient's slice unaligned too.
         let t = dirichlet(&mut r, rows, cols, 0.5);
