@@ -1408,3 +1408,179 @@ fn gpu_buffers_beyond_one_binding_go_through_windows() {
         }
     }
 }
+
+#[test]
+fn every_named_call_and_async_twin_computes_its_own_measure() {
+    // The per-measure names and the async twins are thin wrappers over four generic paths:
+    // each must reach its own measure and path. The four measures differ on this pair, so a
+    // name wired to another measure shows; a twin must match its blocking call exactly (same
+    // kernels, same plan).
+    use Measure::{CrossEntropy as Ce, Entropy as H, JensenShannon as Js, KullbackLeibler as Kl};
+    let e = engine();
+    use pollster::block_on as block;
+    use wgpu::BufferSlice;
+    let mut r = rng(41);
+    const COLS: usize = 700;
+    let (rows, cols) = (6, COLS);
+    let p = dirichlet(&mut r, rows, cols, 0.5);
+    let q = dirichlet(&mut r, rows, cols, 0.5);
+    let opts = Options::default();
+    let q_of = |m: Measure| m.uses_q().then_some(&q[..]);
+
+    // Host slices, one value.
+    let whole = [
+        (
+            Kl,
+            e.kl_divergence(&p, &q),
+            block(e.kl_divergence_async(&p, &q)),
+        ),
+        (
+            Ce,
+            e.cross_entropy(&p, &q),
+            block(e.cross_entropy_async(&p, &q)),
+        ),
+        (H, e.entropy(&p), block(e.entropy_async(&p))),
+        (
+            Js,
+            e.js_divergence(&p, &q),
+            block(e.js_divergence_async(&p, &q)),
+        ),
+    ];
+    for (m, blocking, twin) in whole {
+        let blocking = blocking.unwrap();
+        assert_close(
+            blocking,
+            cpu::divergence(m, &p, q_of(m), &opts).unwrap(),
+            &format!("{m:?}"),
+        );
+        assert_eq!(twin.unwrap(), blocking, "{m:?} async");
+        assert_eq!(
+            block(e.divergence_async(m, &p, q_of(m), &opts)).unwrap(),
+            blocking,
+            "{m:?}"
+        );
+    }
+
+    // Host slices, per row.
+    let probs = Input::Probs;
+    let per_row = [
+        (
+            Kl,
+            e.kl_divergence_rows(&p, &q, cols, probs),
+            block(e.kl_divergence_rows_async(&p, &q, cols, probs)),
+        ),
+        (
+            Ce,
+            e.cross_entropy_rows(&p, &q, cols, probs),
+            block(e.cross_entropy_rows_async(&p, &q, cols, probs)),
+        ),
+        (
+            H,
+            e.entropy_rows(&p, cols, probs),
+            block(e.entropy_rows_async(&p, cols, probs)),
+        ),
+        (
+            Js,
+            e.js_divergence_rows(&p, &q, cols, probs),
+            block(e.js_divergence_rows_async(&p, &q, cols, probs)),
+        ),
+    ];
+    for (m, blocking, twin) in per_row {
+        let blocking = blocking.unwrap();
+        let want = cpu::rows(m, &p, q_of(m), cols, &opts).unwrap().values;
+        assert_rows_close(&blocking, &want, &format!("{m:?} rows"));
+        assert_eq!(twin.unwrap(), blocking, "{m:?} rows async");
+        let generic = block(e.rows_async(m, &p, q_of(m), cols, &opts)).unwrap();
+        assert_eq!(generic.values, blocking, "{m:?} rows_async");
+    }
+
+    // GPU buffers, one value and per row.
+    let (pb, qb) = (upload(e, "p", &p), upload(e, "q", &q));
+    let (ps, qs) = (pb.slice(..), qb.slice(..));
+    let whole = [
+        (
+            Kl,
+            e.kl_divergence_buffers(ps, qs),
+            block(e.kl_divergence_buffers_async(ps, qs)),
+        ),
+        (
+            Ce,
+            e.cross_entropy_buffers(ps, qs),
+            block(e.cross_entropy_buffers_async(ps, qs)),
+        ),
+        (H, e.entropy_buffers(ps), block(e.entropy_buffers_async(ps))),
+        (
+            Js,
+            e.js_divergence_buffers(ps, qs),
+            block(e.js_divergence_buffers_async(ps, qs)),
+        ),
+    ];
+    for (m, blocking, twin) in whole {
+        let blocking = blocking.unwrap();
+        assert_close(
+            blocking,
+            cpu::divergence(m, &p, q_of(m), &opts).unwrap(),
+            &format!("{m:?} buffers"),
+        );
+        assert_eq!(twin.unwrap(), blocking, "{m:?} buffers async");
+        let qm = m.uses_q().then_some(qs);
+        assert_eq!(
+            block(e.divergence_buffers_async(m, ps, qm, &opts)).unwrap(),
+            blocking
+        );
+    }
+    let (out, twin) = (
+        e.create_f32_buffer("out", rows as u64).unwrap(),
+        e.create_f32_buffer("twin", rows as u64).unwrap(),
+    );
+    // fn pointers capture nothing: the row length is a constant.
+    type RowsCall = fn(&Engine, BufferSlice, BufferSlice, BufferSlice) -> klgpu::Result<()>;
+    let named: [(Measure, RowsCall); 4] = [
+        (Kl, |e, p, q, out| {
+            e.kl_divergence_rows_buffers(p, q, COLS, Input::Probs, out)
+        }),
+        (Ce, |e, p, q, out| {
+            e.cross_entropy_rows_buffers(p, q, COLS, Input::Probs, out)
+        }),
+        (H, |e, p, _, out| {
+            e.entropy_rows_buffers(p, COLS, Input::Probs, out)
+        }),
+        (Js, |e, p, q, out| {
+            e.js_divergence_rows_buffers(p, q, COLS, Input::Probs, out)
+        }),
+    ];
+    for (m, call) in named {
+        call(e, ps, qs, out.slice(..)).unwrap();
+        let want = cpu::rows(m, &p, q_of(m), cols, &opts).unwrap().values;
+        assert_rows_close(&read_f64(e, &out), &want, &format!("{m:?} rows buffers"));
+        let qm = m.uses_q().then_some(qs);
+        block(e.rows_buffers_async(m, ps, qm, cols, &opts, twin.slice(..))).unwrap();
+        assert_eq!(
+            read_f64(e, &twin),
+            read_f64(e, &out),
+            "{m:?} rows_buffers_async"
+        );
+    }
+
+    // The loss and its gradient.
+    let z = logits(&mut r, rows * cols, 2.0);
+    let zb = upload(e, "z", &z);
+    let (grad, grad_twin) = (
+        upload(e, "grad", &vec![0.0; z.len()]),
+        upload(e, "grad twin", &vec![0.0; z.len()]),
+    );
+    let loss = e
+        .kl_loss_and_grad_buffers(ps, zb.slice(..), cols, grad.slice(..))
+        .unwrap();
+    let twin_loss =
+        block(e.kl_loss_and_grad_buffers_async(ps, zb.slice(..), cols, grad_twin.slice(..)))
+            .unwrap();
+    let g = e.read_f32(grad.slice(..)).unwrap();
+    check_loss_rows(&loss, &g, &p, &z, cols, "loss");
+    assert_eq!(twin_loss, loss, "loss async");
+    assert_eq!(
+        e.read_f32(grad_twin.slice(..)).unwrap(),
+        g,
+        "gradient async"
+    );
+}
