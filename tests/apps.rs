@@ -222,6 +222,19 @@ fn bad_values_in_gpu_buffers_are_located() {
     );
 }
 
+/// `[rows × cols]` of `input`: Dirichlet(0.5) rows (their logs for log-probabilities) or
+/// logits of scale 3.
+fn input_rows(r: &mut StdRng, input: Input, rows: usize, cols: usize) -> Vec<f32> {
+    match input {
+        Input::Logits => logits(r, rows * cols, 3.0),
+        Input::LogProbs => dirichlet(r, rows, cols, 0.5)
+            .iter()
+            .map(|x| x.ln())
+            .collect(),
+        Input::Probs => dirichlet(r, rows, cols, 0.5),
+    }
+}
+
 /// Rows whose length is not a multiple of 4, read from caller buffers at every pair of
 /// offsets modulo 4: at equal offsets the kernels use vec4 loads with the columns that share a
 /// vec4 with the neighbouring row taken one at a time; at unequal ones, scalar loads.
@@ -230,25 +243,17 @@ fn odd_rows_at_every_offset_phase() {
     let mut r = rng(22);
     let (rows, cols) = (300, 1013);
     for input in [Input::Probs, Input::Logits] {
-        let (p, q) = match input {
-            Input::Logits => (
-                logits(&mut r, rows * cols, 8.0),
-                logits(&mut r, rows * cols, 8.0),
-            ),
-            _ => (
-                dirichlet(&mut r, rows, cols, 0.5),
-                dirichlet(&mut r, rows, cols, 0.5),
-            ),
-        };
+        let (p, q) = (
+            input_rows(&mut r, input, rows, cols),
+            input_rows(&mut r, input, rows, cols),
+        );
         let opts = Options::input(input);
         for (pad_p, pad_q) in [(0, 0), (1, 1), (3, 3), (1, 2), (3, 0)] {
             for e in all_plans() {
-                let padded = |pad: usize, data: &[f32]| {
-                    let mut v = vec![f32::NAN; pad];
-                    v.extend(data);
-                    upload(e, "padded", &v)
-                };
-                let (pb, qb) = (padded(pad_p, &p), padded(pad_q, &q));
+                let (pb, qb) = (
+                    padded_upload(e, "p", &p, pad_p),
+                    padded_upload(e, "q", &q, pad_q),
+                );
                 let out = upload(e, "out", &vec![f32::NAN; rows]);
                 for m in Measure::ALL {
                     let p_bytes = 4 * pad_p as u64;
@@ -1271,20 +1276,10 @@ fn gpu_buffers_beyond_one_binding_go_through_windows() {
     for (rows, cols) in [(300, 333), (5, 30_001), (1, 100_003)] {
         let n = rows * cols;
         for input in [Input::Probs, Input::LogProbs, Input::Logits] {
-            let (p, q) = match input {
-                Input::Logits => (logits(&mut r, n, 3.0), logits(&mut r, n, 3.0)),
-                _ => (
-                    dirichlet(&mut r, rows, cols, 0.5),
-                    dirichlet(&mut r, rows, cols, 0.5),
-                ),
-            };
-            let (p, q) = match input {
-                Input::LogProbs => (
-                    p.iter().map(|x| x.ln()).collect(),
-                    q.iter().map(|x| x.ln()).collect(),
-                ),
-                _ => (p, q),
-            };
+            let (p, q) = (
+                input_rows(&mut r, input, rows, cols),
+                input_rows(&mut r, input, rows, cols),
+            );
             // P 3 and Q 7 elements into their buffers: shifted apart, four-aligned alike.
             let (pb, qb) = (padded_upload(e, "p", &p, 3), padded_upload(e, "q", &q, 7));
             let (ps, qs) = (pb.slice(12..), qb.slice(28..));
