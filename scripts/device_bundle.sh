@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds what scripts/device_run.sh runs on a lent GPU machine into .device/ (git-ignored):
-# the benchmark driver, the interleaved roof-ratio tool (and that of BASE_REF, for the A/B), the
+# the benchmark driver, the interleaved roof-ratio tool (and those of VARIANTS, for the A/B), the
 # host-upload sweep and the GPU test executables, stripped to fit the tool's 64 MiB (with the
 # working tree). The L2 re-read probe, answered in run 7, is left out for room: PROBE=1 adds it.
 set -euo pipefail
@@ -22,18 +22,25 @@ for line in sys.stdin:
             and t.get("name") in ("core", "batch", "apps", "half"):
         shutil.copy(m["executable"], ".device/" + t["name"])
 '
-# roof_ratios of an earlier commit, for device_run.sh's A/B part (BASE_REF; BASE_REF= skips
-# it). Default: the last commit before logits took one pass.
-BASE_REF="${BASE_REF-5b79e31}"
-if [ -n "$BASE_REF" ]; then
-    base=$(mktemp -d)
-    git worktree add -q --detach "$base/tree" "$BASE_REF"
-    base_target="$PWD/target/base"
-    (cd "$base/tree" && CARGO_TARGET_DIR="$base_target" cargo build --release --example roof_ratios)
-    cp "$base_target/release/examples/roof_ratios" .device/roof_ratios_base
-    git worktree remove --force "$base/tree"
-    rm -rf "$base"
-fi
+# roof_ratios of other commits or branches, for device_run.sh's A/B part: VARIANTS holds
+# NAME=REF pairs (say "unroll=var-unroll"); each becomes .device/roof_ratios_NAME. Each builds
+# in a worktree of its own, with a target directory seeded from this one's release build (so
+# wgpu is not rebuilt) and its sources touched (cargo's dep-info paths are relative: a seeded
+# build would otherwise take klgpu as fresh).
+rm -f .device/roof_ratios_*
+for variant in ${VARIANTS:-}; do
+    name="${variant%%=*}"
+    ref="${variant#*=}"
+    tree=$(mktemp -d)
+    git worktree add -q --detach "$tree/tree" "$ref"
+    var_target="$PWD/target/var-$name"
+    [ -d "$var_target/release" ] || { mkdir -p "$var_target"; cp -a target/release "$var_target/"; }
+    (cd "$tree/tree" && touch shaders/*.wgsl src/*.rs &&
+        CARGO_TARGET_DIR="$var_target" cargo build --release --example roof_ratios)
+    cp "$var_target/release/examples/roof_ratios" ".device/roof_ratios_$name"
+    git worktree remove --force "$tree/tree"
+    rm -rf "$tree"
+done
 strip .device/*
 ls -la .device
 du -sh .device

@@ -4,18 +4,19 @@
 # Expects the binaries built here in .device/ (scripts/device_bundle.sh) and the Vulkan loader
 # packages in .gl/ (see the device tool's README). Writes logs and JSON under $RAW, packed into
 # $OUT/results.tar.gz as each part ends (the device tool brings back at most eight files).
-# PARTS picks what runs after the adapter probe (default: all of tests upload roof ab quick bench
-# peers diag probe; ab needs .device/roof_ratios_base, which device_bundle.sh builds from an
-# earlier commit, and AB_CASES picks its cases); SKIP_TESTS=1 drops
-# the tests. Parts run in that order, most needed first, and one that would likely end past
-# BUDGET seconds (default 400: a session has 15 minutes of device time, start-up included) is
-# skipped with a note, so one call brings back whole parts rather than a cut-off one.
+# PARTS picks what runs after the adapter probe (default: all of ab roof tests bench peers diag
+# bf16 upload probe; ab runs .device/roof_ratios and every .device/roof_ratios_NAME that
+# device_bundle.sh built from VARIANTS, each with the quick path off and on, alternating, over
+# AB_CASES); SKIP_TESTS=1 drops the tests. Parts run in that order, most needed first, and one
+# that would likely end past BUDGET seconds (default 400: a session has 15 minutes of device
+# time, start-up included) is skipped with a note, so one call brings back whole parts rather
+# than a cut-off one.
 set -u
-PARTS="${PARTS:-tests upload roof ab quick bench peers diag probe}"
+PARTS="${PARTS:-ab roof tests bench peers diag bf16 upload probe}"
 [ -n "${SKIP_TESTS:-}" ] && PARTS="${PARTS/tests/}"
 BUDGET="${BUDGET:-400}"
 # Rough seconds each part takes on an H200 (its timeouts allow more).
-declare -A COST=([tests]=50 [upload]=60 [roof]=150 [quick]=90 [bench]=150 [peers]=120 [diag]=50 [ab]=90 [probe]=40)
+declare -A COST=([tests]=50 [upload]=60 [roof]=90 [bench]=150 [peers]=120 [diag]=50 [ab]=130 [bf16]=40 [probe]=40)
 part() {
     [[ " $PARTS " == *" $1 "* ]] || return 1
     if (( SECONDS + ${COST[$1]} > BUDGET )); then
@@ -60,55 +61,38 @@ if ! grep -q "DiscreteGpu\|IntegratedGpu" "$RAW/probe.txt"; then
     WGPU_BACKEND=gl timeout 60 .device/bench --quick --no-cpu --max-n 100000 2>&1 | head -3
 fi
 
-section "tests on this adapter"
-tests="core batch apps half"
-part tests || { tests=""; echo "skipped (PARTS=$PARTS)"; }
-for t in $tests; do
-    timeout 100 ".device/$t" --test-threads 4 > "$RAW/test-$t.txt" 2>&1
-    echo "$t: exit $? — $(grep -E '^test result' "$RAW/test-$t.txt")"
-    grep -E -A1 'panicked' "$RAW/test-$t.txt" | head -12
-done
-
-if part upload; then
-section "host data: KL from host slices by window size, copying threads, staged or direct (mapped device memory) uploads"
-timeout 60 .device/host_windows --rounds 5 --mib 8,32,128 --threads 1,8 --direct 0,1 2>&1 | tee "$RAW/host_windows.txt" | grep -v XDG
-echo "-- bf16 slices (windows hold as many elements as f32 ones, in half the bytes: do they want more?)"
-timeout 40 .device/host_windows --rounds 5 --mib 8,32,64,128 --dtype bf16 2>&1 | tee "$RAW/host_windows_bf16.txt" | grep -v XDG
-fi
-
-if part roof; then
-section "own-roof ratios, interleaved, sizes x25 (bandwidth-bound on a data-centre GPU)"
-timeout 90 .device/roof_ratios --rounds 10 --scale 25 2>&1 | tee "$RAW/roof_ratios.txt" | grep -v XDG
-echo "-- the same with a CPU adapter's blocked lanes (GPUs default to interleaved)"
-timeout 30 .device/roof_ratios --rounds 5 --scale 25 --blocked-lanes 1 KL,KL1k,long 2>&1 | tee "$RAW/roof_ratios_blocked.txt" | grep -v XDG
-echo "-- rows of 1000 and of 10 with longer lane loops (fewer lanes per row, less reduction per element)"
-for m in 16 64 256; do
-    echo "-- --min-iterations $m"
-    timeout 30 .device/roof_ratios --rounds 5 --scale 25 --min-iterations $m KL1k,KL10,KLnorm 2>&1 | grep -v XDG
-done 2>&1 | tee "$RAW/roof_ratios_iterations.txt"
-echo "-- bf16 inputs (2 bytes per element; kernel and roof alike; GB/s count those bytes)"
-timeout 40 .device/roof_ratios --rounds 5 --scale 25 --dtype bf16 KL,CE,H,JS,KL1k,logits,CElogits,Hlogits 2>&1 | tee "$RAW/roof_ratios_bf16.txt" | grep -v XDG
-fi
-
-if part ab && [ -x .device/roof_ratios_base ]; then
-section "A/B: this build against .device/roof_ratios_base (an earlier commit: logits in two passes), alternating"
+if part ab; then
+section "A/B: this build and its variants (.device/roof_ratios_*), quick path off and on, alternating"
 for i in 1 2; do
-    for b in roof_ratios_base roof_ratios; do
-        echo "-- $b"
-        timeout 40 ".device/$b" --rounds 5 --scale 25 ${AB_CASES:-logits,CElogits,Hlogits,long,JSlogits} 2>&1 | grep -v XDG
+    for b in .device/roof_ratios .device/roof_ratios_*; do
+        [ -x "$b" ] || continue
+        for quick in 0 1; do
+            echo "-- ${b#.device/} --quick $quick"
+            timeout 40 "$b" --rounds 5 --scale 25 --quick $quick \
+                ${AB_CASES:-H,KL,KLbare,CE,JS,KL10,KL1k,logits,Hlogits,CElogits} 2>&1 | grep -v XDG
+        done
     done
 done 2>&1 | tee "$RAW/ab.txt"
 fi
 
-if part quick; then
-section "A/B: the quick path for plain vec4s (Tuning::quick_vec4, off by default), alternating"
-for i in 1 2; do
-    for quick in 0 1; do
-        echo "-- --quick $quick"
-        timeout 40 .device/roof_ratios --rounds 5 --scale 25 --quick $quick KL,CE,H,JS,KL10,KL1k 2>&1 | grep -v XDG
-    done
-done 2>&1 | tee "$RAW/quick.txt"
+if part roof; then
+section "own-roof ratios, interleaved, sizes x25 (bandwidth-bound on a data-centre GPU)"
+timeout 150 .device/roof_ratios --rounds 10 --scale 25 2>&1 | tee "$RAW/roof_ratios.txt" | grep -v XDG
+echo "-- rows of 1000 and of 10 with shorter and longer lane loops (default 16 iterations)"
+for m in 4 64; do
+    echo "-- --min-iterations $m"
+    timeout 30 .device/roof_ratios --rounds 5 --scale 25 --min-iterations $m KL1k,KL10,KLnorm 2>&1 | grep -v XDG
+done 2>&1 | tee "$RAW/roof_ratios_iterations.txt"
 fi
+
+section "tests on this adapter"
+tests="core batch apps half"
+part tests || { tests=""; echo "skipped (PARTS=$PARTS)"; }
+for t in $tests; do
+    timeout 100 ".device/$t" --test-threads 8 > "$RAW/test-$t.txt" 2>&1
+    echo "$t: exit $? — $(grep -E '^test result' "$RAW/test-$t.txt")"
+    grep -E -A1 'panicked' "$RAW/test-$t.txt" | head -12
+done
 
 if part bench; then
 section "benchmark"
@@ -129,6 +113,18 @@ timeout 30 .device/roof_ratios --rounds 5 --scale 50 H 2>&1 | grep -v XDG
 fi
 
 
+
+if part bf16; then
+section "bf16 inputs (2 bytes per element; kernel and roof alike; GB/s count those bytes)"
+timeout 40 .device/roof_ratios --rounds 5 --scale 25 --dtype bf16 KL,CE,H,JS,KL1k,logits,CElogits,Hlogits 2>&1 | tee "$RAW/roof_ratios_bf16.txt" | grep -v XDG
+fi
+
+if part upload; then
+section "host data: KL from host slices by window size, copying threads, staged or direct (mapped device memory) uploads"
+timeout 60 .device/host_windows --rounds 5 --mib 8,32,128 --threads 1,8 --direct 0,1 2>&1 | tee "$RAW/host_windows.txt" | grep -v XDG
+echo "-- bf16 slices (windows hold as many elements as f32 ones, in half the bytes: do they want more?)"
+timeout 40 .device/host_windows --rounds 5 --mib 8,32,64,128 --dtype bf16 2>&1 | tee "$RAW/host_windows_bf16.txt" | grep -v XDG
+fi
 
 if part probe && [ -x .device/l2_reread ]; then
 section "probe: would logits gain from re-reading rows from L2? (examples/l2_reread.rs)"
