@@ -36,14 +36,17 @@ struct Params {
 }
 
 // A compensated sum of the stable main term and of the residual sum (p - q), each as an
-// unevaluated (hi, lo) pair, plus flags (FLAG_INF_RESULT).
+// unevaluated (hi, lo) pair, plus flags (FLAG_INF_RESULT). The row sums of normalization
+// (MEASURE_SUM) keep their subnormal elements apart, in tiny_p and tiny_q (see sums_term);
+// every other sum leaves them 0.
 struct Acc {
     main_hi: f32,
     main_lo: f32,
     resid_hi: f32,
     resid_lo: f32,
     flags: u32,
-    _pad: u32,
+    tiny_p: f32,
+    tiny_q: f32,
 }
 
 // Per-row statistics. For logits: running max m, s' = sum of exp(x - m) over all but the arg-max
@@ -70,6 +73,14 @@ struct Lse {
 // Eight storage bindings at most: WebGPU's default max_storage_buffers_per_shader_stage.
 // The running state of a row split across windows lives in partials[chunks], one past the
 // window's partials.
+
+// a / b where b may be huge. NVIDIA's Vulkan driver divides as a·(1/b), and 1/b is subnormal,
+// so flushed to 0, where |b| >= 2^126: JS's (p − q)/(p + q) of values near f32::MAX came out
+// 0. There both are scaled by 1/4 first (exact, but for an a so small that a/b is 0 anyway).
+fn div_wide(a: f32, b: f32) -> f32 {
+    let f = select(1.0, 0.25, abs(b) >= 8.507059173023462e37);
+    return (a * f) / (b * f);
+}
 
 fn pos_inf() -> f32 { return bitcast<f32>(0x7f800000u); }
 fn neg_inf() -> f32 { return bitcast<f32>(0xff800000u); }

@@ -26,13 +26,16 @@ fn row_ctx(row: u32) -> RowCtx {
         return RowCtx(s.p_m, pl, s.q_m, ql, m.x, m.y, pl - ql, ONE, ONE, 0.0, 0.0, ONE);
     }
     if (INPUT == INPUT_PROBS_NORM) {
-        // The sums' pairs (hi, lo) as the pre-pass left them in (p_m, p_s), (q_m, q_s).
+        // The sums' pairs (hi, lo) as the pre-pass left them in (p_m, p_s), (q_m, q_s), times
+        // 2^p_i and 2^q_i (row_sum).
         let s = row_lse[row];
         // Only over a normal sum: an adapter that flushes subnormals would divide by 0.
-        let p_lo = select(0.0, s.p_s / s.p_m, is_normal(s.p_m));
-        let q_lo = select(0.0, s.q_s / s.q_m, is_normal(s.q_m));
-        let p_sum = split(s.p_m);
-        let q_sum = split(s.q_m);
+        let p_lo = select(0.0, div_wide(s.p_s, s.p_m), is_normal(s.p_m));
+        let q_lo = select(0.0, div_wide(s.q_s, s.q_m), is_normal(s.q_m));
+        var p_sum = split(s.p_m);
+        var q_sum = split(s.q_m);
+        p_sum.e = p_sum.e - i32(s.p_i);
+        q_sum.e = q_sum.e - i32(s.q_i);
         return RowCtx(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, p_sum, q_sum, p_lo, q_lo,
             split_div(p_sum, q_sum));
     }
@@ -58,9 +61,40 @@ fn logit_diff(x: f32, y: f32, ctx: RowCtx) -> f32 {
 
 // One element's contribution: the stable main term, the residual (p − q) and flags. The
 // measures differ only in these pure term functions; accumulation is shared.
-struct Term { main: f32, resid: f32, flags: u32 }
+struct Term { main: f32, resid: f32, flags: u32, tiny: vec2<f32> }
 
-fn term(main: f32, resid: f32) -> Term { return Term(main, resid, 0u); }
+const NO_TINY: vec2<f32> = vec2<f32>(0.0, 0.0);
+
+fn term(main: f32, resid: f32) -> Term { return Term(main, resid, 0u, NO_TINY); }
+
+// The row sums' term (MEASURE_SUM, normalization's pre-pass): a normal x as itself, a
+// subnormal one (or 0) as its significand, x·2^149, an integer that f32 holds exactly, in
+// tiny (likewise y). An adapter that flushes subnormals (NVIDIA's) would add it as 0, and a
+// row of subnormal values would read as empty. Integers add exactly up to 2^24; row_sum puts
+// the parts together.
+fn sums_term(x: f32, y: f32) -> Term {
+    let bx = bitcast<u32>(x) & 0x7fffffffu;
+    let by = bitcast<u32>(y) & 0x7fffffffu;
+    let sub_x = bx < 0x00800000u;
+    let sub_y = by < 0x00800000u;
+    return Term(select(x, 0.0, sub_x), select(y, 0.0, sub_y), 0u,
+        vec2<f32>(select(0.0, f32(bx), sub_x), select(0.0, f32(by), sub_y)));
+}
+
+// A row sum from its normal part (hi, lo) and its subnormal part tiny·2^-149, as (m, s, shift):
+// the sum is (m + s)·2^-shift. Where the normal part is below 2^-60 the sum is taken times 2^64
+// (where every part is normal: 2^-149·2^64 = 2^-85), so that no subnormal is formed; above,
+// the subnormal part (at most n·2^-126) is below 2^-48 of it for rows up to 2^18 columns and
+// is left out.
+fn row_sum(hi: f32, lo: f32, tiny: f32) -> vec4<f32> {
+    if (tiny == 0.0 || hi >= 8.673617379884035e-19) {
+        let s = two_sum(hi, lo);
+        return vec4<f32>(s.x, s.y, 0.0, 0.0);
+    }
+    let a = two_sum(hi * 1.8446744073709552e19, tiny * 2.5849394142282115e-26);
+    let s = two_sum(a.x, a.y + lo * 1.8446744073709552e19);
+    return vec4<f32>(s.x, s.y, 64.0, 0.0);
+}
 
 
 // Whether the residual Σ(p − q) enters the result. CE, entropy and JS have none; nor has KL of
@@ -76,11 +110,12 @@ fn has_resid() -> bool {
 fn fold_term(acc: Acc, t: Term) -> Acc {
     // The roofline reads what a plain streaming sum reads: no compensation to slow it down.
     if (plain_sums()) {
-        return Acc(acc.main_hi + t.main, 0.0, acc.resid_hi + t.resid, 0.0, 0u, 0u);
+        return Acc(acc.main_hi + t.main, 0.0, acc.resid_hi + t.resid, 0.0, 0u, 0.0, 0.0);
     }
     var a = add_main(acc, t.main);
     if (has_resid()) { a = add_resid(a, t.resid); }
-    return Acc(a.main_hi, a.main_lo, a.resid_hi, a.resid_lo, a.flags | t.flags, 0u);
+    return Acc(a.main_hi, a.main_lo, a.resid_hi, a.resid_lo, a.flags | t.flags,
+        a.tiny_p + t.tiny.x, a.tiny_q + t.tiny.y);
 }
 
 // Without branches on the values (llvmpipe runs both sides of every divergent branch; GPUs
@@ -94,10 +129,9 @@ fn fold_term(acc: Acc, t: Term) -> Acc {
 // rounded p and q).
 fn prob_term(p: f32, q: f32, p_zero: bool, q_zero: bool, sx: Split, sy: Split, c: Split,
         ln_p: f32, ln_q: f32) -> Term {
-    if (MEASURE == MEASURE_SUM) { return term(p, q); }
     if (MEASURE == MEASURE_JS) {
         // Divisions, not one reciprocal: 1/t overflows where t is subnormal.
-        var r = abs(p - q) / (p + q);
+        var r = div_wide(abs(p - q), p + q);
         if (INPUT == INPUT_PROBS_NORM) {
             // The rounded quotients' p − q cancels where p/q is within √2 of 1: r comes from
             // the exact ratio there. (Plain probabilities' p − q is exact there.)
@@ -109,7 +143,7 @@ fn prob_term(p: f32, q: f32, p_zero: bool, q_zero: bool, sx: Split, sy: Split, c
     if (MEASURE == MEASURE_ENTROPY) { return term(-p * ln_p, 0.0); }
     let inf = !p_zero && q_zero;
     let flags = select(0u, ACC_INF, inf);
-    if (MEASURE == MEASURE_CE) { return Term(select(-p * ln_q, 0.0, inf), 0.0, flags); }
+    if (MEASURE == MEASURE_CE) { return Term(select(-p * ln_q, 0.0, inf), 0.0, flags, NO_TINY); }
     let live = !p_zero && !q_zero;
     // The ratio is formed here, per input kind: handed in ready-made, it cost plain KL 10 % on
     // lavapipe.
@@ -118,13 +152,13 @@ fn prob_term(p: f32, q: f32, p_zero: bool, q_zero: bool, sx: Split, sy: Split, c
         // gives q, as with logits.
         let kl = kl_parts(p, q, ratio_norm(sx, sy, c));
         let main = select(kl.plogr - (p - q), kl.series, kl.near);
-        return Term(select(select(0.0, q, p_zero), main, live), 0.0, flags);
+        return Term(select(select(0.0, q, p_zero), main, live), 0.0, flags, NO_TINY);
     }
     // Near p = q the series leaves p − q to the residual; elsewhere p·ln(p/q) is whole. p = 0
     // adds nothing.
     let kl = kl_parts(p, q, ratio_of(sx, sy));
     let main = select(kl.plogr, kl.series, kl.near);
-    return Term(select(0.0, main, live), select(0.0, p - q, live && kl.near), flags);
+    return Term(select(0.0, main, live), select(0.0, p - q, live && kl.near), flags, NO_TINY);
 }
 
 // KL, cross-entropy and entropy from log-space values (JS takes js_log_term, which needs only
@@ -142,12 +176,12 @@ fn log_term(a: f32, b: f32, ps: vec2<f32>, q: f32, d: f32, x_none: bool, y_none:
     let inf = !x_none && y_none;
     let flags = select(0u, ACC_INF, inf);
     if (MEASURE == MEASURE_CE) {
-        return Term(select(ps.x * (-b * ps.y), 0.0, p_zero || inf), 0.0, flags);
+        return Term(select(ps.x * (-b * ps.y), 0.0, p_zero || inf), 0.0, flags, NO_TINY);
     }
     if (INPUT == INPUT_LOGITS) {
         // No residual: Σ(p − q) is 0 over the row, so every term is p·φ(d) = p·ln(p/q) − p + q,
         // and p = 0 carries Q's mass, q.
-        return Term(select(select(phi_term(ps, d, q), q, p_zero), 0.0, inf), 0.0, flags);
+        return Term(select(select(phi_term(ps, d, q), q, p_zero), 0.0, inf), 0.0, flags, NO_TINY);
     }
     // Log-probabilities need not sum to 1: near p = q (|d| <= 1) the non-negative p·φ(d) with
     // p − q to the residual; elsewhere p·d whole, so a q far above p puts no ±q into two sums
@@ -160,7 +194,7 @@ fn log_term(a: f32, b: f32, ps: vec2<f32>, q: f32, d: f32, x_none: bool, y_none:
     let phi = phi_series(d);
     let main = select(ps.x * (d * ps.y), p * phi, near);
     let live = !p_zero && !inf;
-    return Term(select(0.0, main, live), select(0.0, p * (d - phi), live && near), flags);
+    return Term(select(0.0, main, live), select(0.0, p * (d - phi), live && near), flags, NO_TINY);
 }
 
 fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
@@ -181,6 +215,7 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
     if (MEASURE == MEASURE_ROOF_PQ) { return term(x, y); }
     // An invalid element's term is never used: the call fails, naming the element.
     if (MEASURE != MEASURE_KL_BARE) { note_bad(local, is_bad(x) || (uses_q() && is_bad(y))); }
+    if (MEASURE == MEASURE_SUM) { return sums_term(x, y); }
     if (INPUT == INPUT_LOGPROBS) {
         if (MEASURE == MEASURE_JS) {
             let both_zero = x == neg_inf() && y == neg_inf();
@@ -261,13 +296,17 @@ fn fold4_term(acc: Acc, x: vec4<f32>, y: vec4<f32>, local: u32, c: u32, ctx: Row
     let flags = t0.flags | t1.flags | t2.flags | t3.flags;
     if (!has_resid() || plain_sums()) {
         let main = (t0.main + t1.main) + (t2.main + t3.main);
-        return fold_term(acc, Term(main, (t0.resid + t1.resid) + (t2.resid + t3.resid), flags));
+        return fold_term(acc, Term(main, (t0.resid + t1.resid) + (t2.resid + t3.resid), flags,
+            NO_TINY));
     }
     var a = acc;
     if (MEASURE == MEASURE_SUM) {
         let m = sum4_exact(t0.main, t1.main, t2.main, t3.main);
         a = add_main(a, m.x);
         a.main_lo = a.main_lo + m.y;
+        let tiny = (t0.tiny + t1.tiny) + (t2.tiny + t3.tiny);
+        a.tiny_p = a.tiny_p + tiny.x;
+        a.tiny_q = a.tiny_q + tiny.y;
     } else {
         a = add_main(a, (t0.main + t1.main) + (t2.main + t3.main));
     }
@@ -306,15 +345,17 @@ fn emit_Acc(row: u32, chunk: u32, total: Acc) {
     }
     if ((prm.mode & MODE_MINUS_ONE) != 0u) {
         let r = pair_add(t.resid_hi, t.resid_lo, -1.0, 0.0);
-        t = Acc(t.main_hi, t.main_lo, r.x, r.y, t.flags, 0u);
+        t = Acc(t.main_hi, t.main_lo, r.x, r.y, t.flags, 0.0, 0.0);
     }
     if ((prm.mode & MODE_STATS) != 0u) {
-        // Each sum as an f32 and what it leaves out (see RowCtx).
-        let sp = two_sum(t.main_hi, t.main_lo);
-        let sq = two_sum(t.resid_hi, t.resid_lo);
-        row_lse[row] = Lse(sp.x, sp.y, 0u, sq.x, sq.y, 0u);
-        if (sp.x == 0.0) { report_bad(row * prm.row_len, FLAG_P_EMPTY); }
-        if (uses_q() && sq.x == 0.0) { report_bad(row * prm.row_len, FLAG_Q_EMPTY); }
+        // Each sum as an f32, what it leaves out, and the power of 2 it is scaled by (see
+        // RowCtx and row_sum). Empty by its bits (a flushing adapter compares a subnormal
+        // equal to 0).
+        let sp = row_sum(t.main_hi, t.main_lo, t.tiny_p);
+        let sq = row_sum(t.resid_hi, t.resid_lo, t.tiny_q);
+        row_lse[row] = Lse(sp.x, sp.y, u32(sp.z), sq.x, sq.y, u32(sq.z));
+        if (is_zero(sp.x)) { report_bad(row * prm.row_len, FLAG_P_EMPTY); }
+        if (uses_q() && is_zero(sq.x)) { report_bad(row * prm.row_len, FLAG_Q_EMPTY); }
         return;
     }
     // A non-finite result that no p > 0, q = 0 explains, or a row sum that normalization could
@@ -364,5 +405,5 @@ fn grad_term(z: f32, t: f32, local: u32, ctx: RowCtx) -> Term {
     let r = c.x + (((a.y + b.y) + c.y) + (lt.z - zm.y));
     // r is huge where a logit is near −f32::MAX: then a subnormal t still counts.
     let main = select(select(phi_term(prob_low(t, st), r, q), 0.0, inf), q, t_zero);
-    return Term(main, select(t, 0.0, t_zero || inf), select(0u, ACC_INF, inf));
+    return Term(main, select(t, 0.0, t_zero || inf), select(0u, ACC_INF, inf), NO_TINY);
 }

@@ -18,23 +18,23 @@ fn pair_add(ah: f32, al: f32, bh: f32, bl: f32) -> vec2<f32> {
     return vec2<f32>(hi, lo - (hi - s.x));
 }
 
-fn identity_Acc() -> Acc { return Acc(0.0, 0.0, 0.0, 0.0, 0u, 0u); }
+fn identity_Acc() -> Acc { return Acc(0.0, 0.0, 0.0, 0.0, 0u, 0.0, 0.0); }
 
 fn combine_Acc(a: Acc, b: Acc) -> Acc {
     let m = pair_add(a.main_hi, a.main_lo, b.main_hi, b.main_lo);
     let r = pair_add(a.resid_hi, a.resid_lo, b.resid_hi, b.resid_lo);
-    return Acc(m.x, m.y, r.x, r.y, a.flags | b.flags, 0u);
+    return Acc(m.x, m.y, r.x, r.y, a.flags | b.flags, a.tiny_p + b.tiny_p, a.tiny_q + b.tiny_q);
 }
 
 // Adds one element's main term, or its residual.
 fn add_main(a: Acc, main: f32) -> Acc {
     let m = two_sum(a.main_hi, main);
-    return Acc(m.x, a.main_lo + m.y, a.resid_hi, a.resid_lo, a.flags, 0u);
+    return Acc(m.x, a.main_lo + m.y, a.resid_hi, a.resid_lo, a.flags, a.tiny_p, a.tiny_q);
 }
 
 fn add_resid(a: Acc, resid: f32) -> Acc {
     let r = two_sum(a.resid_hi, resid);
-    return Acc(a.main_hi, a.main_lo, r.x, a.resid_lo + r.y, a.flags, 0u);
+    return Acc(a.main_hi, a.main_lo, r.x, a.resid_lo + r.y, a.flags, a.tiny_p, a.tiny_q);
 }
 
 // ---- log-sum-exp with arg-max (Lse) ----

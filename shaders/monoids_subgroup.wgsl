@@ -3,7 +3,8 @@
 fn shuffle_xor_Acc(a: Acc, mask: u32) -> Acc {
     return Acc(subgroupShuffleXor(a.main_hi, mask), subgroupShuffleXor(a.main_lo, mask),
                subgroupShuffleXor(a.resid_hi, mask), subgroupShuffleXor(a.resid_lo, mask),
-               subgroupShuffleXor(a.flags, mask), 0u);
+               subgroupShuffleXor(a.flags, mask), subgroupShuffleXor(a.tiny_p, mask),
+               subgroupShuffleXor(a.tiny_q, mask));
 }
 
 fn shuffle_xor_Lse(a: Lse, mask: u32) -> Lse {

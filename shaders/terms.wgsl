@@ -240,7 +240,7 @@ fn js_prob(p: f32, q: f32, r: f32) -> f32 {
     let series = z * (1.0 + z * (1.0 / 6.0 + z * (1.0 / 15.0 + z * (1.0 / 28.0 + z * (1.0 / 45.0
         + z * (1.0 / 66.0 + z * (1.0 / 91.0 + z * (1.0 / 120.0 + z * (1.0 / 153.0
         + z * (1.0 / 190.0))))))))));
-    let small = 2.0 * min(p, q) / t;
+    let small = div_wide(2.0 * min(p, q), t);
     // ln(1 + r) for r in [½, 1] (where the logs are used): 1 + r = 2·a with a in [¾, 1], so
     // ln(1 + r) = ln 2 + 2·atanh(s), s = (a − 1)/(a + 1) = (r − 1)/(r + 3), |s| <= 1/7, r − 1
     // exact.

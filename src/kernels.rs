@@ -165,9 +165,9 @@ pub(crate) struct Params {
     pub _pad: [u32; 2],
 }
 
-/// Size of `Acc` and `Lse` in the shaders (six 4-byte words each).
+/// Size of `Lse` in the shaders (six 4-byte words), the per-row statistics.
 pub(crate) const MONOID_BYTES: u64 = 24;
-/// Size of `Soft` (eight words), the largest partial a dispatch writes.
+/// Size of `Soft` (eight words), the largest partial a dispatch writes (`Acc` has seven).
 pub(crate) const PARTIAL_BYTES: u64 = 32;
 
 /// The lines after `//---- NAME` in a WGSL file, up to the next such marker: the files hold
