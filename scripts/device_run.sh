@@ -4,19 +4,20 @@
 # Expects the binaries built here in .device/ (scripts/device_bundle.sh) and the Vulkan loader
 # packages in .gl/ (see the device tool's README). Writes logs and JSON under $RAW, packed into
 # $OUT/results.tar.gz as each part ends (the device tool brings back at most eight files).
-# PARTS picks what runs after the adapter probe (default: all of ab roof tests bench peers diag
-# bf16 upload probe; ab runs .device/roof_ratios and every .device/roof_ratios_NAME that
-# device_bundle.sh built from VARIANTS, each with the quick path off and on, alternating, over
-# AB_CASES); SKIP_TESTS=1 drops the tests. Parts run in that order, most needed first, and one
+# PARTS picks what runs after the adapter probe (default: all of ab roof tests bench fuzz peers
+# diag bf16 upload probe; ab runs .device/roof_ratios and every .device/roof_ratios_NAME that
+# device_bundle.sh built from VARIANTS, each with the quick path off and on (AB_QUICK), alternating,
+# over AB_CASES); SKIP_TESTS=1 drops the tests. Parts run in that order, most needed first, and one
 # that would likely end past BUDGET seconds (default 400: a session has 15 minutes of device
 # time, start-up included) is skipped with a note, so one call brings back whole parts rather
 # than a cut-off one.
 set -u
-PARTS="${PARTS:-ab roof tests bench peers diag bf16 upload probe}"
+PARTS="${PARTS:-ab roof tests bench fuzz peers diag bf16 upload probe}"
 [ -n "${SKIP_TESTS:-}" ] && PARTS="${PARTS/tests/}"
 BUDGET="${BUDGET:-400}"
-# Rough seconds each part takes on an H200 (its timeouts allow more).
-declare -A COST=([tests]=50 [upload]=60 [roof]=90 [bench]=150 [peers]=120 [diag]=50 [ab]=130 [bf16]=40 [probe]=40)
+# Rough seconds each part takes on an H200 (run 10; its timeouts allow more; AB_COST for an ab of
+# other than two builds, both quick settings and ten cases).
+declare -A COST=([tests]=90 [upload]=60 [roof]=40 [bench]=150 [peers]=120 [diag]=50 [ab]=${AB_COST:-110} [bf16]=40 [probe]=40 [fuzz]=70)
 part() {
     [[ " $PARTS " == *" $1 "* ]] || return 1
     if (( SECONDS + ${COST[$1]} > BUDGET )); then
@@ -66,7 +67,7 @@ section "A/B: this build and its variants (.device/roof_ratios_*), quick path of
 for i in 1 2; do
     for b in .device/roof_ratios .device/roof_ratios_*; do
         [ -x "$b" ] || continue
-        for quick in 0 1; do
+        for quick in ${AB_QUICK:-0 1}; do
             echo "-- ${b#.device/} --quick $quick"
             timeout 40 "$b" --rounds 5 --scale 25 --quick $quick \
                 ${AB_CASES:-H,KL,KLbare,CE,JS,KL10,KL1k,logits,Hlogits,CElogits} 2>&1 | grep -v XDG
@@ -97,6 +98,12 @@ done
 if part bench; then
 section "benchmark"
 timeout 240 .device/bench --json "$RAW/bench.json" --no-cpu 2>&1 | tee "$RAW/bench.txt" | grep -v XDG
+fi
+
+if part fuzz; then
+section "edge-value fuzz beyond the tests' seeds (values at the edges of f32, invalid values)"
+KLGPU_FUZZ_SEEDS=2000..2040 timeout 40 .device/core edge_values 2>&1 | grep -E '^test |panicked|seed' | head -8
+KLGPU_FUZZ_SEEDS=600..640 timeout 30 .device/apps invalid_values 2>&1 | grep -E '^test |panicked|seed' | head -8
 fi
 
 if part peers; then
