@@ -78,7 +78,7 @@ fn sums_term(x: f32, y: f32) -> Term {
     let sub_x = bx < 0x00800000u;
     let sub_y = by < 0x00800000u;
     return Term(select(x, 0.0, sub_x), select(y, 0.0, sub_y), 0u,
-        vec2<f32>(select(0.0, f32(bx), sub_x), select(0.0, f32(by), sub_y)));
+        vec2<f32>(select(0.0, f32_u23(bx), sub_x), select(0.0, f32_u23(by), sub_y)));
 }
 
 // A row sum from its normal part (hi, lo) and its subnormal part tiny·2^-149, as (m, s, shift):
