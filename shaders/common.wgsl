@@ -70,6 +70,15 @@ struct Lse {
 @group(0) @binding(5) var<storage, read_write> row_lse: array<Lse>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
 @group(0) @binding(7) var<storage, read_write> agree: array<u32>;
+// A row the one-pass KL kernel finished (kernels_rel.wgsl) holds ROW_DONE in row_lse[row].p_i
+// (an arg-max column, or a row sum's shift, never is): the passes after it, dispatched with
+// MODE_SKIP_DONE, leave that row alone, loop and result.
+const ROW_DONE: u32 = 0xfffffffeu;
+
+fn row_done(row: u32) -> bool {
+    return (prm.mode & MODE_SKIP_DONE) != 0u && row_lse[row].p_i == ROW_DONE;
+}
+
 // Eight storage bindings at most: WebGPU's default max_storage_buffers_per_shader_stage.
 // The running state of a row split across windows lives in partials[chunks], one past the
 // window's partials.

@@ -1,5 +1,5 @@
 // The two entry points of each kernel family, instantiated per monoid (MONOID is replaced by
-// Acc, Lse or Soft): the element pass, in which each segment of `lanes` invocations reduces
+// Acc, Lse, Soft or Rel): the element pass, in which each segment of `lanes` invocations reduces
 // one row's chunk of the window, and the combine pass over those chunks' partials. What
 // differs between the families is the monoid, its element loop (shaders/loops.wgsl)
 // and its emit_MONOID.
@@ -10,7 +10,8 @@ fn element_pass_MONOID(@builtin(local_invocation_index) lid: u32, @builtin(workg
     let row = wg.y * (WG / lanes) + lid / lanes;
     let lane = lid % lanes;
     var st = identity_MONOID();
-    if (row < prm.rows) {
+    let live = row < prm.rows && !row_done(row);
+    if (live) {
         //ROW_CTX
         let c0 = prm.col_begin + wg.x * prm.chunk_len;
         let c1 = min(c0 + prm.chunk_len, prm.col_end);
@@ -20,7 +21,7 @@ fn element_pass_MONOID(@builtin(local_invocation_index) lid: u32, @builtin(workg
     report_seen();
     if (lid == 0u && wg.x == 0u && wg.y == 0u) { atomicStore(&status[3], RAN_MARK); }
     let total = segment_reduce_MONOID(st, lid, lanes, SG_VALUE);
-    if (lane == 0u && row < prm.rows) {
+    if (lane == 0u && live) {
         emit_MONOID(row, wg.x, total);
     }
 }
@@ -31,14 +32,15 @@ fn combine_pass_MONOID(@builtin(local_invocation_index) lid: u32, @builtin(workg
     let row = wg.y * (WG / lanes) + lid / lanes;
     let lane = lid % lanes;
     var st = identity_MONOID();
-    if (row < prm.rows) {
+    let live = row < prm.rows && !row_done(row);
+    if (live) {
         let base = row * prm.row_len;
         for (var c = lane; c < prm.col_end; c = c + lanes) {
             st = combine_MONOID(st, partials[base + c]);
         }
     }
     let total = segment_reduce_MONOID(st, lid, lanes, SG_VALUE);
-    if (lane == 0u && row < prm.rows) {
+    if (lane == 0u && live) {
         emit_MONOID(row, 0u, total);
     }
 }

@@ -19,3 +19,12 @@ fn shuffle_xor_Soft(a: Soft, mask: u32) -> Soft {
                 subgroupShuffleXor(a.ys, mask), subgroupShuffleXor(a.yi, mask),
                 subgroupShuffleXor(a.t, mask), subgroupShuffleXor(a.flags, mask));
 }
+
+fn shuffle_xor_Rel(a: Rel, mask: u32) -> Rel {
+    return Rel(subgroupShuffleXor(a.xm, mask), subgroupShuffleXor(a.w, mask),
+               subgroupShuffleXor(a.xi, mask), subgroupShuffleXor(a.c, mask),
+               subgroupShuffleXor(a.f, mask), subgroupShuffleXor(a.g, mask),
+               subgroupShuffleXor(a.b, mask), subgroupShuffleXor(a.ba, mask),
+               subgroupShuffleXor(a.ym, mask), subgroupShuffleXor(a.yi, mask),
+               subgroupShuffleXor(a.flags, mask));
+}

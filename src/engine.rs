@@ -51,6 +51,15 @@ pub struct Tuning {
     /// memory is the host's, so the copy would only copy host memory; off for discrete GPUs,
     /// which would read the inputs across the bus.
     pub direct_uploads: Option<bool>,
+    /// Whether KL of logits first runs a one-pass kernel that finishes every row it can prove
+    /// exact enough (a bound on its own rounding, per row), leaving the log-sum-exp and terms
+    /// passes only the others: rows of unrelated models, whose sums cancel too far, and rows
+    /// with a non-finite logit such as a −∞ mask (shaders/kernels_rel.wgsl). Off by default: on
+    /// lavapipe the one pass costs as much as the two (64 × 32,000 logits of two close models at
+    /// 23–31 % of their roof either way; of unrelated ones, all left to the two passes, 13–16 %
+    /// against 25–29 %), and no GPU has timed it yet
+    /// (`roof_ratios --one-pass-kl 0|1 logits,close,long`).
+    pub one_pass_kl: bool,
 }
 
 impl Default for Tuning {
@@ -63,6 +72,7 @@ impl Default for Tuning {
             quick_vec4: None,
             upload_threads: None,
             direct_uploads: None,
+            one_pass_kl: false,
         }
     }
 }
@@ -509,6 +519,7 @@ impl Engine {
                 .upload_threads
                 .unwrap_or_else(|| crate::plan::default_upload_threads(cpu_adapter, host_threads)),
             upload,
+            one_pass_kl: options.tuning.one_pass_kl,
         };
         Ok(Engine {
             gpu: Arc::new(gpu),
@@ -902,6 +913,8 @@ pub(crate) fn job_for(term: Term, opts: &Options) -> Result<Job> {
         prepass,
         per_nat,
         agree: opts.input == Input::Logits && term.uses_q(),
+        one_pass_first: opts.input == Input::Logits
+            && term == Term::Measure(Measure::KullbackLeibler),
     })
 }
 

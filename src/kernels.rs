@@ -26,6 +26,8 @@ pub(crate) const MODE_KEEP: u32 = 4;
 pub(crate) const MODE_STATS: u32 = 8;
 /// Subtract 1 from the residual when finishing (the loss kernel's Σt − 1).
 pub(crate) const MODE_MINUS_ONE: u32 = 16;
+/// Leave the rows the one-pass KL kernel finished alone (`row_done` in shaders/common.wgsl).
+pub(crate) const MODE_SKIP_DONE: u32 = 32;
 
 /// What a terms dispatch sums: one of the four measures, or the plain sums used for
 /// normalization and for the roofline benchmark.
@@ -113,6 +115,9 @@ pub(crate) enum Stage {
     /// (shaders/kernels_soft.wgsl).
     Soft,
     CombineSoft,
+    /// KL of logits in one pass, for the rows it can finish (shaders/kernels_rel.wgsl).
+    Rel,
+    CombineRel,
 }
 
 impl Stage {
@@ -125,6 +130,8 @@ impl Stage {
             Stage::CombineLse => "combine_pass_Lse",
             Stage::Soft => "element_pass_Soft",
             Stage::CombineSoft => "combine_pass_Soft",
+            Stage::Rel => "element_pass_Rel",
+            Stage::CombineRel => "combine_pass_Rel",
         }
     }
 
@@ -133,6 +140,7 @@ impl Stage {
             Stage::Terms | Stage::Combine => "Acc",
             Stage::Lse | Stage::CombineLse => "Lse",
             Stage::Soft | Stage::CombineSoft => "Soft",
+            Stage::Rel | Stage::CombineRel => "Rel",
         }
     }
 }
@@ -167,8 +175,9 @@ pub(crate) struct Params {
 
 /// Size of `Lse` in the shaders (six 4-byte words), the per-row statistics.
 pub(crate) const MONOID_BYTES: u64 = 24;
-/// Size of `Soft` (eight words), the largest partial a dispatch writes (`Acc` has seven).
-pub(crate) const PARTIAL_BYTES: u64 = 32;
+/// Room for the largest partial a dispatch writes: `Rel` (eleven words; `Soft` has eight,
+/// `Acc` seven).
+pub(crate) const PARTIAL_BYTES: u64 = 48;
 
 /// The lines after `//---- NAME` in a WGSL file, up to the next such marker: the files hold
 /// the alternative forms of one piece side by side.
@@ -179,14 +188,15 @@ fn section<'a>(source: &'a str, name: &str) -> &'a str {
     &rest[..rest.find("//---- ").unwrap_or(rest.len())]
 }
 
-/// One of the two loops in shaders/loops.wgsl, for the terms (`Acc`), log-sum-exp (`Lse`) or
-/// one-pass logits (`Soft`) kernel.
+/// One of the two loops in shaders/loops.wgsl, for the terms (`Acc`), log-sum-exp (`Lse`),
+/// one-pass logits (`Soft`) or one-pass KL of logits (`Rel`) kernel.
 fn element_loop(monoid: &str, vec4: bool) -> String {
     let loops = include_str!("../shaders/loops.wgsl");
     let body = section(loops, if vec4 { "LOOP_VEC4" } else { "LOOP_SCALAR" });
     let [element, fold4, fold, ctx] = match monoid {
         "Acc" => ["element", "fold4_term", "fold_term", "ctx"],
         "Lse" => ["lse_element", "fold4_lse", "combine_Lse", "0u"],
+        "Rel" => ["rel_element", "rel_fold4", "rel_fold", "0u"],
         _ => ["soft_element", "soft_fold4", "soft_fold", "0u"],
     };
     body.replace("FOLD4", fold4)
@@ -267,6 +277,7 @@ pub(crate) fn shader_source(
          const MODE_PARTIAL: u32 = {MODE_PARTIAL}u;\nconst MODE_ACCUMULATE: u32 = {MODE_ACCUMULATE}u;\n\
          const MODE_KEEP: u32 = {MODE_KEEP}u;\nconst MODE_STATS: u32 = {MODE_STATS}u;\n\
          const MODE_MINUS_ONE: u32 = {MODE_MINUS_ONE}u;\n\
+         const MODE_SKIP_DONE: u32 = {MODE_SKIP_DONE}u;\n\
          const ACC_INF: u32 = 1u;\n\
          const MEASURE_KL: u32 = 0u;\nconst MEASURE_CE: u32 = 1u;\nconst MEASURE_ENTROPY: u32 = 2u;\n\
          const MEASURE_JS: u32 = 3u;\nconst MEASURE_SUM: u32 = 4u;\nconst MEASURE_SUM_P: u32 = 5u;\n\
@@ -299,6 +310,10 @@ pub(crate) fn shader_source(
         "Soft" => concat!(
             include_str!("../shaders/terms.wgsl"),
             include_str!("../shaders/kernels_soft.wgsl")
+        ),
+        "Rel" => concat!(
+            include_str!("../shaders/terms.wgsl"),
+            include_str!("../shaders/kernels_rel.wgsl")
         ),
         _ => include_str!("../shaders/kernels_lse.wgsl"),
     };
@@ -428,7 +443,7 @@ impl Kernels {
         loads: Loads,
     ) -> wgpu::ComputePipeline {
         // Only the element loops read the inputs: the combine passes share one module.
-        let loops = matches!(stage, Stage::Terms | Stage::Lse | Stage::Soft);
+        let loops = matches!(stage, Stage::Terms | Stage::Lse | Stage::Soft | Stage::Rel);
         let loads = if loops {
             loads
         } else {
@@ -458,6 +473,7 @@ impl Kernels {
                         label: Some(match stage.monoid() {
                             "Acc" => "klgpu.sums",
                             "Lse" => "klgpu.lse",
+                            "Rel" => "klgpu.rel",
                             _ => "klgpu.soft",
                         }),
                         source: wgpu::ShaderSource::Wgsl(
@@ -503,7 +519,7 @@ mod tests {
     #[test]
     fn every_module_variant_parses_and_validates() {
         use SegmentReduce::*;
-        for monoid in ["Acc", "Lse", "Soft"] {
+        for monoid in ["Acc", "Lse", "Soft", "Rel"] {
             for reduce in [OneLane, SubgroupOnly, SharedMemory, Subgroups] {
                 let widths = [(false, false), (true, false), (true, true)];
                 for ((vec4, quick), dtype) in widths

@@ -14,8 +14,9 @@ use crate::types::{Dtype, Measure, widened};
 /// Bytes per uniform slot: one dispatch's Params at a dynamic offset (every adapter's
 /// `min_uniform_buffer_offset_alignment` is at most 256).
 const PARAM_SLOT: u64 = 256;
-/// Dispatches per window at most: pre-pass, its combine, terms, its combine.
-const SLOTS_PER_WINDOW: u64 = 4;
+/// Dispatches per window at most: the one-pass KL of logits and its combine, the pre-pass and
+/// its combine, terms and their combine.
+const SLOTS_PER_WINDOW: u64 = 6;
 /// Status words: flags, first bad window, first bad local index, spare.
 const STATUS_INIT: [u32; 4] = [0, u32::MAX, u32::MAX, 0];
 
@@ -40,6 +41,9 @@ pub(crate) struct Job {
     pub per_nat: f32,
     /// Whether to write top-1 agreement (two-input logits).
     pub agree: bool,
+    /// KL of logits: a one-pass kernel first finishes the rows it can, exactly enough, and the
+    /// two passes only the others (shaders/kernels_rel.wgsl).
+    pub one_pass_first: bool,
 }
 
 impl Job {
@@ -312,6 +316,9 @@ pub(crate) struct Gpu {
     pub upload_threads: u32,
     /// How host data reaches the kernels.
     pub upload: Upload,
+    /// Whether jobs that offer it ([`Job::one_pass_first`]) take the one-pass KL kernel
+    /// ([`Tuning::one_pass_kl`](crate::Tuning)).
+    pub one_pass_kl: bool,
 }
 
 /// Calls take turns on an OpenGL device. wgpu's GL backend has one context, and a thread
@@ -647,14 +654,34 @@ impl Gpu {
                 m
             }
         };
+        // The one-pass KL kernel runs over whole rows only: a row split across windows would
+        // need its first windows again for the rows it could not finish.
+        let one_pass_first = job.one_pass_first && self.one_pass_kl && passes == Passes::Both;
+        // After it, the passes skip the rows it finished.
+        let skip = if one_pass_first {
+            kernels::MODE_SKIP_DONE
+        } else {
+            0
+        };
         // (stage, term, input, mode, is_combine)
         let mut dispatches: Vec<(Stage, Term, InputCode, u32, bool)> = Vec::new();
+        if one_pass_first {
+            // Without MODE_SKIP_DONE: it marks every row, finished or not, over what an
+            // earlier call left there.
+            let (term, input) = (job.term, job.input);
+            if window.combine.is_some() {
+                dispatches.push((Stage::Rel, term, input, kernels::MODE_PARTIAL, false));
+                dispatches.push((Stage::CombineRel, term, input, 0, true));
+            } else {
+                dispatches.push((Stage::Rel, term, input, 0, false));
+            }
+        }
         let mut add = |terms: Stage, combine: Stage, term: Term, input: InputCode, mode: u32| {
             if window.combine.is_some() {
-                dispatches.push((terms, term, input, kernels::MODE_PARTIAL, false));
-                dispatches.push((combine, term, input, mode, true));
+                dispatches.push((terms, term, input, kernels::MODE_PARTIAL | skip, false));
+                dispatches.push((combine, term, input, mode | skip, true));
             } else {
-                dispatches.push((terms, term, input, mode, false));
+                dispatches.push((terms, term, input, mode | skip, false));
             }
         };
         if passes != Passes::Main {

@@ -4,7 +4,10 @@
 mod common;
 
 use common::*;
-use klgpu::{Base, Error, Input, Measure, Options, Problem, Reduction, Side, cpu};
+use klgpu::{
+    Base, Engine, EngineOptions, Error, Input, Measure, Options, Problem, Reduction, Side, Tuning,
+    cpu,
+};
 use rand::prelude::*;
 use std::f64::consts::LN_2;
 
@@ -1221,6 +1224,73 @@ fn one_pass_normalized_probabilities_at_every_scale() {
             let gpu = e.rows(m, &p[..n], qq, cols, &norm).unwrap().values;
             let exact = cpu::rows(m, &p[..n], qq, cols, &norm).unwrap().values;
             assert_rows_close(&gpu, &exact, &format!("{m:?} normalized"));
+        }
+    }
+}
+
+#[test]
+fn one_pass_kl_of_logits_finishes_close_models_rows() {
+    // With `Tuning::one_pass_kl`, KL of logits first runs a one-pass kernel that keeps only the
+    // rows whose own rounding bound is far inside the bar (shaders/kernels_rel.wgsl); the two
+    // passes finish the rest. Peaked rows of two close models (a language model's next-token
+    // logits against a slightly different one's) must mostly finish in the one pass, which
+    // shows as results that differ in their last bits from the two passes' on the same plan,
+    // and every row must meet the bar on every path, finished by either.
+    let with = |tuning: Tuning, one_pass_kl: bool| {
+        Engine::with_options(EngineOptions {
+            tuning: Tuning {
+                one_pass_kl,
+                ..tuning
+            },
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let gpu_plan = short_loop_tuning(false, true);
+    // (one pass first, two passes alone) on the adapter's plan and a GPU's.
+    let pairs = [
+        (
+            with(Tuning::default(), true),
+            with(Tuning::default(), false),
+        ),
+        (with(gpu_plan, true), with(gpu_plan, false)),
+    ];
+    let mut r = rng(77);
+    let (rows, cols) = (32, 4000);
+    for noise in [1e-3f32, 1e-2, 0.1] {
+        let mut p = logits(&mut r, rows * cols, 3.0);
+        for row in 0..rows {
+            p[row * cols + r.random_range(0..cols)] += 36.0;
+            p[row * cols + r.random_range(0..cols)] += 30.0;
+        }
+        let other = logits(&mut r, rows * cols, 1.0);
+        let q: Vec<f32> = p
+            .iter()
+            .zip(&other)
+            .map(|(&a, &b)| 7.0 + a + noise * b)
+            .collect();
+        let opts = Options::input(Input::Logits);
+        let m = Measure::KullbackLeibler;
+        let exact = cpu::rows(m, &p, Some(&q), cols, &opts).unwrap().values;
+        for e in every_path() {
+            let values = e.rows(m, &p, Some(&q), cols, &opts).unwrap().values;
+            assert_rows_close(&values, &exact, &format!("noise {noise}"));
+        }
+        for (plan, (one_pass, two_pass)) in ["adapter's", "GPU's"].iter().zip(&pairs) {
+            let one = one_pass.rows(m, &p, Some(&q), cols, &opts).unwrap().values;
+            let two = two_pass.rows(m, &p, Some(&q), cols, &opts).unwrap().values;
+            assert_rows_close(&one, &exact, &format!("one pass first, noise {noise}"));
+            assert_rows_close(&two, &exact, &format!("two passes, noise {noise}"));
+            let finished = one
+                .iter()
+                .zip(&two)
+                .filter(|(a, b)| a.to_bits() != b.to_bits());
+            let finished = finished.count();
+            println!("{plan} plan, noise {noise}: {finished} of {rows} rows in one pass");
+            assert!(
+                finished >= rows * 3 / 4,
+                "{plan} plan, noise {noise}: the one pass finished {finished} of {rows} rows"
+            );
         }
     }
 }

@@ -77,11 +77,14 @@ pub fn short_loop_tuning(blocked_lanes: bool, quick_vec4: bool) -> Tuning {
         blocked_lanes: Some(blocked_lanes),
         quick_vec4: Some(quick_vec4),
         direct_uploads: Some(false),
+        one_pass_kl: true,
         ..Default::default()
     }
 }
 
-/// Every plan: the adapter's default, a GPU's, and a GPU's with blocked lanes.
+/// Every plan: the adapter's default, a GPU's, and a GPU's with blocked lanes. KL of logits
+/// takes the two passes alone on the first and the one-pass kernel first on the others
+/// (`Tuning::one_pass_kl`; also on [`shared_memory_engine`]).
 pub fn all_plans() -> [&'static Engine; 3] {
     [engine(), gpu_plan_engine(), blocked_lanes_engine()]
 }
@@ -104,6 +107,10 @@ pub fn shared_memory_engine() -> &'static Engine {
     ENGINE.get_or_init(|| {
         Engine::with_options(EngineOptions {
             subgroups: false,
+            tuning: Tuning {
+                one_pass_kl: true,
+                ..Default::default()
+            },
             ..Default::default()
         })
         .unwrap_or_else(|e| panic!("klgpu tests need a GPU adapter: {e}"))

@@ -1,0 +1,221 @@
+// KL of logits in one pass, where the row lets it be exact enough; the two-pass kernels finish
+// the others (../docs/ARCHITECTURE.md, "KL of logits in one pass").
+//
+// With d = x − y and any reference c, u = d − c, weights w = e^(x − xm) in the frame of P's
+// running maximum xm, W = Σ w, φ(u) = u + e^(−u) − 1 >= 0:
+//   KL = F/W + (log1p(b) − b),   F = Σ w·φ(u),   b = B/W,   B = Σ w·expm1(−u),
+// exactly, whatever c is (KL = E_p[d] + ln E_p[e^(−d)]). F/W >= KL, and the second part is <= 0:
+// they cancel as far as c misses lse_x − lse_y, the reference that makes b = 0 (and F/W = KL, the
+// two-pass kernels' sum). A lane takes as c the d of its arg-max of x, the heaviest element, and
+// states merge into the frame and reference of the higher maximum, the other's sums shifted by
+// Δ = c' − c exactly (to first order in Δ's rounding, which TwoSum keeps):
+//   F' = F + W·φ(−Δ) + expm1(Δ)·B,   B' = W·expm1(Δ) + e^Δ·B.
+// A finished row bounds its own rounding by what it summed: g >= Σ|each part of F|, and
+// ba = Σ w·|expm1(−u)|, which b's rounding scales by |b|/(1 + b). It keeps its value only where
+// that bound is within REL_COND times the value (or below REL_FLOOR): the result is then within
+// ~2.4·10^-7·REL_COND relative (four roundings' worth per part summed), inside the bar. Other rows, and every row with a non-finite
+// logit (a −∞ mask, or input the pre-pass will reject), are marked for the log-sum-exp and terms
+// kernels, which skip the rows finished here (MODE_SKIP_DONE, row_done).
+//
+// Relative weight errors (e^(x − xm) rounded, frames rescaled) move KL by at most 2·KL times
+// their size whatever c is: P and the Q it implies (q ∝ w·e^(−d)) move together.
+
+@group(0) @binding(3) var<storage, read_write> partials: array<Rel>;
+
+const REL_NO_COL: u32 = 0xffffffffu;
+// A row with a value the kernel cannot take (not finite): left to the two passes.
+const REL_DECLINE: u32 = 1u;
+// A row's sums may be REL_COND times its value; and any row whose bound is below REL_FLOOR
+// (2^-19: its rounding then stays below 1e-12 absolute) is kept.
+const REL_COND: f32 = 16.0;
+const REL_FLOOR: f32 = 1.9073486328125e-6;
+
+fn identity_Rel() -> Rel {
+    return Rel(neg_inf(), 0.0, REL_NO_COL, 0.0, 0.0, 0.0, 0.0, 0.0, neg_inf(), REL_NO_COL, 0u);
+}
+
+// expm1(a), φ(−a) = e^a − 1 − a and e^a, each to a few ulp: by φ's series for |a| <= 1 (no
+// cancellation), else from exp_acc (WGSL's exp may be off by 2|a| ulp). e^a is not 1 +
+// expm1(a), which keeps only 2^-24 of it absolute: for a = −12.5 that is 1.5 % of e^a, and a
+// state moved that far lost its B (found by a float32 model of the kernel).
+fn expm1_phi(a: f32) -> vec3<f32> {
+    let near = abs(a) <= 1.0;
+    let ph = phi_series(-a);
+    let ea = exp_acc(a);
+    let e1 = select(ea - 1.0, a + ph, near);
+    return vec3<f32>(e1, select(e1 - a, ph, near), select(ea, 1.0 + e1, near));
+}
+
+// The state s, not empty, in the frame of a maximum mx >= s.xm and with reference c.
+fn rel_rebase(s: Rel, mx: f32, c: f32) -> Rel {
+    let delta = two_sum(c, -s.c);
+    let em = expm1_phi(delta.x);
+    let e1 = em.x;
+    let ed = em.z;
+    let f1 = (s.f + s.w * em.y) + e1 * s.b;
+    let b1 = s.w * e1 + ed * s.b;
+    let ba1 = s.w * abs(e1) + ed * s.ba;
+    let g1 = (s.g + s.w * em.y) + abs(e1) * s.ba;
+    // Δ's low part, to first order: dF/dΔ = B', dB/dΔ = B' + W.
+    let lo = delta.y;
+    // The factor e^(s.xm − mx) as exp_low's pair (k.x·(sum·k.y)): it may be below f32's normal
+    // range while the sums it scales are huge (a logit of −1e36 in Q).
+    let k = exp_low(s.xm - mx);
+    return Rel(mx, k.x * (s.w * k.y), s.xi, c, k.x * ((f1 + lo * b1) * k.y),
+        k.x * ((g1 + abs(lo) * ba1) * k.y), k.x * ((b1 + lo * (b1 + s.w)) * k.y),
+        k.x * ((ba1 + abs(lo) * (ba1 + s.w)) * k.y), s.ym, s.yi, s.flags);
+}
+
+// s in (mx, c) where it holds mass; an empty state only takes the frame (its sums are 0, and
+// its reference could be anything).
+fn rel_moved(s: Rel, mx: f32, c: f32) -> Rel {
+    if (s.w == 0.0) {
+        return Rel(mx, 0.0, s.xi, c, 0.0, 0.0, 0.0, 0.0, s.ym, s.yi, s.flags);
+    }
+    return rel_rebase(s, mx, c);
+}
+
+// Whether state a's maximum of x comes first: higher, or equal at a lower column.
+fn rel_first(am: f32, ai: u32, bm: f32, bi: u32) -> bool {
+    return am > bm || (am == bm && ai <= bi);
+}
+
+fn combine_Rel(a: Rel, b: Rel) -> Rel {
+    var top = b;
+    var other = a;
+    if (rel_first(a.xm, a.xi, b.xm, b.xi)) {
+        top = a;
+        other = b;
+    }
+    let low = rel_moved(other, top.xm, top.c);
+    let y_a = rel_first(a.ym, a.yi, b.ym, b.yi);
+    return Rel(top.xm, top.w + low.w, top.xi, top.c, top.f + low.f, top.g + low.g, top.b + low.b,
+        top.ba + low.ba, select(b.ym, a.ym, y_a), select(b.yi, a.yi, y_a), a.flags | b.flags);
+}
+
+// One element's parts: (w, w·φ(u), g's part, w·expm1(−u)) with u = (x − y) − c, x − y taken
+// exactly as a TwoSum pair (two models' logits may sit a constant apart, c ≈ that constant,
+// while u is 1e-3). Near u = 0 by φ's series; elsewhere w·(u − 1) + v, v = w·e^(−u), whose
+// parts g counts by size. w is exp_low's pair: w below f32's normal range (an adapter may flush
+// it) against a huge u is a term like 1e-8 (u = 1e36, w = 1e-44). v is Q's weight, so an error
+// in it moves KL by as much, relative, whatever KL is: it takes w's own rounding (which moves P
+// and Q alike, harmless) and e^(−u)'s, which WGSL allows to be 3 + 2|u| ulp: g counts v that
+// many times over (v is only taken where |u| > 1, mostly on tail tokens, whose weights are
+// small). A u below −80 (a Q weight e^80 times P's) is left to the two passes, as v = ∞.
+fn rel_term(x: f32, y: f32, s: Rel) -> vec4<f32> {
+    let a = x - s.xm;
+    let ws = exp_low(a);
+    let w = ws.x * ws.y;
+    let xy = two_sum(x, -y);
+    let u = (xy.x - s.c) + xy.y;
+    let v = select(ws.x * (exp_acc(-u) * ws.y), pos_inf(), u < -80.0);
+    let near = abs(u) <= 1.0;
+    let ph = phi_series(u);
+    let f = select(ws.x * ((u - 1.0) * ws.y) + v, w * ph, near);
+    let g = select(ws.x * (abs(u - 1.0) * ws.y) + v, w * ph, near);
+    let e = select(v - w, w * (ph - u), near);
+    return vec4<f32>(w, f, g, e);
+}
+
+// Adds one element's (or four's) parts. Where the reference has drifted from the state's own
+// lse_x − lse_y, c − log1p(b), so far that b² > F/W (the cancellation it costs is as large as
+// the sum), the state moves there: every later term is then taken near u's centre.
+fn rel_add(s: Rel, t: vec4<f32>, ea: f32) -> Rel {
+    let r = Rel(s.xm, s.w + t.x, s.xi, s.c, s.f + t.y, s.g + t.z, s.b + t.w, s.ba + ea, s.ym,
+        s.yi, s.flags);
+    if (r.b * r.b > r.w * r.f) {
+        // Opaque: a compiler that rewrote rel_rebase's c' − c as −log1p(b), exactly, would
+        // shift the sums by other than the reference moved (its rounding near a logit offset
+        // of 100 is 4e-6: close rows' KL came out 1 % off).
+        return rel_rebase(r, r.xm, opaque(r.c - log1p_acc(r.b / r.w)));
+    }
+    return r;
+}
+
+// s in a frame that covers a new maximum mx of x at column jx, whose d is cx, and a maximum my
+// of y at column jy: rare after a lane's first elements, so a branch. An equal maximum keeps
+// the first column (a lane meets its columns in increasing order).
+fn rel_cover(s: Rel, mx: f32, jx: u32, cx: f32, my: f32, jy: u32) -> Rel {
+    var r = s;
+    if (mx > s.xm) {
+        // The reference follows the mass: to the new maximum's d where it outweighs the rest.
+        let dominant = s.w * exp(s.xm - mx) < 1.0;
+        r = rel_moved(s, mx, select(s.c, cx, dominant));
+        r.xi = jx;
+    }
+    if (my > s.ym) {
+        r.ym = my;
+        r.yi = jy;
+    }
+    return r;
+}
+
+fn rel_declined(x: f32, y: f32) -> u32 {
+    return select(0u, REL_DECLINE, !is_finite(x) || !is_finite(y));
+}
+
+// The scalar loop's element (see soft_element).
+struct RelIn { x: f32, y: f32, col: u32 }
+
+fn rel_element(x: f32, y: f32, local: u32, col: u32, unused: u32) -> RelIn {
+    return RelIn(x, y, col);
+}
+
+fn rel_fold(st: Rel, e: RelIn) -> Rel {
+    var s = rel_cover(st, e.x, e.col, e.x - e.y, e.y, e.col);
+    s.flags = s.flags | rel_declined(e.x, e.y);
+    if (s.flags != 0u) { return s; }
+    let t = rel_term(e.x, e.y, s);
+    return rel_add(s, t, abs(t.w));
+}
+
+fn rel_fold4(st: Rel, x: vec4<f32>, y: vec4<f32>, local: u32, c: u32, unused: u32) -> Rel {
+    let mx = max(max(x.x, x.y), max(x.z, x.w));
+    let jx = first_of(x, mx);
+    let my = max(max(y.x, y.y), max(y.z, y.w));
+    let d = x - y;
+    var s = rel_cover(st, mx, c + jx, d[jx], my, c + first_of(y, my));
+    s.flags = s.flags | rel_declined(x.x, y.x) | rel_declined(x.y, y.y) | rel_declined(x.z, y.z)
+        | rel_declined(x.w, y.w);
+    if (s.flags != 0u) { return s; }
+    let t0 = rel_term(x.x, y.x, s);
+    let t1 = rel_term(x.y, y.y, s);
+    let t2 = rel_term(x.z, y.z, s);
+    let t3 = rel_term(x.w, y.w, s);
+    return rel_add(s, (t0 + t1) + (t2 + t3), (abs(t0.w) + abs(t1.w)) + (abs(t2.w) + abs(t3.w)));
+}
+
+// log1p(b) − b, to a few ulp relative: its series for |b| <= 1/4 (to b^14, ~1e-8 relative at
+// 1/4), else from log1p.
+fn log1p_minus(b: f32) -> f32 {
+    let series = -b * b * (1.0 / 2.0 - b * (1.0 / 3.0 - b * (1.0 / 4.0 - b * (1.0 / 5.0
+        - b * (1.0 / 6.0 - b * (1.0 / 7.0 - b * (1.0 / 8.0 - b * (1.0 / 9.0 - b * (1.0 / 10.0
+        - b * (1.0 / 11.0 - b * (1.0 / 12.0 - b * (1.0 / 13.0 - b * (1.0 / 14.0)))))))))))));
+    return select(log1p_acc(b) - b, series, abs(b) <= 0.25);
+}
+
+fn emit_Rel(row: u32, chunk: u32, total: Rel) {
+    if ((prm.mode & MODE_PARTIAL) != 0u) {
+        partials[row * prm.chunks + chunk] = total;
+        return;
+    }
+    let s = total;
+    let b = s.b / s.w;
+    let kl = s.f / s.w + log1p_minus(b);
+    // g's parts over W; Q's weights (v) err relative to Q's total, W·(1 + b). b's rounding
+    // (B's, over ba; the division's) moves log1p(b) − b by |b|/(1 + b) times as much, and
+    // log1p_minus errs by a few ulp of b²/2 (of 2|b| beyond its series).
+    let ab = abs(b);
+    let bound = (s.g / s.w) / min(1.0, 1.0 + b) + ab / (1.0 + b) * (s.ba / s.w + ab)
+        + select(ab * ab, 2.0 * ab, ab > 0.25);
+    let v = max(kl, 0.0) * prm.out_scale;
+    // W >= 1 where the row has mass (its arg-max weighs 1); not finite, or b <= −1, where a
+    // shift overflowed.
+    let kept = s.flags == 0u && s.w >= 1.0 && b > -1.0 && is_finite(bound) && is_finite(v)
+        && bound <= REL_COND * max(kl, 0.0) + REL_FLOOR;
+    if (kept) {
+        out[prm.out_base + row] = v;
+        agree[prm.agree_base + row] = select(0u, 1u, s.xi == s.yi);
+    }
+    row_lse[row] = Lse(0.0, 0.0, select(0u, ROW_DONE, kept), 0.0, 0.0, 0u);
+}
