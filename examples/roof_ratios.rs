@@ -10,16 +10,18 @@
 //!
 //! ```text
 //! cargo run --release --example roof_ratios -- [--rounds R] [--workgroups W]
-//!     [--min-iterations M] [--blocked-lanes 0|1] [--quick 0|1] [--scale S]
+//!     [--min-iterations M] [--blocked-lanes 0|1] [--quick 0|1] [--one-pass-kl 0|1] [--scale S]
 //!     [--dtype f32|f16|bf16] [CASE,CASE,...]
 //! ```
 //! Cases: KL CE H JS (N = 4·10^6), KLbare (KL's term alone: no validation, plain sums; a
 //! diagnostic between the roof and KL), KLlp and JSlp (KL and JS of log-probabilities, 4·10^6), KL10
-//! (400,000 × 10), KL1k (1000 × 1000), logits (64 × 32,000), JSlogits, CElogits, Hlogits (the
-//! same, JS, cross-entropy, entropy), long (8 × 262,144 logits), KLnorm, JSnorm, CEnorm and
+//! (400,000 × 10), KL1k (1000 × 1000), logits (64 × 32,000, P and Q drawn apart), close (the
+//! same shape, two close models: Q = P + N(0, 0.1²) on peaked rows), JSlogits, CElogits, Hlogits
+//! (the same, JS, cross-entropy, entropy), long (8 × 262,144 logits), KLnorm, JSnorm, CEnorm and
 //! Hnorm (4000 × 1000 probabilities, normalized in the kernel); named cases run in the order
 //! given. `--workgroups`,
-//! `--min-iterations`, `--blocked-lanes` and `--quick` (the quick path for plain vec4s) override
+//! `--min-iterations`, `--blocked-lanes`, `--quick` (the quick path for plain vec4s) and
+//! `--one-pass-kl` (KL of logits' one-pass kernel) override
 //! the defaults for the adapter (`klgpu::Tuning`). `--scale S` multiplies every case's size (rows, or N for the single
 //! distributions) by S: the defaults suit lavapipe; on a data-centre GPU they are a few
 //! microseconds of work, and `--scale 25` makes them bandwidth-bound. `--dtype f16|bf16`
@@ -49,6 +51,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--min-iterations" => options.tuning.min_iterations = Some(value()?),
             "--blocked-lanes" => options.tuning.blocked_lanes = Some(value()? != 0),
             "--quick" => options.tuning.quick_vec4 = Some(value()? != 0),
+            "--one-pass-kl" => options.tuning.one_pass_kl = value()? != 0,
             "--scale" => scale = value()? as usize,
             "--dtype" => dtype = parse_dtype(args.next().as_deref())?,
             cases => only = cases.split(',').map(str::to_string).collect(),
@@ -70,6 +73,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("KL10", kl, Input::Probs, n / 10, 10),
         ("KL1k", kl, Input::Probs, 1000, 1000),
         ("logits", kl, Input::Logits, 64, 32_000),
+        ("close", kl, Input::Logits, 64, 32_000),
         (
             "JSlogits",
             Measure::JensenShannon,
@@ -111,6 +115,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         } else {
             (rows * scale, cols)
         };
+        let mut p_data = data(&mut rng, rows, cols, input);
+        if name == "close" {
+            peaked(&mut rng, &mut p_data, cols);
+        }
         let case = Case {
             name,
             measure,
@@ -123,16 +131,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             rows,
             cols,
             out: engine.create_f32_buffer("roof_ratios.out", rows as u64)?,
-            p: upload_as(
-                &engine,
-                "roof_ratios.p",
-                &data(&mut rng, rows, cols, input),
-                dtype,
-            ),
+            p: upload_as(&engine, "roof_ratios.p", &p_data, dtype),
             q: upload_as(
                 &engine,
                 "roof_ratios.q",
-                &data(&mut rng, rows, cols, input),
+                &if name == "close" {
+                    close_logits(&mut rng, &p_data)
+                } else {
+                    data(&mut rng, rows, cols, input)
+                },
                 dtype,
             ),
         };
@@ -236,4 +243,25 @@ impl Case {
             )
             .expect("record the roofline");
     }
+}
+
+/// Rows with a few tokens far above the rest, as a language model's next-token logits are: one
+/// 12 above the spread, one 10 (the top token then holds most of the mass).
+fn peaked(rng: &mut Rng, p: &mut [f32], cols: usize) {
+    for row in p.chunks_mut(cols) {
+        for lift in [12.0, 10.0] {
+            let col = ((rng.next_f32() * cols as f32) as usize).min(cols - 1);
+            row[col] += lift;
+        }
+    }
+}
+
+/// A second model close to the first: each logit moved by N(0, 0.1²) (Irwin–Hall of three).
+fn close_logits(rng: &mut Rng, p: &[f32]) -> Vec<f32> {
+    p.iter()
+        .map(|&x| {
+            let z = (rng.next_f32() + rng.next_f32() + rng.next_f32() - 1.5) * 2.0;
+            x + 0.1 * z
+        })
+        .collect()
 }
