@@ -6,8 +6,9 @@
 # $OUT/results.tar.gz as each part ends (the device tool brings back at most eight files).
 # PARTS picks what runs after the adapter probe (default: all of ab roof tests bench fuzz peers
 # diag bf16 upload probe; ab runs .device/roof_ratios and every .device/roof_ratios_NAME that
-# device_bundle.sh built from VARIANTS, each with the quick path off and on (AB_QUICK), alternating,
-# over AB_CASES); SKIP_TESTS=1 drops the tests. Parts run in that order, most needed first, and one
+# device_bundle.sh built from VARIANTS, each under every flag set of AB_FLAGS (sets separated by
+# '|'; default "--quick 0|--quick 1", the quick path off and on; AB_QUICK="1" alone stands for
+# "--quick 1"), alternating, over AB_CASES); SKIP_TESTS=1 drops the tests. Parts run in that order, most needed first, and one
 # that would likely end past BUDGET seconds (default 400: a session has 15 minutes of device
 # time, start-up included) is skipped with a note, so one call brings back whole parts rather
 # than a cut-off one.
@@ -63,13 +64,21 @@ if ! grep -q "DiscreteGpu\|IntegratedGpu" "$RAW/probe.txt"; then
 fi
 
 if part ab; then
-section "A/B: this build and its variants (.device/roof_ratios_*), quick path off and on, alternating"
+if [ -n "${AB_FLAGS:-}" ]; then
+    flag_sets="$AB_FLAGS"
+else
+    flag_sets=""
+    for quick in ${AB_QUICK:-0 1}; do flag_sets="${flag_sets:+$flag_sets|}--quick $quick"; done
+fi
+IFS='|' read -r -a AB_SETS <<< "$flag_sets"
+section "A/B: this build and its variants (.device/roof_ratios_*) under ${flag_sets}, alternating"
 for i in 1 2; do
     for b in .device/roof_ratios .device/roof_ratios_*; do
         [ -x "$b" ] || continue
-        for quick in ${AB_QUICK:-0 1}; do
-            echo "-- ${b#.device/} --quick $quick"
-            timeout 40 "$b" --rounds 5 --scale 25 --quick $quick \
+        for flags in "${AB_SETS[@]}"; do
+            echo "-- ${b#.device/} $flags"
+            # shellcheck disable=SC2086
+            timeout 40 "$b" --rounds 5 --scale 25 $flags \
                 ${AB_CASES:-H,KL,KLbare,CE,JS,KL10,KL1k,logits,Hlogits,CElogits} 2>&1 | grep -v XDG
         done
     done
