@@ -71,12 +71,17 @@ struct Lse {
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
 @group(0) @binding(7) var<storage, read_write> agree: array<u32>;
 // A row the one-pass KL kernel finished (kernels_rel.wgsl) holds ROW_DONE in row_lse[row].p_i
-// (an arg-max column, or a row sum's shift, never is): the passes after it, dispatched with
-// MODE_SKIP_DONE, leave that row alone, loop and result.
+// (an arg-max column, or a row sum's shift, never is); one whose log-sum-exps it wrote holds
+// LSE_READY in q_i (and q_s is then ln(Σ e^(y − q_m)) itself, see row_ctx). The passes after
+// it leave such rows alone, loop and result: the terms pass (MODE_SKIP_DONE) the finished ones,
+// the log-sum-exp pass (MODE_SKIP_READY) both.
 const ROW_DONE: u32 = 0xfffffffeu;
+const LSE_READY: u32 = 0xfffffffdu;
 
 fn row_done(row: u32) -> bool {
-    return (prm.mode & MODE_SKIP_DONE) != 0u && row_lse[row].p_i == ROW_DONE;
+    if ((prm.mode & (MODE_SKIP_DONE | MODE_SKIP_READY)) == 0u) { return false; }
+    let s = row_lse[row];
+    return s.p_i == ROW_DONE || ((prm.mode & MODE_SKIP_READY) != 0u && s.q_i == LSE_READY);
 }
 
 // Eight storage bindings at most: WebGPU's default max_storage_buffers_per_shader_stage.

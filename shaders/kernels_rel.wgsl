@@ -1,21 +1,25 @@
 // KL of logits in one pass, where the row lets it be exact enough; the two-pass kernels finish
-// the others (../docs/ARCHITECTURE.md, "KL of logits in one pass").
+// the others (../docs/ARCHITECTURE.md, "KL of logits in one pass, with proof";
+// Tuning::one_pass_kl).
 //
 // With d = x − y and any reference c, u = d − c, weights w = e^(x − xm) in the frame of P's
 // running maximum xm, W = Σ w, φ(u) = u + e^(−u) − 1 >= 0:
 //   KL = F/W + (log1p(b) − b),   F = Σ w·φ(u),   b = B/W,   B = Σ w·expm1(−u),
 // exactly, whatever c is (KL = E_p[d] + ln E_p[e^(−d)]). F/W >= KL, and the second part is <= 0:
 // they cancel as far as c misses lse_x − lse_y, the reference that makes b = 0 (and F/W = KL, the
-// two-pass kernels' sum). A lane takes as c the d of its arg-max of x, the heaviest element, and
-// states merge into the frame and reference of the higher maximum, the other's sums shifted by
-// Δ = c' − c exactly (to first order in Δ's rounding, which TwoSum keeps):
+// two-pass kernels' sum). A state moves its reference by Δ = c' − c exactly (to first order in
+// Δ's rounding, which TwoSum keeps):
 //   F' = F + W·φ(−Δ) + expm1(Δ)·B,   B' = W·expm1(Δ) + e^Δ·B.
+// A lane starts at the d of its first maximum, follows a new maximum that outweighs the rest
+// (rel_cover), and moves to its own estimate c − log1p(b) where it has drifted (rel_add);
+// states merge into the frame and reference of the higher maximum (combine_Rel).
 // A finished row bounds its own rounding by what it summed: g >= Σ|each part of F|, and
 // ba = Σ w·|expm1(−u)|, which b's rounding scales by |b|/(1 + b). It keeps its value only where
 // that bound is within REL_COND times the value (or below REL_FLOOR): the result is then within
-// ~2.4·10^-7·REL_COND relative (four roundings' worth per part summed), inside the bar. Other rows, and every row with a non-finite
-// logit (a −∞ mask, or input the pre-pass will reject), are marked for the log-sum-exp and terms
-// kernels, which skip the rows finished here (MODE_SKIP_DONE, row_done).
+// ~2.4·10^-7·REL_COND relative (four roundings' worth per part summed), inside the bar. Other
+// rows, and every row with a non-finite logit (a −∞ mask, or input the pre-pass will reject),
+// are marked for the log-sum-exp and terms kernels, which skip the rows finished here
+// (MODE_SKIP_DONE, row_done). scripts/rel_model.py models this file in float32.
 //
 // Relative weight errors (e^(x − xm) rounded, frames rescaled) move KL by at most 2·KL times
 // their size whatever c is: P and the Q it implies (q ∝ w·e^(−d)) move together.
@@ -31,7 +35,8 @@ const REL_COND: f32 = 16.0;
 const REL_FLOOR: f32 = 1.9073486328125e-6;
 
 fn identity_Rel() -> Rel {
-    return Rel(neg_inf(), 0.0, REL_NO_COL, 0.0, 0.0, 0.0, 0.0, 0.0, neg_inf(), REL_NO_COL, 0u);
+    return Rel(neg_inf(), 0.0, REL_NO_COL, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, neg_inf(), REL_NO_COL,
+        0u);
 }
 
 // expm1(a), φ(−a) = e^a − 1 − a and e^a, each to a few ulp: by φ's series for |a| <= 1 (no
@@ -56,21 +61,23 @@ fn rel_rebase(s: Rel, mx: f32, c: f32) -> Rel {
     let b1 = s.w * e1 + ed * s.b;
     let ba1 = s.w * abs(e1) + ed * s.ba;
     let g1 = (s.g + s.w * em.y) + abs(e1) * s.ba;
-    // Δ's low part, to first order: dF/dΔ = B', dB/dΔ = B' + W.
+    // Δ's low part, to first order: dF/dΔ = B', dB/dΔ = B' + W, dq/dΔ = q'.
     let lo = delta.y;
     // The factor e^(s.xm − mx) as exp_low's pair (k.x·(sum·k.y)): it may be below f32's normal
     // range while the sums it scales are huge (a logit of −1e36 in Q).
     let k = exp_low(s.xm - mx);
+    let q1 = ed * s.q;
     return Rel(mx, k.x * (s.w * k.y), s.xi, c, k.x * ((f1 + lo * b1) * k.y),
         k.x * ((g1 + abs(lo) * ba1) * k.y), k.x * ((b1 + lo * (b1 + s.w)) * k.y),
-        k.x * ((ba1 + abs(lo) * (ba1 + s.w)) * k.y), s.ym, s.yi, s.flags);
+        k.x * ((ba1 + abs(lo) * (ba1 + s.w)) * k.y), k.x * ((q1 + lo * q1) * k.y), s.ym, s.yi,
+        s.flags);
 }
 
 // s in (mx, c) where it holds mass; an empty state only takes the frame (its sums are 0, and
 // its reference could be anything).
 fn rel_moved(s: Rel, mx: f32, c: f32) -> Rel {
     if (s.w == 0.0) {
-        return Rel(mx, 0.0, s.xi, c, 0.0, 0.0, 0.0, 0.0, s.ym, s.yi, s.flags);
+        return Rel(mx, 0.0, s.xi, c, 0.0, 0.0, 0.0, 0.0, 0.0, s.ym, s.yi, s.flags);
     }
     return rel_rebase(s, mx, c);
 }
@@ -90,10 +97,19 @@ fn combine_Rel(a: Rel, b: Rel) -> Rel {
     let low = rel_moved(other, top.xm, top.c);
     let y_a = rel_first(a.ym, a.yi, b.ym, b.yi);
     return Rel(top.xm, top.w + low.w, top.xi, top.c, top.f + low.f, top.g + low.g, top.b + low.b,
-        top.ba + low.ba, select(b.ym, a.ym, y_a), select(b.yi, a.yi, y_a), a.flags | b.flags);
+        top.ba + low.ba, top.q + low.q, select(b.ym, a.ym, y_a), select(b.yi, a.yi, y_a),
+        a.flags | b.flags);
 }
 
-// One element's parts: (w, w·φ(u), g's part, w·expm1(−u)) with u = (x − y) − c, x − y taken
+// One element's parts (or four's): its weight w, w·φ(u), g's part, w·expm1(−u) and its size,
+// and Q's weight v = w·e^(−u).
+struct RelTerm { w: f32, f: f32, g: f32, e: f32, ea: f32, v: f32 }
+
+fn rel_sum(a: RelTerm, b: RelTerm) -> RelTerm {
+    return RelTerm(a.w + b.w, a.f + b.f, a.g + b.g, a.e + b.e, a.ea + b.ea, a.v + b.v);
+}
+
+// One element's parts with u = (x − y) − c, x − y taken
 // exactly as a TwoSum pair (two models' logits may sit a constant apart, c ≈ that constant,
 // while u is 1e-3). Near u = 0 by φ's series; elsewhere w·(u − 1) + v, v = w·e^(−u), whose
 // parts g counts by size. w is exp_low's pair: w below f32's normal range (an adapter may flush
@@ -102,27 +118,27 @@ fn combine_Rel(a: Rel, b: Rel) -> Rel {
 // and Q alike, harmless) and e^(−u)'s, which WGSL allows to be 3 + 2|u| ulp: g counts v that
 // many times over (v is only taken where |u| > 1, mostly on tail tokens, whose weights are
 // small). A u below −80 (a Q weight e^80 times P's) is left to the two passes, as v = ∞.
-fn rel_term(x: f32, y: f32, s: Rel) -> vec4<f32> {
+fn rel_term(x: f32, y: f32, s: Rel) -> RelTerm {
     let a = x - s.xm;
     let ws = exp_low(a);
     let w = ws.x * ws.y;
     let xy = two_sum(x, -y);
     let u = (xy.x - s.c) + xy.y;
-    let v = select(ws.x * (exp_acc(-u) * ws.y), pos_inf(), u < -80.0);
+    let v = select(ws.x * (exp(-u) * ws.y), pos_inf(), u < -80.0);
     let near = abs(u) <= 1.0;
     let ph = phi_series(u);
     let f = select(ws.x * ((u - 1.0) * ws.y) + v, w * ph, near);
-    let g = select(ws.x * (abs(u - 1.0) * ws.y) + v, w * ph, near);
+    let g = select(ws.x * (abs(u - 1.0) * ws.y) + v * (4.0 + 2.0 * abs(u)), w * ph, near);
     let e = select(v - w, w * (ph - u), near);
-    return vec4<f32>(w, f, g, e);
+    return RelTerm(w, f, g, e, abs(e), v);
 }
 
 // Adds one element's (or four's) parts. Where the reference has drifted from the state's own
 // lse_x − lse_y, c − log1p(b), so far that b² > F/W (the cancellation it costs is as large as
 // the sum), the state moves there: every later term is then taken near u's centre.
-fn rel_add(s: Rel, t: vec4<f32>, ea: f32) -> Rel {
-    let r = Rel(s.xm, s.w + t.x, s.xi, s.c, s.f + t.y, s.g + t.z, s.b + t.w, s.ba + ea, s.ym,
-        s.yi, s.flags);
+fn rel_add(s: Rel, t: RelTerm) -> Rel {
+    let r = Rel(s.xm, s.w + t.w, s.xi, s.c, s.f + t.f, s.g + t.g, s.b + t.e, s.ba + t.ea,
+        s.q + t.v, s.ym, s.yi, s.flags);
     if (r.b * r.b > r.w * r.f) {
         // Opaque: a compiler that rewrote rel_rebase's c' − c as −log1p(b), exactly, would
         // shift the sums by other than the reference moved (its rounding near a logit offset
@@ -165,8 +181,7 @@ fn rel_fold(st: Rel, e: RelIn) -> Rel {
     var s = rel_cover(st, e.x, e.col, e.x - e.y, e.y, e.col);
     s.flags = s.flags | rel_declined(e.x, e.y);
     if (s.flags != 0u) { return s; }
-    let t = rel_term(e.x, e.y, s);
-    return rel_add(s, t, abs(t.w));
+    return rel_add(s, rel_term(e.x, e.y, s));
 }
 
 fn rel_fold4(st: Rel, x: vec4<f32>, y: vec4<f32>, local: u32, c: u32, unused: u32) -> Rel {
@@ -178,11 +193,9 @@ fn rel_fold4(st: Rel, x: vec4<f32>, y: vec4<f32>, local: u32, c: u32, unused: u3
     s.flags = s.flags | rel_declined(x.x, y.x) | rel_declined(x.y, y.y) | rel_declined(x.z, y.z)
         | rel_declined(x.w, y.w);
     if (s.flags != 0u) { return s; }
-    let t0 = rel_term(x.x, y.x, s);
-    let t1 = rel_term(x.y, y.y, s);
-    let t2 = rel_term(x.z, y.z, s);
-    let t3 = rel_term(x.w, y.w, s);
-    return rel_add(s, (t0 + t1) + (t2 + t3), (abs(t0.w) + abs(t1.w)) + (abs(t2.w) + abs(t3.w)));
+    let t01 = rel_sum(rel_term(x.x, y.x, s), rel_term(x.y, y.y, s));
+    let t23 = rel_sum(rel_term(x.z, y.z, s), rel_term(x.w, y.w, s));
+    return rel_add(s, rel_sum(t01, t23));
 }
 
 // log1p(b) − b, to a few ulp relative: its series for |b| <= 1/4 (to b^14, ~1e-8 relative at
@@ -216,6 +229,27 @@ fn emit_Rel(row: u32, chunk: u32, total: Rel) {
     if (kept) {
         out[prm.out_base + row] = v;
         agree[prm.agree_base + row] = select(0u, 1u, s.xi == s.yi);
+        row_lse[row] = Lse(0.0, 0.0, ROW_DONE, 0.0, 0.0, 0u);
+        return;
     }
-    row_lse[row] = Lse(0.0, 0.0, select(0u, ROW_DONE, kept), 0.0, 0.0, 0u);
+    // Else the row's log-sum-exps, for the terms pass, where these sums give them as well as the
+    // log-sum-exp pass would: lse_x = xm + log1p(W − 1) and lse_y = ym + ql, with
+    // ql = ln q + (xm − ym − c) (q = Σ e^(y − xm + c)). The terms feel an error δ in ql only as
+    // δ²/2 (docs/ARCHITECTURE.md), and ln q and the bracket may be large where ql is not (c far
+    // from lse_x − lse_y, in rows of unrelated models): so the bracket is exact as TwoSums and
+    // ln q comes in ln_parts' parts, the exact ones added first, leaving ql to a few of its own
+    // ulp, as the log-sum-exp pass's. That pass then skips the row (MODE_SKIP_READY): it takes
+    // two reads, as without this kernel.
+    let z1 = two_sum(s.xm, -s.ym);
+    let z2 = two_sum(z1.x, -s.c);
+    let lq = ln_parts(split(s.q));
+    let ql = ((lq.x + z2.x) + lq.y) + (lq.z + (z2.y + z1.y));
+    let ready = s.flags == 0u && s.w >= 1.0 && is_normal(s.q) && is_finite(ql)
+        && is_finite(s.w);
+    if (ready) {
+        agree[prm.agree_base + row] = select(0u, 1u, s.xi == s.yi);
+        row_lse[row] = Lse(s.xm, s.w - 1.0, s.xi, s.ym, ql, LSE_READY);
+        return;
+    }
+    row_lse[row] = Lse(0.0, 0.0, 0u, 0.0, 0.0, 0u);
 }

@@ -21,7 +21,8 @@ fn row_ctx(row: u32) -> RowCtx {
     if (INPUT == INPUT_LOGITS) {
         let s = row_lse[row];
         let pl = log1p_acc(s.p_s);
-        let ql = log1p_acc(s.q_s);
+        // The one-pass KL kernel leaves ln(Σ e^(y − q_m)) itself (LSE_READY).
+        let ql = select(log1p_acc(s.q_s), s.q_s, s.q_i == LSE_READY);
         let m = two_sum(s.p_m, -s.q_m);
         return RowCtx(s.p_m, pl, s.q_m, ql, m.x, m.y, pl - ql, ONE, ONE, 0.0, 0.0, ONE);
     }

@@ -77,9 +77,10 @@ struct Soft {
 
 // A row's sums for KL in the frame of P's running maximum xm (first column xi) and the
 // reference c: W = Σ e^(x − xm), F = Σ w·φ(u), g >= F's parts by size, B = Σ w·expm1(−u), ba =
-// Σ w·|expm1(−u)|, u = (x − y) − c; Q's maximum ym at column yi (top-1 agreement); flags.
+// Σ w·|expm1(−u)|, q = Σ w·e^(−u) (= W + B, summed without cancellation: Q's log-sum-exp),
+// u = (x − y) − c; Q's maximum ym at column yi (top-1 agreement); flags.
 struct Rel {
     xm: f32, w: f32, xi: u32, c: f32,
     f: f32, g: f32, b: f32, ba: f32,
-    ym: f32, yi: u32, flags: u32,
+    q: f32, ym: f32, yi: u32, flags: u32,
 }

@@ -25,6 +25,7 @@ fn shuffle_xor_Rel(a: Rel, mask: u32) -> Rel {
                subgroupShuffleXor(a.xi, mask), subgroupShuffleXor(a.c, mask),
                subgroupShuffleXor(a.f, mask), subgroupShuffleXor(a.g, mask),
                subgroupShuffleXor(a.b, mask), subgroupShuffleXor(a.ba, mask),
-               subgroupShuffleXor(a.ym, mask), subgroupShuffleXor(a.yi, mask),
+               subgroupShuffleXor(a.q, mask), subgroupShuffleXor(a.ym, mask),
+               subgroupShuffleXor(a.yi, mask),
                subgroupShuffleXor(a.flags, mask));
 }

@@ -52,13 +52,13 @@ pub struct Tuning {
     /// which would read the inputs across the bus.
     pub direct_uploads: Option<bool>,
     /// Whether KL of logits first runs a one-pass kernel that finishes every row it can prove
-    /// exact enough (a bound on its own rounding, per row), leaving the log-sum-exp and terms
-    /// passes only the others: rows of unrelated models, whose sums cancel too far, and rows
-    /// with a non-finite logit such as a −∞ mask (shaders/kernels_rel.wgsl). Off by default: on
-    /// lavapipe the one pass costs as much as the two (64 × 32,000 logits of two close models at
-    /// 23–31 % of their roof either way; of unrelated ones, all left to the two passes, 13–16 %
-    /// against 25–29 %), and no GPU has timed it yet
-    /// (`roof_ratios --one-pass-kl 0|1 logits,close,long`).
+    /// exact enough (a bound on its own rounding, per row), leaving the terms pass only the
+    /// others (rows of unrelated models, whose sums cancel too far), mostly with their
+    /// log-sum-exps from the same read, and the log-sum-exp pass too only rows with a
+    /// non-finite logit such as a −∞ mask (shaders/kernels_rel.wgsl). Off by default: on
+    /// lavapipe the one pass costs about what both passes do (64 × 32,000 logits of two close
+    /// models at 26–29 % of their roof against 29 %; of unrelated ones 20 % against 26–30 %),
+    /// and no GPU has timed it yet (`roof_ratios --one-pass-kl 0|1 logits,close,long`).
     pub one_pass_kl: bool,
 }
 

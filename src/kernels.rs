@@ -28,6 +28,8 @@ pub(crate) const MODE_STATS: u32 = 8;
 pub(crate) const MODE_MINUS_ONE: u32 = 16;
 /// Leave the rows the one-pass KL kernel finished alone (`row_done` in shaders/common.wgsl).
 pub(crate) const MODE_SKIP_DONE: u32 = 32;
+/// Leave alone also the rows whose log-sum-exps it wrote (the log-sum-exp pass).
+pub(crate) const MODE_SKIP_READY: u32 = 64;
 
 /// What a terms dispatch sums: one of the four measures, or the plain sums used for
 /// normalization and for the roofline benchmark.
@@ -175,7 +177,7 @@ pub(crate) struct Params {
 
 /// Size of `Lse` in the shaders (six 4-byte words), the per-row statistics.
 pub(crate) const MONOID_BYTES: u64 = 24;
-/// Room for the largest partial a dispatch writes: `Rel` (eleven words; `Soft` has eight,
+/// Room for the largest partial a dispatch writes: `Rel` (twelve words; `Soft` has eight,
 /// `Acc` seven).
 pub(crate) const PARTIAL_BYTES: u64 = 48;
 
@@ -278,6 +280,7 @@ pub(crate) fn shader_source(
          const MODE_KEEP: u32 = {MODE_KEEP}u;\nconst MODE_STATS: u32 = {MODE_STATS}u;\n\
          const MODE_MINUS_ONE: u32 = {MODE_MINUS_ONE}u;\n\
          const MODE_SKIP_DONE: u32 = {MODE_SKIP_DONE}u;\n\
+         const MODE_SKIP_READY: u32 = {MODE_SKIP_READY}u;\n\
          const ACC_INF: u32 = 1u;\n\
          const MEASURE_KL: u32 = 0u;\nconst MEASURE_CE: u32 = 1u;\nconst MEASURE_ENTROPY: u32 = 2u;\n\
          const MEASURE_JS: u32 = 3u;\nconst MEASURE_SUM: u32 = 4u;\nconst MEASURE_SUM_P: u32 = 5u;\n\

@@ -657,11 +657,12 @@ impl Gpu {
         // The one-pass KL kernel runs over whole rows only: a row split across windows would
         // need its first windows again for the rows it could not finish.
         let one_pass_first = job.one_pass_first && self.one_pass_kl && passes == Passes::Both;
-        // After it, the passes skip the rows it finished.
-        let skip = if one_pass_first {
-            kernels::MODE_SKIP_DONE
+        // After it, the terms pass skips the rows it finished, and the log-sum-exp pass also
+        // those whose log-sum-exps it wrote.
+        let (skip_pre, skip_main) = if one_pass_first {
+            (kernels::MODE_SKIP_READY, kernels::MODE_SKIP_DONE)
         } else {
-            0
+            (0, 0)
         };
         // (stage, term, input, mode, is_combine)
         let mut dispatches: Vec<(Stage, Term, InputCode, u32, bool)> = Vec::new();
@@ -677,6 +678,11 @@ impl Gpu {
             }
         }
         let mut add = |terms: Stage, combine: Stage, term: Term, input: InputCode, mode: u32| {
+            let skip = if terms == Stage::Lse {
+                skip_pre
+            } else {
+                skip_main
+            };
             if window.combine.is_some() {
                 dispatches.push((terms, term, input, kernels::MODE_PARTIAL | skip, false));
                 dispatches.push((combine, term, input, mode | skip, true));
