@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """A float32 model of the one-pass KL-of-logits kernel (shaders/kernels_rel.wgsl), against an
 exact f64 KL: every operation rounded to f32 as the kernel does it, exps correctly rounded (the
-kernel's exp_acc is within an ulp; WGSL's exp, which the kernel takes for Q's weights and counts
-as 3 + 2|u| ulp in its bound, is not modelled). Two ways through a row: one lane
+kernel's exp_acc, which Q's weights take, is within an ulp; the weights' own exp, whose error
+moves P and Q alike, is not modelled). Two ways through a row: one lane
 taking the columns in order ("seq"), and one state per column merged left to right ("lanes",
 the merges of a GPU plan). A row counts as kept where the kernel's own bound lets it through,
 and as a failure where a kept row is off the bar (1e-5 relative, or 1e-11 absolute below 1e-6).
@@ -85,7 +85,7 @@ def term(x, y, s):
     if abs(u) <= 1:
         return wv, f(wv * ph), f(wv * ph), f(wv * f(ph - u))
     return (wv, f(f(wx * f(f(u - 1) * wy)) + v),
-            f(f(wx * f(abs(f(u - 1)) * wy)) + f(v * f(4 + 2 * abs(u)))), f(v - wv))
+            f(f(wx * f(abs(f(u - 1)) * wy)) + v), f(v - wv))
 
 
 def fold(xs, ys):

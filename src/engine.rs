@@ -57,7 +57,7 @@ pub struct Tuning {
     /// log-sum-exps from the same read, and the log-sum-exp pass too only rows with a
     /// non-finite logit such as a −∞ mask (shaders/kernels_rel.wgsl). Off by default: on
     /// lavapipe the one pass costs about what both passes do (64 × 32,000 logits of two close
-    /// models at 26–29 % of their roof against 29 %; of unrelated ones 20 % against 26–30 %),
+    /// models at 29–30 % of their roof against 29 %; of unrelated ones 15–19 % against 29–31 %),
     /// and no GPU has timed it yet (`roof_ratios --one-pass-kl 0|1 logits,close,long`).
     pub one_pass_kl: bool,
 }
