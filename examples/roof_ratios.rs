@@ -16,7 +16,8 @@
 //! Cases: KL CE H JS (N = 4·10^6), KLbare (KL's term alone: no validation, plain sums; a
 //! diagnostic between the roof and KL), KLlp and JSlp (KL and JS of log-probabilities, 4·10^6), KL10
 //! (400,000 × 10), KL1k (1000 × 1000), logits (64 × 32,000, P and Q drawn apart), close (the
-//! same shape, two close models: Q = P + N(0, 0.1²) on peaked rows), JSlogits, CElogits, Hlogits
+//! same shape, two close models: Q = P + N(0, 0.1²) on peaked rows), masked (close, with a tenth
+//! of the columns −∞ in both, as a masked vocabulary has them), JSlogits, CElogits, Hlogits
 //! (the same, JS, cross-entropy, entropy), long (8 × 262,144 logits), KLnorm, JSnorm, CEnorm and
 //! Hnorm (4000 × 1000 probabilities, normalized in the kernel); named cases run in the order
 //! given. `--workgroups`,
@@ -74,6 +75,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("KL1k", kl, Input::Probs, 1000, 1000),
         ("logits", kl, Input::Logits, 64, 32_000),
         ("close", kl, Input::Logits, 64, 32_000),
+        ("masked", kl, Input::Logits, 64, 32_000),
         (
             "JSlogits",
             Measure::JensenShannon,
@@ -116,8 +118,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             (rows * scale, cols)
         };
         let mut p_data = data(&mut rng, rows, cols, input);
-        if name == "close" {
+        let close = name == "close" || name == "masked";
+        if close {
             peaked(&mut rng, &mut p_data, cols);
+        }
+        let mut q_data = if close {
+            close_logits(&mut rng, &p_data)
+        } else {
+            data(&mut rng, rows, cols, input)
+        };
+        let p = upload_as(&engine, "roof_ratios.p", &p_data, dtype);
+        let q = upload_as(&engine, "roof_ratios.q", &q_data, dtype);
+        // The roof reads the inputs before they are masked: its plain sum cannot add −∞, and
+        // what it reads costs the same whatever the values.
+        let roof_inputs = (p.clone(), q.clone());
+        if name == "masked" {
+            for (x, y) in p_data.iter_mut().zip(&mut q_data) {
+                if rng.next_f32() < 0.1 {
+                    (*x, *y) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+                }
+            }
         }
         let case = Case {
             name,
@@ -131,17 +151,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             rows,
             cols,
             out: engine.create_f32_buffer("roof_ratios.out", rows as u64)?,
-            p: upload_as(&engine, "roof_ratios.p", &p_data, dtype),
-            q: upload_as(
-                &engine,
-                "roof_ratios.q",
-                &if name == "close" {
-                    close_logits(&mut rng, &p_data)
-                } else {
-                    data(&mut rng, rows, cols, input)
-                },
-                dtype,
-            ),
+            p: if name == "masked" {
+                upload_as(&engine, "roof_ratios.p", &p_data, dtype)
+            } else {
+                p
+            },
+            q: if name == "masked" {
+                upload_as(&engine, "roof_ratios.q", &q_data, dtype)
+            } else {
+                q
+            },
+            roof_inputs,
         };
         // Samples of about 2 ms of back-to-back calls: one call at a time lets a GPU drop its
         // clocks between submissions (on lavapipe a call alone takes longer than that).
@@ -199,11 +219,17 @@ struct Case {
     out: wgpu::Buffer,
     p: wgpu::Buffer,
     q: wgpu::Buffer,
+    /// What the roof reads: P and Q themselves, but for `masked`, the same before masking.
+    roof_inputs: (wgpu::Buffer, wgpu::Buffer),
 }
 
 impl Case {
     fn q(&self) -> Option<wgpu::BufferSlice<'_>> {
         self.measure.uses_q().then(|| self.q.slice(..))
+    }
+
+    fn roof_q(&self) -> Option<wgpu::BufferSlice<'_>> {
+        self.measure.uses_q().then(|| self.roof_inputs.1.slice(..))
     }
 
     fn kernel(&self, engine: &Engine, enc: &mut wgpu::CommandEncoder, ws: &mut klgpu::Workspace) {
@@ -236,8 +262,8 @@ impl Case {
                 self.opts.dtype,
                 enc,
                 ws,
-                self.p.slice(..),
-                self.q(),
+                self.roof_inputs.0.slice(..),
+                self.roof_q(),
                 self.cols,
                 self.out.slice(..),
             )

@@ -17,9 +17,10 @@
 // ba = Σ w·|expm1(−u)|, which b's rounding scales by |b|/(1 + b). It keeps its value only where
 // that bound is within REL_COND times the value (or below REL_FLOOR): the result is then within
 // ~2.4·10^-7·REL_COND relative (four roundings' worth per part summed), inside the bar. Other
-// rows, and every row with a non-finite logit (a −∞ mask, or input the pre-pass will reject),
-// are marked for the log-sum-exp and terms kernels, which skip the rows finished here
-// (MODE_SKIP_DONE, row_done). scripts/rel_model.py models this file in float32.
+// rows are marked for the log-sum-exp and terms kernels, which skip the rows finished here
+// (MODE_SKIP_DONE, row_done); so are rows with input the pre-pass will reject, with q = 0
+// against p > 0 (KL +∞), or with Q's mass where P has none before P's first finite logit in
+// a lane (rel_declined). Masks (−∞, or −f32::MAX, in P, or in both) are kept (rel_term). scripts/rel_model.py models this file in float32.
 //
 // Relative weight errors (e^(x − xm) rounded, frames rescaled) move KL by at most 2·KL times
 // their size whatever c is: P and the Q it implies (q ∝ w·e^(−d)) move together.
@@ -120,11 +121,20 @@ fn rel_sum(a: RelTerm, b: RelTerm) -> RelTerm {
 // (q, for rows not kept): a row of one column, logits 64.7 against −2.5e37, came out 2.9e-11
 // for 0 (the edge fuzz). A u below −80 (a Q weight e^80 times P's) is left to the two passes,
 // as v = ∞.
+// A masked element (x = −∞, or x − xm < −170, as a mask of −f32::MAX makes it, where w is 0
+// in f32 even as exp_low's pair) holds only Q's mass, v = e^(y − xm + c), and adds it to F, B
+// and q (its term is p·φ(u) = q there). v is taken as the v of a stand-in x' = y + c, whose u
+// is x' − y − c, that sum's rounding, exactly (as any u): e^(x' − xm) then carries the
+// rounding of x' − xm and WGSL exp's error (3 + 2|a| ulp) into v alone, not into P's mass too,
+// so g counts v by (2 + |a|) (a unit of g stands for four roundings). Where Q is masked too
+// (y = −∞) the element holds nothing.
 fn rel_term(x: f32, y: f32, s: Rel) -> RelTerm {
-    let a = x - s.xm;
+    let masked = x - s.xm < -170.0 || x == neg_inf();
+    let xs = select(x, y + s.c, masked);
+    let a = xs - s.xm;
     let ws = exp_low(a);
     let w = ws.x * ws.y;
-    let xy = two_sum(x, -y);
+    let xy = two_sum(xs, -y);
     let u = (xy.x - s.c) + xy.y;
     let v = select(ws.x * (exp_acc(-u) * ws.y), pos_inf(), u < -80.0);
     let near = abs(u) <= 1.0;
@@ -132,7 +142,13 @@ fn rel_term(x: f32, y: f32, s: Rel) -> RelTerm {
     let f = select(ws.x * ((u - 1.0) * ws.y) + v, w * ph, near);
     let g = select(ws.x * (abs(u - 1.0) * ws.y) + v, w * ph, near);
     let e = select(v - w, w * (ph - u), near);
-    return RelTerm(w, f, g, e, abs(e), v);
+    let q_none = y == neg_inf();
+    let vq = select(v, 0.0, q_none);
+    let t = RelTerm(w, f, g, e, abs(e), v);
+    let q_only = RelTerm(0.0, vq, select(v * (2.0 + abs(a)), 0.0, q_none), vq, vq, vq);
+    return RelTerm(select(t.w, q_only.w, masked), select(t.f, q_only.f, masked),
+        select(t.g, q_only.g, masked), select(t.e, q_only.e, masked),
+        select(t.ea, q_only.ea, masked), select(t.v, q_only.v, masked));
 }
 
 // Adds one element's (or four's) parts. Where the reference has drifted from the state's own
@@ -168,8 +184,15 @@ fn rel_cover(s: Rel, mx: f32, jx: u32, cx: f32, my: f32, jy: u32) -> Rel {
     return r;
 }
 
-fn rel_declined(x: f32, y: f32) -> u32 {
-    return select(0u, REL_DECLINE, !is_finite(x) || !is_finite(y));
+// Whether an element leaves its row to the two passes: a value they reject (NaN, +∞), q = 0
+// against p > 0 (KL +∞), or Q's mass where P has none before the state has a frame for it
+// (v = e^(y − xm + c) needs P's maximum xm).
+fn rel_declined(x: f32, y: f32, framed: bool) -> u32 {
+    let ninf = neg_inf();
+    let valid = (is_finite(x) || x == ninf) && (is_finite(y) || y == ninf);
+    let q_zero = y == ninf && x != ninf;
+    let unframed = x == ninf && y != ninf && !framed;
+    return select(0u, REL_DECLINE, !valid || q_zero || unframed);
 }
 
 // The scalar loop's element (see soft_element).
@@ -181,7 +204,7 @@ fn rel_element(x: f32, y: f32, local: u32, col: u32, unused: u32) -> RelIn {
 
 fn rel_fold(st: Rel, e: RelIn) -> Rel {
     var s = rel_cover(st, e.x, e.col, e.x - e.y, e.y, e.col);
-    s.flags = s.flags | rel_declined(e.x, e.y);
+    s.flags = s.flags | rel_declined(e.x, e.y, s.xm != neg_inf());
     if (s.flags != 0u) { return s; }
     return rel_add(s, rel_term(e.x, e.y, s));
 }
@@ -192,8 +215,9 @@ fn rel_fold4(st: Rel, x: vec4<f32>, y: vec4<f32>, local: u32, c: u32, unused: u3
     let my = max(max(y.x, y.y), max(y.z, y.w));
     let d = x - y;
     var s = rel_cover(st, mx, c + jx, d[jx], my, c + first_of(y, my));
-    s.flags = s.flags | rel_declined(x.x, y.x) | rel_declined(x.y, y.y) | rel_declined(x.z, y.z)
-        | rel_declined(x.w, y.w);
+    let framed = s.xm != neg_inf();
+    s.flags = s.flags | rel_declined(x.x, y.x, framed) | rel_declined(x.y, y.y, framed)
+        | rel_declined(x.z, y.z, framed) | rel_declined(x.w, y.w, framed);
     if (s.flags != 0u) { return s; }
     let t01 = rel_sum(rel_term(x.x, y.x, s), rel_term(x.y, y.y, s));
     let t23 = rel_sum(rel_term(x.z, y.z, s), rel_term(x.w, y.w, s));
