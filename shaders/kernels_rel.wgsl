@@ -20,7 +20,8 @@
 // rows are marked for the log-sum-exp and terms kernels, which skip the rows finished here
 // (MODE_SKIP_DONE, row_done); so are rows with input the pre-pass will reject, with q = 0
 // against p > 0 (KL +∞), or with Q's mass where P has none before P's first finite logit in
-// a lane (rel_declined). Masks (−∞, or −f32::MAX, in P, or in both) are kept (rel_term). scripts/rel_model.py models this file in float32.
+// a lane (rel_declined). Masks (−∞, or −f32::MAX, in P, or in both) are kept (rel_term).
+// scripts/rel_model.py models this file in float32.
 //
 // Relative weight errors (e^(x − xm) rounded, frames rescaled) move KL by at most 2·KL times
 // their size whatever c is: P and the Q it implies (q ∝ w·e^(−d)) move together.
