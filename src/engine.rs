@@ -54,8 +54,9 @@ pub struct Tuning {
     /// Whether KL of logits first runs a one-pass kernel that finishes every row it can prove
     /// exact enough (a bound on its own rounding, per row), leaving the terms pass only the
     /// others (rows of unrelated models, whose sums cancel too far), mostly with their
-    /// log-sum-exps from the same read, and the log-sum-exp pass too only rows with a
-    /// non-finite logit such as a −∞ mask (shaders/kernels_rel.wgsl). Off by default: on
+    /// log-sum-exps from the same read, and the log-sum-exp pass too only the few it declines
+    /// (invalid input, q = 0 against p > 0); masked vocabularies (−∞ or −f32::MAX logits)
+    /// are finished like any other rows (shaders/kernels_rel.wgsl). Off by default: on
     /// lavapipe the one pass costs about what both passes do (64 × 32,000 logits of two close
     /// models at 29–30 % of their roof against 29 %; of unrelated ones 15–19 % against 29–31 %),
     /// and no GPU has timed it yet (`roof_ratios --one-pass-kl 0|1 logits,close,long`).
