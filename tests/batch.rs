@@ -1298,9 +1298,8 @@ fn one_pass_kl_of_logits_finishes_masked_rows() {
     // `masked_fill(finfo.min)` leaves them). Where both models share the mask, the masked
     // columns hold nothing; where only P is masked, Q's mass there adds to KL, and its weights
     // are counted in the bound by their exponents (kernels_rel.wgsl, rel_term). Either way the
-    // one pass must finish most rows (before masks were kept it finished none: 30, 30, 25 and
-    // 25 of 32 here since, on lavapipe), and the rows it does not keep come out right from the
-    // two passes.
+    // one pass must finish most rows (on lavapipe 30, 30, 25 and 25 of these 32; none before
+    // it kept masks), and the rows it does not keep come out right from the two passes.
     let gpu_plan = short_loop_tuning(false, true);
     let one_pass = one_pass_kl_engine(gpu_plan, true);
     let two_pass = one_pass_kl_engine(gpu_plan, false);
