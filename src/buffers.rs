@@ -923,6 +923,7 @@ impl Engine {
             }
             self.disable_subgroups();
         }
+        scratch.note_status(&readback);
         gpu.scratch.put(scratch);
         self.raise(&readback, &locator, blocking).await?;
         Ok(readback)

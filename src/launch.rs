@@ -97,6 +97,15 @@ pub(crate) fn visits(plan: &Plan, job: &Job) -> Vec<(usize, Passes)> {
 /// Reusable buffers of one in-flight computation. Grown on demand, kept in a pool.
 pub(crate) struct Scratch {
     params: wgpu::Buffer,
+    /// The bytes written into `params` so far (a fresh buffer reads 0), so that a call whose
+    /// parameters match the last one's skips the write: each `write_buffer` adds a transfer
+    /// and a barrier before the dispatches, on lavapipe a tenth of a small call.
+    params_written: Vec<u8>,
+    /// Whether `status` holds STATUS_INIT's flags and first-error words: true after a call of
+    /// the engine's own read them back so (a call that flags nothing leaves them untouched), so
+    /// the next call skips the reset. Never set for a [`Workspace`](crate::Workspace)'s
+    /// scratch, whose check also needs the last word reset.
+    status_reset: bool,
     /// Host data's windows on the device: [side][slot], two slots so one window is computed
     /// while the next is written.
     windows: [[Option<wgpu::Buffer>; 2]; 2],
@@ -145,6 +154,45 @@ fn ensure(
 }
 
 impl Scratch {
+    /// Writes `bytes` at `offset` of the params buffer, unless it holds them already.
+    fn write_params(&mut self, queue: &wgpu::Queue, offset: u64, bytes: &[u8]) {
+        let range = offset as usize..offset as usize + bytes.len();
+        if self.params_written.get(range.clone()) == Some(bytes) {
+            return;
+        }
+        queue.write_buffer(&self.params, offset, bytes);
+        if self.params_written.len() < range.end {
+            self.params_written.resize(range.end, 0);
+        }
+        self.params_written[range].copy_from_slice(bytes);
+    }
+
+    /// Makes sure the params buffer has room for `slots` dispatches.
+    fn ensure_params(&mut self, device: &wgpu::Device, slots: u64) {
+        let size = slots * PARAM_SLOT;
+        if self.params.size() < size {
+            self.params = buffer(
+                device,
+                "klgpu.params",
+                size,
+                wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            );
+            self.params_written.clear();
+        }
+    }
+
+    /// Resets the status words for a new job, unless the last one left them reset.
+    fn reset_status(&mut self, queue: &wgpu::Queue) {
+        if !std::mem::take(&mut self.status_reset) {
+            queue.write_buffer(&self.status, 0, bytemuck::cast_slice(&STATUS_INIT));
+        }
+    }
+
+    /// Notes whether the job just read back left the status words as a reset leaves them.
+    pub(crate) fn note_status(&mut self, readback: &Readback) {
+        self.status_reset = readback.status[..3] == STATUS_INIT[..3];
+    }
+
     pub(crate) fn new(device: &wgpu::Device) -> Scratch {
         let small = |label| buffer(device, label, 256, STORAGE);
         Scratch {
@@ -154,6 +202,8 @@ impl Scratch {
                 PARAM_SLOT * SLOTS_PER_WINDOW * 2,
                 wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             ),
+            params_written: Vec::new(),
+            status_reset: false,
             windows: [[None, None], [None, None]],
             staging: [[None, None], [None, None]],
             partials: small("klgpu.partials"),
@@ -624,7 +674,8 @@ impl Gpu {
 
     /// Records one visit of a window: its pre-pass and/or main pass, each a terms dispatch
     /// plus, when rows are chunked, a combine dispatch. `slot_base` is the byte offset of the
-    /// visit's params slots.
+    /// visit's params slots; the params themselves are returned, for the caller to write there
+    /// ([`Scratch::write_params`]) before it submits.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn encode_window(
         &self,
@@ -636,7 +687,7 @@ impl Gpu {
         passes: Passes,
         bindings: &WindowBindings<'_>,
         slot_base: u64,
-    ) {
+    ) -> Vec<u8> {
         let subgroups = self.subgroups();
         let final_mode = |stats: bool| match window.split {
             None if stats => kernels::MODE_STATS,
@@ -747,7 +798,6 @@ impl Gpu {
             bytes.resize(k * PARAM_SLOT as usize, 0);
             bytes.extend_from_slice(bytemuck::bytes_of(&p));
         }
-        self.queue.write_buffer(&scratch.params, slot_base, &bytes);
         let bind_group = self.bind_group(scratch, bindings);
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("klgpu.window"),
@@ -771,6 +821,7 @@ impl Gpu {
             let [x, y, z] = layout.workgroups();
             pass.dispatch_workgroups(x, y, z);
         }
+        bytes
     }
 
     /// Waits until `staging`'s last copy is done and it is mapped again.
@@ -852,7 +903,8 @@ impl Gpu {
         let result = self
             .run_host_with(&mut scratch, job, plan, data, blocking)
             .await;
-        if result.is_ok() {
+        if let Ok(readback) = &result {
+            scratch.note_status(readback);
             self.scratch.put(scratch);
         }
         result
@@ -871,8 +923,7 @@ impl Gpu {
         let es = dtype.size() as usize;
         self.scoped(|| {
             scratch.prepare(&self.device, plan, Some((self.upload, dtype)), uses_q);
-            self.queue
-                .write_buffer(&scratch.status, 0, bytemuck::cast_slice(&STATUS_INIT));
+            scratch.reset_status(&self.queue);
         })?;
         let mut previous: Option<wgpu::SubmissionIndex> = None;
         let visits = visits(plan, job);
@@ -935,7 +986,7 @@ impl Gpu {
                     ..bindings
                 };
                 let slot_base = slot as u64 * SLOTS_PER_WINDOW * PARAM_SLOT;
-                self.encode_window(
+                let params = self.encode_window(
                     &mut encoder,
                     scratch,
                     job,
@@ -945,6 +996,7 @@ impl Gpu {
                     &bindings,
                     slot_base,
                 );
+                scratch.write_params(&self.queue, slot_base, &params);
                 if last {
                     // The results ride in the last window's submission.
                     encode_read_back(&mut encoder, scratch, plan.rows, job.agree);
@@ -985,15 +1037,8 @@ impl Gpu {
     ) {
         let visits = visits(plan, job);
         scratch.prepare(&self.device, plan, None, job.term.uses_q());
-        ensure(
-            &self.device,
-            &mut scratch.params,
-            "klgpu.params",
-            visits.len() as u64 * SLOTS_PER_WINDOW * PARAM_SLOT,
-            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-        );
-        self.queue
-            .write_buffer(&scratch.status, 0, bytemuck::cast_slice(&STATUS_INIT));
+        scratch.ensure_params(&self.device, visits.len() as u64 * SLOTS_PER_WINDOW);
+        scratch.reset_status(&self.queue);
         let align = self.storage_align;
         let dtype = p.dtype;
         for (k, &(wi, passes)) in visits.iter().enumerate() {
@@ -1030,7 +1075,9 @@ impl Gpu {
                 ..bindings
             };
             let slot_base = k as u64 * SLOTS_PER_WINDOW * PARAM_SLOT;
-            self.encode_window(encoder, scratch, job, w, wi, passes, &bindings, slot_base);
+            let params =
+                self.encode_window(encoder, scratch, job, w, wi, passes, &bindings, slot_base);
+            scratch.write_params(&self.queue, slot_base, &params);
         }
     }
 

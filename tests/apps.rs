@@ -1579,3 +1579,64 @@ fn every_named_call_and_async_twin_computes_its_own_measure() {
         "gradient async"
     );
 }
+
+/// A call skips rewriting its parameters when they match the last call's, and its status
+/// words when the last call left them reset (src/launch.rs, `Scratch`). So calls of one shape
+/// in turn, clean and flagged, on an engine of their own (one scratch, reused): each must
+/// report its own first bad element, and a clean call after a flagged one its own value.
+#[test]
+fn calls_in_turn_report_their_own_errors_and_values() {
+    let e = Engine::new().expect("an adapter");
+    let mut r = rng(71);
+    let p = dirichlet(&mut r, 1, 1000, 1.0);
+    let q = dirichlet(&mut r, 1, 1000, 1.0);
+    let with = |index: usize, value: f32| {
+        let mut x = p.clone();
+        x[index] = value;
+        x
+    };
+    // (P, the flagged index and problem, or None for a clean call); the short row in between
+    // has other parameters.
+    let clean = (p.clone(), None);
+    let steps = [
+        clean.clone(),
+        clean.clone(),
+        (with(17, f32::NAN), Some((17, Problem::NaN))),
+        clean.clone(),
+        (with(400, -1.0), Some((400, Problem::Negative))),
+        (p[..10].to_vec(), None),
+        clean.clone(),
+        (with(999, f32::INFINITY), Some((999, Problem::Infinite))),
+        (with(3, -0.5), Some((3, Problem::Negative))),
+        clean,
+    ];
+    let qb = upload(&e, "q", &q);
+    for round in 0..2 {
+        for (k, (x, flagged)) in steps.iter().enumerate() {
+            let y = &q[..x.len()];
+            let xb = upload(&e, "p", x);
+            let yb = if x.len() == q.len() {
+                qb.clone()
+            } else {
+                upload(&e, "q", y)
+            };
+            let from_buffers = e.kl_divergence_buffers(xb.slice(..), yb.slice(..));
+            for (path, got) in [("buffers", from_buffers), ("slices", e.kl_divergence(x, y))] {
+                let what = format!("round {round}, step {k}, {path}");
+                match flagged {
+                    None => {
+                        assert_close(got.expect(&what), cpu::kl_divergence(x, y).unwrap(), &what)
+                    }
+                    Some((index, problem)) => {
+                        let err = got.expect_err(&what);
+                        assert!(
+                            matches!(err, Error::InvalidValue { side: Side::P, index: i, problem: pr, .. }
+                                if i == *index && pr == *problem),
+                            "{what}: {err}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
