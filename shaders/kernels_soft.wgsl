@@ -162,8 +162,12 @@ fn soft_term(x: f32, y: f32, col: u32, s: Soft) -> SoftTerm {
     }
     let q_zero = soft_zero(y);
     let py = soft_place(y, s.ym, false);
+    // Likewise a P weight that underflowed (even scaled by exp_low) adds nothing where Q's
+    // distance overflowed (a −f32::MAX mask of Q below a maximum above 1e31: 0·∞), as
+    // soft_rebase drops it: else the row read as Overflow in the frame of P's maximum, and not
+    // in a lane's own frame.
     return SoftTerm(xs, select(py.x, 0.0, col == s.yi),
-        select(px.x * (py.y * px.z), 0.0, p_zero || q_zero),
+        select(px.x * (py.y * px.z), 0.0, p_zero || q_zero || px.x == 0.0),
         select(0u, ACC_INF, !p_zero && q_zero));
 }
 

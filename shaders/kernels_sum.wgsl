@@ -172,7 +172,10 @@ fn prob_term(p: f32, q: f32, p_zero: bool, q_zero: bool, sx: Split, sy: Split, c
 fn log_term(a: f32, b: f32, ps: vec2<f32>, q: f32, d: f32, x_none: bool, y_none: bool) -> Term {
     let p = ps.x * ps.y;
     let ninf = neg_inf();
-    let p_zero = a == ninf;
+    // A p that vanishes even scaled (below e^-168, where ln p may be −3.4e38 and less) adds
+    // nothing, also where b or d overflowed (a −f32::MAX mask of Q under a maximum above 1e31:
+    // 0·∞ read as Overflow); it still meets q = 0 as p > 0 (`inf`).
+    let p_zero = a == ninf || ps.x == 0.0;
     if (MEASURE == MEASURE_ENTROPY) { return term(select(-p * a, 0.0, p_zero), 0.0); }
     let inf = !x_none && y_none;
     let flags = select(0u, ACC_INF, inf);

@@ -575,6 +575,36 @@ fn logits_masked_with_f32_min_as_models_mask_them() {
 }
 
 #[test]
+fn a_mask_far_below_a_huge_maximum_under_a_vanishing_weight_adds_nothing() {
+    // Q masked with f32::MIN where P's weight is 0 even in f64 (e^(−2e37)), in a row whose Q
+    // maximum is 6e37: Q's distance there, 6e37 + 3.4e38, overflows f32, and 0·∞ made
+    // cross-entropy of logits read Overflow where the value, ~6e37, is finite (in the frame
+    // of P's maximum; a lane that met the mask before that maximum dropped it). Every
+    // measure, every plan, the mask before and after P's maximum.
+    let opts = Options::input(Input::Logits);
+    let p = [
+        [1.0f32, 2.0e37, 0.5, -3.0, 0.0, 1.0],
+        [-3.0, 2.0e37, 0.5, 1.0, 0.0, 1.0],
+    ]
+    .concat();
+    let q = [
+        [0.5f32, 0.0, 6.0e37, f32::MIN, 1.0, 2.0],
+        [f32::MIN, 0.0, 6.0e37, 1.0, 1.0, 2.0],
+    ]
+    .concat();
+    for m in Measure::ALL {
+        let qq = m.uses_q().then_some(&q[..]);
+        let exact = cpu::rows(m, &p, qq, 6, &opts).unwrap().values;
+        for e in every_path() {
+            let gpu = e
+                .rows(m, &p, qq, 6, &opts)
+                .unwrap_or_else(|err| panic!("{m:?}: {err}"));
+            assert_rows_close(&gpu.values, &exact, &format!("{m:?}"));
+        }
+    }
+}
+
+#[test]
 fn logits_whose_distance_from_the_maximum_overflows_are_not_zeros() {
     // x − max overflows f32 for logits ±3.4e38 apart, but such a p (or q) is e^(−6.8e38):
     // positive, however small. Row 0: that p against a −∞ in Q is KL +∞ (read 0, as if p
