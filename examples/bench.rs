@@ -444,6 +444,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 min_iterations(&[16, 64, 256, 1024]),
             ),
             (
+                // A few short rows: in one small workgroup (a CPU adapter's default) or in one
+                // of 256 (a GPU's, which skips idle warps).
+                Workload {
+                    dtype: Dtype::F32,
+                    name: "KL probs N=1e3".to_string(),
+                    measure: Measure::KullbackLeibler,
+                    input: Input::Probs,
+                    rows: 1,
+                    cols: 1000,
+                },
+                [false, true]
+                    .iter()
+                    .map(|&small| {
+                        let tuning = Tuning {
+                            small_workgroups: Some(small),
+                            ..d
+                        };
+                        (format!("small_workgroups={small}"), options(tuning), false)
+                    })
+                    .collect(),
+            ),
+            (
                 Workload {
                     dtype: Dtype::F32,
                     name: format!("KL logits {logit_rows}x32000"),

@@ -1,7 +1,8 @@
 // klgpu: declarations shared by every kernel. The Rust side prepends the FLAG_/MODE_/MEASURE_/
 // INPUT_ constants (src/kernels.rs) so both sides read the same numbers.
 
-const WG: u32 = 256u;
+// WG, the invocations per workgroup, is prepended per module with the constants: 256, or a
+// CPU adapter's SIMD width for a few short rows (src/plan.rs, `small_workgroup`).
 
 // Specialized per pipeline (pipeline-overridable constants).
 override MEASURE: u32 = 0u;

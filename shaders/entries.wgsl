@@ -4,7 +4,7 @@
 // differs between the families is the monoid, its element loop (shaders/loops.wgsl)
 // and its emit_MONOID.
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn element_pass_MONOID(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>/*SG_PARAMS*/) {
     let lanes = prm.lanes;
     let row = wg.y * (WG / lanes) + lid / lanes;
@@ -26,7 +26,7 @@ fn element_pass_MONOID(@builtin(local_invocation_index) lid: u32, @builtin(workg
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn combine_pass_MONOID(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>/*SG_PARAMS*/) {
     let lanes = prm.lanes;
     let row = wg.y * (WG / lanes) + lid / lanes;

@@ -261,18 +261,20 @@ fn element_loads(dtype: Dtype, vec4: bool) -> String {
 /// `vec4` selects wide input loads (groups of four elements; the terms and log-sum-exp loops
 /// only), `dtype` how the inputs are stored.
 /// `quick` turns on the quick path of the terms loop (shaders/kernels_sum.wgsl), which votes
-/// with `subgroupAll`: only for devices with subgroups.
+/// with `subgroupAll`: only for devices with subgroups. `workgroup_size` is the module's `WG`.
 pub(crate) fn shader_source(
     monoid: &str,
     reduce: SegmentReduce,
     vec4: bool,
     quick: bool,
     dtype: Dtype,
+    workgroup_size: u32,
 ) -> String {
     let subgroups = reduce.subgroups();
     let quick_all = if quick { "subgroupAll(v)" } else { "false" };
     let constants = format!(
-        "const FLAG_INVALID: u32 = {FLAG_INVALID}u;\nconst FLAG_P_EMPTY: u32 = {FLAG_P_EMPTY}u;\n\
+        "const WG: u32 = {workgroup_size}u;\n\
+         const FLAG_INVALID: u32 = {FLAG_INVALID}u;\nconst FLAG_P_EMPTY: u32 = {FLAG_P_EMPTY}u;\n\
          const FLAG_Q_EMPTY: u32 = {FLAG_Q_EMPTY}u;\n\
          const FLAG_SUBGROUP_LAYOUT: u32 = {FLAG_SUBGROUP_LAYOUT}u;\n\
          const FLAG_OVERFLOW: u32 = {FLAG_OVERFLOW}u;\nconst RAN_MARK: u32 = {RAN_MARK}u;\n\
@@ -376,13 +378,18 @@ struct PipelineKey {
     input: u32,
     reduce: SegmentReduce,
     loads: Loads,
+    workgroup_size: u32,
 }
+
+/// What a module's source depends on: the monoid, the reduction, the loads and the workgroup
+/// size (pipelines add the stage's entry point and the MEASURE and INPUT constants).
+type ModuleKey = (&'static str, SegmentReduce, Loads, u32);
 
 /// Bind group layout, modules and compiled pipelines of one device.
 pub(crate) struct Kernels {
     pub layout: wgpu::BindGroupLayout,
     pipeline_layout: wgpu::PipelineLayout,
-    modules: Mutex<HashMap<(&'static str, SegmentReduce, Loads), wgpu::ShaderModule>>,
+    modules: Mutex<HashMap<ModuleKey, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
     /// Whether the terms loop has its quick path ([`Tuning::quick_vec4`](crate::Tuning)).
     quick: bool,
@@ -435,7 +442,8 @@ impl Kernels {
         }
     }
 
-    /// The pipeline for a stage, compiled on first use and cached.
+    /// The pipeline for a stage and workgroup size, compiled on first use and cached.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn pipeline(
         &self,
         device: &wgpu::Device,
@@ -444,6 +452,7 @@ impl Kernels {
         input: InputCode,
         reduce: SegmentReduce,
         loads: Loads,
+        workgroup_size: u32,
     ) -> wgpu::ComputePipeline {
         // Only the element loops read the inputs: the combine passes share one module.
         let loops = matches!(stage, Stage::Terms | Stage::Lse | Stage::Soft | Stage::Rel);
@@ -461,6 +470,7 @@ impl Kernels {
             input: input.code(),
             reduce,
             loads,
+            workgroup_size,
         };
         let Loads { dtype, wide } = loads;
         let mut pipelines = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
@@ -470,7 +480,7 @@ impl Kernels {
         let module = {
             let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
             modules
-                .entry((stage.monoid(), reduce, loads))
+                .entry((stage.monoid(), reduce, loads, workgroup_size))
                 .or_insert_with(|| {
                     device.create_shader_module(wgpu::ShaderModuleDescriptor {
                         label: Some(match stage.monoid() {
@@ -480,7 +490,15 @@ impl Kernels {
                             _ => "klgpu.soft",
                         }),
                         source: wgpu::ShaderSource::Wgsl(
-                            shader_source(stage.monoid(), reduce, wide, self.quick, dtype).into(),
+                            shader_source(
+                                stage.monoid(),
+                                reduce,
+                                wide,
+                                self.quick,
+                                dtype,
+                                workgroup_size,
+                            )
+                            .into(),
                         ),
                     })
                 })
@@ -488,7 +506,7 @@ impl Kernels {
         };
         let width = if wide { "wide" } else { "scalar" };
         let label = format!(
-            "klgpu.{}.{:?}.{:?}.{}.{width}",
+            "klgpu.{}.{:?}.{:?}.{}.{width}.wg{workgroup_size}",
             stage.entry(),
             term,
             input,
@@ -525,12 +543,14 @@ mod tests {
         for monoid in ["Acc", "Lse", "Soft", "Rel"] {
             for reduce in [OneLane, SubgroupOnly, SharedMemory, Subgroups] {
                 let widths = [(false, false), (true, false), (true, true)];
-                for ((vec4, quick), dtype) in widths
+                for (((vec4, quick), dtype), wg) in widths
                     .into_iter()
                     .flat_map(|w| [Dtype::F32, Dtype::F16, Dtype::BF16].map(|d| (w, d)))
+                    .flat_map(|v| [crate::plan::WORKGROUP_SIZE, 8].map(|wg| (v, wg)))
                 {
-                    let src = shader_source(monoid, reduce, vec4, quick, dtype);
-                    let what = format!("{monoid}/{reduce:?}/vec4={vec4}/quick={quick}/{dtype:?}");
+                    let src = shader_source(monoid, reduce, vec4, quick, dtype, wg);
+                    let what =
+                        format!("{monoid}/{reduce:?}/vec4={vec4}/quick={quick}/{dtype:?}/wg={wg}");
                     let module = naga::front::wgsl::parse_str(&src)
                         .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
                     let mut validator = naga::valid::Validator::new(

@@ -811,7 +811,15 @@ impl Gpu {
             let (layout, _) = layout_of(is_combine);
             let reduce =
                 SegmentReduce::for_lanes(layout.lanes, subgroups.then_some(self.subgroup_width));
-            let pipeline = (self.kernels).pipeline(&self.device, stage, term, input, reduce, loads);
+            let pipeline = (self.kernels).pipeline(
+                &self.device,
+                stage,
+                term,
+                input,
+                reduce,
+                loads,
+                layout.workgroup_size,
+            );
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(
                 0,

@@ -5,11 +5,13 @@
 //! - a *window* is the part of the input bound to the kernels at once (whole rows, or for rows
 //!   longer than a window, a column range of one row);
 //! - a *segment* is the group of `lanes` consecutive invocations that reduce one row's chunk;
-//!   a 256-invocation workgroup holds `256 / lanes` segments;
+//!   a 256-invocation workgroup holds `256 / lanes` segments (a small workgroup, for a few
+//!   short rows on a CPU adapter, `small_workgroup / lanes`);
 //! - a *chunk* is the column range one segment covers; with more than one chunk per row the
 //!   kernel writes per-chunk partials and a combine dispatch reduces them.
 
-/// Invocations per workgroup of every kernel (the WGSL side hard-codes the same number).
+/// Invocations per workgroup of the kernels, but for [`PlanLimits::small_workgroup`] (the
+/// shaders take the size of each layout as the constant `WG`).
 pub const WORKGROUP_SIZE: u32 = 256;
 /// Upper bound on one invocation's main-loop iterations. llvmpipe silently truncates an
 /// invocation after 65535 loop iterations in total; we stay a factor of 64 below.
@@ -104,6 +106,11 @@ pub struct PlanLimits {
     /// Whether each lane of a segment walks a contiguous block of its chunk rather than every
     /// `lanes`-th element ([`Layout::lane_span`]).
     pub blocked_lanes: bool,
+    /// Invocations per workgroup where all of a dispatch's rows, `lanes` each, fit in that
+    /// many (a power of two below [`WORKGROUP_SIZE`]; 0: never). On CPU adapters it is the
+    /// SIMD width: llvmpipe runs every invocation of a workgroup, also those without a row, so
+    /// one row of 1000 columns ran its kernel 32 times over for one live lane.
+    pub small_workgroup: u32,
 }
 
 impl PlanLimits {
@@ -117,6 +124,7 @@ impl PlanLimits {
             min_iterations: MIN_ITERATIONS,
             target_workgroups: TARGET_WORKGROUPS,
             blocked_lanes: false,
+            small_workgroup: 0,
         }
     }
 
@@ -158,6 +166,8 @@ impl PlanLimits {
 pub struct Layout {
     /// Invocations per row segment (a power of two, 1..=256).
     pub lanes: u32,
+    /// Invocations per workgroup: [`WORKGROUP_SIZE`], or [`PlanLimits::small_workgroup`].
+    pub workgroup_size: u32,
     /// Columns per chunk; a multiple of `lanes`.
     pub chunk_len: u32,
     /// Chunks per row: the x dimension of the dispatch.
@@ -174,9 +184,19 @@ impl Layout {
     /// to fill the GPU or to keep the loop short.
     pub fn new(rows: u32, cols: u64, limits: &PlanLimits) -> Layout {
         let min_iterations = limits.min_iterations.clamp(1, MAX_ITERATIONS) as u64;
-        let lanes = lanes_for(cols, min_iterations);
+        let mut lanes = lanes_for(cols, min_iterations);
+        let small = limits.small_workgroup;
+        let fits_small = small.is_power_of_two() && small < WORKGROUP_SIZE;
+        let workgroup_size = if fits_small && rows as u64 * lanes as u64 <= small as u64 {
+            // Every lane of the one small workgroup gets columns (rows·lanes <= small keeps
+            // this at least lanes_for's).
+            lanes = small / rows.next_power_of_two();
+            small
+        } else {
+            WORKGROUP_SIZE
+        };
         let per_invocation = cols.div_ceil(lanes as u64);
-        let row_groups = rows.div_ceil(WORKGROUP_SIZE / lanes).max(1);
+        let row_groups = rows.div_ceil(workgroup_size / lanes).max(1);
         let wanted = (limits.target_workgroups.max(1) as u64).div_ceil(row_groups as u64);
         let chunks = wanted
             .min(per_invocation.div_ceil(min_iterations))
@@ -188,6 +208,7 @@ impl Layout {
         let chunk_len = iterations * lanes as u64;
         Layout {
             lanes,
+            workgroup_size,
             chunk_len: chunk_len as u32,
             chunks: cols.div_ceil(chunk_len) as u32,
             row_groups,
@@ -200,6 +221,7 @@ impl Layout {
         let lanes = lanes_for(cols, MIN_ITERATIONS as u64);
         Layout {
             lanes,
+            workgroup_size: WORKGROUP_SIZE,
             chunk_len: (cols.div_ceil(lanes as u64) * lanes as u64) as u32,
             chunks: 1,
             row_groups: rows.div_ceil(WORKGROUP_SIZE / lanes).max(1),
@@ -209,7 +231,7 @@ impl Layout {
 
     /// Rows handled by one workgroup.
     pub fn rows_per_workgroup(&self) -> u32 {
-        WORKGROUP_SIZE / self.lanes
+        self.workgroup_size / self.lanes
     }
 
     /// Main-loop iterations of one invocation.
@@ -397,6 +419,7 @@ mod tests {
         min_iterations: MIN_ITERATIONS,
         target_workgroups: TARGET_WORKGROUPS,
         blocked_lanes: false,
+        small_workgroup: 0,
     };
 
     fn covered(plan: &Plan) -> u64 {
@@ -458,6 +481,39 @@ mod tests {
         assert!(naive_iterations(n) > LLVMPIPE_LOOP_CAP);
         let plan = Plan::new(1, n, LAVAPIPE);
         assert!(plan.max_invocation_iterations() <= (MAX_ITERATIONS + 8) as u64);
+    }
+
+    #[test]
+    fn a_few_short_rows_take_one_small_workgroup() {
+        let cpu = PlanLimits {
+            small_workgroup: 8,
+            ..LAVAPIPE.for_adapter(true, 2)
+        };
+        // One row of 1000: eight lanes of 125 columns in one workgroup of eight, not one lane
+        // in a workgroup of 256.
+        let one = Layout::new(1, 1000, &cpu);
+        assert_eq!(
+            (one.workgroup_size, one.lanes, one.chunks, one.row_groups),
+            (8, 8, 1, 1)
+        );
+        assert_eq!(one.iterations(), 128);
+        // Three rows: two lanes each, the fourth segment idle.
+        let three = Layout::new(3, 100, &cpu);
+        assert_eq!(
+            (three.workgroup_size, three.lanes, three.row_groups),
+            (8, 2, 1)
+        );
+        // Rows of 8192 still fit (8 lanes of the loop's 1024 columns); longer rows and more rows
+        // take the full workgroup.
+        assert_eq!(Layout::new(1, 8192, &cpu).workgroup_size, 8);
+        assert_eq!(Layout::new(1, 8193, &cpu).workgroup_size, WORKGROUP_SIZE);
+        assert_eq!(Layout::new(9, 10, &cpu).workgroup_size, WORKGROUP_SIZE);
+        assert_eq!(
+            Layout::new(1, 1000, &LAVAPIPE).workgroup_size,
+            WORKGROUP_SIZE
+        );
+        // The combine dispatch keeps the full workgroup.
+        assert_eq!(Layout::single_chunk(1, 16).workgroup_size, WORKGROUP_SIZE);
     }
 
     #[test]
@@ -548,7 +604,7 @@ mod tests {
             rows in 1u64..5000, cols in 1u64..300_000,
             window_elems in 64u64..5_000_000, max_workgroups in 64u32..65536,
             min_iterations in 1u32..2000, target_workgroups in 1u32..100_000,
-            blocked_lanes in any::<bool>(),
+            blocked_lanes in any::<bool>(), small_workgroup in prop::sample::select(vec![0u32, 4, 8, 16]),
         ) {
             let limits = PlanLimits {
                 window_elems: window_elems / 64 * 64 + 64,
@@ -556,6 +612,7 @@ mod tests {
                 min_iterations,
                 target_workgroups,
                 blocked_lanes,
+                small_workgroup,
             };
             let plan = Plan::new(rows, cols, limits);
             prop_assert_eq!(covered(&plan), rows * cols);
@@ -568,7 +625,10 @@ mod tests {
                     prop_assert!(l.chunks >= 1 && l.chunks <= max_workgroups);
                     prop_assert!(l.row_groups <= max_workgroups);
                     prop_assert!(l.iterations() <= MAX_ITERATIONS);
-                    prop_assert!(l.lanes.is_power_of_two() && l.lanes <= WORKGROUP_SIZE);
+                    prop_assert!(l.lanes.is_power_of_two() && l.lanes <= l.workgroup_size);
+                    prop_assert!(
+                        l.workgroup_size == WORKGROUP_SIZE || l.workgroup_size == small_workgroup
+                    );
                 }
                 prop_assert!(w.terms.chunks as u64 * w.terms.chunk_len as u64 >= w.row_len());
                 prop_assert_eq!(w.terms.chunk_len % (4 * w.terms.lanes), 0);

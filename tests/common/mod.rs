@@ -37,7 +37,7 @@ pub fn small_window_engine() -> &'static Engine {
     })
 }
 
-/// The plan a GPU gets (many short workgroups, rows split into chunks and combined, lanes
+/// The plan a GPU gets (many short workgroups of 256, rows split into chunks and combined, lanes
 /// interleaved), and its uploads through staging buffers, whatever the adapter: on a CPU
 /// adapter the default plan is a few long workgroups with blocked lanes instead. With the quick path for plain vec4s on
 /// (`Tuning::quick_vec4`), so every test over all plans checks it against the reference.
@@ -78,6 +78,9 @@ pub fn short_loop_tuning(blocked_lanes: bool, quick_vec4: bool) -> Tuning {
         quick_vec4: Some(quick_vec4),
         direct_uploads: Some(false),
         one_pass_kl: true,
+        // Workgroups of 256 for any shape, as on a GPU (a CPU adapter's default runs a few
+        // short rows in one small workgroup).
+        small_workgroups: Some(false),
         ..Default::default()
     }
 }
