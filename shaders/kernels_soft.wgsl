@@ -11,6 +11,15 @@
 // each a sum of two non-negative parts, so nothing cancels; t is the second sum. S is kept as
 // 1 + the weights of all but the arg-max (whose weight is exactly 1), so that ln S = log1p of
 // them keeps a peaked row's entropy; likewise S_y.
+//
+// t is kept in units of 2^40 nats (every distance times DIST_SCALE, exactly): logits ±3.4e38
+// apart are 6.8e38 apart, beyond f32, and a lane's frame, below the row's maxima, can weigh
+// many such distances by weights near 1, while the value, a weighted mean of distances, may be
+// well within f32 (rows at 1e38 read Overflow or not by how their lanes were grouped). Scaled,
+// t stays below 2^32 weights times 6.8e38·2^-40 = 2.7e36; what the scaling rounds away (terms
+// below 1e-26 nats) is far below the results' bar.
+const DIST_SCALE: f32 = 9.094947017729282e-13;
+const DIST_UNSCALE: f32 = 1099511627776.0;
 
 @group(0) @binding(3) var<storage, read_write> partials: array<Soft>;
 
@@ -50,7 +59,8 @@ fn soft_above(a: f32, b: f32) -> bool {
 fn soft_higher(a: f32, b: f32) -> f32 { return select(b, a, soft_above(a, b)); }
 
 // x's place in a frame whose maximum is m >= x: its weight w(x) (e^(x − m), or x/m) and m's
-// distance above it, dist(m, x) >= 0 (m − x, or ln(m/x)), as (w', dist, c) with w = w'·c.
+// distance above it, dist(m, x) >= 0 (m − x, or ln(m/x)), scaled by DIST_SCALE (m − x as the
+// difference of the scaled logits, which never overflows), as (w', dist, c) with w = w'·c.
 // c is 1 but for P's logits in cross-entropy (`low`), where w may be subnormal while the
 // distance it weighs on Q's side is huge (a logit near −f32::MAX): there (w', c) is exp_low's
 // pair and w·dist is taken as w'·(dist·c). Probabilities take both from one split of each (no
@@ -62,12 +72,14 @@ fn soft_place(x: f32, m: f32, low: bool) -> vec3<f32> {
         let sx = split(x);
         let sm = split(m);
         let r = split_div(sx, sm);
-        return vec3<f32>(select(ldexp(r.m, r.e), 0.0, is_zero(x)), ln_ratio(sm, sx), 1.0);
+        return vec3<f32>(select(ldexp(r.m, r.e), 0.0, is_zero(x)), DIST_SCALE * ln_ratio(sm, sx),
+            1.0);
     }
     let no_mass = x == neg_inf();
     var w = vec2<f32>(exp(x - m), 1.0);
     if (low) { w = exp_low(x - m); }
-    return vec3<f32>(select(w.x, 0.0, no_mass), select(m - x, 0.0, no_mass), w.y);
+    return vec3<f32>(select(w.x, 0.0, no_mass), select(DIST_SCALE * m - DIST_SCALE * x, 0.0, no_mass),
+        w.y);
 }
 
 // Whether P's weights come scaled from soft_place (MEASURE is a constant: folded).
@@ -105,10 +117,9 @@ fn soft_rebase(s: Soft, mx: f32, my: f32) -> Soft {
     let w = select(1.0 + s.xs, 0.0, x_empty);
     let wy = select(1.0 + s.ys, 0.0, y_empty);
     let dt = select(dx, dy, MEASURE == MEASURE_CE);
-    // A factor that underflowed leaves nothing of t, also where dt·w overflowed: logits
-    // masked with −f32::MAX, as models mask them, are 3.4e38 below a row's maximum (0·∞ read
-    // as Overflow).
-    let t = select(fs * ((s.t + dt * w) * px.z), 0.0, fs == 0.0);
+    // (Scaled, dt·w stays finite even for runs of logits masked with −f32::MAX, as models mask
+    // them, 3.4e38 below a row's maximum: a factor that underflowed leaves nothing.)
+    let t = fs * ((s.t + dt * w) * px.z);
     return Soft(mx, select(s.xs, f * w, x_up), s.xi, my, select(s.ys, h * wy, y_up), s.yi, t,
         s.flags);
 }
@@ -156,18 +167,12 @@ fn soft_term(x: f32, y: f32, col: u32, s: Soft) -> SoftTerm {
     let px = soft_place(x, s.xm, soft_low());
     let xs = select(px.x * px.z, 0.0, col == s.xi);
     if (MEASURE == MEASURE_ENTROPY) {
-        // No mass, or a weight that underflowed, adds nothing, also where its distance
-        // overflowed (logits ±3.4e38 apart: 0·∞ read as Overflow).
-        return SoftTerm(xs, 0.0, select(px.x * px.y, 0.0, px.x == 0.0), 0u);
+        return SoftTerm(xs, 0.0, px.x * px.y, 0u);
     }
     let q_zero = soft_zero(y);
     let py = soft_place(y, s.ym, false);
-    // Likewise a P weight that underflowed (even scaled by exp_low) adds nothing where Q's
-    // distance overflowed (a −f32::MAX mask of Q below a maximum above 1e31: 0·∞), as
-    // soft_rebase drops it: else the row read as Overflow in the frame of P's maximum, and not
-    // in a lane's own frame.
     return SoftTerm(xs, select(py.x, 0.0, col == s.yi),
-        select(px.x * (py.y * px.z), 0.0, p_zero || q_zero || px.x == 0.0),
+        select(px.x * (py.y * px.z), 0.0, p_zero || q_zero),
         select(0u, ACC_INF, !p_zero && q_zero));
 }
 
@@ -207,9 +212,9 @@ fn soft_fold4(st: Soft, x: vec4<f32>, y_in: vec4<f32>, local: u32, c: u32, unuse
 // The measure of a finished row, in nats.
 fn soft_value(s: Soft) -> f32 {
     let w = 1.0 + s.xs;
-    if (MEASURE == MEASURE_ENTROPY) { return log1p_acc(s.xs) + s.t / w; }
+    if (MEASURE == MEASURE_ENTROPY) { return log1p_acc(s.xs) + (s.t / w) * DIST_UNSCALE; }
     if ((s.flags & ACC_INF) != 0u) { return pos_inf(); }
-    return log1p_acc(s.ys) + s.t / w;
+    return log1p_acc(s.ys) + (s.t / w) * DIST_UNSCALE;
 }
 
 fn emit_Soft(row: u32, chunk: u32, total: Soft) {

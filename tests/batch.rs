@@ -605,6 +605,39 @@ fn a_mask_far_below_a_huge_maximum_under_a_vanishing_weight_adds_nothing() {
 }
 
 #[test]
+fn distances_beyond_f32_under_a_finite_value_are_not_overflow() {
+    // Cross-entropy 1.08e38 (finite) of a row whose Q logits span −3.4e38 to 7.6e37: Q's
+    // distance below its maximum reaches 4.2e38, beyond f32, under a P weight of 0.03. Summed
+    // in the frame of the row's maxima that read as Overflow, in a lane's own frame (below
+    // them) not, so paths disagreed by how they grouped the row; the one-pass kernel now keeps
+    // its distance sums scaled by 2^-40 (shaders/kernels_soft.wgsl).
+    let ninf = f32::NEG_INFINITY;
+    let x = [
+        [ninf, 6.7023726, -1e30, ninf, 9.249331, 0.12254341].as_slice(),
+        &[-8.230475, 8.090457, 7.66513, -1e30, -1.1564342, 1.6274161],
+        &[ninf, 9.392474, -2.8112079e38, 6.8829875, -1e30],
+    ]
+    .concat();
+    let y = [
+        [-8.214745, -3.4028235e38, 3.4610202, 3.0301557, -7.8252482].as_slice(),
+        &[8.511518, 9.802797, 7.643057e37, -8.567969, -9.195901e37],
+        &[-8.775416, 5.5840397, -4.4176435, -8.009693e37, -1.8064487],
+        &[6.0134987e37, -3.6542017],
+    ]
+    .concat();
+    let opts = Options::input(Input::Logits);
+    let m = Measure::CrossEntropy;
+    let exact = cpu::rows(m, &x, Some(&y), 17, &opts).unwrap().values;
+    assert!(exact[0] > 1e38 && exact[0] < 2e38, "{exact:?}");
+    for e in every_path() {
+        let gpu = e
+            .rows(m, &x, Some(&y), 17, &opts)
+            .unwrap_or_else(|err| panic!("{err}"));
+        assert_rows_close(&gpu.values, &exact, "cross-entropy");
+    }
+}
+
+#[test]
 fn logits_whose_distance_from_the_maximum_overflows_are_not_zeros() {
     // x − max overflows f32 for logits ±3.4e38 apart, but such a p (or q) is e^(−6.8e38):
     // positive, however small. Row 0: that p against a −∞ in Q is KL +∞ (read 0, as if p
