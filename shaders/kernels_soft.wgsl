@@ -72,14 +72,14 @@ fn soft_place(x: f32, m: f32, low: bool) -> vec3<f32> {
         let sx = split(x);
         let sm = split(m);
         let r = split_div(sx, sm);
-        return vec3<f32>(select(ldexp(r.m, r.e), 0.0, is_zero(x)), DIST_SCALE * ln_ratio(sm, sx),
-            1.0);
+        return vec3<f32>(select(ldexp(r.m, r.e), 0.0, is_zero(x)),
+            DIST_SCALE * ln_ratio(sm, sx), 1.0);
     }
     let no_mass = x == neg_inf();
     var w = vec2<f32>(exp(x - m), 1.0);
     if (low) { w = exp_low(x - m); }
-    return vec3<f32>(select(w.x, 0.0, no_mass), select(DIST_SCALE * m - DIST_SCALE * x, 0.0, no_mass),
-        w.y);
+    let dist = DIST_SCALE * m - DIST_SCALE * x;
+    return vec3<f32>(select(w.x, 0.0, no_mass), select(dist, 0.0, no_mass), w.y);
 }
 
 // Whether P's weights come scaled from soft_place (MEASURE is a constant: folded).
