@@ -604,7 +604,8 @@ mod tests {
             rows in 1u64..5000, cols in 1u64..300_000,
             window_elems in 64u64..5_000_000, max_workgroups in 64u32..65536,
             min_iterations in 1u32..2000, target_workgroups in 1u32..100_000,
-            blocked_lanes in any::<bool>(), small_workgroup in prop::sample::select(vec![0u32, 4, 8, 16]),
+            blocked_lanes in any::<bool>(),
+            small_workgroup in prop::sample::select(vec![0u32, 4, 8, 16]),
         ) {
             let limits = PlanLimits {
                 window_elems: window_elems / 64 * 64 + 64,
