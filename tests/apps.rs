@@ -1630,8 +1630,11 @@ fn calls_in_turn_report_their_own_errors_and_values() {
                     Some((index, problem)) => {
                         let err = got.expect_err(&what);
                         assert!(
-                            matches!(err, Error::InvalidValue { side: Side::P, index: i, problem: pr, .. }
-                                if i == *index && pr == *problem),
+                            matches!(
+                                err,
+                                Error::InvalidValue { side: Side::P, index: i, problem: pr, .. }
+                                    if i == *index && pr == *problem
+                            ),
                             "{what}: {err}"
                         );
                     }
