@@ -4,9 +4,14 @@
 // WG, the invocations per workgroup, is prepended per module with the constants: 256, or a
 // CPU adapter's SIMD width for a few short rows (src/plan.rs, `small_workgroup`).
 
-// Specialized per pipeline (pipeline-overridable constants).
+// Specialized per pipeline (pipeline-overridable constants). MODE (MODE_ flags) says what a
+// dispatch does with its rows' results: it is a constant, not a parameter, because llvmpipe
+// runs the code of every branch, even one whose condition is uniform and false (its
+// branches only mask lanes), and the unused modes' stores and atomics cost a row of 10
+// columns more than its loads did (plain sums of 400,000 × 10 on lavapipe: 38 → 20 ms).
 override MEASURE: u32 = 0u;
 override INPUT: u32 = 0u;
+override MODE: u32 = 0u;
 
 // One dispatch's parameters. Element (row, col) of the window sits at
 // in_x[shift_x + row * row_len + (col - col_begin)].
@@ -22,7 +27,6 @@ struct Params {
     lanes: u32,
     out_base: u32,
     window_id: u32,
-    mode: u32,
     subgroup_width: u32,
     out_scale: f32,
     agree_base: u32,
@@ -34,6 +38,7 @@ struct Params {
     zero: u32,
     _pad1: u32,
     _pad2: u32,
+    _pad3: u32,
 }
 
 // A compensated sum of the stable main term and of the residual sum (p - q), each as an
@@ -80,9 +85,9 @@ const ROW_DONE: u32 = 0xfffffffeu;
 const LSE_READY: u32 = 0xfffffffdu;
 
 fn row_done(row: u32) -> bool {
-    if ((prm.mode & (MODE_SKIP_DONE | MODE_SKIP_READY)) == 0u) { return false; }
+    if ((MODE & (MODE_SKIP_DONE | MODE_SKIP_READY)) == 0u) { return false; }
     let s = row_lse[row];
-    return s.p_i == ROW_DONE || ((prm.mode & MODE_SKIP_READY) != 0u && s.q_i == LSE_READY);
+    return s.p_i == ROW_DONE || ((MODE & MODE_SKIP_READY) != 0u && s.q_i == LSE_READY);
 }
 
 // Eight storage bindings at most: WebGPU's default max_storage_buffers_per_shader_stage.

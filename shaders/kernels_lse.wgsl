@@ -42,14 +42,14 @@ fn fold4_lse(st: Lse, x: vec4<f32>, y: vec4<f32>, local: u32, c: u32, unused: u3
 }
 
 fn emit_Lse(row: u32, chunk: u32, total: Lse) {
-    if ((prm.mode & MODE_PARTIAL) != 0u) {
+    if ((MODE & MODE_PARTIAL) != 0u) {
         partials[row * prm.chunks + chunk] = total;
         return;
     }
     var t = total;
-    if ((prm.mode & MODE_ACCUMULATE) != 0u) { t = combine_Lse(row_lse[0], t); }
+    if ((MODE & MODE_ACCUMULATE) != 0u) { t = combine_Lse(row_lse[0], t); }
     row_lse[row] = t;
-    if ((prm.mode & MODE_KEEP) != 0u) { return; }
+    if ((MODE & MODE_KEEP) != 0u) { return; }
     if (t.p_m == neg_inf()) { report_bad(row * prm.row_len, FLAG_P_EMPTY); }
     if (uses_q()) {
         if (t.q_m == neg_inf()) { report_bad(row * prm.row_len, FLAG_Q_EMPTY); }

@@ -235,7 +235,7 @@ fn log1p_minus(b: f32) -> f32 {
 }
 
 fn emit_Rel(row: u32, chunk: u32, total: Rel) {
-    if ((prm.mode & MODE_PARTIAL) != 0u) {
+    if ((MODE & MODE_PARTIAL) != 0u) {
         partials[row * prm.chunks + chunk] = total;
         return;
     }

@@ -218,13 +218,13 @@ fn soft_value(s: Soft) -> f32 {
 }
 
 fn emit_Soft(row: u32, chunk: u32, total: Soft) {
-    if ((prm.mode & MODE_PARTIAL) != 0u) {
+    if ((MODE & MODE_PARTIAL) != 0u) {
         partials[row * prm.chunks + chunk] = total;
         return;
     }
     var s = total;
-    if ((prm.mode & MODE_ACCUMULATE) != 0u) { s = combine_Soft(partials[prm.chunks], s); }
-    if ((prm.mode & MODE_KEEP) != 0u) {
+    if ((MODE & MODE_ACCUMULATE) != 0u) { s = combine_Soft(partials[prm.chunks], s); }
+    if ((MODE & MODE_KEEP) != 0u) {
         partials[prm.chunks] = s;
         return;
     }

@@ -338,21 +338,21 @@ fn finish_acc(a: Acc) -> f32 {
 // Writes a segment's result: a partial, the running state of a split row, row sums, or the
 // finished value.
 fn emit_Acc(row: u32, chunk: u32, total: Acc) {
-    if ((prm.mode & MODE_PARTIAL) != 0u) {
+    if ((MODE & MODE_PARTIAL) != 0u) {
         partials[row * prm.chunks + chunk] = total;
         return;
     }
     var t = total;
-    if ((prm.mode & MODE_ACCUMULATE) != 0u) { t = combine_Acc(partials[prm.chunks], t); }
-    if ((prm.mode & MODE_KEEP) != 0u) {
+    if ((MODE & MODE_ACCUMULATE) != 0u) { t = combine_Acc(partials[prm.chunks], t); }
+    if ((MODE & MODE_KEEP) != 0u) {
         partials[prm.chunks] = t;
         return;
     }
-    if ((prm.mode & MODE_MINUS_ONE) != 0u) {
+    if ((MODE & MODE_MINUS_ONE) != 0u) {
         let r = pair_add(t.resid_hi, t.resid_lo, -1.0, 0.0);
         t = Acc(t.main_hi, t.main_lo, r.x, r.y, t.flags, 0.0, 0.0);
     }
-    if ((prm.mode & MODE_STATS) != 0u) {
+    if ((MODE & MODE_STATS) != 0u) {
         // Each sum as an f32, what it leaves out, and the power of 2 it is scaled by (see
         // RowCtx and row_sum). Empty by its bits (a flushing adapter compares a subnormal
         // equal to 0).

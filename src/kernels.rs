@@ -19,7 +19,7 @@ pub(crate) const FLAG_OVERFLOW: u32 = 512;
 // status[3] once a dispatch has run: Workspace::check tells a recording that was never
 // submitted from one whose input was valid.
 pub(crate) const RAN_MARK: u32 = 1;
-// Dispatch modes (Params::mode).
+// Dispatch modes: the MODE constant each pipeline is specialized for (shaders/common.wgsl).
 pub(crate) const MODE_PARTIAL: u32 = 1;
 pub(crate) const MODE_ACCUMULATE: u32 = 2;
 pub(crate) const MODE_KEEP: u32 = 4;
@@ -162,7 +162,6 @@ pub(crate) struct Params {
     pub lanes: u32,
     pub out_base: u32,
     pub window_id: u32,
-    pub mode: u32,
     pub subgroup_width: u32,
     pub out_scale: f32,
     pub agree_base: u32,
@@ -172,7 +171,7 @@ pub(crate) struct Params {
     /// Always 0. The shaders select on it to keep a compiler from simplifying TwoSum's error
     /// term away (Mesa's NIR turns (a + b) − a into b; see `opaque` in common.wgsl).
     pub zero: u32,
-    pub _pad: [u32; 2],
+    pub _pad: [u32; 3],
 }
 
 /// Size of `Lse` in the shaders (six 4-byte words), the per-row statistics.
@@ -376,13 +375,14 @@ struct PipelineKey {
     stage: Stage,
     term: u32,
     input: u32,
+    mode: u32,
     reduce: SegmentReduce,
     loads: Loads,
     workgroup_size: u32,
 }
 
 /// What a module's source depends on: the monoid, the reduction, the loads and the workgroup
-/// size (pipelines add the stage's entry point and the MEASURE and INPUT constants).
+/// size (pipelines add the stage's entry point and the MEASURE, INPUT and MODE constants).
 type ModuleKey = (&'static str, SegmentReduce, Loads, u32);
 
 /// Bind group layout, modules and compiled pipelines of one device.
@@ -442,7 +442,8 @@ impl Kernels {
         }
     }
 
-    /// The pipeline for a stage and workgroup size, compiled on first use and cached.
+    /// The pipeline for a stage, its `MODE_` flags and workgroup size, compiled on first use
+    /// and cached.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn pipeline(
         &self,
@@ -450,6 +451,7 @@ impl Kernels {
         stage: Stage,
         term: Term,
         input: InputCode,
+        mode: u32,
         reduce: SegmentReduce,
         loads: Loads,
         workgroup_size: u32,
@@ -468,6 +470,7 @@ impl Kernels {
             stage,
             term: term.code(),
             input: input.code(),
+            mode,
             reduce,
             loads,
             workgroup_size,
@@ -506,7 +509,7 @@ impl Kernels {
         };
         let width = if wide { "wide" } else { "scalar" };
         let label = format!(
-            "klgpu.{}.{:?}.{:?}.{}.{width}.wg{workgroup_size}",
+            "klgpu.{}.{:?}.{:?}.mode{mode}.{}.{width}.wg{workgroup_size}",
             stage.entry(),
             term,
             input,
@@ -518,7 +521,11 @@ impl Kernels {
             module: &module,
             entry_point: Some(stage.entry()),
             compilation_options: wgpu::PipelineCompilationOptions {
-                constants: &[("MEASURE", key.term as f64), ("INPUT", key.input as f64)],
+                constants: &[
+                    ("MEASURE", key.term as f64),
+                    ("INPUT", key.input as f64),
+                    ("MODE", mode as f64),
+                ],
                 ..Default::default()
             },
             cache: None,

@@ -593,7 +593,6 @@ impl Gpu {
         window_id: usize,
         layout: &Layout,
         combine_stride: Option<u32>,
-        mode: u32,
         per_nat: f32,
     ) -> Params {
         let (row_len, col_begin, col_end, chunks) = match combine_stride {
@@ -619,7 +618,6 @@ impl Gpu {
             lanes: layout.lanes,
             out_base: 0,
             window_id: window_id as u32,
-            mode,
             subgroup_width: if self.subgroups() {
                 self.subgroup_width
             } else {
@@ -630,7 +628,7 @@ impl Gpu {
             grad_base: 0,
             lane_span: layout.lane_span(),
             zero: 0,
-            _pad: [0; 2],
+            _pad: [0; 3],
         }
     }
 
@@ -787,9 +785,9 @@ impl Gpu {
             }
         };
         let mut bytes = Vec::new();
-        for (k, &(_, _, _, mode, is_combine)) in dispatches.iter().enumerate() {
+        for (k, &(_, _, _, _, is_combine)) in dispatches.iter().enumerate() {
             let (layout, stride) = layout_of(is_combine);
-            let mut p = self.params_for(window, window_id, &layout, stride, mode, job.per_nat);
+            let mut p = self.params_for(window, window_id, &layout, stride, job.per_nat);
             p.shift_p = bindings.shifts.0;
             p.shift_q = bindings.shifts.1;
             p.out_base = bindings.out_base;
@@ -807,7 +805,7 @@ impl Gpu {
             dtype: bindings.dtype,
             wide: bindings.vec4,
         };
-        for (k, &(stage, term, input, _, is_combine)) in dispatches.iter().enumerate() {
+        for (k, &(stage, term, input, mode, is_combine)) in dispatches.iter().enumerate() {
             let (layout, _) = layout_of(is_combine);
             let reduce =
                 SegmentReduce::for_lanes(layout.lanes, subgroups.then_some(self.subgroup_width));
@@ -816,6 +814,7 @@ impl Gpu {
                 stage,
                 term,
                 input,
+                mode,
                 reduce,
                 loads,
                 layout.workgroup_size,
