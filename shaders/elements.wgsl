@@ -50,3 +50,25 @@ fn widen(w: u32, k: u32) -> f32 {
 //---- BF16
 // Half k of w as bfloat16: the top half of an f32.
 fn widen(w: u32, k: u32) -> f32 { return bitcast<f32>(select(w << 16u, w & 0xffff0000u, k == 1u)); }
+//---- EDGE4
+// The vec4 of P and Q from window element `local` on (a multiple of 4 past the bindings'
+// shifts), with its elements outside [lo, hi) read as empty: a probability of 0, or −∞ in log
+// space, which every measure counts as nothing and none rejects (the gradient kernel's
+// targets are probabilities). Those elements belong to a neighbouring row or chunk, or lie
+// outside the caller's slice, and may hold anything.
+struct Pair4 { x: vec4<f32>, y: vec4<f32> }
+
+fn load4_edge(local: u32, lo: u32, hi: u32) -> Pair4 {
+    let k = vec4<u32>(0u, 1u, 2u, 3u);
+    let own = k >= vec4<u32>(lo) & k < vec4<u32>(hi);
+    let log_space = INPUT == INPUT_LOGPROBS || INPUT == INPUT_LOGITS;
+    let x = select(vec4<f32>(select(0.0, neg_inf(), log_space)),
+        load4_p((prm.shift_p + local) / 4u), own);
+    var y = x;
+    if (uses_q()) {
+        let q_log = log_space && MEASURE != MEASURE_KL_GRAD;
+        y = select(vec4<f32>(select(0.0, neg_inf(), q_log)), load4_q((prm.shift_q + local) / 4u),
+            own);
+    }
+    return Pair4(x, y);
+}

@@ -12,10 +12,10 @@ fn element_pass_MONOID(@builtin(local_invocation_index) lid: u32, @builtin(workg
     var st = identity_MONOID();
     let live = row < prm.rows && !row_done(row);
     if (live) {
-        //ROW_CTX
         let c0 = prm.col_begin + wg.x * prm.chunk_len;
         let c1 = min(c0 + prm.chunk_len, prm.col_end);
         let base = row * prm.row_len - prm.col_begin;
+        //ROW_CTX
         //LOOP
     }
     report_seen();

@@ -202,7 +202,7 @@ fn log_term(a: f32, b: f32, ps: vec2<f32>, q: f32, d: f32, x_none: bool, y_none:
 }
 
 fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
-    if (MEASURE == MEASURE_KL_GRAD) { return grad_term(x, y, local, ctx); }
+    if (MEASURE == MEASURE_KL_GRAD) { return grad_term(x, y, local, col, ctx); }
     if (INPUT == INPUT_LOGITS) {
         // Validated by the log-sum-exp pass. a = x − lse(x) = (x − m) − log1p(s').
         let a = (x - ctx.pm) - ctx.pl;
@@ -386,11 +386,17 @@ fn emit_Acc(row: u32, chunk: u32, total: Acc) {
 // log-sum-exp pass reads it as P and ctx carries its statistics), in_q the target p.
 @group(0) @binding(8) var<storage, read_write> grad: array<f32>;
 
-fn grad_term(z: f32, t: f32, local: u32, ctx: RowCtx) -> Term {
+// The columns [c0, c1) of the segment this invocation reduces. The wide loop's edge vec4s
+// (loops.wgsl) also hold neighbours' columns, read as empty, whose gradient is theirs to write.
+var<private> own_cols: vec2<u32>;
+
+fn grad_term(z: f32, t: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
     note_bad(local, is_bad_prob(t));
     let lq = (z - ctx.pm) - ctx.pl;
     let q = exp(lq);
-    grad[prm.grad_base + local] = (q - t) * prm.out_scale;
+    if (col - own_cols.x < own_cols.y - own_cols.x) {
+        grad[prm.grad_base + local] = (q - t) * prm.out_scale;
+    }
     // KL = Σ_{t>0} t·φ(r) + Σ_{t>0} t + Σ_{t=0} q − 1 with r = ln t − ln q (since Σ q = 1);
     // the −1 is added when the row is finished (MODE_MINUS_ONE).
     // Selected, not branched on: one-hot and sparse targets mix both cases in every warp.

@@ -10,12 +10,14 @@
 // LOOP_SCALAR: one f32 of P (and Q) per iteration.
 // LOOP_VEC4: one vec4 per iteration, for rows of any length and start. The segment's columns
 // that share a vec4 of the input with a neighbouring row or chunk (at most three at each end)
-// go one at a time (load_p, load_q), like LOOP_SCALAR; the whole vec4s between them are
-// spread over the lanes like LOOP_SCALAR's elements (span / 4 of them per blocked lane). Each
-// lane takes its columns in increasing order, the leading ones first and the trailing ones
-// last: the one-pass kernel keeps the first of equal maxima it meets as the arg-max. The
-// host checks that P and Q sit at the same offset modulo 4 and that both bindings end on a
-// whole vec4.
+// come as that vec4 with the neighbour's columns read as empty (load4_edge): the first lane
+// takes the leading one, the last lane the trailing one. One at a time they took up to six
+// iterations of every row, and llvmpipe runs each load once per lane; a row of 10 columns
+// now takes three or four. The whole vec4s between them are spread over the lanes like
+// LOOP_SCALAR's elements (span / 4 of them per blocked lane). Each lane takes its columns in
+// increasing order, the leading ones first and the trailing ones last: the one-pass kernel
+// keeps the first of equal maxima it meets as the arg-max. The host checks that P and Q sit
+// at the same offset modulo 4 and that both bindings end on a whole vec4.
 // load_column(local) reads one column of P and Q (common.wgsl); ELEMENT(x, y, local, c, CTX)
 // gives one element's value and FOLD(st, value) adds it into the running state st;
 // FOLD4(st, x, y, local, c, CTX) adds the four elements of a vec4 from column c on.
@@ -33,10 +35,11 @@
         // [a0, a1): the columns of whole vec4s; [c0, a0) and [a1, c1) share theirs.
         let a0 = min(c0 + (4u - (prm.shift_p + base + c0) % 4u) % 4u, c1);
         let a1 = a0 + (c1 - a0) / 4u * 4u;
-        for (var c = c0 + lane; c < a0; c = c + lanes) {
-            let local = base + c;
-            let v = load_column(local);
-            st = FOLD(st, ELEMENT(v.x, v.y, local, c, CTX));
+        if (lane == 0u && a0 > c0) {
+            // Column c0 is element k0 of its vec4 (c0 − k0 may wrap; only differences count).
+            let k0 = (prm.shift_p + base + c0) % 4u;
+            let v = load4_edge(base + c0 - k0, k0, k0 + (a0 - c0));
+            st = FOLD4(st, v.x, v.y, base + c0 - k0, c0 - k0, CTX);
         }
         let whole = (a1 - a0) / 4u;
         let blocked = prm.lane_span != 0u;
@@ -51,8 +54,7 @@
             if (uses_q()) { y = load4_q((prm.shift_q + local) / 4u); }
             st = FOLD4(st, x, y, local, c, CTX);
         }
-        for (var c = a1 + lane; c < c1; c = c + lanes) {
-            let local = base + c;
-            let v = load_column(local);
-            st = FOLD(st, ELEMENT(v.x, v.y, local, c, CTX));
+        if (lane == lanes - 1u && c1 > a1) {
+            let v = load4_edge(base + a1, 0u, c1 - a1);
+            st = FOLD4(st, v.x, v.y, base + a1, a1, CTX);
         }

@@ -243,17 +243,20 @@ impl SegmentReduce {
 fn element_loads(dtype: Dtype, vec4: bool) -> String {
     let source = include_str!("../shaders/elements.wgsl");
     let width = if vec4 { "WIDE" } else { "SCALAR" };
-    match dtype {
-        Dtype::F32 => section(source, &format!("F32_{width}")).to_string(),
+    let mut parts = match dtype {
+        Dtype::F32 => vec![section(source, &format!("F32_{width}"))],
         Dtype::F16 | Dtype::BF16 => {
             let widen = if dtype == Dtype::F16 { "F16" } else { "BF16" };
-            [
+            vec![
                 section(source, &format!("HALF_{width}")),
                 section(source, widen),
             ]
-            .join("\n")
         }
+    };
+    if vec4 {
+        parts.push(section(source, "EDGE4"));
     }
+    parts.join("\n")
 }
 
 /// Full WGSL source of one module: constants, common header, monoid, reduction, kernels.
@@ -329,9 +332,10 @@ pub(crate) fn shader_source(
     } else {
         ("", "vec2<u32>(0u, 0u)")
     };
-    // Only the terms kernels have per-row constants (ctx, see row_ctx).
+    // Only the terms kernels have per-row constants (ctx, see row_ctx), and a gradient to
+    // write for the segment's own columns (own_cols).
     let row_ctx = if monoid == "Acc" {
-        "let ctx = row_ctx(row);"
+        "let ctx = row_ctx(row);\n        own_cols = vec2<u32>(c0, c1);"
     } else {
         ""
     };

@@ -236,8 +236,9 @@ fn input_rows(r: &mut StdRng, input: Input, rows: usize, cols: usize) -> Vec<f32
 }
 
 /// Rows whose length is not a multiple of 4, read from caller buffers at every pair of
-/// offsets modulo 4: at equal offsets the kernels use vec4 loads with the columns that share a
-/// vec4 with the neighbouring row taken one at a time; at unequal ones, scalar loads.
+/// offsets modulo 4: at equal offsets the kernels use vec4 loads, the columns that share a
+/// vec4 with the neighbouring row read as that vec4 with the neighbour's columns left out;
+/// at unequal ones, scalar loads.
 #[test]
 fn odd_rows_at_every_offset_phase() {
     let mut r = rng(22);
@@ -277,6 +278,79 @@ fn odd_rows_at_every_offset_phase() {
                         &format!("{m:?} {input:?} offsets {pad_p}, {pad_q}"),
                     );
                 }
+            }
+        }
+    }
+}
+
+/// Rows so short that each shares its vec4s with both neighbours, or with what lies outside
+/// the caller's slice (NaN here), in buffers at every offset modulo 4 (vec4 loads): the
+/// neighbours' columns must count for nothing and never be rejected, and the loss kernel must
+/// write the gradient of its own columns only. Without that check, a row's edge vec4 wrote 0
+/// over its neighbours' gradient.
+#[test]
+fn short_rows_that_share_their_vec4s_with_neighbours() {
+    let mut r = rng(24);
+    let rows = 600;
+    let with_nan =
+        |x: &[f32], pad: usize| [&vec![f32::NAN; pad][..], x, &[f32::NAN; 4][..]].concat();
+    for cols in [1, 3, 6, 10] {
+        let bytes = 4 * (rows * cols) as u64;
+        for pad in 0..4 {
+            let at = 4 * pad as u64..4 * pad as u64 + bytes;
+            for input in [Input::Probs, Input::LogProbs, Input::Logits] {
+                let (p, q) = (
+                    input_rows(&mut r, input, rows, cols),
+                    input_rows(&mut r, input, rows, cols),
+                );
+                let opts = Options::input(input);
+                for e in all_plans() {
+                    let pb = upload(e, "p", &with_nan(&p, pad));
+                    let qb = upload(e, "q", &with_nan(&q, pad));
+                    let out = upload(e, "out", &vec![f32::NAN; rows]);
+                    for m in Measure::ALL {
+                        let q_slice = m.uses_q().then(|| qb.slice(at.clone()));
+                        e.rows_buffers(
+                            m,
+                            pb.slice(at.clone()),
+                            q_slice,
+                            cols,
+                            &opts,
+                            out.slice(..),
+                        )
+                        .unwrap();
+                        let exact = cpu::rows(m, &p, m.uses_q().then_some(&q[..]), cols, &opts)
+                            .unwrap()
+                            .values;
+                        let what = format!("{m:?} {input:?}, {rows} × {cols} at offset {pad}");
+                        assert_rows_close(&read_f64(e, &out), &exact, &what);
+                    }
+                }
+            }
+            let t = dirichlet(&mut r, rows, cols, 0.5);
+            let z = logits(&mut r, rows * cols, 3.0);
+            for e in all_plans() {
+                let (tb, zb) = (
+                    upload(e, "t", &with_nan(&t, pad)),
+                    upload(e, "z", &with_nan(&z, pad)),
+                );
+                let grad = upload(e, "grad", &vec![7.0; pad + rows * cols + 4]);
+                let loss = e
+                    .kl_loss_and_grad_buffers(
+                        tb.slice(at.clone()),
+                        zb.slice(at.clone()),
+                        cols,
+                        grad.slice(at.clone()),
+                    )
+                    .unwrap();
+                let g = e.read_f32(grad.slice(..)).unwrap();
+                let what = format!("loss, {rows} × {cols} at offset {pad}");
+                check_loss_rows(&loss, &g[pad..pad + rows * cols], &t, &z, cols, &what);
+                let outside = [&g[..pad], &g[pad + rows * cols..]].concat();
+                assert!(
+                    outside.iter().all(|&v| v == 7.0),
+                    "{what}: wrote outside the slice"
+                );
             }
         }
     }
