@@ -557,7 +557,7 @@ mod tests {
                 for (((vec4, quick), dtype), wg) in widths
                     .into_iter()
                     .flat_map(|w| [Dtype::F32, Dtype::F16, Dtype::BF16].map(|d| (w, d)))
-                    .flat_map(|v| [crate::plan::WORKGROUP_SIZE, 8].map(|wg| (v, wg)))
+                    .flat_map(|v| [crate::plan::WORKGROUP_SIZE, 32, 8].map(|wg| (v, wg)))
                 {
                     let src = shader_source(monoid, reduce, vec4, quick, dtype, wg);
                     let what =

@@ -106,10 +106,12 @@ pub struct PlanLimits {
     /// Whether each lane of a segment walks a contiguous block of its chunk rather than every
     /// `lanes`-th element ([`Layout::lane_span`]).
     pub blocked_lanes: bool,
-    /// Invocations per workgroup where all of a dispatch's rows, `lanes` each, fit in that
-    /// many (a power of two below [`WORKGROUP_SIZE`]; 0: never). On CPU adapters it is the
-    /// SIMD width: llvmpipe runs every invocation of a workgroup, also those without a row, so
-    /// one row of 1000 columns ran its kernel 32 times over for one live lane.
+    /// The smallest workgroup, for dispatches whose rows, `lanes` each, all fit in fewer than
+    /// [`WORKGROUP_SIZE`] invocations (a power of two below it; 0: always the full size). On
+    /// CPU adapters it is the SIMD width: llvmpipe runs every invocation of a workgroup, also
+    /// those without a row, so one row of 1000 columns ran its kernel 32 times over for one
+    /// live lane. Such a dispatch gets a workgroup just large enough for its rows, at least
+    /// this; within this many, the lanes widen to fill it ([`fit_workgroup`]).
     pub small_workgroup: u32,
 }
 
@@ -166,7 +168,8 @@ impl PlanLimits {
 pub struct Layout {
     /// Invocations per row segment (a power of two, 1..=256).
     pub lanes: u32,
-    /// Invocations per workgroup: [`WORKGROUP_SIZE`], or [`PlanLimits::small_workgroup`].
+    /// Invocations per workgroup: [`WORKGROUP_SIZE`], or a smaller power of two that holds all
+    /// the rows ([`PlanLimits::small_workgroup`]).
     pub workgroup_size: u32,
     /// Columns per chunk; a multiple of `lanes`.
     pub chunk_len: u32,
@@ -184,17 +187,11 @@ impl Layout {
     /// to fill the GPU or to keep the loop short.
     pub fn new(rows: u32, cols: u64, limits: &PlanLimits) -> Layout {
         let min_iterations = limits.min_iterations.clamp(1, MAX_ITERATIONS) as u64;
-        let mut lanes = lanes_for(cols, min_iterations);
-        let small = limits.small_workgroup;
-        let fits_small = small.is_power_of_two() && small < WORKGROUP_SIZE;
-        let workgroup_size = if fits_small && rows as u64 * lanes as u64 <= small as u64 {
-            // Every lane of the one small workgroup gets columns (rows·lanes <= small keeps
-            // this at least lanes_for's).
-            lanes = small / rows.next_power_of_two();
-            small
-        } else {
-            WORKGROUP_SIZE
-        };
+        let (lanes, workgroup_size) = fit_workgroup(
+            rows,
+            lanes_for(cols, min_iterations),
+            limits.small_workgroup,
+        );
         let per_invocation = cols.div_ceil(lanes as u64);
         let row_groups = rows.div_ceil(workgroup_size / lanes).max(1);
         let wanted = (limits.target_workgroups.max(1) as u64).div_ceil(row_groups as u64);
@@ -216,15 +213,17 @@ impl Layout {
         }
     }
 
-    /// Layout that covers each row in a single chunk (for the combine dispatch).
-    pub fn single_chunk(rows: u32, cols: u64) -> Layout {
-        let lanes = lanes_for(cols, MIN_ITERATIONS as u64);
+    /// Layout that covers each row in a single chunk (for the combine dispatch); `small` is
+    /// [`PlanLimits::small_workgroup`].
+    pub fn single_chunk(rows: u32, cols: u64, small: u32) -> Layout {
+        let (lanes, workgroup_size) =
+            fit_workgroup(rows, lanes_for(cols, MIN_ITERATIONS as u64), small);
         Layout {
             lanes,
-            workgroup_size: WORKGROUP_SIZE,
+            workgroup_size,
             chunk_len: (cols.div_ceil(lanes as u64) * lanes as u64) as u32,
             chunks: 1,
-            row_groups: rows.div_ceil(WORKGROUP_SIZE / lanes).max(1),
+            row_groups: rows.div_ceil(workgroup_size / lanes).max(1),
             blocked: false,
         }
     }
@@ -249,6 +248,23 @@ impl Layout {
     /// The dispatch size.
     pub fn workgroups(&self) -> [u32; 3] {
         [self.chunks, self.row_groups, 1]
+    }
+}
+
+/// Lanes per row and the workgroup size for `rows` rows of `lanes` lanes, where `small` is
+/// [`PlanLimits::small_workgroup`]: the full [`WORKGROUP_SIZE`], unless all the rows fit in
+/// fewer invocations; then a power of two that holds them, at least `small`. Within `small`
+/// the lanes widen to fill it (every lane gets columns; rows·lanes <= small keeps them at
+/// least `lanes`).
+fn fit_workgroup(rows: u32, lanes: u32, small: u32) -> (u32, u32) {
+    let rows = (rows as u64).next_power_of_two();
+    let needed = rows * lanes as u64;
+    if !small.is_power_of_two() || small >= WORKGROUP_SIZE || needed >= WORKGROUP_SIZE as u64 {
+        (lanes, WORKGROUP_SIZE)
+    } else if needed <= small as u64 {
+        ((small as u64 / rows) as u32, small)
+    } else {
+        (lanes, needed as u32)
     }
 }
 
@@ -327,8 +343,9 @@ impl Plan {
         let window = |row_begin: u64, rows: u32, col_begin: u64, col_end: u64, split| {
             let row_len = col_end - col_begin;
             let terms = Layout::new(rows, row_len, &limits);
+            let small = limits.small_workgroup;
             let combine =
-                (terms.chunks > 1).then(|| Layout::single_chunk(rows, terms.chunks as u64));
+                (terms.chunks > 1).then(|| Layout::single_chunk(rows, terms.chunks as u64, small));
             Window {
                 row_begin,
                 rows,
@@ -503,17 +520,30 @@ mod tests {
             (three.workgroup_size, three.lanes, three.row_groups),
             (8, 2, 1)
         );
-        // Rows of 8192 still fit (8 lanes of the loop's 1024 columns); longer rows and more rows
-        // take the full workgroup.
+        // Rows of 8192 still fit (8 lanes of the loop's 1024 columns). Longer rows and more
+        // rows take a workgroup just large enough: a row of 10,000 its 16 lanes, nine rows
+        // of 10 sixteen one-lane segments (nine of them used).
         assert_eq!(Layout::new(1, 8192, &cpu).workgroup_size, 8);
-        assert_eq!(Layout::new(1, 8193, &cpu).workgroup_size, WORKGROUP_SIZE);
-        assert_eq!(Layout::new(9, 10, &cpu).workgroup_size, WORKGROUP_SIZE);
+        let longer = Layout::new(1, 10_000, &cpu);
+        assert_eq!((longer.workgroup_size, longer.lanes), (16, 16));
+        let nine = Layout::new(9, 10, &cpu);
+        assert_eq!(
+            (nine.workgroup_size, nine.lanes, nine.row_groups),
+            (16, 1, 1)
+        );
+        // Rows that fill a workgroup, and GPUs, keep the full one.
+        assert_eq!(Layout::new(300, 10, &cpu).workgroup_size, WORKGROUP_SIZE);
+        assert_eq!(Layout::new(1, 200_000, &cpu).workgroup_size, WORKGROUP_SIZE);
         assert_eq!(
             Layout::new(1, 1000, &LAVAPIPE).workgroup_size,
             WORKGROUP_SIZE
         );
-        // The combine dispatch keeps the full workgroup.
-        assert_eq!(Layout::single_chunk(1, 16).workgroup_size, WORKGROUP_SIZE);
+        // The combine dispatch of a split row: one lane in a workgroup of 256 on GPUs; on a
+        // CPU adapter the lanes widen to fill one SIMD batch.
+        let combine = Layout::single_chunk(1, 16, 0);
+        assert_eq!((combine.workgroup_size, combine.lanes), (WORKGROUP_SIZE, 1));
+        let combine = Layout::single_chunk(1, 16, 8);
+        assert_eq!((combine.workgroup_size, combine.lanes), (8, 8));
     }
 
     #[test]
@@ -627,9 +657,12 @@ mod tests {
                     prop_assert!(l.row_groups <= max_workgroups);
                     prop_assert!(l.iterations() <= MAX_ITERATIONS);
                     prop_assert!(l.lanes.is_power_of_two() && l.lanes <= l.workgroup_size);
-                    prop_assert!(
-                        l.workgroup_size == WORKGROUP_SIZE || l.workgroup_size == small_workgroup
-                    );
+                    // The full workgroup, or one at least small_workgroup that holds every
+                    // row.
+                    let fitted = l.workgroup_size < WORKGROUP_SIZE;
+                    prop_assert!(l.workgroup_size.is_power_of_two());
+                    prop_assert!(!fitted || (l.workgroup_size >= small_workgroup && l.row_groups == 1));
+                    prop_assert!(fitted || l.workgroup_size == WORKGROUP_SIZE);
                 }
                 prop_assert!(w.terms.chunks as u64 * w.terms.chunk_len as u64 >= w.row_len());
                 prop_assert_eq!(w.terms.chunk_len % (4 * w.terms.lanes), 0);
