@@ -1,8 +1,9 @@
 // klgpu: declarations shared by every kernel. The Rust side prepends the FLAG_/MODE_/MEASURE_/
 // INPUT_ constants (src/kernels.rs) so both sides read the same numbers.
 
-// WG, the invocations per workgroup, is prepended per module with the constants: 256, or a
-// CPU adapter's SIMD width for a few short rows (src/plan.rs, `small_workgroup`).
+// WG, the invocations per workgroup, is prepended per module with the constants: 256, or on a
+// CPU adapter a smaller power of two that holds all of a dispatch's rows (src/plan.rs,
+// `fit_workgroup`).
 
 // Specialized per pipeline (pipeline-overridable constants). MODE (MODE_ flags) says what a
 // dispatch does with its rows' results: it is a constant, not a parameter, because llvmpipe

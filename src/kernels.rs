@@ -239,7 +239,8 @@ impl SegmentReduce {
     }
 }
 
-/// The input bindings and loads for a storage type and load width (shaders/elements.wgsl).
+/// The input bindings and loads for a storage type and load width (shaders/elements.wgsl);
+/// the wide ones add `load4_edge`, the masked vec4 at a segment's ends.
 fn element_loads(dtype: Dtype, vec4: bool) -> String {
     let source = include_str!("../shaders/elements.wgsl");
     let width = if vec4 { "WIDE" } else { "SCALAR" };

@@ -5,13 +5,13 @@
 //! - a *window* is the part of the input bound to the kernels at once (whole rows, or for rows
 //!   longer than a window, a column range of one row);
 //! - a *segment* is the group of `lanes` consecutive invocations that reduce one row's chunk;
-//!   a 256-invocation workgroup holds `256 / lanes` segments (a small workgroup, for a few
-//!   short rows on a CPU adapter, `small_workgroup / lanes`);
+//!   a 256-invocation workgroup holds `256 / lanes` segments (on a CPU adapter, a dispatch
+//!   whose rows all fit in fewer invocations gets a workgroup just that large);
 //! - a *chunk* is the column range one segment covers; with more than one chunk per row the
 //!   kernel writes per-chunk partials and a combine dispatch reduces them.
 
-/// Invocations per workgroup of the kernels, but for [`PlanLimits::small_workgroup`] (the
-/// shaders take the size of each layout as the constant `WG`).
+/// Invocations per workgroup of the kernels, but where [`PlanLimits::small_workgroup`] fits a
+/// smaller one (the shaders take the size of each layout as the constant `WG`).
 pub const WORKGROUP_SIZE: u32 = 256;
 /// Upper bound on one invocation's main-loop iterations. llvmpipe silently truncates an
 /// invocation after 65535 loop iterations in total; we stay a factor of 64 below.
