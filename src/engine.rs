@@ -38,12 +38,13 @@ pub struct Tuning {
     /// an H200 1.33× faster, rows of 10 1.16×; `roof_ratios --quick 0|1`) and off for CPU
     /// adapters, which run both sides of a branch.
     pub quick_vec4: Option<bool>,
-    /// Whether a dispatch whose rows all fit in one SIMD batch (rows × lanes at most the
-    /// adapter's subgroup size) runs in a workgroup of that size rather than of 256
+    /// Whether a dispatch whose rows all fit in fewer than 256 invocations runs in a workgroup
+    /// just large enough for them, at least the adapter's subgroup size, with the lanes widened
+    /// to fill one subgroup-sized workgroup
     /// ([`PlanLimits::small_workgroup`](crate::plan::PlanLimits::small_workgroup)). `None` (the
     /// default) is on for CPU adapters, which run every invocation of a workgroup (a KL call
     /// over 1000 elements of GPU data on lavapipe 1.36–1.38× faster, over 8 to 8192 elements
-    /// 1.13–1.30×), and off for GPUs, which skip idle warps.
+    /// 1.13–1.30×, over 10^4 about 1.5×), and off for GPUs, which skip idle warps.
     pub small_workgroups: Option<bool>,
     /// Most threads that copy one window of host data into the GPU's staging memory. `None`
     /// (the default) picks for the adapter
