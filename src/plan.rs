@@ -111,7 +111,7 @@ pub struct PlanLimits {
     /// CPU adapters it is the SIMD width: llvmpipe runs every invocation of a workgroup, also
     /// those without a row, so one row of 1000 columns ran its kernel 32 times over for one
     /// live lane. Such a dispatch gets a workgroup just large enough for its rows, at least
-    /// this; within this many, the lanes widen to fill it ([`fit_workgroup`]).
+    /// this; within this many, the lanes widen to fill it (`fit_workgroup`).
     pub small_workgroup: u32,
 }
 
