@@ -68,35 +68,13 @@ const NO_TINY: vec2<f32> = vec2<f32>(0.0, 0.0);
 
 fn term(main: f32, resid: f32) -> Term { return Term(main, resid, 0u, NO_TINY); }
 
-// The row sums' term (MEASURE_SUM, normalization's pre-pass): a normal x as itself, a
-// subnormal one (or 0) as its significand, x·2^149, an integer that f32 holds exactly, in
-// tiny (likewise y). An adapter that flushes subnormals (NVIDIA's) would add it as 0, and a
-// row of subnormal values would read as empty. Integers add exactly up to 2^24; row_sum puts
-// the parts together.
+// The row sums' term (MEASURE_SUM, normalization's pre-pass): each value's normal part and
+// its subnormal significand apart (normal_or_tiny), the latter in tiny.
 fn sums_term(x: f32, y: f32) -> Term {
-    let bx = bitcast<u32>(x) & 0x7fffffffu;
-    let by = bitcast<u32>(y) & 0x7fffffffu;
-    let sub_x = bx < 0x00800000u;
-    let sub_y = by < 0x00800000u;
-    return Term(select(x, 0.0, sub_x), select(y, 0.0, sub_y), 0u,
-        vec2<f32>(select(0.0, f32_u23(bx), sub_x), select(0.0, f32_u23(by), sub_y)));
+    let a = normal_or_tiny(x);
+    let b = normal_or_tiny(y);
+    return Term(a.x, b.x, 0u, vec2<f32>(a.y, b.y));
 }
-
-// A row sum from its normal part (hi, lo) and its subnormal part tiny·2^-149, as (m, s, shift):
-// the sum is (m + s)·2^-shift. Where the normal part is below 2^-60 the sum is taken times 2^64
-// (where every part is normal: 2^-149·2^64 = 2^-85), so that no subnormal is formed; above,
-// the subnormal part (at most n·2^-126) is below 2^-48 of it for rows up to 2^18 columns and
-// is left out.
-fn row_sum(hi: f32, lo: f32, tiny: f32) -> vec4<f32> {
-    if (tiny == 0.0 || hi >= 8.673617379884035e-19) {
-        let s = two_sum(hi, lo);
-        return vec4<f32>(s.x, s.y, 0.0, 0.0);
-    }
-    let a = two_sum(hi * 1.8446744073709552e19, tiny * 2.5849394142282115e-26);
-    let s = two_sum(a.x, a.y + lo * 1.8446744073709552e19);
-    return vec4<f32>(s.x, s.y, 64.0, 0.0);
-}
-
 
 // Whether the residual Σ(p − q) enters the result. CE, entropy and JS have none; nor has KL of
 // inputs the kernel normalizes (logits, normalized probabilities): both sides sum to 1, so the
@@ -151,9 +129,7 @@ fn prob_term(p: f32, q: f32, p_zero: bool, q_zero: bool, sx: Split, sy: Split, c
     if (INPUT == INPUT_PROBS_NORM) {
         // No residual sum (both sides sum to 1): every term is p·ln(p/q) − p + q, and p = 0
         // gives q, as with logits.
-        let kl = kl_parts(p, q, ratio_norm(sx, sy, c));
-        let main = select(kl.plogr - (p - q), kl.series, kl.near);
-        return Term(select(select(0.0, q, p_zero), main, live), 0.0, flags, NO_TINY);
+        return Term(kl_whole(p, q, ratio_norm(sx, sy, c), p_zero, q_zero), 0.0, flags, NO_TINY);
     }
     // Near p = q the series leaves p − q to the residual; elsewhere p·ln(p/q) is whole. p = 0
     // adds nothing.
@@ -320,14 +296,6 @@ fn fold4_term(acc: Acc, x: vec4<f32>, y: vec4<f32>, local: u32, c: u32, ctx: Row
     a.resid_lo = a.resid_lo + r.y;
     a.flags = a.flags | flags;
     return a;
-}
-
-// a + b + c + d as hi + lo, by a tree of TwoSums.
-fn sum4_exact(a: f32, b: f32, c: f32, d: f32) -> vec2<f32> {
-    let ab = two_sum(a, b);
-    let cd = two_sum(c, d);
-    let s = two_sum(ab.x, cd.x);
-    return vec2<f32>(s.x, (ab.y + cd.y) + s.y);
 }
 
 fn finish_acc(a: Acc) -> f32 {

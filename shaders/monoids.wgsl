@@ -18,6 +18,14 @@ fn pair_add(ah: f32, al: f32, bh: f32, bl: f32) -> vec2<f32> {
     return vec2<f32>(hi, lo - (hi - s.x));
 }
 
+// a + b + c + d as hi + lo, by a tree of TwoSums.
+fn sum4_exact(a: f32, b: f32, c: f32, d: f32) -> vec2<f32> {
+    let ab = two_sum(a, b);
+    let cd = two_sum(c, d);
+    let s = two_sum(ab.x, cd.x);
+    return vec2<f32>(s.x, (ab.y + cd.y) + s.y);
+}
+
 fn identity_Acc() -> Acc { return Acc(0.0, 0.0, 0.0, 0.0, 0u, 0.0, 0.0); }
 
 fn combine_Acc(a: Acc, b: Acc) -> Acc {

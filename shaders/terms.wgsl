@@ -224,6 +224,15 @@ fn kl_parts(p: f32, q: f32, ratio: Ratio) -> KlParts {
     return KlParts(series, p * (f32(k) * LN2 + 2.0 * s * (1.0 + z * t)), k == 0);
 }
 
+// p·ln(p/q) − p + q >= 0 whole, for p, q >= 0 (p/q's ratio as kl_parts takes it): the term of
+// rows whose sides both sum to 1 (no residual sum) and of the one pass for them. p = 0 gives
+// q; q = 0 against p > 0 gives 0 (the caller flags KL +∞).
+fn kl_whole(p: f32, q: f32, ratio: Ratio, p_zero: bool, q_zero: bool) -> f32 {
+    let kl = kl_parts(p, q, ratio);
+    let main = select(kl.plogr - (p - q), kl.series, kl.near);
+    return select(select(main, 0.0, q_zero), q, p_zero);
+}
+
 // The JS term of probabilities p and q. With t = p + q and r = (p − q)/t in [−1, 1],
 // p = (t/2)(1 + r), q = (t/2)(1 − r) and m = t/2, so
 //   ½·(p·ln(p/m) + q·ln(q/m)) = (t/4)·h(r),  h(r) = (1 + r)·ln(1 + r) + (1 − r)·ln(1 − r),
@@ -285,4 +294,29 @@ fn js_log_term(big: f32, d: f32) -> f32 {
     let tail = select(2.0 * ad * e / (1.0 + e), 0.0, e == 0.0);
     let far = 2.0 * (LN2 - log1p_near(e)) - tail;
     return 0.25 * big * (1.0 + e) * select(far, series, ad <= 1.0);
+}
+
+// A probability's parts for exact row sums: (x, 0) where x is normal, else (0, its
+// significand x·2^149), an integer that f32 holds exactly. An adapter that flushes subnormals
+// (NVIDIA's) would add them as 0, and a row of subnormal values would read as empty. Integers
+// add exactly up to 2^24; row_sum puts the parts together.
+fn normal_or_tiny(x: f32) -> vec2<f32> {
+    let b = bitcast<u32>(x) & 0x7fffffffu;
+    let sub = b < 0x00800000u;
+    return vec2<f32>(select(x, 0.0, sub), select(0.0, f32_u23(b), sub));
+}
+
+// A row sum from its normal part (hi, lo) and its subnormal part tiny·2^-149, as (m, s, shift):
+// the sum is (m + s)·2^-shift. Where the normal part is below 2^-60 the sum is taken times 2^64
+// (where every part is normal: 2^-149·2^64 = 2^-85), so that no subnormal is formed; above,
+// the subnormal part (at most n·2^-126) is below 2^-48 of it for rows up to 2^18 columns and
+// is left out.
+fn row_sum(hi: f32, lo: f32, tiny: f32) -> vec4<f32> {
+    if (tiny == 0.0 || hi >= 8.673617379884035e-19) {
+        let s = two_sum(hi, lo);
+        return vec4<f32>(s.x, s.y, 0.0, 0.0);
+    }
+    let a = two_sum(hi * 1.8446744073709552e19, tiny * 2.5849394142282115e-26);
+    let s = two_sum(a.x, a.y + lo * 1.8446744073709552e19);
+    return vec4<f32>(s.x, s.y, 64.0, 0.0);
 }
