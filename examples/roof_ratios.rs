@@ -10,8 +10,8 @@
 //!
 //! ```text
 //! cargo run --release --example roof_ratios -- [--rounds R] [--workgroups W]
-//!     [--min-iterations M] [--blocked-lanes 0|1] [--quick 0|1] [--one-pass-kl 0|1] [--scale S]
-//!     [--dtype f32|f16|bf16] [CASE,CASE,...]
+//!     [--min-iterations M] [--blocked-lanes 0|1] [--quick 0|1] [--one-pass-kl 0|1]
+//!     [--one-pass-normalized-kl 0|1] [--scale S] [--dtype f32|f16|bf16] [CASE,CASE,...]
 //! ```
 //! Cases: KL CE H JS (N = 4·10^6), KLbare (KL's term alone: no validation, plain sums; a
 //! diagnostic between the roof and KL), KLlp and JSlp (KL and JS of log-probabilities, 4·10^6), KL10
@@ -19,10 +19,12 @@
 //! same shape, two close models: Q = P + N(0, 0.1²) on peaked rows), masked (close, with a tenth
 //! of the columns −∞ in both, as a masked vocabulary has them), JSlogits, CElogits, Hlogits
 //! (the same, JS, cross-entropy, entropy), long (8 × 262,144 logits), KLnorm, JSnorm, CEnorm and
-//! Hnorm (4000 × 1000 probabilities, normalized in the kernel); named cases run in the order
+//! Hnorm (4000 × 1000 probabilities, normalized in the kernel), KLnormS (KLnorm with Q's rows
+//! summing to 3.7: rows KL's one pass leaves to the terms pass); named cases run in the order
 //! given. `--workgroups`,
-//! `--min-iterations`, `--blocked-lanes`, `--quick` (the quick path for plain vec4s) and
-//! `--one-pass-kl` (KL of logits' one-pass kernel) override
+//! `--min-iterations`, `--blocked-lanes`, `--quick` (the quick path for plain vec4s),
+//! `--one-pass-kl` (KL of logits' one-pass kernel) and `--one-pass-normalized-kl` (KL of
+//! normalized probabilities' one-pass kernel) override
 //! the defaults for the adapter (`klgpu::Tuning`). `--scale S` multiplies every case's size (rows, or N for the single
 //! distributions) by S: the defaults suit lavapipe; on a data-centre GPU they are a few
 //! microseconds of work, and `--scale 25` makes them bandwidth-bound. `--dtype f16|bf16`
@@ -53,6 +55,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--blocked-lanes" => options.tuning.blocked_lanes = Some(value()? != 0),
             "--quick" => options.tuning.quick_vec4 = Some(value()? != 0),
             "--one-pass-kl" => options.tuning.one_pass_kl = value()? != 0,
+            "--one-pass-normalized-kl" => options.tuning.one_pass_normalized_kl = value()? != 0,
             "--scale" => scale = value()? as usize,
             "--dtype" => dtype = parse_dtype(args.next().as_deref())?,
             cases => only = cases.split(',').map(str::to_string).collect(),
@@ -90,6 +93,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("JSnorm", Measure::JensenShannon, Input::Probs, 4000, 1000),
         ("CEnorm", Measure::CrossEntropy, Input::Probs, 4000, 1000),
         ("Hnorm", Measure::Entropy, Input::Probs, 4000, 1000),
+        ("KLnormS", kl, Input::Probs, 4000, 1000),
     ];
     let mut rng = Rng(42);
     // The cases named, in the order given (a name may repeat), or all of them.
@@ -127,6 +131,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         } else {
             data(&mut rng, rows, cols, input)
         };
+        if name == "KLnormS" {
+            q_data.iter_mut().for_each(|y| *y *= 3.7);
+        }
         let p = upload_as(&engine, "roof_ratios.p", &p_data, dtype);
         let q = upload_as(&engine, "roof_ratios.q", &q_data, dtype);
         // The roof reads the inputs before they are masked: its plain sum cannot add −∞, and
@@ -144,7 +151,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             measure,
             // The normalized cases: probabilities divided by their row sums in the kernel.
             opts: Options {
-                normalize: name.ends_with("norm"),
+                normalize: name.contains("norm"),
                 dtype,
                 ..Options::input(input)
             },

@@ -1058,7 +1058,7 @@ fn loss_job() -> Job {
         prepass: Some(Prepass::Lse),
         per_nat: 1.0,
         agree: false,
-        one_pass_first: false,
+        one_pass_first: None,
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use crate::cpu;
 use crate::error::{Error, Result};
 use crate::kernels::{self, InputCode, Kernels, Term};
-use crate::launch::{Gpu, HostData, Job, Prepass, Readback, ScratchPool, Upload};
+use crate::launch::{Gpu, HostData, Job, OnePass, Prepass, Readback, ScratchPool, Upload};
 use crate::plan::{Plan, PlanLimits};
 use crate::types::{Element, Input, Measure, Options, RowResults, widened};
 
@@ -69,6 +69,14 @@ pub struct Tuning {
     /// models at 29–30 % of their roof against 29 %; of unrelated ones 15–19 % against 29–31 %),
     /// and no GPU has timed it yet (`roof_ratios --one-pass-kl 0|1 logits,close,long`).
     pub one_pass_kl: bool,
+    /// Whether KL of probabilities the kernel normalizes ([`Options::normalize`]) first runs a
+    /// one-pass kernel that finishes every row it can prove exact enough: rows whose sums are
+    /// close enough for their KL (ratio of the sums ρ with ρ − 1 − ln ρ at most half the
+    /// value: distributions rounded to f16 or bf16, renormalized ones), read once, with the
+    /// arithmetic of plain KL. It writes the others' sums, so they take the terms pass after it
+    /// and the sums pass does not run; they pay the one pass's arithmetic on top
+    /// (shaders/kernels_normkl.wgsl). On by default.
+    pub one_pass_normalized_kl: bool,
 }
 
 impl Default for Tuning {
@@ -83,6 +91,7 @@ impl Default for Tuning {
             upload_threads: None,
             direct_uploads: None,
             one_pass_kl: false,
+            one_pass_normalized_kl: true,
         }
     }
 }
@@ -536,6 +545,7 @@ impl Engine {
                 .unwrap_or_else(|| crate::plan::default_upload_threads(cpu_adapter, host_threads)),
             upload,
             one_pass_kl: options.tuning.one_pass_kl,
+            one_pass_normalized_kl: options.tuning.one_pass_normalized_kl,
         };
         Ok(Engine {
             gpu: Arc::new(gpu),
@@ -929,8 +939,13 @@ pub(crate) fn job_for(term: Term, opts: &Options) -> Result<Job> {
         prepass,
         per_nat,
         agree: opts.input == Input::Logits && term.uses_q(),
-        one_pass_first: opts.input == Input::Logits
-            && term == Term::Measure(Measure::KullbackLeibler),
+        one_pass_first: match (opts.input, term) {
+            (Input::Logits, Term::Measure(Measure::KullbackLeibler)) => Some(OnePass::KlLogits),
+            (Input::Probs, Term::Measure(Measure::KullbackLeibler)) if normalize => {
+                Some(OnePass::KlNormalized)
+            }
+            _ => None,
+        },
     })
 }
 

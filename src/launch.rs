@@ -41,9 +41,22 @@ pub(crate) struct Job {
     pub per_nat: f32,
     /// Whether to write top-1 agreement (two-input logits).
     pub agree: bool,
-    /// KL of logits: a one-pass kernel first finishes the rows it can, exactly enough, and the
-    /// two passes only the others (shaders/kernels_rel.wgsl).
-    pub one_pass_first: bool,
+    /// A one-pass kernel that first finishes the rows it can, exactly enough, leaving the two
+    /// passes only the others.
+    pub one_pass_first: Option<OnePass>,
+}
+
+/// The one-pass kernels that run before a two-pass job's passes, each for the rows it can
+/// prove at the bar (the rest get what the pre-pass would give them, where it can).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OnePass {
+    /// KL of logits (shaders/kernels_rel.wgsl, [`Tuning::one_pass_kl`](crate::Tuning)): most
+    /// rows it does not finish get their log-sum-exps, and the log-sum-exp pass skips them.
+    KlLogits,
+    /// KL of probabilities the kernel normalizes (shaders/kernels_normkl.wgsl,
+    /// [`Tuning::one_pass_normalized_kl`](crate::Tuning)): every row it does not finish gets
+    /// its sums, so the sums pass does not run.
+    KlNormalized,
 }
 
 impl Job {
@@ -366,9 +379,12 @@ pub(crate) struct Gpu {
     pub upload_threads: u32,
     /// How host data reaches the kernels.
     pub upload: Upload,
-    /// Whether jobs that offer it ([`Job::one_pass_first`]) take the one-pass KL kernel
-    /// ([`Tuning::one_pass_kl`](crate::Tuning)).
+    /// Whether jobs that offer it ([`Job::one_pass_first`]) take the one-pass KL kernel of
+    /// logits ([`Tuning::one_pass_kl`](crate::Tuning)).
     pub one_pass_kl: bool,
+    /// The same for KL of normalized probabilities
+    /// ([`Tuning::one_pass_normalized_kl`](crate::Tuning)).
+    pub one_pass_normalized_kl: bool,
 }
 
 /// Calls take turns on an OpenGL device. wgpu's GL backend has one context, and a thread
@@ -703,27 +719,37 @@ impl Gpu {
                 m
             }
         };
-        // The one-pass KL kernel runs over whole rows only: a row split across windows would
-        // need its first windows again for the rows it could not finish.
-        let one_pass_first = job.one_pass_first && self.one_pass_kl && passes == Passes::Both;
+        // The one-pass KL kernels run over whole rows only: a row split across windows would
+        // need its first windows again for the rows they could not finish.
+        let one_pass = job.one_pass_first.filter(|kind| {
+            passes == Passes::Both
+                && match kind {
+                    OnePass::KlLogits => self.one_pass_kl,
+                    OnePass::KlNormalized => self.one_pass_normalized_kl,
+                }
+        });
         // After it, the terms pass skips the rows it finished, and the log-sum-exp pass also
         // those whose log-sum-exps it wrote.
-        let (skip_pre, skip_main) = if one_pass_first {
-            (kernels::MODE_SKIP_READY, kernels::MODE_SKIP_DONE)
-        } else {
-            (0, 0)
+        let (skip_pre, skip_main) = match one_pass {
+            Some(OnePass::KlLogits) => (kernels::MODE_SKIP_READY, kernels::MODE_SKIP_DONE),
+            Some(OnePass::KlNormalized) => (0, kernels::MODE_SKIP_DONE),
+            None => (0, 0),
         };
         // (stage, term, input, mode, is_combine)
         let mut dispatches: Vec<(Stage, Term, InputCode, u32, bool)> = Vec::new();
-        if one_pass_first {
+        if let Some(kind) = one_pass {
             // Without MODE_SKIP_DONE: it marks every row, finished or not, over what an
             // earlier call left there.
             let (term, input) = (job.term, job.input);
+            let (first, combine) = match kind {
+                OnePass::KlLogits => (Stage::Rel, Stage::CombineRel),
+                OnePass::KlNormalized => (Stage::NormKl, Stage::CombineNormKl),
+            };
             if window.combine.is_some() {
-                dispatches.push((Stage::Rel, term, input, kernels::MODE_PARTIAL, false));
-                dispatches.push((Stage::CombineRel, term, input, 0, true));
+                dispatches.push((first, term, input, kernels::MODE_PARTIAL, false));
+                dispatches.push((combine, term, input, 0, true));
             } else {
-                dispatches.push((Stage::Rel, term, input, 0, false));
+                dispatches.push((first, term, input, 0, false));
             }
         }
         let mut add = |terms: Stage, combine: Stage, term: Term, input: InputCode, mode: u32| {
@@ -756,14 +782,15 @@ impl Gpu {
                         final_mode(false),
                     )
                 }
-                Some(Prepass::Sums) => add(
+                // The one pass for normalized rows wrote the sums of the rows it left.
+                Some(Prepass::Sums) if one_pass != Some(OnePass::KlNormalized) => add(
                     Stage::Terms,
                     Stage::Combine,
                     Term::Sums,
                     InputCode::Probs,
                     final_mode(true),
                 ),
-                None => {}
+                Some(Prepass::Sums) | None => {}
             }
         }
         if passes != Passes::Pre {

@@ -1420,13 +1420,106 @@ fn one_pass_kl_of_logits_finishes_masked_rows() {
     }
 }
 
+#[test]
+fn one_pass_kl_of_normalized_rows_finishes_rows_whose_sums_are_close() {
+    // KL of probabilities the kernel normalizes first runs a one-pass kernel: T/Σp − g(Σq/Σp)
+    // with T the unnormalized KL's terms (shaders/kernels_normkl.wgsl). It keeps a row only
+    // where g, which cancels, is at most half the value. Distributions rounded to f16 (sums a
+    // rounding apart) and ones 2 % short of 1 finish in it; counts with totals 3.7 times apart
+    // cancel too far and must all come from the two passes, with the sums the one pass left
+    // them. Every row meets the bar either way, on the adapter's plan and on a GPU's (rows of
+    // 1000 split into chunks and combined). A finished row shows as a result that differs in
+    // its last bits from the two passes': about half of them do (both are within an ulp or
+    // two of the exact value), so a quarter of the rows must.
+    let gpu_plan = short_loop_tuning(false, true);
+    let pairs = [
+        (
+            normalized_kl_engine(Tuning::default(), true),
+            normalized_kl_engine(Tuning::default(), false),
+        ),
+        (
+            normalized_kl_engine(gpu_plan, true),
+            normalized_kl_engine(gpu_plan, false),
+        ),
+    ];
+    let mut r = rng(79);
+    let (rows, cols) = (32, 1000);
+    let p = dirichlet(&mut r, rows, cols, 1.0);
+    let close: Vec<f32> = p
+        .chunks(cols)
+        .flat_map(|row| perturbed(&mut r, row, 0.1))
+        .collect();
+    let f16 = |v: &[f32]| -> Vec<f32> {
+        v.iter()
+            .map(|&x| klgpu::half::f16::from_f32(x).to_f32())
+            .collect()
+    };
+    let short: Vec<f32> = close.iter().map(|&x| 0.98 * x).collect();
+    let counts = |v: &[f32], total: f32| -> Vec<f32> {
+        v.iter().map(|&x| (x * total).round() + 1.0).collect()
+    };
+    // (case, P, Q, rows the one pass must finish: at least, at most)
+    let cases = [
+        ("rounded to f16", f16(&p), f16(&close), rows / 4, rows),
+        ("Q 2 % short", p.clone(), short, rows / 4, rows),
+        (
+            "counts, totals 3.7 times apart",
+            counts(&p, 1e4),
+            counts(&close, 3.7e4),
+            0,
+            0,
+        ),
+    ];
+    let (m, norm) = (
+        Measure::KullbackLeibler,
+        Options {
+            normalize: true,
+            ..Default::default()
+        },
+    );
+    for (case, p, q, at_least, at_most) in cases {
+        let exact = cpu::rows(m, &p, Some(&q), cols, &norm).unwrap().values;
+        for (plan, (one_pass, two_pass)) in ["adapter's", "GPU's"].iter().zip(&pairs) {
+            let one = one_pass.rows(m, &p, Some(&q), cols, &norm).unwrap().values;
+            let two = two_pass.rows(m, &p, Some(&q), cols, &norm).unwrap().values;
+            let what = format!("{case}, {plan} plan");
+            assert_rows_close(&one, &exact, &format!("{what}, one pass first"));
+            assert_rows_close(&two, &exact, &format!("{what}, two passes"));
+            // A row the one pass left takes the terms pass with the same sums as the two
+            // passes' (bit for bit): only finished rows can differ.
+            let finished = one
+                .iter()
+                .zip(&two)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            println!("{what}: {finished} of {rows} rows in one pass");
+            assert!(
+                (at_least..=at_most).contains(&finished),
+                "{what}: the one pass finished {finished} of {rows} rows"
+            );
+        }
+    }
+}
+
+/// An engine with `tuning`'s plan, the one pass for KL of normalized probabilities on or off.
+fn normalized_kl_engine(tuning: Tuning, one_pass_normalized_kl: bool) -> Engine {
+    tuned_engine(Tuning {
+        one_pass_normalized_kl,
+        ..tuning
+    })
+}
+
 /// An engine with `tuning`'s plan, the one pass for KL of logits on or off.
 fn one_pass_kl_engine(tuning: Tuning, one_pass_kl: bool) -> Engine {
+    tuned_engine(Tuning {
+        one_pass_kl,
+        ..tuning
+    })
+}
+
+fn tuned_engine(tuning: Tuning) -> Engine {
     Engine::with_options(EngineOptions {
-        tuning: Tuning {
-            one_pass_kl,
-            ..tuning
-        },
+        tuning,
         ..Default::default()
     })
     .unwrap()

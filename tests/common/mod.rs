@@ -54,10 +54,21 @@ pub fn gpu_plan_general_engine() -> &'static Engine {
 
 /// The GPU plan's short loops with a CPU adapter's blocked lanes, so that rows are spread over
 /// many lanes each walking a block of its chunk (the default CPU plan's tiny test windows give
-/// one lane per row).
+/// one lane per row). KL of normalized probabilities takes its two passes alone here (the
+/// sums pass, then the terms pass; `Tuning::one_pass_normalized_kl` off), and its one pass
+/// first on every other engine.
 pub fn blocked_lanes_engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
-    ENGINE.get_or_init(|| short_loop_engine(true, false))
+    ENGINE.get_or_init(|| {
+        Engine::with_options(EngineOptions {
+            tuning: Tuning {
+                one_pass_normalized_kl: false,
+                ..short_loop_tuning(true, false)
+            },
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("klgpu tests need a GPU adapter: {e}"))
+    })
 }
 
 fn short_loop_engine(blocked_lanes: bool, quick_vec4: bool) -> Engine {

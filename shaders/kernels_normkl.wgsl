@@ -1,0 +1,116 @@
+// KL of probabilities the kernel normalizes, in one pass, for the rows it can prove exact
+// enough; the two passes (row sums, then terms) finish the others (../docs/ARCHITECTURE.md,
+// "KL of normalized probabilities in one pass"; Tuning::one_pass_normalized_kl).
+//
+// With Sp = Σx, Sq = Σy over a row's values and T = Σ (x·ln(x/y) − x + y) >= 0,
+//   KL(x/Sp ‖ y/Sq) = T/Sp − g(ρ),   ρ = Sq/Sp,   g(ρ) = ρ − 1 − ln ρ >= 0,
+// exactly (Σ (x/Sp)·ln(x/y) = (T + Sp − Sq)/Sp, less ln(Sp/Sq)). T's terms are those of KL of
+// unnormalized probabilities, from the values alone: no row constant, so one read, and the
+// arithmetic of plain KL instead of the normalized terms' exact quotients. Sp and Sq are
+// summed as the sums pre-pass sums them, so a row left to the two passes gets them from here
+// and the pre-pass does not run.
+//
+// T/Sp = KL + g(ρ) and g's part cancels: the result carries T's rounding (each term good to
+// a few ulp, at most ~2^-18 relative together, as the terms pass's) scaled by 1 + g/KL. A row
+// is finished where g <= KL/2 (at most 1.5 times the rounding the two passes have), or where
+// T/Sp + g is below 2^-22 (every error below 1e-12 absolute); and only where nothing else can
+// be off: no subnormal value (its sum needs the integer parts and its term may underflow on
+// an adapter that flushes them), no q = 0 against p > 0 (KL +∞: the terms pass says so), T
+// finite, and both sums normal within [2^-60, 2^100] (no term that matters underflows, none
+// overflows). Rows of distributions whose sums differ by a rounding (f16 or bf16 values,
+// 1e-3 apart) finish here; rows of counts with different totals mostly do not.
+
+@group(0) @binding(3) var<storage, read_write> partials: array<NormKl>;
+
+// 2^-60 and 2^100: the row sums a finished row may have; 2^-22: the floor below which T/Sp + g
+// rounds by less than 1e-12.
+const NORMKL_SUM_MIN: f32 = 8.673617379884035e-19;
+const NORMKL_SUM_MAX: f32 = 1.2676506002282294e30;
+const NORMKL_FLOOR: f32 = 2.384185791015625e-7;
+
+// One element's parts: its T term, its values' normal parts and subnormal significands
+// (normal_or_tiny), and ACC_INF where p > 0 and q = 0.
+struct NormKlTerm { t: f32, p: f32, q: f32, tiny: vec2<f32>, flags: u32 }
+
+fn normkl_term(x: f32, y: f32) -> NormKlTerm {
+    let p_zero = is_zero(x);
+    let q_zero = is_zero(y);
+    let a = normal_or_tiny(x);
+    let b = normal_or_tiny(y);
+    return NormKlTerm(kl_whole(x, y, ratio_of(split(x), split(y)), p_zero, q_zero), a.x, b.x,
+        vec2<f32>(a.y, b.y), select(0u, ACC_INF, !p_zero && q_zero));
+}
+
+// The scalar loop's element and fold (columns that cannot be read as vec4s).
+fn normkl_element(x: f32, y: f32, local: u32, col: u32, unused: u32) -> NormKlTerm {
+    note_bad(local, is_bad(x) || is_bad(y));
+    return normkl_term(x, y);
+}
+
+fn normkl_fold(s: NormKl, e: NormKlTerm) -> NormKl {
+    let sp = two_sum(s.sp_hi, e.p);
+    let sq = two_sum(s.sq_hi, e.q);
+    let t = two_sum(s.t_hi, e.t);
+    return NormKl(sp.x, s.sp_lo + sp.y, sq.x, s.sq_lo + sq.y, t.x, s.t_lo + t.y,
+        s.tiny_p + e.tiny.x, s.tiny_q + e.tiny.y, s.flags | e.flags);
+}
+
+// Four elements: the values added exactly (sum4_exact), as the sums pre-pass adds them; the
+// four non-negative T terms plainly before one compensated add, as fold4_term's main terms.
+fn normkl_fold4(s: NormKl, x: vec4<f32>, y_in: vec4<f32>, local: u32, c: u32, unused: u32)
+        -> NormKl {
+    let y = checked4(x, y_in, local, 0.0);
+    let e0 = normkl_term(x.x, y.x);
+    let e1 = normkl_term(x.y, y.y);
+    let e2 = normkl_term(x.z, y.z);
+    let e3 = normkl_term(x.w, y.w);
+    let p4 = sum4_exact(e0.p, e1.p, e2.p, e3.p);
+    let q4 = sum4_exact(e0.q, e1.q, e2.q, e3.q);
+    let tiny = (e0.tiny + e1.tiny) + (e2.tiny + e3.tiny);
+    let sp = two_sum(s.sp_hi, p4.x);
+    let sq = two_sum(s.sq_hi, q4.x);
+    let t = two_sum(s.t_hi, (e0.t + e1.t) + (e2.t + e3.t));
+    return NormKl(sp.x, (s.sp_lo + sp.y) + p4.y, sq.x, (s.sq_lo + sq.y) + q4.y, t.x,
+        s.t_lo + t.y, s.tiny_p + tiny.x, s.tiny_q + tiny.y,
+        s.flags | e0.flags | e1.flags | e2.flags | e3.flags);
+}
+
+// KL of the normalized row, in nats, from its finished state and its sums as row_sum gives
+// them, and whether the row is proven (see the top of this file).
+struct NormKlValue { kl: f32, proven: bool }
+
+fn normkl_value(s: NormKl, sp: vec4<f32>, sq: vec4<f32>) -> NormKlValue {
+    let clean = s.flags == 0u && s.tiny_p == 0.0 && s.tiny_q == 0.0 && is_finite(s.t_hi)
+        && is_finite(s.t_lo) && sp.x >= NORMKL_SUM_MIN && sp.x <= NORMKL_SUM_MAX
+        && sq.x >= NORMKL_SUM_MIN && sq.x <= NORMKL_SUM_MAX;
+    // v = ln(Sp/Sq) = −ln ρ: the high parts' ratio from their splits (relative to itself even
+    // within an ulp of 1), the low parts to first order (each below 2^-24 of its sum).
+    let v = ln_ratio(split(sp.x), split(sq.x)) + (sp.y / sp.x - sq.y / sq.x);
+    // g(ρ) = φ(v) = v + e^(−v) − 1: its series near 0, else whole (it cancels at most 3 bits
+    // there; a v below −88 makes it +∞, and the row is left).
+    let g = select(v + exp_acc(-v) - 1.0, phi_series(v), abs(v) <= 1.0);
+    let a = ((s.t_hi + s.t_lo) / sp.x) * (1.0 - sp.y / sp.x);
+    let kl = a - g;
+    let proven = clean && (g <= 0.5 * kl || a + g <= NORMKL_FLOOR);
+    return NormKlValue(max(kl, 0.0), proven);
+}
+
+// Writes a segment's result: a partial, or for a finished row its value (and ROW_DONE), for
+// any other row the sums the terms pass normalizes by (as emit_Acc's MODE_STATS writes them).
+fn emit_NormKl(row: u32, chunk: u32, total: NormKl) {
+    if ((MODE & MODE_PARTIAL) != 0u) {
+        partials[row * prm.chunks + chunk] = total;
+        return;
+    }
+    let sp = row_sum(total.sp_hi, total.sp_lo, total.tiny_p);
+    let sq = row_sum(total.sq_hi, total.sq_lo, total.tiny_q);
+    if (is_zero(sp.x)) { report_bad(row * prm.row_len, FLAG_P_EMPTY); }
+    if (is_zero(sq.x)) { report_bad(row * prm.row_len, FLAG_Q_EMPTY); }
+    let v = normkl_value(total, sp, sq);
+    if (v.proven) {
+        out[prm.out_base + row] = v.kl * prm.out_scale;
+        row_lse[row] = Lse(0.0, 0.0, ROW_DONE, 0.0, 0.0, 0u);
+        return;
+    }
+    row_lse[row] = Lse(sp.x, sp.y, u32(sp.z), sq.x, sq.y, u32(sq.z));
+}
