@@ -3,11 +3,17 @@
 # the benchmark driver, the interleaved roof-ratio tool (and those of VARIANTS, for the A/B), the
 # host-upload sweep and the GPU test executables, stripped to fit the tool's 64 MiB (with the
 # working tree). The L2 re-read probe, answered in run 7, is left out for room: PROBE=1 adds it.
+# With PARTS set as device_run.sh takes it, the host-upload sweep comes only if PARTS names
+# "upload" (with two variants the bundle is otherwise within 70 KB of the 64 MiB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .device
 cargo build --release --example bench --example roof_ratios --example host_windows
-cp target/release/examples/{bench,roof_ratios,host_windows} .device/
+cp target/release/examples/{bench,roof_ratios} .device/
+rm -f .device/host_windows
+if [ -z "${PARTS:-}" ] || [[ " $PARTS " == *" upload "* ]]; then
+    cp target/release/examples/host_windows .device/
+fi
 rm -f .device/l2_reread
 if [ -n "${PROBE:-}" ]; then
     cargo build --release --example l2_reread

@@ -135,7 +135,7 @@ section "bf16 inputs (2 bytes per element; kernel and roof alike; GB/s count tho
 timeout 40 .device/roof_ratios --rounds 5 --scale 25 --dtype bf16 KL,CE,H,JS,KL1k,logits,CElogits,Hlogits 2>&1 | tee "$RAW/roof_ratios_bf16.txt" | grep -v XDG
 fi
 
-if part upload; then
+if part upload && [ -x .device/host_windows ]; then
 section "host data: KL from host slices by window size, copying threads, staged or direct (mapped device memory) uploads"
 timeout 60 .device/host_windows --rounds 5 --mib 8,32,128 --threads 1,8 --direct 0,1 2>&1 | tee "$RAW/host_windows.txt" | grep -v XDG
 echo "-- bf16 slices (windows hold as many elements as f32 ones, in half the bytes: do they want more?)"
