@@ -1,8 +1,8 @@
 // The two entry points of each kernel family, instantiated per monoid (MONOID is replaced by
-// Acc, Lse, Soft or Rel): the element pass, in which each segment of `lanes` invocations reduces
-// one row's chunk of the window, and the combine pass over those chunks' partials. What
-// differs between the families is the monoid, its element loop (shaders/loops.wgsl)
-// and its emit_MONOID.
+// Acc, Lse, Soft, Rel or NormKl): the element pass, in which each segment of `lanes`
+// invocations reduces one row's chunk of the window, and the combine pass over those chunks'
+// partials. What differs between the families is the monoid, its element loop
+// (shaders/loops.wgsl) and its emit_MONOID.
 
 @compute @workgroup_size(WG)
 fn element_pass_MONOID(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>/*SG_PARAMS*/) {

@@ -1,4 +1,4 @@
-// The one reduction, instantiated per monoid (MONOID is replaced by Acc or Lse), in three
+// The one reduction, instantiated per monoid (MONOID is replaced by the state type), in three
 // forms. Each reduces the segments of `lanes` consecutive invocations; every lane gets its
 // segment's result.
 // TREE: with subgroups, a butterfly of shuffles covers the first `subgroup_width` lanes (the
