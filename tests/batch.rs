@@ -1429,8 +1429,8 @@ fn one_pass_kl_of_normalized_rows_finishes_rows_whose_sums_are_close() {
     // cancel too far and must all come from the two passes, with the sums the one pass left
     // them. Every row meets the bar either way, on the adapter's plan and on a GPU's (rows of
     // 1000 split into chunks and combined). A finished row shows as a result that differs in
-    // its last bits from the two passes': about half of them do (both are within an ulp or
-    // two of the exact value), so a quarter of the rows must.
+    // its last bits from the two passes': 25 and 26 of these 64 do on lavapipe (both are
+    // within an ulp or two of the exact value, and often the same f32), so a quarter must.
     let gpu_plan = short_loop_tuning(false, true);
     let pairs = [
         (
@@ -1443,7 +1443,7 @@ fn one_pass_kl_of_normalized_rows_finishes_rows_whose_sums_are_close() {
         ),
     ];
     let mut r = rng(79);
-    let (rows, cols) = (32, 1000);
+    let (rows, cols) = (64, 1000);
     let p = dirichlet(&mut r, rows, cols, 1.0);
     let close: Vec<f32> = p
         .chunks(cols)
