@@ -4,10 +4,7 @@
 mod common;
 
 use common::*;
-use klgpu::{
-    Base, Engine, EngineOptions, Error, Input, Measure, Options, Problem, Reduction, Side, Tuning,
-    cpu,
-};
+use klgpu::{Base, Engine, Error, Input, Measure, Options, Problem, Reduction, Side, Tuning, cpu};
 use rand::prelude::*;
 use std::f64::consts::LN_2;
 
@@ -1503,7 +1500,7 @@ fn one_pass_kl_of_normalized_rows_finishes_rows_whose_sums_are_close() {
 
 /// An engine with `tuning`'s plan, the one pass for KL of normalized probabilities on or off.
 fn normalized_kl_engine(tuning: Tuning, one_pass_normalized_kl: bool) -> Engine {
-    tuned_engine(Tuning {
+    engine_with_tuning(Tuning {
         one_pass_normalized_kl,
         ..tuning
     })
@@ -1511,18 +1508,10 @@ fn normalized_kl_engine(tuning: Tuning, one_pass_normalized_kl: bool) -> Engine 
 
 /// An engine with `tuning`'s plan, the one pass for KL of logits on or off.
 fn one_pass_kl_engine(tuning: Tuning, one_pass_kl: bool) -> Engine {
-    tuned_engine(Tuning {
+    engine_with_tuning(Tuning {
         one_pass_kl,
         ..tuning
     })
-}
-
-fn tuned_engine(tuning: Tuning) -> Engine {
-    Engine::with_options(EngineOptions {
-        tuning,
-        ..Default::default()
-    })
-    .unwrap()
 }
 
 /// KL of logits with the one pass first and with the two passes alone, both checked against

@@ -60,20 +60,21 @@ pub fn gpu_plan_general_engine() -> &'static Engine {
 pub fn blocked_lanes_engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE.get_or_init(|| {
-        Engine::with_options(EngineOptions {
-            tuning: Tuning {
-                one_pass_normalized_kl: false,
-                ..short_loop_tuning(true, false)
-            },
-            ..Default::default()
+        engine_with_tuning(Tuning {
+            one_pass_normalized_kl: false,
+            ..short_loop_tuning(true, false)
         })
-        .unwrap_or_else(|e| panic!("klgpu tests need a GPU adapter: {e}"))
     })
 }
 
 fn short_loop_engine(blocked_lanes: bool, quick_vec4: bool) -> Engine {
+    engine_with_tuning(short_loop_tuning(blocked_lanes, quick_vec4))
+}
+
+/// A new engine with `tuning` and the default options otherwise.
+pub fn engine_with_tuning(tuning: Tuning) -> Engine {
     Engine::with_options(EngineOptions {
-        tuning: short_loop_tuning(blocked_lanes, quick_vec4),
+        tuning,
         ..Default::default()
     })
     .unwrap_or_else(|e| panic!("klgpu tests need a GPU adapter: {e}"))
