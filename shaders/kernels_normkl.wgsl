@@ -7,8 +7,8 @@
 // exactly (Σ (x/Sp)·ln(x/y) = (T + Sp − Sq)/Sp, less ln(Sp/Sq)). T's terms are those of KL of
 // unnormalized probabilities, from the values alone: no row constant, so one read, and the
 // arithmetic of plain KL instead of the normalized terms' exact quotients. Sp and Sq are
-// summed as the sums pre-pass sums them, so a row left to the two passes gets them from here
-// and the pre-pass does not run.
+// summed as the sums pre-pass sums them, so a row this pass leaves gets them from here for
+// the terms pass, and the sums pass does not run.
 //
 // T/Sp = KL + g(ρ) and g's part cancels: the result carries T's rounding (each term good to
 // a few ulp, at most ~2^-18 relative together, as the terms pass's) scaled by 1 + g/KL. A row
@@ -17,8 +17,8 @@
 // be off: no subnormal value (its sum needs the integer parts and its term may underflow on
 // an adapter that flushes them), no q = 0 against p > 0 (KL +∞: the terms pass says so), T
 // finite, and both sums normal within [2^-60, 2^100] (no term that matters underflows, none
-// overflows). Rows of distributions whose sums differ by a rounding (f16 or bf16 values,
-// 1e-3 apart) finish here; rows of counts with different totals mostly do not.
+// overflows). Rows of distributions whose sums differ by a rounding (f16 or bf16 values) or
+// by a few percent finish here; rows of counts with different totals mostly do not.
 
 @group(0) @binding(3) var<storage, read_write> partials: array<NormKl>;
 
