@@ -75,11 +75,14 @@ fn normkl_fold4(s: NormKl, x: vec4<f32>, y_in: vec4<f32>, local: u32, c: u32, un
         s.flags | e0.flags | e1.flags | e2.flags | e3.flags);
 }
 
-// KL of the normalized row, in nats, from its finished state and its sums as row_sum gives
-// them, and whether the row is proven (see the top of this file).
+// KL of the normalized row, in nats, from its finished state and its sums as the terms pass
+// would take them (row_sums_stats: (p_m, p_s) = Sp, (q_m, q_s) = Sq, p_i and q_i their
+// shifts), and whether the row is proven (see the top of this file).
 struct NormKlValue { kl: f32, proven: bool }
 
-fn normkl_value(s: NormKl, sp: vec4<f32>, sq: vec4<f32>) -> NormKlValue {
+fn normkl_value(s: NormKl, sums: Lse) -> NormKlValue {
+    let sp = vec2<f32>(sums.p_m, sums.p_s);
+    let sq = vec2<f32>(sums.q_m, sums.q_s);
     let clean = s.flags == 0u && s.tiny_p == 0.0 && s.tiny_q == 0.0 && is_finite(s.t_hi)
         && is_finite(s.t_lo) && sp.x >= NORMKL_SUM_MIN && sp.x <= NORMKL_SUM_MAX
         && sq.x >= NORMKL_SUM_MIN && sq.x <= NORMKL_SUM_MAX;
@@ -102,15 +105,13 @@ fn emit_NormKl(row: u32, chunk: u32, total: NormKl) {
         partials[row * prm.chunks + chunk] = total;
         return;
     }
-    let sp = row_sum(total.sp_hi, total.sp_lo, total.tiny_p);
-    let sq = row_sum(total.sq_hi, total.sq_lo, total.tiny_q);
-    if (is_zero(sp.x)) { report_bad(row * prm.row_len, FLAG_P_EMPTY); }
-    if (is_zero(sq.x)) { report_bad(row * prm.row_len, FLAG_Q_EMPTY); }
-    let v = normkl_value(total, sp, sq);
+    let sums = row_sums_stats(row, total.sp_hi, total.sp_lo, total.tiny_p, total.sq_hi,
+        total.sq_lo, total.tiny_q);
+    let v = normkl_value(total, sums);
     if (v.proven) {
         out[prm.out_base + row] = v.kl * prm.out_scale;
         row_lse[row] = Lse(0.0, 0.0, ROW_DONE, 0.0, 0.0, 0u);
         return;
     }
-    row_lse[row] = Lse(sp.x, sp.y, u32(sp.z), sq.x, sq.y, u32(sq.z));
+    row_lse[row] = sums;
 }

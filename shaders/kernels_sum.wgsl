@@ -321,14 +321,8 @@ fn emit_Acc(row: u32, chunk: u32, total: Acc) {
         t = Acc(t.main_hi, t.main_lo, r.x, r.y, t.flags, 0.0, 0.0);
     }
     if ((MODE & MODE_STATS) != 0u) {
-        // Each sum as an f32, what it leaves out, and the power of 2 it is scaled by (see
-        // RowCtx and row_sum). Empty by its bits (a flushing adapter compares a subnormal
-        // equal to 0).
-        let sp = row_sum(t.main_hi, t.main_lo, t.tiny_p);
-        let sq = row_sum(t.resid_hi, t.resid_lo, t.tiny_q);
-        row_lse[row] = Lse(sp.x, sp.y, u32(sp.z), sq.x, sq.y, u32(sq.z));
-        if (is_zero(sp.x)) { report_bad(row * prm.row_len, FLAG_P_EMPTY); }
-        if (uses_q() && is_zero(sq.x)) { report_bad(row * prm.row_len, FLAG_Q_EMPTY); }
+        row_lse[row] = row_sums_stats(row, t.main_hi, t.main_lo, t.tiny_p, t.resid_hi,
+            t.resid_lo, t.tiny_q);
         return;
     }
     // A non-finite result that no p > 0, q = 0 explains, or a row sum that normalization could
