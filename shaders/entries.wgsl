@@ -1,5 +1,5 @@
 // The two entry points of each kernel family, instantiated per monoid (MONOID is replaced by
-// Acc, Lse, Soft, Rel or NormKl): the element pass, in which each segment of `lanes`
+// Acc, Lse, Soft, Rel or Norm): the element pass, in which each segment of `lanes`
 // invocations reduces one row's chunk of the window, and the combine pass over those chunks'
 // partials. What differs between the families is the monoid, its element loop
 // (shaders/loops.wgsl) and its emit_MONOID.

@@ -75,7 +75,7 @@ pub struct Tuning {
     /// value: distributions rounded to f16 or bf16, or a few percent short), read once, with
     /// the arithmetic of plain KL. It writes the others' sums, so they take only the terms
     /// pass after it, not the sums pass, and pay the one pass's arithmetic on top
-    /// (shaders/kernels_normkl.wgsl). On by default: on lavapipe (4000 × 1000) rows it
+    /// (shaders/kernels_norm.wgsl). On by default: on lavapipe (4000 × 1000) rows it
     /// finishes run 1.9× faster and rows it leaves (sums 3.7 times apart) about 15 % slower
     /// (`roof_ratios --one-pass-normalized-kl 0|1 KLnorm,KLnormS`); no GPU has timed it yet.
     pub one_pass_normalized_kl: bool,

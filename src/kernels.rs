@@ -121,9 +121,9 @@ pub(crate) enum Stage {
     Rel,
     CombineRel,
     /// KL of normalized probabilities in one pass, for the rows it can finish
-    /// (shaders/kernels_normkl.wgsl).
-    NormKl,
-    CombineNormKl,
+    /// (shaders/kernels_norm.wgsl).
+    Norm,
+    CombineNorm,
 }
 
 impl Stage {
@@ -138,8 +138,8 @@ impl Stage {
             Stage::CombineSoft => "combine_pass_Soft",
             Stage::Rel => "element_pass_Rel",
             Stage::CombineRel => "combine_pass_Rel",
-            Stage::NormKl => "element_pass_NormKl",
-            Stage::CombineNormKl => "combine_pass_NormKl",
+            Stage::Norm => "element_pass_Norm",
+            Stage::CombineNorm => "combine_pass_Norm",
         }
     }
 
@@ -149,7 +149,7 @@ impl Stage {
             Stage::Lse | Stage::CombineLse => "Lse",
             Stage::Soft | Stage::CombineSoft => "Soft",
             Stage::Rel | Stage::CombineRel => "Rel",
-            Stage::NormKl | Stage::CombineNormKl => "NormKl",
+            Stage::Norm | Stage::CombineNorm => "Norm",
         }
     }
 }
@@ -183,7 +183,7 @@ pub(crate) struct Params {
 
 /// Size of `Lse` in the shaders (six 4-byte words), the per-row statistics.
 pub(crate) const MONOID_BYTES: u64 = 24;
-/// Room for the largest partial a dispatch writes: `Rel` (twelve words; `NormKl` has nine,
+/// Room for the largest partial a dispatch writes: `Rel` (twelve words; `Norm` has nine,
 /// `Soft` eight, `Acc` seven).
 pub(crate) const PARTIAL_BYTES: u64 = 48;
 
@@ -198,7 +198,7 @@ fn section<'a>(source: &'a str, name: &str) -> &'a str {
 
 /// One of the two loops in shaders/loops.wgsl, for the terms (`Acc`), log-sum-exp (`Lse`),
 /// one-pass logits (`Soft`), one-pass KL of logits (`Rel`) or of normalized probabilities
-/// (`NormKl`) kernel.
+/// (`Norm`) kernel.
 fn element_loop(monoid: &str, vec4: bool) -> String {
     let loops = include_str!("../shaders/loops.wgsl");
     let body = section(loops, if vec4 { "LOOP_VEC4" } else { "LOOP_SCALAR" });
@@ -206,7 +206,7 @@ fn element_loop(monoid: &str, vec4: bool) -> String {
         "Acc" => ["element", "fold4_term", "fold_term", "ctx"],
         "Lse" => ["lse_element", "fold4_lse", "combine_Lse", "0u"],
         "Rel" => ["rel_element", "rel_fold4", "rel_fold", "0u"],
-        "NormKl" => ["normkl_element", "normkl_fold4", "normkl_fold", "0u"],
+        "Norm" => ["norm_element", "norm_fold4", "norm_fold", "0u"],
         _ => ["soft_element", "soft_fold4", "soft_fold", "0u"],
     };
     body.replace("FOLD4", fold4)
@@ -332,9 +332,9 @@ pub(crate) fn shader_source(
             include_str!("../shaders/terms.wgsl"),
             include_str!("../shaders/kernels_rel.wgsl")
         ),
-        "NormKl" => concat!(
+        "Norm" => concat!(
             include_str!("../shaders/terms.wgsl"),
-            include_str!("../shaders/kernels_normkl.wgsl")
+            include_str!("../shaders/kernels_norm.wgsl")
         ),
         _ => include_str!("../shaders/kernels_lse.wgsl"),
     };
@@ -477,7 +477,7 @@ impl Kernels {
         // Only the element loops read the inputs: the combine passes share one module.
         let loops = matches!(
             stage,
-            Stage::Terms | Stage::Lse | Stage::Soft | Stage::Rel | Stage::NormKl
+            Stage::Terms | Stage::Lse | Stage::Soft | Stage::Rel | Stage::Norm
         );
         let loads = if loops {
             loads
@@ -511,7 +511,7 @@ impl Kernels {
                             "Acc" => "klgpu.sums",
                             "Lse" => "klgpu.lse",
                             "Rel" => "klgpu.rel",
-                            "NormKl" => "klgpu.normkl",
+                            "Norm" => "klgpu.norm",
                             _ => "klgpu.soft",
                         }),
                         source: wgpu::ShaderSource::Wgsl(
@@ -569,7 +569,7 @@ mod tests {
     #[test]
     fn every_module_variant_parses_and_validates() {
         use SegmentReduce::*;
-        for monoid in ["Acc", "Lse", "Soft", "Rel", "NormKl"] {
+        for monoid in ["Acc", "Lse", "Soft", "Rel", "Norm"] {
             for reduce in [OneLane, SubgroupOnly, SharedMemory, Subgroups] {
                 let widths = [(false, false), (true, false), (true, true)];
                 for (((vec4, quick), dtype), wg) in widths

@@ -53,7 +53,7 @@ pub(crate) enum OnePass {
     /// KL of logits (shaders/kernels_rel.wgsl, [`Tuning::one_pass_kl`](crate::Tuning)): most
     /// rows it does not finish get their log-sum-exps, and the log-sum-exp pass skips them.
     KlLogits,
-    /// KL of probabilities the kernel normalizes (shaders/kernels_normkl.wgsl,
+    /// KL of probabilities the kernel normalizes (shaders/kernels_norm.wgsl,
     /// [`Tuning::one_pass_normalized_kl`](crate::Tuning)): every row it does not finish gets
     /// its sums, so the sums pass does not run.
     KlNormalized,
@@ -743,7 +743,7 @@ impl Gpu {
             let (term, input) = (job.term, job.input);
             let (first, combine) = match kind {
                 OnePass::KlLogits => (Stage::Rel, Stage::CombineRel),
-                OnePass::KlNormalized => (Stage::NormKl, Stage::CombineNormKl),
+                OnePass::KlNormalized => (Stage::Norm, Stage::CombineNorm),
             };
             if window.combine.is_some() {
                 dispatches.push((first, term, input, kernels::MODE_PARTIAL, false));

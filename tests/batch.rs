@@ -1420,7 +1420,7 @@ fn one_pass_kl_of_logits_finishes_masked_rows() {
 #[test]
 fn one_pass_kl_of_normalized_rows_finishes_rows_whose_sums_are_close() {
     // KL of probabilities the kernel normalizes first runs a one-pass kernel: T/Σp − g(Σq/Σp)
-    // with T the unnormalized KL's terms (shaders/kernels_normkl.wgsl). It keeps a row only
+    // with T the unnormalized KL's terms (shaders/kernels_norm.wgsl). It keeps a row only
     // where g, which cancels, is at most half the value. Distributions rounded to f16 (sums a
     // rounding apart) and ones 2 % short of 1 finish in it; counts with totals 3.7 times apart
     // cancel too far and must all come from the two passes, with the sums the one pass left

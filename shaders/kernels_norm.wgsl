@@ -20,57 +20,57 @@
 // overflows). Rows of distributions whose sums differ by a rounding (f16 or bf16 values) or
 // by a few percent finish here; rows of counts with different totals mostly do not.
 
-@group(0) @binding(3) var<storage, read_write> partials: array<NormKl>;
+@group(0) @binding(3) var<storage, read_write> partials: array<Norm>;
 
 // 2^-60 and 2^100: the row sums a finished row may have; 2^-22: the floor below which T/Sp + g
 // rounds by less than 1e-12.
-const NORMKL_SUM_MIN: f32 = 8.673617379884035e-19;
-const NORMKL_SUM_MAX: f32 = 1.2676506002282294e30;
-const NORMKL_FLOOR: f32 = 2.384185791015625e-7;
+const NORM_SUM_MIN: f32 = 8.673617379884035e-19;
+const NORM_SUM_MAX: f32 = 1.2676506002282294e30;
+const NORM_FLOOR: f32 = 2.384185791015625e-7;
 
 // One element's parts: its T term, its values' normal parts and subnormal significands
 // (normal_or_tiny), and ACC_INF where p > 0 and q = 0.
-struct NormKlTerm { t: f32, p: f32, q: f32, tiny: vec2<f32>, flags: u32 }
+struct NormTerm { t: f32, p: f32, q: f32, tiny: vec2<f32>, flags: u32 }
 
-fn normkl_term(x: f32, y: f32) -> NormKlTerm {
+fn norm_term(x: f32, y: f32) -> NormTerm {
     let p_zero = is_zero(x);
     let q_zero = is_zero(y);
     let a = normal_or_tiny(x);
     let b = normal_or_tiny(y);
-    return NormKlTerm(kl_whole(x, y, ratio_of(split(x), split(y)), p_zero, q_zero), a.x, b.x,
+    return NormTerm(kl_whole(x, y, ratio_of(split(x), split(y)), p_zero, q_zero), a.x, b.x,
         vec2<f32>(a.y, b.y), select(0u, ACC_INF, !p_zero && q_zero));
 }
 
 // The scalar loop's element and fold (columns that cannot be read as vec4s).
-fn normkl_element(x: f32, y: f32, local: u32, col: u32, unused: u32) -> NormKlTerm {
+fn norm_element(x: f32, y: f32, local: u32, col: u32, unused: u32) -> NormTerm {
     note_bad(local, is_bad(x) || is_bad(y));
-    return normkl_term(x, y);
+    return norm_term(x, y);
 }
 
-fn normkl_fold(s: NormKl, e: NormKlTerm) -> NormKl {
+fn norm_fold(s: Norm, e: NormTerm) -> Norm {
     let sp = two_sum(s.sp_hi, e.p);
     let sq = two_sum(s.sq_hi, e.q);
     let t = two_sum(s.t_hi, e.t);
-    return NormKl(sp.x, s.sp_lo + sp.y, sq.x, s.sq_lo + sq.y, t.x, s.t_lo + t.y,
+    return Norm(sp.x, s.sp_lo + sp.y, sq.x, s.sq_lo + sq.y, t.x, s.t_lo + t.y,
         s.tiny_p + e.tiny.x, s.tiny_q + e.tiny.y, s.flags | e.flags);
 }
 
 // Four elements: the values added exactly (sum4_exact), as the sums pre-pass adds them; the
 // four non-negative T terms plainly before one compensated add, as fold4_term's main terms.
-fn normkl_fold4(s: NormKl, x: vec4<f32>, y_in: vec4<f32>, local: u32, c: u32, unused: u32)
-        -> NormKl {
+fn norm_fold4(s: Norm, x: vec4<f32>, y_in: vec4<f32>, local: u32, c: u32, unused: u32)
+        -> Norm {
     let y = checked4(x, y_in, local, 0.0);
-    let e0 = normkl_term(x.x, y.x);
-    let e1 = normkl_term(x.y, y.y);
-    let e2 = normkl_term(x.z, y.z);
-    let e3 = normkl_term(x.w, y.w);
+    let e0 = norm_term(x.x, y.x);
+    let e1 = norm_term(x.y, y.y);
+    let e2 = norm_term(x.z, y.z);
+    let e3 = norm_term(x.w, y.w);
     let p4 = sum4_exact(e0.p, e1.p, e2.p, e3.p);
     let q4 = sum4_exact(e0.q, e1.q, e2.q, e3.q);
     let tiny = (e0.tiny + e1.tiny) + (e2.tiny + e3.tiny);
     let sp = two_sum(s.sp_hi, p4.x);
     let sq = two_sum(s.sq_hi, q4.x);
     let t = two_sum(s.t_hi, (e0.t + e1.t) + (e2.t + e3.t));
-    return NormKl(sp.x, (s.sp_lo + sp.y) + p4.y, sq.x, (s.sq_lo + sq.y) + q4.y, t.x,
+    return Norm(sp.x, (s.sp_lo + sp.y) + p4.y, sq.x, (s.sq_lo + sq.y) + q4.y, t.x,
         s.t_lo + t.y, s.tiny_p + tiny.x, s.tiny_q + tiny.y,
         s.flags | e0.flags | e1.flags | e2.flags | e3.flags);
 }
@@ -78,14 +78,14 @@ fn normkl_fold4(s: NormKl, x: vec4<f32>, y_in: vec4<f32>, local: u32, c: u32, un
 // KL of the normalized row, in nats, from its finished state and its sums as the terms pass
 // would take them (row_sums_stats: (p_m, p_s) = Sp, (q_m, q_s) = Sq, p_i and q_i their
 // shifts), and whether the row is proven (see the top of this file).
-struct NormKlValue { kl: f32, proven: bool }
+struct NormValue { kl: f32, proven: bool }
 
-fn normkl_value(s: NormKl, sums: Lse) -> NormKlValue {
+fn norm_value(s: Norm, sums: Lse) -> NormValue {
     let sp = vec2<f32>(sums.p_m, sums.p_s);
     let sq = vec2<f32>(sums.q_m, sums.q_s);
     let clean = s.flags == 0u && s.tiny_p == 0.0 && s.tiny_q == 0.0 && is_finite(s.t_hi)
-        && is_finite(s.t_lo) && sp.x >= NORMKL_SUM_MIN && sp.x <= NORMKL_SUM_MAX
-        && sq.x >= NORMKL_SUM_MIN && sq.x <= NORMKL_SUM_MAX;
+        && is_finite(s.t_lo) && sp.x >= NORM_SUM_MIN && sp.x <= NORM_SUM_MAX
+        && sq.x >= NORM_SUM_MIN && sq.x <= NORM_SUM_MAX;
     // v = ln(Sp/Sq) = −ln ρ: the high parts' ratio from their splits (relative to itself even
     // within an ulp of 1), the low parts to first order (each below 2^-24 of its sum).
     let v = ln_ratio(split(sp.x), split(sq.x)) + (sp.y / sp.x - sq.y / sq.x);
@@ -94,20 +94,20 @@ fn normkl_value(s: NormKl, sums: Lse) -> NormKlValue {
     let g = select(v + exp_acc(-v) - 1.0, phi_series(v), abs(v) <= 1.0);
     let a = ((s.t_hi + s.t_lo) / sp.x) * (1.0 - sp.y / sp.x);
     let kl = a - g;
-    let proven = clean && (g <= 0.5 * kl || a + g <= NORMKL_FLOOR);
-    return NormKlValue(max(kl, 0.0), proven);
+    let proven = clean && (g <= 0.5 * kl || a + g <= NORM_FLOOR);
+    return NormValue(max(kl, 0.0), proven);
 }
 
 // Writes a segment's result: a partial, or for a finished row its value (and ROW_DONE), for
 // any other row the sums the terms pass normalizes by (as emit_Acc's MODE_STATS writes them).
-fn emit_NormKl(row: u32, chunk: u32, total: NormKl) {
+fn emit_Norm(row: u32, chunk: u32, total: Norm) {
     if ((MODE & MODE_PARTIAL) != 0u) {
         partials[row * prm.chunks + chunk] = total;
         return;
     }
     let sums = row_sums_stats(row, total.sp_hi, total.sp_lo, total.tiny_p, total.sq_hi,
         total.sq_lo, total.tiny_q);
-    let v = normkl_value(total, sums);
+    let v = norm_value(total, sums);
     if (v.proven) {
         out[prm.out_base + row] = v.kl * prm.out_scale;
         row_lse[row] = Lse(0.0, 0.0, ROW_DONE, 0.0, 0.0, 0u);
