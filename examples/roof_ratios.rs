@@ -19,12 +19,12 @@
 //! same shape, two close models: Q = P + N(0, 0.1²) on peaked rows), masked (close, with a tenth
 //! of the columns −∞ in both, as a masked vocabulary has them), JSlogits, CElogits, Hlogits
 //! (the same, JS, cross-entropy, entropy), long (8 × 262,144 logits), KLnorm, JSnorm, CEnorm and
-//! Hnorm (4000 × 1000 probabilities, normalized in the kernel), KLnormS (KLnorm with Q's rows
-//! summing to 3.7: rows KL's one pass leaves to the terms pass); named cases run in the order
-//! given. `--workgroups`,
+//! Hnorm (4000 × 1000 probabilities, normalized in the kernel), KLnormS and JSnormS (KLnorm and
+//! JSnorm with Q's rows summing to 3.7: rows the one pass leaves to the terms pass); named
+//! cases run in the order given. `--workgroups`,
 //! `--min-iterations`, `--blocked-lanes`, `--quick` (the quick path for plain vec4s),
-//! `--one-pass-kl` (KL of logits' one-pass kernel) and `--one-pass-normalized-kl` (KL of
-//! normalized probabilities' one-pass kernel) override
+//! `--one-pass-kl` (KL of logits' one-pass kernel), `--one-pass-normalized-kl` and
+//! `--one-pass-normalized-js` (KL's and JS's one pass over normalized probabilities) override
 //! the defaults for the adapter (`klgpu::Tuning`). `--scale S` multiplies every case's size (rows, or N for the single
 //! distributions) by S: the defaults suit lavapipe; on a data-centre GPU they are a few
 //! microseconds of work, and `--scale 25` makes them bandwidth-bound. `--dtype f16|bf16`
@@ -56,6 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--quick" => options.tuning.quick_vec4 = Some(value()? != 0),
             "--one-pass-kl" => options.tuning.one_pass_kl = value()? != 0,
             "--one-pass-normalized-kl" => options.tuning.one_pass_normalized_kl = value()? != 0,
+            "--one-pass-normalized-js" => options.tuning.one_pass_normalized_js = value()? != 0,
             "--scale" => scale = value()? as usize,
             "--dtype" => dtype = parse_dtype(args.next().as_deref())?,
             cases => only = cases.split(',').map(str::to_string).collect(),
@@ -94,6 +95,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("CEnorm", Measure::CrossEntropy, Input::Probs, 4000, 1000),
         ("Hnorm", Measure::Entropy, Input::Probs, 4000, 1000),
         ("KLnormS", kl, Input::Probs, 4000, 1000),
+        ("JSnormS", Measure::JensenShannon, Input::Probs, 4000, 1000),
     ];
     let mut rng = Rng(42);
     // The cases named, in the order given (a name may repeat), or all of them.
@@ -131,7 +133,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         } else {
             data(&mut rng, rows, cols, input)
         };
-        if name == "KLnormS" {
+        if name == "KLnormS" || name == "JSnormS" {
             q_data.iter_mut().for_each(|y| *y *= 3.7);
         }
         let p = upload_as(&engine, "roof_ratios.p", &p_data, dtype);

@@ -93,22 +93,24 @@ struct Rel {
     q: f32, ym: f32, yi: u32, flags: u32,
 }
 
-// ---- KL of normalized probabilities in one pass (Norm; kernels_norm.wgsl) ----
+// ---- KL or JS of normalized probabilities in one pass (Norm; kernels_norm.wgsl) ----
 
 // A row's sums Σx and Σy as the normalization pre-pass keeps them (normal parts as
-// compensated pairs, subnormal significands in tiny_p, tiny_q), and T = Σ (x·ln(x/y) − x + y)
-// as a compensated pair; flags (ACC_INF).
+// compensated pairs, subnormal significands in tiny_p, tiny_q); the unnormalized terms' sum t
+// (KL: Σ (x·ln(x/y) − x + y); JS: J = Σ of JS's terms) and JS's odd sum w (W = Σ m·o(r); 0 for
+// KL), each a compensated pair; flags (ACC_INF).
 struct Norm {
     sp_hi: f32, sp_lo: f32, sq_hi: f32, sq_lo: f32,
-    t_hi: f32, t_lo: f32, tiny_p: f32, tiny_q: f32, flags: u32,
+    t_hi: f32, t_lo: f32, w_hi: f32, w_lo: f32, tiny_p: f32, tiny_q: f32, flags: u32,
 }
 
-fn identity_Norm() -> Norm { return Norm(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0u); }
+fn identity_Norm() -> Norm { return Norm(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0u); }
 
 fn combine_Norm(a: Norm, b: Norm) -> Norm {
     let sp = pair_add(a.sp_hi, a.sp_lo, b.sp_hi, b.sp_lo);
     let sq = pair_add(a.sq_hi, a.sq_lo, b.sq_hi, b.sq_lo);
     let t = pair_add(a.t_hi, a.t_lo, b.t_hi, b.t_lo);
-    return Norm(sp.x, sp.y, sq.x, sq.y, t.x, t.y, a.tiny_p + b.tiny_p, a.tiny_q + b.tiny_q,
-        a.flags | b.flags);
+    let w = pair_add(a.w_hi, a.w_lo, b.w_hi, b.w_lo);
+    return Norm(sp.x, sp.y, sq.x, sq.y, t.x, t.y, w.x, w.y, a.tiny_p + b.tiny_p,
+        a.tiny_q + b.tiny_q, a.flags | b.flags);
 }

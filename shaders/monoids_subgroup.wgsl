@@ -32,8 +32,9 @@ fn shuffle_xor_Rel(a: Rel, mask: u32) -> Rel {
 
 fn shuffle_xor_Norm(a: Norm, mask: u32) -> Norm {
     return Norm(subgroupShuffleXor(a.sp_hi, mask), subgroupShuffleXor(a.sp_lo, mask),
-                  subgroupShuffleXor(a.sq_hi, mask), subgroupShuffleXor(a.sq_lo, mask),
-                  subgroupShuffleXor(a.t_hi, mask), subgroupShuffleXor(a.t_lo, mask),
-                  subgroupShuffleXor(a.tiny_p, mask), subgroupShuffleXor(a.tiny_q, mask),
-                  subgroupShuffleXor(a.flags, mask));
+                subgroupShuffleXor(a.sq_hi, mask), subgroupShuffleXor(a.sq_lo, mask),
+                subgroupShuffleXor(a.t_hi, mask), subgroupShuffleXor(a.t_lo, mask),
+                subgroupShuffleXor(a.w_hi, mask), subgroupShuffleXor(a.w_lo, mask),
+                subgroupShuffleXor(a.tiny_p, mask), subgroupShuffleXor(a.tiny_q, mask),
+                subgroupShuffleXor(a.flags, mask));
 }

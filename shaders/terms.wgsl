@@ -242,7 +242,14 @@ fn kl_whole(p: f32, q: f32, ratio: Ratio, p_zero: bool, q_zero: bool) -> f32 {
 // which cancel at most 2 bits. Two logs instead of the three ratio logs of two KL(·‖m)
 // halves. r = |p − q|/t is the caller's: normalized rows take it from the exact ratio
 // (ratio_norm) where it cancels.
-fn js_prob(p: f32, q: f32, r: f32) -> f32 {
+fn js_prob(p: f32, q: f32, r: f32) -> f32 { return js_prob_parts(p, q, r).x; }
+
+// js_prob's term, and m·o(r) for the one pass of normalized rows (kernels_norm.wgsl), where
+// o(r) = r − ((1 + r)·ln(1 + r) − (1 − r)·ln(1 − r))/2 = Σ r^(2k+1) / ((2k + 1)·2k) is h's
+// odd companion: q·ln(q/m) − q + m = m·(h(r)/2 + o(r)) for the signed r (the caller signs it).
+// From the same series variable and logs; a caller that takes only the term leaves the rest
+// to dead-code elimination.
+fn js_prob_parts(p: f32, q: f32, r: f32) -> vec2<f32> {
     let t = p + q;
     let z = r * r;
     // Terms to z^10: the first left out, z^11/231 with z <= 1/4, is below 2^-27 of h.
@@ -254,10 +261,16 @@ fn js_prob(p: f32, q: f32, r: f32) -> f32 {
     // ln(1 + r) = ln 2 + 2·atanh(s), s = (a − 1)/(a + 1) = (r − 1)/(r + 3), |s| <= 1/7, r − 1
     // exact.
     let s = (r - 1.0) / (r + 3.0);
-    let ln1r = LN2 + atanh2(s);
-    let logs = (1.0 + r) * ln1r + small * ln_acc(small);
+    let plus = (1.0 + r) * (LN2 + atanh2(s));
+    let minus = small * ln_acc(small);
+    // o's terms to r^15: the first left out, r^17/272 with r <= ½, is below 2^-19 of o(r).
+    let odd_series = r * z * (1.0 / 6.0 + z * (1.0 / 20.0 + z * (1.0 / 42.0 + z * (1.0 / 72.0
+        + z * (1.0 / 110.0 + z * (1.0 / 156.0 + z * (1.0 / 210.0)))))));
+    let near = r <= 0.5;
+    let term = 0.25 * t * select(plus + minus, series, near);
+    let odd = 0.5 * t * select(r - 0.5 * (plus - minus), odd_series, near);
     // t = 0 (p = q = 0, or both subnormal on an adapter that flushes them): no mass, 0.
-    return select(0.25 * t * select(logs, series, r <= 0.5), 0.0, t == 0.0);
+    return select(vec2<f32>(term, odd), vec2<f32>(0.0, 0.0), t == 0.0);
 }
 
 // φ(r) = r + e^(−r) − 1 >= 0 for |r| <= 1, by its Taylor series (no cancellation).

@@ -183,7 +183,7 @@ pub(crate) struct Params {
 
 /// Size of `Lse` in the shaders (six 4-byte words), the per-row statistics.
 pub(crate) const MONOID_BYTES: u64 = 24;
-/// Room for the largest partial a dispatch writes: `Rel` (twelve words; `Norm` has nine,
+/// Room for the largest partial a dispatch writes: `Rel` (twelve words; `Norm` has eleven,
 /// `Soft` eight, `Acc` seven).
 pub(crate) const PARTIAL_BYTES: u64 = 48;
 

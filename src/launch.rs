@@ -57,6 +57,16 @@ pub(crate) enum OnePass {
     /// [`Tuning::one_pass_normalized_kl`](crate::Tuning)): every row it does not finish gets
     /// its sums, so the sums pass does not run.
     KlNormalized,
+    /// JS of probabilities the kernel normalizes, in the same kernel and with the same
+    /// hand-over ([`Tuning::one_pass_normalized_js`](crate::Tuning)).
+    JsNormalized,
+}
+
+impl OnePass {
+    /// Whether the rows it leaves get their sums from it, so that the sums pass does not run.
+    fn replaces_sums_pass(self) -> bool {
+        matches!(self, OnePass::KlNormalized | OnePass::JsNormalized)
+    }
 }
 
 impl Job {
@@ -385,6 +395,9 @@ pub(crate) struct Gpu {
     /// The same for KL of normalized probabilities
     /// ([`Tuning::one_pass_normalized_kl`](crate::Tuning)).
     pub one_pass_normalized_kl: bool,
+    /// And for JS of normalized probabilities
+    /// ([`Tuning::one_pass_normalized_js`](crate::Tuning)).
+    pub one_pass_normalized_js: bool,
 }
 
 /// Calls take turns on an OpenGL device. wgpu's GL backend has one context, and a thread
@@ -726,13 +739,14 @@ impl Gpu {
                 && match kind {
                     OnePass::KlLogits => self.one_pass_kl,
                     OnePass::KlNormalized => self.one_pass_normalized_kl,
+                    OnePass::JsNormalized => self.one_pass_normalized_js,
                 }
         });
         // After it, the terms pass skips the rows it finished, and the log-sum-exp pass also
         // those whose log-sum-exps it wrote.
         let (skip_pre, skip_main) = match one_pass {
             Some(OnePass::KlLogits) => (kernels::MODE_SKIP_READY, kernels::MODE_SKIP_DONE),
-            Some(OnePass::KlNormalized) => (0, kernels::MODE_SKIP_DONE),
+            Some(OnePass::KlNormalized | OnePass::JsNormalized) => (0, kernels::MODE_SKIP_DONE),
             None => (0, 0),
         };
         // (stage, term, input, mode, is_combine)
@@ -743,7 +757,7 @@ impl Gpu {
             let (term, input) = (job.term, job.input);
             let (first, combine) = match kind {
                 OnePass::KlLogits => (Stage::Rel, Stage::CombineRel),
-                OnePass::KlNormalized => (Stage::Norm, Stage::CombineNorm),
+                OnePass::KlNormalized | OnePass::JsNormalized => (Stage::Norm, Stage::CombineNorm),
             };
             if window.combine.is_some() {
                 dispatches.push((first, term, input, kernels::MODE_PARTIAL, false));
@@ -783,7 +797,7 @@ impl Gpu {
                     )
                 }
                 // The one pass for normalized rows wrote the sums of the rows it left.
-                Some(Prepass::Sums) if one_pass != Some(OnePass::KlNormalized) => add(
+                Some(Prepass::Sums) if !one_pass.is_some_and(OnePass::replaces_sums_pass) => add(
                     Stage::Terms,
                     Stage::Combine,
                     Term::Sums,

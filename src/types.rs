@@ -266,11 +266,12 @@ pub struct Options {
     pub base: Base,
     /// Normalize each row first: probabilities are divided by their sum; log-probabilities x
     /// are read as logits, p = e^x / Σ e^x, which is the same normalization; logits are
-    /// normalized already. Cross-entropy and entropy normalize within their one pass; KL does
-    /// too for rows whose sums are close enough ([`Tuning::one_pass_normalized_kl`]), and pays
-    /// a second pass for the others; JS pays one extra pass over the data.
+    /// normalized already. Cross-entropy and entropy normalize within their one pass; KL and
+    /// JS do too for rows whose sums are close enough ([`Tuning::one_pass_normalized_kl`],
+    /// [`Tuning::one_pass_normalized_js`]), and pay a second pass for the others.
     ///
     /// [`Tuning::one_pass_normalized_kl`]: crate::Tuning::one_pass_normalized_kl
+    /// [`Tuning::one_pass_normalized_js`]: crate::Tuning::one_pass_normalized_js
     pub normalize: bool,
     /// How the elements of GPU-buffer inputs are stored, for the buffer calls that take
     /// options (`divergence_buffers`, `rows_buffers`, `record_rows`), whose slices are

@@ -1418,25 +1418,28 @@ fn one_pass_kl_of_logits_finishes_masked_rows() {
 }
 
 #[test]
-fn one_pass_kl_of_normalized_rows_finishes_rows_whose_sums_are_close() {
-    // KL of probabilities the kernel normalizes first runs a one-pass kernel: T/Σp − g(Σq/Σp)
-    // with T the unnormalized KL's terms (shaders/kernels_norm.wgsl). It keeps a row only
-    // where g, which cancels, is at most half the value. Distributions rounded to f16 (sums a
-    // rounding apart) and ones 2 % short of 1 finish in it; counts with totals 3.7 times apart
-    // cancel too far and must all come from the two passes, with the sums the one pass left
-    // them. Every row meets the bar either way, on the adapter's plan and on a GPU's (rows of
-    // 1000 split into chunks and combined). A finished row shows as a result that differs in
-    // its last bits from the two passes': 25 and 26 of these 64 do on lavapipe (both are
-    // within an ulp or two of the exact value, and often the same f32), so a quarter must.
+fn one_pass_of_normalized_rows_finishes_rows_whose_sums_are_close() {
+    // KL and JS of probabilities the kernel normalizes first run a one-pass kernel over the
+    // values as they are, with the row sums (shaders/kernels_norm.wgsl). KL is T/Σp − g(Σq/Σp)
+    // with T the unnormalized KL's terms, kept where g, which cancels, is at most half the
+    // value; JS is the unnormalized JS expanded in the sums' relative difference ε, kept where
+    // its truncation bound (~ε²·JS/28 + |ε|³/8) is below 2^-22 of the value. Distributions
+    // rounded to f16 (sums a rounding apart) finish in both; ones 2 % short of 1 in KL only;
+    // counts with totals 3.7 times apart in neither, and must come from the two passes, with
+    // the sums the one pass left them. Every row meets the bar either way, on the adapter's
+    // plan and on a GPU's (rows of 1000 split into chunks and combined). A finished row shows
+    // as a result that differs in its last bits from the two passes': 25 and 26 of these 64
+    // do for KL on lavapipe, 27 for JS (both are within an ulp or two of the exact value, and
+    // often the same f32), so a quarter must.
     let gpu_plan = short_loop_tuning(false, true);
     let pairs = [
         (
-            normalized_kl_engine(Tuning::default(), true),
-            normalized_kl_engine(Tuning::default(), false),
+            normalized_engine(Tuning::default(), true),
+            normalized_engine(Tuning::default(), false),
         ),
         (
-            normalized_kl_engine(gpu_plan, true),
-            normalized_kl_engine(gpu_plan, false),
+            normalized_engine(gpu_plan, true),
+            normalized_engine(gpu_plan, false),
         ),
     ];
     let mut r = rng(79);
@@ -1455,31 +1458,39 @@ fn one_pass_kl_of_normalized_rows_finishes_rows_whose_sums_are_close() {
     let counts = |v: &[f32], total: f32| -> Vec<f32> {
         v.iter().map(|&x| (x * total).round() + 1.0).collect()
     };
-    // (case, P, Q, rows the one pass must finish: at least, at most)
+    let (kl, js) = (Measure::KullbackLeibler, Measure::JensenShannon);
+    let all = rows / 4..=rows;
+    // (measure, case, P, Q, how many rows the one pass must finish)
     let cases = [
-        ("rounded to f16", f16(&p), f16(&close), rows / 4, rows),
-        ("Q 2 % short", p.clone(), short, rows / 4, rows),
+        (kl, "rounded to f16", f16(&p), f16(&close), all.clone()),
+        (js, "rounded to f16", f16(&p), f16(&close), all.clone()),
+        (kl, "Q 2 % short", p.clone(), short.clone(), all),
+        (js, "Q 2 % short", p.clone(), short, 0..=0),
         (
+            kl,
             "counts, totals 3.7 times apart",
             counts(&p, 1e4),
             counts(&close, 3.7e4),
-            0,
-            0,
+            0..=0,
+        ),
+        (
+            js,
+            "counts, totals 3.7 times apart",
+            counts(&p, 1e4),
+            counts(&close, 3.7e4),
+            0..=0,
         ),
     ];
-    let (m, norm) = (
-        Measure::KullbackLeibler,
-        Options {
-            normalize: true,
-            ..Default::default()
-        },
-    );
-    for (case, p, q, at_least, at_most) in cases {
+    let norm = Options {
+        normalize: true,
+        ..Default::default()
+    };
+    for (m, case, p, q, must_finish) in cases {
         let exact = cpu::rows(m, &p, Some(&q), cols, &norm).unwrap().values;
         for (plan, (one_pass, two_pass)) in ["adapter's", "GPU's"].iter().zip(&pairs) {
             let one = one_pass.rows(m, &p, Some(&q), cols, &norm).unwrap().values;
             let two = two_pass.rows(m, &p, Some(&q), cols, &norm).unwrap().values;
-            let what = format!("{case}, {plan} plan");
+            let what = format!("{m:?}, {case}, {plan} plan");
             assert_rows_close(&one, &exact, &format!("{what}, one pass first"));
             assert_rows_close(&two, &exact, &format!("{what}, two passes"));
             // A row the one pass left takes the terms pass with the same sums as the two
@@ -1491,17 +1502,19 @@ fn one_pass_kl_of_normalized_rows_finishes_rows_whose_sums_are_close() {
                 .count();
             println!("{what}: {finished} of {rows} rows in one pass");
             assert!(
-                (at_least..=at_most).contains(&finished),
+                must_finish.contains(&finished),
                 "{what}: the one pass finished {finished} of {rows} rows"
             );
         }
     }
 }
 
-/// An engine with `tuning`'s plan, the one pass for KL of normalized probabilities on or off.
-fn normalized_kl_engine(tuning: Tuning, one_pass_normalized_kl: bool) -> Engine {
+/// An engine with `tuning`'s plan, the one pass for KL and JS of normalized probabilities on
+/// or off.
+fn normalized_engine(tuning: Tuning, one_pass: bool) -> Engine {
     engine_with_tuning(Tuning {
-        one_pass_normalized_kl,
+        one_pass_normalized_kl: one_pass,
+        one_pass_normalized_js: one_pass,
         ..tuning
     })
 }

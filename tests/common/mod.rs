@@ -54,14 +54,15 @@ pub fn gpu_plan_general_engine() -> &'static Engine {
 
 /// The GPU plan's short loops with a CPU adapter's blocked lanes, so that rows are spread over
 /// many lanes each walking a block of its chunk (the default CPU plan's tiny test windows give
-/// one lane per row). KL of normalized probabilities takes its two passes alone here (the
-/// sums pass, then the terms pass; `Tuning::one_pass_normalized_kl` off), and its one pass
-/// first on every other engine.
+/// one lane per row). KL and JS of normalized probabilities take their two passes alone here
+/// (the sums pass, then the terms pass; `Tuning::one_pass_normalized_kl` and `_js` off), and
+/// their one pass first on every other engine.
 pub fn blocked_lanes_engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE.get_or_init(|| {
         engine_with_tuning(Tuning {
             one_pass_normalized_kl: false,
+            one_pass_normalized_js: false,
             ..short_loop_tuning(true, false)
         })
     })
