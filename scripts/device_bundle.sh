@@ -28,17 +28,24 @@ for line in sys.stdin:
             and t.get("name") in ("core", "batch", "apps", "half"):
         shutil.copy(m["executable"], ".device/" + t["name"])
 '
-# roof_ratios of other commits or branches, for device_run.sh's A/B part: VARIANTS holds
-# NAME=REF pairs (say "unroll=var-unroll"); each becomes .device/roof_ratios_NAME. Each builds
-# in a worktree of its own, with a target directory seeded from this one's release build (so
-# wgpu is not rebuilt) and its sources touched (cargo's dep-info paths are relative: a seeded
-# build would otherwise take klgpu as fresh).
+# roof_ratios of variants, for device_run.sh's A/B part: VARIANTS holds NAME=REF pairs, REF a
+# patch file (say "ldexp=scripts/variants/ldexp.patch", applied to HEAD) or a commit or branch;
+# each becomes .device/roof_ratios_NAME. Patches are how variants keep: only main lands, and a
+# session's branches are gone in the next one. Each builds in a worktree of its own, with a
+# target directory seeded from this one's release build (so wgpu is not rebuilt) and its
+# sources touched (cargo's dep-info paths are relative: a seeded build would otherwise take
+# klgpu as fresh).
 rm -f .device/roof_ratios_*
 for variant in ${VARIANTS:-}; do
     name="${variant%%=*}"
     ref="${variant#*=}"
     tree=$(mktemp -d)
-    git worktree add -q --detach "$tree/tree" "$ref"
+    if [[ "$ref" == *.patch ]]; then
+        git worktree add -q --detach "$tree/tree" HEAD
+        git -C "$tree/tree" apply "$PWD/$ref"
+    else
+        git worktree add -q --detach "$tree/tree" "$ref"
+    fi
     var_target="$PWD/target/var-$name"
     [ -d "$var_target/release" ] || { mkdir -p "$var_target"; cp -a target/release "$var_target/"; }
     (cd "$tree/tree" && touch shaders/*.wgsl src/*.rs &&
