@@ -79,12 +79,12 @@ pub struct Tuning {
     /// finishes run 1.9× faster and rows it leaves (sums 3.7 times apart) about 15 % slower
     /// (`roof_ratios --one-pass-normalized-kl 0|1 KLnorm,KLnormS`); no GPU has timed it yet.
     pub one_pass_normalized_kl: bool,
-    /// The same for JS of probabilities the kernel normalizes: rows whose sums are close
-    /// enough for their JS: JS expanded in the sums' relative difference ε, with a truncation
-    /// bound of about ε²·JS/28 + |ε|³/8 below 2^-22 of the value. That takes distributions
-    /// rounded to f16 or bf16 (|ε| up to ~1e-4) at any JS, |ε| = 1e-3 where JS is above
-    /// 5e-4, and no rows a few percent short. It reads them once, with the arithmetic of plain
-    /// JS (shaders/kernels_norm.wgsl). On by default: on lavapipe (4000 × 1000) rows it
+    /// The same for JS of probabilities the kernel normalizes, for rows whose sums are close
+    /// enough for their JS. JS is expanded in the sums' relative difference ε, and a row is
+    /// kept where the truncation bound, about ε²·JS/28 + |ε|³/8, is below 2^-22 of the value:
+    /// distributions rounded to f16 or bf16 (|ε| up to ~1e-4) at any JS, |ε| = 1e-3 where JS
+    /// is above 5e-4, and no rows a few percent short. It reads them once, with the arithmetic
+    /// of plain JS (shaders/kernels_norm.wgsl). On by default: on lavapipe (4000 × 1000) rows it
     /// finishes run 1.6× faster and rows it leaves (sums 3.7 times apart) about 1.4× slower
     /// (`roof_ratios --one-pass-normalized-js 0|1 JSnorm,JSnormS`); on a GPU, where a read
     /// costs more than the arithmetic, rows it leaves read the data twice, as the two passes

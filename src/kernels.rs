@@ -120,7 +120,7 @@ pub(crate) enum Stage {
     /// KL of logits in one pass, for the rows it can finish (shaders/kernels_rel.wgsl).
     Rel,
     CombineRel,
-    /// KL of normalized probabilities in one pass, for the rows it can finish
+    /// KL or JS of normalized probabilities in one pass, for the rows it can finish
     /// (shaders/kernels_norm.wgsl).
     Norm,
     CombineNorm,
