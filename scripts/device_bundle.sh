@@ -8,6 +8,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .device
+# The Vulkan loader packages the device image may lack (device_run.sh unpacks them there; carry
+# .gl with .device), downloaded for amd64 as the device tool's README says, unless .gl/ holds
+# them already: like a session's branches, an ignored folder does not outlive the session.
+if ! ls .gl/libvulkan1_*.deb >/dev/null 2>&1; then
+    mkdir -p .gl /tmp/amd64/partial
+    apt_amd64=(-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64)
+    apt-get "${apt_amd64[@]}" update >/dev/null
+    (cd .gl && apt-get "${apt_amd64[@]}" download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 \
+        libglx0 libgles2)
+fi
 cargo build --release --example bench --example roof_ratios --example host_windows
 cp target/release/examples/{bench,roof_ratios} .device/
 rm -f .device/host_windows

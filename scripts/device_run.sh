@@ -2,7 +2,7 @@
 # One short, prepared run on a lent NVIDIA machine (the `device` tool): find out whether wgpu
 # gets a Vulkan adapter for the GPU, run klgpu's tests and benchmark there, then the peers.
 # Expects the binaries built here in .device/ (scripts/device_bundle.sh) and the Vulkan loader
-# packages in .gl/ (see the device tool's README). Writes logs and JSON under $RAW, packed into
+# packages in .gl/ (device_bundle.sh downloads them). Writes logs and JSON under $RAW, packed into
 # $OUT/results.tar.gz as each part ends (the device tool brings back at most eight files).
 # PARTS picks what runs after the adapter probe (default: all of ab roof tests bench fuzz peers
 # diag bf16 upload probe; ab runs .device/roof_ratios and every .device/roof_ratios_NAME that
