@@ -18,7 +18,7 @@ PARTS="${PARTS:-ab roof tests bench fuzz peers diag bf16 upload probe}"
 BUDGET="${BUDGET:-400}"
 # Rough seconds each part takes on an H200 (run 10; its timeouts allow more; AB_COST for an ab of
 # other than two builds, both quick settings and ten cases).
-declare -A COST=([tests]=90 [upload]=60 [roof]=40 [bench]=150 [peers]=120 [diag]=50 [ab]=${AB_COST:-110} [bf16]=40 [probe]=40 [fuzz]=70)
+declare -A COST=([tests]=90 [upload]=60 [roof]=50 [bench]=150 [peers]=120 [diag]=50 [ab]=${AB_COST:-110} [bf16]=40 [probe]=40 [fuzz]=70)
 part() {
     [[ " $PARTS " == *" $1 "* ]] || return 1
     if (( SECONDS + ${COST[$1]} > BUDGET )); then
@@ -93,6 +93,8 @@ for m in 4 64; do
     echo "-- --min-iterations $m"
     timeout 30 .device/roof_ratios --rounds 5 --scale 25 --min-iterations $m KL1k,KL10,KLnorm 2>&1 | grep -v XDG
 done 2>&1 | tee "$RAW/roof_ratios_iterations.txt"
+echo "-- KL and KL's one pass over normalized rows without the quick path (on above; twenty-sixth session)"
+timeout 30 .device/roof_ratios --rounds 5 --scale 25 --quick 0 KL,KLnorm 2>&1 | tee "$RAW/roof_ratios_quick0.txt" | grep -v XDG
 fi
 
 section "tests on this adapter"

@@ -90,16 +90,36 @@ fn norm_fold(s: Norm, e: NormTerm) -> Norm {
         s.tiny_p + e.tiny.x, s.tiny_q + e.tiny.y, s.flags | e.flags);
 }
 
+// KL's term for positive normal x and y (the quick path, norm_fold4): norm_term's formulas
+// with nothing to validate, no subnormal part and no zero case.
+fn norm_quick_term(x: f32, y: f32) -> NormTerm {
+    return NormTerm(kl_whole(x, y, ratio_of(split_normal(x), split_normal(y)), false, false),
+        0.0, x, y, vec2<f32>(0.0, 0.0), 0u);
+}
+
 // Four elements: the values added exactly (sum4_exact), as the sums pre-pass adds them; the
 // four non-negative terms plainly before one compensated add, as fold4_term's main terms, and
-// so JS's w terms.
+// so JS's w terms. KL takes fold4_term's quick path on GPUs (QUICK): a subgroup whose values
+// are all positive normal numbers skips the validation and the subnormal and zero cases
+// (kernels_sum.wgsl, quick_vec4; JS's term gained nothing from it there).
 fn norm_fold4(s: Norm, x: vec4<f32>, y_in: vec4<f32>, local: u32, c: u32, unused: u32)
         -> Norm {
-    let y = checked4(x, y_in, local, 0.0);
-    let e0 = norm_term(x.x, y.x);
-    let e1 = norm_term(x.y, y.y);
-    let e2 = norm_term(x.z, y.z);
-    let e3 = norm_term(x.w, y.w);
+    var e0: NormTerm;
+    var e1: NormTerm;
+    var e2: NormTerm;
+    var e3: NormTerm;
+    if (QUICK && MEASURE == MEASURE_KL && all_positive_normal4(x, y_in)) {
+        e0 = norm_quick_term(x.x, y_in.x);
+        e1 = norm_quick_term(x.y, y_in.y);
+        e2 = norm_quick_term(x.z, y_in.z);
+        e3 = norm_quick_term(x.w, y_in.w);
+    } else {
+        let y = checked4(x, y_in, local, 0.0);
+        e0 = norm_term(x.x, y.x);
+        e1 = norm_term(x.y, y.y);
+        e2 = norm_term(x.z, y.z);
+        e3 = norm_term(x.w, y.w);
+    }
     let p4 = sum4_exact(e0.p, e1.p, e2.p, e3.p);
     let q4 = sum4_exact(e0.q, e1.q, e2.q, e3.q);
     let tiny = (e0.tiny + e1.tiny) + (e2.tiny + e3.tiny);

@@ -232,17 +232,7 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
 // every branch, so CPU adapters leave it off.
 fn quick_vec4(x: vec4<f32>, y: vec4<f32>) -> bool {
     if (!QUICK || INPUT != INPUT_PROBS || MEASURE >= MEASURE_JS) { return false; }
-    // Positive normal: bits in [2^23, 0x7f800000), i.e. bits − 2^23 below 0x7f000000.
-    let lo = vec4<u32>(0x00800000u);
-    var top = bitcast<vec4<u32>>(x) - lo;
-    if (uses_q()) { top = max(top, bitcast<vec4<u32>>(y) - lo); }
-    return quick_all(max(max(top.x, top.y), max(top.z, top.w)) < 0x7f000000u);
-}
-
-// x's split for a positive normal x: its exponent and mantissa fields as they are.
-fn split_normal(x: f32) -> Split {
-    let b = bitcast<u32>(x);
-    return Split(bitcast<f32>((b & 0x007fffffu) | 0x3f800000u), i32(b >> 23u) - 127);
+    return all_positive_normal4(x, y);
 }
 
 fn quick_element(x: f32, y: f32) -> Term {

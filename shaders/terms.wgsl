@@ -80,6 +80,23 @@ fn split(x: f32) -> Split {
 
 const ONE: Split = Split(1.0, 0);
 
+// x's split for a positive normal x: its exponent and mantissa fields as they are.
+fn split_normal(x: f32) -> Split {
+    let b = bitcast<u32>(x);
+    return Split(bitcast<f32>((b & 0x007fffffu) | 0x3f800000u), i32(b >> 23u) - 127);
+}
+
+// The quick paths' vote (QUICK, Tuning::quick_vec4: fold4_term's and norm_fold4's): whether
+// the vec4s of P (and Q) hold only positive normal numbers in every voting lane of the
+// subgroup. Lanes that have left the loop do not vote, and each voter checks its own values.
+fn all_positive_normal4(x: vec4<f32>, y: vec4<f32>) -> bool {
+    // Positive normal: bits in [2^23, 0x7f800000), i.e. bits − 2^23 below 0x7f000000.
+    let lo = vec4<u32>(0x00800000u);
+    var top = bitcast<vec4<u32>>(x) - lo;
+    if (uses_q()) { top = max(top, bitcast<vec4<u32>>(y) - lo); }
+    return quick_all(max(max(top.x, top.y), max(top.z, top.w)) < 0x7f000000u);
+}
+
 // The split of a/b from the splits of a and b, without forming the quotient: an adapter
 // that flushes subnormals reads a quotient below 2^-126 as 0, and a normalized probability
 // q = y/Σq must keep its logarithm however small it is (and Σ may itself be subnormal, or
