@@ -204,24 +204,27 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
         return log_term(x, y, exp_acc_low(x), exp_acc(y), x - y, x == neg_inf(), y == neg_inf());
     }
     if (INPUT == INPUT_PROBS_NORM) {
-        // p = x/Σp from the splits alone: no float operation sees a subnormal x or 1/Σp.
-        // ln p = ln(x/Σp) from x and Σp themselves: p's rounding would make a p within 2^-24
-        // of 1 exactly 1 and drop its −p·ln p (entropy of a peaked row 5 % off).
-        let sx = split(x);
-        let sy = split(y);
-        let sp = split_div(sx, ctx.p_sum);
-        let sq = split_div(sy, ctx.q_sum);
-        return prob_term(ldexp(sp.m, sp.e), ldexp(sq.m, sq.e), is_zero(x), is_zero(y),
-            sx, sy, ctx.sum_ratio,
-            ln_ratio(sx, ctx.p_sum) - ctx.p_sum_lo, ln_ratio(sy, ctx.q_sum) - ctx.q_sum_lo);
+        return normalized_term(split(x), split(y), is_zero(x), is_zero(y), ctx);
     }
     let sx = split(x);
     let sy = split(y);
     return prob_term(x, y, is_zero(x), is_zero(y), sx, sy, ONE, ln_split(sx), ln_split(sy));
 }
 
+// The term of probabilities the kernel normalizes, from the splits of x and y.
+// p = x/Σp from the splits alone: no float operation sees a subnormal x or 1/Σp.
+// ln p = ln(x/Σp) from x and Σp themselves: p's rounding would make a p within 2^-24 of 1
+// exactly 1 and drop its −p·ln p (entropy of a peaked row 5 % off).
+fn normalized_term(sx: Split, sy: Split, p_zero: bool, q_zero: bool, ctx: RowCtx) -> Term {
+    let sp = split_div(sx, ctx.p_sum);
+    let sq = split_div(sy, ctx.q_sum);
+    return prob_term(ldexp(sp.m, sp.e), ldexp(sq.m, sq.e), p_zero, q_zero, sx, sy,
+        ctx.sum_ratio, ln_ratio(sx, ctx.p_sum) - ctx.p_sum_lo,
+        ln_ratio(sy, ctx.q_sum) - ctx.q_sum_lo);
+}
+
 // The quick path (QUICK: on by default for GPUs, Tuning::quick_vec4; KL, cross-entropy and
-// entropy, JS gained nothing on an H200): a vec4 of plain probabilities whose
+// entropy, JS gained nothing on an H200): a vec4 of probabilities, plain or normalized, whose
 // values are all positive normal numbers, in every lane of the subgroup, needs no validation,
 // no subnormal splits and no zero cases. Its terms are those of `element` (the same formulas;
 // only the compiler's fusing of a multiply and an add may differ); it only skips work that the
@@ -231,13 +234,14 @@ fn element(x: f32, y: f32, local: u32, col: u32, ctx: RowCtx) -> Term {
 // voter checks its own values, so any subgroup layout is safe. llvmpipe runs both sides of
 // every branch, so CPU adapters leave it off.
 fn quick_vec4(x: vec4<f32>, y: vec4<f32>) -> bool {
-    if (!QUICK || INPUT != INPUT_PROBS || MEASURE >= MEASURE_JS) { return false; }
+    if (!QUICK || !is_prob_input() || MEASURE >= MEASURE_JS) { return false; }
     return all_positive_normal4(x, y);
 }
 
-fn quick_element(x: f32, y: f32) -> Term {
+fn quick_element(x: f32, y: f32, ctx: RowCtx) -> Term {
     let sx = split_normal(x);
     let sy = split_normal(y);
+    if (INPUT == INPUT_PROBS_NORM) { return normalized_term(sx, sy, false, false, ctx); }
     return prob_term(x, y, false, false, sx, sy, ONE, ln_split(sx), ln_split(sy));
 }
 
@@ -254,10 +258,10 @@ fn fold4_term(acc: Acc, x: vec4<f32>, y: vec4<f32>, local: u32, c: u32, ctx: Row
     var t2: Term;
     var t3: Term;
     if (quick_vec4(x, y)) {
-        t0 = quick_element(x.x, y.x);
-        t1 = quick_element(x.y, y.y);
-        t2 = quick_element(x.z, y.z);
-        t3 = quick_element(x.w, y.w);
+        t0 = quick_element(x.x, y.x, ctx);
+        t1 = quick_element(x.y, y.y, ctx);
+        t2 = quick_element(x.z, y.z, ctx);
+        t3 = quick_element(x.w, y.w, ctx);
     } else {
         t0 = element(x.x, y.x, local, c, ctx);
         t1 = element(x.y, y.y, local + 1u, c + 1u, ctx);

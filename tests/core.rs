@@ -877,9 +877,10 @@ fn bad_input_names_the_first_offender_on(e: &klgpu::Engine) {
 /// [`gpu_plan_engine`]) skips work, never changes a formula: every result equals the general
 /// path's to an ulp or two of f32 (the compiler may fuse a multiply and an add in one path and
 /// not in the other), on rows where every vec4 qualifies and on rows where zeros, subnormals
-/// and tiny values send some subgroups to the general path. Also with `normalize`, where KL's
-/// one pass over normalized rows takes it (their sums are a few percent apart here, so most
-/// rows finish there).
+/// and tiny values send some subgroups to the general path. Also with `normalize`: KL's one
+/// pass over normalized rows takes it (the sums of P's and Q's rows are a few percent apart
+/// here, so most rows finish there), and so does the terms pass for the rows it leaves (Q
+/// scaled by 3.7: none finish).
 #[test]
 fn the_quick_path_matches_the_general_path() {
     // 8 ulps of f32 relative, and absolutely for results near 0.
@@ -902,7 +903,12 @@ fn the_quick_path_matches_the_general_path() {
         mixed_q[i + 5] = 1e-40;
         mixed_p[i + 13] = f32::MIN_POSITIVE;
     }
-    for (p, q, what) in [(&dense_p, &dense_q, "dense"), (&mixed_p, &mixed_q, "mixed")] {
+    let scaled_q: Vec<f32> = dense_q.iter().map(|&v| 3.7 * v).collect();
+    for (p, q, what) in [
+        (&dense_p, &dense_q, "dense"),
+        (&mixed_p, &mixed_q, "mixed"),
+        (&dense_p, &scaled_q, "dense, Q scaled"),
+    ] {
         for (m, normalize) in Measure::ALL
             .into_iter()
             .flat_map(|m| [(m, false), (m, true)])
