@@ -31,8 +31,8 @@ pub struct Tuning {
     /// enough for the second pass to re-read them from L2 lost on an H200 (the dispatch gaps
     /// cost more than the re-read), so by default there is no extra cap.
     pub two_pass_window_bytes: u64,
-    /// Whether a vec4 of plain probabilities whose values are all positive normal numbers, in
-    /// every lane of its subgroup, skips validation, subnormal splits and zero cases: the same
+    /// Whether a vec4 of probabilities whose values are all positive normal numbers, in every
+    /// lane of its subgroup, skips validation, subnormal splits and zero cases: the same
     /// formulas with less work (KL, cross-entropy and entropy; for KL also of rows the kernel
     /// normalizes, in its one pass, [`Tuning::one_pass_normalized_kl`], and its terms pass;
     /// JS gained nothing). Needs
