@@ -93,8 +93,8 @@ for m in 4 64; do
     echo "-- --min-iterations $m"
     timeout 30 .device/roof_ratios --rounds 5 --scale 25 --min-iterations $m KL1k,KL10,KLnorm 2>&1 | grep -v XDG
 done 2>&1 | tee "$RAW/roof_ratios_iterations.txt"
-echo "-- KL, and KL of normalized rows (one pass: KLnorm; terms pass: KLnormS), without the quick path (on above; twenty-sixth session)"
-timeout 30 .device/roof_ratios --rounds 5 --scale 25 --quick 0 KL,KLnorm,KLnormS 2>&1 | tee "$RAW/roof_ratios_quick0.txt" | grep -v XDG
+echo "-- KL and normalized rows (KL's one pass: KLnorm; its terms pass: KLnormS; CE and entropy: CEnorm, Hnorm), without the quick path (on above; twenty-sixth session)"
+timeout 40 .device/roof_ratios --rounds 5 --scale 25 --quick 0 KL,KLnorm,KLnormS,CEnorm,Hnorm 2>&1 | tee "$RAW/roof_ratios_quick0.txt" | grep -v XDG
 fi
 
 section "tests on this adapter"

@@ -68,18 +68,18 @@ fn soft_higher(a: f32, b: f32) -> f32 { return select(b, a, soft_above(a, b)); }
 // where m/x is within an ulp of 1; their distances stay below 200). No mass weighs 0, at a
 // finite distance.
 fn soft_place(x: f32, m: f32, low: bool) -> vec3<f32> {
-    if (soft_probs()) {
-        let sx = split(x);
-        let sm = split(m);
-        let r = split_div(sx, sm);
-        return vec3<f32>(select(ldexp(r.m, r.e), 0.0, is_zero(x)),
-            DIST_SCALE * ln_ratio(sm, sx), 1.0);
-    }
+    if (soft_probs()) { return soft_place_prob(split(x), split(m), is_zero(x)); }
     let no_mass = x == neg_inf();
     var w = vec2<f32>(exp(x - m), 1.0);
     if (low) { w = exp_low(x - m); }
     let dist = DIST_SCALE * m - DIST_SCALE * x;
     return vec3<f32>(select(w.x, 0.0, no_mass), select(dist, 0.0, no_mass), w.y);
+}
+
+// soft_place for probabilities, from the splits of x and m (x_zero: x holds no mass).
+fn soft_place_prob(sx: Split, sm: Split, x_zero: bool) -> vec3<f32> {
+    let r = split_div(sx, sm);
+    return vec3<f32>(select(ldexp(r.m, r.e), 0.0, x_zero), DIST_SCALE * ln_ratio(sm, sx), 1.0);
 }
 
 // Whether P's weights come scaled from soft_place (MEASURE is a constant: folded).
@@ -176,6 +176,18 @@ fn soft_term(x: f32, y: f32, col: u32, s: Soft) -> SoftTerm {
         select(0u, ACC_INF, !p_zero && q_zero));
 }
 
+// soft_term for positive normal x and y (probabilities; the quick path, soft_fold4): the same
+// formulas with no zero case. The frame's maxima are then positive normal numbers too.
+fn soft_quick_term(x: f32, y: f32, col: u32, s: Soft) -> SoftTerm {
+    let px = soft_place_prob(split_normal(x), split_normal(s.xm), false);
+    let xs = select(px.x, 0.0, col == s.xi);
+    if (MEASURE == MEASURE_ENTROPY) {
+        return SoftTerm(xs, 0.0, px.x * px.y, 0u);
+    }
+    let py = soft_place_prob(split_normal(y), split_normal(s.ym), false);
+    return SoftTerm(xs, select(py.x, 0.0, col == s.yi), px.x * py.y, 0u);
+}
+
 fn soft_add(s: Soft, t: SoftTerm) -> Soft {
     return Soft(s.xm, s.xs + t.xs, s.xi, s.ym, s.ys + t.ys, s.yi, s.t + t.t, s.flags | t.flags);
 }
@@ -196,15 +208,35 @@ fn soft_fold(st: Soft, e: SoftIn) -> Soft {
     return soft_add(s, soft_term(e.x, y, e.col, s));
 }
 
+// Probabilities take the terms kernel's quick path on GPUs (QUICK, kernels_sum.wgsl's
+// quick_vec4): a subgroup whose values are all positive normal numbers skips the validation,
+// the subnormal splits and the zero cases.
 fn soft_fold4(st: Soft, x: vec4<f32>, y_in: vec4<f32>, local: u32, c: u32, unused: u32) -> Soft {
-    let y = checked4(x, y_in, local, soft_none());
+    let quick = QUICK && soft_probs() && all_positive_normal4(x, y_in);
+    var y = vec4<f32>(soft_none());
+    if (!quick) {
+        y = checked4(x, y_in, local, soft_none());
+    } else if (uses_q()) {
+        y = y_in;
+    }
     let mx = soft_max4(x);
     let my = soft_max4(y);
     let s = soft_cover(st, mx.x, c + u32(mx.y), my.x, c + u32(my.y));
-    let t0 = soft_term(x.x, y.x, c, s);
-    let t1 = soft_term(x.y, y.y, c + 1u, s);
-    let t2 = soft_term(x.z, y.z, c + 2u, s);
-    let t3 = soft_term(x.w, y.w, c + 3u, s);
+    var t0: SoftTerm;
+    var t1: SoftTerm;
+    var t2: SoftTerm;
+    var t3: SoftTerm;
+    if (quick) {
+        t0 = soft_quick_term(x.x, y.x, c, s);
+        t1 = soft_quick_term(x.y, y.y, c + 1u, s);
+        t2 = soft_quick_term(x.z, y.z, c + 2u, s);
+        t3 = soft_quick_term(x.w, y.w, c + 3u, s);
+    } else {
+        t0 = soft_term(x.x, y.x, c, s);
+        t1 = soft_term(x.y, y.y, c + 1u, s);
+        t2 = soft_term(x.z, y.z, c + 2u, s);
+        t3 = soft_term(x.w, y.w, c + 3u, s);
+    }
     return soft_add(s, SoftTerm((t0.xs + t1.xs) + (t2.xs + t3.xs), (t0.ys + t1.ys) + (t2.ys + t3.ys),
         (t0.t + t1.t) + (t2.t + t3.t), t0.flags | t1.flags | t2.flags | t3.flags));
 }

@@ -33,9 +33,9 @@ pub struct Tuning {
     pub two_pass_window_bytes: u64,
     /// Whether a vec4 of probabilities whose values are all positive normal numbers, in every
     /// lane of its subgroup, skips validation, subnormal splits and zero cases: the same
-    /// formulas with less work (KL, cross-entropy and entropy; for KL also of rows the kernel
-    /// normalizes, in its one pass, [`Tuning::one_pass_normalized_kl`], and its terms pass;
-    /// JS gained nothing). Needs
+    /// formulas with less work (KL, cross-entropy and entropy, also of rows the kernel
+    /// normalizes: KL's one pass, [`Tuning::one_pass_normalized_kl`], and its terms pass, and
+    /// cross-entropy's and entropy's one pass; JS gained nothing). Needs
     /// subgroups; ignored without them. `None` (the default) is on for GPUs (KL over 10^8 on
     /// an H200 1.33× faster, rows of 10 1.16×; `roof_ratios --quick 0|1`) and off for CPU
     /// adapters, which run both sides of a branch.

@@ -879,8 +879,8 @@ fn bad_input_names_the_first_offender_on(e: &klgpu::Engine) {
 /// not in the other), on rows where every vec4 qualifies and on rows where zeros, subnormals
 /// and tiny values send some subgroups to the general path. Also with `normalize`: KL's one
 /// pass over normalized rows takes it (the sums of P's and Q's rows are a few percent apart
-/// here, so most rows finish there), and so does the terms pass for the rows it leaves (Q
-/// scaled by 3.7: none finish).
+/// here, so most rows finish there), so does the terms pass for the rows it leaves (Q scaled
+/// by 3.7: none finish), and so does cross-entropy's and entropy's one pass.
 #[test]
 fn the_quick_path_matches_the_general_path() {
     // 8 ulps of f32 relative, and absolutely for results near 0.
