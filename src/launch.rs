@@ -67,6 +67,23 @@ impl OnePass {
     fn replaces_sums_pass(self) -> bool {
         matches!(self, OnePass::KlNormalized | OnePass::JsNormalized)
     }
+
+    /// Its element and combine stages.
+    fn stages(self) -> (Stage, Stage) {
+        match self {
+            OnePass::KlLogits => (Stage::Rel, Stage::CombineRel),
+            OnePass::KlNormalized | OnePass::JsNormalized => (Stage::Norm, Stage::CombineNorm),
+        }
+    }
+
+    /// The skip modes of the passes after it, (pre-pass, main pass): the terms pass skips the
+    /// rows it finished, and the log-sum-exp pass also those whose log-sum-exps it wrote.
+    fn skip_modes(self) -> (u32, u32) {
+        match self {
+            OnePass::KlLogits => (kernels::MODE_SKIP_READY, kernels::MODE_SKIP_DONE),
+            OnePass::KlNormalized | OnePass::JsNormalized => (0, kernels::MODE_SKIP_DONE),
+        }
+    }
 }
 
 impl Job {
@@ -742,23 +759,14 @@ impl Gpu {
                     OnePass::JsNormalized => self.one_pass_normalized_js,
                 }
         });
-        // After it, the terms pass skips the rows it finished, and the log-sum-exp pass also
-        // those whose log-sum-exps it wrote.
-        let (skip_pre, skip_main) = match one_pass {
-            Some(OnePass::KlLogits) => (kernels::MODE_SKIP_READY, kernels::MODE_SKIP_DONE),
-            Some(OnePass::KlNormalized | OnePass::JsNormalized) => (0, kernels::MODE_SKIP_DONE),
-            None => (0, 0),
-        };
+        let (skip_pre, skip_main) = one_pass.map_or((0, 0), OnePass::skip_modes);
         // (stage, term, input, mode, is_combine)
         let mut dispatches: Vec<(Stage, Term, InputCode, u32, bool)> = Vec::new();
         if let Some(kind) = one_pass {
             // Without MODE_SKIP_DONE: it marks every row, finished or not, over what an
             // earlier call left there.
             let (term, input) = (job.term, job.input);
-            let (first, combine) = match kind {
-                OnePass::KlLogits => (Stage::Rel, Stage::CombineRel),
-                OnePass::KlNormalized | OnePass::JsNormalized => (Stage::Norm, Stage::CombineNorm),
-            };
+            let (first, combine) = kind.stages();
             if window.combine.is_some() {
                 dispatches.push((first, term, input, kernels::MODE_PARTIAL, false));
                 dispatches.push((combine, term, input, 0, true));
