@@ -52,7 +52,12 @@ for variant in ${VARIANTS:-}; do
     tree=$(mktemp -d)
     if [[ "$ref" == *.patch ]]; then
         git worktree add -q --detach "$tree/tree" HEAD
-        git -C "$tree/tree" apply "$PWD/$ref"
+        git -C "$tree/tree" apply "$PWD/$ref" || {
+            git worktree remove --force "$tree/tree"
+            rm -rf "$tree"
+            echo "device_bundle.sh: $ref no longer applies to HEAD (cargo test --test variants names the hunk)" >&2
+            exit 1
+        }
     else
         git worktree add -q --detach "$tree/tree" "$ref"
     fi
