@@ -1,4 +1,5 @@
-// The reductions, each a monoid: identity, combine, and a subgroup shuffle (monoids_subgroup.wgsl).
+// The reductions, each a monoid: identity, combine, and a subgroup shuffle (generated from its
+// struct: shuffle_xor_source in src/kernels.rs).
 
 // ---- compensated sums (Acc) ----
 

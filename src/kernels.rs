@@ -361,23 +361,47 @@ pub(crate) fn shader_source(
         .join("\n")
         .replace("/*SG_PARAMS*/", sg_params)
         .replace("SG_VALUE", sg_value);
-    let shuffles = if subgroups {
-        include_str!("../shaders/monoids_subgroup.wgsl")
-    } else {
-        ""
-    };
     let common = include_str!("../shaders/common.wgsl");
+    let monoids = include_str!("../shaders/monoids.wgsl");
+    let shuffle = if subgroups {
+        shuffle_xor_source(monoid, &[common, monoids].join("\n"))
+    } else {
+        String::new()
+    };
     let loads = element_loads(dtype, vec4);
     [
         constants.as_str(),
         common,
         &loads,
-        include_str!("../shaders/monoids.wgsl"),
-        shuffles,
+        monoids,
+        &shuffle,
         &reduce,
         &kernels,
     ]
     .join("\n")
+}
+
+/// `shuffle_xor_MONOID`, the subgroup shuffle of a monoid's state (only with
+/// `Features::SUBGROUP`): every field of its struct, as `source` declares it, through
+/// `subgroupShuffleXor`, so that a field added to a state is never left out of the butterfly.
+fn shuffle_xor_source(monoid: &str, source: &str) -> String {
+    let head = format!("struct {monoid} {{");
+    let body = source
+        .split_once(&head)
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .map(|(body, _)| body)
+        .unwrap_or_else(|| panic!("the shaders declare no struct {monoid}"));
+    let fields: Vec<String> = body
+        .lines()
+        .map(|line| line.split("//").next().unwrap_or(""))
+        .flat_map(|line| line.split(','))
+        .filter_map(|field| field.split_once(':'))
+        .map(|(name, _)| format!("subgroupShuffleXor(a.{}, mask)", name.trim()))
+        .collect();
+    format!(
+        "fn shuffle_xor_{monoid}(a: {monoid}, mask: u32) -> {monoid} {{\n    return {monoid}({});\n}}\n",
+        fields.join(", ")
+    )
 }
 
 /// How a module's element loops read P and Q: the storage type, and whether four elements at
@@ -564,6 +588,38 @@ mod tests {
     #[test]
     fn params_match_the_wgsl_struct_size() {
         assert_eq!(std::mem::size_of::<Params>(), 80);
+    }
+
+    #[test]
+    fn a_shuffle_moves_every_field_of_its_state() {
+        let source = "struct Two {\n    a: f32, // a comment: with a colon, and a comma\n    b_i: u32,\n}\n\
+                      struct Norm { x: f32, y: vec2<f32> }";
+        assert_eq!(
+            shuffle_xor_source("Two", source),
+            "fn shuffle_xor_Two(a: Two, mask: u32) -> Two {\n    return Two(subgroupShuffleXor(a.a, mask), \
+             subgroupShuffleXor(a.b_i, mask));\n}\n"
+        );
+        // The shaders' own states: as many shuffles as fields (naga's validation below checks
+        // the constructor's arity and types).
+        let shaders = [
+            include_str!("../shaders/common.wgsl"),
+            include_str!("../shaders/monoids.wgsl"),
+        ]
+        .join("\n");
+        for (monoid, fields) in [
+            ("Acc", 7),
+            ("Lse", 6),
+            ("Soft", 8),
+            ("Rel", 12),
+            ("Norm", 11),
+        ] {
+            let shuffle = shuffle_xor_source(monoid, &shaders);
+            assert_eq!(
+                shuffle.matches("subgroupShuffleXor(a.").count(),
+                fields,
+                "{shuffle}"
+            );
+        }
     }
 
     #[test]
