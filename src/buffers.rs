@@ -119,6 +119,18 @@ pub struct Workspace {
     pending: Option<Locator>,
     /// The engine that made it: its buffers live on that engine's device.
     engine: std::sync::Weak<crate::launch::Gpu>,
+    /// A turn taken by `drop` and given back last: fields drop in declaration order, so the
+    /// buffers above are destroyed inside it.
+    dropping: Option<crate::launch::Turn>,
+}
+
+/// On OpenGL, destroying a buffer takes wgpu's one GL context, which a running call can hold
+/// for longer than the second after which wgpu panics (a workspace dropped while another
+/// thread's call ran did, in the GL test suite); so the buffers go inside a turn, as calls do.
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        self.dropping = self.engine.upgrade().map(|gpu| gpu.turn());
+    }
 }
 
 impl std::fmt::Debug for Workspace {
@@ -417,6 +429,7 @@ impl Engine {
             scratch: Scratch::new(&self.gpu().device),
             pending: None,
             engine: self.token(),
+            dropping: None,
         }
     }
 
