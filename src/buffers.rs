@@ -115,21 +115,22 @@ struct Locator {
 /// reports bad input found by the kernels) before recording into it again. Keep one workspace
 /// per concurrent stream of work.
 pub struct Workspace {
-    scratch: Scratch,
+    /// Made by the first recording, so that making a workspace touches no device.
+    scratch: Option<Scratch>,
     pending: Option<Locator>,
     /// The engine that made it: its buffers live on that engine's device.
     engine: std::sync::Weak<crate::launch::Gpu>,
-    /// A turn taken by `drop` and given back last: fields drop in declaration order, so the
-    /// buffers above are destroyed inside it.
-    dropping: Option<crate::launch::Turn>,
 }
 
 /// On OpenGL, destroying a buffer takes wgpu's one GL context, which a running call can hold
 /// for longer than the second after which wgpu panics (a workspace dropped while another
-/// thread's call ran did, in the GL test suite); so the buffers go inside a turn, as calls do.
+/// thread's call ran did, in the GL test suite). So the buffers go inside a turn, as calls
+/// do; without waiting for one, which could wait forever on a call that this thread polls.
 impl Drop for Workspace {
     fn drop(&mut self) {
-        self.dropping = self.engine.upgrade().map(|gpu| gpu.turn());
+        if let Some(gpu) = self.engine.upgrade() {
+            gpu.drop_in_turn((self.scratch.take(), self.pending.take()));
+        }
     }
 }
 
@@ -170,11 +171,12 @@ impl Workspace {
         let Some(locator) = self.pending.take() else {
             return Ok(());
         };
-        let _turn = engine.gpu().turn();
-        let readback = engine
-            .gpu()
-            .read_back(&self.scratch, 0, false, blocking)
-            .await?;
+        let gpu = engine.gpu();
+        let _turn = gpu.turn_async().await;
+        let scratch = self
+            .scratch
+            .get_or_insert_with(|| Scratch::new(&gpu.device));
+        let readback = gpu.read_back(scratch, 0, false, blocking).await?;
         if readback.status[3] != kernels::RAN_MARK {
             return Err(Error::InvalidArgument(
                 "Workspace::check found that the recorded work has not run: submit the encoder \
@@ -424,12 +426,10 @@ impl Engine {
 
     /// A workspace for recording into your own command encoders (see [`Engine::record_rows`]).
     pub fn workspace(&self) -> Workspace {
-        let _turn = self.gpu().turn();
         Workspace {
-            scratch: Scratch::new(&self.gpu().device),
+            scratch: None,
             pending: None,
             engine: self.token(),
-            dropping: None,
         }
     }
 
@@ -578,7 +578,7 @@ impl Engine {
             elems: slice.size() / 4,
             dtype: Dtype::F32,
         };
-        let _turn = self.gpu().turn();
+        let _turn = self.gpu().turn_async().await;
         self.gpu().read_elements(&view, 0, view.elems, false).await
     }
 
@@ -868,7 +868,9 @@ impl Engine {
         gpu.scoped(|| {
             gpu.encode_device(
                 encoder,
-                &mut workspace.scratch,
+                workspace
+                    .scratch
+                    .get_or_insert_with(|| Scratch::new(&gpu.device)),
                 job,
                 &locator.plan,
                 p,
@@ -903,7 +905,7 @@ impl Engine {
         };
         outputs_apart(job, p, q, out, grad, locator.plan.rows)?;
         let gpu = self.gpu();
-        let _turn = gpu.turn();
+        let _turn = gpu.turn_async().await;
         let mut scratch = gpu.scratch.take(&gpu.device);
         let mut readback;
         // One submission: the work and the copies of its results, then one wait.

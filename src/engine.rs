@@ -908,7 +908,7 @@ impl Engine {
     ) -> Result<RowResults> {
         let q = cpu::check_shapes(measure, p, q, cols)?;
         let job = job_for(Term::Measure(measure), opts)?;
-        let _turn = self.gpu.turn();
+        let _turn = self.gpu.turn_async().await;
         let plan = Plan::new(
             (p.len() / cols) as u64,
             cols as u64,

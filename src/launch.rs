@@ -422,21 +422,93 @@ pub(crate) struct Gpu {
 /// GPU wait, or a shader compile on a software GL, can hold it longer: eight threads calling
 /// one engine on Mesa's llvmpipe GL did. Vulkan, Metal and DX12 devices run calls
 /// concurrently and have none.
-#[derive(Debug, Default)]
+///
+/// Blocking calls wait for a turn on a condition variable; async calls wait as futures, so
+/// that two async calls joined on one thread never block the thread the holder needs to
+/// finish. What must be destroyed inside a turn but may not wait for one (a dropped
+/// workspace's buffers) is buried, and dropped when the turn that is out ends.
+#[derive(Default)]
 pub(crate) struct Serial {
-    busy: std::sync::Mutex<bool>,
+    state: std::sync::Mutex<SerialState>,
     free: std::sync::Condvar,
 }
 
+#[derive(Default)]
+struct SerialState {
+    busy: bool,
+    /// Async calls waiting for a turn.
+    wakers: Vec<std::task::Waker>,
+    /// Dropped when the turn that is out ends.
+    buried: Vec<Box<dyn Send>>,
+}
+
+impl std::fmt::Debug for Serial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serial").finish_non_exhaustive()
+    }
+}
+
 impl Serial {
+    fn state(&self) -> std::sync::MutexGuard<'_, SerialState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Waits until no other turn is out, and takes one.
     fn take(self: &Arc<Self>) -> Turn {
-        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        while *busy {
-            busy = self.free.wait(busy).unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state();
+        while state.busy {
+            state = self.free.wait(state).unwrap_or_else(|e| e.into_inner());
         }
-        *busy = true;
+        state.busy = true;
         Turn(Some(self.clone()))
+    }
+
+    /// Takes a turn as a future: pending, not blocking, while another is out.
+    async fn take_async(self: &Arc<Self>) -> Turn {
+        std::future::poll_fn(|cx| {
+            let mut state = self.state();
+            if state.busy {
+                if !state.wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                    state.wakers.push(cx.waker().clone());
+                }
+                return std::task::Poll::Pending;
+            }
+            state.busy = true;
+            std::task::Poll::Ready(Turn(Some(self.clone())))
+        })
+        .await
+    }
+
+    /// Drops `item` inside a turn: at once if none is out, else when the one out ends.
+    fn drop_in_turn(self: &Arc<Self>, item: Box<dyn Send>) {
+        let mut state = self.state();
+        if state.busy {
+            state.buried.push(item);
+            return;
+        }
+        state.busy = true;
+        drop(state);
+        drop(item);
+        drop(Turn(Some(self.clone())));
+    }
+
+    /// Ends the turn that is out: drops what was buried during it, then wakes every waiter
+    /// (one gets the turn, the others wait again).
+    fn give_back(&self) {
+        loop {
+            let mut state = self.state();
+            if state.buried.is_empty() {
+                state.busy = false;
+                let wakers = std::mem::take(&mut state.wakers);
+                drop(state);
+                self.free.notify_all();
+                wakers.into_iter().for_each(std::task::Waker::wake);
+                return;
+            }
+            let buried = std::mem::take(&mut state.buried);
+            drop(state);
+            drop(buried);
+        }
     }
 }
 
@@ -447,8 +519,7 @@ pub(crate) struct Turn(Option<Arc<Serial>>);
 impl Drop for Turn {
     fn drop(&mut self) {
         if let Some(serial) = &self.0 {
-            *serial.busy.lock().unwrap_or_else(|e| e.into_inner()) = false;
-            serial.free.notify_one();
+            serial.give_back();
         }
     }
 }
@@ -577,10 +648,28 @@ impl Gpu {
     }
 
     /// Waits for this call's turn on the device: at once unless the device is OpenGL and
-    /// another call is running (an async caller's executor thread then waits too). Taken once
-    /// per public call, where it enters the GPU path.
+    /// another call is running. Taken once per public call, where it enters the GPU path;
+    /// async functions take [`Gpu::turn_async`] instead (blocking calls run them too).
     pub(crate) fn turn(&self) -> Turn {
         self.serial.as_ref().map_or(Turn(None), Serial::take)
+    }
+
+    /// [`Gpu::turn`] for async calls: waits as a future, so that a call holding the turn and
+    /// polled by the same thread can finish.
+    pub(crate) async fn turn_async(&self) -> Turn {
+        match &self.serial {
+            Some(serial) => serial.take_async().await,
+            None => Turn(None),
+        }
+    }
+
+    /// Drops `item` (which destroys buffers) inside a turn without waiting for one: at once
+    /// where calls take no turns or none is out, else when the call holding it ends.
+    pub(crate) fn drop_in_turn(&self, item: impl Send + 'static) {
+        match &self.serial {
+            Some(serial) => serial.drop_in_turn(Box::new(item)),
+            None => drop(item),
+        }
     }
 
     /// Runs `f` inside out-of-memory and validation error scopes, turning either into an Err.
@@ -1278,6 +1367,86 @@ mod tests {
             }
         });
         assert_eq!(most.load(Ordering::SeqCst), 1);
-        assert!(!*serial.busy.lock().unwrap(), "every turn was given back");
+        assert!(!serial.state().busy, "every turn was given back");
+    }
+
+    /// Counts its wakes.
+    struct Wakes(AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn an_async_turn_waits_as_a_future_and_is_woken_when_the_turn_ends() {
+        let serial = Arc::new(Serial::default());
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        let held = serial.take();
+        let mut waiting = Box::pin(serial.take_async());
+        for _ in 0..3 {
+            assert!(
+                waiting.as_mut().poll(&mut cx).is_pending(),
+                "no turn while one is out"
+            );
+        }
+        assert_eq!(
+            serial.state().wakers.len(),
+            1,
+            "one waker, however often polled"
+        );
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
+        drop(held);
+        assert_eq!(
+            wakes.0.load(Ordering::SeqCst),
+            1,
+            "woken when the turn ended"
+        );
+        let std::task::Poll::Ready(turn) = waiting.as_mut().poll(&mut cx) else {
+            panic!("the turn is free");
+        };
+        assert!(serial.state().busy);
+        drop(turn);
+        assert!(!serial.state().busy);
+    }
+
+    /// Counts its drops.
+    struct Dropped(Arc<AtomicUsize>);
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn what_is_dropped_in_a_turn_waits_for_the_turn_out_but_never_blocks() {
+        let serial = Arc::new(Serial::default());
+        let drops = Arc::new(AtomicUsize::new(0));
+        serial.drop_in_turn(Box::new(Dropped(drops.clone())));
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            1,
+            "no turn out: dropped at once"
+        );
+        assert!(!serial.state().busy, "and its turn given back");
+        let held = serial.take();
+        serial.drop_in_turn(Box::new(Dropped(drops.clone())));
+        serial.drop_in_turn(Box::new(Dropped(drops.clone())));
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            1,
+            "buried while a turn is out"
+        );
+        drop(held);
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            3,
+            "dropped as that turn ended"
+        );
+        assert!(!serial.state().busy);
     }
 }

@@ -586,6 +586,85 @@ fn dropped_futures_leave_the_engine_whole() {
     }
 }
 
+/// Polls every future in turn on this thread until all are ready, as a single-threaded
+/// executor's `join` does: none of them may wait for another by blocking the thread.
+fn join_on_this_thread<T>(
+    futures: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = T> + '_>>>,
+) -> Vec<T> {
+    let mut futures: Vec<_> = futures.into_iter().map(Some).collect();
+    let mut done: Vec<Option<T>> = futures.iter().map(|_| None).collect();
+    pollster::block_on(std::future::poll_fn(|cx| {
+        for (slot, out) in futures.iter_mut().zip(done.iter_mut()) {
+            if let Some(future) = slot
+                && let std::task::Poll::Ready(v) = future.as_mut().poll(cx)
+            {
+                *out = Some(v);
+                *slot = None;
+            }
+        }
+        if done.iter().all(Option::is_some) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    }));
+    done.into_iter().flatten().collect()
+}
+
+#[test]
+fn async_calls_joined_on_one_thread_all_finish() {
+    // On OpenGL calls take turns; an async call that waited for its turn by blocking the
+    // thread would never let the call holding it (polled by the same thread) finish. And a
+    // workspace dropped while a call is out must not wait for it either.
+    let e = engine();
+    let mut r = rng(77);
+    let p = dirichlet(&mut r, 1, 300_000, 0.5);
+    let q = dirichlet(&mut r, 1, 300_000, 0.5);
+    let (pb, qb) = (upload(e, "p", &p), upload(e, "q", &q));
+    let expected = [
+        cpu::kl_divergence(&p, &q).unwrap(),
+        cpu::js_divergence(&p, &q).unwrap(),
+        cpu::cross_entropy(&p, &q).unwrap(),
+    ];
+    // A workspace that has recorded and checked work holds buffers.
+    let mut workspace = e.workspace();
+    let out = e.create_f32_buffer("out", 1).unwrap();
+    let mut encoder = e.device().create_command_encoder(&Default::default());
+    e.record_rows(
+        &mut encoder,
+        &mut workspace,
+        Measure::KullbackLeibler,
+        pb.slice(..),
+        Some(qb.slice(..)),
+        p.len(),
+        &Options::default(),
+        out.slice(..),
+    )
+    .unwrap();
+    e.queue().submit([encoder.finish()]);
+    workspace.check(e).unwrap();
+    // The first call takes its turn and leaves it out while the thread drops the workspace.
+    fn assert_send<T: Send>(_: &T) {}
+    assert_send(&workspace);
+    let mut first = Box::pin(e.kl_divergence_async(&p, &q));
+    assert_send(&first);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let ready = first.as_mut().poll(&mut cx);
+    drop(workspace);
+    let first: std::pin::Pin<Box<dyn std::future::Future<Output = _>>> = match ready {
+        std::task::Poll::Ready(v) => Box::pin(std::future::ready(v)),
+        std::task::Poll::Pending => first,
+    };
+    let got = join_on_this_thread(vec![
+        first,
+        Box::pin(e.js_divergence_buffers_async(pb.slice(..), qb.slice(..))),
+        Box::pin(e.cross_entropy_async(&p, &q)),
+    ]);
+    for (k, (got, want)) in got.into_iter().zip(expected).enumerate() {
+        assert_close(got.unwrap(), want, &format!("call {k}"));
+    }
+}
+
 #[test]
 fn async_twins_on_buffers() {
     let e = engine();
