@@ -441,7 +441,8 @@ impl Engine {
     /// [`Engine::rows_buffers`].
     ///
     /// Parameters are staged with `Queue::write_buffer`, so they reach the GPU with the next
-    /// submission on this engine's queue.
+    /// submission on this engine's queue. On OpenGL it first waits for its turn among this
+    /// engine's calls, blocking the thread (see the README).
     #[allow(clippy::too_many_arguments)]
     pub fn record_rows(
         &self,
