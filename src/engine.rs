@@ -128,6 +128,12 @@ pub struct EngineOptions {
     pub window_bytes: Option<u64>,
     /// Planner knobs.
     pub tuning: Tuning,
+    /// Whether calls take turns on the device. `None` (the default): only on OpenGL, whose one
+    /// context wgpu locks with a one-second timeout (see the README). `Some(true)` makes them
+    /// take turns on any backend, one call on the device at a time: the tests check the turns
+    /// so on every adapter, since a GL run of the suite takes an hour. `Some(false)`: never
+    /// (on OpenGL, calls can then meet that timeout).
+    pub take_turns: Option<bool>,
 }
 
 impl Default for EngineOptions {
@@ -136,6 +142,7 @@ impl Default for EngineOptions {
             subgroups: true,
             window_bytes: None,
             tuning: Tuning::default(),
+            take_turns: None,
         }
     }
 }
@@ -554,7 +561,10 @@ impl Engine {
             storage_align: hw.min_storage_buffer_offset_alignment as u64,
             fault,
             scratch: ScratchPool::default(),
-            serial: (info.backend == wgpu::Backend::Gl).then(Arc::default),
+            serial: options
+                .take_turns
+                .unwrap_or(info.backend == wgpu::Backend::Gl)
+                .then(Arc::default),
             upload_threads: options
                 .tuning
                 .upload_threads

@@ -613,10 +613,29 @@ fn join_on_this_thread<T>(
 
 #[test]
 fn async_calls_joined_on_one_thread_all_finish() {
-    // On OpenGL calls take turns; an async call that waited for its turn by blocking the
-    // thread would never let the call holding it (polled by the same thread) finish. And a
-    // workspace dropped while a call is out must not wait for it either.
-    let e = engine();
+    // On OpenGL calls take turns (here also on an engine told to take them); an async call
+    // that waited for its turn by blocking the thread would never let the call holding it
+    // (polled by the same thread) finish. A workspace dropped while a call is out must not
+    // wait for it either. A hang fails the test after two minutes.
+    for (name, e) in [("default", engine()), ("turns", turns_engine())] {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            joined_calls_finish_on(e);
+            let _ = done.send(());
+        });
+        match finished.recv_timeout(std::time::Duration::from_secs(120)) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("{name} engine: async calls joined on one thread hung for two minutes")
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("{name} engine: the joined calls failed (see the panic above)")
+            }
+        }
+    }
+}
+
+fn joined_calls_finish_on(e: &Engine) {
     let mut r = rng(77);
     let p = dirichlet(&mut r, 1, 300_000, 0.5);
     let q = dirichlet(&mut r, 1, 300_000, 0.5);
@@ -681,7 +700,12 @@ fn async_twins_on_buffers() {
 fn engine_is_send_and_sync_and_correct_under_concurrency() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Engine>();
-    let e = engine();
+    for e in [engine(), turns_engine()] {
+        calls_from_eight_threads_are_correct_on(e);
+    }
+}
+
+fn calls_from_eight_threads_are_correct_on(e: &'static Engine) {
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..8u64)
             .map(|t| {

@@ -470,6 +470,7 @@ fn split_row_engines() -> [&'static klgpu::Engine; 2] {
             window_bytes: Some(256),
             subgroups,
             tuning,
+            ..Default::default()
         })
         .unwrap_or_else(|e| panic!("klgpu tests need a GPU adapter: {e}"))
     };

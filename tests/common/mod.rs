@@ -37,6 +37,18 @@ pub fn small_window_engine() -> &'static Engine {
     })
 }
 
+/// An engine whose calls take turns, as on OpenGL (`EngineOptions::take_turns`).
+pub fn turns_engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        Engine::with_options(EngineOptions {
+            take_turns: Some(true),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("klgpu tests need a GPU adapter: {e}"))
+    })
+}
+
 /// The plan a GPU gets (many short workgroups of 256, rows split into chunks and combined, lanes
 /// interleaved), and its uploads through staging buffers, whatever the adapter: on a CPU
 /// adapter the default plan is a few long workgroups with blocked lanes instead. With the quick path for plain vec4s on
