@@ -745,8 +745,8 @@ fn concurrent_calls_report_their_own_invalid_values() {
     // Threads share an engine's pooled scratch, flag and upload buffers: each call must still
     // get its own result and its own error, never a neighbour's flag. Four threads run the
     // edge fuzz of GPU buffers, recordings and host slices at once; four compute rows from
-    // host slices (two of them through 4 KiB windows), blocking and async, half of their calls
-    // with one planted invalid value.
+    // host slices (two of them through 4 KiB windows, one on an engine whose calls take turns),
+    // blocking and async, half of their calls with one planted invalid value.
     // `KLGPU_FUZZ_SEEDS=FIRST..` moves every thread's seed by FIRST.
     let base = fuzz_seeds().map_or(500, |seeds| seeds.start);
     std::thread::scope(|s| {
@@ -754,11 +754,12 @@ fn concurrent_calls_report_their_own_invalid_values() {
             .map(|t| s.spawn(move || invalid_values_named_as_from_host_slices::<f32>(base + t)));
         let streams = (0..4u64).map(|t| {
             s.spawn(move || {
-                let e = if t % 2 == 0 {
-                    small_window_engine()
-                } else {
-                    engine()
-                };
+                let e = [
+                    small_window_engine(),
+                    engine(),
+                    small_window_engine(),
+                    turns_engine(),
+                ][t as usize];
                 let mut r = rng(base + 100 + t);
                 for call in 0..6 {
                     let (rows, cols) = (20 + r.random_range(0..20), 1000 + r.random_range(0..2000));
