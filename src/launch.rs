@@ -493,22 +493,35 @@ impl Serial {
     }
 
     /// Ends the turn that is out: drops what was buried during it, then wakes every waiter
-    /// (one gets the turn, the others wait again).
+    /// (one gets the turn, the others wait again). The turn ends even if a buried drop
+    /// panics, so that no later call waits forever.
     fn give_back(&self) {
+        /// Ends the turn when dropped while a buried drop unwinds.
+        struct EndOnUnwind<'a>(&'a Serial);
+        impl Drop for EndOnUnwind<'_> {
+            fn drop(&mut self) {
+                self.0.end(self.0.state());
+            }
+        }
         loop {
             let mut state = self.state();
             if state.buried.is_empty() {
-                state.busy = false;
-                let wakers = std::mem::take(&mut state.wakers);
-                drop(state);
-                self.free.notify_all();
-                wakers.into_iter().for_each(std::task::Waker::wake);
-                return;
+                return self.end(state);
             }
             let buried = std::mem::take(&mut state.buried);
             drop(state);
+            let guard = EndOnUnwind(self);
             drop(buried);
+            std::mem::forget(guard);
         }
+    }
+
+    fn end(&self, mut state: std::sync::MutexGuard<'_, SerialState>) {
+        state.busy = false;
+        let wakers = std::mem::take(&mut state.wakers);
+        drop(state);
+        self.free.notify_all();
+        wakers.into_iter().for_each(std::task::Waker::wake);
     }
 }
 
@@ -1448,5 +1461,28 @@ mod tests {
             "dropped as that turn ended"
         );
         assert!(!serial.state().busy);
+    }
+
+    /// Panics when dropped.
+    struct Bomb;
+
+    impl Drop for Bomb {
+        fn drop(&mut self) {
+            panic!("a buried drop panics");
+        }
+    }
+
+    #[test]
+    fn a_buried_drop_that_panics_still_ends_the_turn() {
+        let serial = Arc::new(Serial::default());
+        let held = serial.take();
+        serial.drop_in_turn(Box::new(Bomb));
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(held)));
+        assert!(unwound.is_err(), "the panic reaches the turn's holder");
+        assert!(
+            !serial.state().busy,
+            "and the turn is free for the next call"
+        );
+        drop(serial.take());
     }
 }
