@@ -131,8 +131,8 @@ pub struct EngineOptions {
     /// Whether calls take turns on the device. `None` (the default): only on OpenGL, whose one
     /// context wgpu locks with a one-second timeout (see the README). `Some(true)` makes them
     /// take turns on any backend, one call on the device at a time: the tests check the turns
-    /// so on every adapter, since a GL run of the suite takes an hour. `Some(false)`: never
-    /// (on OpenGL, calls can then meet that timeout).
+    /// so on every adapter (a GL run of the suite takes most of an hour on a fresh machine).
+    /// `Some(false)`: never (on OpenGL, calls can then meet that timeout).
     pub take_turns: Option<bool>,
 }
 
