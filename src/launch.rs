@@ -488,8 +488,10 @@ impl Serial {
         }
         state.busy = true;
         drop(state);
+        // Taken before the drop, so that it ends even if the drop panics.
+        let turn = Turn(Some(self.clone()));
         drop(item);
-        drop(Turn(Some(self.clone())));
+        drop(turn);
     }
 
     /// Ends the turn that is out: drops what was buried during it, then wakes every waiter
@@ -1483,6 +1485,9 @@ mod tests {
             !serial.state().busy,
             "and the turn is free for the next call"
         );
+        let unwound = std::panic::catch_unwind(|| serial.drop_in_turn(Box::new(Bomb)));
+        assert!(unwound.is_err(), "no turn out: it panics at once");
+        assert!(!serial.state().busy, "and gives its turn back");
         drop(serial.take());
     }
 }
