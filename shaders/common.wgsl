@@ -92,8 +92,9 @@ fn row_done(row: u32) -> bool {
 }
 
 // Eight storage bindings at most: WebGPU's default max_storage_buffers_per_shader_stage.
-// The running state of a row split across windows lives in partials[chunks], one past the
-// window's partials.
+// The running state of a row split across windows lives in partials[chunks], where `chunks`
+// is one past the most chunks any window of that row has (Window::partials_stride): one
+// slot for every window of the row, which may differ by a chunk.
 
 // a / b where b may be huge. NVIDIA's Vulkan driver divides as a·(1/b), and 1/b is subnormal,
 // so flushed to 0, where |b| >= 2^126: JS's (p − q)/(p + q) of values near f32::MAX came out

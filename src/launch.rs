@@ -747,13 +747,13 @@ impl Gpu {
     ) -> Params {
         let (row_len, col_begin, col_end, chunks) = match combine_stride {
             // The combine kernel's "row" is the window row's partials; `chunks` keeps pointing
-            // one past them, where a split row's running state lives.
-            Some(stride) => (stride, 0, stride, stride),
+            // where a split row's running state lives.
+            Some(stride) => (stride, 0, stride, window.partials_stride),
             None => (
                 window.row_len() as u32,
                 window.col_begin as u32,
                 window.col_end as u32,
-                window.terms.chunks,
+                window.partials_stride,
             ),
         };
         Params {

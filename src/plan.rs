@@ -305,6 +305,12 @@ pub struct Window {
     pub terms: Layout,
     /// Layout of the dispatch that combines per-chunk partials, if there is more than one chunk.
     pub combine: Option<Layout>,
+    /// The row stride of the terms dispatch's partials, and the slot just past a row's
+    /// partials where a split row's running state lives (`prm.chunks` in the shaders). For a
+    /// split row (one row per window) it is the most chunks any window of that row has, not
+    /// the window's own count: the windows of a row can differ by a chunk, and each must find
+    /// the state where the one before left it.
+    pub partials_stride: u32,
 }
 
 impl Window {
@@ -354,6 +360,7 @@ impl Plan {
                 elem_start: row_begin * cols + col_begin,
                 elem_len: rows as u64 * row_len,
                 split,
+                partials_stride: terms.chunks,
                 terms,
                 combine,
             }
@@ -372,6 +379,7 @@ impl Plan {
             let parts = cols.div_ceil(cap);
             let part_len = cols.div_ceil(parts).div_ceil(WINDOW_GRANULE) * WINDOW_GRANULE;
             for row in 0..rows {
+                let first_window = windows.len();
                 let mut col = 0;
                 while col < cols {
                     let end = (col + part_len).min(cols);
@@ -381,6 +389,11 @@ impl Plan {
                     };
                     windows.push(window(row, 1, col, end, Some(split)));
                     col = end;
+                }
+                let row_windows = &mut windows[first_window..];
+                let stride = row_windows.iter().map(|w| w.terms.chunks).max();
+                for w in row_windows {
+                    w.partials_stride = stride.unwrap_or(1);
                 }
             }
         }
@@ -452,6 +465,26 @@ mod tests {
         assert_eq!(w.terms.chunks, 1);
         assert_eq!(w.terms.row_groups, 1_000_000u32.div_ceil(256));
         assert!(w.combine.is_none());
+    }
+
+    #[test]
+    fn a_split_rows_windows_keep_its_state_in_one_slot() {
+        // 16,384-element windows on a GPU's plan: a row of 16,385 splits into windows of
+        // 8,256 and 8,129 columns, of 3 and 2 chunks. The state the first leaves past its
+        // partials must be where the second looks (it looked in its own slot 2, the first's
+        // last chunk: KL over 1,048,577 elements on lavapipe came out a third low).
+        let plan = Plan::new(1, 16_385, LAVAPIPE.with_window_cap(16_384));
+        let chunks: Vec<u32> = plan.windows.iter().map(|w| w.terms.chunks).collect();
+        assert_eq!(chunks, [3, 2]);
+        assert!(plan.windows.iter().all(|w| w.partials_stride == 3));
+        // Whole rows keep their own chunk count: it is the row stride of their partials.
+        let whole = Plan::new(8, 1000, LAVAPIPE.with_window_cap(16_384));
+        assert!(
+            whole
+                .windows
+                .iter()
+                .all(|w| w.partials_stride == w.terms.chunks)
+        );
     }
 
     #[test]
@@ -679,6 +712,18 @@ mod tests {
                 if let Some(c) = w.combine {
                     prop_assert_eq!(c.chunks, 1);
                     prop_assert!(c.chunk_len >= w.terms.chunks);
+                }
+                // The state slot is past the window's partials, within the scratch buffer's
+                // max_partials() + 2 slots, and the same in every window of a split row.
+                prop_assert!(w.partials_stride >= w.terms.chunks);
+                prop_assert!((w.partials_stride as u64) < plan.max_partials() + 2);
+                if w.split.is_none() {
+                    prop_assert_eq!(w.partials_stride, w.terms.chunks);
+                }
+            }
+            for pair in plan.windows.windows(2) {
+                if pair[0].split.is_some() && pair[0].row_begin == pair[1].row_begin {
+                    prop_assert_eq!(pair[0].partials_stride, pair[1].partials_stride);
                 }
             }
         }

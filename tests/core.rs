@@ -933,6 +933,60 @@ fn the_quick_path_matches_the_general_path() {
     }
 }
 
+/// Rows longer than a window, whose windows differ in chunk count: the row's running state
+/// must cross them. With 64 KiB windows (16,384 f32) a GPU's plan splits a row of 16,385 into
+/// windows of 3 and 2 chunks (plan.rs, `a_split_rows_windows_keep_its_state_in_one_slot`).
+/// Each window kept the state one past its own chunks, so the last looked in the wrong slot:
+/// on lavapipe's default plan KL over 1,048,577 elements came out a third low. The tests'
+/// other split rows had windows of one chunk each. Every pass that carries a state across
+/// windows: the terms pass (probabilities), the sums pass (normalized rows whose sums differ),
+/// the one pass of cross-entropy and entropy (logits, normalized rows) and KL and JS of logits.
+#[test]
+fn split_rows_whose_windows_differ_in_chunks_match_the_reference() {
+    let open = |tuning| {
+        klgpu::Engine::with_options(klgpu::EngineOptions {
+            window_bytes: Some(64 << 10),
+            tuning,
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("klgpu tests need a GPU adapter: {e}"))
+    };
+    let engines = [
+        open(short_loop_tuning(false, true)),
+        open(klgpu::Tuning::default()),
+    ];
+    let mut r = rng(23);
+    for n in [16_385, 17_000, 24_577, 32_769, 41_000] {
+        let p = dirichlet(&mut r, 1, n, 1.0);
+        let q = perturbed(&mut r, &p, 0.3);
+        // Rows the kernels normalize, with sums far apart (so KL and JS take the sums pass).
+        let (p3, q_half): (Vec<f32>, Vec<f32>) = (
+            p.iter().map(|x| 3.0 * x).collect(),
+            q.iter().map(|x| 0.5 * x).collect(),
+        );
+        let (zp, zq) = (logits(&mut r, n, 3.0), logits(&mut r, n, 3.0));
+        let cases = [
+            (Input::Probs, false, &p, &q),
+            (Input::Probs, true, &p3, &q_half),
+            (Input::Logits, false, &zp, &zq),
+        ];
+        for (plan, e) in ["GPU plan", "default plan"].iter().zip(&engines) {
+            for m in Measure::ALL {
+                for (input, normalize, a, b) in cases {
+                    let opts = Options {
+                        normalize,
+                        ..Options::input(input)
+                    };
+                    let gpu = e.divergence(m, a, q_for(m, b), &opts).unwrap();
+                    let exact = cpu::divergence(m, a, q_for(m, b), &opts).unwrap();
+                    let what = format!("{plan}: {m:?} {input:?} normalize={normalize}, n = {n}");
+                    assert_close(gpu, exact, &what);
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn bad_input_in_a_later_window_is_found() {
     let e = small_window_engine();
