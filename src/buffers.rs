@@ -1090,6 +1090,7 @@ fn shape(p: &GpuSlice<'_>, cols: usize) -> Result<u64> {
             cols,
         });
     }
+    crate::plan::check_columns(cols as u64)?;
     Ok(p.elems / cols as u64)
 }
 

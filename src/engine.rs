@@ -917,6 +917,7 @@ impl Engine {
         blocking: bool,
     ) -> Result<RowResults> {
         let q = cpu::check_shapes(measure, p, q, cols)?;
+        crate::plan::check_columns(cols as u64)?;
         let job = job_for(Term::Measure(measure), opts)?;
         let _turn = self.gpu.turn_async().await;
         let plan = Plan::new(

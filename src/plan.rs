@@ -13,6 +13,25 @@
 /// Invocations per workgroup of the kernels, but where [`PlanLimits::small_workgroup`] fits a
 /// smaller one (the shaders take the size of each layout as the constant `WG`).
 pub const WORKGROUP_SIZE: u32 = 256;
+/// Most columns a row may have on the GPU. The kernels index columns in u32, from the row's
+/// start (a split row's windows keep their place in it, for the arg-max of top-1 agreement),
+/// and a chunk's end is its start plus its length: 2^31 leaves room for both. Longer rows are
+/// refused ([`check_columns`]) rather than read with wrapped indices.
+pub const MAX_COLUMNS: u64 = 1 << 31;
+
+/// Refuses rows longer than [`MAX_COLUMNS`] (the f64 CPU reference takes them).
+pub fn check_columns(cols: u64) -> crate::Result<()> {
+    if cols > MAX_COLUMNS {
+        return Err(crate::Error::InvalidArgument(format!(
+            "rows of {cols} columns are longer than the GPU kernels index (at most {MAX_COLUMNS}); \
+             for probabilities and log-probabilities that are not normalized, the sum of the \
+             per-row values of the same data in shorter rows is the same value \
+             (Reduction::Sum); or use the f64 CPU reference (klgpu::cpu)"
+        )));
+    }
+    Ok(())
+}
+
 /// Upper bound on one invocation's main-loop iterations. llvmpipe silently truncates an
 /// invocation after 65535 loop iterations in total; we stay a factor of 64 below.
 pub const MAX_ITERATIONS: u32 = 1024;
@@ -465,6 +484,14 @@ mod tests {
         assert_eq!(w.terms.chunks, 1);
         assert_eq!(w.terms.row_groups, 1_000_000u32.div_ceil(256));
         assert!(w.combine.is_none());
+    }
+
+    #[test]
+    fn rows_past_the_kernels_column_index_are_refused() {
+        assert!(check_columns(MAX_COLUMNS).is_ok());
+        let err = check_columns(MAX_COLUMNS + 1).unwrap_err().to_string();
+        assert!(err.contains("2147483649 columns"), "{err}");
+        assert!(check_columns(5_000_000_000).is_err());
     }
 
     #[test]
