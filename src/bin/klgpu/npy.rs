@@ -74,6 +74,20 @@ pub fn parse_header_text(text: &str) -> Result<NpyHeader, String> {
     let PyValue::Dict(entries) = value else {
         return Err("not a valid .npy file: header is not a dict".into());
     };
+    // numpy writes exactly these three keys and refuses a header with others. A key given
+    // twice is refused too: numpy's parser keeps the last copy, so taking either one silently
+    // could read another shape or order than numpy does.
+    for (i, (key, _)) in entries.iter().enumerate() {
+        if !["descr", "fortran_order", "shape"].contains(&key.as_str()) {
+            return Err(format!(
+                "not a valid .npy file: header has the key '{key}' (numpy writes only 'descr', \
+                 'fortran_order' and 'shape')"
+            ));
+        }
+        if entries[..i].iter().any(|(k, _)| k == key) {
+            return Err(format!("not a valid .npy file: header gives '{key}' twice"));
+        }
+    }
     let get = |key: &str| {
         entries
             .iter()
@@ -137,14 +151,19 @@ pub fn parse_header_text(text: &str) -> Result<NpyHeader, String> {
 /// Interprets a numpy type string such as `<f4`.
 fn parse_descr(descr: &str) -> Result<NpyDtype, String> {
     let bytes = descr.as_bytes();
-    if bytes.len() < 2 {
-        return Err(format!("unsupported dtype '{descr}'"));
+    // A type string without a byte-order mark (`f4`, which numpy also reads) is native.
+    let (order, rest) = match bytes.first() {
+        Some(b'<' | b'>' | b'|' | b'=') => (bytes[0], &descr[1..]),
+        _ => (b'=', descr),
+    };
+    let unsupported = || format!("unsupported dtype '{descr}'");
+    let kind = *rest.as_bytes().first().ok_or_else(unsupported)?;
+    let digits = rest.get(1..).unwrap_or("");
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(unsupported());
     }
-    let (order, kind) = (bytes[0], bytes[1]);
-    let size: usize = descr
-        .get(2..)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("unsupported dtype '{descr}'"))?;
+    // Too many digits for a usize is a size no dtype has: report it as the bytes it says.
+    let size: usize = digits.parse().unwrap_or(usize::MAX);
     let what = match kind {
         b'f' => None,
         b'i' | b'u' => Some("integer"),
@@ -174,9 +193,8 @@ fn parse_descr(descr: &str) -> Result<NpyDtype, String> {
         4 => Ok(NpyDtype::F32),
         8 => Ok(NpyDtype::F64),
         _ => Err(format!(
-            "float dtype '{descr}' ({}-bit) is not supported; klgpu reads float16, float32 and \
-             float64",
-            size * 8
+            "float dtype '{descr}' ({digits} bytes per element) is not supported; klgpu reads \
+             float16, float32 and float64"
         )),
     }
 }
@@ -433,7 +451,36 @@ mod tests {
             ),
             (
                 "{'descr': '<f16', 'fortran_order': False, 'shape': (3,), }",
-                "128-bit",
+                "16 bytes per element",
+            ),
+            (
+                "{'descr': '<f2305843009213693953', 'fortran_order': False, 'shape': (3,), }",
+                "2305843009213693953 bytes per element",
+            ),
+            (
+                "{'descr': '<f99999999999999999999999', 'fortran_order': False, 'shape': (3,)}",
+                "not supported",
+            ),
+            (
+                "{'descr': '<f+4', 'fortran_order': False, 'shape': (3,), }",
+                "unsupported",
+            ),
+            (
+                "{'descr': '<f', 'fortran_order': False, 'shape': (3,), }",
+                "unsupported",
+            ),
+            // numpy's parser keeps the last of two copies: either copy could be the wrong one.
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), 'fortran_order': True}",
+                "'fortran_order' twice",
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), 'shape': (4,)}",
+                "'shape' twice",
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), 'order': 'C'}",
+                "the key 'order'",
             ),
             (
                 "{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (3,), }",
@@ -453,6 +500,9 @@ mod tests {
             let err = parse_header_text(text).unwrap_err();
             assert!(err.contains(needle), "{text}: {err}");
         }
+        // A type string without a byte-order mark is native, as numpy reads it.
+        let h = parse_header_text("{'descr': 'f4', 'fortran_order': False, 'shape': (3,)}");
+        assert_eq!(h.map(|h| h.dtype), Ok(NpyDtype::F32));
         // 1-D Fortran order is the same bytes as C order.
         assert!(
             parse_header_text("{'descr': '<f4', 'fortran_order': True, 'shape': (3,), }").is_ok()
