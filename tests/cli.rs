@@ -1541,3 +1541,136 @@ fn normalized_log_probabilities_are_read_as_logits() {
         );
     }
 }
+
+#[test]
+fn f64_probabilities_below_f32_are_refused_where_they_decide_infinity() {
+    // klgpu computes in f32, where 1e-50 is 0: a Q value under P > 0 would make KL and
+    // cross-entropy infinite (they are finite), a P value over Q = 0 finite (it is infinite),
+    // and a negative one would pass as -0. Elsewhere such values change nothing f32 resolves:
+    // rows of f64 probabilities hold them often, and they are computed.
+    let dir = tmp();
+    let d = dir.path();
+    let (up, uq) = (d.join("up.npy"), d.join("uq.npy"));
+    npy_f64(&up, &[1, 2], &[0.5, 0.5]);
+    npy_f64(&uq, &[1, 2], &[1.0 - 1e-50, 1e-50]);
+    for command in ["kl", "ce"] {
+        for backend in ["gpu", "cpu"] {
+            expect_bad(
+                d,
+                strings(&[command, s(&up), s(&uq), "--backend", backend]),
+                &["uq.npy: row 0, column 1: value 1e-50 is below f32's smallest positive value"],
+            );
+        }
+    }
+    let (p3, q3) = (d.join("p3.npy"), d.join("q3.npy"));
+    npy_f64(&p3, &[3], &[0.5, 0.5 - 1e-60, 1e-60]);
+    npy_f64(&q3, &[3], &[0.5, 0.5, 0.0]);
+    expect_bad(
+        d,
+        strings(&["kl", s(&p3), s(&q3)]),
+        &["p3.npy: index 2: value 1e-60"],
+    );
+    let neg = d.join("neg.npy");
+    npy_f64(&neg, &[3], &[0.5, 0.5, -1e-60]);
+    expect_bad(
+        d,
+        strings(&["entropy", s(&neg)]),
+        &["neg.npy: index 2: value -1e-60 is negative"],
+    );
+    // Where no answer depends on them: JS, both sides tiny, P = 0 over a tiny Q, and inputs
+    // other than probabilities (a logit of 1e-50 is 0 to f32's resolution).
+    let (bp, bq) = (d.join("bp.npy"), d.join("bq.npy"));
+    npy_f64(&bp, &[2, 3], &[0.5, 0.5 - 1e-50, 1e-50, 0.3, 0.7, 0.0]);
+    npy_f64(
+        &bq,
+        &[2, 3],
+        &[0.5, 0.5 - 1e-55, 1e-55, 0.3, 0.7 - 1e-60, 1e-60],
+    );
+    for args in [
+        ["js", s(&up), s(&uq), "--input", "probs"],
+        ["kl", s(&bp), s(&bq), "--input", "probs"],
+        ["kl", s(&up), s(&uq), "--input", "log-probs"],
+    ] {
+        let r = klgpu(&[&args[..], &["--json", "--reduction", "sum"]].concat());
+        assert_eq!(r.code, 0, "{args:?}: {:?}", r.ours);
+        assert!(as_f64(&r.json()["value"]).is_finite(), "{args:?}");
+    }
+    let r = klgpu(&["kl", s(&bp), s(&bq), "--json", "--reduction", "sum"]);
+    assert!(as_f64(&r.json()["value"]).abs() < 1e-6, "{}", r.stdout);
+}
+
+#[cfg(unix)]
+#[test]
+fn outputs_and_inputs_that_are_not_plain_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tmp();
+    let d = dir.path();
+    let (p, q) = (d.join("p.npy"), d.join("q.npy"));
+    npy_f32(&p, &[2, 2], &[0.5; 4]);
+    npy_f32(&q, &[2, 2], &[0.25, 0.75, 0.5, 0.5]);
+    let fifo = d.join("fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let is_fifo = |path: &Path| {
+        use std::os::unix::fs::FileTypeExt;
+        std::fs::symlink_metadata(path)
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    };
+    // A FIFO as --out: the output was renamed over it (as it would be over /dev/null).
+    let r = klgpu(&["kl", s(&p), s(&q), "--out", s(&fifo)]);
+    assert_eq!(r.code, 2, "{:?}", r.ours);
+    assert!(r.ours[0].contains("device, pipe or socket"), "{:?}", r.ours);
+    assert!(is_fifo(&fifo));
+    // A FIFO as input: refused at once (opening one blocked until something wrote to it).
+    let r = klgpu(&["entropy", s(&fifo)]);
+    assert_eq!(r.code, 2, "{:?}", r.ours);
+    assert!(r.ours[0].contains("not a regular file"), "{:?}", r.ours);
+    let r = klgpu(&["entropy", "-"]);
+    assert_eq!(r.code, 2, "{:?}", r.ours);
+    assert!(
+        r.ours[0].contains("does not read standard input"),
+        "{:?}",
+        r.ours
+    );
+    // A path with a trailing slash names a directory, refused before any work.
+    let slash = format!("{}/", d.join("new.npy").display());
+    let r = klgpu(&["kl", s(&p), s(&q), "--out", &slash]);
+    assert_eq!(r.code, 2, "{:?}", r.ours);
+    assert!(r.ours[0].contains("names a directory"), "{:?}", r.ours);
+    // A symbolic link stays one, and its target gets the values; a replaced file keeps its
+    // permissions.
+    let (target, link) = (d.join("target.npy"), d.join("link.npy"));
+    std::fs::write(&target, b"old").unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let r = klgpu(&["kl", s(&p), s(&q), "--out", s(&link)]);
+    assert_eq!(r.code, 0, "{:?}", r.ours);
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(read_npy_f64(&target).len(), 2);
+    let mode = std::fs::metadata(&target).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn an_unwritable_standard_error_is_no_panic() {
+    // eprintln! panics when standard error cannot be written; the exit code must still say
+    // "bad input" (2), not a panic's 101.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_klgpu"))
+        .args(["entropy", "no-such-file.npy"])
+        .stderr(full)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(2));
+}

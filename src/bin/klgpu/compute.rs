@@ -46,10 +46,10 @@ impl Backend {
                 Ok(e) => Ok(Backend::Gpu(Box::new(e))),
                 Err(klgpu::Error::NoAdapter { .. }) => {
                     if !quiet {
-                        eprintln!(
+                        crate::error::print_err(format_args!(
                             "klgpu: note: no GPU adapter found; computing with the f64 CPU \
                              reference (--backend cpu)"
-                        );
+                        ));
                     }
                     Ok(Backend::Cpu)
                 }
@@ -156,9 +156,9 @@ pub fn run(cmd: &MeasureRun) -> Result<(), CliError> {
         output::check_out_path(out, &inputs)?;
     }
     if cmd.opts.normalize && cmd.opts.input == Input::Logits && !cmd.quiet {
-        eprintln!(
+        crate::error::print_err(format_args!(
             "klgpu: note: logits are normalized by construction; --normalize changes nothing"
-        );
+        ));
     }
     // Normalized log-probabilities are read as logits (the library's rule): the report keeps
     // the input kind as given.

@@ -14,6 +14,13 @@ pub const EXIT_INPUT: i32 = 2;
 /// Exit code for everything else.
 pub const EXIT_RUNTIME: i32 = 1;
 
+/// Prints a line to standard error, as `eprintln!` does but without its panic when standard
+/// error cannot be written (`2>/dev/full`): the exit code still tells what happened.
+pub fn print_err(line: fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 /// A failure with the message to print and the exit code to return.
 #[derive(Debug)]
 pub struct CliError {
@@ -123,13 +130,28 @@ impl Origin<'_> {
     }
 }
 
-/// The message for an f64 element f32 cannot hold.
+/// The message for an f64 element f32 cannot hold: beyond its range, or a probability so
+/// small that it would read as 0 where that changes the answer (`Reader::mark_underflows`).
 pub fn beyond_f32(label: &str, one_d: bool, row: usize, col: usize, value: f64) -> CliError {
-    CliError::input(format!(
-        "{label}: {}: value {value:e} is beyond the range of f32 (±3.4e38), in which klgpu \
-         computes; scale the input down",
-        position(one_d, row, col)
-    ))
+    let at = position(one_d, row, col);
+    CliError::input(if value.abs() > f64::from(f32::MAX) {
+        format!(
+            "{label}: {at}: value {value:e} is beyond the range of f32 (±3.4e38), in which \
+             klgpu computes; scale the input down"
+        )
+    } else if value < 0.0 {
+        format!(
+            "{label}: {at}: value {value:e} is negative; probabilities must be >= 0 (in f32, \
+             in which klgpu computes, it would round to -0)"
+        )
+    } else {
+        format!(
+            "{label}: {at}: value {value:e} is below f32's smallest positive value (1.4e-45), \
+             in which klgpu computes; read as 0 there it would decide whether the result is \
+             infinite (P > 0 where Q = 0); pass log-probabilities instead (np.log, --input \
+             log-probs)"
+        )
+    })
 }
 
 /// An element as the user knows it: `index N` in 1-D, `row R, column C` in 2-D.

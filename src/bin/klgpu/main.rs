@@ -358,9 +358,9 @@ fn main() -> ExitCode {
             for (i, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
                 if i == 0 {
                     let line = line.strip_prefix("error: ").unwrap_or(line);
-                    eprintln!("klgpu: error: {line}");
+                    error::print_err(format_args!("klgpu: error: {line}"));
                 } else {
-                    eprintln!("klgpu: {line}");
+                    error::print_err(format_args!("klgpu: {line}"));
                 }
             }
             return ExitCode::from(error::EXIT_INPUT as u8);
@@ -369,7 +369,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("klgpu: error: {e}");
+            error::print_err(format_args!("klgpu: error: {e}"));
             ExitCode::from(e.code as u8)
         }
     }

@@ -277,11 +277,20 @@ fn temp_beside(path: &Path) -> std::io::Result<tempfile::NamedTempFile> {
 /// created beside it (which is removed at once).
 pub fn check_out_path(path: &Path, inputs: &[&Path]) -> Result<(), CliError> {
     let shown = path.display();
-    if path.is_dir() {
+    if path.is_dir() || path.as_os_str().as_encoded_bytes().ends_with(b"/") {
         return Err(CliError::input(format!(
             "{shown}: --out names a directory, not a file"
         )));
     }
+    // The output replaces a file by renaming a new one over it: over a device or a pipe
+    // (`--out /dev/null`) that would put a plain file in its place.
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        return Err(CliError::input(format!(
+            "{shown}: --out names a device, pipe or socket; klgpu writes the per-row values to \
+             a regular file, replacing it whole"
+        )));
+    }
+    let path = &out_target(path);
     if let Some(input) = inputs.iter().find(|input| same_file(path, input)) {
         return Err(CliError::input(format!(
             "{shown}: --out names the input {}; the per-row values would replace it",
@@ -320,13 +329,30 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// Where an `--out` path's file is: a symbolic link's target (which the output replaces,
+/// keeping the link), else the path itself.
+fn out_target(path: &Path) -> PathBuf {
+    let link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    match link.then(|| std::fs::canonicalize(path)) {
+        Some(Ok(target)) => target,
+        _ => path.to_path_buf(),
+    }
+}
+
 /// Writes per-row values as a 1-D f64 `.npy` file: to a temporary file in the same
 /// directory, then renamed over `path`, so a failed run never leaves a partial file nor
-/// truncates an existing one.
+/// truncates an existing one. A file it replaces keeps its permissions, and a symbolic link
+/// its place: the link's target is replaced.
 pub fn write_rows_atomically(path: &Path, values: &[f64]) -> Result<(), CliError> {
     let shown = path.display();
     let fail = |e: std::io::Error| CliError::runtime(format!("{shown}: cannot write: {e}"));
+    let path = &out_target(path);
     let tmp = temp_beside(path).map_err(fail)?;
+    if let Ok(existing) = std::fs::metadata(path) {
+        tmp.as_file()
+            .set_permissions(existing.permissions())
+            .map_err(fail)?;
+    }
     {
         let mut w = BufWriter::new(tmp.as_file());
         npy::write_f64_1d(&mut w, values).map_err(fail)?;

@@ -77,6 +77,9 @@ pub struct Source {
     pub shape: Vec<usize>,
     /// Reused buffer for raw bytes.
     scratch: Vec<u8>,
+    /// The nonzero f64 elements of the last `read_f32` that f32 rounds to ±0, in order: their
+    /// index in the read and the file's value (`stream::Reader::mark_underflows` decides).
+    pub underflows: Vec<Beyond>,
 }
 
 /// Bytes converted per read call: bounds the scratch buffer whatever the block size.
@@ -91,20 +94,34 @@ impl Source {
     pub fn open(path: &Path, tensor: &TensorChoice) -> Result<Source, CliError> {
         let shown = path.display().to_string();
         let fail = |msg: String| CliError::input(format!("{shown}: {msg}"));
+        if path.as_os_str() == "-" {
+            return Err(fail(
+                "klgpu does not read standard input: it reads its inputs by position, block by \
+                 block and long rows twice, so save the data to a file first"
+                    .into(),
+            ));
+        }
         if path.is_dir() {
             return Err(fail("is a directory, not a file".into()));
+        }
+        // Checked before opening: opening a FIFO blocks until something writes to it.
+        let not_regular = || {
+            // A pipe (`<(zcat p.npy.gz)`) would fail later with "Illegal seek".
+            fail(
+                "is not a regular file (a pipe or a device): klgpu reads its inputs by position, \
+                 block by block and long rows twice, so save the data to a file first"
+                    .into(),
+            )
+        };
+        if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+            return Err(not_regular());
         }
         let mut file = File::open(path).map_err(|e| fail(format!("cannot open: {e}")))?;
         let meta = file
             .metadata()
             .map_err(|e| fail(format!("cannot read: {e}")))?;
         if !meta.is_file() {
-            // A pipe (`<(zcat p.npy.gz)`) would fail later with "Illegal seek".
-            return Err(fail(
-                "is not a regular file (a pipe or a device): klgpu reads its inputs by position, \
-                 block by block and long rows twice, so save the data to a file first"
-                    .into(),
-            ));
+            return Err(not_regular());
         }
         let file_len = meta.len();
         let mut magic = [0u8; 6];
@@ -149,6 +166,7 @@ impl Source {
             dtype,
             shape,
             scratch: Vec::new(),
+            underflows: Vec::new(),
         })
     }
 
@@ -173,7 +191,7 @@ impl Source {
         out.clear();
         out.resize(count, 0);
         let offset = self.data_offset + (start as u64) * 2;
-        let fail = |e: std::io::Error| CliError::input(format!("{}: read failed: {e}", self.label));
+        let fail = |e| read_failed(&self.label, e, start);
         self.file.seek(SeekFrom::Start(offset)).map_err(fail)?;
         self.file
             .read_exact(bytemuck::cast_slice_mut(&mut out[..]))
@@ -199,9 +217,10 @@ impl Source {
     ) -> Result<Option<Beyond>, CliError> {
         out.clear();
         out.reserve_exact(count);
+        self.underflows.clear();
         let size = self.dtype.size();
         let offset = self.data_offset + (start as u64) * (size as u64);
-        let fail = |e: std::io::Error| CliError::input(format!("{}: read failed: {e}", self.label));
+        let fail = |e| read_failed(&self.label, e, start);
         self.file.seek(SeekFrom::Start(offset)).map_err(fail)?;
         let per_chunk = (READ_CHUNK / size).max(1);
         let mut left = count;
@@ -211,7 +230,7 @@ impl Source {
             self.scratch.resize(n * size, 0);
             self.file.read_exact(&mut self.scratch).map_err(fail)?;
             let done = count - left;
-            let beyond = convert(self.dtype, &self.scratch, out);
+            let beyond = convert(self.dtype, &self.scratch, out, &mut self.underflows);
             first_beyond = first_beyond.or(beyond.map(|(i, value)| (done + i, value)));
             left -= n;
         }
@@ -223,14 +242,33 @@ impl Source {
 /// and the value in the file.
 pub type Beyond = (usize, f64);
 
+/// The error of a failed read of elements from `start` on. The header was checked against the
+/// file's length at open, so a file that ends early has changed since.
+fn read_failed(label: &str, e: std::io::Error, start: usize) -> CliError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        CliError::input(format!(
+            "{label}: the file ends before the elements from index {start} on, which its header \
+             promised when klgpu opened it: was it changed while klgpu read it?"
+        ))
+    } else {
+        CliError::input(format!("{label}: read failed at element {start}: {e}"))
+    }
+}
+
 /// Elements per batch of `convert_halves`.
 const HALF_BATCH: usize = 1024;
 
 /// Appends the little-endian elements in `raw` to `out` as f32. An f64 that is finite but
 /// would round to ±∞ (reported as "infinite", a value the file does not hold) is appended as
-/// NaN instead; the first one's position in `raw` and value come back. (Nonzero f64 values
-/// below f32's smallest subnormal become 0, as in any f32 conversion.)
-fn convert(dtype: Dtype, raw: &[u8], out: &mut Vec<f32>) -> Option<Beyond> {
+/// NaN instead; the first one's position in `raw` and value come back. Nonzero f64 values
+/// below f32's smallest subnormal become ±0, as in any f32 conversion, and are listed in
+/// `underflows` by their index in `out`.
+fn convert(
+    dtype: Dtype,
+    raw: &[u8],
+    out: &mut Vec<f32>,
+    underflows: &mut Vec<Beyond>,
+) -> Option<Beyond> {
     let mut first_beyond = None;
     match dtype {
         Dtype::F32 => out.extend(
@@ -244,6 +282,9 @@ fn convert(dtype: Dtype, raw: &[u8], out: &mut Vec<f32>) -> Option<Beyond> {
                 if x.is_infinite() && v.is_finite() {
                     first_beyond = first_beyond.or(Some((i, v)));
                     out.push(f32::NAN);
+                } else if x == 0.0 && v != 0.0 {
+                    underflows.push((out.len(), v));
+                    out.push(x);
                 } else {
                     out.push(x);
                 }
@@ -417,18 +458,28 @@ mod tests {
     #[test]
     fn converts_every_dtype() {
         let mut out = Vec::new();
-        assert_eq!(convert(Dtype::F64, &0.1f64.to_le_bytes(), &mut out), None);
+        assert_eq!(
+            convert(Dtype::F64, &0.1f64.to_le_bytes(), &mut out, &mut Vec::new()),
+            None
+        );
         convert(
             Dtype::F16,
             &half::f16::from_f32(0.5).to_le_bytes(),
             &mut out,
+            &mut Vec::new(),
         );
         convert(
             Dtype::BF16,
             &half::bf16::from_f32(-2.0).to_le_bytes(),
             &mut out,
+            &mut Vec::new(),
         );
-        convert(Dtype::F32, &f32::NAN.to_le_bytes(), &mut out);
+        convert(
+            Dtype::F32,
+            &f32::NAN.to_le_bytes(),
+            &mut out,
+            &mut Vec::new(),
+        );
         assert_eq!(out[..3], [0.1f32, 0.5, -2.0]);
         assert!(out[3].is_nan());
     }
@@ -442,7 +493,7 @@ mod tests {
         raw.extend(all.iter().flat_map(|b| b.to_le_bytes()));
         for dtype in [Dtype::F16, Dtype::BF16] {
             let mut out = vec![7.0];
-            assert_eq!(convert(dtype, &raw[1..], &mut out), None);
+            assert_eq!(convert(dtype, &raw[1..], &mut out, &mut Vec::new()), None);
             assert_eq!(out.len(), all.len() + 1, "{dtype:?}");
             assert_eq!(out[0], 7.0, "{dtype:?}: what was there stays");
             for (&b, &got) in all.iter().zip(&out[1..]) {
@@ -465,12 +516,28 @@ mod tests {
         // ±∞ in the file is the file's own (reported as infinite later); 3.4e38 rounds to
         // f32::MAX; 3.5e38 and -1e300 would read ±∞: they read NaN, and the first is named.
         let mut out = Vec::new();
-        assert_eq!(convert(Dtype::F64, &raw, &mut out), Some((3, 3.5e38)));
+        assert_eq!(
+            convert(Dtype::F64, &raw, &mut out, &mut Vec::new()),
+            Some((3, 3.5e38))
+        );
         assert_eq!(out[..3], [1.0, f32::INFINITY, 3.4e38]);
         assert!(out[3..].iter().all(|x| x.is_nan()), "{out:?}");
         out.clear();
-        assert_eq!(convert(Dtype::F64, &raw[..24], &mut out), None);
+        assert_eq!(
+            convert(Dtype::F64, &raw[..24], &mut out, &mut Vec::new()),
+            None
+        );
         assert_eq!(out, [1.0, f32::INFINITY, 3.4e38]);
+        // Nonzero values f32 rounds to ±0 are listed by their index in `out`; an f32 subnormal
+        // and zeros are not.
+        let values = [1e-50, 0.0, 1e-40, -1e-60, -0.0, 0.5];
+        let raw: Vec<u8> = values.iter().flat_map(|v: &f64| v.to_le_bytes()).collect();
+        let mut underflows = Vec::new();
+        out.clear();
+        out.push(7.0);
+        assert_eq!(convert(Dtype::F64, &raw, &mut out, &mut underflows), None);
+        assert_eq!(underflows, [(1, 1e-50), (4, -1e-60)]);
+        assert_eq!(out[1..], [0.0, 0.0, 1e-40, -0.0, -0.0, 0.5]);
     }
 
     /// A seeded stream of small pseudo-random numbers (xorshift64*), so that the mutations

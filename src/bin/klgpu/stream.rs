@@ -579,13 +579,50 @@ impl Reader {
     /// are any, with each side's first f64 beyond f32 (read as NaN).
     fn read(&mut self, start: usize, count: usize) -> Result<F32Read, Halt> {
         let (mut p, mut q) = (self.spare_f32(), self.spare_f32());
-        let beyond = self.read_both(
+        let mut beyond = self.read_both(
             count,
             |src, out| src.read_f32(start, count, out),
             &mut p,
             &mut q,
         )?;
+        self.mark_underflows(&mut p, &mut q, &mut beyond);
         Ok((p, self.q.is_some().then_some(q), beyond))
+    }
+
+    /// Reads as NaN, named by the file's value like an f64 beyond f32, each probability f32
+    /// rounds to ±0 (`Source::underflows`) where that changes the answer: a negative one (−0
+    /// passes as 0), and in KL and cross-entropy a Q value under P > 0 (its term would be
+    /// infinite) or a P value over Q = 0 (it would be finite, and is infinite). Elsewhere a
+    /// value below 1.4e-45 read as 0 changes a term by less than f32 resolves, and rows of
+    /// f64 probabilities hold such values often (a softmax of logits 104 apart).
+    fn mark_underflows(&self, p: &mut [f32], q: &mut [f32], beyond: &mut [Option<Beyond>; 2]) {
+        if self.opts.input != Input::Probs {
+            return;
+        }
+        let q_src = self.q.as_ref();
+        let pairs = matches!(
+            self.measure,
+            Measure::KullbackLeibler | Measure::CrossEntropy
+        ) && q_src.is_some();
+        let q_under = q_src.map_or(&[][..], |q| &q.underflows[..]);
+        let is_under = |list: &[Beyond], i: usize| list.binary_search_by_key(&i, |u| u.0).is_ok();
+        let mark = |values: &mut [f32], first: &mut Option<Beyond>, (i, v): Beyond| {
+            values[i] = f32::NAN;
+            if first.is_none_or(|(j, _)| i < j) {
+                *first = Some((i, v));
+            }
+        };
+        let [beyond_p, beyond_q] = beyond;
+        for &(i, v) in &self.p.underflows {
+            if v < 0.0 || (pairs && q[i] == 0.0 && !is_under(q_under, i)) {
+                mark(p, beyond_p, (i, v));
+            }
+        }
+        for &(i, v) in q_under {
+            if v < 0.0 || (pairs && p[i] != 0.0) {
+                mark(q, beyond_q, (i, v));
+            }
+        }
     }
 
     /// Reads elements `start .. start + count` of P and Q as stored, in `dtype`.
