@@ -955,6 +955,12 @@ impl Engine {
             // No element is to blame: the row is the first whose result reads NaN.
             let read;
             let values = match &loc.out {
+                Some(out) if !copyable(&out.buffer) => {
+                    return Err(unreadable(
+                        "out",
+                        "a row's result overflowed f32 (klgpu::Error::Overflow)".into(),
+                    ));
+                }
                 Some(out) => {
                     read = self
                         .gpu()
@@ -985,6 +991,24 @@ impl Engine {
         if index >= loc.p.0.elems {
             return Err(lost());
         }
+        let row = (index / loc.cols) as usize;
+        let (bound_p, bound_q) = if loc.swap_sides {
+            ("logits", "target")
+        } else {
+            ("p", "q")
+        };
+        for (slice, name) in [(&loc.p.0, bound_p), (&loc.q.0, bound_q)] {
+            if !copyable(&slice.buffer) {
+                return Err(unreadable(
+                    name,
+                    format!(
+                        "the kernels flagged an invalid value or an empty row at element {index} \
+                         (row {row}, column {})",
+                        index % loc.cols
+                    ),
+                ));
+            }
+        }
         let gpu = self.gpu();
         let pv = gpu
             .read_elements(&loc.p.0.view(), index, 1, blocking)
@@ -992,7 +1016,6 @@ impl Engine {
         let qv = gpu
             .read_elements(&loc.q.0.view(), index, 1, blocking)
             .await?[0];
-        let row = (index / loc.cols) as usize;
         let side = |s: Side| match (s, loc.swap_sides) {
             (Side::P, true) => Side::Q,
             (Side::Q, true) => Side::P,
@@ -1061,6 +1084,25 @@ impl Engine {
             value,
             problem: Problem::EmptyRow,
         })
+    }
+}
+
+/// Whether klgpu can read `buffer` back: naming a flagged element needs its value, and a
+/// row that overflowed its result, read by a copy, which wgpu refuses (as a GPU error) from a
+/// buffer made without `COPY_SRC`.
+fn copyable(buffer: &wgpu::Buffer) -> bool {
+    buffer.usage().contains(wgpu::BufferUsages::COPY_SRC)
+}
+
+/// The error for what the kernels found in, or wrote to, a buffer klgpu cannot read: where,
+/// and why not what.
+fn unreadable(name: &'static str, found: String) -> Error {
+    Error::InvalidBuffer {
+        name,
+        reason: format!(
+            "{found}, and klgpu cannot read the buffer back to say more: it was created \
+             without BufferUsages::COPY_SRC"
+        ),
     }
 }
 

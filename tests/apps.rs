@@ -108,6 +108,46 @@ fn bad_buffer_arguments_are_errors_not_panics() {
 }
 
 #[test]
+fn bad_values_in_buffers_klgpu_cannot_read_back_are_still_located() {
+    // Naming the value needs a copy of it, which wgpu refuses from a buffer made without
+    // COPY_SRC: that was a GPU error ("... COPY_SRC ..."), which said neither what nor where.
+    let e = engine();
+    let storage_only = |label: &str, data: &[f32]| {
+        let buffer = e.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: 4 * data.len() as u64,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        e.queue()
+            .write_buffer(&buffer, 0, bytemuck::cast_slice(data));
+        buffer
+    };
+    let mut p = vec![0.01f32; 300];
+    p[234] = f32::NAN;
+    let (pb, qb) = (storage_only("p", &p), upload(e, "q", &[0.01; 300]));
+    let err = e
+        .kl_divergence_buffers(pb.slice(..), qb.slice(..))
+        .unwrap_err();
+    let Error::InvalidBuffer { name: "p", reason } = &err else {
+        panic!("{err}")
+    };
+    assert!(
+        reason.contains("at element 234 (row 0, column 234)") && reason.contains("COPY_SRC"),
+        "{err}"
+    );
+    // A readable P and an unreadable Q: Q is named (the value could be in either).
+    let (pb, qb) = (upload(e, "p", &p), storage_only("q", &[0.01; 300]));
+    let err = e
+        .kl_divergence_buffers(pb.slice(..), qb.slice(..))
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidBuffer { name: "q", .. }),
+        "{err}"
+    );
+}
+
+#[test]
 fn bad_values_in_gpu_buffers_are_located() {
     let e = engine();
     let mut p = vec![0.01f32; 3000];
