@@ -293,7 +293,8 @@ fn fold4_term(acc: Acc, x: vec4<f32>, y: vec4<f32>, local: u32, c: u32, ctx: Row
 }
 
 fn finish_acc(a: Acc) -> f32 {
-    if ((a.flags & ACC_INF) != 0u) { return pos_inf(); }
+    // Scaled like a finite result: a log base below 1 makes the scale, so +∞, negative.
+    if ((a.flags & ACC_INF) != 0u) { return pos_inf() * prm.out_scale; }
     return ((a.main_hi + a.resid_hi) + (a.main_lo + a.resid_lo)) * prm.out_scale;
 }
 

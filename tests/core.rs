@@ -296,6 +296,40 @@ fn log_bases() {
         4f64.log10(),
         "entropy in hartleys",
     );
+    // A base below 1 turns every value's sign, an infinite one's too, on every path: the
+    // probabilities' terms pass gave +∞ where the reference gives −∞.
+    let half = |input: Input, normalize: bool| Options {
+        base: Base::Other(0.5),
+        normalize,
+        ..Options::input(input)
+    };
+    let (p2, q2) = ([0.5f32, 0.5], [1.0f32, 0.0]);
+    let (zp, zq) = ([0.0f32, 0.0], [0.0f32, f32::NEG_INFINITY]);
+    for m in [Measure::KullbackLeibler, Measure::CrossEntropy] {
+        for (opts, a, b) in [
+            (half(Input::Probs, false), p2, q2),
+            (half(Input::Probs, true), p2, q2),
+            (half(Input::Logits, false), zp, zq),
+        ] {
+            let what = format!(
+                "{m:?} {:?} normalize={} in base 1/2",
+                opts.input, opts.normalize
+            );
+            let exact = cpu::divergence(m, &a, Some(&b), &opts).unwrap();
+            assert_eq!(exact, f64::NEG_INFINITY, "{what}");
+            assert_eq!(
+                e.divergence(m, &a, Some(&b), &opts).unwrap(),
+                exact,
+                "{what}"
+            );
+        }
+    }
+    assert_close(
+        e.divergence(Measure::Entropy, &p, None, &half(Input::Probs, false))
+            .unwrap(),
+        -2.0,
+        "entropy in base 1/2",
+    );
     let bad = Options {
         base: Base::Other(1.0),
         ..Default::default()
