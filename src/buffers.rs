@@ -157,6 +157,12 @@ impl Workspace {
 
     /// Waits for the recorded work and reports whether its inputs were valid. Call after
     /// submitting the encoder. Blocking.
+    ///
+    /// # Errors
+    /// What the recorded call would return on the same inputs; [`Error::InvalidArgument`] if
+    /// the work has not run; and [`Error::Gpu`] if the adapter's subgroups turned out not to
+    /// be runs of consecutive invocations, so the recorded reductions wrote wrong values
+    /// (the engine reduces without subgroups from then on: record the work again).
     pub fn check(&mut self, engine: &Engine) -> Result<()> {
         pollster::block_on(self.check_inner(engine, true))
     }
@@ -182,6 +188,18 @@ impl Workspace {
                 "Workspace::check found that the recorded work has not run: submit the encoder \
                  on this engine's queue before checking (the recording is dropped; record it \
                  again)"
+                    .into(),
+            ));
+        }
+        if readback.status[0] & kernels::FLAG_SUBGROUP_LAYOUT != 0 && engine.uses_subgroups() {
+            // The calls that run their own work fall back and run it again; a recording's
+            // results are in the caller's buffers already, wrong, and only the caller can
+            // record it again.
+            engine.disable_subgroups();
+            return Err(Error::Gpu(
+                "this adapter's subgroups are not runs of consecutive invocations, so the \
+                 recording's subgroup reductions wrote wrong values; klgpu now reduces without \
+                 subgroups on this engine: record the work again"
                     .into(),
             ));
         }
