@@ -8,8 +8,12 @@
 //! state. Throughput counts input bytes (4 per f32 element of each input).
 //!
 //! ```text
-//! cargo run --release --example bench -- [--quick] [--json FILE] [--max-n N] [--no-cpu]
+//! cargo run --release --example bench -- [--quick] [--json FILE] [--max-n N] [--no-cpu] [--no-verify]
 //! ```
+//!
+//! Every workload's per-row values from the GPU are checked once against the f64 CPU reference
+//! (outside the timings; `--no-verify` skips it): a run whose numbers are wrong says so and
+//! exits with an error, after printing and writing what it measured.
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +32,7 @@ struct Args {
     json: Option<String>,
     max_n: u64,
     cpu: bool,
+    verify: bool,
 }
 
 fn parse_args() -> Args {
@@ -36,12 +41,14 @@ fn parse_args() -> Args {
         json: None,
         max_n: 100_000_000,
         cpu: true,
+        verify: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => args.quick = true,
             "--no-cpu" => args.cpu = false,
+            "--no-verify" => args.verify = false,
             "--json" => args.json = it.next(),
             "--max-n" => args.max_n = it.next().and_then(|v| v.parse().ok()).unwrap_or(args.max_n),
             "--bench" => {} // passed by `cargo bench`
@@ -292,6 +299,55 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             seconds: s,
             roof_seconds: None,
         });
+    }
+    // Every workload's values against the f64 reference, once: a fast wrong number is no
+    // result (a split row once lost most of its data at sizes the tests did not reach).
+    let mut wrong = vec![];
+    if args.verify {
+        let mut worst = (0.0f64, String::new());
+        for (w, (p, q)) in workloads.iter().zip(&inputs) {
+            let opts = w.opts();
+            let (got, exact) = if w.dtype == Dtype::BF16 {
+                let (p16, q16) = (stored_as::<bf16>(p), stored_as::<bf16>(q));
+                let qq = w.measure.uses_q().then_some(&q16[..]);
+                (
+                    engine.rows(w.measure, &p16, qq, w.cols, &opts)?,
+                    cpu::rows(w.measure, &p16, qq, w.cols, &opts)?,
+                )
+            } else {
+                let qq = w.measure.uses_q().then_some(&q[..]);
+                (
+                    engine.rows(w.measure, p, qq, w.cols, &opts)?,
+                    cpu::rows(w.measure, p, qq, w.cols, &opts)?,
+                )
+            };
+            // A coarse bar, for gross errors: the tests hold the README's 1e-5, which has
+            // exceptions (short rows of small KL, terms that cancel) this data could meet.
+            for (row, (&g, &e)) in got.values.iter().zip(&exact.values).enumerate() {
+                let err = if g == e {
+                    0.0
+                } else {
+                    (g - e).abs() / e.abs().max(1e-3)
+                };
+                if err > worst.0 {
+                    worst = (err, format!("{}, row {row}", w.name));
+                }
+                if !(err <= 1e-4) {
+                    wrong.push(format!("{}, row {row}: gpu {g} vs reference {e}", w.name));
+                }
+            }
+        }
+        println!(
+            "checked against the f64 reference: {} workloads, {} rows off by more than 1e-4 \
+             (worst relative error {:.1e}: {})",
+            workloads.len(),
+            wrong.len(),
+            worst.0,
+            worst.1
+        );
+        for line in wrong.iter().take(10) {
+            println!("  WRONG: {line}");
+        }
     }
     // Host-data windows (klgpu::plan::default_window_bytes): one long row and the logits batch.
     let mut variants: Vec<(String, String, f64)> = vec![];
@@ -638,6 +694,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
         std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
         println!("wrote {path}");
+    }
+    if !wrong.is_empty() {
+        return Err(format!(
+            "{} rows differ from the f64 reference by more than 1e-4 (listed above)",
+            wrong.len()
+        )
+        .into());
     }
     Ok(())
 }

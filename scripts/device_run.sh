@@ -154,5 +154,6 @@ for t in core batch apps half; do
     [ -f "$RAW/test-$t.txt" ] && echo "$t: $(grep -E '^test result' "$RAW/test-$t.txt")"
 done
 [ -f "$RAW/bench.txt" ] && grep -E "^roofline:|KL probs N=1e8 |KL logits 4096" "$RAW/bench.txt" | grep gpu-device
+[ -f "$RAW/bench.txt" ] && grep -E "^checked against|WRONG" "$RAW/bench.txt"
 section done
 pack
