@@ -116,6 +116,11 @@ pub const WINDOW_GRANULE: u64 = 64;
 pub struct PlanLimits {
     /// Most elements of one input bound at once (binding size, buffer size and memory budget).
     pub window_elems: u64,
+    /// Most rows of one window: the kernels keep state per row of the window (log-sum-exps,
+    /// row sums: `MONOID_BYTES` each) in a buffer bound whole, so the binding size over that.
+    /// Short rows reached it before their elements filled a window (6M rows of 2 on a 128 MiB
+    /// binding: 144 MB of state, and wgpu refused the bind group).
+    pub window_rows: u64,
     /// `max_compute_workgroups_per_dimension`.
     pub max_workgroups: u32,
     /// Fewest main-loop iterations per invocation (decides lanes per row and chunking).
@@ -141,6 +146,7 @@ impl PlanLimits {
         let elems = max_binding_bytes.min(budget_bytes) / 4;
         PlanLimits {
             window_elems: (elems / WINDOW_GRANULE * WINDOW_GRANULE).max(WINDOW_GRANULE),
+            window_rows: (max_binding_bytes / crate::kernels::MONOID_BYTES).max(1),
             max_workgroups,
             min_iterations: MIN_ITERATIONS,
             target_workgroups: TARGET_WORKGROUPS,
@@ -387,7 +393,11 @@ impl Plan {
         if cols <= cap {
             let lanes = lanes_for(cols, limits.min_iterations.clamp(1, MAX_ITERATIONS) as u64);
             let row_limit = (limits.max_workgroups as u64) * (WORKGROUP_SIZE / lanes) as u64;
-            let per_window = (cap / cols).min(row_limit).min(u32::MAX as u64).max(1);
+            let per_window = (cap / cols)
+                .min(row_limit)
+                .min(limits.window_rows)
+                .min(u32::MAX as u64)
+                .max(1);
             let mut row = 0;
             while row < rows {
                 let n = per_window.min(rows - row);
@@ -464,6 +474,7 @@ mod tests {
 
     const LAVAPIPE: PlanLimits = PlanLimits {
         window_elems: 33_554_432,
+        window_rows: (128 << 20) / 24,
         max_workgroups: 65535,
         min_iterations: MIN_ITERATIONS,
         target_workgroups: TARGET_WORKGROUPS,
@@ -696,9 +707,11 @@ mod tests {
             min_iterations in 1u32..2000, target_workgroups in 1u32..100_000,
             blocked_lanes in any::<bool>(),
             small_workgroup in prop::sample::select(vec![0u32, 4, 8, 16]),
+            window_rows in 1u64..2_000_000,
         ) {
             let limits = PlanLimits {
                 window_elems: window_elems / 64 * 64 + 64,
+                window_rows,
                 max_workgroups,
                 min_iterations,
                 target_workgroups,
@@ -712,6 +725,7 @@ mod tests {
                 prop_assert_eq!(w.elem_start, next);
                 next += w.elem_len;
                 prop_assert!(w.elem_len <= limits.window_elems);
+                prop_assert!(w.rows as u64 <= window_rows);
                 for l in std::iter::once(w.terms).chain(w.combine) {
                     prop_assert!(l.chunks >= 1 && l.chunks <= max_workgroups);
                     prop_assert!(l.row_groups <= max_workgroups);

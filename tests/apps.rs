@@ -1488,13 +1488,20 @@ fn gpu_buffers_beyond_one_binding_go_through_windows() {
     // shift, and a row split across windows carries its state from one to the next: every
     // measure, input kind and normalization, rows across windows, rows longer than one and a
     // single long row, blocking and recorded; the loss and its gradient; errors in the last
-    // window; bf16 buffers.
+    // window; bf16 buffers. Rows of 2 hold more rows per window than the kernels' per-row
+    // state (24 bytes a row, bound whole) fits in a binding: 3000 of them took 72 KB, and
+    // wgpu refused the bind group.
     let e = small_binding_engine();
     assert_eq!(e.device().limits().max_storage_buffer_binding_size, 1 << 16);
     let mut r = rng(31);
-    for (rows, cols) in [(300, 333), (5, 30_001), (1, 100_003)] {
+    for (rows, cols) in [(300, 333), (5, 30_001), (1, 100_003), (3000, 2)] {
         let n = rows * cols;
         for input in [Input::Probs, Input::LogProbs, Input::Logits] {
+            if cols == 2 && input == Input::LogProbs {
+                // KL of log-probabilities over rows this short comes as low as 3e-6, where the
+                // README allows it more than this test's 1e-5.
+                continue;
+            }
             let (p, q) = (
                 input_rows(&mut r, input, rows, cols),
                 input_rows(&mut r, input, rows, cols),
