@@ -174,15 +174,27 @@ impl Workspace {
 
     async fn check_inner(&mut self, engine: &Engine, blocking: bool) -> Result<()> {
         self.belongs_to(engine)?;
-        let Some(locator) = self.pending.take() else {
+        if self.pending.is_none() {
             return Ok(());
-        };
+        }
+        let checked = self.check_pending(engine, blocking).await;
+        // The recording is checked once the check returns, whatever it returns. A check whose
+        // future is dropped before leaves it to the next one (which returned Ok over it
+        // unchecked when the recording went at the start).
+        self.pending = None;
+        checked
+    }
+
+    async fn check_pending(&mut self, engine: &Engine, blocking: bool) -> Result<()> {
         let gpu = engine.gpu();
         let _turn = gpu.turn_async().await;
         let scratch = self
             .scratch
             .get_or_insert_with(|| Scratch::new(&gpu.device));
         let readback = gpu.read_back(scratch, 0, false, blocking).await?;
+        let Some(locator) = &self.pending else {
+            return Ok(());
+        };
         if readback.status[3] != kernels::RAN_MARK {
             return Err(Error::InvalidArgument(
                 "Workspace::check found that the recorded work has not run: submit the encoder \
@@ -203,7 +215,7 @@ impl Workspace {
                     .into(),
             ));
         }
-        engine.raise(&readback, &locator, blocking).await
+        engine.raise(&readback, locator, blocking).await
     }
 }
 
@@ -884,7 +896,7 @@ impl Engine {
         outputs_apart(job, p, q, Some(out), grad, locator.plan.rows)?;
         let gpu = self.gpu();
         let _turn = gpu.turn();
-        gpu.scoped(|| {
+        let recorded = gpu.scoped(|| {
             gpu.encode_device(
                 encoder,
                 workspace
@@ -897,7 +909,14 @@ impl Engine {
                 Some(out),
                 grad,
             )
-        })?;
+        });
+        if recorded.is_err() {
+            // A buffer that failed to be made (beyond the device's limits, out of memory)
+            // still reports the size asked for, so later recordings would reuse it and fail
+            // too: the scratch goes, as the other calls' does (the turn is held).
+            workspace.scratch = None;
+        }
+        recorded?;
         workspace.pending = Some(Locator {
             out: Some(OwnedSlice::of(out)),
             ..locator

@@ -2,6 +2,7 @@
 //! readback. Everything here assumes a valid [`Plan`] and validated shapes.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, Result};
 use crate::kernels::{
@@ -308,6 +309,23 @@ impl Scratch {
                 });
                 *staging = Some(fresh);
             }
+        }
+    }
+}
+
+/// Unmaps a buffer whose mapping was asked for, when the reading ends, also by an error or a
+/// dropped future: a buffer left mapped, or with its mapping pending, made every later
+/// submission that copies into it fail (a workspace's readback, after a dropped
+/// `check_async`). Unmapping aborts a pending mapping; one that failed left nothing to unmap.
+struct UnmapOnDrop<'a> {
+    buffer: &'a wgpu::Buffer,
+    failed: Arc<AtomicBool>,
+}
+
+impl Drop for UnmapOnDrop<'_> {
+    fn drop(&mut self) {
+        if !self.failed.load(Ordering::Relaxed) {
+            self.buffer.unmap();
         }
     }
 }
@@ -1297,7 +1315,13 @@ impl Gpu {
     ) -> Result<T> {
         let slice = buffer.slice(0..bytes);
         let (tx, rx) = futures_channel::oneshot::channel();
+        let unmap = UnmapOnDrop {
+            buffer,
+            failed: Arc::new(AtomicBool::new(false)),
+        };
+        let failed = unmap.failed.clone();
         slice.map_async(wgpu::MapMode::Read, move |r| {
+            failed.store(r.is_err(), Ordering::Relaxed);
             let _ = tx.send(r);
         });
         self.wait(index, blocking).await?;
@@ -1310,7 +1334,7 @@ impl Gpu {
                 .map_err(|e| Error::Gpu(format!("reading a readback buffer failed: {e}")))?;
             read(&view)
         };
-        buffer.unmap();
+        drop(unmap);
         Ok(value)
     }
 

@@ -627,6 +627,61 @@ fn dropped_futures_leave_the_engine_whole() {
     }
 }
 
+#[test]
+fn a_dropped_check_leaves_the_workspace_whole() {
+    // A check_async dropped while its readback mapped left the workspace's readback buffer
+    // mapped, so every later check failed ("still mapped"), and its recording unchecked, so
+    // the next check returned Ok over a NaN.
+    let e = engine();
+    // Long enough to run that one poll of the check leaves its readback's mapping pending.
+    let (rows, cols) = (1000, 4000);
+    let q = vec![1.0 / cols as f32; rows * cols];
+    let mut p = q.clone();
+    p[4321] = f32::NAN;
+    let (bad, good, qb) = (
+        upload(e, "p", &p),
+        upload(e, "good", &q),
+        upload(e, "q", &q),
+    );
+    let out = e.create_f32_buffer("out", rows as u64).unwrap();
+    let mut ws = e.workspace();
+    let mut record = |ws: &mut klgpu::Workspace, p: &wgpu::Buffer| {
+        let mut encoder = e.device().create_command_encoder(&Default::default());
+        let kl = Measure::KullbackLeibler;
+        let (p, q) = (p.slice(..), Some(qb.slice(..)));
+        e.record_rows(
+            &mut encoder,
+            ws,
+            kl,
+            p,
+            q,
+            cols,
+            &Options::default(),
+            out.slice(..),
+        )
+        .unwrap();
+        e.queue().submit([encoder.finish()]);
+    };
+    for polls in [0, 1, 2, 3, 10] {
+        record(&mut ws, &bad);
+        let finished = poll_then_drop(ws.check_async(e), polls);
+        assert!(
+            !finished || polls > 1,
+            "the check finished at its first poll"
+        );
+        if !finished {
+            let err = ws.check(e).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidValue { index: 4321, .. }),
+                "{polls} polls: {err}"
+            );
+        }
+        record(&mut ws, &good);
+        ws.check(e).unwrap();
+        assert_eq!(read_f64(e, &out), vec![0.0; rows], "{polls} polls");
+    }
+}
+
 /// Polls every future in turn on this thread until all are ready, as a single-threaded
 /// executor's `join` does: none of them may wait for another by blocking the thread.
 fn join_on_this_thread<T>(
