@@ -263,15 +263,18 @@ impl Scratch {
     }
 
     /// Grows every buffer to what `plan` needs; `host` names how host data is uploaded, if
-    /// the job has host data.
+    /// the job has host data. `result_rows` is how many rows' values land in the scratch's own
+    /// output and come back (0 when they go to the caller's buffer): what the output, the
+    /// agreement and the readback hold, beyond one window's rows.
     fn prepare(
         &mut self,
         device: &wgpu::Device,
         plan: &Plan,
         host: Option<(Upload, Dtype)>,
         uses_q: bool,
+        result_rows: u64,
     ) {
-        let rows = plan.rows;
+        let rows = result_rows.max(plan.max_window_rows() as u64);
         ensure(
             device,
             &mut self.partials,
@@ -292,7 +295,7 @@ impl Scratch {
             device,
             &mut self.readback,
             "klgpu.readback",
-            16 + rows * 8,
+            16 + result_rows * 8,
             wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         );
         let Some((upload, dtype)) = host else { return };
@@ -1100,7 +1103,8 @@ impl Gpu {
         let HostData { p, q, dtype } = data;
         let es = dtype.size() as usize;
         self.scoped(|| {
-            scratch.prepare(&self.device, plan, Some((self.upload, dtype)), uses_q);
+            let host = Some((self.upload, dtype));
+            scratch.prepare(&self.device, plan, host, uses_q, plan.rows);
             scratch.reset_status(&self.queue);
         })?;
         let mut previous: Option<wgpu::SubmissionIndex> = None;
@@ -1214,7 +1218,10 @@ impl Gpu {
         grad: Option<&GpuSlice<'_>>,
     ) {
         let visits = visits(plan, job);
-        scratch.prepare(&self.device, plan, None, job.term.uses_q());
+        // Rows the caller's `out` takes are not the scratch's to hold, nor is agreement,
+        // which no buffer call reads back: each window writes its own at the start.
+        let result_rows = if out.is_some() { 0 } else { plan.rows };
+        scratch.prepare(&self.device, plan, None, job.term.uses_q(), result_rows);
         scratch.ensure_params(&self.device, visits.len() as u64 * SLOTS_PER_WINDOW);
         scratch.reset_status(&self.queue);
         let align = self.storage_align;
@@ -1232,8 +1239,7 @@ impl Gpu {
             let rows = w.rows as u64;
             let (ob, out_base) =
                 aligned_binding(out_buffer, out_offset, w.row_begin, rows, align, Dtype::F32);
-            let (ab, agree_base) =
-                aligned_binding(&scratch.agree, 0, w.row_begin, rows, 256, Dtype::F32);
+            let (ab, agree_base) = aligned_binding(&scratch.agree, 0, 0, rows, 256, Dtype::F32);
             let bindings = WindowBindings {
                 p: pb,
                 q: qb,

@@ -645,7 +645,7 @@ fn a_dropped_check_leaves_the_workspace_whole() {
     );
     let out = e.create_f32_buffer("out", rows as u64).unwrap();
     let mut ws = e.workspace();
-    let mut record = |ws: &mut klgpu::Workspace, p: &wgpu::Buffer| {
+    let record = |ws: &mut klgpu::Workspace, p: &wgpu::Buffer| {
         let mut encoder = e.device().create_command_encoder(&Default::default());
         let kl = Measure::KullbackLeibler;
         let (p, q) = (p.slice(..), Some(qb.slice(..)));
@@ -1528,6 +1528,51 @@ fn small_binding_engine() -> &'static Engine {
         let (device, queue) = pollster::block_on(adapter.request_device(&descriptor)).unwrap();
         Engine::from_device(device, queue).unwrap()
     })
+}
+
+#[test]
+fn recordings_into_the_callers_out_need_no_scratch_for_every_row() {
+    // Rows written to the caller's `out` took scratch for every row all the same: an output
+    // and agreement of 4 bytes a row and a readback of 8, which nothing reads. On a device
+    // whose buffers hold at most 1 MiB, 200,000 rows of one column (800 KB a buffer) failed
+    // for the 1.6 MB readback.
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter =
+        pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
+            .expect("tests need a GPU adapter (lavapipe counts)");
+    let descriptor = wgpu::DeviceDescriptor {
+        required_limits: wgpu::Limits {
+            max_buffer_size: 1 << 20,
+            max_storage_buffer_binding_size: 1 << 20,
+            ..wgpu::Limits::default()
+        },
+        ..Default::default()
+    };
+    let (device, queue) = pollster::block_on(adapter.request_device(&descriptor)).unwrap();
+    let e = Engine::from_device(device, queue).unwrap();
+    let rows = 200_000;
+    let mut r = rng(41);
+    let p: Vec<f32> = (0..rows).map(|_| r.random::<f32>() + 0.5).collect();
+    let q: Vec<f32> = (0..rows).map(|_| r.random::<f32>() + 0.5).collect();
+    let (pb, qb) = (upload(&e, "p", &p), upload(&e, "q", &q));
+    let out = e.create_f32_buffer("out", rows as u64).unwrap();
+    let kl = Measure::KullbackLeibler;
+    let want = cpu::rows(kl, &p, Some(&q), 1, &Options::default()).unwrap();
+    e.rows_buffers(
+        kl,
+        pb.slice(..),
+        Some(qb.slice(..)),
+        1,
+        &Options::default(),
+        out.slice(..),
+    )
+    .unwrap();
+    assert_rows_close(&read_f64(&e, &out), &want.values, "rows_buffers");
+    let recorded = e.create_f32_buffer("recorded", rows as u64).unwrap();
+    let (ps, qs) = (pb.slice(..), Some(qb.slice(..)));
+    recorded_rows(&e, kl, ps, qs, 1, &Options::default(), recorded.slice(..)).unwrap();
+    assert_rows_close(&read_f64(&e, &recorded), &want.values, "record_rows");
 }
 
 /// `x` after `pad` NaNs, uploaded: its slice starts off every binding alignment.
