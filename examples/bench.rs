@@ -332,7 +332,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 if err > worst.0 {
                     worst = (err, format!("{}, row {row}", w.name));
                 }
-                if !(err <= 1e-4) {
+                if err.is_nan() || err > 1e-4 {
                     wrong.push(format!("{}, row {row}: gpu {g} vs reference {e}", w.name));
                 }
             }
