@@ -129,7 +129,7 @@ pub struct EngineOptions {
     /// Planner knobs.
     pub tuning: Tuning,
     /// Whether calls take turns on the device. `None` (the default): only on OpenGL, whose one
-    /// context wgpu locks with a one-second timeout (see the README). `Some(true)` makes them
+    /// context wgpu locks with a timeout (six seconds in wgpu-hal 30) (see the README). `Some(true)` makes them
     /// take turns on any backend, one call on the device at a time: the tests check the turns
     /// so on every adapter (a GL run of the suite takes most of an hour on a fresh machine).
     /// `Some(false)`: never (on OpenGL, calls can then meet that timeout).
@@ -339,7 +339,7 @@ fn shared_adapters() -> &'static SharedAdapters {
 }
 
 /// An OpenGL adapter like `info` from an instance of its own. wgpu's GL backend has one
-/// context per instance behind a lock with a one-second timeout (a panic after it): devices
+/// context per instance behind a lock with a timeout (six seconds in wgpu-hal 30) (a panic after it): devices
 /// of one shared instance would contend for it across engines (opening a device, dropping
 /// buffers) outside any engine's turns, and each enumeration wraps it in a lock of its own,
 /// so devices of two enumerations made it current on two threads at once (EGL

@@ -439,7 +439,7 @@ pub(crate) struct Gpu {
 }
 
 /// Calls take turns on an OpenGL device. wgpu's GL backend has one context, and a thread
-/// that waits more than a second for it panics ("Could not lock adapter context"), while one
+/// that waits more than six seconds for it (wgpu-hal 30) panics ("Could not lock adapter context"), while one
 /// GPU wait, or a shader compile on a software GL, can hold it longer: eight threads calling
 /// one engine on Mesa's llvmpipe GL did. Vulkan, Metal and DX12 devices run calls
 /// concurrently and have none.
