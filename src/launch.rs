@@ -439,10 +439,10 @@ pub(crate) struct Gpu {
 }
 
 /// Calls take turns on an OpenGL device. wgpu's GL backend has one context, and a thread
-/// that waits more than six seconds for it (wgpu-hal 30) panics ("Could not lock adapter context"), while one
-/// GPU wait, or a shader compile on a software GL, can hold it longer: eight threads calling
-/// one engine on Mesa's llvmpipe GL did. Vulkan, Metal and DX12 devices run calls
-/// concurrently and have none.
+/// that waits more than six seconds for it (wgpu-hal 30) panics ("Could not lock adapter
+/// context"), while one GPU wait, or a shader compile on a software GL, can hold it longer:
+/// eight threads calling one engine on Mesa's llvmpipe GL did. Vulkan, Metal and DX12
+/// devices run calls concurrently and have none.
 ///
 /// Blocking calls wait for a turn on a condition variable; async calls wait as futures, so
 /// that two async calls joined on one thread never block the thread the holder needs to
