@@ -37,7 +37,9 @@ struct Params {
     lane_span: u32,
     // Always 0: see opaque().
     zero: u32,
-    _pad1: u32,
+    // Elements per row of the window's inputs (row_len is the partials' stride in a combine
+    // pass): where an empty row's first column is.
+    elem_row_len: u32,
     _pad2: u32,
     _pad3: u32,
 }

@@ -50,9 +50,9 @@ fn emit_Lse(row: u32, chunk: u32, total: Lse) {
     if ((MODE & MODE_ACCUMULATE) != 0u) { t = combine_Lse(row_lse[0], t); }
     row_lse[row] = t;
     if ((MODE & MODE_KEEP) != 0u) { return; }
-    if (t.p_m == neg_inf()) { report_bad(row * prm.row_len, FLAG_P_EMPTY); }
+    if (t.p_m == neg_inf()) { report_bad(row * prm.elem_row_len, FLAG_P_EMPTY); }
     if (uses_q()) {
-        if (t.q_m == neg_inf()) { report_bad(row * prm.row_len, FLAG_Q_EMPTY); }
+        if (t.q_m == neg_inf()) { report_bad(row * prm.elem_row_len, FLAG_Q_EMPTY); }
         agree[prm.agree_base + row] = select(0u, 1u, t.p_i == t.q_i);
     }
 }

@@ -260,9 +260,9 @@ fn emit_Soft(row: u32, chunk: u32, total: Soft) {
         partials[prm.chunks] = s;
         return;
     }
-    if (soft_zero(s.xm)) { report_bad(row * prm.row_len, FLAG_P_EMPTY); }
+    if (soft_zero(s.xm)) { report_bad(row * prm.elem_row_len, FLAG_P_EMPTY); }
     if (uses_q()) {
-        if (soft_zero(s.ym)) { report_bad(row * prm.row_len, FLAG_Q_EMPTY); }
+        if (soft_zero(s.ym)) { report_bad(row * prm.elem_row_len, FLAG_Q_EMPTY); }
         agree[prm.agree_base + row] = select(0u, 1u, s.xi == s.yi);
     }
     var v = soft_value(s) * prm.out_scale;

@@ -358,7 +358,7 @@ fn row_sums_stats(row: u32, p_hi: f32, p_lo: f32, tiny_p: f32, q_hi: f32, q_lo: 
         tiny_q: f32) -> Lse {
     let sp = row_sum(p_hi, p_lo, tiny_p);
     let sq = row_sum(q_hi, q_lo, tiny_q);
-    if (is_zero(sp.x)) { report_bad(row * prm.row_len, FLAG_P_EMPTY); }
-    if (uses_q() && is_zero(sq.x)) { report_bad(row * prm.row_len, FLAG_Q_EMPTY); }
+    if (is_zero(sp.x)) { report_bad(row * prm.elem_row_len, FLAG_P_EMPTY); }
+    if (uses_q() && is_zero(sq.x)) { report_bad(row * prm.elem_row_len, FLAG_Q_EMPTY); }
     return Lse(sp.x, sp.y, u32(sp.z), sq.x, sq.y, u32(sq.z));
 }

@@ -178,7 +178,10 @@ pub(crate) struct Params {
     /// Always 0. The shaders select on it to keep a compiler from simplifying TwoSum's error
     /// term away (Mesa's NIR turns (a + b) − a into b; see `opaque` in common.wgsl).
     pub zero: u32,
-    pub _pad: [u32; 3],
+    /// Elements per row of the window's inputs: where an empty row's first column is, also in
+    /// the combine pass, whose `row_len` is its partials' stride.
+    pub elem_row_len: u32,
+    pub _pad: [u32; 2],
 }
 
 /// Size of `Lse` in the shaders (six 4-byte words), the per-row statistics.

@@ -799,7 +799,8 @@ impl Gpu {
             grad_base: 0,
             lane_span: layout.lane_span(),
             zero: 0,
-            _pad: [0; 3],
+            elem_row_len: window.row_len() as u32,
+            _pad: [0; 2],
         }
     }
 

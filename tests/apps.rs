@@ -148,6 +148,57 @@ fn bad_values_in_buffers_klgpu_cannot_read_back_are_still_located() {
 }
 
 #[test]
+fn empty_rows_in_gpu_buffers_are_named_when_rows_span_chunks() {
+    // A row finished by a combine pass over its chunks' partials was reported at its index in
+    // the partials (row · chunks), not at its first element: "flagged invalid input at an
+    // unknown position", or the wrong row. Rows of 2397 in three chunks each.
+    let e = engine_with_tuning(klgpu::Tuning {
+        min_iterations: Some(4),
+        target_workgroups: Some(64),
+        blocked_lanes: Some(true),
+        quick_vec4: Some(false),
+        ..Default::default()
+    });
+    let (rows, cols) = (6, 2397);
+    let mut p: Vec<f32> = (0..rows * cols).map(|i| 0.1 + (i % 13) as f32).collect();
+    let mut z: Vec<f32> = p.iter().map(|x| x.ln()).collect();
+    p[cols..2 * cols].fill(0.0);
+    z[cols..2 * cols].fill(f32::NEG_INFINITY);
+    let normalized = Options {
+        normalize: true,
+        ..Options::input(Input::Probs)
+    };
+    let out = e.create_f32_buffer("out", rows as u64).unwrap();
+    for (m, x, opts) in [
+        (Measure::Entropy, &p, normalized),
+        (Measure::KullbackLeibler, &p, normalized),
+        (Measure::Entropy, &z, Options::input(Input::Logits)),
+        (Measure::CrossEntropy, &z, Options::input(Input::Logits)),
+        (Measure::KullbackLeibler, &z, Options::input(Input::Logits)),
+    ] {
+        let xb = upload(&e, "x", x);
+        let q = m.uses_q().then(|| xb.slice(..));
+        let err = e
+            .rows_buffers(m, xb.slice(..), q, cols, &opts, out.slice(..))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidValue {
+                    side: Side::P,
+                    row: 1,
+                    col: 0,
+                    problem: Problem::EmptyRow,
+                    ..
+                }
+            ),
+            "{m:?} {:?}: {err}",
+            opts.input
+        );
+    }
+}
+
+#[test]
 fn bad_values_in_gpu_buffers_are_located() {
     let e = engine();
     let mut p = vec![0.01f32; 3000];
