@@ -1061,19 +1061,7 @@ fn low_device_limits_are_errors_not_panics() {
     // An app's device made with wgpu's downlevel (or WebGL2) limits cannot bind klgpu's eight
     // storage buffers: from_device says which limits fall short (it panicked inside wgpu).
     // WebGPU's default limits are enough.
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapter =
-        pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
-            .expect("tests need a GPU adapter (lavapipe counts)");
-    let device_with = |required_limits| {
-        let descriptor = wgpu::DeviceDescriptor {
-            required_limits,
-            ..Default::default()
-        };
-        pollster::block_on(adapter.request_device(&descriptor)).expect("device")
-    };
-    let (device, queue) = device_with(wgpu::Limits::downlevel_defaults());
+    let (device, queue) = device_with_limits(wgpu::Limits::downlevel_defaults());
     match Engine::from_device(device, queue) {
         Err(Error::InvalidArgument(m)) => {
             assert!(
@@ -1085,7 +1073,7 @@ fn low_device_limits_are_errors_not_panics() {
     }
     // Default limits but buffers of at most 64 KiB: a buffer made with more data than that is
     // an error (wgpu's create_buffer_init panicked), and host data streams through windows.
-    let (device, queue) = device_with(wgpu::Limits {
+    let (device, queue) = device_with_limits(wgpu::Limits {
         max_buffer_size: 1 << 16,
         max_storage_buffer_binding_size: 1 << 16,
         ..wgpu::Limits::default()
@@ -1564,21 +1552,26 @@ fn invalid_values_in_gpu_buffers_are_named_as_from_host_slices() {
 fn small_binding_engine() -> &'static Engine {
     static ENGINE: std::sync::OnceLock<Engine> = std::sync::OnceLock::new();
     ENGINE.get_or_init(|| {
-        let instance =
-            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        let adapter =
-            pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
-                .expect("tests need a GPU adapter (lavapipe counts)");
-        let descriptor = wgpu::DeviceDescriptor {
-            required_limits: wgpu::Limits {
-                max_storage_buffer_binding_size: 1 << 16,
-                ..wgpu::Limits::default()
-            },
-            ..Default::default()
-        };
-        let (device, queue) = pollster::block_on(adapter.request_device(&descriptor)).unwrap();
+        let (device, queue) = device_with_limits(wgpu::Limits {
+            max_storage_buffer_binding_size: 1 << 16,
+            ..wgpu::Limits::default()
+        });
         Engine::from_device(device, queue).unwrap()
     })
+}
+
+/// A device on the default adapter with `limits`, as an app would make one.
+fn device_with_limits(required_limits: wgpu::Limits) -> (wgpu::Device, wgpu::Queue) {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter =
+        pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
+            .expect("tests need a GPU adapter (lavapipe counts)");
+    let descriptor = wgpu::DeviceDescriptor {
+        required_limits,
+        ..Default::default()
+    };
+    pollster::block_on(adapter.request_device(&descriptor)).expect("device")
 }
 
 #[test]
@@ -1587,20 +1580,11 @@ fn recordings_into_the_callers_out_need_no_scratch_for_every_row() {
     // and agreement of 4 bytes a row and a readback of 8, which nothing reads. On a device
     // whose buffers hold at most 1 MiB, 200,000 rows of one column (800 KB a buffer) failed
     // for the 1.6 MB readback.
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapter =
-        pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
-            .expect("tests need a GPU adapter (lavapipe counts)");
-    let descriptor = wgpu::DeviceDescriptor {
-        required_limits: wgpu::Limits {
-            max_buffer_size: 1 << 20,
-            max_storage_buffer_binding_size: 1 << 20,
-            ..wgpu::Limits::default()
-        },
-        ..Default::default()
-    };
-    let (device, queue) = pollster::block_on(adapter.request_device(&descriptor)).unwrap();
+    let (device, queue) = device_with_limits(wgpu::Limits {
+        max_buffer_size: 1 << 20,
+        max_storage_buffer_binding_size: 1 << 20,
+        ..wgpu::Limits::default()
+    });
     let e = Engine::from_device(device, queue).unwrap();
     let rows = 200_000;
     let mut r = rng(41);
