@@ -497,6 +497,9 @@ impl Engine {
     /// ∂/∂z KL(P‖softmax(z)) = softmax(z) − p, in one fused pass (after the log-sum-exp pass
     /// over z). `target` holds probabilities P, `logits` the scores z, both `[rows × cols]`;
     /// the gradient (f32, same shape) goes to `grad`. Returns the per-row losses. Blocking.
+    /// The losses come back in one readback buffer of 8 bytes a row: more rows than the
+    /// device's `max_buffer_size` holds that way are refused ([`Error::InvalidArgument`]);
+    /// [`Engine::record_kl_loss_and_grad`] writes any number to a buffer of yours.
     /// When the call fails on the inputs' values, `grad` has been written all the same: take
     /// none of it.
     ///
@@ -547,6 +550,16 @@ impl Engine {
         blocking: bool,
     ) -> Result<Vec<f64>> {
         let (z, t, grad, cols) = self.loss_inputs(&target, &logits, cols, &grad)?;
+        let (rows, most) = (
+            z.elems / cols,
+            crate::plan::readback_rows(self.device().limits().max_buffer_size),
+        );
+        if rows > most {
+            return Err(Error::InvalidArgument(format!(
+                "{rows} rows' losses are more than one readback holds on this device ({most}); \
+                 Engine::record_kl_loss_and_grad writes them into a buffer of yours"
+            )));
+        }
         let readback = self
             .run_buffers(&loss_job(), &z, &t, cols, None, Some(&grad), blocking)
             .await?;

@@ -920,30 +920,62 @@ impl Engine {
         crate::plan::check_columns(cols as u64)?;
         let job = job_for(Term::Measure(measure), opts)?;
         let _turn = self.gpu.turn_async().await;
+        let rows = p.len() / cols;
+        // Every row's value (and agreement) comes back in one readback buffer, which the
+        // device's max_buffer_size bounds: more rows come back in groups.
+        let group = crate::plan::readback_rows(self.gpu.device.limits().max_buffer_size) as usize;
+        let mut results = RowResults {
+            values: Vec::with_capacity(rows),
+            top1_agree: job.agree.then(|| Vec::with_capacity(rows)),
+        };
+        for first in (0..rows).step_by(group) {
+            let elems = first * cols..(first + group).min(rows) * cols;
+            let group_q = if q.is_empty() { q } else { &q[elems.clone()] };
+            let readback = self
+                .run_group(&job, &p[elems.clone()], group_q, cols, blocking)
+                .await?;
+            check_status(&readback, job.kind, first, || {
+                // Only for an error: the f32 widening of 16-bit inputs costs a copy. Earlier
+                // groups raised nothing, so the first invalid value of all is in this one.
+                cpu::locate_invalid(measure, opts, &widened(p), &widened(q), cols)
+            })?;
+            results
+                .values
+                .extend(readback.values.iter().map(|&v| v as f64));
+            if let (Some(all), Some(these)) = (&mut results.top1_agree, readback.agree) {
+                all.extend(these);
+            }
+        }
+        Ok(results)
+    }
+
+    /// Runs one group of whole rows of host data; falls back from subgroups if the adapter's
+    /// layout check fails.
+    async fn run_group<T: Element>(
+        &self,
+        job: &Job,
+        p: &[T],
+        q: &[T],
+        cols: usize,
+        blocking: bool,
+    ) -> Result<Readback> {
         let plan = Plan::new(
             (p.len() / cols) as u64,
             cols as u64,
-            self.plan_limits(&job, false),
+            self.plan_limits(job, false),
         );
         let data = HostData {
             p: bytemuck::cast_slice(p),
             q: bytemuck::cast_slice(q),
             dtype: T::DTYPE,
         };
-        let mut readback = self.gpu.run_host(&job, &plan, data, blocking).await?;
-        if readback.status[0] & kernels::FLAG_SUBGROUP_LAYOUT != 0 {
-            // This adapter's subgroups are not runs of consecutive invocations: fall back.
-            self.gpu.subgroups.store(false, Ordering::Relaxed);
-            readback = self.gpu.run_host(&job, &plan, data, blocking).await?;
+        let readback = self.gpu.run_host(job, &plan, data, blocking).await?;
+        if readback.status[0] & kernels::FLAG_SUBGROUP_LAYOUT == 0 {
+            return Ok(readback);
         }
-        check_status(&readback, job.kind, || {
-            // Only for an error: the f32 widening of 16-bit inputs costs a copy.
-            cpu::locate_invalid(measure, opts, &widened(p), &widened(q), cols)
-        })?;
-        Ok(RowResults {
-            values: readback.values.iter().map(|&v| v as f64).collect(),
-            top1_agree: readback.agree,
-        })
+        // This adapter's subgroups are not runs of consecutive invocations: fall back.
+        self.gpu.subgroups.store(false, Ordering::Relaxed);
+        self.gpu.run_host(job, &plan, data, blocking).await
     }
 }
 
@@ -992,10 +1024,12 @@ fn one_pass(term: Term) -> bool {
 }
 
 /// Turns raised flags into the error the host-side locator finds, or for a row that left f32's
-/// range (which no value explains), [`Error::Overflow`] naming the first row that reads NaN.
+/// range (which no value explains), [`Error::Overflow`] naming the first row that reads NaN
+/// (`first_row`: the row the readback's first value belongs to).
 fn check_status(
     readback: &Readback,
     input: Input,
+    first_row: usize,
     locate: impl FnOnce() -> Option<Error>,
 ) -> Result<()> {
     let flags = readback.status[0] & !kernels::FLAG_SUBGROUP_LAYOUT;
@@ -1005,7 +1039,10 @@ fn check_status(
     if flags == kernels::FLAG_OVERFLOW
         && let Some(row) = first_nan(&readback.values)
     {
-        return Err(Error::Overflow { row, input });
+        return Err(Error::Overflow {
+            row: first_row + row,
+            input,
+        });
     }
     Err(locate().unwrap_or_else(|| {
         Error::Gpu(format!(

@@ -32,6 +32,13 @@ pub fn check_columns(cols: u64) -> crate::Result<()> {
     Ok(())
 }
 
+/// Most rows whose results one readback buffer of at most `max_buffer_size` bytes holds: 16
+/// status bytes, then an f32 value and an agreement word a row (buffers are made in whole
+/// 16-byte units). Host calls over more rows come back in groups of this many.
+pub fn readback_rows(max_buffer_size: u64) -> u64 {
+    ((max_buffer_size / 16 * 16).saturating_sub(16) / 8).max(1)
+}
+
 /// Upper bound on one invocation's main-loop iterations. llvmpipe silently truncates an
 /// invocation after 65535 loop iterations in total; we stay a factor of 64 below.
 pub const MAX_ITERATIONS: u32 = 1024;
@@ -484,6 +491,17 @@ mod tests {
 
     fn covered(plan: &Plan) -> u64 {
         plan.windows.iter().map(|w| w.elem_len).sum()
+    }
+
+    #[test]
+    fn readback_groups_fit_the_largest_buffer() {
+        // wgpu's default 256 MiB: 33,554,430 rows of 8 bytes after the 16 status bytes.
+        assert_eq!(readback_rows(256 << 20), ((256 << 20) - 16) / 8);
+        for max in [1 << 20, (1 << 20) + 15, 1000, 33, 32] {
+            let rows = readback_rows(max);
+            assert!(16 + rows * 8 <= max / 16 * 16, "{max}: {rows}");
+            assert!(16 + (rows + 1) * 8 > max / 16 * 16, "{max}: {rows}");
+        }
     }
 
     #[test]

@@ -1610,6 +1610,69 @@ fn recordings_into_the_callers_out_need_no_scratch_for_every_row() {
     assert_rows_close(&read_f64(&e, &recorded), &want.values, "record_rows");
 }
 
+#[test]
+fn host_calls_with_more_rows_than_one_readback_holds_come_back_in_groups() {
+    // A host call read every row's value (and agreement) back in one buffer of 8 bytes a row:
+    // on a device whose buffers hold at most 1 MiB, 200,000 rows failed for their 1.6 MB
+    // readback. Rows now come back in groups the device's buffers hold, for every input
+    // kind (logits carry the agreement too); an invalid value in a later group is named at
+    // its place in the whole input, and so is a row that overflows f32.
+    let (device, queue) = device_with_limits(wgpu::Limits {
+        max_buffer_size: 1 << 20,
+        max_storage_buffer_binding_size: 1 << 20,
+        ..wgpu::Limits::default()
+    });
+    let e = Engine::from_device(device, queue).unwrap();
+    let mut r = rng(43);
+    for (rows, cols) in [(200_000, 1), (140_000, 2)] {
+        for input in [Input::Probs, Input::Logits] {
+            // Rows of one value, or distributions: KL of rows whose sums differ may cancel
+            // past the bar (the README's allowance).
+            let mut draw = || -> Vec<f32> {
+                (0..rows)
+                    .flat_map(|_| match cols {
+                        1 => vec![r.random::<f32>() + 0.5],
+                        _ => {
+                            let a = r.random::<f32>();
+                            vec![a, 1.0 - a]
+                        }
+                    })
+                    .collect()
+            };
+            let (p, q) = (draw(), draw());
+            for measure in [Measure::KullbackLeibler, Measure::Entropy] {
+                let opts = Options::input(input);
+                let q = measure.uses_q().then_some(&q[..]);
+                let want = cpu::rows(measure, &p, q, cols, &opts).unwrap();
+                let got = e.rows(measure, &p, q, cols, &opts).unwrap();
+                let what = format!("{measure:?} {input:?} {rows} × {cols}");
+                assert_eq!(got.values.len(), rows, "{what}");
+                assert_rows_close(&got.values, &want.values, &what);
+                assert_eq!(got.top1_agree, want.top1_agree, "{what}");
+            }
+        }
+    }
+    let (rows, cols) = (200_000, 1);
+    let mut p: Vec<f32> = (0..rows).map(|_| r.random::<f32>() + 0.5).collect();
+    let q = p.clone();
+    let bad = rows - 3;
+    p[bad] = -1.0;
+    let err = e
+        .kl_divergence_rows(&p, &q, cols, Input::Probs)
+        .unwrap_err();
+    match err {
+        Error::InvalidValue { index, row, .. } => assert_eq!((index, row), (bad, bad), "{err}"),
+        other => panic!("expected the negative value at {bad}, got {other}"),
+    }
+    p[bad] = 100.0;
+    let err = e
+        .kl_divergence_rows(&p, &q, cols, Input::LogProbs)
+        .unwrap_err();
+    match err {
+        Error::Overflow { row, .. } => assert_eq!(row, bad, "{err}"),
+        other => panic!("expected row {bad} to overflow, got {other}"),
+    }
+}
 /// `x` after `pad` NaNs, uploaded: its slice starts off every binding alignment.
 fn padded_upload<T: klgpu::Element>(e: &Engine, label: &str, x: &[T], pad: usize) -> wgpu::Buffer {
     let nan = narrow::<T>(&vec![f32::NAN; pad]);
