@@ -84,15 +84,15 @@ pub fn summarize(values: &[f64]) -> Option<Summary> {
         count: n,
         mean,
         stderr,
-        median: percentile_sorted(&sorted, 50.0),
-        p90: percentile_sorted(&sorted, 90.0),
-        p95: percentile_sorted(&sorted, 95.0),
-        p99: percentile_sorted(&sorted, 99.0),
-        p99_9: percentile_sorted(&sorted, 99.9),
-        p10: percentile_sorted(&sorted, 10.0),
-        p5: percentile_sorted(&sorted, 5.0),
-        p1: percentile_sorted(&sorted, 1.0),
-        p0_1: percentile_sorted(&sorted, 0.1),
+        median: percentile_sorted(&sorted, 500),
+        p90: percentile_sorted(&sorted, 900),
+        p95: percentile_sorted(&sorted, 950),
+        p99: percentile_sorted(&sorted, 990),
+        p99_9: percentile_sorted(&sorted, 999),
+        p10: percentile_sorted(&sorted, 100),
+        p5: percentile_sorted(&sorted, 50),
+        p1: percentile_sorted(&sorted, 10),
+        p0_1: percentile_sorted(&sorted, 1),
         min: sorted[0],
         max: sorted[n - 1],
         infinite: values.iter().filter(|&&v| v == f64::INFINITY).count(),
@@ -112,15 +112,18 @@ pub fn agreement(agree: &[bool]) -> Option<(f64, Option<f64>)> {
     Some((share, stderr))
 }
 
-/// The `pct`-th percentile (0–100) of ascending `sorted` values, interpolated linearly between
-/// the two nearest ranks like numpy's default (`method="linear"`): rank h = (n−1)·pct/100.
-/// `sorted` must not be empty ([`summarize`] checks).
-fn percentile_sorted(sorted: &[f64], pct: f64) -> f64 {
+/// The percentile at `permille` thousandths (0–1000) of ascending `sorted` values,
+/// interpolated linearly between the two nearest ranks like numpy's default
+/// (`method="linear"`): rank h = (n−1)·permille/1000, in integers so that a whole rank is
+/// exact (in f64, (n−1)·0.999 came out an ulp above 999 for n = 1001, and the 99.9th
+/// percentile +∞ where the next value was infinite). `sorted` must not be empty
+/// ([`summarize`] checks).
+fn percentile_sorted(sorted: &[f64], permille: u64) -> f64 {
     let n = sorted.len();
-    let h = (n - 1) as f64 * (pct / 100.0).clamp(0.0, 1.0);
-    let lo = h.floor() as usize;
+    let scaled = (n as u64 - 1) * permille.min(1000);
+    let lo = (scaled / 1000) as usize;
     let hi = (lo + 1).min(n - 1);
-    let frac = h - lo as f64;
+    let frac = (scaled % 1000) as f64 / 1000.0;
     let (a, b) = (sorted[lo], sorted[hi]);
     if frac == 0.0 || a == b {
         return a;
@@ -211,8 +214,16 @@ mod tests {
         x.insert(3, inf);
         let s = summarize(&x).unwrap();
         assert_eq!((s.infinite, s.first_infinite), (2, Some(3)));
-        assert!(percentile_sorted(&[-inf, inf], 50.0).is_nan());
-        assert_eq!(percentile_sorted(&[-inf, 1.0], 50.0), -inf);
-        assert_eq!(percentile_sorted(&[inf, inf], 50.0), inf);
+        assert!(percentile_sorted(&[-inf, inf], 500).is_nan());
+        assert_eq!(percentile_sorted(&[-inf, 1.0], 500), -inf);
+        assert_eq!(percentile_sorted(&[inf, inf], 500), inf);
+        // A whole rank that f64 missed by an ulp: n = 1001 at 99.9 is rank 999 exactly, a
+        // finite value, though the next is +∞ (and at n = 100,001, rank 99,900).
+        for n in [1001, 2001, 100_001] {
+            let mut x: Vec<f64> = (0..n - 1).map(|i| i as f64).collect();
+            x.push(inf);
+            let s = summarize(&x).unwrap();
+            assert_eq!(s.p99_9, ((n - 1) * 999 / 1000) as f64, "n = {n}");
+        }
     }
 }
