@@ -404,6 +404,13 @@ fn per_row_output_file_and_top1_agreement() {
         .filter(|n| n.ends_with(".tmp"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+    // Entropy has no second distribution to agree with: no top-1 keys (they read null).
+    let j = klgpu(&["entropy", s(&pp), "--input", "logits", "--json", "-q"]).json();
+    let sum = j["summary"].as_object().unwrap();
+    assert!(
+        !sum.contains_key("top1_agreement") && !sum.contains_key("top1_agreement_stderr"),
+        "{j}"
+    );
 }
 
 #[test]

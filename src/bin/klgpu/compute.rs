@@ -214,7 +214,8 @@ pub fn run(cmd: &MeasureRun) -> Result<(), CliError> {
         reduction: cmd.reduction_name,
         value,
         summary,
-        top1_applies: opts.input == Input::Logits,
+        // As the library gives it: rows of two inputs read as logits.
+        top1_applies: opts.input == Input::Logits && cmd.measure.uses_q(),
         top1,
         adapter: backend.adapter(),
         elapsed_s,

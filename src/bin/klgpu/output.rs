@@ -187,7 +187,8 @@ impl Report {
         let shape = if self.one_d {
             format!("1-D, {} {}", self.cols, self.input.name())
         } else {
-            format!("{} rows × {} {}", self.rows, self.cols, self.input.name())
+            let rows = if self.rows == 1 { "row" } else { "rows" };
+            format!("{} {rows} × {} {}", self.rows, self.cols, self.input.name())
         };
         if self.one_d {
             let v = self.value.map_or_else(|| "-".into(), fmt_num);
