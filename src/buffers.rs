@@ -326,6 +326,7 @@ impl Engine {
     ) -> Result<f64> {
         let (p, q) = self.inputs(measure, &p, q.as_ref(), opts.dtype)?;
         let cols = p.elems.max(1);
+        crate::plan::check_columns(cols)?;
         let job = job_for(Term::Measure(measure), opts)?;
         let readback = self
             .run_buffers(&job, &p, &q, cols, None, None, blocking)
@@ -631,6 +632,7 @@ impl Engine {
     /// validated.
     pub fn sum_buffers(&self, p: wgpu::BufferSlice<'_>) -> Result<f64> {
         let (p, q) = self.inputs(Measure::Entropy, &p, None, Dtype::F32)?;
+        crate::plan::check_columns(p.elems)?;
         let job = job_for(Term::SumP, &Options::default())?;
         let rb = pollster::block_on(self.run_buffers(&job, &p, &q, p.elems, None, None, true))?;
         Ok(rb.values[0] as f64)
