@@ -123,7 +123,7 @@ pub struct Workspace {
 }
 
 /// On OpenGL, destroying a buffer takes wgpu's one GL context, which a running call can hold
-/// for longer than the second after which wgpu panics (a workspace dropped while another
+/// for longer than wgpu waits before it panics (six seconds on EGL, one on WGL; a workspace dropped while another
 /// thread's call ran did, in the GL test suite). So the buffers go inside a turn, as calls
 /// do; without waiting for one, which could wait forever on a call that this thread polls.
 impl Drop for Workspace {

@@ -653,7 +653,7 @@ impl Engine {
     ///
     /// # Errors
     /// Empty or mismatched input, and NaN, ±∞ or negative elements ([`Error::InvalidValue`]
-    /// names the first one).
+    /// names the first one); a result beyond f32's range ([`Error::Overflow`]).
     pub fn kl_divergence<T: Element>(&self, p: &[T], q: &[T]) -> Result<f64> {
         self.divergence(Measure::KullbackLeibler, p, Some(q), &Options::default())
     }

@@ -52,7 +52,8 @@ impl fmt::Display for Problem {
 pub enum Error {
     /// No adapter could be found at all.
     #[error(
-        "no GPU adapter found ({details}). klgpu needs a Vulkan, Metal or DX12 driver; \
+        "no GPU adapter found ({details}). klgpu needs a Vulkan, Metal or DX12 driver (or \
+         OpenGL 4.3 / GLES 3.1); \
          on Linux without a GPU install Mesa's software Vulkan driver \
          (Debian/Ubuntu: `apt-get install mesa-vulkan-drivers`)"
     )]

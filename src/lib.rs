@@ -3,9 +3,11 @@
 //! KL divergence, cross-entropy, entropy and Jensen–Shannon divergence on whatever GPU adapter
 //! wgpu finds, with an f64 CPU reference ([`cpu`]) that uses the same conventions and errors.
 //!
-//! Each result is one fused pass over the data: a WGSL kernel validates every element,
-//! computes its term in a cancellation-free form and reduces in parallel on the GPU (subgroup
-//! shuffles where available, shared memory otherwise); the host reads back a few bytes.
+//! Each result is one fused pass over the data (KL and JS of logits, and of normalized rows
+//! whose sums the one pass cannot prove close, first read each row for its log-sum-exp or
+//! sum): a WGSL kernel validates every element, computes its term in a cancellation-free form
+//! and reduces in parallel on the GPU (subgroup shuffles where available, shared memory
+//! otherwise); the host reads back a few bytes.
 //!
 //! ```no_run
 //! let engine = klgpu::Engine::new()?;
@@ -24,14 +26,17 @@
 //! - Inputs are taken as given; [`Options::normalize`] divides each row by its sum first.
 //! - Elements are f32, f16 or bf16 ([`Element`], [`Options::dtype`] for GPU buffers); 16-bit
 //!   ones are widened to f32 exactly in the kernel, which reads half the bytes.
-//! - Empty or mismatched inputs, NaN, ±∞ or negative probabilities are errors that name the
-//!   first offending index ([`Error::InvalidValue`]). The kernel raises flags while it
+//! - Empty or mismatched inputs are errors ([`Error::EmptyInput`], [`Error::LengthMismatch`]);
+//!   NaN, ±∞ or negative probabilities are errors that name the first offending index
+//!   ([`Error::InvalidValue`]). The kernel raises flags while it
 //!   computes; only then does the host look for the index.
 //!
 //! ## Precision
 //! Against an exact evaluation of the same f32 inputs, results are within 1e-5 relative (1e-11
-//! absolute where the value is below 1e-6); identical inputs give exactly 0. See the README
-//! for how this is achieved and tested.
+//! absolute where the value is below 1e-6) for rows that are distributions; identical inputs
+//! give exactly 0. The README says how this is achieved and tested, and where it is looser:
+//! KL of log-probabilities, rows whose sums differ or that are not distributions (terms of
+//! both signs cancel), all-subnormal rows the kernel normalizes.
 #![deny(missing_docs)]
 
 mod buffers;

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 /// KullbackLeibler  KL(P‖Q) = Σ p·log(p/q)        0 where p = 0, +∞ where p > 0 = q
 /// CrossEntropy     H(P,Q)  = −Σ p·log q           0 where p = 0, +∞ where p > 0 = q
 /// Entropy          H(P)    = −Σ p·log p           0 where p = 0
-/// JensenShannon    JS(P,Q) = ½KL(P‖M) + ½KL(Q‖M), M = (P+Q)/2, 0 ≤ JS ≤ log 2
+/// JensenShannon    JS(P,Q) = ½KL(P‖M) + ½KL(Q‖M), M = (P+Q)/2, 0 ≤ JS ≤ log 2 for distributions
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Measure {
@@ -19,7 +19,8 @@ pub enum Measure {
     CrossEntropy,
     /// Shannon entropy H(P); Q is not used.
     Entropy,
-    /// Jensen–Shannon divergence, symmetric and bounded by log 2.
+    /// Jensen–Shannon divergence, symmetric, and bounded by log 2 for distributions (inputs are
+    /// not renormalized unless [`Options::normalize`] says so).
     JensenShannon,
 }
 
@@ -316,7 +317,8 @@ impl Options {
 pub struct RowResults {
     /// One value per row.
     pub values: Vec<f64>,
-    /// For [`Input::Logits`] with two inputs: whether P's and Q's arg-max agree in each row
+    /// For [`Input::Logits`] (and log-probabilities with [`Options::normalize`], which are
+    /// read as logits) with two inputs: whether P's and Q's arg-max agree in each row
     /// (llama.cpp's "same top p"); ties go to the lowest index.
     pub top1_agree: Option<Vec<bool>>,
 }

@@ -3,7 +3,7 @@
 //!
 //! The binary is a thin layer over the library: argument parsing (here), file formats
 //! ([`source`], [`npy`]), streaming of inputs larger than memory ([`stream`]), statistics
-//! ([`stats`]), reports ([`output`]) and a demo ([`demo`]). Every message of ours on stderr
+//! ([`klgpu::stats`]), reports ([`output`]) and a demo ([`demo`]). Every message of ours on stderr
 //! starts with `klgpu:`; bad input exits with code 2, other failures with 1.
 
 mod compute;
@@ -31,8 +31,9 @@ is one distribution per row. f64 inputs are rounded to f32.
 
 Large inputs are streamed: a reader thread reads row blocks (32 MiB of f32 per input) while the
 GPU computes the previous block, so memory stays bounded whatever the file size. A row longer
-than a block is cut into pieces whose values are summed in f64 (exact for probs and log-probs,
-every measure being a sum over elements). For such a row given as logits, a first streamed pass
+than a block is cut into pieces whose values are summed in f64 (for probs and log-probs the
+same value, every measure being a sum over elements, but each piece's rounded to f32: terms
+of both signs that cancel across pieces meet the README's allowance, not its bar). For such a row given as logits, a first streamed pass
 on the CPU computes the log-sum-exp of the row and of each piece in f64; KL, cross-entropy and
 entropy then take each piece as logits of its own and combine them by the chain rule (no
 precision lost), JS gets the pieces as log-probabilities x - lse rounded to f32. Likewise

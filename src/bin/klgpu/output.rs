@@ -140,7 +140,8 @@ pub fn formula(measure: Measure) -> &'static str {
 }
 
 impl Report {
-    /// The `--json` object: always the same keys.
+    /// The `--json` object: always the same top-level keys (`summary` is null for 1-D input;
+    /// its `top1_*` keys appear where agreement applies).
     pub fn to_json(&self) -> Value {
         let summary = self.summary.as_ref().map_or(Value::Null, |s| {
             let mut obj = json!({
