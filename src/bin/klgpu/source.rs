@@ -80,6 +80,16 @@ pub struct Source {
     /// The nonzero f64 elements of the last `read_f32` that f32 rounds to ±0, in order: their
     /// index in the read and the file's value (`stream::Reader::mark_underflows` decides).
     pub underflows: Vec<Beyond>,
+    /// The file's length and modification time when it was opened: a read that finds them
+    /// changed fails, so that a file rewritten while klgpu reads it (blocks, and long rows
+    /// twice) is not taken as a mix of two versions.
+    stamp: Stamp,
+}
+
+type Stamp = (u64, Option<std::time::SystemTime>);
+
+fn stamp(meta: &std::fs::Metadata) -> Stamp {
+    (meta.len(), meta.modified().ok())
 }
 
 /// Bytes converted per read call: bounds the scratch buffer whatever the block size.
@@ -167,6 +177,7 @@ impl Source {
             shape,
             scratch: Vec::new(),
             underflows: Vec::new(),
+            stamp: stamp(&meta),
         })
     }
 
@@ -199,6 +210,23 @@ impl Source {
         // The file is little-endian; on a big-endian host the bits are swapped into place.
         if cfg!(target_endian = "big") {
             out.iter_mut().for_each(|b| *b = u16::from_le(*b));
+        }
+        self.unchanged(start)
+    }
+
+    /// Ok if the file still has the length and modification time it had when opened.
+    fn unchanged(&self, start: usize) -> Result<(), CliError> {
+        let now = self
+            .file
+            .metadata()
+            .map_err(|e| read_failed(&self.label, e, start))?;
+        if stamp(&now) != self.stamp {
+            return Err(CliError::input(format!(
+                "{}: the file changed while klgpu read it (noticed reading the elements from \
+                 index {start} on): its values would mix two versions; run again once it is \
+                 written",
+                self.label
+            )));
         }
         Ok(())
     }
@@ -234,6 +262,7 @@ impl Source {
             first_beyond = first_beyond.or(beyond.map(|(i, value)| (done + i, value)));
             left -= n;
         }
+        self.unchanged(start)?;
         Ok(first_beyond)
     }
 }
@@ -599,6 +628,38 @@ mod tests {
         file.extend(header.as_bytes());
         file.extend(data);
         file
+    }
+
+    #[test]
+    fn a_file_changed_between_reads_is_an_error() {
+        // A long row is read twice (its sums, then its pieces): a file rewritten in between
+        // gave values from two versions.
+        let data: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.npy");
+        std::fs::write(
+            &path,
+            npy_file(
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (6,), }",
+                &data,
+            ),
+        )
+        .unwrap();
+        let mut source = Source::open(&path, &TensorChoice::default()).unwrap();
+        let mut out = Vec::new();
+        source.read_f32(0, 6, &mut out).unwrap();
+        assert_eq!(out, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        // Rewritten in place, same length; the time set apart from the first in case the
+        // file system's clock is coarse.
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let then = file.metadata().unwrap().modified().unwrap();
+        file.set_modified(then + std::time::Duration::from_secs(2))
+            .unwrap();
+        let err = source.read_f32(2, 4, &mut out).unwrap_err().to_string();
+        assert!(
+            err.contains("p.npy: the file changed while klgpu read it") && err.contains("index 2"),
+            "{err}"
+        );
     }
 
     #[test]
