@@ -31,6 +31,15 @@ fn gpu_slice<'a>(
             buffer.usage()
         )));
     }
+    // A mapped buffer fails the submission that uses it: for a recording the caller's, where
+    // wgpu's default error handler panics. wgpu 30 has no map state to ask; a view of the
+    // whole buffer is had only while it is mapped (and not while views of it are out, so
+    // this misses some mapped buffers, never takes an unmapped one for mapped).
+    if buffer.slice(..).get_mapped_range().is_ok() {
+        return Err(invalid(
+            "the buffer is mapped: unmap it before klgpu uses it".into(),
+        ));
+    }
     let es = dtype.size();
     if slice.offset() % es != 0 {
         return Err(invalid(format!(
@@ -911,20 +920,22 @@ impl Engine {
         outputs_apart(job, p, q, Some(out), grad, locator.plan.rows)?;
         let gpu = self.gpu();
         let _turn = gpu.turn();
-        let recorded = gpu.scoped(|| {
-            gpu.encode_device(
-                encoder,
-                workspace
-                    .scratch
-                    .get_or_insert_with(|| Scratch::new(&gpu.device)),
-                job,
-                &locator.plan,
-                p,
-                q,
-                Some(out),
-                grad,
-            )
-        });
+        let recorded = gpu
+            .scoped(|| {
+                gpu.encode_device(
+                    encoder,
+                    workspace
+                        .scratch
+                        .get_or_insert_with(|| Scratch::new(&gpu.device)),
+                    job,
+                    &locator.plan,
+                    p,
+                    q,
+                    Some(out),
+                    grad,
+                )
+            })
+            .and_then(|recorded| recorded);
         if recorded.is_err() {
             // A buffer that failed to be made (beyond the device's limits, out of memory)
             // still reports the size asked for, so later recordings would reuse it and fail
@@ -979,10 +990,10 @@ impl Engine {
                     q,
                     out,
                     grad,
-                );
+                )?;
                 encode_read_back(&mut encoder, &scratch, rows, false);
-                gpu.queue.submit([encoder.finish()])
-            })?;
+                Ok(gpu.queue.submit([encoder.finish()]))
+            })??;
             readback = gpu
                 .finish_read_back(&scratch, rows, false, index, blocking)
                 .await?;

@@ -461,6 +461,11 @@ impl Engine {
     /// Uses a device and queue the caller already has. Pipelines are compiled on first use;
     /// subgroup operations are used if the device was created with `Features::SUBGROUP`.
     ///
+    /// Give the engine only buffers and encoders of this device. A buffer of another device
+    /// of the same `wgpu::Instance` is an error; one of another instance (an engine from
+    /// [`Engine::new`] has klgpu's) cannot be told apart by wgpu: its number is looked up in
+    /// this instance's tables, and may name another buffer, read silently.
+    ///
     /// # Errors
     /// [`Error::InvalidArgument`] listing the limits that fall short when the device was made
     /// with less than WebGPU's defaults where the kernels need them (eight storage buffers per

@@ -850,12 +850,12 @@ impl Gpu {
     pub(crate) fn encode_window(
         &self,
         encoder: &mut wgpu::CommandEncoder,
-        scratch: &Scratch,
         job: &Job,
         window: &Window,
         window_id: usize,
         passes: Passes,
         bindings: &WindowBindings<'_>,
+        bind_group: &wgpu::BindGroup,
         slot_base: u64,
     ) -> Vec<u8> {
         let subgroups = self.subgroups();
@@ -971,7 +971,6 @@ impl Gpu {
             bytes.resize(k * PARAM_SLOT as usize, 0);
             bytes.extend_from_slice(bytemuck::bytes_of(&p));
         }
-        let bind_group = self.bind_group(scratch, bindings);
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("klgpu.window"),
             timestamp_writes: None,
@@ -995,11 +994,7 @@ impl Gpu {
                 layout.workgroup_size,
             );
             pass.set_pipeline(&pipeline);
-            pass.set_bind_group(
-                0,
-                &bind_group,
-                &[(slot_base + k as u64 * PARAM_SLOT) as u32],
-            );
+            pass.set_bind_group(0, bind_group, &[(slot_base + k as u64 * PARAM_SLOT) as u32]);
             let [x, y, z] = layout.workgroups();
             pass.dispatch_workgroups(x, y, z);
         }
@@ -1169,14 +1164,15 @@ impl Gpu {
                     ..bindings
                 };
                 let slot_base = slot as u64 * SLOTS_PER_WINDOW * PARAM_SLOT;
+                let bind_group = self.bind_group(scratch, &bindings);
                 let params = self.encode_window(
                     &mut encoder,
-                    scratch,
                     job,
                     window,
                     wi,
                     passes,
                     &bindings,
+                    &bind_group,
                     slot_base,
                 );
                 scratch.write_params(&self.queue, slot_base, &params);
@@ -1217,7 +1213,7 @@ impl Gpu {
         q: &GpuSlice<'_>,
         out: Option<&GpuSlice<'_>>,
         grad: Option<&GpuSlice<'_>>,
-    ) {
+    ) -> Result<()> {
         let visits = visits(plan, job);
         // Rows the caller's `out` takes are not the scratch's to hold, nor is agreement,
         // which no buffer call reads back: each window writes its own at the start.
@@ -1227,7 +1223,12 @@ impl Gpu {
         scratch.reset_status(&self.queue);
         let align = self.storage_align;
         let dtype = p.dtype;
-        for (k, &(wi, passes)) in visits.iter().enumerate() {
+        // Every window's bind group first, in a scope of its own: a buffer wgpu cannot bind
+        // (destroyed, of another device) is an error before anything is recorded, where a
+        // pass recorded with an invalid bind group made the caller's `encoder.finish()` panic.
+        let bind_scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let mut windows = Vec::with_capacity(visits.len());
+        for &(wi, passes) in &visits {
             let w = &plan.windows[wi];
             let (pb, shift_p) =
                 aligned_binding(p.buffer, p.offset, w.elem_start, w.elem_len, align, dtype);
@@ -1259,11 +1260,28 @@ impl Gpu {
                 vec4: wide_loads(&bindings.p, &bindings.q, bindings.shifts, dtype),
                 ..bindings
             };
-            let slot_base = k as u64 * SLOTS_PER_WINDOW * PARAM_SLOT;
-            let params =
-                self.encode_window(encoder, scratch, job, w, wi, passes, &bindings, slot_base);
-            scratch.write_params(&self.queue, slot_base, &params);
+            let bind_group = self.bind_group(scratch, &bindings);
+            windows.push((wi, passes, bindings, bind_group));
         }
+        if let Some(e) = pollster::block_on(bind_scope.pop()) {
+            return Err(Error::Gpu(format!(
+                "the buffers cannot be bound (nothing was recorded): {e}"
+            )));
+        }
+        let mut params = Vec::with_capacity(windows.len());
+        for (k, (wi, passes, bindings, bind_group)) in windows.iter().enumerate() {
+            let w = &plan.windows[*wi];
+            let slot_base = k as u64 * SLOTS_PER_WINDOW * PARAM_SLOT;
+            let bytes = self.encode_window(
+                encoder, job, w, *wi, *passes, bindings, bind_group, slot_base,
+            );
+            params.push((slot_base, bytes));
+        }
+        drop(windows);
+        for (slot_base, bytes) in params {
+            scratch.write_params(&self.queue, slot_base, &bytes);
+        }
+        Ok(())
     }
 
     /// Reads `len` values at element `first` of a GPU slice, widened to f32 (for error

@@ -1673,6 +1673,93 @@ fn host_calls_with_more_rows_than_one_readback_holds_come_back_in_groups() {
         other => panic!("expected row {bad} to overflow, got {other}"),
     }
 }
+#[test]
+fn a_failed_recording_leaves_the_callers_encoder_usable() {
+    // A buffer wgpu cannot bind (destroyed, of another device) made record_rows return an
+    // error after it had recorded a pass with the invalid bind group: the caller's
+    // `encoder.finish()` then panicked, and their own commands in it were lost. A mapped
+    // buffer was recorded without complaint, and the caller's submit panicked.
+    let (device, queue) = device_with_limits(wgpu::Limits::default());
+    let e = Engine::from_device(device.clone(), queue.clone()).unwrap();
+    let (other, _) = device_with_limits(wgpu::Limits::default());
+    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+    let make = |device: &wgpu::Device, mapped: bool| {
+        let b = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("p"),
+            size: 8,
+            usage: usage | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: mapped,
+        });
+        if mapped {
+            b.slice(..)
+                .get_mapped_range_mut()
+                .unwrap()
+                .copy_from_slice(bytemuck::cast_slice(&[0.5f32, 0.5]));
+        }
+        b
+    };
+    let q = upload(&e, "q", &[0.9, 0.1]);
+    let out = e.create_f32_buffer("out", 1).unwrap();
+    let destroyed = upload(&e, "destroyed", &[0.5, 0.5]);
+    destroyed.destroy();
+    let mapped = make(&device, true);
+    let elsewhere = make(&other, false);
+    let kl = Measure::KullbackLeibler;
+    let cases: [(&str, &wgpu::Buffer, &wgpu::Buffer); 3] = [
+        ("destroyed p", &destroyed, &out),
+        ("mapped p", &mapped, &out),
+        ("out of another device", &q, &elsewhere),
+    ];
+    for (what, p, out) in cases {
+        // The caller's own copy, recorded before klgpu's: it must still run.
+        let (src, dst) = (
+            upload(&e, "src", &[7.0]),
+            e.create_f32_buffer("dst", 1).unwrap(),
+        );
+        let mut encoder = device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(&src, 0, &dst, 0, 4);
+        let mut ws = e.workspace();
+        let (ps, qs, os) = (p.slice(..), Some(q.slice(..)), out.slice(..));
+        let err = e
+            .record_rows(
+                &mut encoder,
+                &mut ws,
+                kl,
+                ps,
+                qs,
+                2,
+                &Options::default(),
+                os,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Gpu(_) | Error::InvalidBuffer { .. }),
+            "{what}: {err}"
+        );
+        queue.submit([encoder.finish()]);
+        assert_eq!(e.read_f32(dst.slice(..)).unwrap(), [7.0], "{what}");
+        ws.check(&e).unwrap();
+    }
+    // The engine goes on as before.
+    let p = upload(&e, "p", &[0.5, 0.5]);
+    recorded_rows(
+        &e,
+        kl,
+        p.slice(..),
+        Some(q.slice(..)),
+        2,
+        &Options::default(),
+        out.slice(..),
+    )
+    .unwrap();
+    let want = cpu::kl_divergence(&[0.5f32, 0.5], &[0.9, 0.1]).unwrap();
+    assert_close(
+        e.read_f32(out.slice(..)).unwrap()[0] as f64,
+        want,
+        "after the errors",
+    );
+}
+
 /// `x` after `pad` NaNs, uploaded: its slice starts off every binding alignment.
 fn padded_upload<T: klgpu::Element>(e: &Engine, label: &str, x: &[T], pad: usize) -> wgpu::Buffer {
     let nan = narrow::<T>(&vec![f32::NAN; pad]);
