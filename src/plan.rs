@@ -107,10 +107,11 @@ pub fn copy_threads(total: u64, threads: u32) -> u32 {
 /// each input getting threads in proportion to its size. Each range but the last starts and
 /// ends at a multiple of 8 bytes (wgpu maps ranges from such offsets).
 pub fn copy_ranges(len: u64, total: u64, pieces: u32) -> Vec<std::ops::Range<u64>> {
-    let share = (pieces.max(1) as u64 * len).div_ceil(total.max(1)).max(1);
-    let piece = len.div_ceil(share).next_multiple_of(8).max(8);
+    let share = (pieces.max(1) as u128 * len as u128).div_ceil(total.max(1) as u128);
+    let share = share.clamp(1, u64::MAX as u128) as u64;
+    let piece = len.div_ceil(share).div_ceil(8).saturating_mul(8).max(8);
     (0..len.div_ceil(piece))
-        .map(|k| k * piece..((k + 1) * piece).min(len))
+        .map(|k| k * piece..(k * piece).saturating_add(piece).min(len))
         .collect()
 }
 
@@ -172,7 +173,7 @@ impl PlanLimits {
         let (min_iterations, target_workgroups) = if cpu_adapter {
             (
                 MAX_ITERATIONS,
-                CPU_WORKGROUPS_PER_THREAD * host_threads.max(1),
+                CPU_WORKGROUPS_PER_THREAD.saturating_mul(host_threads.max(1)),
             )
         } else {
             (MIN_ITERATIONS, TARGET_WORKGROUPS)
@@ -193,6 +194,14 @@ impl PlanLimits {
             ..self
         }
     }
+}
+
+/// The shapes a [`Layout`] can be made for: its chunk lengths are u32.
+fn check_layout_shape(rows: u32, cols: u64) {
+    assert!(
+        rows > 0 && (1..=MAX_COLUMNS).contains(&cols),
+        "a layout of {rows} rows of {cols} columns: rows must be at least 1 and columns 1..=2^31"
+    );
 }
 
 /// How one dispatch maps `[rows × cols]` elements onto invocations.
@@ -217,7 +226,11 @@ pub struct Layout {
 impl Layout {
     /// Layout for `rows` rows of `cols` columns, splitting rows into chunks when that is needed
     /// to fill the GPU or to keep the loop short.
+    ///
+    /// # Panics
+    /// Without rows, or with `cols` outside 1..=[`MAX_COLUMNS`] (chunk lengths are u32).
     pub fn new(rows: u32, cols: u64, limits: &PlanLimits) -> Layout {
+        check_layout_shape(rows, cols);
         let min_iterations = limits.min_iterations.clamp(1, MAX_ITERATIONS) as u64;
         let (lanes, workgroup_size) = fit_workgroup(
             rows,
@@ -230,7 +243,7 @@ impl Layout {
         let chunks = wanted
             .min(per_invocation.div_ceil(min_iterations))
             .max(per_invocation.div_ceil(MAX_ITERATIONS as u64))
-            .clamp(1, limits.max_workgroups as u64);
+            .clamp(1, limits.max_workgroups.max(1) as u64);
         // A multiple of 4: in rows that start on a vec4 every chunk does too, and the wide-load
         // kernels take none of its columns one at a time.
         let iterations = per_invocation.div_ceil(chunks).next_multiple_of(4);
@@ -247,7 +260,11 @@ impl Layout {
 
     /// Layout that covers each row in a single chunk (for the combine dispatch); `small` is
     /// [`PlanLimits::small_workgroup`].
+    ///
+    /// # Panics
+    /// As [`Layout::new`].
     pub fn single_chunk(rows: u32, cols: u64, small: u32) -> Layout {
+        check_layout_shape(rows, cols);
         let (lanes, workgroup_size) =
             fit_workgroup(rows, lanes_for(cols, MIN_ITERATIONS as u64), small);
         Layout {
@@ -374,8 +391,15 @@ pub struct Plan {
 
 impl Plan {
     /// Plans a `[rows × cols]` computation.
+    ///
+    /// # Panics
+    /// Without rows, with `cols` outside 1..=[`MAX_COLUMNS`], or if rows × cols overflows u64:
+    /// the engine validates shapes first ([`check_columns`]).
     pub fn new(rows: u64, cols: u64, limits: PlanLimits) -> Plan {
-        assert!(rows > 0 && cols > 0, "the caller validates shapes first");
+        assert!(
+            rows > 0 && (1..=MAX_COLUMNS).contains(&cols) && rows.checked_mul(cols).is_some(),
+            "Plan::new({rows}, {cols}): the caller validates shapes first"
+        );
         let cap = limits.window_elems.max(WINDOW_GRANULE);
         let mut windows = Vec::new();
         let window = |row_begin: u64, rows: u32, col_begin: u64, col_end: u64, split| {
@@ -399,7 +423,7 @@ impl Plan {
         };
         if cols <= cap {
             let lanes = lanes_for(cols, limits.min_iterations.clamp(1, MAX_ITERATIONS) as u64);
-            let row_limit = (limits.max_workgroups as u64) * (WORKGROUP_SIZE / lanes) as u64;
+            let row_limit = (limits.max_workgroups.max(1) as u64) * (WORKGROUP_SIZE / lanes) as u64;
             let per_window = (cap / cols)
                 .min(row_limit)
                 .min(limits.window_rows)
@@ -491,6 +515,44 @@ mod tests {
 
     fn covered(plan: &Plan) -> u64 {
         plan.windows.iter().map(|w| w.elem_len).sum()
+    }
+
+    #[test]
+    fn extreme_arguments_are_no_overflow() {
+        // Public pure functions: overflowed or divided by zero at the ends of their types.
+        let r = copy_ranges(u64::MAX - 3, u64::MAX, 64);
+        assert_eq!((r[0].start, r.last().unwrap().end), (0, u64::MAX - 3));
+        assert!(r.windows(2).all(|w| w[0].end == w[1].start));
+        assert_eq!(copy_ranges(u64::MAX, u64::MAX, 1), [0..u64::MAX]);
+        let l = LAVAPIPE.for_adapter(true, u32::MAX);
+        assert_eq!(l.target_workgroups, u32::MAX);
+        let none = PlanLimits {
+            max_workgroups: 0,
+            ..LAVAPIPE
+        };
+        let layout = Layout::new(1, 10_000, &none);
+        assert!(layout.chunks == 1 && layout.chunk_len >= 10_000, "{layout:?}");
+        assert_eq!(covered(&Plan::new(3, 10, none)), 30);
+        // The longest row a layout takes is covered whole, even in one workgroup.
+        let one = PlanLimits {
+            max_workgroups: 1,
+            ..LAVAPIPE
+        };
+        let layout = Layout::new(1, MAX_COLUMNS, &one);
+        assert!(layout.chunks as u64 * layout.chunk_len as u64 >= MAX_COLUMNS);
+    }
+
+    #[test]
+    #[should_panic(expected = "columns 1..=2^31")]
+    fn layouts_of_rows_longer_than_the_kernels_index_are_refused() {
+        // chunk_len is u32: 2^40 columns came out chunk_len 0, a row left uncovered.
+        Layout::new(1, 1 << 40, &LAVAPIPE);
+    }
+
+    #[test]
+    #[should_panic(expected = "the caller validates shapes first")]
+    fn plans_without_rows_are_refused() {
+        Plan::new(0, 10, LAVAPIPE);
     }
 
     #[test]

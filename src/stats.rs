@@ -57,10 +57,11 @@ pub struct Summary {
     pub min: f64,
     /// Largest value.
     pub max: f64,
-    /// How many values are +∞ (rows where P > 0 meets Q = 0, for KL and cross-entropy):
-    /// with one of them the mean and the upper percentiles read +∞ and say nothing more.
+    /// How many values are infinite (rows where P > 0 meets Q = 0, for KL and cross-entropy:
+    /// +∞, or −∞ in a log base below 1): with one of them the mean and the upper (lower)
+    /// percentiles read ∞ and say nothing more.
     pub infinite: usize,
-    /// The first +∞ value's index (its row), if any.
+    /// The first infinite value's index (its row), if any.
     pub first_infinite: Option<usize>,
 }
 
@@ -70,14 +71,31 @@ pub fn summarize(values: &[f64]) -> Option<Summary> {
         return None;
     }
     let n = values.len();
-    let mean = crate::cpu::compensated_sum(values.iter().copied()) / n as f64;
+    // Sums and squares of values near f64's ends would overflow (or underflow): those are
+    // taken scaled by a power of two, which is exact, and the results scaled back.
+    let largest = values
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, |m, v| m.max(v.abs()));
+    let scale = if largest > 2f64.powi(400) {
+        2f64.powi(-600)
+    } else if largest < 2f64.powi(-400) && largest > 0.0 {
+        2f64.powi(600)
+    } else {
+        1.0
+    };
+    let mean = crate::cpu::compensated_sum(values.iter().map(|&x| x * scale)) / n as f64;
     let stderr = (n > 1).then(|| {
         if !mean.is_finite() {
             return f64::NAN;
         }
-        let ss = crate::cpu::compensated_sum(values.iter().map(|&x| (x - mean) * (x - mean)));
-        (ss / (n - 1) as f64 / n as f64).sqrt()
+        let ss = crate::cpu::compensated_sum(values.iter().map(|&x| {
+            let d = x * scale - mean;
+            d * d
+        }));
+        (ss / (n - 1) as f64 / n as f64).sqrt() / scale
     });
+    let mean = mean / scale;
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     Some(Summary {
@@ -95,8 +113,8 @@ pub fn summarize(values: &[f64]) -> Option<Summary> {
         p0_1: percentile_sorted(&sorted, 1),
         min: sorted[0],
         max: sorted[n - 1],
-        infinite: values.iter().filter(|&&v| v == f64::INFINITY).count(),
-        first_infinite: values.iter().position(|&v| v == f64::INFINITY),
+        infinite: values.iter().filter(|v| v.is_infinite()).count(),
+        first_infinite: values.iter().position(|v| v.is_infinite()),
     })
 }
 
@@ -138,7 +156,12 @@ fn percentile_sorted(sorted: &[f64], permille: u64) -> f64 {
             b
         };
     }
-    a + (b - a) * frac
+    if (b - a).is_finite() {
+        a + (b - a) * frac
+    } else {
+        // Values of opposite signs near f64's ends: b − a overflows, the weighted sum does not.
+        a * (1.0 - frac) + b * frac
+    }
 }
 
 #[cfg(test)]
@@ -185,6 +208,28 @@ mod tests {
     }
 
     #[test]
+    fn values_near_the_ends_of_f64() {
+        // Sums, squares and differences of such values overflowed (or underflowed): the
+        // median of ±1.7e308 read +∞, the mean of two f64::MAX +∞, stderr NaN or +∞ or 0.
+        let big = 1.7e308;
+        let s = summarize(&[-big, big]).unwrap();
+        assert_eq!((s.mean, s.median, s.p10), (0.0, 0.0, -0.8 * big));
+        assert_eq!(s.stderr, Some(big));
+        let s = summarize(&[f64::MAX, f64::MAX]).unwrap();
+        assert_eq!((s.mean, s.stderr), (f64::MAX, Some(0.0)));
+        let s = summarize(&[1e200, -1e200]).unwrap();
+        assert_eq!(s.stderr, Some(1e200));
+        // Tiny: 1e-200 and 3e-200 have mean 2e-200 and stderr 1e-200 (their squares are 0).
+        let s = summarize(&[1e-200, 3e-200]).unwrap();
+        assert!((s.mean / 2e-200 - 1.0).abs() < 1e-15, "{}", s.mean);
+        assert!(
+            (s.stderr.unwrap() / 1e-200 - 1.0).abs() < 1e-15,
+            "{:?}",
+            s.stderr
+        );
+    }
+
+    #[test]
     fn agreement_and_its_error() {
         assert_eq!(agreement(&[]), None);
         assert_eq!(agreement(&[true]), Some((1.0, None)));
@@ -217,6 +262,9 @@ mod tests {
         assert!(percentile_sorted(&[-inf, inf], 500).is_nan());
         assert_eq!(percentile_sorted(&[-inf, 1.0], 500), -inf);
         assert_eq!(percentile_sorted(&[inf, inf], 500), inf);
+        // In a log base below 1, an infinite KL is −∞: counted too.
+        let s = summarize(&[0.5, -inf, 1.0]).unwrap();
+        assert_eq!((s.infinite, s.first_infinite), (1, Some(1)));
         // A whole rank that f64 missed by an ulp: n = 1001 at 99.9 is rank 999 exactly, a
         // finite value, though the next is +∞ (and at n = 100,001, rank 99,900).
         for n in [1001, 2001, 100_001] {

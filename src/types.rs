@@ -241,18 +241,21 @@ pub enum Reduction {
 }
 
 impl Reduction {
-    /// Reduces per-row values in f64 with compensated summation; `None` for [`Reduction::None`].
+    /// Reduces per-row values in f64 with compensated summation; `None` for [`Reduction::None`]
+    /// and for the mean of no rows.
     ///
     /// ```
     /// use klgpu::Reduction;
     /// assert_eq!(Reduction::MeanOverRows.apply(&[1.0, 2.0, 6.0]), Some(3.0));
     /// assert_eq!(Reduction::None.apply(&[1.0]), None);
+    /// assert_eq!(Reduction::MeanOverRows.apply(&[]), None); // no mean of nothing
     /// ```
     pub fn apply(self, rows: &[f64]) -> Option<f64> {
         let sum = || crate::cpu::compensated_sum(rows.iter().copied());
         match self {
             Reduction::None => None,
             Reduction::Sum => Some(sum()),
+            Reduction::MeanOverRows if rows.is_empty() => None,
             Reduction::MeanOverRows => Some(sum() / rows.len() as f64),
         }
     }
