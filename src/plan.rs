@@ -523,7 +523,7 @@ mod tests {
         let r = copy_ranges(u64::MAX - 3, u64::MAX, 64);
         assert_eq!((r[0].start, r.last().unwrap().end), (0, u64::MAX - 3));
         assert!(r.windows(2).all(|w| w[0].end == w[1].start));
-        assert_eq!(copy_ranges(u64::MAX, u64::MAX, 1), [0..u64::MAX]);
+        assert_eq!(copy_ranges(u64::MAX, u64::MAX, 1), vec![0..u64::MAX]);
         let l = LAVAPIPE.for_adapter(true, u32::MAX);
         assert_eq!(l.target_workgroups, u32::MAX);
         let none = PlanLimits {
