@@ -435,8 +435,9 @@ impl Engine {
                 ))
             })?;
         let engine = Engine::build(device, queue, adapter.get_info(), &options)?;
-        // Our own device (a caller's keeps its own handlers): device loss and errors nobody
-        // scoped become a stored fault that later calls return, not wgpu's default panic.
+        // Our own device (a caller's keeps its own handlers): device loss becomes a stored
+        // fault that every later call returns; an error nobody scoped (other work on
+        // `device()`) is returned by the next call, not wgpu's default panic.
         let lost = engine.gpu.fault.clone();
         engine
             .gpu
@@ -447,13 +448,18 @@ impl Engine {
                     format!("the GPU device was lost ({reason:?}): {message}")
                 });
             });
-        let fault = engine.gpu.fault.clone();
+        let stray = engine.gpu.stray.clone();
         engine
             .gpu
             .device
             .on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
-                let mut slot = fault.lock().unwrap_or_else(|p| p.into_inner());
-                slot.get_or_insert_with(|| format!("GPU error outside klgpu's error scopes: {e}"));
+                let mut slot = stray.lock().unwrap_or_else(|p| p.into_inner());
+                slot.get_or_insert_with(|| {
+                    format!(
+                        "an error of other work on the engine's device, outside klgpu's calls \
+                         (reported once, by the next call): {e}"
+                    )
+                });
             }));
         Ok(engine)
     }
@@ -565,6 +571,7 @@ impl Engine {
             subgroup_width,
             storage_align: hw.min_storage_buffer_offset_alignment as u64,
             fault,
+            stray: Arc::default(),
             scratch: ScratchPool::default(),
             serial: options
                 .take_turns
@@ -626,6 +633,10 @@ impl Engine {
     }
 
     /// The wgpu device (shared with the caller when built with [`Engine::from_device`]).
+    ///
+    /// On a device klgpu made ([`Engine::new`]), an error of your own work on it outside an
+    /// error scope of yours does not panic, as under wgpu's default handler: the engine's next
+    /// call returns it as [`Error::Gpu`], once. A device you made keeps your handlers.
     pub fn device(&self) -> &wgpu::Device {
         &self.gpu.device
     }

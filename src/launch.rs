@@ -417,9 +417,12 @@ pub(crate) struct Gpu {
     pub subgroup_width: u32,
     /// `min_storage_buffer_offset_alignment` of the device.
     pub storage_align: u64,
-    /// Set by the device-lost callback and, for devices klgpu created, by the uncaptured-error
-    /// handler: every later call fails with it instead of panicking or hanging.
+    /// Set by the device-lost callback: every later call fails with it instead of hanging.
     pub fault: Arc<std::sync::Mutex<Option<String>>>,
+    /// For devices klgpu created, set by the uncaptured-error handler (klgpu's own work runs
+    /// in error scopes, so this is other work on `Engine::device()`): the next call fails with
+    /// it, once, instead of wgpu's default panic.
+    pub stray: Arc<std::sync::Mutex<Option<String>>>,
     pub scratch: ScratchPool,
     /// On OpenGL only: calls take turns (see [`Serial`]).
     pub serial: Option<Arc<Serial>>,
@@ -708,17 +711,27 @@ impl Gpu {
         }
     }
 
+    /// A lost device (for good), or an error of other work on klgpu's own device (once).
+    fn check_faults(&self) -> Result<()> {
+        let lock = |m: &'_ std::sync::Mutex<Option<String>>| {
+            m.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        };
+        if let Some(lost) = lock(&self.fault) {
+            return Err(Error::Gpu(lost));
+        }
+        match self.stray.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(stray) => Err(Error::Gpu(stray)),
+            None => Ok(()),
+        }
+    }
+
     /// Runs `f` inside out-of-memory and validation error scopes, turning either into an Err.
     pub(crate) fn scoped<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
-        if let Some(fault) = self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-            return Err(Error::Gpu(fault));
-        }
+        self.check_faults()?;
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let value = f();
-        if let Some(fault) = self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-            return Err(Error::Gpu(fault));
-        }
+        self.check_faults()?;
         let errors = [
             pollster::block_on(validation.pop()),
             pollster::block_on(oom.pop()),

@@ -531,7 +531,10 @@ mod tests {
             ..LAVAPIPE
         };
         let layout = Layout::new(1, 10_000, &none);
-        assert!(layout.chunks == 1 && layout.chunk_len >= 10_000, "{layout:?}");
+        assert!(
+            layout.chunks == 1 && layout.chunk_len >= 10_000,
+            "{layout:?}"
+        );
         assert_eq!(covered(&Plan::new(3, 10, none)), 30);
         // The longest row a layout takes is covered whole, even in one workgroup.
         let one = PlanLimits {

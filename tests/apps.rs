@@ -1760,6 +1760,30 @@ fn a_failed_recording_leaves_the_callers_encoder_usable() {
     );
 }
 
+#[test]
+fn an_error_of_other_work_on_the_engines_device_fails_one_call_not_all() {
+    // On a device klgpu made, an error nobody scoped (the caller's own work on
+    // `engine.device()`) was stored as a fault that every later call returned, for good.
+    let e = Engine::new().unwrap();
+    let _too_big = e.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("too big"),
+        size: 1 << 50,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let (p, q) = ([0.5f32, 0.5], [0.25f32, 0.75]);
+    let err = e.kl_divergence(&p, &q).unwrap_err();
+    assert!(
+        matches!(err, Error::Gpu(_))
+            && err
+                .to_string()
+                .contains("other work on the engine's device"),
+        "{err}"
+    );
+    let want = cpu::kl_divergence(&p, &q).unwrap();
+    assert_close(e.kl_divergence(&p, &q).unwrap(), want, "the call after");
+}
+
 /// `x` after `pad` NaNs, uploaded: its slice starts off every binding alignment.
 fn padded_upload<T: klgpu::Element>(e: &Engine, label: &str, x: &[T], pad: usize) -> wgpu::Buffer {
     let nan = narrow::<T>(&vec![f32::NAN; pad]);
