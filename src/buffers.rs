@@ -511,7 +511,7 @@ impl Engine {
     /// device's `max_buffer_size` holds that way are refused ([`Error::InvalidArgument`]);
     /// [`Engine::record_kl_loss_and_grad`] writes any number to a buffer of yours.
     /// When the call fails on the inputs' values, `grad` has been written all the same: take
-    /// none of it.
+    /// none of it. Errors name the target P and the logits Q, as in KL(P‖Q = softmax(z)).
     ///
     /// Minimizing this is minimizing the cross-entropy H(P, softmax(z)): the two differ by
     /// H(P), which does not depend on z.
@@ -769,7 +769,10 @@ impl Engine {
 
     /// A storage buffer holding `data` of any [`Element`] type, padded to whole 4-byte words
     /// (what the kernels bind), with the usages of [`Engine::create_f32_buffer`]. Pass its
-    /// slices with [`Options::dtype`] set to `T::DTYPE`.
+    /// slices with [`Options::dtype`] set to `T::DTYPE`. An odd number of 16-bit elements
+    /// is padded with a NaN: slice such a buffer to its `2 * data.len()` bytes, as below; a
+    /// `slice(..)` takes the pad in and fails on it (at index `data.len()`), where a zero pad
+    /// read as a logit or log-probability changed the answer silently.
     ///
     /// ```no_run
     /// use klgpu::half::f16;
@@ -790,8 +793,14 @@ impl Engine {
         let contents = if bytes.len().is_multiple_of(4) {
             bytes
         } else {
+            // One 16-bit element short of a word: a NaN of its type, which every input kind
+            // refuses, rather than a value.
+            let nan: u16 = match T::DTYPE {
+                Dtype::BF16 => 0x7FC0,
+                _ => 0x7E00,
+            };
             padded = bytes.to_vec();
-            padded.resize(bytes.len().div_ceil(4) * 4, 0);
+            padded.extend_from_slice(&nan.to_le_bytes());
             &padded[..]
         };
         let gpu = self.gpu();
