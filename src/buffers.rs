@@ -31,15 +31,7 @@ fn gpu_slice<'a>(
             buffer.usage()
         )));
     }
-    // A mapped buffer fails the submission that uses it: for a recording the caller's, where
-    // wgpu's default error handler panics. wgpu 30 has no map state to ask; a view of the
-    // whole buffer is had only while it is mapped (and not while views of it are out, so
-    // this misses some mapped buffers, never takes an unmapped one for mapped).
-    if buffer.slice(..).get_mapped_range().is_ok() {
-        return Err(invalid(
-            "the buffer is mapped: unmap it before klgpu uses it".into(),
-        ));
-    }
+    refuse_mapped(name, buffer)?;
     let es = dtype.size();
     if slice.offset() % es != 0 {
         return Err(invalid(format!(
@@ -70,6 +62,20 @@ fn gpu_slice<'a>(
         elems: slice.size() / es,
         dtype,
     })
+}
+
+/// A mapped buffer fails the submission that uses it: for a recording the caller's, where
+/// wgpu's default error handler panics. wgpu 30 has no map state to ask; a view of the whole
+/// buffer is had only while it is mapped (and not while views of it are out, so this misses
+/// some mapped buffers, never takes an unmapped one for mapped).
+fn refuse_mapped(name: &'static str, buffer: &wgpu::Buffer) -> Result<()> {
+    if buffer.slice(..).get_mapped_range().is_ok() {
+        return Err(Error::InvalidBuffer {
+            name,
+            reason: "the buffer is mapped: unmap it before klgpu uses it".into(),
+        });
+    }
+    Ok(())
 }
 
 /// An owned copy of a [`GpuSlice`], kept by a [`Workspace`] until its recording is checked.
@@ -158,7 +164,8 @@ impl Workspace {
             return Ok(());
         }
         Err(Error::InvalidArgument(
-            "this workspace was made by another engine, whose device holds its buffers: use one \
+            "this workspace was made by another engine (its buffers and record are that \
+             engine's, even on the same device): use one \
              from this engine's Engine::workspace"
                 .into(),
         ))
@@ -626,6 +633,7 @@ impl Engine {
                 reason: "offset and size must be multiples of 4 bytes".into(),
             });
         }
+        refuse_mapped("slice", buffer)?;
         let view = GpuSlice {
             buffer,
             offset: slice.offset(),

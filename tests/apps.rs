@@ -1740,6 +1740,9 @@ fn a_failed_recording_leaves_the_callers_encoder_usable() {
         assert_eq!(e.read_f32(dst.slice(..)).unwrap(), [7.0], "{what}");
         ws.check(&e).unwrap();
     }
+    // Reading a mapped buffer back is refused the same way (it was wgpu's submit error).
+    let err = e.read_f32(mapped.slice(..)).unwrap_err();
+    assert!(matches!(err, Error::InvalidBuffer { .. }), "{err}");
     // The engine goes on as before.
     let p = upload(&e, "p", &[0.5, 0.5]);
     recorded_rows(
