@@ -9,6 +9,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--quick] [--json FILE] [--max-n N] [--no-cpu] [--no-verify]
+//! cargo run --release --example bench -- --adapters   # only list the adapters wgpu sees, and exit
 //! ```
 //!
 //! Every workload's per-row values from the GPU are checked once against the f64 CPU reference
@@ -33,6 +34,7 @@ struct Args {
     max_n: u64,
     cpu: bool,
     verify: bool,
+    adapters: bool,
 }
 
 fn parse_args() -> Args {
@@ -42,6 +44,7 @@ fn parse_args() -> Args {
         max_n: 100_000_000,
         cpu: true,
         verify: true,
+        adapters: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -49,6 +52,7 @@ fn parse_args() -> Args {
             "--quick" => args.quick = true,
             "--no-cpu" => args.cpu = false,
             "--no-verify" => args.verify = false,
+            "--adapters" => args.adapters = true,
             "--json" => args.json = it.next(),
             "--max-n" => args.max_n = it.next().and_then(|v| v.parse().ok()).unwrap_or(args.max_n),
             "--bench" => {} // passed by `cargo bench`
@@ -101,6 +105,25 @@ impl Workload {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args();
+    if args.adapters {
+        // What a lent machine's script asks first (scripts/device_run.sh), in a second.
+        let (infos, picked) = klgpu::list_adapters();
+        for (i, info) in infos.iter().enumerate() {
+            let mark = if picked.as_ref().ok() == Some(&i) {
+                "*"
+            } else {
+                " "
+            };
+            println!(
+                "{mark} adapter {i}: {} ({:?}, {:?}), driver: {} {}",
+                info.name, info.backend, info.device_type, info.driver, info.driver_info
+            );
+        }
+        if infos.is_empty() {
+            println!("no adapters");
+        }
+        return Ok(());
+    }
     let engine = Engine::new()?;
     let info = engine.adapter_info().clone();
     let timer = Timer::new(&engine);
@@ -303,8 +326,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Every workload's values against the f64 reference, once: a fast wrong number is no
     // result (a split row once lost most of its data at sizes the tests did not reach).
     let mut wrong = vec![];
+    let mut worst = (0.0f64, String::new());
     if args.verify {
-        let mut worst = (0.0f64, String::new());
         for (w, (p, q)) in workloads.iter().zip(&inputs) {
             let opts = w.opts();
             let (got, exact) = if w.dtype == Dtype::BF16 {
@@ -690,6 +713,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                           "gpu_pass_one_dispatch_s": one_dispatch,
                           "gpu_pass_two_dispatches_s": two_dispatches },
             "results": records,
+            // The values' check (null with --no-verify): JSON readers see a wrong run too.
+            "check": args.verify.then(|| serde_json::json!({
+                "workloads": workloads.len(), "rows_off": wrong.len(),
+                "worst_relative_error": worst.0, "worst_at": worst.1,
+            })),
             "variants": variants.iter().map(|(w, l, g)| serde_json::json!({"workload": w, "tuning": l, "gbps": g})).collect::<Vec<_>>(),
         });
         std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;

@@ -7,7 +7,16 @@
 # "upload" (with two variants the bundle is otherwise within 70 KB of the 64 MiB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The base binaries build from the working tree and the variants from HEAD plus a patch: with
+# uncommitted code the A/B would compare different code than it says.
+dirty=$(git status --porcelain -- src shaders examples benches tests Cargo.toml Cargo.lock)
+if [ -n "$dirty" ] && [ -z "${ALLOW_DIRTY:-}" ]; then
+    echo "device_bundle.sh: uncommitted changes (commit first, or ALLOW_DIRTY=1):" >&2
+    echo "$dirty" >&2
+    exit 1
+fi
 mkdir -p .device
+rm -f .device/*
 # The Vulkan loader packages the device image may lack (device_run.sh unpacks them there; carry
 # .gl with .device), downloaded for amd64 as the device tool's README says, unless .gl/ holds
 # them already: like a session's branches, an ignored folder does not outlive the session.
@@ -29,7 +38,7 @@ if [ -n "${PROBE:-}" ]; then
     cargo build --release --example l2_reread
     cp target/release/examples/l2_reread .device/
 fi
-cargo test --no-run --message-format=json 2>/dev/null | python3 -c '
+cargo test --release --no-run --message-format=json 2>/tmp/device_bundle_tests.log | python3 -c '
 import json, shutil, sys
 for line in sys.stdin:
     m = json.loads(line)
@@ -69,6 +78,9 @@ for variant in ${VARIANTS:-}; do
     git worktree remove --force "$tree/tree"
     rm -rf "$tree"
 done
+[ -x .device/core ] || { echo "device_bundle.sh: the test executables did not build:" >&2; tail -30 /tmp/device_bundle_tests.log >&2; exit 1; }
 strip .device/*
+# What device_run.sh's summary names as the build it ran.
+echo "$(git rev-parse --short HEAD)${dirty:+ (with uncommitted changes)}, built $(date -u +%FT%TZ)${VARIANTS:+, variants: $VARIANTS}" > .device/BUILT_FROM
 ls -la .device
 du -sh .device
