@@ -5,14 +5,14 @@
 # packages in .gl/ (device_bundle.sh downloads them). Writes logs and JSON under $RAW, packed into
 # $OUT/results.tar.gz as each part ends (the device tool brings back at most eight files).
 #
-# PARTS picks what runs after the adapter probe (default: all of ab roof tests bench fuzz peers
-# diag bf16 upload probe; ab runs .device/roof_ratios and every .device/roof_ratios_NAME that
+# PARTS picks what runs after the adapter probe, in its order (default: all of tests bench peers
+# ab roof fuzz diag bf16 upload probe; ab runs .device/roof_ratios and every .device/roof_ratios_NAME that
 # device_bundle.sh built from VARIANTS, each under every flag set of AB_FLAGS (sets separated by
 # '|'; default "--quick 0|--quick 1", the quick path off and on; AB_QUICK="1" alone stands for
 # "--quick 1"), alternating, over AB_CASES, AB_ROUNDS times (default 2)); SKIP_TESTS=1 drops
-# the tests. Parts run in that
-# order, most needed first. A part that would likely end past BUDGET seconds (default 400: a
-# session has 15 minutes of device time, start-up included) is skipped with a note, and every
+# the tests. Name the most needed first: a part that would likely end past BUDGET seconds
+# (default 400: a session has 15 minutes of device time, start-up included) is skipped with a
+# note, and every
 # command runs under a timeout of at most what is left of BUDGET, so the run ends by BUDGET
 # (plus a few seconds) and one call brings back whole parts rather than a cut-off run.
 #
@@ -22,7 +22,7 @@
 # adapter, each part's outcome (exit codes, timeouts, skips) and the values' check.
 set -u
 cd "$(dirname "$0")/.."
-PARTS="${PARTS:-ab roof tests bench fuzz peers diag bf16 upload probe}"
+PARTS="${PARTS:-tests bench peers ab roof fuzz diag bf16 upload probe}"
 [ -n "${SKIP_TESTS:-}" ] && PARTS="${PARTS/tests/}"
 BUDGET="${BUDGET:-400}"
 # Rough seconds each part takes on an H200 (run 10, and the twenty-ninth session's estimates of
@@ -112,95 +112,111 @@ if grep -q "(Vulkan, \(DiscreteGpu\|IntegratedGpu\))" "$RAW/adapters.txt"; then
     echo "a hardware Vulkan adapter: every part runs on it (WGPU_BACKEND=vulkan)"
 else
     ADAPTER="no hardware Vulkan adapter; wgpu sees: $(grep -c adapter "$RAW/adapters.txt") adapters (adapters.txt)"
-    echo "wgpu found no hardware Vulkan adapter: nothing is timed (ALLOW_OTHER_ADAPTER=1 times what it found)"
+    if [ -n "${ALLOW_OTHER_ADAPTER:-}" ]; then
+        echo "wgpu found no hardware Vulkan adapter: ALLOW_OTHER_ADAPTER=1, so the parts run on what it found"
+    else
+        echo "wgpu found no hardware Vulkan adapter: nothing is timed (ALLOW_OTHER_ADAPTER=1 times what it found)"
+    fi
 fi
 
-if part ab; then
-if [ -n "${AB_FLAGS:-}" ]; then
-    flag_sets="$AB_FLAGS"
-else
-    flag_sets=""
-    for quick in ${AB_QUICK:-0 1}; do flag_sets="${flag_sets:+$flag_sets|}--quick $quick"; done
-fi
-IFS='|' read -r -a AB_SETS <<< "$flag_sets"
-section "A/B: this build and its variants (.device/roof_ratios_*) under ${flag_sets}, alternating"
-for _ in $(seq "${AB_ROUNDS:-2}"); do
-    for b in .device/roof_ratios .device/roof_ratios_*; do
-        [ -x "$b" ] || continue
-        for flags in "${AB_SETS[@]}"; do
-            echo "-- ${b#.device/} $flags" | tee -a "$RAW/ab.txt"
-            # shellcheck disable=SC2086
-            run 40 "$RAW/ab.txt" "$b" --rounds 5 --scale 25 $flags \
-                ${AB_CASES:-H,KL,KLbare,CE,JS,KL10,KL1k,logits,Hlogits,CElogits}
+do_ab() {
+    local flag_sets quick
+    if [ -n "${AB_FLAGS:-}" ]; then
+        flag_sets="$AB_FLAGS"
+    else
+        flag_sets=""
+        for quick in ${AB_QUICK:-0 1}; do flag_sets="${flag_sets:+$flag_sets|}--quick $quick"; done
+    fi
+    IFS='|' read -r -a AB_SETS <<< "$flag_sets"
+    section "A/B: this build and its variants (.device/roof_ratios_*) under ${flag_sets}, alternating"
+    for _ in $(seq "${AB_ROUNDS:-2}"); do
+        for b in .device/roof_ratios .device/roof_ratios_*; do
+            [ -x "$b" ] || continue
+            for flags in "${AB_SETS[@]}"; do
+                echo "-- ${b#.device/} $flags" | tee -a "$RAW/ab.txt"
+                # shellcheck disable=SC2086
+                run 40 "$RAW/ab.txt" "$b" --rounds 5 --scale 25 $flags \
+                    ${AB_CASES:-H,KL,KLbare,CE,JS,KL10,KL1k,logits,Hlogits,CElogits}
+            done
         done
     done
-done
-fi
+}
 
-if part roof; then
-section "own-roof ratios, interleaved, sizes x25 (bandwidth-bound on a data-centre GPU)"
-run 150 "$RAW/roof_ratios.txt" .device/roof_ratios --rounds 10 --scale 25
-echo "-- rows of 1000 and of 10 with shorter and longer lane loops (default 16 iterations)"
-for m in 4 64; do
-    echo "-- --min-iterations $m" | tee -a "$RAW/roof_ratios_iterations.txt"
-    run 30 "$RAW/roof_ratios_iterations.txt" .device/roof_ratios --rounds 5 --scale 25 --min-iterations $m KL1k,KL10,KLnorm
-done
-echo "-- KL and normalized rows (KL's one pass: KLnorm; its terms pass: KLnormS; CE and entropy: CEnorm, Hnorm), without the quick path (on above; twenty-sixth session)"
-run 40 "$RAW/roof_ratios_quick0.txt" .device/roof_ratios --rounds 5 --scale 25 --quick 0 KL,KLnorm,KLnormS,CEnorm,Hnorm
-fi
+do_roof() {
+    section "own-roof ratios, interleaved, sizes x25 (bandwidth-bound on a data-centre GPU)"
+    run 150 "$RAW/roof_ratios.txt" .device/roof_ratios --rounds 10 --scale 25
+    echo "-- rows of 1000 and of 10 with shorter and longer lane loops (default 16 iterations)"
+    for m in 4 64; do
+        echo "-- --min-iterations $m" | tee -a "$RAW/roof_ratios_iterations.txt"
+        run 30 "$RAW/roof_ratios_iterations.txt" .device/roof_ratios --rounds 5 --scale 25 --min-iterations $m KL1k,KL10,KLnorm
+    done
+    echo "-- KL and normalized rows (KL's one pass: KLnorm; its terms pass: KLnormS; CE and entropy: CEnorm, Hnorm), without the quick path (on above; twenty-sixth session)"
+    run 40 "$RAW/roof_ratios_quick0.txt" .device/roof_ratios --rounds 5 --scale 25 --quick 0 KL,KLnorm,KLnormS,CEnorm,Hnorm
+}
 
-if part tests; then
-section "tests on this adapter"
-for t in core batch apps half; do
-    QUIET=1 run 100 "$RAW/test-$t.txt" ".device/$t" --test-threads 8
-    echo "$t: exit $? — $(grep -E '^test result' "$RAW/test-$t.txt")"
-    grep -E -A1 'panicked' "$RAW/test-$t.txt" | head -12
-done
-fi
+do_tests() {
+    section "tests on this adapter"
+    local t
+    for t in core batch apps half; do
+        QUIET=1 run 100 "$RAW/test-$t.txt" ".device/$t" --test-threads 8
+        echo "$t: exit $? — $(grep -E '^test result' "$RAW/test-$t.txt")"
+        grep -E -A1 'panicked' "$RAW/test-$t.txt" | head -12
+    done
+}
 
-if part bench; then
-section "benchmark"
-run 240 "$RAW/bench.txt" .device/bench --json "$RAW/bench.json" --no-cpu
-fi
+do_bench() {
+    section "benchmark"
+    run 240 "$RAW/bench.txt" .device/bench --json "$RAW/bench.json" --no-cpu
+}
 
-if part fuzz; then
-section "edge-value fuzz beyond the tests' seeds (values at the edges of f32, invalid values)"
-KLGPU_FUZZ_SEEDS=2000..2040 QUIET=1 run 40 "$RAW/fuzz.txt" .device/core edge_values
-KLGPU_FUZZ_SEEDS=600..640 QUIET=1 run 30 "$RAW/fuzz.txt" .device/apps invalid_values
-grep -E '^test |panicked|seed' "$RAW/fuzz.txt" | head -16
-fi
+do_fuzz() {
+    section "edge-value fuzz beyond the tests' seeds (values at the edges of f32, invalid values)"
+    KLGPU_FUZZ_SEEDS=2000..2040 QUIET=1 run 40 "$RAW/fuzz.txt" .device/core edge_values
+    KLGPU_FUZZ_SEEDS=600..640 QUIET=1 run 30 "$RAW/fuzz.txt" .device/apps invalid_values
+    grep -E '^test |panicked|seed' "$RAW/fuzz.txt" | head -16
+}
 
 # The peers read the bench's JSON: without it they would run the whole bench themselves, past
 # their cost (a run once ended that way past the device tool's limit).
-if [ -f "$RAW/bench.json" ] && part peers; then
-section "peers"
-PYTHONUNBUFFERED=1 run 200 "$RAW/peers.txt" python3 scripts/peers.py --klgpu-json "$RAW/bench.json" --json "$RAW/peers.json"
-elif [[ " $PARTS " == *" peers "* ]] && [ ! -f "$RAW/bench.json" ]; then
-    note "peers: skipped (no bench.json: the bench part did not run or write it)"
-fi
+do_peers() {
+    section "peers"
+    PYTHONUNBUFFERED=1 run 200 "$RAW/peers.txt" python3 scripts/peers.py --klgpu-json "$RAW/bench.json" --json "$RAW/peers.json"
+}
 
-if part diag; then
-section "diagnostics: entropy (one input) at 1e8 after other cases, first, and at 2e8"
-run 40 "$RAW/diag.txt" .device/roof_ratios --rounds 5 --scale 25 H,KL,H,CE
-run 30 "$RAW/diag.txt" .device/roof_ratios --rounds 5 --scale 50 H
-fi
+do_diag() {
+    section "diagnostics: entropy (one input) at 1e8 after other cases, first, and at 2e8"
+    run 40 "$RAW/diag.txt" .device/roof_ratios --rounds 5 --scale 25 H,KL,H,CE
+    run 30 "$RAW/diag.txt" .device/roof_ratios --rounds 5 --scale 50 H
+}
 
-if part bf16; then
-section "bf16 inputs (2 bytes per element; kernel and roof alike; GB/s count those bytes)"
-run 40 "$RAW/roof_ratios_bf16.txt" .device/roof_ratios --rounds 5 --scale 25 --dtype bf16 KL,CE,H,JS,KL1k,logits,CElogits,Hlogits
-fi
+do_bf16() {
+    section "bf16 inputs (2 bytes per element; kernel and roof alike; GB/s count those bytes)"
+    run 40 "$RAW/roof_ratios_bf16.txt" .device/roof_ratios --rounds 5 --scale 25 --dtype bf16 KL,CE,H,JS,KL1k,logits,CElogits,Hlogits
+}
 
-if [ -x .device/host_windows ] && part upload; then
-section "host data: KL from host slices by window size, copying threads, staged or direct (mapped device memory) uploads"
-run 60 "$RAW/host_windows.txt" .device/host_windows --rounds 5 --mib 8,32,128 --threads 1,8 --direct 0,1
-echo "-- bf16 slices (windows hold as many elements as f32 ones, in half the bytes: do they want more?)"
-run 40 "$RAW/host_windows_bf16.txt" .device/host_windows --rounds 5 --mib 8,32,64,128 --dtype bf16
-fi
+do_upload() {
+    section "host data: KL from host slices by window size, copying threads, staged or direct (mapped device memory) uploads"
+    run 60 "$RAW/host_windows.txt" .device/host_windows --rounds 5 --mib 8,32,128 --threads 1,8 --direct 0,1
+    echo "-- bf16 slices (windows hold as many elements as f32 ones, in half the bytes: do they want more?)"
+    run 40 "$RAW/host_windows_bf16.txt" .device/host_windows --rounds 5 --mib 8,32,64,128 --dtype bf16
+}
 
-if [ -x .device/l2_reread ] && part probe; then
-section "probe: would logits gain from re-reading rows from L2? (examples/l2_reread.rs)"
-run 60 "$RAW/l2_reread.txt" .device/l2_reread
-fi
+do_probe() {
+    section "probe: would logits gain from re-reading rows from L2? (examples/l2_reread.rs)"
+    run 60 "$RAW/l2_reread.txt" .device/l2_reread
+}
+
+# Parts run in PARTS' order.
+for p in $PARTS; do
+    case $p in
+        peers) [ -f "$RAW/bench.json" ] || { note "peers: skipped (no bench.json: run the bench part before it)"; continue; } ;;
+        upload) [ -x .device/host_windows ] || { note "upload: skipped (not in the bundle)"; continue; } ;;
+        probe) [ -x .device/l2_reread ] || { note "probe: skipped (not in the bundle: PROBE=1)"; continue; } ;;
+        ab | roof | tests | bench | fuzz | diag | bf16) ;;
+        *) note "$p: no such part"; continue ;;
+    esac
+    part "$p" && "do_$p"
+done
 
 section "summary (repeated here: the device tool returns only the output's tail)"
 {
