@@ -38,7 +38,9 @@ if [ -n "${PROBE:-}" ]; then
     cargo build --release --example l2_reread
     cp target/release/examples/l2_reread .device/
 fi
-cargo test --release --no-run --message-format=json 2>/tmp/device_bundle_tests.log | python3 -c '
+# (set -e would end the script at a failed build before it says why: the `if` shows the log.)
+rm -f /tmp/device_bundle_tests.log
+if ! cargo test --release --no-run --message-format=json 2>/tmp/device_bundle_tests.log | python3 -c '
 import json, shutil, sys
 for line in sys.stdin:
     m = json.loads(line)
@@ -46,7 +48,11 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and t.get("kind") == ["test"] \
             and t.get("name") in ("core", "batch", "apps", "half"):
         shutil.copy(m["executable"], ".device/" + t["name"])
-'
+'; then
+    echo "device_bundle.sh: the test executables did not build:" >&2
+    tail -30 /tmp/device_bundle_tests.log >&2
+    exit 1
+fi
 # roof_ratios of variants, for device_run.sh's A/B part: VARIANTS holds NAME=REF pairs, REF a
 # patch file (say "ldexp=scripts/variants/ldexp.patch", applied to HEAD) or a commit or branch;
 # each becomes .device/roof_ratios_NAME. Patches are how variants keep: only main lands, and a
@@ -78,7 +84,9 @@ for variant in ${VARIANTS:-}; do
     git worktree remove --force "$tree/tree"
     rm -rf "$tree"
 done
-[ -x .device/core ] || { echo "device_bundle.sh: the test executables did not build:" >&2; tail -30 /tmp/device_bundle_tests.log >&2; exit 1; }
+for t in core batch apps half; do
+    [ -x ".device/$t" ] || { echo "device_bundle.sh: no test executable $t" >&2; exit 1; }
+done
 strip .device/*
 # What device_run.sh's summary names as the build it ran.
 echo "$(git rev-parse --short HEAD)${dirty:+ (with uncommitted changes)}, built $(date -u +%FT%TZ)${VARIANTS:+, variants: $VARIANTS}" > .device/BUILT_FROM

@@ -228,7 +228,7 @@ section "summary (repeated here: the device tool returns only the output's tail)
     [ -f "$RAW/bench.txt" ] && grep -E "^roofline:|KL probs N=1e8 |KL logits 4096" "$RAW/bench.txt" | grep gpu-device
     [ -f "$RAW/bench.txt" ] && { grep -E "^checked against|WRONG" "$RAW/bench.txt" || echo "bench: no values' check line"; }
     [ -f "$RAW/peers.txt" ] && grep -E "^KL probs N=1e7 |^KL probs N=1e8 |values against" "$RAW/peers.txt"
-    for n in "${NOTES[@]}"; do echo "note: $n"; done
+    for n in ${NOTES[@]+"${NOTES[@]}"}; do echo "note: $n"; done
     echo "ended at t=${SECONDS}s of BUDGET=${BUDGET}s"
 } | tee "$RAW/summary.txt"
 pack

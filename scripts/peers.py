@@ -103,9 +103,11 @@ def main():
         if check is None:
             print("klgpu's values were not checked against the f64 reference in this bench run")
         else:
+            worst = check["worst_relative_error"]  # JSON has no infinity: null for an infinite one
+            worst = "inf" if worst is None else f"{worst:.1e}"
             print(f"klgpu's values against the f64 reference: {check['rows_off']} rows off by more "
-                  f"than 1e-4 over {check['workloads']} workloads (worst {check['worst_relative_error']:.1e}: "
-                  f"{check['worst_at']})" + ("" if check["rows_off"] == 0 else ": WRONG, timings below are of wrong numbers"))
+                  f"than 1e-4 over {check['workloads']} workloads (worst {worst}: {check['worst_at']})"
+                  + ("" if check["rows_off"] == 0 else ": WRONG, timings below are of wrong numbers"))
     else:
         adapter = None
     klgpu = {(r["workload"], r["path"]): r for r in kl["results"]} if kl else {}

@@ -31,7 +31,6 @@ fn gpu_slice<'a>(
             buffer.usage()
         )));
     }
-    refuse_mapped(name, buffer)?;
     let es = dtype.size();
     if slice.offset() % es != 0 {
         return Err(invalid(format!(
@@ -64,10 +63,11 @@ fn gpu_slice<'a>(
     })
 }
 
-/// A mapped buffer fails the submission that uses it: for a recording the caller's, where
-/// wgpu's default error handler panics. wgpu 30 has no map state to ask; a view of the whole
-/// buffer is had only while it is mapped (and not while views of it are out, so this misses
-/// some mapped buffers, never takes an unmapped one for mapped).
+/// A mapped buffer fails the submission that reads it back (wgpu's submit error otherwise).
+/// Not for the inputs of a recording: those need to be unmapped only when the caller submits.
+/// wgpu 30 has no map state to ask; a view of the whole buffer is had only while it is mapped
+/// (and not while views of it are out, so this misses some mapped buffers, never takes an
+/// unmapped one for mapped).
 fn refuse_mapped(name: &'static str, buffer: &wgpu::Buffer) -> Result<()> {
     if buffer.slice(..).get_mapped_range().is_ok() {
         return Err(Error::InvalidBuffer {

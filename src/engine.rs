@@ -944,17 +944,26 @@ impl Engine {
             values: Vec::with_capacity(rows),
             top1_agree: job.agree.then(|| Vec::with_capacity(rows)),
         };
+        // A row that overflows is reported only where no value of any group is invalid, as
+        // one call over all rows would: the later groups still run.
+        let mut overflow = None;
         for first in (0..rows).step_by(group) {
             let elems = first * cols..(first + group).min(rows) * cols;
             let group_q = if q.is_empty() { q } else { &q[elems.clone()] };
             let readback = self
                 .run_group(&job, &p[elems.clone()], group_q, cols, blocking)
                 .await?;
-            check_status(&readback, job.kind, first, || {
+            let checked = check_status(&readback, job.kind, first, || {
                 // Only for an error: the f32 widening of 16-bit inputs costs a copy. Earlier
-                // groups raised nothing, so the first invalid value of all is in this one.
+                // groups raised no invalid value, so the first of all is in this one.
                 cpu::locate_invalid(measure, opts, &widened(p), &widened(q), cols)
-            })?;
+            });
+            match checked {
+                Err(e @ Error::Overflow { .. }) => {
+                    overflow.get_or_insert(e);
+                }
+                other => other?,
+            }
             results
                 .values
                 .extend(readback.values.iter().map(|&v| v as f64));
@@ -962,7 +971,10 @@ impl Engine {
                 all.extend(these);
             }
         }
-        Ok(results)
+        match overflow {
+            Some(e) => Err(e),
+            None => Ok(results),
+        }
     }
 
     /// Runs one group of whole rows of host data; falls back from subgroups if the adapter's
