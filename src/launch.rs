@@ -731,7 +731,11 @@ impl Gpu {
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let value = f();
-        self.check_faults()?;
+        // A lost device fails the call; an error of other work that came meanwhile is the
+        // next call's to report (this one's own errors are in its scopes).
+        if let Some(lost) = self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Err(Error::Gpu(lost));
+        }
         let errors = [
             pollster::block_on(validation.pop()),
             pollster::block_on(oom.pop()),
