@@ -29,7 +29,9 @@ pub struct Tuning {
     pub blocked_lanes: Option<bool>,
     /// Window cap (bytes per input) for two-pass jobs (logits, normalization). Windows small
     /// enough for the second pass to re-read them from L2 lost on an H200 (the dispatch gaps
-    /// cost more than the re-read), so by default there is no extra cap.
+    /// cost more than the re-read), so by default there is no extra cap. Caps below 1 MiB are
+    /// taken as 1 MiB: every window of the caller's buffers takes a few KB of parameters in
+    /// one buffer, which smaller windows made outgrow the device's `max_buffer_size`.
     pub two_pass_window_bytes: u64,
     /// Whether a vec4 of probabilities whose values are all positive normal numbers, in every
     /// lane of its subgroup, skips validation, subnormal splits and zero cases: the same
@@ -124,7 +126,8 @@ pub struct EngineOptions {
     /// staging buffers per input in host memory, each of this size, for the next call. `None`
     /// (the default) picks one for the adapter
     /// ([`plan::default_window_bytes`](crate::plan::default_window_bytes): 32 MiB on GPUs,
-    /// 4 MiB on CPU adapters).
+    /// 4 MiB on CPU adapters). Far smaller windows cost KL and JS of logits precision on rows
+    /// they split: each window adds a rounding of the row's log-sum-exp (README, "Precision").
     pub window_bytes: Option<u64>,
     /// Planner knobs.
     pub tuning: Tuning,
@@ -591,7 +594,7 @@ impl Engine {
             info,
             limits,
             device_limits,
-            two_pass_window_elems: options.tuning.two_pass_window_bytes / 4,
+            two_pass_window_elems: (options.tuning.two_pass_window_bytes / 4).max(1 << 18),
         })
     }
 

@@ -154,7 +154,9 @@ impl PlanLimits {
         let elems = max_binding_bytes.min(budget_bytes) / 4;
         PlanLimits {
             window_elems: (elems / WINDOW_GRANULE * WINDOW_GRANULE).max(WINDOW_GRANULE),
-            window_rows: (max_binding_bytes / crate::kernels::MONOID_BYTES).max(1),
+            // Buffers are made in whole 16-byte units: the state of this many rows, rounded
+            // up to one, still fits a binding that is not a multiple of 16 bytes.
+            window_rows: (max_binding_bytes / 16 * 16 / crate::kernels::MONOID_BYTES).max(1),
             max_workgroups,
             min_iterations: MIN_ITERATIONS,
             target_workgroups: TARGET_WORKGROUPS,

@@ -1805,6 +1805,64 @@ fn an_error_of_other_work_on_the_engines_device_fails_one_call_not_all() {
     assert_close(e.kl_divergence(&p, &q).unwrap(), want, "the call after");
 }
 
+#[test]
+fn devices_with_odd_limits_and_small_two_pass_caps() {
+    // A binding of 65,544 bytes (24 × 2731, not a multiple of 16) took 2731 rows' state,
+    // which buffers made in 16-byte units rounded to 65,552: wgpu refused the buffer. And a
+    // two-pass cap of 256 bytes gave a row of 4096 logits in GPU buffers 64 windows, whose
+    // parameters (one buffer for the recording) outgrew the device's 64 KiB.
+    let kl = Measure::KullbackLeibler;
+    let (device, queue) = device_with_limits(wgpu::Limits {
+        max_buffer_size: 65_544,
+        max_storage_buffer_binding_size: 65_544,
+        ..wgpu::Limits::default()
+    });
+    let e = Engine::from_device(device, queue).unwrap();
+    let (p, q) = (vec![0.5f32; 3000], vec![0.25f32; 3000]);
+    let want = cpu::rows(kl, &p, Some(&q), 1, &Options::default()).unwrap();
+    let got = e.rows(kl, &p, Some(&q), 1, &Options::default()).unwrap();
+    assert_rows_close(
+        &got.values,
+        &want.values,
+        "3000 rows of 1 on a 65,544-byte binding",
+    );
+
+    let (device, queue) = device_with_limits(wgpu::Limits {
+        max_buffer_size: 1 << 16,
+        max_storage_buffer_binding_size: 1 << 16,
+        ..wgpu::Limits::default()
+    });
+    let tuning = klgpu::Tuning {
+        two_pass_window_bytes: 256,
+        ..Default::default()
+    };
+    let options = klgpu::EngineOptions {
+        tuning,
+        ..Default::default()
+    };
+    let e = Engine::from_device_with_options(device, queue, options).unwrap();
+    let mut r = rng(47);
+    let cols = 4096;
+    let (zp, zq) = (logits(&mut r, cols, 2.0), logits(&mut r, cols, 2.0));
+    let logits_in = Options::input(Input::Logits);
+    let want = cpu::rows(kl, &zp, Some(&zq), cols, &logits_in).unwrap();
+    let (pb, qb) = (upload(&e, "zp", &zp), upload(&e, "zq", &zq));
+    let out = e.create_f32_buffer("out", 1).unwrap();
+    let (ps, qs, os) = (pb.slice(..), Some(qb.slice(..)), out.slice(..));
+    e.rows_buffers(kl, ps, qs, cols, &logits_in, os).unwrap();
+    assert_rows_close(
+        &read_f64(&e, &out),
+        &want.values,
+        "rows_buffers, 256-byte cap",
+    );
+    recorded_rows(&e, kl, ps, qs, cols, &logits_in, os).unwrap();
+    assert_rows_close(
+        &read_f64(&e, &out),
+        &want.values,
+        "record_rows, 256-byte cap",
+    );
+}
+
 /// `x` after `pad` NaNs, uploaded: its slice starts off every binding alignment.
 fn padded_upload<T: klgpu::Element>(e: &Engine, label: &str, x: &[T], pad: usize) -> wgpu::Buffer {
     let nan = narrow::<T>(&vec![f32::NAN; pad]);
