@@ -1663,6 +1663,37 @@ fn outputs_and_inputs_that_are_not_plain_files() {
     assert_eq!(read_npy_f64(&target).len(), 2);
     let mode = std::fs::metadata(&target).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
+    // So does a dangling one (it was replaced by a plain file): its target is made.
+    let (target, link) = (d.join("runs").join("latest.npy"), d.join("dangling.npy"));
+    std::fs::create_dir(d.join("runs")).unwrap();
+    std::os::unix::fs::symlink("runs/latest.npy", &link).unwrap();
+    let r = klgpu(&["kl", s(&p), s(&q), "--out", s(&link)]);
+    assert_eq!(r.code, 0, "{:?}", r.ours);
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(read_npy_f64(&target).len(), 2);
+    // A run whose report cannot be printed failed: it leaves --out as it was (the file was
+    // replaced before the report was printed).
+    #[cfg(target_os = "linux")]
+    {
+        std::fs::write(&target, b"old").unwrap();
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let status = Command::new(env!("CARGO_BIN_EXE_klgpu"))
+            .args(["kl", s(&p), s(&q), "--out", s(&target)])
+            .stdout(full)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(1));
+        assert_eq!(std::fs::read(&target).unwrap(), b"old");
+    }
 }
 
 #[cfg(target_os = "linux")]

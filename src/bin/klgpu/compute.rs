@@ -200,9 +200,10 @@ pub fn run(cmd: &MeasureRun) -> Result<(), CliError> {
         .top1
         .as_ref()
         .and_then(|agree| stats::agreement(agree));
-    if let Some(out) = &cmd.out {
-        output::write_rows_atomically(out, &outcome.values)?;
-    }
+    let pending = match &cmd.out {
+        Some(out) => Some(output::write_rows_atomically(out, &outcome.values)?),
+        None => None,
+    };
     let report = Report {
         measure: cmd.measure,
         input: cmd.opts.input,
@@ -228,7 +229,8 @@ pub fn run(cmd: &MeasureRun) -> Result<(), CliError> {
     } else {
         report.human()
     };
-    print_stdout(&text)
+    print_stdout(&text)?;
+    pending.map_or(Ok(()), output::PendingRows::commit)
 }
 
 /// The unit of a log base.

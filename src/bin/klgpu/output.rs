@@ -332,21 +332,50 @@ fn same_file(a: &Path, b: &Path) -> bool {
 }
 
 /// Where an `--out` path's file is: a symbolic link's target (which the output replaces,
-/// keeping the link), else the path itself.
+/// keeping the link), else the path itself. Links are followed one at a time, so that a
+/// dangling one's target is still where the output goes (`canonicalize` fails on it, and the
+/// link was replaced by a plain file).
 fn out_target(path: &Path) -> PathBuf {
-    let link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
-    match link.then(|| std::fs::canonicalize(path)) {
-        Some(Ok(target)) => target,
-        _ => path.to_path_buf(),
+    let mut target = path.to_path_buf();
+    for _ in 0..40 {
+        let Ok(next) = std::fs::read_link(&target) else {
+            break;
+        };
+        target = match target.parent() {
+            Some(dir) if next.is_relative() => dir.join(next),
+            _ => next,
+        };
+    }
+    target
+}
+
+/// Per-row values written to a temporary file beside `--out`, not yet in its place:
+/// [`PendingRows::commit`] renames it over the target; dropped, it is removed and `--out`
+/// stays as it was (the report is printed in between: a run that fails to print it is a
+/// failed run, and leaves `--out` alone).
+pub struct PendingRows {
+    tmp: tempfile::NamedTempFile,
+    path: PathBuf,
+    shown: String,
+}
+
+impl PendingRows {
+    /// Puts the file in its place.
+    pub fn commit(self) -> Result<(), CliError> {
+        let shown = self.shown;
+        self.tmp
+            .persist(&self.path)
+            .map_err(|e| CliError::runtime(format!("{shown}: cannot write: {}", e.error)))?;
+        Ok(())
     }
 }
 
 /// Writes per-row values as a 1-D f64 `.npy` file: to a temporary file in the same
-/// directory, then renamed over `path`, so a failed run never leaves a partial file nor
-/// truncates an existing one. A file it replaces keeps its permissions, and a symbolic link
-/// its place: the link's target is replaced.
-pub fn write_rows_atomically(path: &Path, values: &[f64]) -> Result<(), CliError> {
-    let shown = path.display();
+/// directory, renamed over `path` by [`PendingRows::commit`], so a failed run never leaves a
+/// partial file nor truncates an existing one. A file it replaces keeps its permissions, and
+/// a symbolic link its place: the link's target is replaced.
+pub fn write_rows_atomically(path: &Path, values: &[f64]) -> Result<PendingRows, CliError> {
+    let shown = path.display().to_string();
     let fail = |e: std::io::Error| CliError::runtime(format!("{shown}: cannot write: {e}"));
     let path = &out_target(path);
     let tmp = temp_beside(path).map_err(fail)?;
@@ -361,8 +390,11 @@ pub fn write_rows_atomically(path: &Path, values: &[f64]) -> Result<(), CliError
         w.flush().map_err(fail)?;
     }
     tmp.as_file().sync_all().map_err(fail)?;
-    tmp.persist(path).map_err(|e| fail(e.error))?;
-    Ok(())
+    Ok(PendingRows {
+        tmp,
+        path: path.clone(),
+        shown,
+    })
 }
 
 #[cfg(test)]
