@@ -1648,18 +1648,19 @@ fn outputs_and_inputs_that_are_not_plain_files() {
     assert!(r.ours[0].contains("names a directory"), "{:?}", r.ours);
     // A symbolic link stays one, and its target gets the values; a replaced file keeps its
     // permissions.
+    let is_link = |path: &Path| {
+        std::fs::symlink_metadata(path)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    };
     let (target, link) = (d.join("target.npy"), d.join("link.npy"));
     std::fs::write(&target, b"old").unwrap();
     std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::os::unix::fs::symlink(&target, &link).unwrap();
     let r = klgpu(&["kl", s(&p), s(&q), "--out", s(&link)]);
     assert_eq!(r.code, 0, "{:?}", r.ours);
-    assert!(
-        std::fs::symlink_metadata(&link)
-            .unwrap()
-            .file_type()
-            .is_symlink()
-    );
+    assert!(is_link(&link));
     assert_eq!(read_npy_f64(&target).len(), 2);
     let mode = std::fs::metadata(&target).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
@@ -1669,12 +1670,7 @@ fn outputs_and_inputs_that_are_not_plain_files() {
     std::os::unix::fs::symlink("runs/latest.npy", &link).unwrap();
     let r = klgpu(&["kl", s(&p), s(&q), "--out", s(&link)]);
     assert_eq!(r.code, 0, "{:?}", r.ours);
-    assert!(
-        std::fs::symlink_metadata(&link)
-            .unwrap()
-            .file_type()
-            .is_symlink()
-    );
+    assert!(is_link(&link));
     assert_eq!(read_npy_f64(&target).len(), 2);
     // A run whose report cannot be printed failed: it leaves --out as it was (the file was
     // replaced before the report was printed).
