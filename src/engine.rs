@@ -310,6 +310,17 @@ fn describe(infos: &[wgpu::AdapterInfo]) -> String {
         .join(", ")
 }
 
+/// What `WGPU_BACKEND` asked for, when it is set: a misspelt one searches no backend, and the
+/// "no adapter" that follows should say so rather than blame the drivers.
+fn backend_hint() -> String {
+    match std::env::var("WGPU_BACKEND") {
+        Ok(v) => format!(
+            " (WGPU_BACKEND={v:?} chose them; wgpu knows vulkan, metal, dx12 and gl, comma-separated)"
+        ),
+        Err(_) => String::new(),
+    }
+}
+
 /// The adapters every engine klgpu opens comes from, enumerated once per process (when the
 /// first engine opens, reading `WGPU_BACKEND` then), with the backends searched.
 ///
@@ -403,7 +414,7 @@ impl Engine {
         let infos: Vec<_> = adapters.iter().map(|a| a.get_info()).collect();
         if infos.is_empty() {
             return Err(Error::NoAdapter {
-                details: format!("wgpu found none on backends {backends:?}"),
+                details: format!("wgpu found none on backends {backends:?}{}", backend_hint()),
             });
         }
         let wanted = std::env::var("WGPU_ADAPTER_NAME").ok();

@@ -1142,6 +1142,15 @@ fn bad_files_and_shapes() {
         strings(&["kl", s(&st), g, "--tensor", "nope"]),
         &["m.safetensors", "nope", "a, ids"],
     );
+    // Q takes --tensor's name when --tensor-q gives none: the message says so.
+    let other = d.join("other.safetensors");
+    let x = f32_bytes(&[0.2, 0.3, 0.5, 0.1, 0.1, 0.8]);
+    safetensors_file(&other, &[("x", Dtype::F32, vec![2, 3], x)]);
+    expect_bad(
+        d,
+        strings(&["kl", s(&st), s(&other), "--tensor", "a"]),
+        &["other.safetensors", "no tensor named 'a'", "--tensor-q"],
+    );
     expect_bad(
         d,
         strings(&["entropy", s(&st)]),
@@ -1707,4 +1716,64 @@ fn an_unwritable_standard_error_is_no_panic() {
         .status()
         .unwrap();
     assert_eq!(status.code(), Some(2));
+}
+
+#[test]
+fn negative_divergences_of_rows_that_are_not_distributions_get_a_note() {
+    // KL of rows that do not sum to 1 can be negative, and said nothing: a user who forgot
+    // --normalize read it as a result.
+    let dir = tmp();
+    let (pp, qp) = npy_pair(
+        dir.path(),
+        &[2, 2],
+        &[0.5, 0.5, 0.2, 0.2],
+        &[0.9, 0.9, 0.5, 0.5],
+    );
+    let r = klgpu(&["kl", s(&pp), s(&qp)]);
+    assert_eq!(r.code, 0, "{:?}", r.ours);
+    assert!(
+        r.ours
+            .iter()
+            .any(|l| l.contains("2 of 2 rows came out negative") && l.contains("--normalize")),
+        "{:?}",
+        r.ours
+    );
+    let r = klgpu(&["kl", s(&pp), s(&qp), "--normalize"]);
+    assert!(r.ours.is_empty(), "{:?}", r.ours);
+    let r = klgpu(&["kl", s(&pp), s(&qp), "-q"]);
+    assert!(r.ours.is_empty(), "{:?}", r.ours);
+}
+
+#[test]
+fn the_last_of_a_repeated_option_wins() {
+    // `--base 2 --base e` was refused ("cannot be used multiple times"), unlike most tools.
+    let dir = tmp();
+    let (pp, qp) = npy_pair(dir.path(), &[2], &[0.5, 0.5], &[0.25, 0.75]);
+    let j = klgpu(&[
+        "kl",
+        s(&pp),
+        s(&qp),
+        "--base",
+        "2",
+        "--base",
+        "e",
+        "-q",
+        "-q",
+        "--json",
+    ])
+    .json();
+    assert_eq!(j["base"], "e", "{j}");
+}
+
+#[test]
+fn a_misspelt_wgpu_backend_is_named() {
+    // WGPU_BACKEND=vulkn searches no backend: the "no adapter" error blamed the drivers.
+    let dir = tmp();
+    let (pp, qp) = npy_pair(dir.path(), &[2], &[0.5, 0.5], &[0.25, 0.75]);
+    let r = klgpu_env(
+        &["kl", s(&pp), s(&qp), "--backend", "gpu"],
+        &[("WGPU_BACKEND", "vulkn")],
+    );
+    assert_eq!(r.code, 1, "{:?}", r.ours);
+    assert!(r.ours[0].contains("WGPU_BACKEND=\"vulkn\""), "{:?}", r.ours);
 }

@@ -185,6 +185,21 @@ pub fn run(cmd: &MeasureRun) -> Result<(), CliError> {
     progress.finish();
     let outcome = result?;
     let elapsed_s = start.elapsed().as_secs_f64();
+    // KL and JS of distributions are never negative (nor made so by rounding): a negative
+    // row was given rows that are not distributions, which the user may not know.
+    let negative = outcome.values.iter().filter(|v| **v < 0.0).count();
+    let divergence = matches!(
+        cmd.measure,
+        Measure::KullbackLeibler | Measure::JensenShannon
+    );
+    if divergence && negative > 0 && !cmd.quiet {
+        crate::error::print_err(format_args!(
+            "klgpu: note: {negative} of {} rows came out negative, which only rows that are not \
+             distributions give: --normalize divides each row by its sum, and --input logits or \
+             log-probs reads other forms",
+            outcome.values.len()
+        ));
+    }
 
     let value = if one_d {
         outcome.values.first().copied()

@@ -137,7 +137,8 @@ pub fn beyond_f32(label: &str, one_d: bool, row: usize, col: usize, value: f64) 
     CliError::input(if value.abs() > f64::from(f32::MAX) {
         format!(
             "{label}: {at}: value {value:e} is beyond the range of f32 (±3.4e38), in which \
-             klgpu computes; scale the input down"
+             klgpu computes; scale the input down (a mask such as np.finfo(np.float64).min: \
+             save it as -inf)"
         )
     } else if value < 0.0 {
         format!(
@@ -227,7 +228,8 @@ mod tests {
         assert_eq!(
             err.message,
             "Q.npy: row 10, column 3: value 4e38 is beyond the range of f32 (±3.4e38), in \
-             which klgpu computes; scale the input down"
+             which klgpu computes; scale the input down (a mask such as \
+             np.finfo(np.float64).min: save it as -inf)"
         );
         let err = origin.map(Error::Gpu("lost".into()));
         assert_eq!(err.code, EXIT_RUNTIME);

@@ -54,7 +54,9 @@ start with `klgpu:`.";
     name = "klgpu",
     version,
     about = "KL divergence, cross-entropy, entropy and Jensen-Shannon divergence on the GPU",
-    after_long_help = AFTER_HELP
+    after_long_help = AFTER_HELP,
+    // The last of a repeated option wins, as in most tools (`--base 2 --base e` was an error).
+    args_override_self = true
 )]
 struct Cli {
     #[command(subcommand)]

@@ -152,8 +152,16 @@ impl Source {
             };
             (shown.clone(), dtype, header.shape, header.data_offset)
         } else {
+            let inherited = tensor.name.is_some() && tensor.flag.is_none();
             let (name, dtype, shape, offset) =
-                open_safetensors(&mut file, file_len, tensor.name.as_deref()).map_err(fail)?;
+                open_safetensors(&mut file, file_len, tensor.name.as_deref())
+                    .map_err(|e| match e.starts_with("no tensor named") && inherited {
+                        true => {
+                            format!("{e} (Q takes --tensor's name unless --tensor-q names its own)")
+                        }
+                        false => e,
+                    })
+                    .map_err(fail)?;
             (format!("{shown}[{name}]"), dtype, shape, offset)
         };
         let elems = shape
