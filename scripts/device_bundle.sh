@@ -44,6 +44,8 @@ if ! cargo test --release --no-run --message-format=json 2>/tmp/device_bundle_te
 import json, shutil, sys
 for line in sys.stdin:
     m = json.loads(line)
+    if m.get("reason") == "compiler-message":  # errors come as JSON on stdout: show them
+        sys.stderr.write(m["message"].get("rendered") or "")
     t = m.get("target", {})
     if m.get("reason") == "compiler-artifact" and m.get("executable") and t.get("kind") == ["test"] \
             and t.get("name") in ("core", "batch", "apps", "half"):

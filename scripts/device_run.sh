@@ -23,7 +23,7 @@
 set -u
 cd "$(dirname "$0")/.."
 PARTS="${PARTS:-tests bench peers ab roof fuzz diag bf16 upload probe}"
-[ -n "${SKIP_TESTS:-}" ] && PARTS="${PARTS/tests/}"
+[ -n "${SKIP_TESTS:-}" ] && PARTS="${PARTS//tests/}"
 BUDGET="${BUDGET:-400}"
 # Rough seconds each part takes on an H200 (run 10, and the twenty-ninth session's estimates of
 # what the parts have grown to; AB_COST for an ab of other than two builds, both quick settings
@@ -134,6 +134,7 @@ do_ab() {
             [ -x "$b" ] || continue
             for flags in "${AB_SETS[@]}"; do
                 echo "-- ${b#.device/} $flags" | tee -a "$RAW/ab.txt"
+                PART="ab ($flags)"
                 # shellcheck disable=SC2086
                 run 40 "$RAW/ab.txt" "$b" --rounds 5 --scale 25 $flags \
                     ${AB_CASES:-H,KL,KLbare,CE,JS,KL10,KL1k,logits,Hlogits,CElogits}
@@ -206,8 +207,12 @@ do_probe() {
     run 60 "$RAW/l2_reread.txt" .device/l2_reread
 }
 
-# Parts run in PARTS' order.
-for p in $PARTS; do
+# Parts run in PARTS' order, each once.
+read -r -a PART_LIST <<< "$PARTS"
+declare -A DONE=()
+for p in ${PART_LIST[@]+"${PART_LIST[@]}"}; do
+    [ -n "${DONE[$p]:-}" ] && continue
+    DONE[$p]=1
     case $p in
         peers) [ -f "$RAW/bench.json" ] || { note "peers: skipped (no bench.json: run the bench part before it)"; continue; } ;;
         upload) [ -x .device/host_windows ] || { note "upload: skipped (not in the bundle)"; continue; } ;;

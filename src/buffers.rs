@@ -63,8 +63,9 @@ fn gpu_slice<'a>(
     })
 }
 
-/// A mapped buffer fails the submission that reads it back (wgpu's submit error otherwise).
-/// Not for the inputs of a recording: those need to be unmapped only when the caller submits.
+/// A mapped buffer fails the submission that uses it (wgpu's submit error otherwise), in the
+/// calls that submit their work themselves. Not for a recording's buffers: those need to be
+/// unmapped only when the caller submits.
 /// wgpu 30 has no map state to ask; a view of the whole buffer is had only while it is mapped
 /// (and not while views of it are out, so this misses some mapped buffers, never takes an
 /// unmapped one for mapped).
@@ -985,6 +986,19 @@ impl Engine {
             ..self.locator(job, p, q, cols)
         };
         outputs_apart(job, p, q, out, grad, locator.plan.rows)?;
+        // These calls submit the work themselves: a mapped buffer would fail their submit.
+        let (p_name, q_name) = if job.term == Term::KlGrad {
+            ("logits", "target")
+        } else {
+            ("p", "q")
+        };
+        refuse_mapped(p_name, p.buffer)?;
+        refuse_mapped(q_name, q.buffer)?;
+        for (name, slice) in [("out", out), ("grad", grad)] {
+            if let Some(slice) = slice {
+                refuse_mapped(name, slice.buffer)?;
+            }
+        }
         let gpu = self.gpu();
         let _turn = gpu.turn_async().await;
         let mut scratch = gpu.scratch.take(&gpu.device);

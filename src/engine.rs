@@ -29,9 +29,10 @@ pub struct Tuning {
     pub blocked_lanes: Option<bool>,
     /// Window cap (bytes per input) for two-pass jobs (logits, normalization). Windows small
     /// enough for the second pass to re-read them from L2 lost on an H200 (the dispatch gaps
-    /// cost more than the re-read), so by default there is no extra cap. Caps below 1 MiB are
-    /// taken as 1 MiB: every window of the caller's buffers takes a few KB of parameters in
-    /// one buffer, which smaller windows made outgrow the device's `max_buffer_size`.
+    /// cost more than the re-read), so by default there is no extra cap. Caps below 4 MiB are
+    /// taken as 4 MiB: every window of the caller's buffers takes a few KB of parameters in
+    /// one buffer, which smaller windows made outgrow the device's `max_buffer_size`, and
+    /// KL and JS of logits lose a little precision for each window a row is split across.
     pub two_pass_window_bytes: u64,
     /// Whether a vec4 of probabilities whose values are all positive normal numbers, in every
     /// lane of its subgroup, skips validation, subnormal splits and zero cases: the same
@@ -470,8 +471,8 @@ impl Engine {
                 let mut slot = stray.lock().unwrap_or_else(|p| p.into_inner());
                 slot.get_or_insert_with(|| {
                     format!(
-                        "an error of other work on the engine's device, outside klgpu's calls \
-                         (reported once, by the next call): {e}"
+                        "an error of other work on the engine's device, outside klgpu's own \
+                         (reported once, by the klgpu call that saw it first): {e}"
                     )
                 });
             }));
@@ -605,7 +606,7 @@ impl Engine {
             info,
             limits,
             device_limits,
-            two_pass_window_elems: (options.tuning.two_pass_window_bytes / 4).max(1 << 18),
+            two_pass_window_elems: (options.tuning.two_pass_window_bytes / 4).max(1 << 20),
         })
     }
 

@@ -731,8 +731,9 @@ impl Gpu {
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let value = f();
-        // A lost device fails the call; an error of other work that came meanwhile is the
-        // next call's to report (this one's own errors are in its scopes).
+        // A lost device fails the call; an error of other work that came meanwhile is left
+        // to the next check (a later step of this call, or the next call): not this step's,
+        // whose own errors are in its scopes (a recording that had been made said Err).
         if let Some(lost) = self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             return Err(Error::Gpu(lost));
         }

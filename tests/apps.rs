@@ -1751,9 +1751,17 @@ fn a_failed_recording_leaves_the_callers_encoder_usable() {
         assert_eq!(e.read_f32(dst.slice(..)).unwrap(), [7.0], "{what}");
         ws.check(&e).unwrap();
     }
-    // Reading a mapped buffer back is refused by name (it was wgpu's submit error).
+    // Reading a mapped buffer back, or computing on one, is refused by name (it was wgpu's
+    // submit error).
     let err = e.read_f32(mapped.slice(..)).unwrap_err();
     assert!(matches!(err, Error::InvalidBuffer { .. }), "{err}");
+    let err = e
+        .kl_divergence_buffers(q.slice(..), mapped.slice(..))
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidBuffer { name: "q", .. }),
+        "{err}"
+    );
     // The engine goes on as before, and takes an input mapped while it records, unmapped
     // before the submit.
     let mut ws = e.workspace();
@@ -1810,7 +1818,8 @@ fn devices_with_odd_limits_and_small_two_pass_caps() {
     // A binding of 65,544 bytes (24 × 2731, not a multiple of 16) took 2731 rows' state,
     // which buffers made in 16-byte units rounded to 65,552: wgpu refused the buffer. And a
     // two-pass cap of 256 bytes gave a row of 4096 logits in GPU buffers 64 windows, whose
-    // parameters (one buffer for the recording) outgrew the device's 64 KiB.
+    // parameters (one buffer for the recording) outgrew the device's 64 KiB; such caps are
+    // taken as 4 MiB now.
     let kl = Measure::KullbackLeibler;
     let (device, queue) = device_with_limits(wgpu::Limits {
         max_buffer_size: 65_544,
