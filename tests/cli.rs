@@ -1777,3 +1777,24 @@ fn a_misspelt_wgpu_backend_is_named() {
     assert_eq!(r.code, 1, "{:?}", r.ours);
     assert!(r.ours[0].contains("WGPU_BACKEND=\"vulkn\""), "{:?}", r.ours);
 }
+
+#[test]
+fn rows_that_leave_f32_on_the_gpu_are_computed_in_f64() {
+    // A row of probabilities near f32::MAX overflows the GPU's f32 sums: it was an error
+    // ("use --backend cpu"); the f64 reference computes the block now, as it did pieces.
+    let dir = tmp();
+    let p = [0.5, 0.5, 3e38, 3e38];
+    let q = [0.25, 0.75, 0.5, 0.5];
+    let (pp, qp) = npy_pair(dir.path(), &[2, 2], &p, &q);
+    let opts = Options {
+        normalize: true,
+        ..Options::default()
+    };
+    let want = reference(Measure::KullbackLeibler, &p, Some(&q), 2, opts);
+    for backend in ["gpu", "cpu"] {
+        let args = ["kl", s(&pp), s(&qp), "--normalize", "--backend", backend];
+        let j = klgpu(&[&args[..], &["--json", "--reduction", "sum"]].concat()).json();
+        let sum: f64 = want.values.iter().sum();
+        assert_close(as_f64(&j["value"]), sum, backend);
+    }
+}

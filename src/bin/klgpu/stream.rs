@@ -348,12 +348,21 @@ fn consume(
                         placeholder()
                     })
                 }
+                // Rows that left f32 on the GPU (no value of the block is invalid, or the
+                // GPU would have named it): the f64 reference computes the block, as it does
+                // a piece; only where f64 overflows too is the row an error.
                 Err(e @ klgpu::Error::Overflow { .. }) => {
-                    first_overflow.get_or_insert(origin.map(e));
-                    klgpu::RowResults {
-                        values: vec![0.0; block.p.len() / block.cols],
-                        top1_agree: None,
-                    }
+                    let in_f64 = match compute {
+                        Backend::Gpu(_) => rows_of(&Backend::Cpu, measure, &block).ok(),
+                        Backend::Cpu => None,
+                    };
+                    in_f64.unwrap_or_else(|| {
+                        first_overflow.get_or_insert(origin.map(e));
+                        klgpu::RowResults {
+                            values: vec![0.0; block.p.len() / block.cols],
+                            top1_agree: None,
+                        }
+                    })
                 }
                 result => result.map_err(|e| origin.map(e))?,
             }
