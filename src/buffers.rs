@@ -125,6 +125,17 @@ struct Locator {
     out: Option<OwnedSlice>,
 }
 
+impl Locator {
+    /// The argument names of the slices bound as P and Q.
+    fn bound_names(&self) -> (&'static str, &'static str) {
+        if self.swap_sides {
+            ("logits", "target")
+        } else {
+            ("p", "q")
+        }
+    }
+}
+
 /// Reusable scratch buffers for recording work into your own command encoders.
 ///
 /// One recording at a time: record, submit the encoder, then [`Workspace::check`] (which
@@ -987,11 +998,7 @@ impl Engine {
         };
         outputs_apart(job, p, q, out, grad, locator.plan.rows)?;
         // These calls submit the work themselves: a mapped buffer would fail their submit.
-        let (p_name, q_name) = if job.term == Term::KlGrad {
-            ("logits", "target")
-        } else {
-            ("p", "q")
-        };
+        let (p_name, q_name) = locator.bound_names();
         refuse_mapped(p_name, p.buffer)?;
         refuse_mapped(q_name, q.buffer)?;
         for (name, slice) in [("out", out), ("grad", grad)] {
@@ -1086,11 +1093,7 @@ impl Engine {
             return Err(lost());
         }
         let row = (index / loc.cols) as usize;
-        let (bound_p, bound_q) = if loc.swap_sides {
-            ("logits", "target")
-        } else {
-            ("p", "q")
-        };
+        let (bound_p, bound_q) = loc.bound_names();
         for (slice, name) in [(&loc.p.0, bound_p), (&loc.q.0, bound_q)] {
             if !copyable(&slice.buffer) {
                 return Err(unreadable(

@@ -1073,11 +1073,7 @@ fn low_device_limits_are_errors_not_panics() {
     }
     // Default limits but buffers of at most 64 KiB: a buffer made with more data than that is
     // an error (wgpu's create_buffer_init panicked), and host data streams through windows.
-    let (device, queue) = device_with_limits(wgpu::Limits {
-        max_buffer_size: 1 << 16,
-        max_storage_buffer_binding_size: 1 << 16,
-        ..wgpu::Limits::default()
-    });
+    let (device, queue) = device_with_buffers_of(1 << 16);
     let e = Engine::from_device(device, queue).unwrap();
     let p: Vec<f32> = (0..20_000).map(|i| 1.0 + (i % 7) as f32).collect();
     let q: Vec<f32> = (0..20_000).map(|i| 1.0 + (i % 5) as f32).collect();
@@ -1574,17 +1570,22 @@ fn device_with_limits(required_limits: wgpu::Limits) -> (wgpu::Device, wgpu::Que
     pollster::block_on(adapter.request_device(&descriptor)).expect("device")
 }
 
+/// A device whose buffers, and bindings, hold at most `bytes`.
+fn device_with_buffers_of(bytes: u64) -> (wgpu::Device, wgpu::Queue) {
+    device_with_limits(wgpu::Limits {
+        max_buffer_size: bytes,
+        max_storage_buffer_binding_size: bytes,
+        ..wgpu::Limits::default()
+    })
+}
+
 #[test]
 fn recordings_into_the_callers_out_need_no_scratch_for_every_row() {
     // Rows written to the caller's `out` took scratch for every row all the same: an output
     // and agreement of 4 bytes a row and a readback of 8, which nothing reads. On a device
     // whose buffers hold at most 1 MiB, 200,000 rows of one column (800 KB a buffer) failed
     // for the 1.6 MB readback.
-    let (device, queue) = device_with_limits(wgpu::Limits {
-        max_buffer_size: 1 << 20,
-        max_storage_buffer_binding_size: 1 << 20,
-        ..wgpu::Limits::default()
-    });
+    let (device, queue) = device_with_buffers_of(1 << 20);
     let e = Engine::from_device(device, queue).unwrap();
     let rows = 200_000;
     let mut r = rng(41);
@@ -1617,11 +1618,7 @@ fn host_calls_with_more_rows_than_one_readback_holds_come_back_in_groups() {
     // readback. Rows now come back in groups the device's buffers hold, for every input
     // kind (logits carry the agreement too); an invalid value in a later group is named at
     // its place in the whole input, and so is a row that overflows f32.
-    let (device, queue) = device_with_limits(wgpu::Limits {
-        max_buffer_size: 1 << 20,
-        max_storage_buffer_binding_size: 1 << 20,
-        ..wgpu::Limits::default()
-    });
+    let (device, queue) = device_with_buffers_of(1 << 20);
     let e = Engine::from_device(device, queue).unwrap();
     let mut r = rng(43);
     for (rows, cols) in [(200_000, 1), (140_000, 2)] {
@@ -1821,11 +1818,7 @@ fn devices_with_odd_limits_and_small_two_pass_caps() {
     // parameters (one buffer for the recording) outgrew the device's 64 KiB; such caps are
     // taken as 4 MiB now.
     let kl = Measure::KullbackLeibler;
-    let (device, queue) = device_with_limits(wgpu::Limits {
-        max_buffer_size: 65_544,
-        max_storage_buffer_binding_size: 65_544,
-        ..wgpu::Limits::default()
-    });
+    let (device, queue) = device_with_buffers_of(65_544);
     let e = Engine::from_device(device, queue).unwrap();
     let (p, q) = (vec![0.5f32; 3000], vec![0.25f32; 3000]);
     let want = cpu::rows(kl, &p, Some(&q), 1, &Options::default()).unwrap();
@@ -1836,11 +1829,7 @@ fn devices_with_odd_limits_and_small_two_pass_caps() {
         "3000 rows of 1 on a 65,544-byte binding",
     );
 
-    let (device, queue) = device_with_limits(wgpu::Limits {
-        max_buffer_size: 1 << 16,
-        max_storage_buffer_binding_size: 1 << 16,
-        ..wgpu::Limits::default()
-    });
+    let (device, queue) = device_with_buffers_of(1 << 16);
     let tuning = klgpu::Tuning {
         two_pass_window_bytes: 256,
         ..Default::default()

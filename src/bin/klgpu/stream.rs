@@ -330,37 +330,31 @@ fn consume(
             placeholder()
         } else {
             match rows_of(compute, measure, &block) {
-                // An overflowed piece holds no p > 0 against q = 0 (that would read +∞): it
-                // adds nothing if it weighs nothing. Otherwise the f64 reference computes it
+                // Rows or a piece that left f32 on the GPU (no value of the block is invalid,
+                // or the GPU would have named it): the f64 reference computes them, and only
+                // where f64 overflows too is that an error. An overflowed piece holds no p > 0
+                // against q = 0 (that would read +∞): it adds nothing if it weighs nothing
                 // (normalized on its own, a piece can leave f32 where its row does not), and
-                // if that overflows too, the row does unless another piece makes it +∞, as
-                // the whole row would.
-                Err(e @ klgpu::Error::Overflow { .. }) if block.piece.is_some() => {
-                    let weighs = block.piece.is_some_and(|t| t.weight != 0.0);
+                // its row fails unless another piece makes it +∞, as the whole row would.
+                Err(e @ klgpu::Error::Overflow { .. }) => {
+                    let weighs = block.piece.is_none_or(|t| t.weight != 0.0);
                     let in_f64 = match compute {
                         Backend::Gpu(_) if weighs => rows_of(&Backend::Cpu, measure, &block).ok(),
                         _ => None,
                     };
-                    in_f64.unwrap_or_else(|| {
-                        if weighs {
-                            piece_overflow.get_or_insert(origin.map(e));
+                    in_f64.unwrap_or_else(|| match block.piece {
+                        Some(_) => {
+                            if weighs {
+                                piece_overflow.get_or_insert(origin.map(e));
+                            }
+                            placeholder()
                         }
-                        placeholder()
-                    })
-                }
-                // Rows that left f32 on the GPU (no value of the block is invalid, or the
-                // GPU would have named it): the f64 reference computes the block, as it does
-                // a piece; only where f64 overflows too is the row an error.
-                Err(e @ klgpu::Error::Overflow { .. }) => {
-                    let in_f64 = match compute {
-                        Backend::Gpu(_) => rows_of(&Backend::Cpu, measure, &block).ok(),
-                        Backend::Cpu => None,
-                    };
-                    in_f64.unwrap_or_else(|| {
-                        first_overflow.get_or_insert(origin.map(e));
-                        klgpu::RowResults {
-                            values: vec![0.0; block.p.len() / block.cols],
-                            top1_agree: None,
+                        None => {
+                            first_overflow.get_or_insert(origin.map(e));
+                            klgpu::RowResults {
+                                values: vec![0.0; block.p.len() / block.cols],
+                                top1_agree: None,
+                            }
                         }
                     })
                 }
