@@ -711,14 +711,17 @@ impl Gpu {
         }
     }
 
+    /// The device's loss, if it was lost.
+    fn lost(&self) -> Result<()> {
+        match self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            Some(lost) => Err(Error::Gpu(lost)),
+            None => Ok(()),
+        }
+    }
+
     /// A lost device (for good), or an error of other work on klgpu's own device (once).
     fn check_faults(&self) -> Result<()> {
-        let lock = |m: &'_ std::sync::Mutex<Option<String>>| {
-            m.lock().unwrap_or_else(|e| e.into_inner()).clone()
-        };
-        if let Some(lost) = lock(&self.fault) {
-            return Err(Error::Gpu(lost));
-        }
+        self.lost()?;
         match self.stray.lock().unwrap_or_else(|e| e.into_inner()).take() {
             Some(stray) => Err(Error::Gpu(stray)),
             None => Ok(()),
@@ -734,9 +737,7 @@ impl Gpu {
         // A lost device fails the call; an error of other work that came meanwhile is left
         // to the next check (a later step of this call, or the next call): not this step's,
         // whose own errors are in its scopes (a recording that had been made said Err).
-        if let Some(lost) = self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-            return Err(Error::Gpu(lost));
-        }
+        self.lost()?;
         let errors = [
             pollster::block_on(validation.pop()),
             pollster::block_on(oom.pop()),
