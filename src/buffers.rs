@@ -67,8 +67,8 @@ fn gpu_slice<'a>(
 /// calls that submit their work themselves. Not for a recording's buffers: those need to be
 /// unmapped only when the caller submits.
 /// wgpu 30 has no map state to ask; a view of the whole buffer is had only while it is mapped
-/// (and not while views of it are out, so this misses some mapped buffers, never takes an
-/// unmapped one for mapped).
+/// (and not while views of it are out, nor while a map is pending, so this misses some
+/// mapped buffers, never takes an unmapped one for mapped).
 fn refuse_mapped(name: &'static str, buffer: &wgpu::Buffer) -> Result<()> {
     if buffer.slice(..).get_mapped_range().is_ok() {
         return Err(Error::InvalidBuffer {
@@ -216,6 +216,24 @@ impl Workspace {
     async fn check_pending(&mut self, engine: &Engine, blocking: bool) -> Result<()> {
         let gpu = engine.gpu();
         let _turn = gpu.turn_async().await;
+        // An error of other work on the device is not the recording's verdict: taken aside
+        // while the status is read and the verdict located, and left to the next call; unless
+        // the recording did not run, which it may explain (its submit failed).
+        let mut stray = gpu.take_stray();
+        let verdict = self.verdict(engine, blocking, &mut stray).await;
+        if let Some(stray) = stray {
+            gpu.keep_stray(stray);
+        }
+        verdict
+    }
+
+    async fn verdict(
+        &mut self,
+        engine: &Engine,
+        blocking: bool,
+        stray: &mut Option<String>,
+    ) -> Result<()> {
+        let gpu = engine.gpu();
         let scratch = self
             .scratch
             .get_or_insert_with(|| Scratch::new(&gpu.device));
@@ -224,6 +242,13 @@ impl Workspace {
             return Ok(());
         };
         if readback.status[3] != kernels::RAN_MARK {
+            if let Some(stray) = stray.take() {
+                return Err(Error::Gpu(format!(
+                    "Workspace::check found that the recorded work has not run, and the \
+                     engine's device reported an error meanwhile (the submit of the recording \
+                     may have failed; the recording is dropped): {stray}"
+                )));
+            }
             return Err(Error::InvalidArgument(
                 "Workspace::check found that the recorded work has not run: submit the encoder \
                  on this engine's queue before checking (the recording is dropped; record it \

@@ -472,7 +472,8 @@ impl Engine {
                 slot.get_or_insert_with(|| {
                     format!(
                         "an error of other work on the engine's device, outside klgpu's own \
-                         (reported once, by the klgpu call that saw it first): {e}"
+                         calls (the app's own work, or its submit of a recording from \
+                         record_rows; reported once, by the klgpu call that saw it first): {e}"
                     )
                 });
             }));
@@ -485,7 +486,9 @@ impl Engine {
     /// Give the engine only buffers and encoders of this device. A buffer of another device
     /// of the same `wgpu::Instance` is an error; one of another instance (an engine from
     /// [`Engine::new`] has klgpu's) cannot be told apart by wgpu: its number is looked up in
-    /// this instance's tables, and may name another buffer, read silently.
+    /// this instance's tables, and may name another buffer, read silently. The queue must be
+    /// the device's own: wgpu has no way to ask, and another device's queue fails the first
+    /// call in that device's uncaptured-error handler (wgpu's default one panics).
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] listing the limits that fall short when the device was made

@@ -177,6 +177,9 @@ fn buffer(
     })
 }
 
+/// Most bytes of a GPU slice read back in one piece (`Engine::read_f32`, error messages).
+const READ_PIECE_BYTES: u64 = 64 << 20;
+
 const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_DST)
     .union(wgpu::BufferUsages::COPY_SRC);
@@ -722,15 +725,41 @@ impl Gpu {
     /// A lost device (for good), or an error of other work on klgpu's own device (once).
     fn check_faults(&self) -> Result<()> {
         self.lost()?;
-        match self.stray.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        match self.take_stray() {
             Some(stray) => Err(Error::Gpu(stray)),
             None => Ok(()),
         }
     }
 
+    /// Takes the error of other work that the next check would report, if any.
+    pub(crate) fn take_stray(&self) -> Option<String> {
+        self.stray.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Puts back an error taken by [`Gpu::take_stray`] that was not this call's to report,
+    /// unless a newer one came meanwhile.
+    pub(crate) fn keep_stray(&self, stray: String) {
+        let mut slot = self.stray.lock().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert(stray);
+    }
+
+    /// `error`, or the device's loss where that is what it comes from: a destroyed or lost
+    /// device first fails with errors about invalid buffers or submissions, and its lost
+    /// callback runs only on a later poll.
+    fn or_lost(&self, error: Error) -> Error {
+        let _ = self.device.poll(wgpu::PollType::Poll);
+        self.lost().err().unwrap_or(error)
+    }
+
     /// Runs `f` inside out-of-memory and validation error scopes, turning either into an Err.
     pub(crate) fn scoped<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
         self.check_faults()?;
+        self.in_scopes(f)
+    }
+
+    /// [`Gpu::scoped`] without its check of earlier faults: for a step that must know only
+    /// whether it failed itself.
+    fn in_scopes<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let value = f();
@@ -743,7 +772,7 @@ impl Gpu {
             pollster::block_on(oom.pop()),
         ];
         match errors.into_iter().flatten().next() {
-            Some(e) => Err(Error::Gpu(e.to_string())),
+            Some(e) => Err(self.or_lost(Error::Gpu(e.to_string()))),
             None => Ok(value),
         }
     }
@@ -765,16 +794,19 @@ impl Gpu {
                 .map(|_| ())
                 .map_err(|e| Error::Gpu(format!("waiting for the GPU failed: {e}")))
         };
-        if blocking {
-            return poll(&self.device);
-        }
-        let device = self.device.clone();
-        let (tx, rx) = futures_channel::oneshot::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(poll(&device));
-        });
-        rx.await
-            .map_err(|_| Error::Gpu("the GPU polling thread ended early".into()))?
+        let waited = if blocking {
+            poll(&self.device)
+        } else {
+            let device = self.device.clone();
+            let (tx, rx) = futures_channel::oneshot::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(poll(&device));
+            });
+            rx.await
+                .map_err(|_| Error::Gpu("the GPU polling thread ended early".into()))
+                .and_then(|waited| waited)
+        };
+        waited.map_err(|e| self.or_lost(e))
     }
 
     fn params_for(
@@ -1304,8 +1336,31 @@ impl Gpu {
     }
 
     /// Reads `len` values at element `first` of a GPU slice, widened to f32 (for error
-    /// messages and [`Engine::read_f32`](crate::Engine::read_f32)).
+    /// messages and [`Engine::read_f32`](crate::Engine::read_f32)), in pieces that a staging
+    /// buffer of this device can hold.
     pub(crate) async fn read_elements(
+        &self,
+        slice: &GpuSlice<'_>,
+        first: u64,
+        len: u64,
+        blocking: bool,
+    ) -> Result<Vec<f32>> {
+        let es = slice.dtype.size();
+        // A piece's copy spans at most 3 bytes before its first element and 3 after its last
+        // (whole words); staging buffers are rounded up to 16 bytes.
+        let cap = (self.device.limits().max_buffer_size / 16 * 16).min(READ_PIECE_BYTES);
+        let piece = (cap.saturating_sub(8) / es).max(1);
+        let mut values = Vec::with_capacity(len as usize);
+        let mut done = 0;
+        while done < len {
+            let n = piece.min(len - done);
+            values.extend(self.read_piece(slice, first + done, n, blocking).await?);
+            done += n;
+        }
+        Ok(values)
+    }
+
+    async fn read_piece(
         &self,
         slice: &GpuSlice<'_>,
         first: u64,
@@ -1320,20 +1375,23 @@ impl Gpu {
         let bytes = (start + len * es).div_ceil(4) * 4 - word_start;
         let skip = (start - word_start) as usize;
         let dtype = slice.dtype;
-        let staging = buffer(
-            &self.device,
-            "klgpu.read_elements",
-            bytes,
-            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        );
-        let index = self.scoped(|| {
+        // In the scope too: on a caller's device an error here (a lost device) would go to
+        // its uncaptured-error handler, wgpu's default one panics.
+        let (staging, index) = self.scoped(|| {
+            let staging = buffer(
+                &self.device,
+                "klgpu.read_elements",
+                bytes,
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            );
             let mut encoder = self
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("klgpu.read_elements"),
                 });
             encoder.copy_buffer_to_buffer(slice.buffer, word_start, &staging, 0, bytes);
-            self.queue.submit([encoder.finish()])
+            let index = self.queue.submit([encoder.finish()]);
+            (staging, index)
         })?;
         self.map_read(&staging, bytes, index, blocking, |bytes| {
             let bytes = &bytes[skip..skip + (len * es) as usize];
@@ -1364,10 +1422,18 @@ impl Gpu {
             failed: Arc::new(AtomicBool::new(false)),
         };
         let failed = unmap.failed.clone();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            failed.store(r.is_err(), Ordering::Relaxed);
-            let _ = tx.send(r);
-        });
+        // In scopes: on a caller's device a failed map (a lost device) would go to its
+        // uncaptured-error handler, and wgpu's default one panics. A map that failed is not
+        // unmapped.
+        if let Err(e) = self.in_scopes(|| {
+            slice.map_async(wgpu::MapMode::Read, move |r| {
+                failed.store(r.is_err(), Ordering::Relaxed);
+                let _ = tx.send(r);
+            })
+        }) {
+            unmap.failed.store(true, Ordering::Relaxed);
+            return Err(e);
+        }
         self.wait(index, blocking).await?;
         rx.await
             .map_err(|_| Error::Gpu("a readback was cancelled (device lost?)".into()))?

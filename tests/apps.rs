@@ -1327,13 +1327,112 @@ fn an_impossible_allocation_is_an_error_and_the_engine_survives() {
 
 #[test]
 fn a_lost_device_gives_errors_not_panics_or_hangs() {
+    // The first calls after the loss said "Buffer with 'klgpu.status' label is invalid" or
+    // "Tried to wait using a submission index ...": the lost callback runs on a later poll.
     let e = Engine::new().unwrap();
     assert!(e.entropy(&[0.5, 0.5]).is_ok());
+    let b = e.create_f32_buffer_init("b", &[0.5, 0.5]).unwrap();
     e.device().destroy();
-    let err = e.entropy(&[0.5, 0.5]).unwrap_err();
+    let errors = [
+        e.entropy(&[0.5, 0.5]).unwrap_err(),
+        e.kl_divergence(&[0.5, 0.5], &[0.25, 0.75]).unwrap_err(),
+        e.read_f32(b.slice(..)).unwrap_err(),
+    ];
+    for err in errors {
+        assert!(
+            matches!(err, Error::Gpu(_)) && err.to_string().contains("device was lost"),
+            "{err}"
+        );
+    }
+    // A caller's device keeps wgpu's default uncaptured-error handler, which panics: reads
+    // made their staging buffer and mapped it outside klgpu's error scopes.
+    let (device, queue) = app_device();
+    let e = Engine::from_device(device, queue).unwrap();
+    let b = e.create_f32_buffer_init("b", &[0.5, f32::NAN]).unwrap();
+    let q = e.create_f32_buffer_init("q", &[0.5, 0.5]).unwrap();
+    e.device().destroy();
+    let err = e.read_f32(b.slice(..)).unwrap_err();
     assert!(matches!(err, Error::Gpu(_)), "{err}");
-    let err = e.kl_divergence(&[0.5, 0.5], &[0.25, 0.75]).unwrap_err();
+    let err = e
+        .kl_divergence_buffers(b.slice(..), q.slice(..))
+        .unwrap_err();
     assert!(matches!(err, Error::Gpu(_)), "{err}");
+}
+
+#[test]
+fn reads_fit_a_device_whose_buffer_limit_is_not_a_multiple_of_16() {
+    // Staging buffers are made in 16-byte units: reading a buffer of 65,540 bytes, the most
+    // such a device holds, asked for 65,552 and panicked in wgpu (read_f32, and locating an
+    // empty row of logits, which reads the row).
+    let (device, queue) = device_with_buffers_of(65_540);
+    let e = Engine::from_device(device, queue).unwrap();
+    let n = 65_540 / 4;
+    let values: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let b = e.create_f32_buffer_init("b", &values).unwrap();
+    assert_eq!(e.read_f32(b.slice(..)).unwrap(), values);
+    assert_eq!(e.read_f32(b.slice(4..)).unwrap(), values[1..]);
+    let empty = e
+        .create_f32_buffer_init("p", &vec![f32::NEG_INFINITY; n])
+        .unwrap();
+    let zeros = e.create_f32_buffer_init("q", &vec![0.0f32; n]).unwrap();
+    let err = e
+        .divergence_buffers(
+            Measure::KullbackLeibler,
+            empty.slice(..),
+            Some(zeros.slice(..)),
+            &Options::input(Input::Logits),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidValue { .. }) && err.to_string().contains("P"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_error_of_other_work_does_not_take_a_recordings_verdict() {
+    // Workspace::check returned the stray error and dropped the recording: a second check
+    // said Ok over P with a negative value.
+    let e = Engine::new().unwrap();
+    let p = e.create_f32_buffer_init("p", &[1.25, -0.25]).unwrap();
+    let q = e.create_f32_buffer_init("q", &[0.5, 0.5]).unwrap();
+    let out = e.create_f32_buffer("out", 1).unwrap();
+    let mut ws = e.workspace();
+    let mut encoder = e.device().create_command_encoder(&Default::default());
+    e.record_rows(
+        &mut encoder,
+        &mut ws,
+        Measure::KullbackLeibler,
+        p.slice(..),
+        Some(q.slice(..)),
+        2,
+        &Options::default(),
+        out.slice(..),
+    )
+    .unwrap();
+    e.queue().submit([encoder.finish()]);
+    let _too_big = e.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("too big"),
+        size: 1 << 50,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let err = ws.check(&e).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidValue { index: 1, .. }) && err.to_string().contains("negative"),
+        "{err}"
+    );
+    assert!(ws.check(&e).is_ok(), "checked once");
+    // The stray error is the next call's, once.
+    let (pp, qq) = ([0.5f32, 0.5], [0.25f32, 0.75]);
+    let err = e.kl_divergence(&pp, &qq).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("other work on the engine's device"),
+        "{err}"
+    );
+    let want = cpu::kl_divergence(&pp, &qq).unwrap();
+    assert_close(e.kl_divergence(&pp, &qq).unwrap(), want, "the call after");
 }
 
 /// [`check_loss_row`] for every row of a batch of `cols` columns.
