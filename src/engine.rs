@@ -680,6 +680,25 @@ impl Engine {
         self.limits.window_elems
     }
 
+    /// Frees the buffers the engine keeps between calls: host data's windows and upload
+    /// buffers (up to 2 × 2 × [`Engine::window_elems`] elements), and per-row state as large as
+    /// the largest call so far needed. The next call makes them again, which costs it about as
+    /// much as the engine's first call. For apps that made one large call and want the memory
+    /// back; sets in use by calls running meanwhile are kept. A [`Workspace`](crate::Workspace) holds its own,
+    /// freed with it.
+    ///
+    /// ```no_run
+    /// # fn main() -> klgpu::Result<()> {
+    /// let engine = klgpu::Engine::new()?;
+    /// let p = vec![1.0f32 / 4_000_000.0; 4_000_000];
+    /// let kl = engine.kl_divergence(&p, &p)?;
+    /// engine.free_scratch();
+    /// # let _ = kl; Ok(()) }
+    /// ```
+    pub fn free_scratch(&self) {
+        self.gpu.drop_in_turn(self.gpu.scratch.drain());
+    }
+
     /// KL(P‖Q) = Σ p·ln(p/q) of two probability vectors, in nats. Blocking.
     ///
     /// 0·ln(0/q) = 0; p > 0 = q gives +∞. Inputs are not renormalized (see

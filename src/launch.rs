@@ -403,6 +403,11 @@ impl ScratchPool {
         pool.pop().unwrap_or_else(|| Scratch::new(device))
     }
 
+    /// Takes every set out of the pool (to be dropped: [`Gpu::drop_in_turn`]).
+    pub(crate) fn drain(&self) -> Vec<Scratch> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     pub(crate) fn put(&self, scratch: Scratch) {
         self.0
             .lock()

@@ -2354,3 +2354,44 @@ fn calls_in_turn_report_their_own_errors_and_values() {
         }
     }
 }
+
+#[test]
+fn free_scratch_gives_a_large_calls_memory_back() {
+    // The windows and upload buffers of a large host call stayed allocated for the engine's
+    // life, with no way to free them.
+    let e = Engine::new().unwrap();
+    let allocated = || {
+        e.device()
+            .poll(wgpu::PollType::wait_indefinitely())
+            .unwrap();
+        e.device()
+            .generate_allocator_report()
+            .expect("tests run on Vulkan, whose allocator reports its bytes")
+            .total_allocated_bytes
+    };
+    let (p, q) = ([0.5f32, 0.5], [0.25f32, 0.75]);
+    let want = cpu::kl_divergence(&p, &q).unwrap();
+    assert_close(e.kl_divergence(&p, &q).unwrap(), want, "a small call");
+    let small = allocated();
+    let n = 4 * e.window_elems() as usize;
+    let mut r = rng(77);
+    let big_p = dirichlet(&mut r, 1, n, 1.0);
+    let big_q = dirichlet(&mut r, 1, n, 1.0);
+    let big = e.kl_divergence(&big_p, &big_q).unwrap();
+    assert_close(
+        big,
+        cpu::kl_divergence(&big_p, &big_q).unwrap(),
+        "a large call",
+    );
+    let window_bytes = 4 * e.window_elems();
+    assert!(
+        allocated() > small + 2 * window_bytes,
+        "the large call's windows are kept: {} then {}",
+        small,
+        allocated()
+    );
+    e.free_scratch();
+    let freed = allocated();
+    assert!(freed < small, "freed: {small} before, {freed} after");
+    assert_close(e.kl_divergence(&p, &q).unwrap(), want, "a call after");
+}
