@@ -111,25 +111,41 @@ pub(crate) fn exp(x: f64) -> f64 {
     }
 }
 
+/// 1/n for n = 1..22 (index 0 unused): the series of [`exp_m1`] and [`phi_near_zero`].
+const INV_N: [f64; 23] = {
+    let mut c = [1.0; 23];
+    let mut n = 1;
+    while n < 23 {
+        c[n] = 1.0 / n as f64;
+        n += 1;
+    }
+    c
+};
+
 /// e^x − 1 without cancellation near 0: its Taylor series where |x| < 1.1 (to x^22, the next
 /// term below 2^-60 relative), e^x − 1 elsewhere (where e^x − 1 >= 2 or <= −2/3, so the
 /// subtraction costs at most one ulp).
 #[inline(always)]
 pub(crate) fn exp_m1(x: f64) -> f64 {
-    const INV: [f64; 23] = {
-        let mut c = [1.0; 23];
-        let mut n = 1;
-        while n < 23 {
-            c[n] = 1.0 / n as f64;
-            n += 1;
-        }
-        c
-    };
     let mut series = 0.0;
-    for &inv_n in INV[1..].iter().rev() {
+    for &inv_n in INV_N[1..].iter().rev() {
         series = (series + 1.0) * (x * inv_n);
     }
     if x.abs() < 1.1 { series } else { exp(x) - 1.0 }
+}
+
+/// φ(u) = u + e^(−u) − 1 (≥ 0) for |u| < 1.1, where its parts cancel (φ ≈ u²/2 near 0): by
+/// its series x²/2·(1 + x/3·(1 + x/4·…)), x = −u, to x^22 (the next term below 2^-60
+/// relative). KL's term over p for rows that sum to 1 ([`super::kl_logits_term`] takes φ's
+/// parts where |u| >= 1.1).
+#[inline(always)]
+pub(crate) fn phi_near_zero(u: f64) -> f64 {
+    let x = -u;
+    let mut series = 0.0;
+    for &inv_n in INV_N[3..].iter().rev() {
+        series = (series + 1.0) * (x * inv_n);
+    }
+    0.5 * x * x * (1.0 + series)
 }
 
 #[cfg(test)]
@@ -205,6 +221,36 @@ mod tests {
                         "ln({a:e}/{b:e}): {ours:e} vs {exact:e}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn phi_keeps_relative_accuracy_near_zero() {
+        // Against its series summed term by term, compensated.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut us = vec![0.0, 1e-300, -1e-300, 1.0999999, -1.0999999];
+        for _ in 0..100_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let v = (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+            us.extend([2.2 * v, 1e-5 * v]);
+        }
+        for u in us {
+            let (mut term, mut terms) = (1.0f64, vec![]);
+            for n in 1..40 {
+                term *= -u / n as f64;
+                if n >= 2 {
+                    terms.push(term);
+                }
+            }
+            let exact = crate::cpu::compensated_sum(terms);
+            let ours = phi_near_zero(u);
+            if exact == 0.0 {
+                assert_eq!(ours, 0.0, "phi({u:e})");
+            } else {
+                assert!(ulps(ours, exact) <= 4, "phi({u:e}): {ours:e} vs {exact:e}");
             }
         }
     }
