@@ -1074,7 +1074,7 @@ fn bad_files_and_shapes() {
         (
             "cube.npy",
             Box::new(|p| npy_raw(p, "<f4", false, &[1, 2, 3], &[0; 24])),
-            &["3-D"],
+            &["shapes differ", "[1, 2, 3]"],
         ),
         (
             "short.npy",
@@ -1268,7 +1268,7 @@ fn bad_values_name_file_row_and_column() {
     npy_f32(&bp, &[rows, cols], &bad);
     let line = expect_bad(d, strings(&["kl", s(&bp), s(&gp)]), &[]);
     assert!(
-        line.ends_with("P.npy: row 3, column 17: value NaN is NaN"),
+        line.ends_with("P.npy: row 3, column 17: value is NaN"),
         "{line}"
     );
     // Same with 2 rows per block: the block offset is added back.
@@ -1278,13 +1278,13 @@ fn bad_values_name_file_row_and_column() {
         &[],
     );
     assert!(
-        line.ends_with("P.npy: row 3, column 17: value NaN is NaN"),
+        line.ends_with("P.npy: row 3, column 17: value is NaN"),
         "{line}"
     );
     // And on the CPU backend.
     let line = expect_bad(d, strings(&["kl", s(&bp), s(&gp), "--backend", "cpu"]), &[]);
     assert!(
-        line.ends_with("P.npy: row 3, column 17: value NaN is NaN"),
+        line.ends_with("P.npy: row 3, column 17: value is NaN"),
         "{line}"
     );
 
@@ -1417,7 +1417,7 @@ fn the_first_offender_is_named_whatever_the_block_size() {
         (
             vec![s(&pf), s(&qf)],
             "probs",
-            "P.npy: row 0, column 2: value NaN is NaN",
+            "P.npy: row 0, column 2: value is NaN",
         ),
         // Q's value beyond f32 first, where P's NaN is gone; in pieces (with a first pass
         // under --normalize) and whole.
@@ -1429,7 +1429,7 @@ fn the_first_offender_is_named_whatever_the_block_size() {
         (
             vec![s(&lpf), s(&lqf)],
             "log-probs",
-            "lq.npy: row 4, column 3: value NaN is NaN",
+            "lq.npy: row 4, column 3: value is NaN",
         ),
     ];
     for (files, input, want) in cases {
@@ -1525,6 +1525,11 @@ fn usage_errors_are_ours_and_exit_2() {
     assert_eq!(r.code, 2, "{:?}", r.ours);
     assert_eq!(r.ours.len(), 1, "{:?}", r.ours);
     assert!(r.ours[0].contains("does not exist"), "{:?}", r.ours);
+    // A parent that is a file: it said "directory p.npy does not exist".
+    let out = p.join("out.npy");
+    let r = klgpu(&["entropy", s(&p), "--out", s(&out)]);
+    assert_eq!(r.code, 2, "{:?}", r.ours);
+    assert!(r.ours[0].contains("is not a directory"), "{:?}", r.ours);
 }
 
 #[test]
@@ -1770,12 +1775,97 @@ fn a_misspelt_wgpu_backend_is_named() {
     // WGPU_BACKEND=vulkn searches no backend: the "no adapter" error blamed the drivers.
     let dir = tmp();
     let (pp, qp) = npy_pair(dir.path(), &[2], &[0.5, 0.5], &[0.25, 0.75]);
-    let r = klgpu_env(
-        &["kl", s(&pp), s(&qp), "--backend", "gpu"],
-        &[("WGPU_BACKEND", "vulkn")],
+    // The default backend (auto) fell back to the CPU with a note, which -q hid: an error now,
+    // as an unmatched WGPU_ADAPTER_NAME is.
+    for more in [&["--backend", "gpu"][..], &[], &["-q"]] {
+        let mut args = vec!["kl", s(&pp), s(&qp)];
+        args.extend(more);
+        let r = klgpu_env(&args, &[("WGPU_BACKEND", "vulkan,vulkn")]);
+        assert_eq!(r.code, 1, "{:?}", r.ours);
+        assert!(
+            r.ours[0].contains("WGPU_BACKEND names \"vulkn\""),
+            "{:?}",
+            r.ours
+        );
+    }
+}
+
+#[test]
+fn n_d_inputs_are_rows_of_their_last_dimension() {
+    // [batch, seq, vocab] logits (Hugging Face's shape) were refused: "reshape first".
+    let dir = tmp();
+    let d = dir.path();
+    let (rows, cols) = (6, 5);
+    let p = logits(31, rows * cols, 3.0);
+    let q = perturbed(&p, 32);
+    let kl = Measure::KullbackLeibler;
+    let want = reference(kl, &p, Some(&q), cols, Options::input(Input::Logits)).values;
+    let (pp, qp) = npy_pair(d, &[2, 3, cols], &p, &q);
+    let st = d.join("both.safetensors");
+    safetensors_file(
+        &st,
+        &[
+            ("p", Dtype::F32, vec![1, 2, 3, cols], f32_bytes(&p)),
+            ("q", Dtype::F32, vec![1, 2, 3, cols], f32_bytes(&q)),
+        ],
     );
-    assert_eq!(r.code, 1, "{:?}", r.ours);
-    assert!(r.ours[0].contains("WGPU_BACKEND=\"vulkn\""), "{:?}", r.ours);
+    let runs: [Vec<&str>; 2] = [
+        vec![s(&pp), s(&qp)],
+        vec![s(&st), s(&st), "--tensor", "p", "--tensor-q", "q"],
+    ];
+    for inputs in runs {
+        let out = d.join("rows.npy");
+        let mut args = vec!["kl"];
+        args.extend(&inputs);
+        args.extend(["--input", "logits", "--json", "--out", s(&out)]);
+        let j = klgpu(&args).json();
+        assert_eq!(j["rows"], rows, "{j}");
+        assert_rows_file(&out, &want, &format!("{inputs:?}: "));
+    }
+}
+
+#[test]
+fn p_and_q_that_are_the_same_data_get_a_note() {
+    // `--tensor p` on a file holding P and Q gave Q the same tensor: every row compared with
+    // itself, KL 0 and 100 % agreement, silently.
+    let dir = tmp();
+    let d = dir.path();
+    let st = d.join("both.safetensors");
+    let (p, q) = ([0.5f32, 0.5], [0.25f32, 0.75]);
+    safetensors_file(
+        &st,
+        &[
+            ("p", Dtype::F32, vec![1, 2], f32_bytes(&p)),
+            ("q", Dtype::F32, vec![1, 2], f32_bytes(&q)),
+        ],
+    );
+    let r = klgpu(&["kl", s(&st), s(&st), "--tensor", "p", "--json"]);
+    assert_eq!(r.code, 0, "{:?}", r.ours);
+    assert_eq!(r.ours.len(), 1, "{:?}", r.ours);
+    assert!(
+        r.ours[0].contains("the same data") && r.ours[0].contains("--tensor-q"),
+        "{:?}",
+        r.ours
+    );
+    let (pp, _) = npy_pair(d, &[2], &p, &q);
+    let link = d.join("link.npy");
+    std::os::unix::fs::symlink(&pp, &link).unwrap();
+    let r = klgpu(&["kl", s(&pp), s(&link)]);
+    assert!(
+        r.ours.iter().any(|l| l.contains("the same data")),
+        "{:?}",
+        r.ours
+    );
+    for args in [
+        vec!["kl", s(&st), s(&st), "--tensor", "p", "--tensor-q", "q"],
+        vec!["kl", s(&st), s(&st), "--tensor", "p", "-q"],
+    ] {
+        let r = klgpu(&args);
+        assert_eq!(r.code, 0, "{:?}", r.ours);
+        assert!(r.ours.is_empty(), "{args:?}: {:?}", r.ours);
+    }
+    let help = klgpu(&["kl", "--help"]);
+    assert!(help.stdout.contains("--block-bytes"), "the README names it");
 }
 
 #[test]

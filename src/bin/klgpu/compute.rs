@@ -33,10 +33,36 @@ pub enum Backend {
     Cpu,
 }
 
+/// The names in `WGPU_BACKEND` that wgpu 30's `Backends::from_comma_list` does not know, quoted
+/// and joined, if any.
+fn unknown_wgpu_backends() -> Option<String> {
+    const KNOWN: [&str; 11] = [
+        "vulkan", "vk", "dx12", "d3d12", "metal", "mtl", "opengl", "gles", "gl", "webgpu", "noop",
+    ];
+    let value = std::env::var("WGPU_BACKEND").ok()?.to_lowercase();
+    let unknown: Vec<String> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty() && !KNOWN.contains(name))
+        .map(|name| format!("{name:?}"))
+        .collect();
+    (!unknown.is_empty()).then(|| unknown.join(", "))
+}
+
 impl Backend {
     /// Opens the backend asked for. `auto` falls back to the CPU only when there is no
     /// adapter at all; other failures are errors (exit code 1).
     pub fn open(choice: BackendChoice, quiet: bool) -> Result<Backend, CliError> {
+        if choice != BackendChoice::Cpu
+            && let Some(unknown) = unknown_wgpu_backends()
+        {
+            // wgpu skips names it does not know: searching nothing, `auto` fell back to the
+            // CPU with a note that -q hid, as an unmatched WGPU_ADAPTER_NAME does not.
+            return Err(CliError::runtime(format!(
+                "WGPU_BACKEND names {unknown}, which wgpu does not know (it knows vulkan, metal, \
+                 dx12 and gl, comma-separated)"
+            )));
+        }
         match choice {
             BackendChoice::Cpu => Ok(Backend::Cpu),
             BackendChoice::Gpu => Engine::new()
@@ -44,11 +70,11 @@ impl Backend {
                 .map_err(|e| CliError::runtime(e.to_string())),
             BackendChoice::Auto => match Engine::new() {
                 Ok(e) => Ok(Backend::Gpu(Box::new(e))),
-                Err(klgpu::Error::NoAdapter { .. }) => {
+                Err(klgpu::Error::NoAdapter { details }) => {
                     if !quiet {
                         crate::error::print_err(format_args!(
-                            "klgpu: note: no GPU adapter found; computing with the f64 CPU \
-                             reference (--backend cpu)"
+                            "klgpu: note: no GPU adapter found ({details}); computing with the \
+                             f64 CPU reference (--backend cpu)"
                         ));
                     }
                     Ok(Backend::Cpu)
@@ -143,11 +169,22 @@ pub fn run(cmd: &MeasureRun) -> Result<(), CliError> {
             p.label, p.shape, q.label, q.shape
         )));
     }
-    let one_d = p.shape.len() == 1;
+    // Dimensions before the last are rows, in C order: [batch, seq, vocab] logits are
+    // batch·seq rows (the sources checked that the element count fits).
+    let (cols, leading) = p
+        .shape
+        .split_last()
+        .expect("sources have 1 dimension or more");
+    let one_d = leading.is_empty();
     let layout = Layout {
-        rows: if one_d { 1 } else { p.shape[0] },
-        cols: p.shape[p.shape.len() - 1],
+        rows: leading.iter().product(),
+        cols: *cols,
         one_d,
+    };
+    // Known before any work, said after it succeeds (a failed run prints its error alone).
+    let same_data = match (&q, &cmd.q) {
+        (Some(q), Some(q_path)) => p.same_data(q, &cmd.p, q_path),
+        _ => false,
     };
     if let Some(out) = &cmd.out {
         let inputs: Vec<&Path> = std::iter::once(cmd.p.as_path())
@@ -185,6 +222,17 @@ pub fn run(cmd: &MeasureRun) -> Result<(), CliError> {
     progress.finish();
     let outcome = result?;
     let elapsed_s = start.elapsed().as_secs_f64();
+    if same_data && !cmd.quiet {
+        let hint = if cmd.tensor_q.is_none() && cmd.tensor.is_some() {
+            " (Q took --tensor's name; --tensor-q names its own)"
+        } else {
+            ""
+        };
+        crate::error::print_err(format_args!(
+            "klgpu: note: P and Q are the same data, {p_label}: every row is compared with \
+             itself{hint}"
+        ));
+    }
     // KL and JS of distributions are never negative (nor made so by rounding): a negative
     // row was given rows that are not distributions, which the user may not know.
     let negative = outcome.values.iter().filter(|v| **v < 0.0).count();

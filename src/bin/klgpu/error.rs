@@ -164,7 +164,7 @@ fn position(one_d: bool, row: usize, col: usize) -> String {
     }
 }
 
-/// The message for a rejected element: `FILE: row R, column C: value V is NaN`.
+/// The message for a rejected element: `FILE: row R, column C: value V is negative`.
 pub fn invalid_value(
     label: &str,
     one_d: bool,
@@ -176,6 +176,7 @@ pub fn invalid_value(
     let msg = match (problem, one_d) {
         (Problem::EmptyRow, true) => format!("{label}: {problem}"),
         (Problem::EmptyRow, false) => format!("{label}: row {row}: {problem}"),
+        (Problem::NaN, _) => format!("{label}: {}: value is NaN", position(one_d, row, col)),
         _ => format!(
             "{label}: {}: value {value} {problem}",
             position(one_d, row, col)
@@ -215,7 +216,7 @@ mod tests {
             problem: Problem::NaN,
         });
         assert_eq!(err.code, EXIT_INPUT);
-        assert_eq!(err.message, "Q.npy: row 10, column 17: value NaN is NaN");
+        assert_eq!(err.message, "Q.npy: row 10, column 17: value is NaN");
         // Q's element 3 is the NaN that stands for an f64 beyond f32.
         let err = origin.map(Error::InvalidValue {
             side: klgpu::Side::Q,

@@ -27,7 +27,9 @@ use crate::error::CliError;
 const AFTER_HELP: &str = "\
 Inputs: .npy (float16/32/64, little-endian, C order) or safetensors (F16, BF16, F32, F64; pick a
 tensor with --tensor), as regular files, not pipes. A 1-D input is one distribution; a 2-D input
-is one distribution per row. f64 inputs are rounded to f32.
+is one distribution per row, and so is an N-D one's last dimension (the others are flattened
+into rows in C order: [batch, seq, vocab] logits are batch·seq rows). f64 inputs are rounded to
+f32.
 
 Large inputs are streamed: a reader thread reads row blocks (32 MiB of f32 per input) while the
 GPU computes the previous block, so memory stays bounded whatever the file size. A row longer
@@ -139,8 +141,9 @@ struct CommonArgs {
     /// read as logits (e^x / Σ e^x); logits are normalized already
     #[arg(long)]
     normalize: bool,
-    /// Bytes of f32 per input read and computed at once (tests force small blocks with it)
-    #[arg(long, hide = true, default_value_t = stream::DEFAULT_BLOCK_BYTES,
+    /// Bytes of f32 per input read and computed at once: fewer use less memory; a row longer
+    /// than a block is computed in pieces
+    #[arg(long, value_name = "BYTES", default_value_t = stream::DEFAULT_BLOCK_BYTES,
           value_parser = clap::value_parser!(u64).range(1..))]
     block_bytes: u64,
 }

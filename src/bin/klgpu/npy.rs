@@ -3,7 +3,7 @@
 //! Written here rather than taken from a crate because the command line needs exactly three
 //! things no general-purpose crate gives in one piece: the byte offset of the data (to stream
 //! row blocks from disk without loading the array), precise messages for everything it
-//! refuses (integers, complex, big-endian, Fortran order, 3-D), and no extra dependency.
+//! refuses (integers, complex, big-endian, Fortran order), and no extra dependency.
 //! The format (NEP 1) is tiny: magic `\x93NUMPY`, version, header length, then a Python dict
 //! literal `{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }` padded with spaces.
 
@@ -119,19 +119,11 @@ pub fn parse_header_text(text: &str) -> Result<NpyHeader, String> {
             .collect::<Result<Vec<_>, _>>()?,
         _ => return Err("not a valid .npy file: 'shape' is not a tuple".into()),
     };
-    match shape.len() {
-        0 => return Err("a 0-D array (a scalar) is not a distribution; need 1-D or 2-D".into()),
-        1 | 2 => {}
-        n => {
-            return Err(format!(
-                "{n}-D arrays are not supported (shape {shape:?}): klgpu reads a 1-D array \
-                 (one distribution) or a 2-D array (one distribution per row); \
-                 reshape to (rows, cols) first"
-            ));
-        }
+    if shape.is_empty() {
+        return Err("a 0-D array (a scalar) is not a distribution; need 1-D or more".into());
     }
-    // A 1-D array has the same bytes in either order; only 2-D Fortran order differs.
-    if fortran && shape.len() == 2 {
+    // A 1-D array has the same bytes in either order; only 2-D and up Fortran order differs.
+    if fortran && shape.len() >= 2 {
         return Err("Fortran-order (column-major) arrays are not supported; \
                     save a C-order copy (numpy.ascontiguousarray)"
             .into());
@@ -438,8 +430,8 @@ mod tests {
                 "Fortran",
             ),
             (
-                "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 2, 2), }",
-                "3-D",
+                "{'descr': '<f4', 'fortran_order': True, 'shape': (3, 2, 2), }",
+                "Fortran",
             ),
             (
                 "{'descr': '<f4', 'fortran_order': False, 'shape': (), }",

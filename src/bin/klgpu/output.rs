@@ -301,8 +301,13 @@ pub fn check_out_path(path: &Path, inputs: &[&Path]) -> Result<(), CliError> {
     }
     let dir = parent_dir(path);
     if !dir.is_dir() {
+        let what = if dir.exists() {
+            "is not a directory"
+        } else {
+            "does not exist"
+        };
         return Err(CliError::input(format!(
-            "{shown}: cannot write the --out file: directory {} does not exist",
+            "{shown}: cannot write the --out file: {} {what}",
             dir.display()
         )));
     }
@@ -313,7 +318,7 @@ pub fn check_out_path(path: &Path, inputs: &[&Path]) -> Result<(), CliError> {
 
 /// Whether `a` and `b` are one file: by device and inode on Unix (hard links and symbolic
 /// links alike), by canonical path elsewhere. A path that does not exist is no file.
-fn same_file(a: &Path, b: &Path) -> bool {
+pub fn same_file(a: &Path, b: &Path) -> bool {
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
