@@ -441,7 +441,15 @@ fn reductions_and_infinite_rows() {
     // Row 4 of Q gets a zero where P is positive: KL of that row is +inf.
     q[4 * cols + 7] = 0.0;
     npy_f32(&qp, &[rows, cols], &q);
-    let j = klgpu(&["kl", s(&pp), s(&qp), "--json", "--reduction", "sum"]).json();
+    let r = klgpu(&["kl", s(&pp), s(&qp), "--json", "--reduction", "sum"]);
+    // The row, and where in it: the summary named only the row.
+    let note = format!("row 4, column 7: P is {} where Q is 0", p[4 * cols + 7]);
+    assert!(
+        r.ours.len() == 1 && r.ours[0].contains(&note),
+        "{:?}",
+        r.ours
+    );
+    let j = r.json();
     assert_eq!(j["value"], "inf", "{j}");
     assert_eq!(j["summary"]["mean"], "inf");
     assert_eq!(j["summary"]["max"], "inf");
@@ -461,6 +469,17 @@ fn reductions_and_infinite_rows() {
         "{}",
         human.stdout
     );
+    // Masks that differ: f16's finite minimum against -inf.
+    let (lp, lq) = (dir.path().join("lp.npy"), dir.path().join("lq.npy"));
+    npy_f32(&lp, &[3], &[0.0, 0.0, -65504.0]);
+    npy_f32(&lq, &[3], &[0.0, 0.0, f32::NEG_INFINITY]);
+    let r = klgpu(&["kl", s(&lp), s(&lq), "--input", "logits", "--json"]);
+    assert!(
+        r.ours.len() == 1 && r.ours[0].contains("index 2: P is -65504 where Q is -inf"),
+        "{:?}",
+        r.ours
+    );
+    assert_eq!(r.json()["value"], "inf");
     let finite = klgpu(&["js", s(&pp), s(&qp), "--json"]).json();
     assert_eq!(finite["summary"]["infinite_rows"], 0, "{finite}");
     assert!(

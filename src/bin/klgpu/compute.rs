@@ -33,6 +33,52 @@ pub enum Backend {
     Cpu,
 }
 
+fn open_p(cmd: &MeasureRun) -> Result<Source, CliError> {
+    let choice = TensorChoice {
+        name: cmd.tensor.clone(),
+        flag: cmd.tensor.as_ref().map(|_| "--tensor"),
+    };
+    Source::open(&cmd.p, &choice)
+}
+
+fn open_q(cmd: &MeasureRun, path: &Path) -> Result<Source, CliError> {
+    let choice = TensorChoice {
+        name: cmd.tensor_q.clone().or_else(|| cmd.tensor.clone()),
+        flag: cmd.tensor_q.as_ref().map(|_| "--tensor-q"),
+    };
+    Source::open(path, &choice)
+}
+
+/// The first column of `row` whose term is +∞ (P > 0 where Q = 0; as logs, P > −∞ where
+/// Q = −∞) and both values there, read again from the files a piece at a time: the summary
+/// names the row, and a user looking for the mask that differs wants the column.
+fn first_infinite_term(
+    cmd: &MeasureRun,
+    layout: Layout,
+    row: usize,
+    input: Input,
+) -> Result<Option<(usize, f32, f32)>, CliError> {
+    let Some(q_path) = &cmd.q else {
+        return Ok(None);
+    };
+    let (mut p, mut q) = (open_p(cmd)?, open_q(cmd, q_path)?);
+    let infinite = |x: f32, y: f32| match input {
+        Input::Probs => x > 0.0 && y == 0.0,
+        _ => x > f32::NEG_INFINITY && y == f32::NEG_INFINITY,
+    };
+    const PIECE: usize = 1 << 20;
+    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    for start in (0..layout.cols).step_by(PIECE) {
+        let n = PIECE.min(layout.cols - start);
+        p.read_f32(row * layout.cols + start, n, &mut xs)?;
+        q.read_f32(row * layout.cols + start, n, &mut ys)?;
+        if let Some(i) = (0..n).find(|&i| infinite(xs[i], ys[i])) {
+            return Ok(Some((start + i, xs[i], ys[i])));
+        }
+    }
+    Ok(None)
+}
+
 /// The names in `WGPU_BACKEND` that wgpu 30's `Backends::from_comma_list` does not know, quoted
 /// and joined, if any.
 fn unknown_wgpu_backends() -> Option<String> {
@@ -144,23 +190,8 @@ pub struct MeasureRun {
 /// Runs one measure command.
 pub fn run(cmd: &MeasureRun) -> Result<(), CliError> {
     // Inputs first: bad files fail fast, before any device is created.
-    let p = Source::open(
-        &cmd.p,
-        &TensorChoice {
-            name: cmd.tensor.clone(),
-            flag: cmd.tensor.as_ref().map(|_| "--tensor"),
-        },
-    )?;
-    let q = match &cmd.q {
-        Some(path) => Some(Source::open(
-            path,
-            &TensorChoice {
-                name: cmd.tensor_q.clone().or_else(|| cmd.tensor.clone()),
-                flag: cmd.tensor_q.as_ref().map(|_| "--tensor-q"),
-            },
-        )?),
-        None => None,
-    };
+    let p = open_p(cmd)?;
+    let q = cmd.q.as_ref().map(|path| open_q(cmd, path)).transpose()?;
     if let Some(q) = &q
         && q.shape != p.shape
     {
@@ -231,6 +262,18 @@ pub fn run(cmd: &MeasureRun) -> Result<(), CliError> {
         crate::error::print_err(format_args!(
             "klgpu: note: P and Q are the same data, {p_label}: every row is compared with \
              itself{hint}"
+        ));
+    }
+    if let Some(row) = outcome.values.iter().position(|v| *v == f64::INFINITY)
+        && !cmd.quiet
+        && let Some((col, x, y)) = first_infinite_term(cmd, layout, row, opts.input)?
+    {
+        let at = crate::error::position(one_d, row, col);
+        crate::error::print_err(format_args!(
+            "klgpu: note: {}: {at}: P is {x} where Q is {y}, the first term that makes {} +∞ \
+             (masks that differ between P and Q, such as -inf against a finite minimum, do this)",
+            q_label.as_deref().unwrap_or_default(),
+            if one_d { "the value" } else { "a row" }
         ));
     }
     // KL and JS of distributions are never negative (nor made so by rounding): a negative
