@@ -7,7 +7,7 @@
 use crate::engine::{Engine, job_for};
 use crate::error::{Error, Problem, Result, Side};
 use crate::kernels::{self, InputCode, Term};
-use crate::launch::{GpuSlice, Job, Prepass, Readback, Scratch, encode_read_back};
+use crate::launch::{Gpu, GpuSlice, Job, Prepass, Readback, Scratch, encode_read_back};
 use crate::plan::Plan;
 use crate::types::{Dtype, Element, Input, Measure, Options};
 
@@ -77,6 +77,20 @@ fn refuse_mapped(name: &'static str, buffer: &wgpu::Buffer) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// An error of other work taken aside by a check, put back when the check ends or is dropped.
+struct StrayAside<'a> {
+    gpu: &'a Gpu,
+    stray: Option<String>,
+}
+
+impl Drop for StrayAside<'_> {
+    fn drop(&mut self) {
+        if let Some(stray) = self.stray.take() {
+            self.gpu.keep_stray(stray);
+        }
+    }
 }
 
 /// An owned copy of a [`GpuSlice`], kept by a [`Workspace`] until its recording is checked.
@@ -217,14 +231,14 @@ impl Workspace {
         let gpu = engine.gpu();
         let _turn = gpu.turn_async().await;
         // An error of other work on the device is not the recording's verdict: taken aside
-        // while the status is read and the verdict located, and left to the next call; unless
-        // the recording did not run, which it may explain (its submit failed).
-        let mut stray = gpu.take_stray();
-        let verdict = self.verdict(engine, blocking, &mut stray).await;
-        if let Some(stray) = stray {
-            gpu.keep_stray(stray);
-        }
-        verdict
+        // while the status is read and the verdict located, and left to the next call (also
+        // when this future is dropped); unless the recording did not run, which it may
+        // explain (its submit failed).
+        let mut aside = StrayAside {
+            gpu,
+            stray: gpu.take_stray(),
+        };
+        self.verdict(engine, blocking, &mut aside.stray).await
     }
 
     async fn verdict(

@@ -311,15 +311,38 @@ fn describe(infos: &[wgpu::AdapterInfo]) -> String {
         .join(", ")
 }
 
-/// What `WGPU_BACKEND` asked for, when it is set: a misspelt one searches no backend, and the
-/// "no adapter" that follows should say so rather than blame the drivers.
+/// The backend names `WGPU_BACKEND` takes, for messages.
+const KNOWN_BACKENDS: &str = "wgpu knows vulkan, metal, dx12 and gl, comma-separated";
+
+/// What `WGPU_BACKEND` asked for, when it is set: backends where no adapter was found.
 fn backend_hint() -> String {
     match std::env::var("WGPU_BACKEND") {
-        Ok(v) => format!(
-            " (WGPU_BACKEND={v:?} chose them; wgpu knows vulkan, metal, dx12 and gl, comma-separated)"
-        ),
+        Ok(v) => format!(" (WGPU_BACKEND={v:?} chose them; {KNOWN_BACKENDS})"),
         Err(_) => String::new(),
     }
+}
+
+/// A `WGPU_BACKEND` with names wgpu does not know, or none: wgpu skips them, searching fewer
+/// backends or none, and "no adapter" (or, from the command line, a quiet fall back to the
+/// CPU) would blame the drivers for a typo. An error, as an unmatched `WGPU_ADAPTER_NAME` is.
+fn backend_env_error() -> Option<Error> {
+    let value = std::env::var("WGPU_BACKEND").ok()?;
+    let unknown: Vec<String> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty() && wgpu::Backends::from_comma_list(name).is_empty())
+        .map(|name| format!("{name:?}"))
+        .collect();
+    let problem = if !unknown.is_empty() {
+        format!("names {}, which wgpu does not know", unknown.join(", "))
+    } else if wgpu::Backends::from_comma_list(&value).is_empty() {
+        "names no backend".to_string()
+    } else {
+        return None;
+    };
+    Some(Error::InvalidArgument(format!(
+        "WGPU_BACKEND={value:?} {problem} ({KNOWN_BACKENDS})"
+    )))
 }
 
 /// The adapters every engine klgpu opens comes from, enumerated once per process (when the
@@ -382,7 +405,10 @@ pub fn list_adapters() -> (Vec<wgpu::AdapterInfo>, Result<usize>) {
         .map(|a| a.get_info())
         .collect();
     let wanted = std::env::var("WGPU_ADAPTER_NAME").ok();
-    let pick = pick_adapter(&infos, wanted.as_deref());
+    let pick = match backend_env_error() {
+        Some(e) => Err(e),
+        None => pick_adapter(&infos, wanted.as_deref()),
+    };
     (infos, pick)
 }
 
@@ -401,14 +427,18 @@ impl Engine {
     /// (discrete, integrated, virtual), then anything else, then software adapters such as
     /// lavapipe. `WGPU_BACKEND` restricts the backends searched (read once, when the first
     /// engine opens: engines share one wgpu instance, so that a buffer passed to the wrong
-    /// engine is an error, not another engine's buffer; on OpenGL each keeps its own). The
-    /// device is requested with the adapter's own limits. Blocking.
+    /// engine is an error, not another engine's buffer; on OpenGL each keeps its own); one
+    /// with a name wgpu does not know, or none, is [`Error::InvalidArgument`] (wgpu would skip
+    /// it). The device is requested with the adapter's own limits. Blocking.
     pub fn with_options(options: EngineOptions) -> Result<Engine> {
         pollster::block_on(Engine::with_options_async(options))
     }
 
     /// Async twin of [`Engine::with_options`].
     pub async fn with_options_async(options: EngineOptions) -> Result<Engine> {
+        if let Some(e) = backend_env_error() {
+            return Err(e);
+        }
         let SharedAdapters {
             backends, adapters, ..
         } = shared_adapters();

@@ -742,10 +742,10 @@ impl Gpu {
     }
 
     /// Puts back an error taken by [`Gpu::take_stray`] that was not this call's to report,
-    /// unless a newer one came meanwhile.
+    /// ahead of any that came meanwhile: the first error is the one reported, as the
+    /// handler keeps it (later ones are often its consequences).
     pub(crate) fn keep_stray(&self, stray: String) {
-        let mut slot = self.stray.lock().unwrap_or_else(|e| e.into_inner());
-        slot.get_or_insert(stray);
+        *self.stray.lock().unwrap_or_else(|e| e.into_inner()) = Some(stray);
     }
 
     /// `error`, or the device's loss where that is what it comes from: a destroyed or lost

@@ -1802,10 +1802,14 @@ fn a_misspelt_wgpu_backend_is_named() {
         let r = klgpu_env(&args, &[("WGPU_BACKEND", "vulkan,vulkn")]);
         assert_eq!(r.code, 1, "{:?}", r.ours);
         assert!(
-            r.ours[0].contains("WGPU_BACKEND names \"vulkn\""),
+            r.ours[0].contains("names \"vulkn\", which wgpu does not know"),
             "{:?}",
             r.ours
         );
+        // Empty, wgpu searches nothing too.
+        let r = klgpu_env(&args, &[("WGPU_BACKEND", " , ")]);
+        assert_eq!(r.code, 1, "{:?}", r.ours);
+        assert!(r.ours[0].contains("names no backend"), "{:?}", r.ours);
     }
 }
 

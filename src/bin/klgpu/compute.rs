@@ -10,7 +10,7 @@ use klgpu::{Engine, Input, Measure, Options, Reduction, RowResults};
 use crate::error::CliError;
 use crate::output::{self, AdapterDesc, Report};
 use crate::progress::Progress;
-use crate::source::{Source, TensorChoice};
+use crate::source::{Source, Stamp, TensorChoice};
 use crate::stream::{self, Layout};
 use klgpu::stats;
 
@@ -51,17 +51,19 @@ fn open_q(cmd: &MeasureRun, path: &Path) -> Result<Source, CliError> {
 
 /// The first column of `row` whose term is +∞ (P > 0 where Q = 0; as logs, P > −∞ where
 /// Q = −∞) and both values there, read again from the files a piece at a time: the summary
-/// names the row, and a user looking for the mask that differs wants the column.
+/// names the row, and a user looking for the mask that differs wants the column. Only for a
+/// note: `None` where the files cannot be read again as they were read (`stamps`).
 fn first_infinite_term(
     cmd: &MeasureRun,
     layout: Layout,
     row: usize,
     input: Input,
-) -> Result<Option<(usize, f32, f32)>, CliError> {
-    let Some(q_path) = &cmd.q else {
-        return Ok(None);
-    };
-    let (mut p, mut q) = (open_p(cmd)?, open_q(cmd, q_path)?);
+    stamps: &(Stamp, Option<Stamp>),
+) -> Option<(usize, f32, f32)> {
+    let (mut p, mut q) = (open_p(cmd).ok()?, open_q(cmd, cmd.q.as_ref()?).ok()?);
+    if (p.stamp(), Some(q.stamp())) != *stamps {
+        return None;
+    }
     let infinite = |x: f32, y: f32| match input {
         Input::Probs => x > 0.0 && y == 0.0,
         _ => x > f32::NEG_INFINITY && y == f32::NEG_INFINITY,
@@ -70,45 +72,19 @@ fn first_infinite_term(
     let (mut xs, mut ys) = (Vec::new(), Vec::new());
     for start in (0..layout.cols).step_by(PIECE) {
         let n = PIECE.min(layout.cols - start);
-        p.read_f32(row * layout.cols + start, n, &mut xs)?;
-        q.read_f32(row * layout.cols + start, n, &mut ys)?;
+        p.read_f32(row * layout.cols + start, n, &mut xs).ok()?;
+        q.read_f32(row * layout.cols + start, n, &mut ys).ok()?;
         if let Some(i) = (0..n).find(|&i| infinite(xs[i], ys[i])) {
-            return Ok(Some((start + i, xs[i], ys[i])));
+            return Some((start + i, xs[i], ys[i]));
         }
     }
-    Ok(None)
-}
-
-/// The names in `WGPU_BACKEND` that wgpu 30's `Backends::from_comma_list` does not know, quoted
-/// and joined, if any.
-fn unknown_wgpu_backends() -> Option<String> {
-    const KNOWN: [&str; 11] = [
-        "vulkan", "vk", "dx12", "d3d12", "metal", "mtl", "opengl", "gles", "gl", "webgpu", "noop",
-    ];
-    let value = std::env::var("WGPU_BACKEND").ok()?.to_lowercase();
-    let unknown: Vec<String> = value
-        .split(',')
-        .map(str::trim)
-        .filter(|name| !name.is_empty() && !KNOWN.contains(name))
-        .map(|name| format!("{name:?}"))
-        .collect();
-    (!unknown.is_empty()).then(|| unknown.join(", "))
+    None
 }
 
 impl Backend {
     /// Opens the backend asked for. `auto` falls back to the CPU only when there is no
     /// adapter at all; other failures are errors (exit code 1).
     pub fn open(choice: BackendChoice, quiet: bool) -> Result<Backend, CliError> {
-        if choice != BackendChoice::Cpu
-            && let Some(unknown) = unknown_wgpu_backends()
-        {
-            // wgpu skips names it does not know: searching nothing, `auto` fell back to the
-            // CPU with a note that -q hid, as an unmatched WGPU_ADAPTER_NAME does not.
-            return Err(CliError::runtime(format!(
-                "WGPU_BACKEND names {unknown}, which wgpu does not know (it knows vulkan, metal, \
-                 dx12 and gl, comma-separated)"
-            )));
-        }
         match choice {
             BackendChoice::Cpu => Ok(Backend::Cpu),
             BackendChoice::Gpu => Engine::new()
@@ -167,7 +143,7 @@ pub struct MeasureRun {
     pub opts: Options,
     /// The base as given (`e`, `2`, `10`).
     pub base_name: &'static str,
-    /// How to combine per-row values of a 2-D input.
+    /// How to combine per-row values of a 2-D (or N-D) input.
     pub reduction: Reduction,
     /// The reduction as given (`none`, `sum`, `mean-rows`).
     pub reduction_name: &'static str,
@@ -240,6 +216,8 @@ pub fn run(cmd: &MeasureRun) -> Result<(), CliError> {
     let block_elems = usize::try_from(cmd.block_bytes / 4)
         .unwrap_or(usize::MAX)
         .max(1);
+    // The files as read: the +∞ note reads them again, and only if they are still these.
+    let stamps = (p.stamp(), q.as_ref().map(Source::stamp));
     let result = stream::run(
         &backend,
         cmd.measure,
@@ -266,12 +244,18 @@ pub fn run(cmd: &MeasureRun) -> Result<(), CliError> {
     }
     if let Some(row) = outcome.values.iter().position(|v| *v == f64::INFINITY)
         && !cmd.quiet
-        && let Some((col, x, y)) = first_infinite_term(cmd, layout, row, opts.input)?
+        && let Some((col, x, y)) = first_infinite_term(cmd, layout, row, opts.input, &stamps)
     {
         let at = crate::error::position(one_d, row, col);
+        let cause = match opts.input {
+            Input::Probs => "Q has no mass where P has some",
+            _ => {
+                "masks that differ between P and Q, such as -inf against a finite minimum, do this"
+            }
+        };
         crate::error::print_err(format_args!(
             "klgpu: note: {}: {at}: P is {x} where Q is {y}, the first term that makes {} +∞ \
-             (masks that differ between P and Q, such as -inf against a finite minimum, do this)",
+             ({cause})",
             q_label.as_deref().unwrap_or_default(),
             if one_d { "the value" } else { "a row" }
         ));

@@ -155,7 +155,8 @@ pub fn beyond_f32(label: &str, one_d: bool, row: usize, col: usize, value: f64) 
     })
 }
 
-/// An element as the user knows it: `index N` in 1-D, `row R, column C` in 2-D.
+/// An element as the user knows it: `index N` in 1-D, `row R, column C` in 2-D and up (rows
+/// flattened).
 pub fn position(one_d: bool, row: usize, col: usize) -> String {
     if one_d {
         format!("index {col}")

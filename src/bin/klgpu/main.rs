@@ -118,7 +118,7 @@ struct CommonArgs {
     /// Log base of the results: e (nats), 2 (bits), 10 (hartleys)
     #[arg(long, value_enum, default_value_t = BaseArg::E)]
     base: BaseArg,
-    /// How to combine the per-row values of a 2-D input (a 1-D input has one value)
+    /// How to combine the per-row values of a 2-D or N-D input (a 1-D input has one value)
     #[arg(long, value_enum, default_value_t = ReductionArg::None)]
     reduction: ReductionArg,
     /// Write the per-row values as a 1-D f64 .npy file (replaced only on success)

@@ -23,7 +23,7 @@ pub enum NpyDtype {
     F64,
 }
 
-/// What the header says, already checked: a supported dtype, C order, 1-D or 2-D.
+/// What the header says, already checked: a supported dtype, C order, 1-D or more.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NpyHeader {
     /// Element type (little-endian).

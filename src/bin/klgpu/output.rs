@@ -70,9 +70,9 @@ pub struct Report {
     pub one_d: bool,
     /// Reduction as given (`none`, `sum`, `mean-rows`).
     pub reduction: &'static str,
-    /// The 1-D result, or the reduced 2-D result (`None` for reduction none).
+    /// The 1-D result, or the reduced result of rows (`None` for reduction none).
     pub value: Option<f64>,
-    /// Statistics of the per-row values (2-D inputs only).
+    /// Statistics of the per-row values (2-D and N-D inputs only).
     pub summary: Option<Summary>,
     /// Whether top-1 agreement applies (logits): then `top1` is reported, possibly as null.
     pub top1_applies: bool,

@@ -92,9 +92,15 @@ impl Source {
     pub fn same_data(&self, other: &Source, path: &Path, other_path: &Path) -> bool {
         self.data_offset == other.data_offset && crate::output::same_file(path, other_path)
     }
+
+    /// The file's [`Stamp`] when it was opened.
+    pub fn stamp(&self) -> Stamp {
+        self.stamp
+    }
 }
 
-type Stamp = (u64, Option<std::time::SystemTime>);
+/// A file's length and modification time: a file that changed between two reads has another.
+pub type Stamp = (u64, Option<std::time::SystemTime>);
 
 fn stamp(meta: &std::fs::Metadata) -> Stamp {
     (meta.len(), meta.modified().ok())
