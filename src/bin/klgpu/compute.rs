@@ -247,6 +247,15 @@ pub fn run(cmd: &MeasureRun) -> Result<(), CliError> {
         && let Some((col, x, y)) = first_infinite_term(cmd, layout, row, opts.input, &stamps)
     {
         let at = crate::error::position(one_d, row, col);
+        // f32's shortest digits, in exponent form far from 1 (1e-45 printed 45 zeros).
+        let short = |v: f32| {
+            if v != 0.0 && v.is_finite() && !(1e-4..1e7).contains(&v.abs()) {
+                format!("{v:e}")
+            } else {
+                format!("{v}")
+            }
+        };
+        let (x, y) = (short(x), short(y));
         let cause = match opts.input {
             Input::Probs => "Q has no mass where P has some",
             _ => {
