@@ -231,9 +231,9 @@ impl Workspace {
         let gpu = engine.gpu();
         let _turn = gpu.turn_async().await;
         // An error of other work on the device is not the recording's verdict: taken aside
-        // while the status is read and the verdict located, and left to the next call (also
-        // when this future is dropped); unless the recording did not run, which it may
-        // explain (its submit failed).
+        // while the status is read and the verdict located (whose reads leave any that comes
+        // meanwhile), and left to the next call (also when this future is dropped); unless
+        // the recording did not run, which it may explain (its submit failed).
         let mut aside = StrayAside {
             gpu,
             stray: gpu.take_stray(),
@@ -692,6 +692,7 @@ impl Engine {
             dtype: Dtype::F32,
         };
         let _turn = self.gpu().turn_async().await;
+        self.gpu().check_faults()?;
         self.gpu().read_elements(&view, 0, view.elems, false).await
     }
 

@@ -728,7 +728,7 @@ impl Gpu {
     }
 
     /// A lost device (for good), or an error of other work on klgpu's own device (once).
-    fn check_faults(&self) -> Result<()> {
+    pub(crate) fn check_faults(&self) -> Result<()> {
         self.lost()?;
         match self.take_stray() {
             Some(stray) => Err(Error::Gpu(stray)),
@@ -1381,8 +1381,11 @@ impl Gpu {
         let skip = (start - word_start) as usize;
         let dtype = slice.dtype;
         // In the scope too: on a caller's device an error here (a lost device) would go to
-        // its uncaptured-error handler, wgpu's default one panics.
-        let (staging, index) = self.scoped(|| {
+        // its uncaptured-error handler, wgpu's default one panics. Without taking an error
+        // of other work: a read is a step of a call that checked for one as it began, or of
+        // a check, which leaves such errors to the next call.
+        self.lost()?;
+        let (staging, index) = self.in_scopes(|| {
             let staging = buffer(
                 &self.device,
                 "klgpu.read_elements",
@@ -1461,7 +1464,9 @@ impl Gpu {
         agree: bool,
         blocking: bool,
     ) -> Result<Readback> {
-        let index = self.scoped(|| {
+        // For Workspace::check, which leaves an error of other work to the next call.
+        self.lost()?;
+        let index = self.in_scopes(|| {
             let mut encoder = self
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {

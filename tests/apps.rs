@@ -1414,6 +1414,41 @@ fn a_check_keeps_the_first_error_of_other_work_for_the_next_call_even_dropped() 
         );
         assert_close(e.kl_divergence(&pp, &qq).unwrap(), want, "the call after");
     }
+    // An error that comes while the check waits is not its verdict either: a negative P's
+    // check went to locate the value, and that read took the error in the verdict's place.
+    let e = Engine::new().unwrap();
+    let p = e.create_f32_buffer_init("p", &[1.25, -0.25]).unwrap();
+    let q = e.create_f32_buffer_init("q", &[0.5, 0.5]).unwrap();
+    let out = e.create_f32_buffer("out", 1).unwrap();
+    let mut ws = e.workspace();
+    let mut encoder = e.device().create_command_encoder(&Default::default());
+    e.record_rows(
+        &mut encoder,
+        &mut ws,
+        Measure::KullbackLeibler,
+        p.slice(..),
+        Some(q.slice(..)),
+        2,
+        &Options::default(),
+        out.slice(..),
+    )
+    .unwrap();
+    e.queue().submit([encoder.finish()]);
+    let mut check = std::pin::pin!(ws.check_async(&e));
+    let mut cx = Context::from_waker(Waker::noop());
+    let polled = check.as_mut().poll(&mut cx);
+    let _meanwhile = too_big(&e, "MEANWHILE");
+    let verdict = match polled {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => pollster::block_on(check),
+    };
+    let err = verdict.unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidValue { index: 1, .. }),
+        "the recording's verdict: {err}"
+    );
+    let err = e.kl_divergence(&pp, &qq).unwrap_err();
+    assert!(err.to_string().contains("MEANWHILE"), "{err}");
 }
 
 #[test]
