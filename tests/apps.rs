@@ -793,21 +793,7 @@ fn joined_calls_finish_on(e: &Engine) {
         cpu::cross_entropy(&p, &q).unwrap(),
     ];
     // A workspace that has recorded and checked work holds buffers.
-    let mut workspace = e.workspace();
-    let out = e.create_f32_buffer("out", 1).unwrap();
-    let mut encoder = e.device().create_command_encoder(&Default::default());
-    e.record_rows(
-        &mut encoder,
-        &mut workspace,
-        Measure::KullbackLeibler,
-        pb.slice(..),
-        Some(qb.slice(..)),
-        p.len(),
-        &Options::default(),
-        out.slice(..),
-    )
-    .unwrap();
-    e.queue().submit([encoder.finish()]);
+    let mut workspace = submitted_kl(e, &p, &q);
     workspace.check(e).unwrap();
     // The first call takes its turn and leaves it out while the thread drops the workspace.
     fn assert_send<T: Send>(_: &T) {}
@@ -1359,50 +1345,57 @@ fn a_lost_device_gives_errors_not_panics_or_hangs() {
     assert!(matches!(err, Error::Gpu(_)), "{err}");
 }
 
+/// A buffer beyond any device: an error of the test's own work on the engine's device.
+fn impossible_buffer(e: &Engine, label: &str) -> wgpu::Buffer {
+    e.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: 1 << 50,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    })
+}
+
+/// A workspace whose recording of KL(P‖Q), one row, has been submitted and not checked.
+fn submitted_kl(e: &Engine, p: &[f32], q: &[f32]) -> klgpu::Workspace {
+    let pb = e.create_f32_buffer_init("p", p).unwrap();
+    let qb = e.create_f32_buffer_init("q", q).unwrap();
+    let out = e.create_f32_buffer("out", 1).unwrap();
+    let mut ws = e.workspace();
+    let mut encoder = e.device().create_command_encoder(&Default::default());
+    e.record_rows(
+        &mut encoder,
+        &mut ws,
+        Measure::KullbackLeibler,
+        pb.slice(..),
+        Some(qb.slice(..)),
+        p.len(),
+        &Options::default(),
+        out.slice(..),
+    )
+    .unwrap();
+    e.queue().submit([encoder.finish()]);
+    ws
+}
+
 #[test]
 fn a_check_keeps_the_first_error_of_other_work_for_the_next_call_even_dropped() {
     // A check set the error aside while it waited: a check_async dropped then lost it for
     // good, and an error made while it waited took its place.
-    use std::task::{Context, Waker};
-    let too_big = |e: &Engine, label: &str| {
-        e.device().create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size: 1 << 50,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        })
-    };
+    use std::task::{Context, Poll, Waker};
     let (pp, qq) = ([0.5f32, 0.5], [0.25f32, 0.75]);
     let want = cpu::kl_divergence(&pp, &qq).unwrap();
     for drop_it in [true, false] {
         let e = Engine::new().unwrap();
-        let p = e.create_f32_buffer_init("p", &pp).unwrap();
-        let out = e.create_f32_buffer("out", 1).unwrap();
-        let mut ws = e.workspace();
-        let mut encoder = e.device().create_command_encoder(&Default::default());
-        let kl = Measure::KullbackLeibler;
-        e.record_rows(
-            &mut encoder,
-            &mut ws,
-            kl,
-            p.slice(..),
-            Some(p.slice(..)),
-            2,
-            &Options::default(),
-            out.slice(..),
-        )
-        .unwrap();
-        e.queue().submit([encoder.finish()]);
-        let _first = too_big(&e, "FIRST");
+        let mut ws = submitted_kl(&e, &pp, &pp);
+        let _first = impossible_buffer(&e, "FIRST");
         {
             let mut check = std::pin::pin!(ws.check_async(&e));
-            let mut cx = Context::from_waker(Waker::noop());
-            let polled = check.as_mut().poll(&mut cx);
-            let _second = too_big(&e, "SECOND");
+            let polled = check.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+            let _second = impossible_buffer(&e, "SECOND");
             if !drop_it {
                 let verdict = match polled {
-                    std::task::Poll::Ready(v) => v,
-                    std::task::Poll::Pending => pollster::block_on(check),
+                    Poll::Ready(v) => v,
+                    Poll::Pending => pollster::block_on(check),
                 };
                 assert!(verdict.is_ok(), "the recording's own verdict: {verdict:?}");
             }
@@ -1417,30 +1410,13 @@ fn a_check_keeps_the_first_error_of_other_work_for_the_next_call_even_dropped() 
     // An error that comes while the check waits is not its verdict either: a negative P's
     // check went to locate the value, and that read took the error in the verdict's place.
     let e = Engine::new().unwrap();
-    let p = e.create_f32_buffer_init("p", &[1.25, -0.25]).unwrap();
-    let q = e.create_f32_buffer_init("q", &[0.5, 0.5]).unwrap();
-    let out = e.create_f32_buffer("out", 1).unwrap();
-    let mut ws = e.workspace();
-    let mut encoder = e.device().create_command_encoder(&Default::default());
-    e.record_rows(
-        &mut encoder,
-        &mut ws,
-        Measure::KullbackLeibler,
-        p.slice(..),
-        Some(q.slice(..)),
-        2,
-        &Options::default(),
-        out.slice(..),
-    )
-    .unwrap();
-    e.queue().submit([encoder.finish()]);
+    let mut ws = submitted_kl(&e, &[1.25, -0.25], &[0.5, 0.5]);
     let mut check = std::pin::pin!(ws.check_async(&e));
-    let mut cx = Context::from_waker(Waker::noop());
-    let polled = check.as_mut().poll(&mut cx);
-    let _meanwhile = too_big(&e, "MEANWHILE");
+    let polled = check.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+    let _meanwhile = impossible_buffer(&e, "MEANWHILE");
     let verdict = match polled {
-        std::task::Poll::Ready(v) => v,
-        std::task::Poll::Pending => pollster::block_on(check),
+        Poll::Ready(v) => v,
+        Poll::Pending => pollster::block_on(check),
     };
     let err = verdict.unwrap_err();
     assert!(
@@ -1486,29 +1462,8 @@ fn an_error_of_other_work_does_not_take_a_recordings_verdict() {
     // Workspace::check returned the stray error and dropped the recording: a second check
     // said Ok over P with a negative value.
     let e = Engine::new().unwrap();
-    let p = e.create_f32_buffer_init("p", &[1.25, -0.25]).unwrap();
-    let q = e.create_f32_buffer_init("q", &[0.5, 0.5]).unwrap();
-    let out = e.create_f32_buffer("out", 1).unwrap();
-    let mut ws = e.workspace();
-    let mut encoder = e.device().create_command_encoder(&Default::default());
-    e.record_rows(
-        &mut encoder,
-        &mut ws,
-        Measure::KullbackLeibler,
-        p.slice(..),
-        Some(q.slice(..)),
-        2,
-        &Options::default(),
-        out.slice(..),
-    )
-    .unwrap();
-    e.queue().submit([encoder.finish()]);
-    let _too_big = e.device().create_buffer(&wgpu::BufferDescriptor {
-        label: Some("too big"),
-        size: 1 << 50,
-        usage: wgpu::BufferUsages::STORAGE,
-        mapped_at_creation: false,
-    });
+    let mut ws = submitted_kl(&e, &[1.25, -0.25], &[0.5, 0.5]);
+    let _too_big = impossible_buffer(&e, "too big");
     let err = ws.check(&e).unwrap_err();
     assert!(
         matches!(err, Error::InvalidValue { index: 1, .. }) && err.to_string().contains("negative"),
@@ -1982,12 +1937,7 @@ fn an_error_of_other_work_on_the_engines_device_fails_one_call_not_all() {
     // On a device klgpu made, an error nobody scoped (the caller's own work on
     // `engine.device()`) was stored as a fault that every later call returned, for good.
     let e = Engine::new().unwrap();
-    let _too_big = e.device().create_buffer(&wgpu::BufferDescriptor {
-        label: Some("too big"),
-        size: 1 << 50,
-        usage: wgpu::BufferUsages::STORAGE,
-        mapped_at_creation: false,
-    });
+    let _too_big = impossible_buffer(&e, "too big");
     let (p, q) = ([0.5f32, 0.5], [0.25f32, 0.75]);
     let err = e.kl_divergence(&p, &q).unwrap_err();
     assert!(
