@@ -7,7 +7,7 @@
 use crate::engine::{Engine, job_for};
 use crate::error::{Error, Problem, Result, Side};
 use crate::kernels::{self, InputCode, Term};
-use crate::launch::{Gpu, GpuSlice, Job, Prepass, Readback, Scratch, encode_read_back};
+use crate::launch::{Gpu, GpuSlice, Job, Prepass, Readback, Scratch, Stray, encode_read_back};
 use crate::plan::Plan;
 use crate::types::{Dtype, Element, Input, Measure, Options};
 
@@ -82,7 +82,7 @@ fn refuse_mapped(name: &'static str, buffer: &wgpu::Buffer) -> Result<()> {
 /// An error of other work taken aside by a check, put back when the check ends or is dropped.
 struct StrayAside<'a> {
     gpu: &'a Gpu,
-    stray: Option<String>,
+    stray: Option<Stray>,
 }
 
 impl Drop for StrayAside<'_> {
@@ -245,7 +245,7 @@ impl Workspace {
         &mut self,
         engine: &Engine,
         blocking: bool,
-        stray: &mut Option<String>,
+        stray: &mut Option<Stray>,
     ) -> Result<()> {
         let gpu = engine.gpu();
         let scratch = self
@@ -260,12 +260,14 @@ impl Workspace {
                 return Err(Error::Gpu(format!(
                     "Workspace::check found that the recorded work has not run, and the \
                      engine's device reported an error meanwhile (the submit of the recording \
-                     may have failed; the recording is dropped): {stray}"
+                     may have failed; the recording is dropped): {}",
+                    stray.message
                 )));
             }
             return Err(Error::InvalidArgument(
                 "Workspace::check found that the recorded work has not run: submit the encoder \
-                 on this engine's queue before checking (the recording is dropped; record it \
+                 on this engine's queue before checking (if it was submitted, the submit \
+                 failed, and an earlier call reported why; the recording is dropped: record it \
                  again)"
                     .into(),
             ));

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use crate::cpu;
 use crate::error::{Error, Result};
 use crate::kernels::{self, InputCode, Kernels, Term};
-use crate::launch::{Gpu, HostData, Job, OnePass, Prepass, Readback, ScratchPool, Upload};
+use crate::launch::{Gpu, HostData, Job, OnePass, Prepass, Readback, ScratchPool, Stray, Upload};
 use crate::plan::{Plan, PlanLimits};
 use crate::types::{Element, Input, Measure, Options, RowResults, widened};
 
@@ -312,7 +312,8 @@ fn describe(infos: &[wgpu::AdapterInfo]) -> String {
 }
 
 /// The backend names `WGPU_BACKEND` takes, for messages.
-const KNOWN_BACKENDS: &str = "wgpu knows vulkan, metal, dx12 and gl, comma-separated";
+const KNOWN_BACKENDS: &str =
+    "wgpu knows vulkan, metal, dx12 and gl (and webgpu, noop), comma-separated";
 
 /// What `WGPU_BACKEND` asked for, when it is set: backends where no adapter was found.
 fn backend_hint() -> String {
@@ -325,7 +326,7 @@ fn backend_hint() -> String {
 /// A `WGPU_BACKEND` with names wgpu does not know, or none: wgpu skips them, searching fewer
 /// backends or none, and "no adapter" (or, from the command line, a quiet fall back to the
 /// CPU) would blame the drivers for a typo. An error, as an unmatched `WGPU_ADAPTER_NAME` is.
-fn backend_env_error() -> Option<Error> {
+fn backend_env_error() -> Option<String> {
     let value = std::env::var("WGPU_BACKEND").ok()?;
     let unknown: Vec<String> = value
         .split(',')
@@ -340,9 +341,9 @@ fn backend_env_error() -> Option<Error> {
     } else {
         return None;
     };
-    Some(Error::InvalidArgument(format!(
+    Some(format!(
         "WGPU_BACKEND={value:?} {problem} ({KNOWN_BACKENDS})"
-    )))
+    ))
 }
 
 /// The adapters every engine klgpu opens comes from, enumerated once per process (when the
@@ -355,6 +356,8 @@ fn backend_env_error() -> Option<Error> {
 /// OpenGL ([`gl_adapter_of_its_own`]).
 struct SharedAdapters {
     backends: wgpu::Backends,
+    /// What is wrong with `WGPU_BACKEND`, read with it ([`backend_env_error`]).
+    backend_error: Option<String>,
     adapters: Vec<wgpu::Adapter>,
     /// Kept for the process's lifetime, like the adapters it made.
     _instance: wgpu::Instance,
@@ -370,6 +373,7 @@ fn shared_adapters() -> &'static SharedAdapters {
         let adapters = pollster::block_on(instance.enumerate_adapters(backends));
         SharedAdapters {
             backends,
+            backend_error: backend_env_error(),
             adapters,
             _instance: instance,
         }
@@ -405,8 +409,8 @@ pub fn list_adapters() -> (Vec<wgpu::AdapterInfo>, Result<usize>) {
         .map(|a| a.get_info())
         .collect();
     let wanted = std::env::var("WGPU_ADAPTER_NAME").ok();
-    let pick = match backend_env_error() {
-        Some(e) => Err(e),
+    let pick = match &shared_adapters().backend_error {
+        Some(e) => Err(Error::InvalidArgument(e.clone())),
         None => pick_adapter(&infos, wanted.as_deref()),
     };
     (infos, pick)
@@ -436,12 +440,15 @@ impl Engine {
 
     /// Async twin of [`Engine::with_options`].
     pub async fn with_options_async(options: EngineOptions) -> Result<Engine> {
-        if let Some(e) = backend_env_error() {
-            return Err(e);
-        }
         let SharedAdapters {
-            backends, adapters, ..
+            backends,
+            adapters,
+            backend_error,
+            ..
         } = shared_adapters();
+        if let Some(e) = backend_error {
+            return Err(Error::InvalidArgument(e.clone()));
+        }
         let infos: Vec<_> = adapters.iter().map(|a| a.get_info()).collect();
         if infos.is_empty() {
             return Err(Error::NoAdapter {
@@ -500,11 +507,11 @@ impl Engine {
             .on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
                 let mut slot = stray.lock().unwrap_or_else(|p| p.into_inner());
                 slot.get_or_insert_with(|| {
-                    format!(
+                    Stray::new(format!(
                         "an error of other work on the engine's device, outside klgpu's own \
                          calls (the app's own work, or its submit of a recording from \
                          record_rows; reported once, by the klgpu call that saw it first): {e}"
-                    )
+                    ))
                 });
             }));
         Ok(engine)

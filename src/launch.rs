@@ -416,6 +416,23 @@ impl ScratchPool {
     }
 }
 
+/// An error of other work on klgpu's own device, numbered in the order errors came, so that
+/// one put back by a check ([`Gpu::keep_stray`]) goes ahead of any that came after it.
+pub(crate) struct Stray {
+    order: u64,
+    pub message: String,
+}
+
+impl Stray {
+    pub(crate) fn new(message: String) -> Stray {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        Stray {
+            order: NEXT.fetch_add(1, Ordering::Relaxed),
+            message,
+        }
+    }
+}
+
 /// The device side of an engine: what launching needs.
 pub(crate) struct Gpu {
     pub device: wgpu::Device,
@@ -430,7 +447,7 @@ pub(crate) struct Gpu {
     /// For devices klgpu created, set by the uncaptured-error handler (klgpu's own work runs
     /// in error scopes, so this is other work on `Engine::device()`): the next call fails with
     /// it, once, instead of wgpu's default panic.
-    pub stray: Arc<std::sync::Mutex<Option<String>>>,
+    pub stray: Arc<std::sync::Mutex<Option<Stray>>>,
     pub scratch: ScratchPool,
     /// On OpenGL only: calls take turns (see [`Serial`]).
     pub serial: Option<Arc<Serial>>,
@@ -731,26 +748,29 @@ impl Gpu {
     pub(crate) fn check_faults(&self) -> Result<()> {
         self.lost()?;
         match self.take_stray() {
-            Some(stray) => Err(Error::Gpu(stray)),
+            Some(stray) => Err(Error::Gpu(stray.message)),
             None => Ok(()),
         }
     }
 
     /// Takes the error of other work that the next check would report, if any.
-    pub(crate) fn take_stray(&self) -> Option<String> {
+    pub(crate) fn take_stray(&self) -> Option<Stray> {
         self.stray.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// Puts back an error taken by [`Gpu::take_stray`] that was not this call's to report,
-    /// ahead of any that came meanwhile: the first error is the one reported, as the
-    /// handler keeps it (later ones are often its consequences).
-    pub(crate) fn keep_stray(&self, stray: String) {
-        *self.stray.lock().unwrap_or_else(|e| e.into_inner()) = Some(stray);
+    /// unless an earlier one is there (two checks overlapped): the first error is the one
+    /// reported, as the handler keeps it (later ones are often its consequences).
+    pub(crate) fn keep_stray(&self, stray: Stray) {
+        let mut slot = self.stray.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.as_ref().is_none_or(|there| there.order > stray.order) {
+            *slot = Some(stray);
+        }
     }
 
     /// `error`, or the device's loss where that is what it comes from: a destroyed or lost
-    /// device first fails with errors about invalid buffers or submissions, and its lost
-    /// callback runs only on a later poll.
+    /// device first fails with errors about invalid buffers, submissions, maps or views, and
+    /// its lost callback runs only on a later poll.
     fn or_lost(&self, error: Error) -> Error {
         let _ = self.device.poll(wgpu::PollType::Poll);
         self.lost().err().unwrap_or(error)
@@ -1062,8 +1082,11 @@ impl Gpu {
         let Some((mut mapped, index)) = staging.pending.take() else {
             return Ok(());
         };
-        let cancelled =
-            |_| Error::Gpu("an upload buffer's map was cancelled (device lost?)".into());
+        let cancelled = |_| {
+            self.or_lost(Error::Gpu(
+                "an upload buffer's map was cancelled (device lost?)".into(),
+            ))
+        };
         // Usually done already: waiting for the window before this one polled the device.
         let result = match mapped.try_recv().map_err(cancelled)? {
             Some(result) => result,
@@ -1072,7 +1095,8 @@ impl Gpu {
                 mapped.await.map_err(cancelled)?
             }
         };
-        result.map_err(|e| Error::Gpu(format!("mapping an upload buffer failed: {e}")))
+        result
+            .map_err(|e| self.or_lost(Error::Gpu(format!("mapping an upload buffer failed: {e}"))))
     }
 
     /// Copies each slice to the start of its (mapped) staging buffer, and unmaps them. A large
@@ -1094,7 +1118,11 @@ impl Gpu {
                         .buffer
                         .slice(range.start..range.end.div_ceil(4) * 4)
                         .get_mapped_range_mut()
-                        .map_err(|e| Error::Gpu(format!("writing an upload buffer failed: {e}")))?;
+                        .map_err(|e| {
+                            self.or_lost(Error::Gpu(format!(
+                                "writing an upload buffer failed: {e}"
+                            )))
+                        })?;
                     jobs.push((view, part));
                 }
             }
@@ -1444,12 +1472,16 @@ impl Gpu {
         }
         self.wait(index, blocking).await?;
         rx.await
-            .map_err(|_| Error::Gpu("a readback was cancelled (device lost?)".into()))?
-            .map_err(|e| Error::Gpu(format!("mapping a readback buffer failed: {e}")))?;
+            .map_err(|_| {
+                self.or_lost(Error::Gpu("a readback was cancelled (device lost?)".into()))
+            })?
+            .map_err(|e| {
+                self.or_lost(Error::Gpu(format!("mapping a readback buffer failed: {e}")))
+            })?;
         let value = {
-            let view = slice
-                .get_mapped_range()
-                .map_err(|e| Error::Gpu(format!("reading a readback buffer failed: {e}")))?;
+            let view = slice.get_mapped_range().map_err(|e| {
+                self.or_lost(Error::Gpu(format!("reading a readback buffer failed: {e}")))
+            })?;
             read(&view)
         };
         drop(unmap);

@@ -1324,7 +1324,19 @@ fn a_lost_device_gives_errors_not_panics_or_hangs() {
         e.kl_divergence(&[0.5, 0.5], &[0.25, 0.75]).unwrap_err(),
         e.read_f32(b.slice(..)).unwrap_err(),
     ];
-    for err in errors {
+    // And a read under way when the device goes: its map failed with "reading a readback
+    // buffer failed: ... has been destroyed".
+    let e2 = Engine::new().unwrap();
+    let b2 = e2.create_f32_buffer_init("b", &[0.5, 0.5]).unwrap();
+    let mut read = std::pin::pin!(e2.read_f32_async(b2.slice(..)));
+    let waker = std::task::Waker::noop();
+    let polled = read
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(waker));
+    assert!(polled.is_pending(), "the read waits for the GPU");
+    e2.device().destroy();
+    let mid_read = pollster::block_on(read).unwrap_err();
+    for err in errors.into_iter().chain([mid_read]) {
         assert!(
             matches!(err, Error::Gpu(_)) && err.to_string().contains("device was lost"),
             "{err}"
@@ -1425,6 +1437,28 @@ fn a_check_keeps_the_first_error_of_other_work_for_the_next_call_even_dropped() 
     );
     let err = e.kl_divergence(&pp, &qq).unwrap_err();
     assert!(err.to_string().contains("MEANWHILE"), "{err}");
+    // Two checks that overlap: each put its error back, the last over the first.
+    let e = Engine::new().unwrap();
+    let (mut ws1, mut ws2) = (submitted_kl(&e, &pp, &pp), submitted_kl(&e, &pp, &pp));
+    let _first = impossible_buffer(&e, "FIRST");
+    let mut check1 = std::pin::pin!(ws1.check_async(&e));
+    let polled1 = check1
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()));
+    let _second = impossible_buffer(&e, "SECOND");
+    let mut check2 = std::pin::pin!(ws2.check_async(&e));
+    let polled2 = check2
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()));
+    for (polled, check) in [(polled1, check1), (polled2, check2)] {
+        let verdict = match polled {
+            Poll::Ready(v) => v,
+            Poll::Pending => pollster::block_on(check),
+        };
+        assert!(verdict.is_ok(), "{verdict:?}");
+    }
+    let err = e.kl_divergence(&pp, &qq).unwrap_err();
+    assert!(err.to_string().contains("FIRST"), "{err}");
 }
 
 #[test]
