@@ -2,7 +2,7 @@
 //! readback. Everything here assumes a valid [`Plan`] and validated shapes.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::error::{Error, Result};
 use crate::kernels::{
@@ -325,12 +325,40 @@ impl Scratch {
 /// `check_async`). Unmapping aborts a pending mapping; one that failed left nothing to unmap.
 struct UnmapOnDrop<'a> {
     buffer: &'a wgpu::Buffer,
-    failed: Arc<AtomicBool>,
+    /// `MAP_PENDING` until the map's callback says `MAP_DONE` or `MAP_FAILED`.
+    state: Arc<AtomicU8>,
+    /// Where a pending map must settle before the unmap (calls that take turns: OpenGL): the
+    /// device and the submission the map waits for.
+    settle: Option<(wgpu::Device, wgpu::SubmissionIndex)>,
 }
+
+const MAP_PENDING: u8 = 0;
+const MAP_DONE: u8 = 1;
+const MAP_FAILED: u8 = 2;
 
 impl Drop for UnmapOnDrop<'_> {
     fn drop(&mut self) {
-        if !self.failed.load(Ordering::Relaxed) {
+        // On OpenGL, a dropped future's unmap of a pending map met the polling thread
+        // finishing it: wgpu-core marks the buffer idle while it maps, so the unmap failed
+        // ("Buffer is not mapped", an uncaptured error) and the map then completed with no one
+        // to unmap it, failing that readback's every later use. There the drop waits for the
+        // submission (work llvmpipe GL has done at submission already) and the callback first.
+        if self.state.load(Ordering::Acquire) == MAP_PENDING
+            && let Some((device, index)) = self.settle.take()
+        {
+            let _ = device.poll(wgpu::PollType::Wait {
+                submission_index: Some(index),
+                timeout: None,
+            });
+            // The callback runs on the thread whose poll retired the submission: soon.
+            let start = std::time::Instant::now();
+            while self.state.load(Ordering::Acquire) == MAP_PENDING
+                && start.elapsed() < std::time::Duration::from_secs(2)
+            {
+                std::thread::yield_now();
+            }
+        }
+        if self.state.load(Ordering::Acquire) != MAP_FAILED {
             self.buffer.unmap();
         }
     }
@@ -1455,19 +1483,24 @@ impl Gpu {
         let (tx, rx) = futures_channel::oneshot::channel();
         let unmap = UnmapOnDrop {
             buffer,
-            failed: Arc::new(AtomicBool::new(false)),
+            state: Arc::new(AtomicU8::new(MAP_PENDING)),
+            settle: self
+                .serial
+                .is_some()
+                .then(|| (self.device.clone(), index.clone())),
         };
-        let failed = unmap.failed.clone();
+        let state = unmap.state.clone();
         // In scopes: on a caller's device a failed map (a lost device) would go to its
         // uncaptured-error handler, and wgpu's default one panics. A map that failed is not
         // unmapped.
         if let Err(e) = self.in_scopes(|| {
             slice.map_async(wgpu::MapMode::Read, move |r| {
-                failed.store(r.is_err(), Ordering::Relaxed);
+                let settled = if r.is_ok() { MAP_DONE } else { MAP_FAILED };
+                state.store(settled, Ordering::Release);
                 let _ = tx.send(r);
             })
         }) {
-            unmap.failed.store(true, Ordering::Relaxed);
+            unmap.state.store(MAP_FAILED, Ordering::Release);
             return Err(e);
         }
         self.wait(index, blocking).await?;

@@ -731,6 +731,29 @@ fn a_dropped_check_leaves_the_workspace_whole() {
         ws.check(e).unwrap();
         assert_eq!(read_f64(e, &out), vec![0.0; rows], "{polls} polls");
     }
+    // Many short checks dropped at 0 to 2 polls: on OpenGL a dropped check's unmap met the
+    // polling thread finishing its map and failed ("Buffer is not mapped"), and the map then
+    // completed with no one to unmap it, so every later check failed (a stress review, under
+    // load; in the GL run of this test).
+    let small = upload(e, "small", &vec![1.0 / 300.0; 50 * 300]);
+    let small_out = e.create_f32_buffer("small out", 50).unwrap();
+    let mut ws = e.workspace();
+    for i in 0..1000 {
+        let mut encoder = e.device().create_command_encoder(&Default::default());
+        let (p, kl) = (small.slice(..), Measure::KullbackLeibler);
+        let (opts, out) = (Options::default(), small_out.slice(..));
+        e.record_rows(&mut encoder, &mut ws, kl, p, Some(p), 300, &opts, out)
+            .unwrap();
+        e.queue().submit([encoder.finish()]);
+        if !poll_then_drop(ws.check_async(e), i % 3) {
+            ws.check(e).unwrap_or_else(|err| panic!("check {i}: {err}"));
+        }
+    }
+    assert_close(
+        e.kl_divergence(&[0.5, 0.5], &[0.25, 0.75]).unwrap(),
+        cpu::kl_divergence(&[0.5f32, 0.5], &[0.25, 0.75]).unwrap(),
+        "a call after",
+    );
 }
 
 /// Polls every future in turn on this thread until all are ready, as a single-threaded
