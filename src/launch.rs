@@ -804,6 +804,11 @@ impl Gpu {
         self.lost().err().unwrap_or(error)
     }
 
+    /// `Error::Gpu(message)`, or the device's loss where that is its cause ([`Gpu::or_lost`]).
+    fn gpu_error(&self, message: impl Into<String>) -> Error {
+        self.or_lost(Error::Gpu(message.into()))
+    }
+
     /// Runs `f` inside out-of-memory and validation error scopes, turning either into an Err.
     pub(crate) fn scoped<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
         self.check_faults()?;
@@ -825,7 +830,7 @@ impl Gpu {
             pollster::block_on(oom.pop()),
         ];
         match errors.into_iter().flatten().next() {
-            Some(e) => Err(self.or_lost(Error::Gpu(e.to_string()))),
+            Some(e) => Err(self.gpu_error(e.to_string())),
             None => Ok(value),
         }
     }
@@ -1110,11 +1115,7 @@ impl Gpu {
         let Some((mut mapped, index)) = staging.pending.take() else {
             return Ok(());
         };
-        let cancelled = |_| {
-            self.or_lost(Error::Gpu(
-                "an upload buffer's map was cancelled (device lost?)".into(),
-            ))
-        };
+        let cancelled = |_| self.gpu_error("an upload buffer's map was cancelled (device lost?)");
         // Usually done already: waiting for the window before this one polled the device.
         let result = match mapped.try_recv().map_err(cancelled)? {
             Some(result) => result,
@@ -1123,8 +1124,7 @@ impl Gpu {
                 mapped.await.map_err(cancelled)?
             }
         };
-        result
-            .map_err(|e| self.or_lost(Error::Gpu(format!("mapping an upload buffer failed: {e}"))))
+        result.map_err(|e| self.gpu_error(format!("mapping an upload buffer failed: {e}")))
     }
 
     /// Copies each slice to the start of its (mapped) staging buffer, and unmaps them. A large
@@ -1147,9 +1147,7 @@ impl Gpu {
                         .slice(range.start..range.end.div_ceil(4) * 4)
                         .get_mapped_range_mut()
                         .map_err(|e| {
-                            self.or_lost(Error::Gpu(format!(
-                                "writing an upload buffer failed: {e}"
-                            )))
+                            self.gpu_error(format!("writing an upload buffer failed: {e}"))
                         })?;
                     jobs.push((view, part));
                 }
@@ -1505,16 +1503,12 @@ impl Gpu {
         }
         self.wait(index, blocking).await?;
         rx.await
-            .map_err(|_| {
-                self.or_lost(Error::Gpu("a readback was cancelled (device lost?)".into()))
-            })?
-            .map_err(|e| {
-                self.or_lost(Error::Gpu(format!("mapping a readback buffer failed: {e}")))
-            })?;
+            .map_err(|_| self.gpu_error("a readback was cancelled (device lost?)"))?
+            .map_err(|e| self.gpu_error(format!("mapping a readback buffer failed: {e}")))?;
         let value = {
-            let view = slice.get_mapped_range().map_err(|e| {
-                self.or_lost(Error::Gpu(format!("reading a readback buffer failed: {e}")))
-            })?;
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| self.gpu_error(format!("reading a readback buffer failed: {e}")))?;
             read(&view)
         };
         drop(unmap);
