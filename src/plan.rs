@@ -131,7 +131,9 @@ pub struct PlanLimits {
     pub window_rows: u64,
     /// `max_compute_workgroups_per_dimension`.
     pub max_workgroups: u32,
-    /// Fewest main-loop iterations per invocation (decides lanes per row and chunking).
+    /// Columns each invocation aims to take ([`Tuning::min_iterations`](crate::Tuning)): the
+    /// most per lane before a row gets more lanes, the fewest per invocation a split row's
+    /// chunks leave.
     pub min_iterations: u32,
     /// Workgroups to aim for per dispatch.
     pub target_workgroups: u32,
@@ -319,7 +321,8 @@ fn fit_workgroup(rows: u32, lanes: u32, small: u32) -> (u32, u32) {
     }
 }
 
-/// Lanes per row: enough that each gets about `min_iterations` columns, at most a workgroup.
+/// Lanes per row: the fewest (a power of two, at most a workgroup) that leave each at most
+/// `min_iterations` columns.
 fn lanes_for(cols: u64, min_iterations: u64) -> u32 {
     cols.div_ceil(min_iterations)
         .next_power_of_two()
