@@ -396,6 +396,71 @@ fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
+/// The first top-level key a JSON object gives twice, if any: serde (and so the safetensors
+/// crate) keeps the last copy, and either could be the tensor the writer meant (the .npy
+/// reader refuses a repeated key for the same reason).
+struct FirstRepeatedKey(Option<String>);
+
+impl<'de> serde::Deserialize<'de> for FirstRepeatedKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = FirstRepeatedKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<FirstRepeatedKey, A::Error> {
+                let mut seen = std::collections::HashSet::new();
+                let mut repeated = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    if repeated.is_none() && !seen.insert(key.clone()) {
+                        repeated = Some(key);
+                    }
+                }
+                Ok(FirstRepeatedKey(repeated))
+            }
+        }
+        d.deserialize_map(Keys)
+    }
+}
+
+/// Names the first tensor (by name) whose shape and dtype do not fill its data_offsets, as
+/// " (tensor 'p': …)", for the safetensors crate's error, which names none; else "".
+fn mismatched_tensor(header: &[u8]) -> String {
+    let Ok(entries) =
+        serde_json::from_slice::<std::collections::BTreeMap<String, serde_json::Value>>(header)
+    else {
+        return String::new();
+    };
+    for (name, entry) in entries {
+        let Ok(info) = serde_json::from_value::<safetensors::tensor::TensorInfo>(entry) else {
+            continue;
+        };
+        let (start, end) = info.data_offsets;
+        let bits = info
+            .shape
+            .iter()
+            .try_fold(info.dtype.bitsize(), |n, &d| n.checked_mul(d));
+        let needed = bits.map(|b| b.div_ceil(8));
+        if end < start || needed != Some(end - start) {
+            let needs =
+                needed.map_or_else(|| "more bytes than exist".into(), |n| format!("{n} bytes"));
+            return format!(
+                " (tensor '{name}': shape {:?} of {:?} needs {needs}, its data_offsets [{start}, \
+                 {end}] hold {})",
+                info.shape,
+                info.dtype,
+                end.saturating_sub(start)
+            );
+        }
+    }
+    String::new()
+}
+
 /// Parses a safetensors header (with the `safetensors` crate, reading only the header bytes)
 /// and picks a tensor: the one named, or the only one. Returns its name, dtype, shape and the
 /// file offset of its data.
@@ -425,10 +490,19 @@ fn open_safetensors(
     let mut header = vec![0u8; n as usize];
     file.read_exact(&mut header)
         .map_err(|e| format!("cannot read: {e}"))?;
-    let metadata: safetensors::tensor::Metadata =
-        serde_json::from_slice(&header).map_err(|e| not_ours(format!("bad header: {e}")))?;
+    // A JSON object first: what fails here is not a safetensors file at all.
+    let repeated = serde_json::from_slice::<FirstRepeatedKey>(&header)
+        .map_err(|e| not_ours(format!("bad header: {e}")))?;
+    if let Some(key) = repeated.0 {
+        return Err(format!("safetensors header gives '{key}' twice"));
+    }
+    let metadata: safetensors::tensor::Metadata = serde_json::from_slice(&header)
+        .map_err(|e| format!("bad safetensors header: {e}{}", mismatched_tensor(&header)))?;
     let data_start = 8 + n;
-    if data_start + metadata.data_len() as u64 > file_len {
+    // Offsets near 2^64 (which the safetensors crate takes, tensors being contiguous) must not
+    // wrap to the header's own bytes.
+    let data_end = data_start.checked_add(metadata.data_len() as u64);
+    if data_end.is_none_or(|end| end > file_len) {
         return Err(format!(
             "safetensors file is truncated: its header describes {} bytes of data, the file \
              has {}",
@@ -640,6 +714,63 @@ mod tests {
         file.extend(header.as_bytes());
         file.extend(data);
         file
+    }
+
+    #[test]
+    fn safetensors_offsets_that_wrap_and_repeated_names_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let open = |file: &[u8]| {
+            std::fs::write(&path, file).unwrap();
+            Source::open(
+                &path,
+                &TensorChoice {
+                    name: Some("p".into()),
+                    flag: Some("--tensor"),
+                },
+            )
+            .map(|s| s.shape)
+        };
+        // Contiguous filler tensors carry p's offset to 2^64 − (8 + header length), which the
+        // data's start wrapped back to 0: the file's own bytes were read as p (exit 0).
+        let header_len = 1024u64;
+        let target = 0u64.wrapping_sub(8 + header_len);
+        let mut entries = Vec::new();
+        let mut at = 0u64;
+        while at < target {
+            let len = ((1u64 << 61) - 1).min(target - at);
+            entries.push(format!(
+                r#""pad{}":{{"dtype":"U8","shape":[{len}],"data_offsets":[{at},{}]}}"#,
+                entries.len(),
+                at + len
+            ));
+            at += len;
+        }
+        entries.push(format!(
+            r#""p":{{"dtype":"F32","shape":[3],"data_offsets":[{target},{}]}}"#,
+            target + 12
+        ));
+        let header = format!("{{{}}}", entries.join(","));
+        let header = format!("{header:<width$}", width = header_len as usize);
+        let err = open(&safetensors_file(&header, &[0; 12])).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+        // A tensor named twice: the crate keeps the last copy, here 6 f16 for 3 f32.
+        let header = r#"{"p":{"dtype":"F32","shape":[3],"data_offsets":[0,12]},"p":{"dtype":"F16","shape":[6],"data_offsets":[0,12]}}"#;
+        let err = open(&safetensors_file(header, &[0; 12])).unwrap_err();
+        assert!(err.to_string().contains("gives 'p' twice"), "{err}");
+        // Named once, the same file opens.
+        let header = r#"{"p":{"dtype":"F32","shape":[3],"data_offsets":[0,12]}}"#;
+        assert_eq!(open(&safetensors_file(header, &[0; 12])).unwrap(), [3]);
+        // A JSON object that is no safetensors header is called a bad one, not another format.
+        let header = r#"{"p":{"dtype":"F32","shape":[4],"data_offsets":[0,12]}}"#;
+        let err = open(&safetensors_file(header, &[0; 12])).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "bad safetensors header: invalid shape, data type, or offset for tensor (tensor \
+                 'p': shape [4] of F32 needs 16 bytes, its data_offsets [0, 12] hold 12)"
+            ),
+            "{err}"
+        );
     }
 
     #[test]
