@@ -1525,6 +1525,24 @@ fn output_never_replaces_an_input() {
 }
 
 #[test]
+fn out_dash_is_refused_not_a_file_named_dash() {
+    // `-` reads as standard output, where an .npy file is not wanted: a file named `-` was
+    // written in the working directory.
+    let dir = tmp();
+    let p = dir.path().join("p.npy");
+    npy_f32(&p, &[2, 2], &[0.5; 4]);
+    let r = klgpu(&["entropy", s(&p), "--out", "-"]);
+    assert_eq!(r.code, 2, "{:?}", r.ours);
+    assert!(r.ours[0].contains("--out -: klgpu writes"), "{:?}", r.ours);
+    assert!(!std::path::Path::new("-").exists());
+    // A file so named, given with its directory, is written.
+    let named = dir.path().join("-");
+    let r = klgpu(&["entropy", s(&p), "--out", s(&named)]);
+    assert_eq!(r.code, 0, "{:?}", r.ours);
+    assert!(named.exists());
+}
+
+#[test]
 fn usage_errors_are_ours_and_exit_2() {
     for args in [
         &["kl", "a.npy"][..],

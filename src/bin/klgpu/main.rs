@@ -32,7 +32,8 @@ into rows in C order: [batch, seq, vocab] logits are batch·seq rows). f64 input
 f32.
 
 Large inputs are streamed: a reader thread reads row blocks (32 MiB of f32 per input) while the
-GPU computes the previous block, so memory stays bounded whatever the file size. A row longer
+GPU computes the previous block, so memory stays bounded whatever the file size, but for the
+per-row results (about 16 bytes a row: the summary's percentiles sort them). A row longer
 than a block is cut into pieces whose values are summed in f64 (for probs and log-probs the
 same value, every measure being a sum over elements, but each piece's rounded to f32: terms
 of both signs that cancel across pieces meet the README's allowance, not its bar). For such a row given as logits, a first streamed pass

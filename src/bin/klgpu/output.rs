@@ -279,6 +279,12 @@ fn temp_beside(path: &Path) -> std::io::Result<tempfile::NamedTempFile> {
 /// created beside it (which is removed at once).
 pub fn check_out_path(path: &Path, inputs: &[&Path]) -> Result<(), CliError> {
     let shown = path.display();
+    if path.as_os_str() == "-" {
+        return Err(CliError::input(
+            "--out -: klgpu writes the per-row values as an .npy file, not to standard output; \
+             name a file (./- for one named -)",
+        ));
+    }
     if path.is_dir() || path.as_os_str().as_encoded_bytes().ends_with(b"/") {
         return Err(CliError::input(format!(
             "{shown}: --out names a directory, not a file"
