@@ -405,7 +405,13 @@ impl Plan {
             rows > 0 && (1..=MAX_COLUMNS).contains(&cols) && rows.checked_mul(cols).is_some(),
             "Plan::new({rows}, {cols}): the caller validates shapes first"
         );
-        let cap = limits.window_elems.max(WINDOW_GRANULE);
+        // A row segment takes at most max_workgroups chunks of a workgroup's lanes, each lane
+        // at most MAX_ITERATIONS columns: no window is longer (a caller's device may allow few
+        // workgroups, and llvmpipe silently cuts a longer loop: one workgroup of 256 lanes
+        // over 17M elements returned KL 0.0043 for 0.28).
+        let per_dispatch =
+            limits.max_workgroups.max(1) as u64 * WORKGROUP_SIZE as u64 * MAX_ITERATIONS as u64;
+        let cap = limits.window_elems.max(WINDOW_GRANULE).min(per_dispatch);
         let mut windows = Vec::new();
         let window = |row_begin: u64, rows: u32, col_begin: u64, col_end: u64, split| {
             let row_len = col_end - col_begin;
@@ -548,6 +554,17 @@ mod tests {
         };
         let layout = Layout::new(1, MAX_COLUMNS, &one);
         assert!(layout.chunks as u64 * layout.chunk_len as u64 >= MAX_COLUMNS);
+        // A plan keeps every loop within the cap, however few workgroups: its windows shrink
+        // (one workgroup over a window of 17M elements looped 66,000 times).
+        let big_windows = PlanLimits {
+            window_elems: 32 << 20,
+            ..one
+        };
+        for (rows, cols) in [(1, 17_000_000), (1000, 17_000), (3, 5_000_000)] {
+            let plan = Plan::new(rows, cols, big_windows);
+            assert_eq!(covered(&plan), rows * cols);
+            assert!(plan.max_invocation_iterations() <= (MAX_ITERATIONS + 8) as u64);
+        }
     }
 
     #[test]
@@ -791,7 +808,8 @@ mod tests {
         #[test]
         fn plans_cover_everything_within_limits(
             rows in 1u64..5000, cols in 1u64..300_000,
-            window_elems in 64u64..5_000_000, max_workgroups in 64u32..65536,
+            window_elems in 64u64..40_000_000,
+            max_workgroups in prop_oneof![1u32..4, 64u32..65536],
             min_iterations in 1u32..2000, target_workgroups in 1u32..100_000,
             blocked_lanes in any::<bool>(),
             small_workgroup in prop::sample::select(vec![0u32, 4, 8, 16]),

@@ -1515,6 +1515,29 @@ fn reads_fit_a_device_whose_buffer_limit_is_not_a_multiple_of_16() {
 }
 
 #[test]
+fn a_device_with_one_workgroup_per_dimension_sums_long_inputs_whole() {
+    // A window of 17M elements in one workgroup looped ~66,000 times an invocation, past
+    // llvmpipe's cap, which cut the loop silently: entropy 0.25 for 16.5 (P misaligned, so one
+    // element a loop; aligned vec4 loads stayed below the cap). Windows now fit the loops.
+    let (device, queue) = device_with_limits(wgpu::Limits {
+        max_compute_workgroups_per_dimension: 1,
+        ..wgpu::Limits::default()
+    });
+    let e = Engine::from_device(device, queue).unwrap();
+    let n = 17_000_000;
+    let p: Vec<f32> = (0..=n)
+        .map(|i| (1 + i % 7) as f32 / (4.0 * n as f32))
+        .collect();
+    let pb = e.create_f32_buffer_init("p", &p).unwrap();
+    let got = e.entropy_buffers(pb.slice(4..)).unwrap();
+    assert_close(
+        got,
+        cpu::entropy(&p[1..]).unwrap(),
+        "entropy, one workgroup",
+    );
+}
+
+#[test]
 fn an_error_of_other_work_does_not_take_a_recordings_verdict() {
     // Workspace::check returned the stray error and dropped the recording: a second check
     // said Ok over P with a negative value.
