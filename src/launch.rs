@@ -801,7 +801,37 @@ impl Gpu {
     /// its lost callback runs only on a later poll.
     fn or_lost(&self, error: Error) -> Error {
         let _ = self.device.poll(wgpu::PollType::Poll);
-        self.lost().err().unwrap_or(error)
+        if let Err(lost) = self.lost() {
+            return lost;
+        }
+        // The callback runs only once the queue has drained (a submission made just before
+        // the loss keeps it waiting), and a caller's device has none of ours.
+        if self.device_is_invalid() {
+            let mut slot = self.fault.lock().unwrap_or_else(|e| e.into_inner());
+            return Error::Gpu(
+                slot.get_or_insert_with(|| {
+                    "the GPU device was lost (destroyed, or lost by its driver)".into()
+                })
+                .clone(),
+            );
+        }
+        error
+    }
+
+    /// Whether the device is destroyed or lost. wgpu drops the errors of a lost device's own
+    /// calls (its lost callback reports the loss), but a buffer made on it is invalid, and
+    /// writing to that buffer is a validation error. Only error paths ask.
+    fn device_is_invalid(&self) -> bool {
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let canary = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("klgpu.canary"),
+            size: 4,
+            usage: wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        // Dropped, not destroyed: the write waits in the queue until the next submit.
+        self.queue.write_buffer(&canary, 0, &[0; 4]);
+        pollster::block_on(validation.pop()).is_some()
     }
 
     /// `Error::Gpu(message)`, or the device's loss where that is its cause ([`Gpu::or_lost`]).

@@ -1378,6 +1378,34 @@ fn a_lost_device_gives_errors_not_panics_or_hangs() {
         .kl_divergence_buffers(b.slice(..), q.slice(..))
         .unwrap_err();
     assert!(matches!(err, Error::Gpu(_)), "{err}");
+    // Nor did they say "lost" where a submission was under way (the callback waits for the
+    // queue to drain), nor on a caller's device (which has no callback of klgpu's).
+    for callers in [false, true] {
+        let e = if callers {
+            let (device, queue) = app_device();
+            Engine::from_device(device, queue).unwrap()
+        } else {
+            Engine::new().unwrap()
+        };
+        let (p, q) = ([0.5f32, 0.5], [0.25f32, 0.75]);
+        let mut ws = submitted_kl(&e, &p, &q);
+        let pb = e.create_f32_buffer_init("p", &p).unwrap();
+        let qb = e.create_f32_buffer_init("q", &q).unwrap();
+        e.device().destroy();
+        let errors = [
+            e.kl_divergence(&p, &q).unwrap_err(),
+            e.kl_divergence_buffers(pb.slice(..), qb.slice(..))
+                .unwrap_err(),
+            ws.check(&e).unwrap_err(),
+            e.read_f32(pb.slice(..)).unwrap_err(),
+        ];
+        for err in errors {
+            assert!(
+                matches!(err, Error::Gpu(_)) && err.to_string().contains("device was lost"),
+                "caller's device {callers}: {err}"
+            );
+        }
+    }
 }
 
 /// A buffer beyond any device: an error of the test's own work on the engine's device.
