@@ -65,25 +65,37 @@ pub struct Summary {
     pub first_infinite: Option<usize>,
 }
 
+/// A power of two to take sums and squares of `values` by: those of values near f64's ends
+/// would overflow (or underflow); scaled, which is exact, they do not, and the results are
+/// scaled back.
+fn scale_for(values: &[f64]) -> f64 {
+    let largest = values
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, |m, v| m.max(v.abs()));
+    if largest > 2f64.powi(400) {
+        2f64.powi(-600)
+    } else if largest < 2f64.powi(-400) && largest > 0.0 {
+        2f64.powi(600)
+    } else {
+        1.0
+    }
+}
+
+/// The mean of `values` (at least one), as [`summarize`] takes it: a mean of values near
+/// f64::MAX is not +∞ because their sum is.
+pub(crate) fn mean(values: &[f64]) -> f64 {
+    let scale = scale_for(values);
+    crate::cpu::compensated_sum(values.iter().map(|&x| x * scale)) / values.len() as f64 / scale
+}
+
 /// Summarizes `values`; `None` when there are none.
 pub fn summarize(values: &[f64]) -> Option<Summary> {
     if values.is_empty() {
         return None;
     }
     let n = values.len();
-    // Sums and squares of values near f64's ends would overflow (or underflow): those are
-    // taken scaled by a power of two, which is exact, and the results scaled back.
-    let largest = values
-        .iter()
-        .filter(|v| v.is_finite())
-        .fold(0.0f64, |m, v| m.max(v.abs()));
-    let scale = if largest > 2f64.powi(400) {
-        2f64.powi(-600)
-    } else if largest < 2f64.powi(-400) && largest > 0.0 {
-        2f64.powi(600)
-    } else {
-        1.0
-    };
+    let scale = scale_for(values);
     let mean = crate::cpu::compensated_sum(values.iter().map(|&x| x * scale)) / n as f64;
     let stderr = (n > 1).then(|| {
         if !mean.is_finite() {
@@ -217,6 +229,14 @@ mod tests {
         assert_eq!(s.stderr, Some(big));
         let s = summarize(&[f64::MAX, f64::MAX]).unwrap();
         assert_eq!((s.mean, s.stderr), (f64::MAX, Some(0.0)));
+        // The reduction's mean is the summary's: it read −∞ for two rows of −1.4e308 (the
+        // entropy of log-probabilities 703).
+        let rows = [-1.432e308, -1.432e308];
+        assert_eq!(
+            crate::Reduction::MeanOverRows.apply(&rows),
+            Some(-1.432e308)
+        );
+        assert_eq!(crate::Reduction::Sum.apply(&rows), Some(f64::NEG_INFINITY));
         let s = summarize(&[1e200, -1e200]).unwrap();
         assert_eq!(s.stderr, Some(1e200));
         // Tiny: 1e-200 and 3e-200 have mean 2e-200 and stderr 1e-200 (their squares are 0).

@@ -256,7 +256,7 @@ impl Reduction {
             Reduction::None => None,
             Reduction::Sum => Some(sum()),
             Reduction::MeanOverRows if rows.is_empty() => None,
-            Reduction::MeanOverRows => Some(sum() / rows.len() as f64),
+            Reduction::MeanOverRows => Some(crate::stats::mean(rows)),
         }
     }
 }
