@@ -276,20 +276,26 @@ fn wants_direct_uploads(info: &wgpu::AdapterInfo, tuning: &Tuning) -> bool {
     ))
 }
 
-/// Index of the adapter klgpu picks among `infos`: the one named by `wanted`
-/// (`WGPU_ADAPTER_NAME`, case-insensitive substring) or else the best by type and backend.
+/// Index of the adapter klgpu picks among `infos`: the best by type and backend of those
+/// whose name contains `wanted` (`WGPU_ADAPTER_NAME`, case-insensitive), or of all without
+/// it. An empty name is [`Error::InvalidArgument`], as an empty `WGPU_BACKEND` is: it would
+/// match every adapter, and whoever set it meant one.
 pub fn pick_adapter(infos: &[wgpu::AdapterInfo], wanted: Option<&str>) -> Result<usize> {
-    if let Some(name) = wanted {
-        let lower = name.to_lowercase();
-        return infos
-            .iter()
-            .position(|i| i.name.to_lowercase().contains(&lower))
-            .ok_or_else(|| Error::AdapterNotFound {
-                wanted: name.to_string(),
-                available: describe(infos),
-            });
+    let lower = wanted.map(str::to_lowercase);
+    if lower.as_deref().is_some_and(|name| name.trim().is_empty()) {
+        return Err(Error::InvalidArgument(format!(
+            "WGPU_ADAPTER_NAME is set but names no adapter: unset it, or give part of one's \
+             name (wgpu sees: {})",
+            describe(infos)
+        )));
     }
+    let named = |i: &usize| {
+        lower
+            .as_deref()
+            .is_none_or(|name| infos[*i].name.to_lowercase().contains(name))
+    };
     (0..infos.len())
+        .filter(named)
         .min_by_key(|&i| {
             (
                 type_rank(infos[i].device_type),
@@ -297,8 +303,14 @@ pub fn pick_adapter(infos: &[wgpu::AdapterInfo], wanted: Option<&str>) -> Result
                 i,
             )
         })
-        .ok_or_else(|| Error::NoAdapter {
-            details: "wgpu enumerated no adapters".into(),
+        .ok_or_else(|| match wanted {
+            Some(name) => Error::AdapterNotFound {
+                wanted: name.to_string(),
+                available: describe(infos),
+            },
+            None => Error::NoAdapter {
+                details: "wgpu enumerated no adapters".into(),
+            },
         })
 }
 
@@ -1209,6 +1221,16 @@ mod tests {
         ];
         assert_eq!(pick_adapter(&infos, None).unwrap(), 2);
         assert_eq!(pick_adapter(&infos, Some("LLVM")).unwrap(), 0);
+        // Of the adapters a name matches, the best: it took the first, GL before Vulkan.
+        assert_eq!(pick_adapter(&infos, Some("h100")).unwrap(), 2);
+        // An empty name matched every adapter and took the first, the software one.
+        for empty in ["", " "] {
+            let err = pick_adapter(&infos, Some(empty)).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidArgument(_)) && err.to_string().contains("H100"),
+                "{err}"
+            );
+        }
         let err = pick_adapter(&infos, Some("radeon")).unwrap_err();
         assert!(err.to_string().contains("llvmpipe"), "{err}");
         assert!(matches!(
