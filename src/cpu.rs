@@ -134,8 +134,9 @@ fn rows_f32(
     opts: &Options,
 ) -> Result<RowResults> {
     let opts = &opts.resolved();
-    let per_nat = opts.base.per_nat()?;
+    // Shapes first, as the GPU paths check them: the same call gets the same error.
     let q = check_shapes(measure, p, q, cols)?;
+    let per_nat = opts.base.per_nat()?;
     // Values and validity in one pass, as on the GPU; the first offender is located only when
     // a row saw one (or came out NaN, as a row with no mass does).
     let row = |r: usize| {

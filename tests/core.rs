@@ -338,6 +338,20 @@ fn log_bases() {
         e.divergence(Measure::Entropy, &p, None, &bad),
         Err(Error::InvalidArgument(_))
     ));
+    // With a bad shape too, the GPU and the reference name the same one first (the
+    // reference named the base).
+    let kl = Measure::KullbackLeibler;
+    let empty: [f32; 0] = [];
+    for (cols, p, q) in [
+        (1, &empty[..], &empty[..]),
+        (0, &p[..], &p[..]),
+        (3, &p[..2], &p[..2]),
+    ] {
+        let gpu = e.rows(kl, p, Some(q), cols, &bad).unwrap_err();
+        let reference = cpu::rows(kl, p, Some(q), cols, &bad).unwrap_err();
+        assert_eq!(gpu.to_string(), reference.to_string(), "cols {cols}");
+        assert!(!matches!(gpu, Error::InvalidArgument(_)), "{gpu}");
+    }
 }
 
 #[test]
