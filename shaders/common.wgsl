@@ -59,9 +59,10 @@ struct Acc {
 }
 
 // Per-row statistics. For logits: running max m, s' = sum of exp(x - m) over all but the arg-max
-// (so log-sum-exp = m + log1p(s') with no cancellation), and the arg-max index, for P and Q.
-// For normalized probabilities: p_m = sum of P, q_m = sum of Q.
-struct Lse {
+// (so log-sum-exp = m + log1p(s') with no cancellation), and the arg-max index, for P and Q
+// (the log-sum-exp pass's state, Lse, rounded). For normalized probabilities: p_m = sum of P,
+// q_m = sum of Q.
+struct RowStats {
     p_m: f32,
     p_s: f32,
     p_i: u32,
@@ -76,7 +77,7 @@ struct Lse {
 // status: flags, the earliest window and index with an invalid element, and RAN_MARK once a
 // dispatch ran (Workspace::check tells a recording never submitted from valid input).
 @group(0) @binding(4) var<storage, read_write> status: array<atomic<u32>, 4>;
-@group(0) @binding(5) var<storage, read_write> row_lse: array<Lse>;
+@group(0) @binding(5) var<storage, read_write> row_lse: array<RowStats>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
 @group(0) @binding(7) var<storage, read_write> agree: array<u32>;
 // A row the one-pass KL kernel finished (kernels_rel.wgsl) holds ROW_DONE in row_lse[row].p_i

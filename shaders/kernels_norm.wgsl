@@ -137,7 +137,7 @@ fn norm_fold4(s: Norm, x: vec4<f32>, y_in: vec4<f32>, local: u32, c: u32, unused
 // their shifts), and whether the row is proven (see the top of this file).
 struct NormValue { value: f32, proven: bool }
 
-fn norm_value(s: Norm, sums: Lse) -> NormValue {
+fn norm_value(s: Norm, sums: RowStats) -> NormValue {
     let sp = vec2<f32>(sums.p_m, sums.p_s);
     let sq = vec2<f32>(sums.q_m, sums.q_s);
     let clean = s.flags == 0u && s.tiny_p == 0.0 && s.tiny_q == 0.0 && is_finite(s.t_hi)
@@ -186,7 +186,7 @@ fn emit_Norm(row: u32, chunk: u32, total: Norm) {
     let v = norm_value(total, sums);
     if (v.proven) {
         out[prm.out_base + row] = v.value * prm.out_scale;
-        row_lse[row] = Lse(0.0, 0.0, ROW_DONE, 0.0, 0.0, 0u);
+        row_lse[row] = RowStats(0.0, 0.0, ROW_DONE, 0.0, 0.0, 0u);
         return;
     }
     row_lse[row] = sums;

@@ -256,7 +256,7 @@ fn emit_Rel(row: u32, chunk: u32, total: Rel) {
     if (kept) {
         out[prm.out_base + row] = v;
         agree[prm.agree_base + row] = select(0u, 1u, s.xi == s.yi);
-        row_lse[row] = Lse(0.0, 0.0, ROW_DONE, 0.0, 0.0, 0u);
+        row_lse[row] = RowStats(0.0, 0.0, ROW_DONE, 0.0, 0.0, 0u);
         return;
     }
     // Else the row's log-sum-exps, for the terms pass, where these sums give them as well as the
@@ -275,8 +275,8 @@ fn emit_Rel(row: u32, chunk: u32, total: Rel) {
         && is_finite(s.w);
     if (ready) {
         agree[prm.agree_base + row] = select(0u, 1u, s.xi == s.yi);
-        row_lse[row] = Lse(s.xm, s.w - 1.0, s.xi, s.ym, ql, LSE_READY);
+        row_lse[row] = RowStats(s.xm, s.w - 1.0, s.xi, s.ym, ql, LSE_READY);
         return;
     }
-    row_lse[row] = Lse(0.0, 0.0, 0u, 0.0, 0.0, 0u);
+    row_lse[row] = RowStats(0.0, 0.0, 0u, 0.0, 0.0, 0u);
 }

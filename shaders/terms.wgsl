@@ -355,10 +355,10 @@ fn row_sum(hi: f32, lo: f32, tiny: f32) -> vec4<f32> {
 // an f32, what it leaves out, and the power of 2 it is scaled by; see RowCtx), its empty sides
 // reported. Empty by its bits (a flushing adapter compares a subnormal equal to 0).
 fn row_sums_stats(row: u32, p_hi: f32, p_lo: f32, tiny_p: f32, q_hi: f32, q_lo: f32,
-        tiny_q: f32) -> Lse {
+        tiny_q: f32) -> RowStats {
     let sp = row_sum(p_hi, p_lo, tiny_p);
     let sq = row_sum(q_hi, q_lo, tiny_q);
     if (is_zero(sp.x)) { report_bad(row * prm.elem_row_len, FLAG_P_EMPTY); }
     if (uses_q() && is_zero(sq.x)) { report_bad(row * prm.elem_row_len, FLAG_Q_EMPTY); }
-    return Lse(sp.x, sp.y, u32(sp.z), sq.x, sq.y, u32(sq.z));
+    return RowStats(sp.x, sp.y, u32(sp.z), sq.x, sq.y, u32(sq.z));
 }

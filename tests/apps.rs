@@ -1590,6 +1590,55 @@ fn an_error_of_other_work_does_not_take_a_recordings_verdict() {
     assert_close(e.kl_divergence(&pp, &qq).unwrap(), want, "the call after");
 }
 
+#[test]
+fn rows_of_equal_logits_keep_their_log_sum_exp_to_an_ulp() {
+    // The log-sum-exp pass added e^(z − max) in plain f32, up to 1024 columns in a run on a
+    // CPU adapter's plan: 1023 equal logits all round one way, and the sum came out 32 ulp
+    // off, the gradient 9.5 times its bound and the loss 6 times its bar (one-hot targets, and
+    // targets that round softmax(z) to f32 and sum to 1). Rows of 8 so that a row is one
+    // invocation's run, through both loads (at an offset of one element: scalar).
+    let e = engine();
+    let cols = 1024;
+    for z0 in [-6.683_088_3f32, -0.650_988_34, -6.700_116_6] {
+        let mut z = vec![z0; 8 * cols];
+        z.iter_mut().step_by(cols).for_each(|x| *x = 0.0);
+        let row = &z[..cols];
+        let max_sum: f64 = row.iter().map(|&x| (x as f64).exp()).sum();
+        // One-hot at column 1; the rounded softmax, its sum moved onto column 0 to be 1.
+        let mut one_hot = vec![0.0f32; 8 * cols];
+        one_hot
+            .iter_mut()
+            .skip(1)
+            .step_by(cols)
+            .for_each(|x| *x = 1.0);
+        let mut rounded: Vec<f32> = row
+            .iter()
+            .map(|&x| ((x as f64).exp() / max_sum) as f32)
+            .collect();
+        let rest: f64 = rounded[1..].iter().map(|&x| x as f64).sum();
+        rounded[0] = (1.0 - rest) as f32;
+        let rounded = rounded.repeat(8);
+        for t in [&one_hot, &rounded] {
+            for offset in [0, 1] {
+                let pad = |v: &[f32]| [&vec![0.5f32; offset][..], v].concat();
+                let (tb, zb) = (upload(e, "t", &pad(t)), upload(e, "z", &pad(&z)));
+                let grad = upload(e, "grad", &vec![f32::NAN; 8 * cols + offset]);
+                let at = 4 * offset as u64..;
+                let loss = e
+                    .kl_loss_and_grad_buffers(
+                        tb.slice(at.clone()),
+                        zb.slice(at.clone()),
+                        cols,
+                        grad.slice(at.clone()),
+                    )
+                    .unwrap();
+                let g = e.read_f32(grad.slice(at)).unwrap();
+                check_loss_rows(&loss, &g, t, &z, cols, &format!("z0 {z0}, offset {offset}"));
+            }
+        }
+    }
+}
+
 /// [`check_loss_row`] for every row of a batch of `cols` columns.
 fn check_loss_rows(loss: &[f64], grad: &[f32], t: &[f32], z: &[f32], cols: usize, what: &str) {
     for (row, &row_loss) in loss.iter().enumerate() {
