@@ -3,7 +3,8 @@
 @group(0) @binding(3) var<storage, read_write> partials: array<Lse>;
 
 fn side_of(x: f32, col: u32) -> Side {
-    return Side(x, 0.0, 0.0, select(col, 0xffffffffu, x == neg_inf()));
+    if (x == neg_inf()) { return empty_side(); }
+    return Side(x, x, 1.0, 0.0, 0.0, col);
 }
 
 // One logit pair (column c) as a state of its own. An invalid value is noted; the state it
@@ -14,7 +15,7 @@ fn lse_element(x: f32, y_in: f32, local: u32, c: u32, unused: u32) -> Lse {
     note_bad(local, is_bad(x) || is_bad(y));
     let sp = side_of(x, c);
     let sq = side_of(y, c);
-    return Lse(sp.m, sp.s, sp.c, sp.i, sq.m, sq.s, sq.c, sq.i);
+    return lse_of(sp, sq);
 }
 
 // Four neighbouring columns of one side as one state: their max, the first column that holds
@@ -25,20 +26,25 @@ fn side4(x: vec4<f32>, c: u32) -> Side {
     let j = first_of(x, m);
     let others = select(vec4<f32>(0.0), exp(x - vec4<f32>(m)), vec4<u32>(0u, 1u, 2u, 3u) != vec4<u32>(j));
     // All four −inf (p = 0): no mass and no arg-max, as side_of gives (x − m is NaN there).
-    let empty = m == neg_inf();
-    return Side(m, select((others.x + others.y) + (others.z + others.w), 0.0, empty), 0.0,
-        select(c + j, 0xffffffffu, empty));
+    if (m == neg_inf()) { return empty_side(); }
+    return Side(m, m, 1.0, (others.x + others.y) + (others.z + others.w), 0.0, c + j);
 }
 
 fn lse_element4(x: vec4<f32>, y_in: vec4<f32>, local: u32, c: u32, unused: u32) -> Lse {
     let y = checked4(x, y_in, local, neg_inf());
     let sp = side4(x, c);
     let sq = side4(y, c);
-    return Lse(sp.m, sp.s, sp.c, sp.i, sq.m, sq.s, sq.c, sq.i);
+    return lse_of(sp, sq);
 }
 
 fn fold4_lse(st: Lse, x: vec4<f32>, y: vec4<f32>, local: u32, c: u32, unused: u32) -> Lse {
     return combine_Lse(st, lse_element4(x, y, local, c, unused));
+}
+
+// A side as RowStats keeps it (the sum against its max) in the frame of the state.
+fn side_at_max(m: f32, s: f32, i: u32) -> Side {
+    if (m == neg_inf()) { return empty_side(); }
+    return Side(m, m, 1.0, s, 0.0, i);
 }
 
 fn emit_Lse(row: u32, chunk: u32, total: Lse) {
@@ -49,9 +55,11 @@ fn emit_Lse(row: u32, chunk: u32, total: Lse) {
     var t = total;
     if ((MODE & MODE_ACCUMULATE) != 0u) {
         let r = row_lse[0];
-        t = combine_Lse(Lse(r.p_m, r.p_s, 0.0, r.p_i, r.q_m, r.q_s, 0.0, r.q_i), t);
+        t = combine_Lse(lse_of(side_at_max(r.p_m, r.p_s, r.p_i), side_at_max(r.q_m, r.q_s, r.q_i)),
+            t);
     }
-    row_lse[row] = RowStats(t.p_m, t.p_s + t.p_c, t.p_i, t.q_m, t.q_s + t.q_c, t.q_i);
+    row_lse[row] = RowStats(t.p_m, others_at_max(t.p_s, t.p_c, t.p_a), t.p_i, t.q_m,
+        others_at_max(t.q_s, t.q_c, t.q_a), t.q_i);
     if ((MODE & MODE_KEEP) != 0u) { return; }
     if (t.p_m == neg_inf()) { report_bad(row * prm.elem_row_len, FLAG_P_EMPTY); }
     if (uses_q()) {

@@ -48,41 +48,68 @@ fn add_resid(a: Acc, resid: f32) -> Acc {
 
 // ---- log-sum-exp with arg-max (Lse) ----
 
-// RowStats' logits fields (max, Σ e^(x − max) over the other columns, arg-max) with what each
-// sum's f32 leaves out (c): an invocation adds up to 1024 columns in a row (CPU adapters'
-// plans), and the roundings of equal terms all go one way. Plain, the sum of 1023 equal
-// logits came out 32 ulp off, the loss's gradient (softmax(z) − t) 9.5 times its bound.
+// One side (P's or Q's logits) of the log-sum-exp pass's state: the max m, its first column i,
+// and the other columns' Σ e^(x − b) as s + c (c what s's f32 leaves out), against a base b
+// that stays put while the max rises by up to LSE_BASE_SPAN above it (a = e^(m − b), the
+// max's own term, in [1, e^LSE_BASE_SPAN]); RowStats takes (s + c)/a, the sum against m. An
+// invocation adds up to 1024 columns in a run (CPU adapters' plans): summed plainly, the
+// roundings of 1023 equal terms all went one way (32 ulp), and rescaled to each new max, a
+// rising row compounded a rounding per column (29 ulp); the loss's gradient broke its bound
+// 9.5 and 7.4 times. Now the running sum is rescaled only when the max passes b + SPAN, by
+// e^(−SPAN) or less, so old roundings fade; a positive exponent is at most SPAN, where exp
+// and the difference are good to an ulp or two.
 struct Lse {
-    p_m: f32, p_s: f32, p_c: f32, p_i: u32,
-    q_m: f32, q_s: f32, q_c: f32, q_i: u32,
+    p_m: f32, p_b: f32, p_a: f32, p_s: f32, p_c: f32, p_i: u32,
+    q_m: f32, q_b: f32, q_a: f32, q_s: f32, q_c: f32, q_i: u32,
 }
 
-struct Side { m: f32, s: f32, c: f32, i: u32 }
+struct Side { m: f32, b: f32, a: f32, s: f32, c: f32, i: u32 }
 
-fn merge_side(a: Side, b: Side) -> Side {
-    var hi = a;
-    var lo = b;
-    if (b.m > a.m || (b.m == a.m && b.i < a.i)) {
-        hi = b;
-        lo = a;
+const LSE_BASE_SPAN: f32 = 1.0;
+
+// No logit: no mass, no arg-max.
+fn empty_side() -> Side { return Side(neg_inf(), neg_inf(), 0.0, 0.0, 0.0, 0xffffffffu); }
+
+// The merge in `first`'s base (the running state, in a loop), or where the larger max is more
+// than LSE_BASE_SPAN above it, in that max's side's base.
+fn merge_side(first: Side, second: Side) -> Side {
+    var hi = first;
+    var lo = second;
+    if (second.m > first.m || (second.m == first.m && second.i < first.i)) {
+        hi = second;
+        lo = first;
     }
-    if (lo.m == neg_inf()) {
-        return Side(hi.m, hi.s + lo.s, hi.c + lo.c, hi.i);
-    }
-    let f = exp(lo.m - hi.m);
-    let s = two_sum(hi.s, (1.0 + lo.s) * f);
-    return Side(hi.m, s.x, hi.c + (lo.c * f + s.y), hi.i);
+    if (lo.m == neg_inf()) { return hi; }
+    let base = select(hi.b, first.b, hi.m - first.b <= LSE_BASE_SPAN);
+    // The side not in `base` scales by e^(its b − base); the other's factor is 1.
+    let hi_in_base = hi.b == base;
+    let f = exp(select(hi.b, lo.b, hi_in_base) - base);
+    let fh = select(f, 1.0, hi_in_base);
+    let fl = select(1.0, f, hi_in_base);
+    // lo's max is one of the others now. Either sum may be the large running one: both adds
+    // are TwoSums.
+    let u = two_sum(hi.s * fh, lo.s * fl);
+    let v = two_sum(u.x, lo.a * fl);
+    return Side(hi.m, base, hi.a * fh, v.x, (hi.c * fh + lo.c * fl) + (u.y + v.y), hi.i);
 }
 
 fn identity_Lse() -> Lse {
-    return Lse(neg_inf(), 0.0, 0.0, 0xffffffffu, neg_inf(), 0.0, 0.0, 0xffffffffu);
+    let e = empty_side();
+    return Lse(e.m, e.b, e.a, e.s, e.c, e.i, e.m, e.b, e.a, e.s, e.c, e.i);
 }
 
-fn combine_Lse(a: Lse, b: Lse) -> Lse {
-    let p = merge_side(Side(a.p_m, a.p_s, a.p_c, a.p_i), Side(b.p_m, b.p_s, b.p_c, b.p_i));
-    let q = merge_side(Side(a.q_m, a.q_s, a.q_c, a.q_i), Side(b.q_m, b.q_s, b.q_c, b.q_i));
-    return Lse(p.m, p.s, p.c, p.i, q.m, q.s, q.c, q.i);
+fn lse_of(p: Side, q: Side) -> Lse { return Lse(p.m, p.b, p.a, p.s, p.c, p.i, q.m, q.b, q.a, q.s, q.c, q.i); }
+
+fn combine_Lse(x: Lse, y: Lse) -> Lse {
+    let p = merge_side(Side(x.p_m, x.p_b, x.p_a, x.p_s, x.p_c, x.p_i),
+        Side(y.p_m, y.p_b, y.p_a, y.p_s, y.p_c, y.p_i));
+    let q = merge_side(Side(x.q_m, x.q_b, x.q_a, x.q_s, x.q_c, x.q_i),
+        Side(y.q_m, y.q_b, y.q_a, y.q_s, y.q_c, y.q_i));
+    return lse_of(p, q);
 }
+
+// The sum of the others against the max, (s + c)/a (0 where there is no logit).
+fn others_at_max(s: f32, c: f32, a: f32) -> f32 { return select((s + c) / a, 0.0, a == 0.0); }
 
 // ---- one pass over logits (Soft; combine in kernels_soft.wgsl) ----
 

@@ -186,8 +186,8 @@ pub(crate) struct Params {
 
 /// Size of `RowStats` in the shaders (six 4-byte words), the per-row statistics.
 pub(crate) const MONOID_BYTES: u64 = 24;
-/// Room for the largest partial a dispatch writes: `Rel` (twelve words; `Norm` has eleven,
-/// `Soft` and `Lse` eight, `Acc` seven).
+/// Room for the largest partial a dispatch writes: `Rel` and `Lse` (twelve words; `Norm` has
+/// eleven, `Soft` eight, `Acc` seven).
 pub(crate) const PARTIAL_BYTES: u64 = 48;
 
 /// The lines after `//---- NAME` in a WGSL file, up to the next such marker: the files hold
@@ -611,7 +611,7 @@ mod tests {
         .join("\n");
         for (monoid, fields) in [
             ("Acc", 7),
-            ("Lse", 8),
+            ("Lse", 12),
             ("Soft", 8),
             ("Rel", 12),
             ("Norm", 11),

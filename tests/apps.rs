@@ -1591,52 +1591,85 @@ fn an_error_of_other_work_does_not_take_a_recordings_verdict() {
 }
 
 #[test]
-fn rows_of_equal_logits_keep_their_log_sum_exp_to_an_ulp() {
+fn log_sum_exps_keep_to_an_ulp_on_equal_and_rising_rows() {
     // The log-sum-exp pass added e^(z − max) in plain f32, up to 1024 columns in a run on a
     // CPU adapter's plan: 1023 equal logits all round one way, and the sum came out 32 ulp
     // off, the gradient 9.5 times its bound and the loss 6 times its bar (one-hot targets, and
-    // targets that round softmax(z) to f32 and sum to 1). Rows of 8 so that a row is one
+    // targets that round softmax(z) to f32 and sum to 1). And it rescaled the sum to each new
+    // max: rows whose logits rise compounded a rounding a column (29 ulp; the gradient 7.4
+    // times its bound, KL of close rows 34 times the bar). Rows of 8, so that a row is one
     // invocation's run, through both loads (at an offset of one element: scalar).
     let e = engine();
+    let rows = 8;
+    let check = |z: &[f32], t: &[f32], cols: usize, what: &str| {
+        for offset in [0, 1] {
+            let pad = |v: &[f32]| [&vec![0.5f32; offset][..], v].concat();
+            let (tb, zb) = (upload(e, "t", &pad(t)), upload(e, "z", &pad(z)));
+            let grad = upload(e, "grad", &vec![f32::NAN; rows * cols + offset]);
+            let at = 4 * offset as u64..;
+            let loss = e
+                .kl_loss_and_grad_buffers(
+                    tb.slice(at.clone()),
+                    zb.slice(at.clone()),
+                    cols,
+                    grad.slice(at.clone()),
+                )
+                .unwrap();
+            let g = e.read_f32(grad.slice(at)).unwrap();
+            check_loss_rows(&loss, &g, t, z, cols, &format!("{what}, offset {offset}"));
+        }
+    };
+    let one_hot = |cols: usize| {
+        let mut t = vec![0.0f32; rows * cols];
+        t.iter_mut().skip(1).step_by(cols).for_each(|x| *x = 1.0);
+        t
+    };
     let cols = 1024;
     for z0 in [-6.683_088_3f32, -0.650_988_34, -6.700_116_6] {
-        let mut z = vec![z0; 8 * cols];
+        let mut z = vec![z0; rows * cols];
         z.iter_mut().step_by(cols).for_each(|x| *x = 0.0);
         let row = &z[..cols];
         let max_sum: f64 = row.iter().map(|&x| (x as f64).exp()).sum();
-        // One-hot at column 1; the rounded softmax, its sum moved onto column 0 to be 1.
-        let mut one_hot = vec![0.0f32; 8 * cols];
-        one_hot
-            .iter_mut()
-            .skip(1)
-            .step_by(cols)
-            .for_each(|x| *x = 1.0);
+        // The rounded softmax, its sum moved onto column 0 to be 1.
         let mut rounded: Vec<f32> = row
             .iter()
             .map(|&x| ((x as f64).exp() / max_sum) as f32)
             .collect();
         let rest: f64 = rounded[1..].iter().map(|&x| x as f64).sum();
         rounded[0] = (1.0 - rest) as f32;
-        let rounded = rounded.repeat(8);
-        for t in [&one_hot, &rounded] {
-            for offset in [0, 1] {
-                let pad = |v: &[f32]| [&vec![0.5f32; offset][..], v].concat();
-                let (tb, zb) = (upload(e, "t", &pad(t)), upload(e, "z", &pad(&z)));
-                let grad = upload(e, "grad", &vec![f32::NAN; 8 * cols + offset]);
-                let at = 4 * offset as u64..;
-                let loss = e
-                    .kl_loss_and_grad_buffers(
-                        tb.slice(at.clone()),
-                        zb.slice(at.clone()),
-                        cols,
-                        grad.slice(at.clone()),
-                    )
-                    .unwrap();
-                let g = e.read_f32(grad.slice(at)).unwrap();
-                check_loss_rows(&loss, &g, t, &z, cols, &format!("z0 {z0}, offset {offset}"));
-            }
-        }
+        check(&z, &one_hot(cols), cols, &format!("z0 {z0}, one-hot"));
+        check(
+            &z,
+            &rounded.repeat(rows),
+            cols,
+            &format!("z0 {z0}, rounded"),
+        );
     }
+    // Rising rows: steps of 2^-10 and 2^-12, and sorted normal logits (σ 3).
+    let mut r = rng(47);
+    for (cols, step) in [(1024, 1.0 / 1024.0), (4096, 1.0 / 4096.0)] {
+        let z: Vec<f32> = (0..rows * cols).map(|i| (i % cols) as f32 * step).collect();
+        check(&z, &one_hot(cols), cols, &format!("rising by {step}"));
+    }
+    let cols = 32_000;
+    let mut z = logits(&mut r, rows * cols, 3.0);
+    z.chunks_mut(cols)
+        .for_each(|row| row.sort_by(f32::total_cmp));
+    check(&z, &one_hot(cols), cols, "sorted");
+    // KL of close models whose logits rise along the row: 1.3e-4 relative, for the bar's 1e-5.
+    let cols = 4096;
+    let p: Vec<f32> = (0..rows * cols)
+        .map(|i| (i % cols) as f32 * 8.0 / cols as f32)
+        .collect();
+    let q: Vec<f32> = p
+        .iter()
+        .map(|&x| x + 1e-3 * (r.random::<f32>() - 0.5))
+        .collect();
+    let opts = Options::input(Input::Logits);
+    let kl = Measure::KullbackLeibler;
+    let got = e.rows(kl, &p, Some(&q), cols, &opts).unwrap();
+    let want = cpu::rows(kl, &p, Some(&q), cols, &opts).unwrap();
+    assert_rows_close(&got.values, &want.values, "KL of rising close logits");
 }
 
 /// [`check_loss_row`] for every row of a batch of `cols` columns.
