@@ -16,9 +16,9 @@ use crate::types::{Element, Input, Measure, Options, RowResults, widened};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tuning {
     /// Columns each invocation aims to take: a row gets the fewest power-of-two lanes (up to a
-    /// workgroup) that leave each at most this many, and a longer row is split into chunks
-    /// only as far as each invocation keeps at least this many. Higher: fewer lanes per row
-    /// and fewer chunks. `None` (the default) picks one for the adapter
+    /// workgroup) that leave each at most this many (a dispatch of a few short rows widens them
+    /// to fill a small workgroup), and a longer row is split into chunks only as far as each
+    /// invocation keeps at least this many. Higher: fewer lanes per row and fewer chunks. `None` (the default) picks one for the adapter
     /// ([`PlanLimits::for_adapter`](crate::plan::PlanLimits::for_adapter)).
     pub min_iterations: Option<u32>,
     /// Workgroups to aim for in one dispatch. `None` (the default) picks a number for the
@@ -511,7 +511,13 @@ impl Engine {
             .set_device_lost_callback(move |reason, message| {
                 let mut slot = lost.lock().unwrap_or_else(|p| p.into_inner());
                 slot.get_or_insert_with(|| {
-                    format!("the GPU device was lost ({reason:?}): {message}")
+                    // A destroyed device's message is empty.
+                    let message = if message.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {message}")
+                    };
+                    format!("the GPU device was lost ({reason:?}){message}")
                 });
             });
         let stray = engine.gpu.stray.clone();

@@ -822,6 +822,8 @@ impl Gpu {
     /// calls (its lost callback reports the loss), but a buffer made on it is invalid, and
     /// writing to that buffer is a validation error. Only error paths ask.
     fn device_is_invalid(&self) -> bool {
+        // Out of memory, a canary would be invalid on a healthy device too.
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let canary = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("klgpu.canary"),
@@ -831,7 +833,8 @@ impl Gpu {
         });
         // Dropped, not destroyed: the write waits in the queue until the next submit.
         self.queue.write_buffer(&canary, 0, &[0; 4]);
-        pollster::block_on(validation.pop()).is_some()
+        let invalid = pollster::block_on(validation.pop()).is_some();
+        pollster::block_on(oom.pop()).is_none() && invalid
     }
 
     /// `Error::Gpu(message)`, or the device's loss where that is its cause ([`Gpu::or_lost`]).

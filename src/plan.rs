@@ -153,7 +153,7 @@ impl PlanLimits {
     /// Limits from byte sizes with the default tuning; the window is a whole number of
     /// granules.
     pub fn from_bytes(max_binding_bytes: u64, budget_bytes: u64, max_workgroups: u32) -> Self {
-        let elems = max_binding_bytes.min(budget_bytes) / 4;
+        let elems = (max_binding_bytes.min(budget_bytes) / 4).min(longest_window(max_workgroups));
         PlanLimits {
             window_elems: (elems / WINDOW_GRANULE * WINDOW_GRANULE).max(WINDOW_GRANULE),
             // Buffers are made in whole 16-byte units: the state of this many rows, rounded
@@ -321,6 +321,14 @@ fn fit_workgroup(rows: u32, lanes: u32, small: u32) -> (u32, u32) {
     }
 }
 
+/// The most elements a window may hold: a row segment takes at most `max_workgroups` chunks of
+/// a workgroup's lanes, each lane at most [`MAX_ITERATIONS`] columns. A caller's device may
+/// allow few workgroups, and llvmpipe silently cuts a longer loop (one workgroup of 256 lanes
+/// over 17M elements returned entropy 0.25 for 16.5). A multiple of [`WINDOW_GRANULE`].
+pub fn longest_window(max_workgroups: u32) -> u64 {
+    max_workgroups.max(1) as u64 * WORKGROUP_SIZE as u64 * MAX_ITERATIONS as u64
+}
+
 /// Lanes per row: the fewest (a power of two, at most a workgroup) that leave each at most
 /// `min_iterations` columns.
 fn lanes_for(cols: u64, min_iterations: u64) -> u32 {
@@ -405,13 +413,12 @@ impl Plan {
             rows > 0 && (1..=MAX_COLUMNS).contains(&cols) && rows.checked_mul(cols).is_some(),
             "Plan::new({rows}, {cols}): the caller validates shapes first"
         );
-        // A row segment takes at most max_workgroups chunks of a workgroup's lanes, each lane
-        // at most MAX_ITERATIONS columns: no window is longer (a caller's device may allow few
-        // workgroups, and llvmpipe silently cuts a longer loop: one workgroup of 256 lanes
-        // over 17M elements returned KL 0.0043 for 0.28).
-        let per_dispatch =
-            limits.max_workgroups.max(1) as u64 * WORKGROUP_SIZE as u64 * MAX_ITERATIONS as u64;
-        let cap = limits.window_elems.max(WINDOW_GRANULE).min(per_dispatch);
+        // No window longer than a dispatch's loops cover (from_bytes's limits hold to it; these
+        // may be made up).
+        let cap = limits
+            .window_elems
+            .max(WINDOW_GRANULE)
+            .min(longest_window(limits.max_workgroups));
         let mut windows = Vec::new();
         let window = |row_begin: u64, rows: u32, col_begin: u64, col_end: u64, split| {
             let row_len = col_end - col_begin;
@@ -560,6 +567,10 @@ mod tests {
             window_elems: 32 << 20,
             ..one
         };
+        assert_eq!(
+            PlanLimits::from_bytes(1 << 30, 1 << 30, 1).window_elems,
+            longest_window(1)
+        );
         for (rows, cols) in [(1, 17_000_000), (1000, 17_000), (3, 5_000_000)] {
             let plan = Plan::new(rows, cols, big_windows);
             assert_eq!(covered(&plan), rows * cols);

@@ -86,7 +86,12 @@ fn scale_for(values: &[f64]) -> f64 {
 /// f64::MAX is not +∞ because their sum is.
 pub(crate) fn mean(values: &[f64]) -> f64 {
     let scale = scale_for(values);
-    crate::cpu::compensated_sum(values.iter().map(|&x| x * scale)) / values.len() as f64 / scale
+    scaled_mean(values, scale) / scale
+}
+
+/// The mean of `values` times `scale`.
+fn scaled_mean(values: &[f64], scale: f64) -> f64 {
+    crate::cpu::compensated_sum(values.iter().map(|&x| x * scale)) / values.len() as f64
 }
 
 /// Summarizes `values`; `None` when there are none.
@@ -96,7 +101,7 @@ pub fn summarize(values: &[f64]) -> Option<Summary> {
     }
     let n = values.len();
     let scale = scale_for(values);
-    let mean = crate::cpu::compensated_sum(values.iter().map(|&x| x * scale)) / n as f64;
+    let mean = scaled_mean(values, scale);
     let stderr = (n > 1).then(|| {
         if !mean.is_finite() {
             return f64::NAN;

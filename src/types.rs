@@ -235,8 +235,9 @@ pub enum Reduction {
     None,
     /// Sum over rows.
     Sum,
-    /// Mean over rows: the sum divided by the number of rows. This is PyTorch's
-    /// `reduction="batchmean"`, not a mean over all elements.
+    /// Mean over rows: the sum divided by the number of rows (taken scaled by a power of two,
+    /// so that rows near f64's ends, whose sum overflows, still have a finite mean). This is
+    /// PyTorch's `reduction="batchmean"`, not a mean over all elements.
     MeanOverRows,
 }
 

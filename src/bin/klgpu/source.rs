@@ -765,10 +765,10 @@ mod tests {
         let header = r#"{"p":{"dtype":"F32","shape":[4],"data_offsets":[0,12]}}"#;
         let err = open(&safetensors_file(header, &[0; 12])).unwrap_err();
         assert!(
-            err.to_string().contains(
-                "bad safetensors header: invalid shape, data type, or offset for tensor (tensor \
-                 'p': shape [4] of F32 needs 16 bytes, its data_offsets [0, 12] hold 12)"
-            ),
+            err.to_string().contains("bad safetensors header: ")
+                && err.to_string().contains(
+                    "(tensor 'p': shape [4] of F32 needs 16 bytes, its data_offsets [0, 12] hold 12)"
+                ),
             "{err}"
         );
     }
