@@ -327,8 +327,8 @@ struct UnmapOnDrop<'a> {
     buffer: &'a wgpu::Buffer,
     /// `MAP_PENDING` until the map's callback says `MAP_DONE` or `MAP_FAILED`.
     state: Arc<AtomicU8>,
-    /// Where a pending map must settle before the unmap (calls that take turns: OpenGL): the
-    /// device and the submission the map waits for.
+    /// Where a pending map must settle before the unmap: the device and the submission the map
+    /// waits for.
     settle: Option<(wgpu::Device, wgpu::SubmissionIndex)>,
 }
 
@@ -338,11 +338,12 @@ const MAP_FAILED: u8 = 2;
 
 impl Drop for UnmapOnDrop<'_> {
     fn drop(&mut self) {
-        // On OpenGL, a dropped future's unmap of a pending map met the polling thread
-        // finishing it: wgpu-core marks the buffer idle while it maps, so the unmap failed
-        // ("Buffer is not mapped", an uncaptured error) and the map then completed with no one
-        // to unmap it, failing that readback's every later use. There the drop waits for the
-        // submission (work llvmpipe GL has done at submission already) and the callback first.
+        // A dropped future's unmap of a pending map met another thread's poll finishing it
+        // (on OpenGL the polling thread; on Vulkan any thread's klgpu call): wgpu-core marks
+        // the buffer idle while it maps, so the unmap failed ("Buffer is not mapped", an
+        // uncaptured error: a panic on a caller's device with wgpu's default handler) and the
+        // map then completed with no one to unmap it, failing that readback's every later
+        // use. So the drop waits for the submission and the callback first.
         if self.state.load(Ordering::Acquire) == MAP_PENDING
             && let Some((device, index)) = self.settle.take()
         {
@@ -1515,10 +1516,7 @@ impl Gpu {
         let unmap = UnmapOnDrop {
             buffer,
             state: Arc::new(AtomicU8::new(MAP_PENDING)),
-            settle: self
-                .serial
-                .is_some()
-                .then(|| (self.device.clone(), index.clone())),
+            settle: Some((self.device.clone(), index.clone())),
         };
         let state = unmap.state.clone();
         // In scopes: on a caller's device a failed map (a lost device) would go to its
