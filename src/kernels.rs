@@ -524,8 +524,15 @@ impl Kernels {
             workgroup_size,
         };
         let Loads { dtype, wide } = loads;
-        let mut pipelines = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = pipelines.get(&key) {
+        // Compiled outside the lock: held, every thread's call waited for one thread's compile
+        // (on llvmpipe, a tenth of a second to seconds), also for pipelines long cached. Two
+        // threads may compile the same one; the first kept is used.
+        if let Some(p) = self
+            .pipelines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
             return p.clone();
         }
         let module = {
@@ -579,8 +586,12 @@ impl Kernels {
             },
             cache: None,
         });
-        pipelines.insert(key, pipeline.clone());
-        pipeline
+        self.pipelines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_insert(pipeline)
+            .clone()
     }
 }
 
