@@ -339,7 +339,10 @@ pub(crate) fn shader_source(
             include_str!("../shaders/terms.wgsl"),
             include_str!("../shaders/kernels_norm.wgsl")
         ),
-        _ => include_str!("../shaders/kernels_lse.wgsl"),
+        _ => concat!(
+            include_str!("../shaders/terms.wgsl"),
+            include_str!("../shaders/kernels_lse.wgsl")
+        ),
     };
     let (sg_params, sg_value) = if subgroups {
         (
