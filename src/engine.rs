@@ -18,7 +18,8 @@ pub struct Tuning {
     /// Columns each invocation aims to take: a row gets the fewest power-of-two lanes (up to a
     /// workgroup) that leave each at most this many (a dispatch of a few short rows widens them
     /// to fill a small workgroup), and a longer row is split into chunks only as far as each
-    /// invocation keeps at least this many. Higher: fewer lanes per row and fewer chunks. `None` (the default) picks one for the adapter
+    /// invocation keeps at least this many. Higher: fewer lanes per row and fewer chunks.
+    /// `None` (the default) picks one for the adapter
     /// ([`PlanLimits::for_adapter`](crate::plan::PlanLimits::for_adapter)).
     pub min_iterations: Option<u32>,
     /// Workgroups to aim for in one dispatch. `None` (the default) picks a number for the
@@ -90,12 +91,12 @@ pub struct Tuning {
     /// enough for their JS. JS is expanded in the sums' relative difference ε, and a row is
     /// kept where the truncation bound, about ε²·JS/28 + |ε|³/8, is below 2^-22 of the value:
     /// distributions rounded to f16 or bf16 (|ε| up to ~7e-5) at any JS, |ε| = 1e-3 where JS
-    /// is above 6.2e-4, none with |ε| above 2.6e-3, so no rows a few percent short. It reads them once, with the arithmetic
-    /// of plain JS (shaders/kernels_norm.wgsl). On by default: on lavapipe (4000 × 1000) rows it
-    /// finishes run 1.6× faster and rows it leaves (sums 3.7 times apart) about 1.4× slower
-    /// (`roof_ratios --one-pass-normalized-js 0|1 JSnorm,JSnormS`); on a GPU, where a read
-    /// costs more than the arithmetic, rows it leaves read the data twice, as the two passes
-    /// do. No GPU has timed it yet.
+    /// is above 6.2e-4, none with |ε| above 2.6e-3, so no rows a few percent short. It reads
+    /// them once, with the arithmetic of plain JS (shaders/kernels_norm.wgsl). On by default:
+    /// on lavapipe (4000 × 1000) rows it finishes run 1.6× faster and rows it leaves (sums 3.7
+    /// times apart) about 1.4× slower (`roof_ratios --one-pass-normalized-js 0|1
+    /// JSnorm,JSnormS`); on a GPU, where a read costs more than the arithmetic, rows it leaves
+    /// read the data twice, as the two passes do. No GPU has timed it yet.
     pub one_pass_normalized_js: bool,
 }
 

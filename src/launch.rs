@@ -327,9 +327,9 @@ struct UnmapOnDrop<'a> {
     buffer: &'a wgpu::Buffer,
     /// `MAP_PENDING` until the map's callback says `MAP_DONE` or `MAP_FAILED`.
     state: Arc<AtomicU8>,
-    /// Where a pending map must settle before the unmap: the device and the submission the map
-    /// waits for.
-    settle: Option<(wgpu::Device, wgpu::SubmissionIndex)>,
+    /// The device, and the submission the map waits for: a pending map settles before the unmap.
+    device: &'a wgpu::Device,
+    index: wgpu::SubmissionIndex,
 }
 
 const MAP_PENDING: u8 = 0;
@@ -344,11 +344,9 @@ impl Drop for UnmapOnDrop<'_> {
         // uncaptured error: a panic on a caller's device with wgpu's default handler) and the
         // map then completed with no one to unmap it, failing that readback's every later
         // use. So the drop waits for the submission and the callback first.
-        if self.state.load(Ordering::Acquire) == MAP_PENDING
-            && let Some((device, index)) = self.settle.take()
-        {
-            let _ = device.poll(wgpu::PollType::Wait {
-                submission_index: Some(index),
+        if self.state.load(Ordering::Acquire) == MAP_PENDING {
+            let _ = self.device.poll(wgpu::PollType::Wait {
+                submission_index: Some(self.index.clone()),
                 timeout: None,
             });
             // The callback runs on the thread whose poll retired the submission: soon.
@@ -1516,7 +1514,8 @@ impl Gpu {
         let unmap = UnmapOnDrop {
             buffer,
             state: Arc::new(AtomicU8::new(MAP_PENDING)),
-            settle: Some((self.device.clone(), index.clone())),
+            device: &self.device,
+            index: index.clone(),
         };
         let state = unmap.state.clone();
         // In scopes: on a caller's device a failed map (a lost device) would go to its
