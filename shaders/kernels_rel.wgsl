@@ -38,7 +38,7 @@ const REL_FLOOR: f32 = 1.9073486328125e-6;
 
 fn identity_Rel() -> Rel {
     return Rel(neg_inf(), 0.0, REL_NO_COL, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, neg_inf(), REL_NO_COL,
-        0u);
+        0u, 0.0, 0.0, 0.0);
 }
 
 // expm1(a), φ(−a) = e^a − 1 − a and e^a, each to a few ulp: by φ's series for |a| <= 1 (no
@@ -69,17 +69,21 @@ fn rel_rebase(s: Rel, mx: f32, c: f32) -> Rel {
     // range while the sums it scales are huge (a logit of −1e36 in Q).
     let k = exp_low(s.xm - mx);
     let q1 = ed * s.q;
+    // The low parts move as the sums do (the map is linear in W, F and B).
+    let f1_lo = (s.f_lo + s.w_lo * em.y) + e1 * s.b_lo;
+    let b1_lo = s.w_lo * e1 + ed * s.b_lo;
     return Rel(mx, k.x * (s.w * k.y), s.xi, c, k.x * ((f1 + lo * b1) * k.y),
         k.x * ((g1 + abs(lo) * ba1) * k.y), k.x * ((b1 + lo * (b1 + s.w)) * k.y),
         k.x * ((ba1 + abs(lo) * (ba1 + s.w)) * k.y), k.x * ((q1 + lo * q1) * k.y), s.ym, s.yi,
-        s.flags);
+        s.flags, k.x * (s.w_lo * k.y), k.x * (f1_lo * k.y), k.x * (b1_lo * k.y));
 }
 
 // s in (mx, c) where it holds mass; an empty state only takes the frame (its sums are 0, and
 // its reference could be anything).
 fn rel_moved(s: Rel, mx: f32, c: f32) -> Rel {
     if (s.w == 0.0) {
-        return Rel(mx, 0.0, s.xi, c, 0.0, 0.0, 0.0, 0.0, 0.0, s.ym, s.yi, s.flags);
+        return Rel(mx, 0.0, s.xi, c, 0.0, 0.0, 0.0, 0.0, 0.0, s.ym, s.yi, s.flags, 0.0, 0.0,
+            0.0);
     }
     return rel_rebase(s, mx, c);
 }
@@ -98,9 +102,12 @@ fn combine_Rel(a: Rel, b: Rel) -> Rel {
     }
     let low = rel_moved(other, top.xm, top.c);
     let y_a = rel_first(a.ym, a.yi, b.ym, b.yi);
-    return Rel(top.xm, top.w + low.w, top.xi, top.c, top.f + low.f, top.g + low.g, top.b + low.b,
-        top.ba + low.ba, top.q + low.q, select(b.ym, a.ym, y_a), select(b.yi, a.yi, y_a),
-        a.flags | b.flags);
+    let sw = pair_add(top.w, top.w_lo, low.w, low.w_lo);
+    let sf = pair_add(top.f, top.f_lo, low.f, low.f_lo);
+    let sb = pair_add(top.b, top.b_lo, low.b, low.b_lo);
+    return Rel(top.xm, sw.x, top.xi, top.c, sf.x, top.g + low.g, sb.x, top.ba + low.ba,
+        top.q + low.q, select(b.ym, a.ym, y_a), select(b.yi, a.yi, y_a), a.flags | b.flags, sw.y,
+        sf.y, sb.y);
 }
 
 // One element's parts (or four's): its weight w, w·φ(u), g's part, w·expm1(−u) and its size,
@@ -156,8 +163,11 @@ fn rel_term(x: f32, y: f32, s: Rel) -> RelTerm {
 // lse_x − lse_y, c − log1p(b), so far that b² > F/W (the cancellation it costs is as large as
 // the sum), the state moves there: every later term is then taken near u's centre.
 fn rel_add(s: Rel, t: RelTerm) -> Rel {
-    let r = Rel(s.xm, s.w + t.w, s.xi, s.c, s.f + t.f, s.g + t.g, s.b + t.e, s.ba + t.ea,
-        s.q + t.v, s.ym, s.yi, s.flags);
+    let w = two_sum(s.w, t.w);
+    let f = two_sum(s.f, t.f);
+    let b = two_sum(s.b, t.e);
+    let r = Rel(s.xm, w.x, s.xi, s.c, f.x, s.g + t.g, b.x, s.ba + t.ea, s.q + t.v, s.ym, s.yi,
+        s.flags, s.w_lo + w.y, s.f_lo + f.y, s.b_lo + b.y);
     if (r.b * r.b > r.w * r.f) {
         // Opaque: a compiler that rewrote rel_rebase's c' − c as −log1p(b), exactly, would
         // shift the sums by other than the reference moved (its rounding near a logit offset
@@ -240,18 +250,20 @@ fn emit_Rel(row: u32, chunk: u32, total: Rel) {
         return;
     }
     let s = total;
-    let b = s.b / s.w;
-    let kl = s.f / s.w + log1p_minus(b);
+    // W, F and B, each rounded once from its pair.
+    let w = s.w + s.w_lo;
+    let b = (s.b + s.b_lo) / w;
+    let kl = (s.f + s.f_lo) / w + log1p_minus(b);
     // g's parts over W; Q's weights (v) err relative to Q's total, W·(1 + b). b's rounding
     // (B's, over ba; the division's) moves log1p(b) − b by |b|/(1 + b) times as much, and
     // log1p_minus errs by a few ulp of b²/2 (of 2|b| beyond its series).
     let ab = abs(b);
-    let bound = (s.g / s.w) / min(1.0, 1.0 + b) + ab / (1.0 + b) * (s.ba / s.w + ab)
+    let bound = (s.g / w) / min(1.0, 1.0 + b) + ab / (1.0 + b) * (s.ba / w + ab)
         + select(ab * ab, 2.0 * ab, ab > 0.25);
     let v = max(kl, 0.0) * prm.out_scale;
     // W >= 1 where the row has mass (its arg-max weighs 1); not finite, or b <= −1, where a
     // shift overflowed.
-    let kept = s.flags == 0u && s.w >= 1.0 && b > -1.0 && is_finite(bound) && is_finite(v)
+    let kept = s.flags == 0u && w >= 1.0 && b > -1.0 && is_finite(bound) && is_finite(v)
         && bound <= REL_COND * max(kl, 0.0) + REL_FLOOR;
     if (kept) {
         out[prm.out_base + row] = v;
@@ -271,11 +283,11 @@ fn emit_Rel(row: u32, chunk: u32, total: Rel) {
     let z2 = two_sum(z1.x, -s.c);
     let lq = ln_parts(split(s.q));
     let ql = ((lq.x + z2.x) + lq.y) + (lq.z + (z2.y + z1.y));
-    let ready = s.flags == 0u && s.w >= 1.0 && is_normal(s.q) && is_finite(ql)
-        && is_finite(s.w);
+    let ready = s.flags == 0u && w >= 1.0 && is_normal(s.q) && is_finite(ql)
+        && is_finite(w);
     if (ready) {
         agree[prm.agree_base + row] = select(0u, 1u, s.xi == s.yi);
-        row_lse[row] = RowStats(s.xm, s.w - 1.0, s.xi, s.ym, ql, LSE_READY);
+        row_lse[row] = RowStats(s.xm, (s.w - 1.0) + s.w_lo, s.xi, s.ym, ql, LSE_READY);
         return;
     }
     row_lse[row] = RowStats(0.0, 0.0, 0u, 0.0, 0.0, 0u);

@@ -186,9 +186,9 @@ pub(crate) struct Params {
 
 /// Size of `RowStats` in the shaders (six 4-byte words), the per-row statistics.
 pub(crate) const MONOID_BYTES: u64 = 24;
-/// Room for the largest partial a dispatch writes: `Rel` and `Lse` (twelve words; `Norm` has
-/// eleven, `Soft` eight, `Acc` seven).
-pub(crate) const PARTIAL_BYTES: u64 = 48;
+/// Room for the largest partial a dispatch writes: `Rel` (fifteen words; `Lse` has twelve,
+/// `Norm` eleven, `Soft` eight, `Acc` seven).
+pub(crate) const PARTIAL_BYTES: u64 = 60;
 
 /// The lines after `//---- NAME` in a WGSL file, up to the next such marker: the files hold
 /// the alternative forms of one piece side by side.
@@ -627,7 +627,7 @@ mod tests {
             ("Acc", 7),
             ("Lse", 12),
             ("Soft", 8),
-            ("Rel", 12),
+            ("Rel", 15),
             ("Norm", 11),
         ] {
             let shuffle = shuffle_xor_source(monoid, &shaders);

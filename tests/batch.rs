@@ -1418,6 +1418,55 @@ fn one_pass_kl_of_logits_finishes_masked_rows() {
 }
 
 #[test]
+fn one_pass_kl_of_logits_keeps_long_runs_of_adds_to_the_bar() {
+    // A CPU adapter's lane adds up to 1024 columns in a run (a GPU's too, with
+    // `min_iterations` that high). Summed plainly, the one pass's W, F and B rounded the same
+    // way at every add where the row repeats itself, and the row's own bound (which counts
+    // each part's rounding, not the adds') kept rows 1.47 times past the bar (a review).
+    // P uniform, Q alternating ±d: KL = ln cosh d exactly.
+    let gpu_long_runs = Tuning {
+        min_iterations: Some(1024),
+        ..short_loop_tuning(false, true)
+    };
+    let engines = [
+        one_pass_kl_engine(Tuning::default(), true),
+        one_pass_kl_engine(gpu_long_runs, true),
+    ];
+    let opts = Options::input(Input::Logits);
+    let m = Measure::KullbackLeibler;
+    for d in [0.001_914_062_2_f32, 0.004_966_374_5, 0.03, 0.14] {
+        for (rows, cols) in [(1, 16_384), (8, 1024), (2, 262_144)] {
+            let p = vec![0.0f32; rows * cols];
+            let q: Vec<f32> = (0..rows * cols)
+                .map(|i| if i % 2 == 0 { d } else { -d })
+                .collect();
+            let exact = f64::from(d).cosh().ln();
+            for e in engines.iter().chain(every_path()) {
+                let values = e.rows(m, &p, Some(&q), cols, &opts).unwrap().values;
+                let what = format!("±{d} over {rows} × {cols}");
+                assert_rows_close(&values, &vec![exact; rows], &what);
+            }
+        }
+    }
+    // Rising rows, a new maximum at every column: each takes the frame of its new maximum,
+    // and a frame's move rescales the sums.
+    for step in [2f32.powi(-10), 2f32.powi(-12)] {
+        let (rows, cols) = (4, 8192);
+        let p: Vec<f32> = (0..rows * cols).map(|i| (i % cols) as f32 * step).collect();
+        let q: Vec<f32> = p
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| x + if i % 2 == 0 { 0.01 } else { -0.01 })
+            .collect();
+        let exact = cpu::rows(m, &p, Some(&q), cols, &opts).unwrap().values;
+        for e in engines.iter().chain(every_path()) {
+            let values = e.rows(m, &p, Some(&q), cols, &opts).unwrap().values;
+            assert_rows_close(&values, &exact, &format!("rising by {step}"));
+        }
+    }
+}
+
+#[test]
 fn one_pass_of_normalized_rows_finishes_rows_whose_sums_are_close() {
     // KL and JS of probabilities the kernel normalizes first run a one-pass kernel over the
     // values as they are, with the row sums (shaders/kernels_norm.wgsl). KL is T/Σp − g(Σq/Σp)
