@@ -142,7 +142,7 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// What overflows for each input kind, and what to do about it. Log-probabilities far above 0
-/// are usually logits passed as log-probabilities.
+/// are usually logits passed as log-probabilities; a mask near −f32::MAX is not.
 fn overflow_cause(input: &Input) -> &'static str {
     match input {
         Input::Probs => {
@@ -151,8 +151,9 @@ fn overflow_cause(input: &Input) -> &'static str {
         }
         Input::LogProbs => {
             "the result exceeds the floating-point range: a log-probability x above ~88.7 has a \
-             probability e^x beyond f32::MAX (above ~709.8, beyond f64's); if these are logits, \
-             pass them as Input::Logits"
+             probability e^x beyond f32::MAX (above ~709.8, beyond f64's), and two near \
+             ±f32::MAX a difference beyond it (the f64 CPU reference takes those); if these are \
+             logits, pass them as Input::Logits"
         }
         Input::Logits => {
             "the result exceeds the range of f32 arithmetic (logits near ±f32::MAX, whose \

@@ -431,6 +431,13 @@ fn rows_beyond_f32_range_are_errors_naming_the_row() {
     }
     let inf = engine().kl_divergence(&[0.5, 0.5], &[1.0, 0.0]).unwrap();
     assert_eq!(inf, f64::INFINITY);
+    // Log-probabilities whose difference overflows (none above 88.7): the message says so, not
+    // only that e^x may be too large.
+    let m = Measure::KullbackLeibler;
+    let err = engine()
+        .divergence(m, &[1.0f32], Some(&[f32::MIN]), &logprobs)
+        .unwrap_err();
+    assert!(err.to_string().contains("two near ±f32::MAX"), "{err}");
     // An invalid element is named even where an earlier row overflowed.
     let p = [3e38f32, 3e38, 0.5, 0.5, f32::NAN, 0.5];
     for e in all_plans() {
