@@ -96,10 +96,10 @@ fn no_locked_dependency_needs_a_newer_rust_than_ours() {
         let Some(recorded) = recorded else {
             panic!("cargo's index cache under {cargo_home:?} has no entry for {name} {version}");
         };
-        if let Some(needed) = recorded {
-            if parse_version(&needed) > parse_version(ours) {
-                too_new.push(format!("{name} {version} needs Rust {needed}"));
-            }
+        if let Some(needed) = recorded
+            && parse_version(&needed) > parse_version(ours)
+        {
+            too_new.push(format!("{name} {version} needs Rust {needed}"));
         }
     }
     assert!(
