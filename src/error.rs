@@ -24,6 +24,7 @@ impl fmt::Display for Side {
 
 /// Why an element was rejected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Problem {
     /// Not a number.
     NaN,

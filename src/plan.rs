@@ -1,6 +1,10 @@
 //! Pure dispatch planning: from a shape and the device's limits to windows and workgroup
 //! layouts. No wgpu types here, so all of it is unit-tested without an adapter.
 //!
+//! Public so that its arithmetic can be read and tests and benchmarks can name its constants,
+//! but not a stable interface: its items may change in any release ([`crate::Tuning`] is the
+//! supported way to steer plans).
+//!
 //! Vocabulary:
 //! - a *window* is the part of the input bound to the kernels at once (whole rows, or for rows
 //!   longer than a window, a column range of one row);

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 /// JensenShannon    JS(P,Q) = ½KL(P‖M) + ½KL(Q‖M), M = (P+Q)/2, 0 ≤ JS ≤ log 2 for distributions
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Measure {
     /// Kullback–Leibler divergence KL(P‖Q).
     KullbackLeibler,
@@ -229,6 +230,7 @@ impl Base {
 
 /// How per-row results are combined into one number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum Reduction {
     /// Keep one value per row.
     #[default]

@@ -561,6 +561,7 @@ fn cancelling_terms(m: Measure, input: Input, p: &[f32], q: &[f32]) -> f64 {
         Measure::CrossEntropy => -prob(x) * ln(y),
         Measure::Entropy => -prob(x) * ln(x),
         Measure::JensenShannon => 0.0,
+        other => panic!("no allowance for {other:?}"),
     };
     p.iter()
         .zip(q)

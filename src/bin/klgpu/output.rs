@@ -136,6 +136,8 @@ pub fn formula(measure: Measure) -> &'static str {
         Measure::CrossEntropy => "H(P,Q)",
         Measure::Entropy => "H(P)",
         Measure::JensenShannon => "JS(P,Q)",
+        // Measure is non_exhaustive: a later one is written by name until it has a formula.
+        other => other.name(),
     }
 }
 
