@@ -24,6 +24,7 @@ import numpy as np
 f = np.float32
 E_M64 = f(1.6038108905486378e-28)
 REL_COND, REL_FLOOR = 16.0, 1.9073486328125e-6
+FRAME_SPAN = 1.0
 # The sign of the exp error modelled for masked elements' Q weights (main runs both).
 WEIGHT_ERR_SIGN = [1.0]
 
@@ -72,29 +73,29 @@ def pair_add(ah, al, bh, bl):
     return hi, f(lo - f(hi - sh))
 
 
-# A state: [xm, w, c, F, g, B, ba, w_lo, F_lo, B_lo] (the last three what W, F and B's f32
-# leave out).
-def rebase(s, mx, c):
-    xm, w, c0, F, G, B, BA, WL, FL, BL = s
+# A state: [xm, w, c, F, g, B, ba, w_lo, F_lo, B_lo, xb] (w_lo, F_lo, B_lo what W, F and B's f32
+# leave out; xb the frame, at most FRAME_SPAN below the maximum xm).
+def rebase(s, fb, c):
+    xm, w, c0, F, G, B, BA, WL, FL, BL, xb = s
     dh, dl = two_sum(c, -c0)
     e1, ph, ed = expm1_phi(dh)
     f1 = f(f(F + f(w * ph)) + f(e1 * B))
     b1 = f(f(w * e1) + f(ed * B))
     ba1 = f(f(w * abs(e1)) + f(ed * BA))
     g1 = f(f(G + f(w * ph)) + f(abs(e1) * BA))
-    kx, ky = exp_low(f(xm - mx))
+    kx, ky = exp_low(f(xb - fb))
 
     def k(v):
         return f(kx * f(v * ky))
     f1_lo = f(f(FL + f(WL * ph)) + f(e1 * BL))
     b1_lo = f(f(WL * e1) + f(ed * BL))
-    return [f(mx), k(w), f(c), k(f(f1 + f(dl * b1))), k(f(g1 + abs(dl) * ba1)),
+    return [xm, k(w), f(c), k(f(f1 + f(dl * b1))), k(f(g1 + abs(dl) * ba1)),
             k(f(b1 + f(dl * f(b1 + w)))), k(f(ba1 + abs(dl) * f(ba1 + w))), k(WL), k(f1_lo),
-            k(b1_lo)]
+            k(b1_lo), f(fb)]
 
 
 def term(x, y, s):
-    xm, c = s[0], s[2]
+    xm, c = s[10], s[2]
     # A masked element (x = −inf, or far below the frame) holds only Q's mass, taken as the v of
     # a stand-in x' = y + c (see rel_term).
     masked = x == -np.inf or f(x - xm) < -170
@@ -137,13 +138,22 @@ def fold(xs, ys):
             if s is None:
                 return DECLINED
         if s is None:
-            s = [x, f(0), f(x - y)] + [f(0)] * 7
+            s = [x, f(0), f(x - y)] + [f(0)] * 7 + [x]
         elif x > s[0]:
-            dominant = f(s[1] * f(fexp(f(s[0] - x)))) < 1
-            s = rebase(s, x, f(x - y) if dominant else s[2])
+            s = cover(s, x, f(x - y))
         wv, ft, gt, et = term(x, y, s)
         s = add_parts(s, wv, ft, gt, et, abs(et))
     return s
+
+
+def cover(s, mx, cx):
+    """rel_cover: a new maximum mx (d = cx); the frame moves only where mx passes it by more
+    than FRAME_SPAN, the reference where mx outweighs the rest."""
+    dominant = f(s[1] * f(fexp(f(s[10] - mx)))) < 1
+    moves = f(mx - s[10]) > FRAME_SPAN
+    if dominant or moves:
+        s = rebase(s, mx if moves else s[10], cx if dominant else s[2])
+    return [mx] + s[1:]
 
 
 def add_parts(s, wv, ft, gt, et, eat):
@@ -152,9 +162,9 @@ def add_parts(s, wv, ft, gt, et, eat):
     F, fl = two_sum(s[3], ft)
     B, bl = two_sum(s[5], et)
     s = [s[0], w, s[2], F, f(s[4] + gt), B, f(s[6] + eat), f(s[7] + wl), f(s[8] + fl),
-         f(s[9] + bl)]
+         f(s[9] + bl), s[10]]
     if f(s[5] * s[5]) > f(s[1] * s[3]):
-        s = rebase(s, s[0], f(s[2] - f(math.log1p(f(s[5] / s[1])))))
+        s = rebase(s, s[10], f(s[2] - f(math.log1p(f(s[5] / s[1])))))
     return s
 
 
@@ -167,10 +177,9 @@ def fold4(xs, ys):
         jx = int(np.argmax(x4))
         cx = f(x4[jx] - y4[jx])
         if s is None:
-            s = [x4[jx], f(0), cx] + [f(0)] * 7
+            s = [x4[jx], f(0), cx] + [f(0)] * 7 + [x4[jx]]
         elif x4[jx] > s[0]:
-            dominant = f(s[1] * f(fexp(f(s[0] - x4[jx])))) < 1
-            s = rebase(s, x4[jx], cx if dominant else s[2])
+            s = cover(s, x4[jx], cx)
         parts = [term(x, y, s) for x, y in zip(x4, y4)]
         parts = [p + (abs(p[3]),) for p in parts]
         pair = [[f(a + b) for a, b in zip(parts[k], parts[k + 1])] for k in (0, 2)]
@@ -186,17 +195,18 @@ def combine(a, b):
     top, other = (a, b) if a[0] >= b[0] else (b, a)
     if other[1] == 0:
         return top
-    low = rebase(other, top[0], top[2])
+    low = rebase(other, top[10], top[2])
     (w, wl), (F, fl), (B, bl) = [pair_add(top[i], top[j], low[i], low[j])
                                  for i, j in [(1, 7), (3, 8), (5, 9)]]
-    return [top[0], w, top[2], F, f(top[4] + low[4]), B, f(top[6] + low[6]), wl, fl, bl]
+    return [top[0], w, top[2], F, f(top[4] + low[4]), B, f(top[6] + low[6]), wl, fl, bl,
+            top[10]]
 
 
 def finish(s):
     """(KL, kept) as emit_Rel has them."""
     if s is None or s is DECLINED:
         return float("nan"), False
-    xm, w, c, F, G, B, BA, WL, FL, BL = s
+    xm, w, c, F, G, B, BA, WL, FL, BL, xb = s
     w = f(w + WL)
     b = f(f(B + BL) / w)
     kl = float(f(f(F + FL) / w)) + (math.log1p(float(b)) - float(b))

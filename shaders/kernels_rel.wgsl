@@ -2,8 +2,8 @@
 // the others (../docs/ARCHITECTURE.md, "KL of logits in one pass, with proof";
 // Tuning::one_pass_kl).
 //
-// With d = x − y and any reference c, u = d − c, weights w = e^(x − xm) in the frame of P's
-// running maximum xm, W = Σ w, φ(u) = u + e^(−u) − 1 >= 0:
+// With d = x − y and any reference c, u = d − c, weights w = e^(x − xb) in a frame xb at most
+// REL_FRAME_SPAN below P's running maximum xm, W = Σ w, φ(u) = u + e^(−u) − 1 >= 0:
 //   KL = F/W + (log1p(b) − b),   F = Σ w·φ(u),   b = B/W,   B = Σ w·expm1(−u),
 // exactly, whatever c is (KL = E_p[d] + ln E_p[e^(−d)]). F/W >= KL, and the second part is <= 0:
 // they cancel as far as c misses lse_x − lse_y, the reference that makes b = 0 (and F/W = KL, the
@@ -23,7 +23,7 @@
 // a lane (rel_declined). Masks (−∞, or −f32::MAX, in P, or in both) are kept (rel_term).
 // scripts/rel_model.py models this file in float32.
 //
-// Relative weight errors (e^(x − xm) rounded, frames rescaled) move KL by at most 2·KL times
+// Relative weight errors (e^(x − xb) rounded, frames rescaled) move KL by at most 2·KL times
 // their size whatever c is: P and the Q it implies (q ∝ w·e^(−d)) move together.
 
 @group(0) @binding(3) var<storage, read_write> partials: array<Rel>;
@@ -35,10 +35,12 @@ const REL_DECLINE: u32 = 1u;
 // (2^-19: its rounding then stays below 1e-12 absolute) is kept.
 const REL_COND: f32 = 16.0;
 const REL_FLOOR: f32 = 1.9073486328125e-6;
+// How far P's maximum may rise above a state's frame before the frame moves to it (rel_cover).
+const REL_FRAME_SPAN: f32 = 1.0;
 
 fn identity_Rel() -> Rel {
     return Rel(neg_inf(), 0.0, REL_NO_COL, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, neg_inf(), REL_NO_COL,
-        0u, 0.0, 0.0, 0.0);
+        0u, 0.0, 0.0, 0.0, neg_inf());
 }
 
 // expm1(a), φ(−a) = e^a − 1 − a and e^a, each to a few ulp: by φ's series for |a| <= 1 (no
@@ -53,8 +55,8 @@ fn expm1_phi(a: f32) -> vec3<f32> {
     return vec3<f32>(e1, select(e1 - a, ph, near), select(ea, 1.0 + e1, near));
 }
 
-// The state s, not empty, in the frame of a maximum mx >= s.xm and with reference c.
-fn rel_rebase(s: Rel, mx: f32, c: f32) -> Rel {
+// The state s, not empty, in the frame fb (s.xm <= fb + REL_FRAME_SPAN) and with reference c.
+fn rel_rebase(s: Rel, fb: f32, c: f32) -> Rel {
     let delta = two_sum(c, -s.c);
     let em = expm1_phi(delta.x);
     let e1 = em.x;
@@ -65,27 +67,29 @@ fn rel_rebase(s: Rel, mx: f32, c: f32) -> Rel {
     let g1 = (s.g + s.w * em.y) + abs(e1) * s.ba;
     // Δ's low part, to first order: dF/dΔ = B', dB/dΔ = B' + W, dq/dΔ = q'.
     let lo = delta.y;
-    // The factor e^(s.xm − mx) as exp_low's pair (k.x·(sum·k.y)): it may be below f32's normal
-    // range while the sums it scales are huge (a logit of −1e36 in Q).
-    let k = exp_low(s.xm - mx);
+    // The factor e^(s.xb − fb) as exp_acc_low's pair (k.x·(sum·k.y)): it may be below f32's
+    // normal range while the sums it scales are huge (a logit of −1e36 in Q). Its error tilts
+    // the mass before it against the mass after, so it is exp_acc's (WGSL's exp, the same few
+    // ulp off for the same step, compounded over a lane's frames: 1.49 times the bar).
+    let k = exp_acc_low(s.xb - fb);
     let q1 = ed * s.q;
     // The low parts move as the sums do (the map is linear in W, F and B).
     let f1_lo = (s.f_lo + s.w_lo * em.y) + e1 * s.b_lo;
     let b1_lo = s.w_lo * e1 + ed * s.b_lo;
-    return Rel(mx, k.x * (s.w * k.y), s.xi, c, k.x * ((f1 + lo * b1) * k.y),
+    return Rel(s.xm, k.x * (s.w * k.y), s.xi, c, k.x * ((f1 + lo * b1) * k.y),
         k.x * ((g1 + abs(lo) * ba1) * k.y), k.x * ((b1 + lo * (b1 + s.w)) * k.y),
         k.x * ((ba1 + abs(lo) * (ba1 + s.w)) * k.y), k.x * ((q1 + lo * q1) * k.y), s.ym, s.yi,
-        s.flags, k.x * (s.w_lo * k.y), k.x * (f1_lo * k.y), k.x * (b1_lo * k.y));
+        s.flags, k.x * (s.w_lo * k.y), k.x * (f1_lo * k.y), k.x * (b1_lo * k.y), fb);
 }
 
-// s in (mx, c) where it holds mass; an empty state only takes the frame (its sums are 0, and
+// s in (fb, c) where it holds mass; an empty state only takes the frame (its sums are 0, and
 // its reference could be anything).
-fn rel_moved(s: Rel, mx: f32, c: f32) -> Rel {
+fn rel_moved(s: Rel, fb: f32, c: f32) -> Rel {
     if (s.w == 0.0) {
-        return Rel(mx, 0.0, s.xi, c, 0.0, 0.0, 0.0, 0.0, 0.0, s.ym, s.yi, s.flags, 0.0, 0.0,
-            0.0);
+        return Rel(s.xm, 0.0, s.xi, c, 0.0, 0.0, 0.0, 0.0, 0.0, s.ym, s.yi, s.flags, 0.0, 0.0,
+            0.0, fb);
     }
-    return rel_rebase(s, mx, c);
+    return rel_rebase(s, fb, c);
 }
 
 // Whether state a's maximum of x comes first: higher, or equal at a lower column.
@@ -100,14 +104,15 @@ fn combine_Rel(a: Rel, b: Rel) -> Rel {
         top = a;
         other = b;
     }
-    let low = rel_moved(other, top.xm, top.c);
+    // Into top's frame: other's maximum is at most top's, so within the span above it.
+    let low = rel_moved(other, top.xb, top.c);
     let y_a = rel_first(a.ym, a.yi, b.ym, b.yi);
     let sw = pair_add(top.w, top.w_lo, low.w, low.w_lo);
     let sf = pair_add(top.f, top.f_lo, low.f, low.f_lo);
     let sb = pair_add(top.b, top.b_lo, low.b, low.b_lo);
     return Rel(top.xm, sw.x, top.xi, top.c, sf.x, top.g + low.g, sb.x, top.ba + low.ba,
         top.q + low.q, select(b.ym, a.ym, y_a), select(b.yi, a.yi, y_a), a.flags | b.flags, sw.y,
-        sf.y, sb.y);
+        sf.y, sb.y, top.xb);
 }
 
 // One element's parts (or four's): its weight w, w·φ(u), g's part, w·expm1(−u) and its size,
@@ -129,17 +134,17 @@ fn rel_sum(a: RelTerm, b: RelTerm) -> RelTerm {
 // (q, for rows not kept): a row of one column, logits 64.7 against −2.5e37, came out 2.9e-11
 // for 0 (the edge fuzz). A u below −80 (a Q weight e^80 times P's) is left to the two passes,
 // as v = ∞.
-// A masked element (x = −∞, or x − xm < −170, as a mask of −f32::MAX makes it, where w is 0
-// in f32 even as exp_low's pair) holds only Q's mass, v = e^(y − xm + c), and adds it to F, B
+// A masked element (x = −∞, or x − xb < −170, as a mask of −f32::MAX makes it, where w is 0
+// in f32 even as exp_low's pair) holds only Q's mass, v = e^(y − xb + c), and adds it to F, B
 // and q (its term is p·φ(u) = q there). v is taken as the v of a stand-in x' = y + c, whose u
-// is x' − y − c, that sum's rounding, exactly (as any u): e^(x' − xm) then carries the
-// rounding of x' − xm and WGSL exp's error (3 + 2|a| ulp) into v alone, not into P's mass too,
+// is x' − y − c, that sum's rounding, exactly (as any u): e^(x' − xb) then carries the
+// rounding of x' − xb and WGSL exp's error (3 + 2|a| ulp) into v alone, not into P's mass too,
 // so g counts v by (2 + |a|) (a unit of g stands for four roundings). Where Q is masked too
 // (y = −∞) the element holds nothing.
 fn rel_term(x: f32, y: f32, s: Rel) -> RelTerm {
-    let masked = x - s.xm < -170.0 || x == neg_inf();
+    let masked = x - s.xb < -170.0 || x == neg_inf();
     let xs = select(x, y + s.c, masked);
-    let a = xs - s.xm;
+    let a = xs - s.xb;
     let ws = exp_low(a);
     let w = ws.x * ws.y;
     let xy = two_sum(xs, -y);
@@ -167,25 +172,32 @@ fn rel_add(s: Rel, t: RelTerm) -> Rel {
     let f = two_sum(s.f, t.f);
     let b = two_sum(s.b, t.e);
     let r = Rel(s.xm, w.x, s.xi, s.c, f.x, s.g + t.g, b.x, s.ba + t.ea, s.q + t.v, s.ym, s.yi,
-        s.flags, s.w_lo + w.y, s.f_lo + f.y, s.b_lo + b.y);
+        s.flags, s.w_lo + w.y, s.f_lo + f.y, s.b_lo + b.y, s.xb);
     if (r.b * r.b > r.w * r.f) {
         // Opaque: a compiler that rewrote rel_rebase's c' − c as −log1p(b), exactly, would
         // shift the sums by other than the reference moved (its rounding near a logit offset
         // of 100 is 4e-6: close rows' KL came out 1 % off).
-        return rel_rebase(r, r.xm, opaque(r.c - log1p_acc(r.b / r.w)));
+        return rel_rebase(r, r.xb, opaque(r.c - log1p_acc(r.b / r.w)));
     }
     return r;
 }
 
 // s in a frame that covers a new maximum mx of x at column jx, whose d is cx, and a maximum my
 // of y at column jy: rare after a lane's first elements, so a branch. An equal maximum keeps
-// the first column (a lane meets its columns in increasing order).
+// the first column (a lane meets its columns in increasing order). The frame moves to mx only
+// where mx passes it by more than REL_FRAME_SPAN: a move rescales every sum, and a row whose
+// maximum rose at every vec4 compounded the rescales' roundings (1.49 times the bar); now the
+// mass before a move weighs at most e^-SPAN of the mass after it, so old roundings fade.
 fn rel_cover(s: Rel, mx: f32, jx: u32, cx: f32, my: f32, jy: u32) -> Rel {
     var r = s;
     if (mx > s.xm) {
         // The reference follows the mass: to the new maximum's d where it outweighs the rest.
-        let dominant = s.w * exp(s.xm - mx) < 1.0;
-        r = rel_moved(s, mx, select(s.c, cx, dominant));
+        let dominant = s.w * exp(s.xb - mx) < 1.0;
+        let moves = mx - s.xb > REL_FRAME_SPAN;
+        if (dominant || moves) {
+            r = rel_moved(s, select(s.xb, mx, moves), select(s.c, cx, dominant));
+        }
+        r.xm = mx;
         r.xi = jx;
     }
     if (my > s.ym) {
@@ -197,7 +209,7 @@ fn rel_cover(s: Rel, mx: f32, jx: u32, cx: f32, my: f32, jy: u32) -> Rel {
 
 // Whether an element leaves its row to the two passes: a value they reject (NaN, +∞), q = 0
 // against p > 0 (KL +∞), or Q's mass where P has none before the state has a frame for it
-// (v = e^(y − xm + c) needs P's maximum xm).
+// (v = e^(y − xb + c) needs P's frame xb).
 fn rel_declined(x: f32, y: f32, framed: bool) -> u32 {
     let ninf = neg_inf();
     let valid = (is_finite(x) || x == ninf) && (is_finite(y) || y == ninf);
@@ -272,14 +284,14 @@ fn emit_Rel(row: u32, chunk: u32, total: Rel) {
         return;
     }
     // Else the row's log-sum-exps, for the terms pass, where these sums give them as well as the
-    // log-sum-exp pass would: lse_x = xm + log1p(W − 1) and lse_y = ym + ql, with
-    // ql = ln q + (xm − ym − c) (q = Σ e^(y − xm + c)). The terms feel an error δ in ql only as
+    // log-sum-exp pass would: lse_x = xb + log1p(W − 1) and lse_y = ym + ql, with
+    // ql = ln q + (xb − ym − c) (q = Σ e^(y − xb + c)). The terms feel an error δ in ql only as
     // δ²/2 (docs/ARCHITECTURE.md), and ln q and the bracket may be large where ql is not (c far
     // from lse_x − lse_y, in rows of unrelated models): so the bracket is exact as TwoSums and
     // ln q comes in ln_parts' parts, the exact ones added first, leaving ql to a few of its own
     // ulp, as the log-sum-exp pass's. That pass then skips the row (MODE_SKIP_READY): it takes
     // two reads, as without this kernel.
-    let z1 = two_sum(s.xm, -s.ym);
+    let z1 = two_sum(s.xb, -s.ym);
     let z2 = two_sum(z1.x, -s.c);
     let lq = ln_parts(split(s.q));
     let ql = ((lq.x + z2.x) + lq.y) + (lq.z + (z2.y + z1.y));
@@ -287,7 +299,9 @@ fn emit_Rel(row: u32, chunk: u32, total: Rel) {
         && is_finite(w);
     if (ready) {
         agree[prm.agree_base + row] = select(0u, 1u, s.xi == s.yi);
-        row_lse[row] = RowStats(s.xm, (s.w - 1.0) + s.w_lo, s.xi, s.ym, ql, LSE_READY);
+        // Against the frame: the terms pass takes xb + log1p(W − 1), which is lse_x whatever
+        // the frame (W >= 1 there, as the maximum weighs e^(xm − xb) >= 1).
+        row_lse[row] = RowStats(s.xb, (s.w - 1.0) + s.w_lo, s.xi, s.ym, ql, LSE_READY);
         return;
     }
     row_lse[row] = RowStats(0.0, 0.0, 0u, 0.0, 0.0, 0u);

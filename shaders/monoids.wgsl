@@ -127,8 +127,8 @@ struct Soft {
 
 // ---- KL of logits in one pass (Rel; combine in kernels_rel.wgsl) ----
 
-// A row's sums for KL in the frame of P's running maximum xm (first column xi) and the
-// reference c: W = Σ e^(x − xm), F = Σ w·φ(u), g >= F's parts by size, B = Σ w·expm1(−u), ba =
+// A row's sums for KL in a frame xb (within REL_FRAME_SPAN below P's running maximum xm, first
+// column xi) and the reference c: W = Σ e^(x − xb), F = Σ w·φ(u), g >= F's parts by size, B = Σ w·expm1(−u), ba =
 // Σ w·|expm1(−u)|, q = Σ w·e^(−u) (= W + B, summed without cancellation: Q's log-sum-exp),
 // u = (x − y) − c; Q's maximum ym at column yi (top-1 agreement); flags; and what W, F and B's
 // f32 leave out (w_lo, f_lo, b_lo): a lane adds up to 1024 columns in a run, and plain sums of a
@@ -138,7 +138,7 @@ struct Rel {
     xm: f32, w: f32, xi: u32, c: f32,
     f: f32, g: f32, b: f32, ba: f32,
     q: f32, ym: f32, yi: u32, flags: u32,
-    w_lo: f32, f_lo: f32, b_lo: f32,
+    w_lo: f32, f_lo: f32, b_lo: f32, xb: f32,
 }
 
 // ---- KL or JS of normalized probabilities in one pass (Norm; kernels_norm.wgsl) ----

@@ -212,7 +212,7 @@ fn backend_rank(b: wgpu::Backend) -> u8 {
 
 /// What a device lacks for klgpu's kernels, one line per limit: eight storage buffers and a
 /// uniform buffer with a dynamic offset per dispatch, workgroups of 256 invocations with a
-/// 32-byte state each in workgroup memory, and bindings of at least 64 KiB (windows are
+/// 64-byte state each in workgroup memory (the largest, `Rel`), and bindings of at least 64 KiB (windows are
 /// planned within them). A caller's device made with lower limits (wgpu's downlevel or
 /// WebGL2 defaults) is refused with this list; left to wgpu, it panicked in its default
 /// error handler.
@@ -248,7 +248,7 @@ pub(crate) fn unmet_limits(have: &wgpu::Limits) -> Vec<String> {
         (
             "max_compute_workgroup_storage_size",
             have.max_compute_workgroup_storage_size as u64,
-            32 * wg,
+            crate::kernels::PARTIAL_BYTES * wg,
         ),
         (
             "max_compute_workgroups_per_dimension",
@@ -1190,7 +1190,10 @@ mod tests {
         let downlevel = unmet_limits(&wgpu::Limits::downlevel_defaults());
         assert_eq!(
             downlevel,
-            ["max_storage_buffers_per_shader_stage is 4, klgpu needs 8"]
+            [
+                "max_storage_buffers_per_shader_stage is 4, klgpu needs 8",
+                "max_compute_workgroup_storage_size is 16352, klgpu needs 16384"
+            ]
         );
         let webgl2 = unmet_limits(&wgpu::Limits::downlevel_webgl2_defaults());
         assert!(

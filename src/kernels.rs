@@ -186,9 +186,10 @@ pub(crate) struct Params {
 
 /// Size of `RowStats` in the shaders (six 4-byte words), the per-row statistics.
 pub(crate) const MONOID_BYTES: u64 = 24;
-/// Room for the largest partial a dispatch writes: `Rel` (fifteen words; `Lse` has twelve,
-/// `Norm` eleven, `Soft` eight, `Acc` seven).
-pub(crate) const PARTIAL_BYTES: u64 = 60;
+/// Room for the largest partial a dispatch writes: `Rel` (sixteen words; `Lse` has twelve,
+/// `Norm` eleven, `Soft` eight, `Acc` seven). The reductions' shared memory holds one per
+/// invocation: 16 KiB for 256, wgpu's default limit (`required_limits` asks for it).
+pub(crate) const PARTIAL_BYTES: u64 = 64;
 
 /// The lines after `//---- NAME` in a WGSL file, up to the next such marker: the files hold
 /// the alternative forms of one piece side by side.
@@ -627,7 +628,7 @@ mod tests {
             ("Acc", 7),
             ("Lse", 12),
             ("Soft", 8),
-            ("Rel", 15),
+            ("Rel", 16),
             ("Norm", 11),
         ] {
             let shuffle = shuffle_xor_source(monoid, &shaders);

@@ -1464,6 +1464,26 @@ fn one_pass_kl_of_logits_keeps_long_runs_of_adds_to_the_bar() {
             assert_rows_close(&values, &exact, &format!("rising by {step}"));
         }
     }
+    // A maximum that rises a little at every vec4: each rise moved the frame, rescaling every
+    // sum by WGSL's exp of the same step, off by the same few ulp each time (a review: 1.49
+    // times the bar). d drifts along the row, so a tilt of P's weights moves KL at first order.
+    let cols = 16_384;
+    let x: Vec<f32> = (0..cols)
+        .map(|j| (0.25 + 94.0 * 2f64.powi(-25) * (j / 2) as f64) as f32)
+        .collect();
+    let y: Vec<f32> = x
+        .iter()
+        .enumerate()
+        .map(|(j, &v)| {
+            let sign = if j % 2 == 0 { 1.0 } else { -1.0 };
+            (f64::from(v) - (0.25 * j as f64 / cols as f64 + 0.025 * sign)) as f32
+        })
+        .collect();
+    let exact = cpu::rows(m, &x, Some(&y), cols, &opts).unwrap().values;
+    for e in engines.iter().chain(every_path()) {
+        let values = e.rows(m, &x, Some(&y), cols, &opts).unwrap().values;
+        assert_rows_close(&values, &exact, "a maximum rising at every vec4");
+    }
 }
 
 #[test]
