@@ -73,9 +73,10 @@ pub struct Tuning {
     /// log-sum-exps from the same read, and the log-sum-exp pass too only the few it declines
     /// (invalid input, q = 0 against p > 0); masked vocabularies (−∞ or −f32::MAX logits)
     /// are finished like any other rows (shaders/kernels_rel.wgsl). Off by default: on
-    /// lavapipe the one pass costs about what both passes do (64 × 32,000 logits of two close
-    /// models at 29–30 % of their roof against 29 %; of unrelated ones 15–19 % against 29–31 %),
-    /// and no GPU has timed it yet (`roof_ratios --one-pass-kl 0|1 logits,close,long`).
+    /// lavapipe the one pass costs more than both passes (64 × 32,000 logits of two close
+    /// models at 20 % of their roof against 23–24.5 %; of unrelated ones 15–16 % against
+    /// 21–24 %, thirty-second session), and no GPU has timed it yet
+    /// (`roof_ratios --one-pass-kl 0|1 logits,close,long`).
     pub one_pass_kl: bool,
     /// Whether KL of probabilities the kernel normalizes ([`Options::normalize`]) first runs a
     /// one-pass kernel that finishes every row it can prove exact enough: rows whose sums are
