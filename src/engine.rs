@@ -76,7 +76,9 @@ pub struct Tuning {
     /// lavapipe the one pass costs more than both passes (64 × 32,000 logits of two close
     /// models at 20 % of their roof against 23–24.5 %; of unrelated ones 15–16 % against
     /// 21–24 %, thirty-second session), and no GPU has timed it yet
-    /// (`roof_ratios --one-pass-kl 0|1 logits,close,long`).
+    /// (`roof_ratios --one-pass-kl 0|1 logits,close,long`). Its state takes 16 KiB of
+    /// workgroup memory (wgpu's default limit; the other kernels 12 KiB): an engine with it on
+    /// refuses a device with less.
     pub one_pass_kl: bool,
     /// Whether KL of probabilities the kernel normalizes ([`Options::normalize`]) first runs a
     /// one-pass kernel that finishes every row it can prove exact enough: rows whose sums are
@@ -213,12 +215,17 @@ fn backend_rank(b: wgpu::Backend) -> u8 {
 
 /// What a device lacks for klgpu's kernels, one line per limit: eight storage buffers and a
 /// uniform buffer with a dynamic offset per dispatch, workgroups of 256 invocations with a
-/// 64-byte state each in workgroup memory (the largest, `Rel`), and bindings of at least 64 KiB (windows are
-/// planned within them). A caller's device made with lower limits (wgpu's downlevel or
-/// WebGL2 defaults) is refused with this list; left to wgpu, it panicked in its default
-/// error handler.
-pub(crate) fn unmet_limits(have: &wgpu::Limits) -> Vec<String> {
+/// state each in workgroup memory (48 bytes, `Lse`; 64, `Rel`, with `one_pass_kl`), and
+/// bindings of at least 64 KiB (windows are planned within them). A caller's device made with
+/// lower limits (wgpu's downlevel or WebGL2 defaults) is refused with this list; left to
+/// wgpu, it panicked in its default error handler.
+pub(crate) fn unmet_limits(have: &wgpu::Limits, one_pass_kl: bool) -> Vec<String> {
     let wg = crate::plan::WORKGROUP_SIZE as u64;
+    let state_bytes = if one_pass_kl {
+        crate::kernels::PARTIAL_BYTES
+    } else {
+        crate::kernels::STATE_BYTES_WITHOUT_REL
+    };
     let needs = [
         (
             "max_storage_buffers_per_shader_stage",
@@ -249,7 +256,7 @@ pub(crate) fn unmet_limits(have: &wgpu::Limits) -> Vec<String> {
         (
             "max_compute_workgroup_storage_size",
             have.max_compute_workgroup_storage_size as u64,
-            crate::kernels::PARTIAL_BYTES * wg,
+            state_bytes * wg,
         ),
         (
             "max_compute_workgroups_per_dimension",
@@ -266,7 +273,14 @@ pub(crate) fn unmet_limits(have: &wgpu::Limits) -> Vec<String> {
     needs
         .iter()
         .filter(|(_, have, need)| have < need)
-        .map(|(name, have, need)| format!("{name} is {have}, klgpu needs {need}"))
+        .map(|(name, have, need)| {
+            let why = if *name == "max_compute_workgroup_storage_size" && one_pass_kl {
+                " (Tuning::one_pass_kl's state; without it, 12288)"
+            } else {
+                ""
+            };
+            format!("{name} is {have}, klgpu needs {need}{why}")
+        })
         .collect()
 }
 
@@ -552,7 +566,9 @@ impl Engine {
     /// # Errors
     /// [`Error::InvalidArgument`] listing the limits that fall short when the device was made
     /// with less than WebGPU's defaults where the kernels need them (eight storage buffers per
-    /// stage, workgroups of 256): wgpu's `Limits::downlevel_defaults()` allow four.
+    /// stage, workgroups of 256, 12 KiB of workgroup memory, 16 KiB with
+    /// [`Tuning::one_pass_kl`]): wgpu's `Limits::downlevel_defaults()` allow four storage
+    /// buffers and 16352 bytes.
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Engine> {
         Engine::from_device_with_options(device, queue, EngineOptions::default())
     }
@@ -574,7 +590,7 @@ impl Engine {
         options: &EngineOptions,
     ) -> Result<Engine> {
         let hw = device.limits();
-        let unmet = unmet_limits(&hw);
+        let unmet = unmet_limits(&hw, options.tuning.one_pass_kl);
         if !unmet.is_empty() {
             return Err(Error::InvalidArgument(format!(
                 "the device's limits are below what klgpu's kernels need: {}; request the \
@@ -1187,16 +1203,27 @@ mod tests {
 
     #[test]
     fn limits_klgpu_needs() {
-        assert!(unmet_limits(&wgpu::Limits::default()).is_empty());
-        let downlevel = unmet_limits(&wgpu::Limits::downlevel_defaults());
+        for one_pass_kl in [false, true] {
+            assert!(unmet_limits(&wgpu::Limits::default(), one_pass_kl).is_empty());
+        }
+        let downlevel = unmet_limits(&wgpu::Limits::downlevel_defaults(), false);
         assert_eq!(
             downlevel,
+            ["max_storage_buffers_per_shader_stage is 4, klgpu needs 8"]
+        );
+        // The one pass's state takes 64 B of shared memory per invocation: 16 KiB, above the
+        // downlevel defaults' 16352 B; the others take 48 B.
+        let mut downlevel = wgpu::Limits::downlevel_defaults();
+        downlevel.max_storage_buffers_per_shader_stage = 8;
+        assert!(unmet_limits(&downlevel, false).is_empty());
+        assert_eq!(
+            unmet_limits(&downlevel, true),
             [
-                "max_storage_buffers_per_shader_stage is 4, klgpu needs 8",
-                "max_compute_workgroup_storage_size is 16352, klgpu needs 16384"
+                "max_compute_workgroup_storage_size is 16352, klgpu needs 16384 \
+                 (Tuning::one_pass_kl's state; without it, 12288)"
             ]
         );
-        let webgl2 = unmet_limits(&wgpu::Limits::downlevel_webgl2_defaults());
+        let webgl2 = unmet_limits(&wgpu::Limits::downlevel_webgl2_defaults(), false);
         assert!(
             webgl2
                 .iter()

@@ -187,9 +187,12 @@ pub(crate) struct Params {
 /// Size of `RowStats` in the shaders (six 4-byte words), the per-row statistics.
 pub(crate) const MONOID_BYTES: u64 = 24;
 /// Room for the largest partial a dispatch writes: `Rel` (sixteen words; `Lse` has twelve,
-/// `Norm` eleven, `Soft` eight, `Acc` seven). The reductions' shared memory holds one per
-/// invocation: 16 KiB for 256, wgpu's default limit (`required_limits` asks for it).
+/// `Norm` eleven, `Soft` eight, `Acc` seven). The reductions' shared memory holds one state
+/// per invocation: 16 KiB for 256, wgpu's default limit (`unmet_limits` asks for it where
+/// `Tuning::one_pass_kl` is on).
 pub(crate) const PARTIAL_BYTES: u64 = 64;
+/// The largest state without `Rel` (`Lse`'s twelve words): every other kernel's shared memory.
+pub(crate) const STATE_BYTES_WITHOUT_REL: u64 = 48;
 
 /// The lines after `//---- NAME` in a WGSL file, up to the next such marker: the files hold
 /// the alternative forms of one piece side by side.
@@ -637,7 +640,15 @@ mod tests {
                 fields,
                 "{shuffle}"
             );
+            // The partials and the shared memory the limits ask for hold it (4-byte fields).
+            let room = if monoid == "Rel" {
+                PARTIAL_BYTES
+            } else {
+                STATE_BYTES_WITHOUT_REL
+            };
+            assert!(4 * fields as u64 <= room, "{monoid}");
         }
+        assert_eq!((PARTIAL_BYTES, STATE_BYTES_WITHOUT_REL), (4 * 16, 4 * 12));
     }
 
     #[test]
