@@ -196,7 +196,8 @@ impl PieceTerm {
                 }
             }
             Measure::CrossEntropy => -w * lq,
-            _ => -w * lp,
+            Measure::Entropy => -w * lp,
+            other => unreachable!("only the measures `chains` admits come here, not {other:?}"),
         };
         PieceTerm {
             weight: w,
@@ -218,7 +219,11 @@ impl PieceTerm {
     /// Whether a long row that needs a first pass is put together by the chain rule for
     /// `measure`.
     fn chains(measure: Measure) -> bool {
-        measure != Measure::JensenShannon
+        // Listed, not "all but JS": a later measure needs its own term in `chain`.
+        matches!(
+            measure,
+            Measure::KullbackLeibler | Measure::CrossEntropy | Measure::Entropy
+        )
     }
 }
 
