@@ -35,8 +35,9 @@ const REL_DECLINE: u32 = 1u;
 // (2^-19: its rounding then stays below 1e-12 absolute) is kept.
 const REL_COND: f32 = 16.0;
 const REL_FLOOR: f32 = 1.9073486328125e-6;
-// How far P's maximum may rise above a state's frame before the frame moves to it (rel_cover).
-const REL_FRAME_SPAN: f32 = 1.0;
+// How far P's maximum may rise above a state's frame before the frame moves to it (rel_cover):
+// the log-sum-exp pass's LSE_BASE_SPAN (monoids.wgsl), for the same reason.
+const REL_FRAME_SPAN: f32 = LSE_BASE_SPAN;
 
 fn identity_Rel() -> Rel {
     return Rel(neg_inf(), 0.0, REL_NO_COL, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, neg_inf(), REL_NO_COL,

@@ -65,6 +65,7 @@ struct Lse {
 
 struct Side { m: f32, b: f32, a: f32, s: f32, c: f32, i: u32 }
 
+// (Also the one-pass KL kernel's REL_FRAME_SPAN.)
 const LSE_BASE_SPAN: f32 = 1.0;
 
 // No logit: no mass, no arg-max.
