@@ -146,6 +146,8 @@ def fold(xs, ys):
             s = cover(s, x, f(x - y))
         wv, ft, gt, et = term(x, y, s)
         s = add_parts(s, wv, ft, gt, et, abs(et))
+        if s is DECLINED:
+            return s
     return s
 
 
@@ -167,7 +169,12 @@ def add_parts(s, wv, ft, gt, et, eat):
     s = [s[0], w, s[2], F, f(s[4] + gt), B, f(s[6] + eat), f(s[7] + wl), f(s[8] + fl),
          f(s[9] + bl), s[10]]
     if f(s[5] * s[5]) > f(s[1] * s[3]):
-        s = rebase(s, s[10], f(s[2] - f(math.log1p(f(s[5] / s[1])))))
+        b = f(s[5] / s[1])
+        if not b > -1:
+            # A Q weight beyond f32 (u < −80: v = ∞): the kernel's sums go non-finite and the
+            # row is left to the two passes.
+            return DECLINED
+        s = rebase(s, s[10], f(s[2] - f(math.log1p(b))))
     return s
 
 
@@ -187,6 +194,8 @@ def fold4(xs, ys):
         parts = [p + (abs(p[3]),) for p in parts]
         pair = [[f(a + b) for a, b in zip(parts[k], parts[k + 1])] for k in (0, 2)]
         s = add_parts(s, *[f(a + b) for a, b in zip(*pair)])
+        if s is DECLINED:
+            return s
     return s
 
 

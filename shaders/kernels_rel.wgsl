@@ -274,8 +274,8 @@ fn emit_Rel(row: u32, chunk: u32, total: Rel) {
     let bound = (s.g / w) / min(1.0, 1.0 + b) + ab / (1.0 + b) * (s.ba / w + ab)
         + select(ab * ab, 2.0 * ab, ab > 0.25);
     let v = max(kl, 0.0) * prm.out_scale;
-    // W >= 1 where the row has mass (its arg-max weighs 1); not finite, or b <= −1, where a
-    // shift overflowed.
+    // W >= 1 where the row has mass (its arg-max weighs e^(xm − xb) >= 1); not finite, or
+    // b <= −1, where a shift overflowed.
     let kept = s.flags == 0u && w >= 1.0 && b > -1.0 && is_finite(bound) && is_finite(v)
         && bound <= REL_COND * max(kl, 0.0) + REL_FLOOR;
     if (kept) {
