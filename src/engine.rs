@@ -221,66 +221,71 @@ fn backend_rank(b: wgpu::Backend) -> u8 {
 /// wgpu, it panicked in its default error handler.
 pub(crate) fn unmet_limits(have: &wgpu::Limits, one_pass_kl: bool) -> Vec<String> {
     let wg = crate::plan::WORKGROUP_SIZE as u64;
-    let state_bytes = if one_pass_kl {
-        crate::kernels::PARTIAL_BYTES
+    let without_rel = crate::kernels::STATE_BYTES_WITHOUT_REL * wg;
+    let (state_bytes, state_note) = if one_pass_kl {
+        (
+            crate::kernels::PARTIAL_BYTES * wg,
+            format!(" (Tuning::one_pass_kl's state; without it, {without_rel})"),
+        )
     } else {
-        crate::kernels::STATE_BYTES_WITHOUT_REL
+        (without_rel, String::new())
     };
     let needs = [
         (
             "max_storage_buffers_per_shader_stage",
             have.max_storage_buffers_per_shader_stage as u64,
             8,
+            "",
         ),
         (
             "max_uniform_buffers_per_shader_stage",
             have.max_uniform_buffers_per_shader_stage as u64,
             1,
+            "",
         ),
         (
             "max_dynamic_uniform_buffers_per_pipeline_layout",
             have.max_dynamic_uniform_buffers_per_pipeline_layout as u64,
             1,
+            "",
         ),
-        ("max_bind_groups", have.max_bind_groups as u64, 1),
+        ("max_bind_groups", have.max_bind_groups as u64, 1, ""),
         (
             "max_compute_invocations_per_workgroup",
             have.max_compute_invocations_per_workgroup as u64,
             wg,
+            "",
         ),
         (
             "max_compute_workgroup_size_x",
             have.max_compute_workgroup_size_x as u64,
             wg,
+            "",
         ),
         (
             "max_compute_workgroup_storage_size",
             have.max_compute_workgroup_storage_size as u64,
-            state_bytes * wg,
+            state_bytes,
+            state_note.as_str(),
         ),
         (
             "max_compute_workgroups_per_dimension",
             have.max_compute_workgroups_per_dimension as u64,
             1,
+            "",
         ),
         (
             "max_storage_buffer_binding_size",
             have.max_storage_buffer_binding_size,
             1 << 16,
+            "",
         ),
-        ("max_buffer_size", have.max_buffer_size, 1 << 16),
+        ("max_buffer_size", have.max_buffer_size, 1 << 16, ""),
     ];
     needs
         .iter()
-        .filter(|(_, have, need)| have < need)
-        .map(|(name, have, need)| {
-            let why = if *name == "max_compute_workgroup_storage_size" && one_pass_kl {
-                " (Tuning::one_pass_kl's state; without it, 12288)"
-            } else {
-                ""
-            };
-            format!("{name} is {have}, klgpu needs {need}{why}")
-        })
+        .filter(|(_, have, need, _)| have < need)
+        .map(|(name, have, need, note)| format!("{name} is {have}, klgpu needs {need}{note}"))
         .collect()
 }
 

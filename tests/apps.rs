@@ -426,14 +426,7 @@ fn short_rows_that_share_their_vec4s_with_neighbours() {
                     upload(e, "z", &with_nan(&z, pad)),
                 );
                 let grad = upload(e, "grad", &vec![7.0; pad + rows * cols + 4]);
-                let loss = e
-                    .kl_loss_and_grad_buffers(
-                        tb.slice(at.clone()),
-                        zb.slice(at.clone()),
-                        cols,
-                        grad.slice(at.clone()),
-                    )
-                    .unwrap();
+                let loss = loss_and_grad_from(e, &tb, &zb, cols, &grad, at.clone());
                 let g = e.read_f32(grad.slice(..)).unwrap();
                 let what = format!("loss, {rows} × {cols} at offset {pad}");
                 check_loss_rows(&loss, &g[pad..pad + rows * cols], &t, &z, cols, &what);
@@ -1631,14 +1624,7 @@ fn log_sum_exps_keep_to_an_ulp_on_equal_and_rising_rows() {
             let (tb, zb) = (upload(e, "t", &pad(t)), upload(e, "z", &pad(z)));
             let grad = upload(e, "grad", &vec![f32::NAN; rows * cols + offset]);
             let at = 4 * offset as u64..;
-            let loss = e
-                .kl_loss_and_grad_buffers(
-                    tb.slice(at.clone()),
-                    zb.slice(at.clone()),
-                    cols,
-                    grad.slice(at.clone()),
-                )
-                .unwrap();
+            let loss = loss_and_grad_from(e, &tb, &zb, cols, &grad, at.clone());
             let g = e.read_f32(grad.slice(at)).unwrap();
             check_loss_rows(&loss, &g, t, z, cols, &format!("{what}, offset {offset}"));
         }
@@ -2720,4 +2706,23 @@ fn free_scratch_gives_a_large_calls_memory_back() {
     let freed = allocated();
     assert!(freed < small, "freed: {small} before, {freed} after");
     assert_close(e.kl_divergence(&p, &q).unwrap(), want, "a call after");
+}
+
+/// The loss and gradient of target and logits buffers over the same byte range `at`, the
+/// gradient written there too.
+fn loss_and_grad_from<R: std::ops::RangeBounds<u64> + Clone>(
+    e: &Engine,
+    target: &wgpu::Buffer,
+    logits: &wgpu::Buffer,
+    cols: usize,
+    grad: &wgpu::Buffer,
+    at: R,
+) -> Vec<f64> {
+    e.kl_loss_and_grad_buffers(
+        target.slice(at.clone()),
+        logits.slice(at.clone()),
+        cols,
+        grad.slice(at),
+    )
+    .unwrap()
 }
